@@ -1,0 +1,1 @@
+"""Operator surface: REST admin (FastAPI) and Prometheus metrics."""

@@ -1,0 +1,178 @@
+"""Settings: one pydantic-settings model, ``KVTIER_`` environment prefix, validated at start.
+
+Built once by the CLI and passed down; nothing reads the environment at import time.
+Nested fields use ``__`` in environment variables, e.g. ``KVTIER_REDIS__URL`` or
+``KVTIER_CODEC__GROUP_SIZE``. A config file is JSON, loaded with
+:func:`load_settings` (file values are overridden by environment variables).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from kvtier.errors import ConfigError
+from kvtier.types import Codec, Medium
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+class TierConfig(BaseModel):
+    """One tier of the stack. Order in :attr:`Settings.tiers` is top (hottest) to bottom."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    medium: Medium
+    codec: Codec
+    capacity_bytes: int = Field(gt=0)
+    high_watermark: float = Field(default=0.90, gt=0.0, le=1.0)
+    low_watermark: float = Field(default=0.75, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _watermarks(self) -> TierConfig:
+        if self.low_watermark >= self.high_watermark:
+            raise ValueError(
+                f"tier {self.name!r}: low_watermark ({self.low_watermark}) must be below "
+                f"high_watermark ({self.high_watermark})"
+            )
+        return self
+
+
+def default_tiers() -> list[TierConfig]:
+    return [
+        TierConfig(name="hot", medium=Medium.DEVICE, codec=Codec.NONE, capacity_bytes=1 * GiB),
+        TierConfig(name="warm", medium=Medium.HOST, codec=Codec.INT8, capacity_bytes=2 * GiB),
+        TierConfig(name="cold", medium=Medium.HOST, codec=Codec.INT4, capacity_bytes=4 * GiB),
+        TierConfig(name="remote", medium=Medium.REDIS, codec=Codec.INT4, capacity_bytes=16 * GiB),
+    ]
+
+
+class CodecConfig(BaseModel):
+    """Quantization parameters shared by the int8 and int4 codecs."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    group_size: int = Field(default=64, ge=2, le=4096)
+    sink_tokens: int = Field(default=4, ge=0, le=1024)
+    outlier_fraction: float = Field(default=0.01, ge=0.0, le=0.5)
+    min_outlier_channels: int = Field(default=1, ge=0)
+
+
+class RedisConfig(BaseModel):
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    url: str | None = None  # None: no Redis tier backend configured (``kvtier up`` spawns one)
+    prefix: str = Field(default="kvtier", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    socket_timeout_s: float = Field(default=0.5, gt=0)
+    connect_timeout_s: float = Field(default=0.5, gt=0)
+    retry_interval_s: float = Field(default=1.0, gt=0)
+
+
+class PolicyConfig(BaseModel):
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    name: str = "lru"  # lru | lfu | arc | s3fifo | learned
+    address: str | None = None  # host:port of a policy service; None = embedded
+    timeout_s: float = Field(default=0.05, gt=0)
+    queue_size: int = Field(default=65536, ge=16)
+
+
+class Settings(BaseSettings):
+    """All daemon settings. See the README's config table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KVTIER_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    policy_grpc_port: int = Field(default=50052, ge=0, le=65535)
+    policy_http_port: int = Field(default=8081, ge=0, le=65535)
+
+    tiers: list[TierConfig] = Field(default_factory=default_tiers)
+    codec: CodecConfig = Field(default_factory=CodecConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+
+    max_page_bytes: int = Field(default=256 * MiB, gt=0)
+    max_key_bytes: int = Field(default=1024, ge=1, le=65536)
+    max_batch: int = Field(default=4096, ge=1)
+    mover_interval_s: float = Field(default=0.05, gt=0)
+    admin_token: str | None = None
+    admin_mutations: bool = True
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    @field_validator("tiers")
+    @classmethod
+    def _tier_stack(cls, tiers: list[TierConfig]) -> list[TierConfig]:
+        if not tiers:
+            raise ValueError("at least one tier is required")
+        names = [t.name for t in tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names must be unique, got {names}")
+        bits = [t.codec.bits for t in tiers]
+        if bits != sorted(bits, reverse=True):
+            raise ValueError(
+                f"tier codecs must not gain precision going down the stack, got "
+                f"{[(t.name, t.codec.value) for t in tiers]}"
+            )
+        redis_tiers = [t.name for t in tiers if t.medium is Medium.REDIS]
+        if len(redis_tiers) > 1 or (redis_tiers and redis_tiers[0] != names[-1]):
+            raise ValueError("a redis tier may only be the last tier of the stack")
+        if tiers[0].medium is Medium.REDIS:
+            raise ValueError("the first tier must be in memory")
+        return tiers
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment wins over values passed in (which come from a config file).
+        return (env_settings, init_settings)
+
+    def tier(self, name: str) -> TierConfig:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from an optional JSON file, ``overrides`` and ``KVTIER_*`` variables.
+
+    Raises :class:`ConfigError` with every problem spelled out, never a bare traceback.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {p} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a JSON object")
+    data.update(overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in err['loc']) or 'settings'}: {err['msg']}"
+            for err in e.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None
+

@@ -1,0 +1,1 @@
+"""Quality evaluation of the codecs on a real model."""

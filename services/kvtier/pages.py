@@ -1,0 +1,172 @@
+"""Building and validating pages: every way in (gRPC, REST, library) goes through here.
+
+Decision on non-finite values: pages holding NaN or Inf are **rejected** with INVALID_ARGUMENT.
+A NaN in a key or value cache is always an upstream bug, and min/max quantization of a group
+that holds one would silently turn the whole group into garbage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kvtier.errors import InvalidArgument, PageTooLarge
+from kvtier.types import SUPPORTED_DTYPES, Namespace, Page, PageId, PageKey
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+}
+_NAMESPACE_MAX = 128
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a wire dtype name, or InvalidArgument naming the supported ones."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise InvalidArgument(
+            f"dtype {name!r} is not supported; use one of {', '.join(SUPPORTED_DTYPES)}",
+            field="dtype",
+        ) from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, dt in _DTYPES.items():
+        if dt == dtype:
+            return name
+    raise InvalidArgument(
+        f"dtype {dtype} is not supported; use one of {', '.join(SUPPORTED_DTYPES)}",
+        field="dtype",
+    )
+
+
+def check_namespace(namespace: str) -> Namespace:
+    if not namespace or len(namespace) > _NAMESPACE_MAX:
+        raise InvalidArgument(
+            f"namespace must be 1..{_NAMESPACE_MAX} characters, got {len(namespace)}",
+            field="namespace",
+        )
+    if not all(c.isalnum() or c in "-_." for c in namespace):
+        raise InvalidArgument(
+            f"namespace {namespace!r} may only hold letters, digits, '-', '_' and '.'",
+            field="namespace",
+        )
+    return Namespace(namespace)
+
+
+def check_key(key: bytes, max_key_bytes: int) -> PageKey:
+    if not isinstance(key, (bytes, bytearray)):
+        raise InvalidArgument(f"key must be bytes, got {type(key).__name__}", field="key")
+    if len(key) == 0:
+        raise InvalidArgument("key is empty", field="key")
+    if len(key) > max_key_bytes:
+        raise InvalidArgument(
+            f"key is {len(key)} bytes, longer than the maximum of {max_key_bytes}", field="key"
+        )
+    return PageKey(bytes(key))
+
+
+def check_keys(
+    namespace: str, keys: Sequence[bytes], max_key_bytes: int, max_batch: int | None = None
+) -> list[PageId]:
+    """Validate a batch of keys of one namespace. An empty batch is an error."""
+    ns = check_namespace(namespace)
+    if len(keys) == 0:
+        raise InvalidArgument("the key list is empty", field="keys")
+    if max_batch is not None and len(keys) > max_batch:
+        raise InvalidArgument(
+            f"{len(keys)} keys in one call, more than the maximum batch of {max_batch}",
+            field="keys",
+        )
+    return [PageId(ns, check_key(k, max_key_bytes)) for k in keys]
+
+
+def make_page(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start_position: int,
+    *,
+    max_page_bytes: int | None = None,
+    allow_nonfinite: bool = False,
+) -> Page:
+    """Validate K and V and return a :class:`Page`; raise InvalidArgument saying what is wrong."""
+    if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
+        raise InvalidArgument("k and v must be tensors", field="k")
+    if start_position < 0:
+        raise InvalidArgument(
+            f"start_position must be >= 0, got {start_position}", field="start_position"
+        )
+    for name, t in (("k", k), ("v", v)):
+        dtype_name(t.dtype)  # raises on unsupported dtypes
+        if t.dim() != 4:
+            raise InvalidArgument(
+                f"{name} must be 4-D [layers, tokens, kv_heads, head_dim], got shape "
+                f"{list(t.shape)}",
+                field=f"{name}.shape",
+            )
+        if t.numel() == 0:
+            raise InvalidArgument(
+                f"{name} has a zero-size dimension: shape {list(t.shape)}", field=f"{name}.shape"
+            )
+    if k.shape != v.shape:
+        raise InvalidArgument(
+            f"k and v shapes differ: k {list(k.shape)} vs v {list(v.shape)}", field="v.shape"
+        )
+    if k.dtype != v.dtype:
+        raise InvalidArgument(
+            f"k and v dtypes differ: k {dtype_name(k.dtype)} vs v {dtype_name(v.dtype)}",
+            field="v.dtype",
+        )
+    page = Page(k=k, v=v, start_position=int(start_position))
+    if max_page_bytes is not None and page.nbytes > max_page_bytes:
+        raise PageTooLarge(
+            f"page is {page.nbytes} bytes (k+v), above the maximum page size of "
+            f"{max_page_bytes} bytes",
+            field="page",
+        )
+    if not allow_nonfinite:
+        for name, t in (("k", k), ("v", v)):
+            if not bool(torch.isfinite(t).all()):
+                raise InvalidArgument(f"{name} holds NaN or Inf values", field=name)
+    return page
+
+
+def page_from_bytes(
+    k_bytes: bytes | memoryview,
+    v_bytes: bytes | memoryview,
+    dtype: str,
+    shape: Sequence[int],
+    start_position: int,
+    *,
+    max_page_bytes: int | None = None,
+) -> Page:
+    """Build a page from wire bytes (raw little-endian tensor data, never pickle)."""
+    dt = torch_dtype(dtype)
+    shape = [int(s) for s in shape]
+    if len(shape) != 4 or any(s <= 0 for s in shape):
+        raise InvalidArgument(
+            f"shape must be 4 positive sizes [layers, tokens, kv_heads, head_dim], got {shape}",
+            field="shape",
+        )
+    elem = torch.empty((), dtype=dt).element_size()
+    want = elem
+    for s in shape:
+        want *= s
+    if max_page_bytes is not None and 2 * want > max_page_bytes:
+        raise PageTooLarge(
+            f"page is {2 * want} bytes (k+v), above the maximum page size of "
+            f"{max_page_bytes} bytes",
+            field="page",
+        )
+    for name, b in (("k", k_bytes), ("v", v_bytes)):
+        if len(b) != want:
+            raise InvalidArgument(
+                f"{name} has {len(b)} bytes but dtype {dtype} x shape {shape} needs {want}",
+                field=f"{name}.data",
+            )
+    k = torch.frombuffer(bytearray(k_bytes), dtype=dt).reshape(shape)
+    v = torch.frombuffer(bytearray(v_bytes), dtype=dt).reshape(shape)
+    return make_page(k, v, start_position, max_page_bytes=max_page_bytes)

@@ -1,0 +1,2 @@
+"""Policies beyond the store's LRU/LFU fallbacks: baselines, the learned predictor, the
+policy service, and trace replay."""

@@ -1,0 +1,1 @@
+"""Thin transports: validate, convert, call the core, convert back."""

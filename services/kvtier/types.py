@@ -1,0 +1,117 @@
+"""Value objects shared by every layer: page identity, tiers, precision, pages.
+
+Everything here is a frozen, slotted dataclass or an enum so it can cross module boundaries
+without anyone mutating it behind the owner's back.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NewType
+
+if TYPE_CHECKING:
+    import torch
+
+PageKey = NewType("PageKey", bytes)
+"""Opaque key chosen by the client, normally a chained prefix hash."""
+
+Namespace = NewType("Namespace", str)
+"""A tenant. No namespace can see another's keys."""
+
+TierName = NewType("TierName", str)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class PageId:
+    """A page's identity: its namespace and its key."""
+
+    namespace: Namespace
+    key: PageKey
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.key.hex()}"
+
+
+class Codec(str, enum.Enum):
+    """How a tier stores a page's bytes."""
+
+    NONE = "none"
+    INT8 = "int8"
+    INT4 = "int4"
+
+    @property
+    def bits(self) -> int:
+        """Bits per quantized element; 16 stands for 'as put' (full precision)."""
+        return {Codec.NONE: 16, Codec.INT8: 8, Codec.INT4: 4}[self]
+
+
+class Precision(enum.IntEnum):
+    """The lowest precision a page has passed through. Ordered: lower is lossier.
+
+    Precision only goes down: a page demoted through int4 and promoted back to the hot tier
+    still reports INT4, because promotion decodes but cannot restore lost bits.
+    """
+
+    INT4 = 4
+    INT8 = 8
+    FULL = 16
+
+    @classmethod
+    def of_codec(cls, codec: Codec) -> Precision:
+        return {Codec.NONE: cls.FULL, Codec.INT8: cls.INT8, Codec.INT4: cls.INT4}[codec]
+
+
+class Medium(str, enum.Enum):
+    """Where a tier keeps its bytes."""
+
+    DEVICE = "device"  # accelerator memory; CPU memory when there is no CUDA device
+    HOST = "host"
+    REDIS = "redis"
+
+
+SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """The KV cache of one chunk of tokens of one sequence.
+
+    ``k`` and ``v`` are shaped ``[layers, tokens, kv_heads, head_dim]`` with identical shape and
+    dtype (float16, bfloat16 or float32). ``start_position`` is the index of the chunk's first
+    token in its sequence; it decides which tokens are attention sinks. Build pages through
+    :func:`kvtier.pages.make_page`, which validates them.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    start_position: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.k.numel() * self.k.element_size() * 2)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        s = tuple(self.k.shape)
+        return (s[0], s[1], s[2], s[3])
+
+
+class Outcome(str, enum.Enum):
+    """Per-key outcome of a batch operation, used by stats and metrics labels."""
+
+    HIT = "hit"
+    MISS = "miss"
+    STORED = "stored"
+    EXISTS = "exists"
+    REJECTED = "rejected"
+
+
+class EvictionReason(str, enum.Enum):
+    """Why a page left the last tier (bounded label values for metrics)."""
+
+    CAPACITY = "capacity"  # overflow of the last tier
+    REMOTE_DOWN = "remote_down"  # Redis down while cold passed its hard limit
+    NOT_ADMITTED = "not_admitted"  # the policy declined to keep it anywhere
+    CORRUPT = "corrupt"  # checksum failed on read; the page is dropped, never served
+    DELETED = "deleted"  # explicit delete by a client or operator
