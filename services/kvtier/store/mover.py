@@ -1,0 +1,56 @@
+"""The background mover: a daemon thread that runs the store's rebalance pass periodically.
+
+It wakes every ``interval_s`` or when :meth:`Mover.wake` is called (a put pushed a tier past
+its high watermark). A pass that raises is logged and the thread carries on: nothing raises out
+of the mover and nothing stops it but :meth:`Mover.stop`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+
+class Mover:
+    def __init__(self, work: Callable[[], None], interval_s: float,
+                 name: str = "kvtier-mover") -> None:
+        self._work = work
+        self._interval_s = interval_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.passes = 0
+        self.failures = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop after the pass in progress; waits up to ``timeout_s`` for the thread."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self._interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                self._work()
+            except Exception:
+                self.failures += 1
+                log.exception("mover pass failed; retrying next interval")
+            self.passes += 1
