@@ -12,7 +12,7 @@ from kvtier.errors import ConfigError
 
 # Modules that add subcommands; each defines ``register(subparsers) -> None`` and sets
 # ``func`` on its parser to a callable taking the parsed namespace and returning an exit code.
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = ("kvtier.cli.serve", "kvtier.cli.up")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,1 +1,4 @@
-"""Thin transports: validate, convert, call the core, convert back."""
+"""gRPC transport of the cache daemon: servicer, interceptor, shared-memory sessions, server.
+
+Thin by design: validate (kvtier.pages), convert wire messages to store calls, convert back.
+"""

@@ -1,0 +1,300 @@
+"""The synchronous client an inference worker uses: :class:`KVTierClient`.
+
+Every call takes a batch of keys, a namespace (the client's default unless given) and a
+deadline (``timeout_s``, the client's default unless given). Only idempotent calls (put - per
+key -, get, lookup, promote, stats) are retried, and only on UNAVAILABLE, within the deadline.
+Errors are :mod:`kvtier_client.errors` classes carrying the status code and the daemon's message.
+
+Page bytes travel inline over gRPC (chunked streams) or, when the daemon is on this host,
+through a shared-memory segment (``shared_memory="auto"``, the default, tries it for loopback
+addresses and falls back to inline if the daemon cannot attach it).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from kvtier_client import shm as shm_mod
+from kvtier_client.errors import KVTierClientError, from_rpc_error
+from kvtier_client.tensors import FetchedPage, Page
+from kvtier_client.wire import DEFAULT_CHUNK_BYTES, GetAssembler, WirePage, put_requests, wire_pages
+from kvtier_proto.v1 import cache_pb2 as pb
+from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+]
+_LOOPBACK = ("127.", "localhost", "[::1]", "::1", "unix:")
+RETRIES = 3
+BACKOFF_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    prefix_length: int
+    tiers: tuple[str | None, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TierStats:
+    name: str
+    medium: str
+    codec: str
+    capacity_bytes: int
+    high_watermark: float
+    low_watermark: float
+    pages: int
+    bytes: int
+    hits: int
+    misses: int
+    demotions: int
+    promotions: int
+    evictions: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    tiers: tuple[TierStats, ...]
+    redis_up: bool
+    gets: int
+    puts: int
+    policy: str
+    uptime_s: float
+
+
+def lookup_result(r: pb.LookupReply) -> LookupResult:
+    return LookupResult(r.prefix_length, tuple(t or None for t in r.tiers))
+
+
+def cache_stats(r: pb.StatsReply) -> CacheStats:
+    return CacheStats(
+        tiers=tuple(TierStats(t.name, t.medium, t.codec, t.capacity_bytes, t.high_watermark,
+                              t.low_watermark, t.pages, t.bytes, t.hits, t.misses, t.demotions,
+                              t.promotions, dict(t.evictions)) for t in r.tiers),
+        redis_up=r.redis_up, gets=r.gets, puts=r.puts, policy=r.policy, uptime_s=r.uptime_s,
+    )
+
+
+def is_loopback(target: str) -> bool:
+    return target.startswith(_LOOPBACK)
+
+
+class _ShmSession:
+    """A segment attached to the daemon for one namespace; ``call`` keeps the session open."""
+
+    def __init__(self, segment: shm_mod.Segment, call: Any, session_id: str,
+                 namespace: str) -> None:
+        self.segment, self.call, self.id, self.namespace = segment, call, session_id, namespace
+
+    def close(self) -> None:
+        self.call.cancel()
+        self.segment.close()
+
+
+class KVTierClient:
+    """Blocking client. Thread-safe; shared-memory transfers are serialized per client."""
+
+    def __init__(self, target: str, namespace: str = "default", *, timeout_s: float = 30.0,
+                 shared_memory: bool | str = "auto", shm_bytes: int = 256 << 20,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 channel: grpc.Channel | None = None) -> None:
+        self.target = target
+        self.namespace = namespace
+        self.timeout_s = timeout_s
+        self.chunk_bytes = chunk_bytes
+        self._channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.CacheServiceStub(self._channel)
+        want = shared_memory is True or (shared_memory == "auto" and is_loopback(target))
+        self._shm_wanted = want and shm_mod.available()
+        self._shm_bytes = shm_bytes
+        self._shm: _ShmSession | None = None
+        self._shm_lock = threading.Lock()
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _call(self, method: str, fn: Callable[[float], T], timeout_s: float | None,
+              idempotent: bool) -> T:
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
+        attempt = 0
+        while True:
+            attempt += 1
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0:
+                    raise from_rpc_error(_Deadline(), method)
+                return fn(left)
+            except grpc.RpcError as e:
+                err = from_rpc_error(e, method)
+                if (idempotent and err.code == "UNAVAILABLE" and attempt < RETRIES
+                        and deadline - time.monotonic() > BACKOFF_S * attempt):
+                    time.sleep(BACKOFF_S * attempt)
+                    continue
+                raise err from None
+
+    def _session(self, namespace: str) -> _ShmSession | None:
+        """The attached segment for ``namespace`` (caller holds ``_shm_lock``), or None."""
+        if not self._shm_wanted or (self._shm is not None and self._shm.namespace != namespace):
+            return None
+        if self._shm is not None:
+            return self._shm
+        segment = shm_mod.Segment(self._shm_bytes)
+        try:
+            call = self._stub.AttachShm(pb.AttachShmRequest(
+                namespace=namespace, path=segment.path, size=segment.size, token=segment.token),
+                timeout=None)
+            reply = next(call)
+        except (grpc.RpcError, StopIteration) as e:
+            segment.close()
+            self._shm_wanted = False
+            log.info("shared memory with %s not available (%s); using inline transfers",
+                     self.target, getattr(e, "details", lambda: e)())
+            return None
+        finally:
+            segment.unlink()
+        self._shm = _ShmSession(segment, call, reply.session, namespace)
+        return self._shm
+
+    def _drop_session(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
+
+    # -- data path -------------------------------------------------------------------------
+
+    def put(self, keys: Sequence[bytes], pages: Sequence[Page | tuple[Any, ...]], *,
+            namespace: str | None = None, timeout_s: float | None = None) -> list[str]:
+        """Store pages; per key ``"stored"`` or ``"exists"`` (puts are idempotent per key)."""
+        ns = namespace or self.namespace
+        wire = wire_pages(keys, pages)
+
+        def send(left: float) -> pb.PutReply:
+            with self._shm_lock:
+                session = self._session(ns)
+                if session is not None:
+                    try:
+                        return self._put_shm(session, ns, wire, left)
+                    except grpc.RpcError as e:
+                        if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                            raise
+                        self._drop_session()  # daemon ended the session; go inline
+            reply: pb.PutReply = self._stub.Put(
+                put_requests(ns, wire, self.chunk_bytes), timeout=left)
+            return reply
+
+        reply = self._call("Put", send, timeout_s, idempotent=True)
+        return ["stored" if o == pb.PUT_OUTCOME_STORED else "exists" for o in reply.outcomes]
+
+    def _put_shm(self, session: _ShmSession, ns: str, wire: Sequence[WirePage],
+                 left: float) -> pb.PutReply:
+        seg = session.segment
+        offsets: list[int | None] = []
+        cursor = shm_mod.DATA_OFFSET
+        for p in wire:
+            kn, vn = p.k.data.nbytes, p.v.data.nbytes
+            if kn != vn or cursor + kn + vn > seg.size:
+                offsets.append(None)  # does not fit (or is malformed): inline
+                continue
+            seg.view[cursor:cursor + kn] = p.k.data
+            seg.view[cursor + kn:cursor + kn + vn] = p.v.data
+            offsets.append(cursor)
+            cursor = shm_mod.align_up(cursor + kn + vn)
+        reply: pb.PutReply = self._stub.Put(
+            put_requests(ns, wire, self.chunk_bytes, session.id, offsets), timeout=left)
+        return reply
+
+    def get(self, keys: Sequence[bytes], *, namespace: str | None = None,
+            timeout_s: float | None = None, as_torch: bool = False) -> list[FetchedPage | None]:
+        """Fetch pages; ``None`` for a miss. numpy out unless ``as_torch``."""
+        ns = namespace or self.namespace
+        req = pb.GetRequest(namespace=ns, keys=list(keys), chunk_bytes=self.chunk_bytes)
+
+        def fetch(left: float) -> list[FetchedPage | None]:
+            with self._shm_lock:
+                session = self._session(ns)
+                if session is not None:
+                    req.shm_session = session.id
+                    req.shm_offset = shm_mod.DATA_OFFSET
+                    req.shm_capacity = session.segment.capacity
+                    try:
+                        return self._collect(req, left, as_torch, session.segment.view)
+                    except grpc.RpcError as e:
+                        if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                            raise
+                        self._drop_session()
+                        req.ClearField("shm_session")
+            return self._collect(req, left, as_torch, None)
+
+        return self._call("Get", fetch, timeout_s, idempotent=True)
+
+    def _collect(self, req: pb.GetRequest, left: float, as_torch: bool,
+                 segment: memoryview | None) -> list[FetchedPage | None]:
+        asm = GetAssembler(len(req.keys), as_torch, segment)
+        for reply in self._stub.Get(req, timeout=left):
+            asm.feed(reply)
+        return asm.result()
+
+    def lookup(self, keys: Sequence[bytes], *, namespace: str | None = None,
+               timeout_s: float | None = None) -> LookupResult:
+        req = pb.LookupRequest(namespace=namespace or self.namespace, keys=list(keys))
+        return lookup_result(self._call(
+            "Lookup", lambda left: self._stub.Lookup(req, timeout=left), timeout_s, True))
+
+    def promote(self, keys: Sequence[bytes], tier: str, *, namespace: str | None = None,
+                timeout_s: float | None = None) -> list[bool]:
+        req = pb.PromoteRequest(namespace=namespace or self.namespace, keys=list(keys),
+                                tier=tier)
+        reply = self._call("Promote", lambda left: self._stub.Promote(req, timeout=left),
+                           timeout_s, True)
+        return list(reply.promoted)
+
+    def delete(self, keys: Sequence[bytes], *, namespace: str | None = None,
+               timeout_s: float | None = None) -> int:
+        """Remove pages; returns how many were present. Not retried (the count would lie)."""
+        req = pb.DeleteRequest(namespace=namespace or self.namespace, keys=list(keys))
+        reply = self._call("Delete", lambda left: self._stub.Delete(req, timeout=left),
+                           timeout_s, False)
+        return int(reply.deleted)
+
+    def stats(self, *, timeout_s: float | None = None) -> CacheStats:
+        return cache_stats(self._call(
+            "Stats", lambda left: self._stub.Stats(pb.StatsRequest(), timeout=left),
+            timeout_s, True))
+
+    @property
+    def uses_shared_memory(self) -> bool:
+        return self._shm is not None
+
+    def close(self) -> None:
+        with self._shm_lock:
+            self._drop_session()
+        self._channel.close()
+
+    def __enter__(self) -> KVTierClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Deadline:
+    """Stands in for an RpcError when the deadline ran out between retries."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return "deadline exceeded before the call could be retried"
+
+
+__all__ = ["CacheStats", "KVTierClient", "KVTierClientError", "LookupResult", "TierStats"]

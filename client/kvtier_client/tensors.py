@@ -1,0 +1,134 @@
+"""Tensors at the client's edge: numpy arrays, torch tensors (optional) or raw bytes.
+
+The wire carries raw little-endian bytes plus a dtype name and a shape. numpy has no bfloat16,
+so without torch a bfloat16 tensor is a :class:`RawTensor` (bytes + dtype name + shape); with
+``as_torch=True`` results become torch tensors of the right dtype. torch is imported only when a
+torch tensor is passed in or torch output is asked for.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+
+WIRE_DTYPES: dict[str, np.dtype[Any] | None] = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "bfloat16": None}
+_ELEM = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+@dataclass(frozen=True, slots=True)
+class RawTensor:
+    """Raw tensor bytes with their dtype name and shape (bfloat16 without torch, or any)."""
+
+    data: bytes | bytearray | memoryview
+    dtype: str
+    shape: tuple[int, ...]
+
+    def to_torch(self) -> Any:
+        return _torch_from_bytes(self.data, self.dtype, self.shape)
+
+
+TensorLike = Union[np.ndarray, RawTensor, Any]  # Any: torch.Tensor without importing torch
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A page to put: ``k`` and ``v`` shaped [layers, tokens, kv_heads, head_dim]."""
+
+    k: TensorLike
+    v: TensorLike
+    start_position: int = 0
+    chain_position: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedPage:
+    """A page got back. ``k``/``v`` are numpy arrays, torch tensors (``as_torch``) or, for
+    bfloat16 without torch, :class:`RawTensor`. ``precision``: 16 = as put, 8/4 = the lowest
+    quantization the page passed through. ``tier`` is where it was found."""
+
+    k: Any
+    v: Any
+    dtype: str
+    shape: tuple[int, ...]
+    start_position: int
+    tier: str
+    precision: int
+
+
+@dataclass(frozen=True, slots=True)
+class WireTensor:
+    """A tensor as the wire needs it: a flat byte view that stays valid while this lives."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: memoryview
+    owner: Any  # keeps the source buffer alive
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.split(".")[0] == "torch" and "torch" in sys.modules
+
+
+def to_wire(x: TensorLike, name: str) -> WireTensor:
+    """Convert one input tensor; ValueError naming ``name`` for what cannot be sent."""
+    if isinstance(x, RawTensor):
+        mv = memoryview(x.data).cast("B")
+        return WireTensor(x.dtype, tuple(int(s) for s in x.shape), mv, x.data)
+    if _is_torch(x):
+        import torch
+
+        t: Any = x
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in _ELEM:
+            raise ValueError(f"{name}: dtype {dtype} is not supported "
+                             f"(use float16, bfloat16 or float32)")
+        arr = (t.view(torch.int16) if dtype == "bfloat16" else t).numpy()
+        return WireTensor(dtype, tuple(int(s) for s in t.shape),
+                          memoryview(arr).cast("B"), arr)
+    if isinstance(x, np.ndarray):
+        dtype = "bfloat16" if x.dtype.name == "bfloat16" else x.dtype.name
+        if dtype not in _ELEM:
+            raise ValueError(f"{name}: dtype {x.dtype} is not supported "
+                             f"(use float16, bfloat16 or float32)")
+        arr = np.ascontiguousarray(x)
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        flat: Any = arr.reshape(-1).view(np.uint8)
+        return WireTensor(dtype, tuple(int(s) for s in arr.shape), memoryview(flat), arr)
+    raise ValueError(f"{name}: expected a numpy array, torch tensor or RawTensor, "
+                     f"got {type(x).__name__}")
+
+
+def nbytes_of(dtype: str, shape: tuple[int, ...]) -> int:
+    return _ELEM.get(dtype, 1) * math.prod(shape)
+
+
+def from_wire(data: bytes | bytearray | memoryview | np.ndarray, dtype: str,
+              shape: tuple[int, ...], as_torch: bool) -> Any:
+    """A result tensor over ``data`` (taken over, not copied): numpy, torch or RawTensor."""
+    if as_torch:
+        return _torch_from_bytes(data, dtype, shape)
+    np_dtype = WIRE_DTYPES.get(dtype)
+    if np_dtype is None:
+        raw = data.tobytes() if isinstance(data, np.ndarray) else data
+        return RawTensor(raw, dtype, shape)
+    buf: Any = data
+    return np.frombuffer(buf, dtype=np_dtype).reshape(shape)
+
+
+def _torch_from_bytes(data: Any, dtype: str, shape: tuple[int, ...]) -> Any:
+    import torch
+
+    buf: Any = data if isinstance(data, (bytearray, np.ndarray)) else bytearray(data)
+    if len(memoryview(buf).cast("B")) == 0:
+        return torch.empty(shape, dtype=getattr(torch, dtype))
+    t = torch.frombuffer(buf, dtype=torch.uint8)
+    return t.view(getattr(torch, dtype)).reshape(shape)

@@ -1,0 +1,153 @@
+"""Building requests and decoding replies, shared by the sync and the async client.
+
+Inline page bytes form one byte stream per batch (page 0 k, page 0 v, page 1 k, ...) cut into
+``chunk_bytes`` pieces over the stream's messages; see ``proto/kvtier_proto/v1/cache.proto``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kvtier_client.tensors import FetchedPage, Page, WireTensor, from_wire, nbytes_of, to_wire
+from kvtier_proto.v1 import cache_pb2 as pb
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class WirePage:
+    key: bytes
+    k: WireTensor
+    v: WireTensor
+    start_position: int
+    chain_position: int | None
+
+
+def wire_pages(keys: Sequence[bytes], pages: Sequence[Page | tuple[Any, ...]]) -> list[WirePage]:
+    """Convert the caller's pages; ValueError naming the page index for bad input."""
+    if len(keys) != len(pages):
+        raise ValueError(f"keys and pages differ in length: {len(keys)} vs {len(pages)}")
+    out = []
+    for i, (key, p) in enumerate(zip(keys, pages)):
+        if not isinstance(p, Page):
+            p = Page(*p)
+        if not isinstance(key, (bytes, bytearray)):
+            raise ValueError(f"keys[{i}] must be bytes, got {type(key).__name__}")
+        out.append(WirePage(bytes(key), to_wire(p.k, f"pages[{i}].k"),
+                            to_wire(p.v, f"pages[{i}].v"), int(p.start_position),
+                            p.chain_position))
+    return out
+
+
+def header(p: WirePage, shm_offset: int | None = None) -> pb.PageHeader:
+    h = pb.PageHeader(key=p.key, dtype=p.k.dtype, shape=list(p.k.shape),
+                      start_position=p.start_position, k_len=p.k.data.nbytes,
+                      v_len=p.v.data.nbytes, v_dtype=p.v.dtype, v_shape=list(p.v.shape))
+    if p.chain_position is not None:
+        h.chain_position = p.chain_position
+    if shm_offset is not None:
+        h.shm_offset = shm_offset
+    return h
+
+
+def put_requests(namespace: str, pages: Sequence[WirePage], chunk_bytes: int,
+                 shm_session: str = "",
+                 shm_offsets: Sequence[int | None] | None = None) -> Iterator[pb.PutRequest]:
+    """The messages of one Put stream: all headers first, then the inline bytes in chunks."""
+    offsets = shm_offsets or [None] * len(pages)
+    headers = [header(p, off) for p, off in zip(pages, offsets)]
+    parts = [mv for p, off in zip(pages, offsets) if off is None for mv in (p.k.data, p.v.data)]
+    first = pb.PutRequest(namespace=namespace, pages=headers, shm_session=shm_session)
+    pending = bytearray()
+    sent_first = False
+    for part in parts:
+        pos = 0
+        while pos < len(part):
+            if not pending and len(part) - pos >= chunk_bytes:
+                piece = bytes(part[pos:pos + chunk_bytes])
+                pos += chunk_bytes
+            else:
+                take = min(chunk_bytes - len(pending), len(part) - pos)
+                pending += part[pos:pos + take]
+                pos += take
+                if len(pending) < chunk_bytes:
+                    continue
+                piece, pending = bytes(pending), bytearray()
+            if not sent_first:
+                first.data = piece
+                sent_first = True
+                yield first
+            else:
+                yield pb.PutRequest(data=piece)
+    if pending or not sent_first:
+        if not sent_first:
+            first.data = bytes(pending)
+            yield first
+        else:
+            yield pb.PutRequest(data=bytes(pending))
+
+
+class GetAssembler:
+    """Decodes a Get reply stream into pages, reading shm-placed pages from ``segment``."""
+
+    def __init__(self, n_keys: int, as_torch: bool, segment: memoryview | None = None) -> None:
+        self._n = n_keys
+        self._as_torch = as_torch
+        self._segment = segment
+        self._results: list[pb.PageResult] = []
+        self._bufs: list[np.ndarray] = []  # one uint8 buffer per inline tensor, in stream order
+        self._fill = 0  # index into _bufs of the buffer being filled
+        self._pos = 0
+
+    def feed(self, reply: pb.GetReply) -> None:
+        if reply.pages:
+            for r in reply.pages:
+                self._results.append(r)
+                if r.found and not r.HasField("shm_offset"):
+                    self._bufs += [np.empty(r.k_len, np.uint8), np.empty(r.v_len, np.uint8)]
+        data = memoryview(reply.data)
+        pos = 0
+        while pos < len(data):
+            if self._fill >= len(self._bufs):
+                raise ValueError("get reply carries more bytes than its results announce")
+            buf = self._bufs[self._fill]
+            take = min(len(buf) - self._pos, len(data) - pos)
+            buf[self._pos:self._pos + take] = np.frombuffer(data[pos:pos + take], np.uint8)
+            self._pos += take
+            pos += take
+            if self._pos == len(buf):
+                self._fill, self._pos = self._fill + 1, 0
+
+    def result(self) -> list[FetchedPage | None]:
+        while self._fill < len(self._bufs) and len(self._bufs[self._fill]) == 0:
+            self._fill += 1
+        if self._fill != len(self._bufs):
+            raise ValueError("get reply stream ended before all page bytes arrived")
+        out: list[FetchedPage | None] = [None] * self._n
+        it = iter(self._bufs)
+        for r in self._results:
+            if not r.found:
+                continue
+            shape = tuple(int(s) for s in r.shape)
+            if r.HasField("shm_offset"):
+                assert self._segment is not None
+                off = r.shm_offset
+                kb = np.frombuffer(self._segment, np.uint8, r.k_len, off).copy()
+                vb = np.frombuffer(self._segment, np.uint8, r.v_len, off + r.k_len).copy()
+            else:
+                kb, vb = next(it), next(it)
+            out[r.index] = FetchedPage(
+                k=from_wire(kb, r.dtype, shape, self._as_torch),
+                v=from_wire(vb, r.dtype, shape, self._as_torch),
+                dtype=r.dtype, shape=shape, start_position=r.start_position, tier=r.tier,
+                precision=r.precision,
+            )
+        return out
+
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "GetAssembler", "WirePage", "nbytes_of", "put_requests",
+           "wire_pages"]

@@ -1,0 +1,75 @@
+"""``kvtier serve``: run the cache daemon until SIGTERM/SIGINT.
+
+Config comes from ``--config FILE`` (JSON) and ``KVTIER_*`` environment variables (environment
+wins), validated at start (exit code 2 with every problem spelled out). On the first SIGTERM or
+SIGINT the daemon shuts down gracefully (see :mod:`kvtier.daemon`); ``--drain`` first writes
+memory-tier pages to the Redis tier so a restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+from kvtier.config import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def add_daemon_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="JSON settings file (KVTIER_* environment variables win)")
+    p.add_argument("--grace", type=float, default=10.0,
+                   help="seconds in-flight calls get to finish on shutdown (default 10)")
+    p.add_argument("--drain", action="store_true",
+                   help="on shutdown, write memory-tier pages to the Redis tier first")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the cache daemon (gRPC + HTTP)")
+    add_daemon_options(p)
+    p.set_defaults(func=run)
+
+
+def run_daemon(settings: Settings, grace_s: float, drain: bool,
+               on_started: Any = None) -> int:
+    """Start a daemon, print its endpoints, block until SIGTERM/SIGINT, stop it gracefully."""
+    from kvtier.daemon import Daemon, default_start_http  # heavy (torch): only when serving
+
+    stop = threading.Event()
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        daemon = Daemon(settings, start_http=default_start_http()).start()
+        try:
+            print(f"kvtier: gRPC  {daemon.grpc_address}", flush=True)
+            if daemon.http_port is not None:
+                print(f"kvtier: HTTP  http://{settings.http_host}:{daemon.http_port}",
+                      flush=True)
+            if on_started is not None:
+                on_started(daemon)
+            print("kvtier: ready (Ctrl-C to stop)", flush=True)
+            while not stop.wait(0.5):
+                pass
+        finally:
+            # A second signal during shutdown must not abort the drain half-way.
+            for s in previous:
+                signal.signal(s, signal.SIG_IGN)
+            daemon.stop(grace_s=grace_s, drain=drain)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    print("kvtier: stopped", flush=True)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    return run_daemon(settings, args.grace, args.drain)

@@ -1,0 +1,42 @@
+"""``kvtier up``: the embedded default - Redis (if none is configured) and the daemon, one command.
+
+When no Redis URL is configured (``KVTIER_REDIS__URL`` or the config file), a private
+``redis-server`` from PATH is started on a free port (a clear message if there is none) and
+stopped with the daemon. Endpoints are printed; Ctrl-C / SIGTERM stops everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from kvtier.cli.redis_proc import RedisProcess
+from kvtier.cli.serve import add_daemon_options, run_daemon
+from kvtier.config import load_settings
+from kvtier.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("up", help="start redis-server (if none configured) and the daemon")
+    add_daemon_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    if settings.redis.url is not None:
+        print(f"kvtier: Redis {settings.redis.url} (configured)", flush=True)
+        return run_daemon(settings, args.grace, args.drain)
+    try:
+        redis = RedisProcess()
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    with redis:
+        print(f"kvtier: Redis {redis.url} (private redis-server, pid "
+              f"{redis.proc.pid if redis.proc else '?'})", flush=True)
+        redis_cfg = settings.redis.model_copy(update={"url": redis.url})
+        settings = settings.model_copy(update={"redis": redis_cfg})
+        return run_daemon(settings, args.grace, args.drain)

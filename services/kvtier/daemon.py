@@ -1,0 +1,152 @@
+"""The cache daemon: the store, the gRPC server and (through a hook) the HTTP server, composed.
+
+Lifecycle::
+
+    Daemon(settings).start()  ->  store started (mover running, Redis connected if configured)
+                                  gRPC server bound and started (port 0 = any free port)
+                                  start_http(context) if a hook was given
+                                  health SERVING; endpoints and tier stack logged
+    Daemon.stop(grace_s, drain)   health DRAINING (readyz / grpc.health say NOT_SERVING)
+                                  gRPC stops accepting; in-flight calls get ``grace_s`` to finish
+                                  shared-memory sessions end (segments unmapped)
+                                  HTTP server stopped
+                                  with ``drain``: memory-tier pages written to the Redis tier
+                                  store closed (mover stopped); health STOPPED
+
+HTTP seam (for ``kvtier.admin``): pass ``start_http``, a callable taking the
+:class:`~kvtier.transport.context.DaemonContext` (settings, store, rpc stats with an observer
+list, health state, start time) and returning a running
+:class:`~kvtier.transport.context.HttpServer` (``port`` property, ``stop(grace_s)``). The daemon
+calls it after the gRPC server is up and stops it on shutdown. :attr:`Daemon.http_port` reports
+its port. :func:`default_start_http` is where the admin package plugs in its FastAPI server.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from kvtier.config import Settings
+from kvtier.policy.registry import make_policy
+from kvtier.store.policy import Policy
+from kvtier.store.store import TierStore
+from kvtier.transport.context import DaemonContext, HttpServer, Readiness, StartHttp
+from kvtier.transport.server import make_grpc_server
+from kvtier.transport.shm import ShmRegistry
+
+log = logging.getLogger(__name__)
+
+
+def default_start_http() -> StartHttp | None:
+    """The HTTP server hook ``kvtier serve`` uses; None until the admin package provides one."""
+    return None
+
+
+class Daemon:
+    """One cache daemon. Not restartable: build a new one after :meth:`stop`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        policy: Policy | None = None,
+        start_http: StartHttp | None = None,
+        interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
+    ) -> None:
+        self.settings = settings
+        self._policy = policy
+        self._start_http = start_http
+        self._interceptors = tuple(interceptors)
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._context: DaemonContext | None = None
+        self._server: grpc.Server | None = None
+        self._shm = ShmRegistry()
+        self._http: HttpServer | None = None
+        self.grpc_port: int | None = None
+
+    @property
+    def context(self) -> DaemonContext:
+        if self._context is None:
+            raise RuntimeError("daemon not started")
+        return self._context
+
+    @property
+    def http_port(self) -> int | None:
+        return self._http.port if self._http is not None else None
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.settings.grpc_host}:{self.grpc_port}"
+
+    def start(self) -> Daemon:
+        s = self.settings
+        policy = self._policy if self._policy is not None else make_policy(s.policy)
+        store = TierStore(s, policy)
+        store.start()
+        try:
+            ctx = DaemonContext(settings=s, store=store)
+            server, port = make_grpc_server(ctx, s.grpc_host, s.grpc_port, shm=self._shm,
+                                            interceptors=self._interceptors)
+            server.start()
+            self._context, self._server, self.grpc_port = ctx, server, port
+            if self._start_http is not None:
+                self._http = self._start_http(ctx)
+        except BaseException:
+            if self._server is not None:
+                self._server.stop(0)
+            store.close()
+            raise
+        ctx.health.set(Readiness.SERVING)
+        log.info("kvtier daemon serving gRPC on %s:%d (kvtier.v1.CacheService, "
+                 "grpc.health.v1, reflection)", s.grpc_host, port)
+        if self._http is not None:
+            log.info("kvtier daemon serving HTTP on http://%s:%d", s.http_host, self._http.port)
+        for t in s.tiers:
+            log.info("tier %-8s %-6s codec=%-4s capacity=%d B watermarks=%.2f/%.2f",
+                     t.name, t.medium.value, t.codec.value, t.capacity_bytes,
+                     t.high_watermark, t.low_watermark)
+        log.info("redis tier backend: %s; policy: %s; max page %d B",
+                 s.redis.url or "none", policy.name, s.max_page_bytes)
+        return self
+
+    def stop(self, grace_s: float = 5.0, drain: bool = False) -> None:
+        """Shut down in order (see the module docstring). Safe to call twice."""
+        with self._lock:
+            if self._stopped.is_set() or self._context is None:
+                self._stopped.set()
+                return
+            ctx = self._context
+            ctx.health.set(Readiness.DRAINING)
+            log.info("kvtier daemon stopping (grace %.1fs%s)", grace_s,
+                     ", draining memory tiers to redis" if drain else "")
+            done = self._server.stop(grace_s) if self._server is not None else None
+            self._shm.close_all()  # ends AttachShm calls so they do not hold the grace period
+            if done is not None:
+                done.wait(grace_s + 1.0)
+            if self._http is not None:
+                try:
+                    self._http.stop(grace_s)
+                except Exception:
+                    log.exception("HTTP server did not stop cleanly")
+            if drain:
+                n = ctx.store.drain()
+                log.info("drained %d memory-tier pages to the redis tier", n)
+            ctx.store.close()
+            ctx.health.set(Readiness.STOPPED)
+            self._stopped.set()
+            log.info("kvtier daemon stopped")
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until :meth:`stop` finished; True if it did within ``timeout_s``."""
+        return self._stopped.wait(timeout_s)
+
+    def __enter__(self) -> Daemon:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(grace_s=1.0)

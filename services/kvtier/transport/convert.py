@@ -1,0 +1,159 @@
+"""Wire <-> core conversions of the cache service: page headers, byte streams, stats.
+
+Put streams carry the batch's page bytes as one byte stream (page 0 k, page 0 v, page 1 k, ...)
+cut into chunks at arbitrary points. :class:`PutAssembler` checks each header as soon as it
+arrives (so an oversized or malformed page is refused before its bytes are received) and
+rebuilds pages from the chunks, copying each page's bytes once where a page lies in one chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from kvtier.config import Settings
+from kvtier.errors import InvalidArgument, PageTooLarge
+from kvtier.pages import check_key, page_from_bytes, torch_dtype
+from kvtier.types import Page
+from kvtier_proto.v1 import cache_pb2 as pb
+
+_ELEM = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """A checked page header: everything but the bytes."""
+
+    key: bytes
+    dtype: str
+    shape: tuple[int, ...]
+    start_position: int
+    nbytes: int  # of k; v has the same
+    chain_position: int | None
+    shm_offset: int | None
+
+
+def check_header(h: pb.PageHeader, settings: Settings) -> Header:
+    """Validate one header; InvalidArgument naming the field otherwise."""
+    key = check_key(h.key, settings.max_key_bytes)
+    torch_dtype(h.dtype)  # raises naming the supported dtypes
+    shape = tuple(int(s) for s in h.shape)
+    if len(shape) != 4 or any(s <= 0 for s in shape):
+        raise InvalidArgument(
+            f"shape must be 4 positive sizes [layers, tokens, kv_heads, head_dim], got "
+            f"{list(shape)}", field="shape"
+        )
+    if h.v_dtype and h.v_dtype != h.dtype:
+        torch_dtype(h.v_dtype)
+        raise InvalidArgument(
+            f"k and v dtypes differ: k {h.dtype} vs v {h.v_dtype}", field="v.dtype"
+        )
+    if h.v_shape and tuple(int(s) for s in h.v_shape) != shape:
+        raise InvalidArgument(
+            f"k and v shapes differ: k {list(shape)} vs v {list(h.v_shape)}", field="v.shape"
+        )
+    if h.start_position < 0:
+        raise InvalidArgument(
+            f"start_position must be >= 0, got {h.start_position}", field="start_position"
+        )
+    want = _ELEM[h.dtype] * math.prod(shape)
+    if 2 * want > settings.max_page_bytes:
+        raise PageTooLarge(
+            f"page is {2 * want} bytes (k+v), above the maximum page size of "
+            f"{settings.max_page_bytes} bytes", field="page"
+        )
+    for name, got in (("k", h.k_len), ("v", h.v_len)):
+        if got != want:
+            raise InvalidArgument(
+                f"{name} has {got} bytes but dtype {h.dtype} x shape {list(shape)} needs {want}",
+                field=f"{name}.data",
+            )
+    chain = int(h.chain_position) if h.HasField("chain_position") else None
+    if chain is not None and chain < 0:
+        raise InvalidArgument(f"chain_position must be >= 0, got {chain}", field="chain_position")
+    shm = int(h.shm_offset) if h.HasField("shm_offset") else None
+    return Header(key, h.dtype, shape, int(h.start_position), want, chain, shm)
+
+
+def build_page(h: Header, k: bytes | memoryview, v: bytes | memoryview,
+               settings: Settings) -> Page:
+    """The page of ``h`` from its bytes (copied once into tensors the store owns)."""
+    return page_from_bytes(k, v, h.dtype, h.shape, h.start_position,
+                           max_page_bytes=settings.max_page_bytes)
+
+
+class PutAssembler:
+    """Rebuilds the pages of an inline Put byte stream, chunk by chunk."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._pending: list[Header] = []  # headers whose bytes have not fully arrived
+        self._buf = bytearray()  # bytes of the first pending page received so far
+        self.pages: list[tuple[Header, Page]] = []
+
+    def add_headers(self, headers: Sequence[Header]) -> None:
+        self._pending.extend(headers)
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        pos = 0
+        while pos < len(view):
+            if not self._pending:
+                raise InvalidArgument(
+                    "put stream carries more bytes than its page headers announce", field="data"
+                )
+            h = self._pending[0]
+            need = 2 * h.nbytes - len(self._buf)
+            if not self._buf and len(view) - pos >= need:  # whole page in this chunk: no staging
+                k = view[pos:pos + h.nbytes]
+                v = view[pos + h.nbytes:pos + need]
+                self._complete(h, k, v)
+                pos += need
+                continue
+            take = min(need, len(view) - pos)
+            self._buf += view[pos:pos + take]
+            pos += take
+            if len(self._buf) == 2 * h.nbytes:
+                buf = memoryview(self._buf)
+                self._complete(h, buf[:h.nbytes], buf[h.nbytes:])
+                self._buf = bytearray()
+
+    def _complete(self, h: Header, k: memoryview, v: memoryview) -> None:
+        self._pending.pop(0)
+        self.pages.append((h, build_page(h, k, v, self._settings)))
+
+    def finish(self) -> None:
+        if self._pending:
+            h = self._pending[0]
+            raise InvalidArgument(
+                f"put stream ended after {len(self._buf)} of the {2 * h.nbytes} bytes of page "
+                f"{h.key.hex()[:16]} ({len(self._pending)} pages incomplete)", field="data"
+            )
+
+
+def byte_view(mv: memoryview) -> memoryview:
+    """A flat unsigned-byte view of a buffer (tensor memoryviews may be typed or shaped)."""
+    if mv.format == "B" and mv.ndim == 1:
+        return mv
+    return mv.cast("B") if mv.ndim == 1 else mv.cast("B", (mv.nbytes,))
+
+
+def chunks(parts: Sequence[memoryview], chunk_bytes: int) -> Iterator[bytes]:
+    """Cut the concatenation of ``parts`` into ``chunk_bytes`` pieces (the last may be short)."""
+    buf = bytearray()
+    for part in parts:
+        pos = 0
+        while pos < len(part):
+            if not buf and len(part) - pos >= chunk_bytes:
+                yield bytes(part[pos:pos + chunk_bytes])
+                pos += chunk_bytes
+                continue
+            take = min(chunk_bytes - len(buf), len(part) - pos)
+            buf += part[pos:pos + take]
+            pos += take
+            if len(buf) == chunk_bytes:
+                yield bytes(buf)
+                buf = bytearray()
+    if buf:
+        yield bytes(buf)

@@ -1,0 +1,183 @@
+"""The one gRPC server interceptor: applies the error table and records per-call statistics.
+
+Every handler runs inside :class:`ErrorInterceptor`. A :class:`kvtier.errors.KVTierError`
+ends the call with the status ``kvtier.errors.status_for`` names and its message (the message
+names the bad field); anything else is logged with its traceback and ends the call with
+INTERNAL and a generic message, and the daemon keeps serving. Each finished call becomes one
+:class:`kvtier.transport.stats.RpcSample` (method, status, latency, message bytes in/out).
+
+Authentication is a separate seam: an auth interceptor goes before this one in the list given
+to :func:`kvtier.transport.server.make_grpc_server` and aborts with UNAUTHENTICATED /
+PERMISSION_DENIED itself; this interceptor passes such aborts through untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from kvtier.errors import KVTierError, status_for
+from kvtier.transport.stats import RpcSample, RpcStats
+
+log = logging.getLogger(__name__)
+
+
+def _size(msg: Any) -> int:
+    try:
+        return int(msg.ByteSize())
+    except AttributeError:
+        return 0
+
+
+class _Call:
+    """Book-keeping of one call: bytes counted as messages pass, outcome set once."""
+
+    __slots__ = ("method", "stats", "t0", "bytes_in", "bytes_out", "done")
+
+    def __init__(self, method: str, stats: RpcStats) -> None:
+        self.method = method
+        self.stats = stats
+        self.t0 = time.perf_counter()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.done = False
+
+    def count_in(self, it: Iterator[Any]) -> Iterator[Any]:
+        for msg in it:
+            self.bytes_in += _size(msg)
+            yield msg
+
+    def finish(self, code: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.stats.record(
+            RpcSample(self.method, code, time.perf_counter() - self.t0, self.bytes_in,
+                      self.bytes_out)
+        )
+
+    def fail(self, exc: BaseException, context: grpc.ServicerContext) -> None:
+        """End the call for ``exc``: record it and abort with the mapped status (raises)."""
+        already = _aborted_code(context)
+        if already is not None:  # an abort by the handler or an inner interceptor
+            self.finish(already)
+            raise exc
+        if isinstance(exc, KVTierError):
+            code, _http, message = status_for(exc)
+            log.debug("%s -> %s: %s", self.method, code, message)
+        else:
+            code, _http, message = status_for(exc)
+            log.error("%s failed unexpectedly; answering INTERNAL", self.method, exc_info=exc)
+            message = f"internal error in {self.method} ({type(exc).__name__}); see daemon log"
+        self.finish(code)
+        context.abort(grpc.StatusCode[code], message)
+
+
+def _aborted_code(context: grpc.ServicerContext) -> str | None:
+    code = context.code()  # type: ignore[attr-defined]
+    if code is None or code == grpc.StatusCode.OK:
+        return None
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    return str(code)
+
+
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.ServerInterceptor[Any, Any]
+else:  # the stubs are generic, the runtime class is not
+    _ServerInterceptor = grpc.ServerInterceptor
+
+
+class ErrorInterceptor(_ServerInterceptor):
+    """Maps errors by the one table and records an :class:`RpcSample` for every call."""
+
+    def __init__(self, stats: RpcStats) -> None:
+        self._stats = stats
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = str(handler_call_details.method).rsplit("/", 1)[-1]
+        stats = self._stats
+        kw = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
+                call = _Call(method, stats)
+                call.bytes_in = _size(request)
+                try:
+                    reply = inner_uu(request, context)
+                except BaseException as e:  # noqa: BLE001 - mapped, logged, re-raised
+                    call.fail(e, context)
+                    raise
+                call.bytes_out = _size(reply)
+                call.finish(_aborted_code(context) or "OK")
+                return reply
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, **kw)
+        if handler.stream_unary is not None:
+            inner_su = handler.stream_unary
+
+            def stream_unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+                call = _Call(method, stats)
+                try:
+                    reply = inner_su(call.count_in(requests), context)
+                except BaseException as e:  # noqa: BLE001
+                    call.fail(e, context)
+                    raise
+                call.bytes_out = _size(reply)
+                call.finish(_aborted_code(context) or "OK")
+                return reply
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            def unary_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                call = _Call(method, stats)
+                call.bytes_in = _size(request)
+                try:
+                    for reply in inner_us(request, context):
+                        call.bytes_out += _size(reply)
+                        yield reply
+                except GeneratorExit:
+                    call.finish("CANCELLED")
+                    raise
+                except BaseException as e:  # noqa: BLE001
+                    call.fail(e, context)
+                    raise
+                call.finish(_aborted_code(context) or "OK")
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, **kw)
+        inner_ss = handler.stream_stream
+        if inner_ss is None:
+            return handler
+
+        def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            call = _Call(method, stats)
+            try:
+                for reply in inner_ss(call.count_in(requests), context):
+                    call.bytes_out += _size(reply)
+                    yield reply
+            except GeneratorExit:
+                call.finish("CANCELLED")
+                raise
+            except BaseException as e:  # noqa: BLE001
+                call.fail(e, context)
+                raise
+            call.finish(_aborted_code(context) or "OK")
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)

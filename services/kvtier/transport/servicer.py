@@ -1,0 +1,217 @@
+"""The ``kvtier.v1.CacheService`` servicer: validate, convert, call the store, convert back.
+
+Errors are raised as :mod:`kvtier.errors` classes and mapped to status codes by the one
+interceptor (:mod:`kvtier.transport.interceptor`); nothing here aborts calls itself. Misses are
+``found = false``. Page bytes go inline (chunked streams) or through a same-host shared-memory
+session (:mod:`kvtier.transport.shm`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+import grpc
+
+from kvtier.errors import InvalidArgument, UnknownTier
+from kvtier.pages import check_keys, check_namespace
+from kvtier.transport.context import DaemonContext
+from kvtier.transport.convert import Header, PutAssembler, build_page, byte_view, check_header, chunks
+from kvtier.transport.shm import TOKEN_BYTES, ShmRegistry, align_up
+from kvtier.types import Page
+from kvtier_proto.v1 import cache_pb2 as pb
+from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+MAX_CHUNK_BYTES = 16 << 20
+MIN_CHUNK_BYTES = 4 << 10
+
+
+class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
+    """Thin adapter from the wire to :class:`kvtier.store.store.TierStore`."""
+
+    def __init__(self, ctx: DaemonContext, shm: ShmRegistry) -> None:
+        self._ctx = ctx
+        self._store = ctx.store
+        self._settings = ctx.settings
+        self._shm = shm
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _keys(self, namespace: str, keys: Sequence[bytes]) -> list[bytes]:
+        ids = check_keys(namespace, list(keys), self._settings.max_key_bytes,
+                         self._settings.max_batch)
+        return [pid.key for pid in ids]
+
+    # -- data path -------------------------------------------------------------------------
+
+    def Put(self, request_iterator: Iterator[pb.PutRequest],
+            context: grpc.ServicerContext) -> pb.PutReply:
+        namespace: str | None = None
+        session_id = ""
+        headers: list[Header] = []
+        entries: dict[int, tuple[Header, Page]] = {}
+        inline_idx: list[int] = []
+        assembler = PutAssembler(self._settings)
+        for req in request_iterator:
+            if namespace is None:
+                namespace = check_namespace(req.namespace)
+                session_id = req.shm_session
+            elif req.namespace and req.namespace != namespace:
+                raise InvalidArgument("namespace changed within one put stream",
+                                      field="namespace")
+            shm_batch: list[tuple[int, Header]] = []
+            for raw_header in req.pages:
+                h = check_header(raw_header, self._settings)
+                idx = len(headers)
+                headers.append(h)
+                if h.shm_offset is None:
+                    assembler.add_headers([h])
+                    inline_idx.append(idx)
+                elif not session_id:
+                    raise InvalidArgument("shm_offset set without an shm_session",
+                                          field="shm_offset")
+                else:
+                    shm_batch.append((idx, h))
+            if len(headers) > self._settings.max_batch:
+                raise InvalidArgument(
+                    f"{len(headers)} pages in one call, more than the maximum batch of "
+                    f"{self._settings.max_batch}", field="pages"
+                )
+            if shm_batch:
+                pages = self._read_shm(namespace, session_id, [h for _, h in shm_batch])
+                entries.update(zip([i for i, _ in shm_batch], pages))
+            if req.data:
+                assembler.feed(req.data)
+        if namespace is None or not headers:
+            raise InvalidArgument("the page list is empty", field="pages")
+        assembler.finish()
+        entries.update(zip(inline_idx, assembler.pages))
+        ordered = [entries[i] for i in range(len(headers))]
+        keys = [h.key for h, _ in ordered]
+        if len(set(keys)) != len(keys):
+            raise InvalidArgument("the same key appears twice in one put", field="keys")
+        chain = [h.chain_position for h, _ in ordered]
+        chain_positions = None if any(c is None for c in chain) else [int(c or 0) for c in chain]
+        outcomes = self._store.put(namespace, [(h.key, p) for h, p in ordered], chain_positions)
+        return pb.PutReply(outcomes=[
+            pb.PUT_OUTCOME_STORED if o.name == "STORED" else pb.PUT_OUTCOME_EXISTS
+            for o in outcomes
+        ])
+
+    def _read_shm(self, namespace: str, session_id: str,
+                  headers: Sequence[Header]) -> list[tuple[Header, Page]]:
+        session = self._shm.get(session_id)
+        out = []
+        with session.use(namespace) as seg:
+            for h in headers:
+                off = int(h.shm_offset or 0)
+                session.check_range(off, 2 * h.nbytes, "shm_offset")
+                out.append((h, build_page(h, seg[off:off + h.nbytes],
+                                          seg[off + h.nbytes:off + 2 * h.nbytes],
+                                          self._settings)))
+        return out
+
+    def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> Iterator[pb.GetReply]:
+        keys = self._keys(request.namespace, request.keys)
+        chunk = request.chunk_bytes or DEFAULT_CHUNK_BYTES
+        if not MIN_CHUNK_BYTES <= chunk <= MAX_CHUNK_BYTES:
+            raise InvalidArgument(
+                f"chunk_bytes must be within {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}, got {chunk}",
+                field="chunk_bytes",
+            )
+        raws = self._store.get_raw(request.namespace, keys)
+        results: list[pb.PageResult] = []
+        inline: list[memoryview] = []
+        placed: list[tuple[int, memoryview, memoryview]] = []
+        cursor = request.shm_offset
+        end = request.shm_offset + request.shm_capacity
+        session = self._shm.get(request.shm_session) if request.shm_session else None
+        if session is not None:
+            session.check_range(request.shm_offset, request.shm_capacity, "shm_capacity")
+        for i, raw in enumerate(raws):
+            if raw is None:
+                results.append(pb.PageResult(index=i, found=False))
+                continue
+            k, v = byte_view(raw.k), byte_view(raw.v)
+            r = pb.PageResult(index=i, found=True, dtype=raw.dtype, shape=list(raw.shape),
+                              start_position=raw.start_position, tier=raw.tier,
+                              precision=int(raw.precision), k_len=k.nbytes, v_len=v.nbytes)
+            if session is not None and cursor + k.nbytes + v.nbytes <= end:
+                r.shm_offset = cursor
+                placed.append((cursor, k, v))
+                cursor = align_up(cursor + k.nbytes + v.nbytes)
+            else:
+                inline += [k, v]
+            results.append(r)
+        if session is not None and placed:
+            with session.use(request.namespace) as seg:
+                for off, k, v in placed:
+                    seg[off:off + k.nbytes] = k
+                    seg[off + k.nbytes:off + k.nbytes + v.nbytes] = v
+        data = chunks(inline, chunk)
+        yield pb.GetReply(pages=results, data=next(data, b""))
+        for piece in data:
+            yield pb.GetReply(data=piece)
+
+    def Lookup(self, request: pb.LookupRequest,
+               context: grpc.ServicerContext) -> pb.LookupReply:
+        keys = self._keys(request.namespace, request.keys)
+        res = self._store.lookup(request.namespace, keys)
+        return pb.LookupReply(prefix_length=res.prefix_length,
+                              tiers=[t or "" for t in res.tiers])
+
+    def Promote(self, request: pb.PromoteRequest,
+                context: grpc.ServicerContext) -> pb.PromoteReply:
+        keys = self._keys(request.namespace, request.keys)
+        names = tuple(self._store.tier_names)
+        if request.tier not in names:
+            raise UnknownTier(
+                f"unknown tier {request.tier!r}; tiers are {', '.join(names)}", field="tier"
+            )
+        return pb.PromoteReply(promoted=self._store.promote(request.namespace, keys,
+                                                            request.tier))
+
+    def Delete(self, request: pb.DeleteRequest,
+               context: grpc.ServicerContext) -> pb.DeleteReply:
+        keys = self._keys(request.namespace, request.keys)
+        return pb.DeleteReply(deleted=self._store.delete(request.namespace, keys))
+
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsReply:
+        s = self._store.stats()
+        tiers = [
+            pb.TierStats(
+                name=t.name, medium=str(getattr(t.medium, "value", t.medium)),
+                codec=str(getattr(t.codec, "value", t.codec)),
+                capacity_bytes=t.capacity_bytes, high_watermark=t.high_watermark,
+                low_watermark=t.low_watermark, pages=t.pages, bytes=t.bytes, hits=t.hits,
+                misses=t.misses, demotions=t.demotions, promotions=t.promotions,
+                evictions={str(k): int(n) for k, n in dict(t.evictions).items()},
+            )
+            for t in s.tiers
+        ]
+        policy = getattr(s.policy, "name", None) or type(self._store.policy).__name__
+        return pb.StatsReply(tiers=tiers, redis_up=bool(s.redis_up), gets=int(s.gets),
+                             puts=int(s.puts), policy=str(policy),
+                             uptime_s=time.time() - self._ctx.started_at)
+
+    # -- shared memory ---------------------------------------------------------------------
+
+    def AttachShm(self, request: pb.AttachShmRequest,
+                  context: grpc.ServicerContext) -> Iterator[pb.AttachShmReply]:
+        namespace = check_namespace(request.namespace)
+        if len(request.token) != TOKEN_BYTES:
+            raise InvalidArgument(f"token must be {TOKEN_BYTES} bytes", field="token")
+        session = self._shm.attach(namespace, request.path, request.size, request.token)
+        done = threading.Event()
+        context.add_callback(done.set)
+        try:
+            yield pb.AttachShmReply(session=session.session_id)
+            while not done.wait(0.5) and not session.ended.is_set() and context.is_active():
+                pass
+        finally:
+            self._shm.detach(session.session_id)
