@@ -1,0 +1,140 @@
+"""A local Prometheus for ``kvtier up --monitoring``, scraping the daemon and the policy service.
+
+:func:`scrape_config` is the one definition of what Prometheus scrapes; ``deploy/prometheus.yml``
+is the same configuration with the docker-compose service names as targets (a test checks they
+agree). The config is written as JSON, which Prometheus reads as YAML, so no YAML library is
+needed at run time.
+
+:class:`PrometheusProcess` runs Debian's ``prometheus`` binary as a child process on a free
+loopback port with its TSDB in a temporary directory, the way
+:class:`kvtier.cli.redis_proc.RedisProcess` runs ``redis-server``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DAEMON_JOB = "kvtier-daemon"
+POLICY_JOB = "kvtier-policy"
+
+
+def _duration(seconds: float) -> str:
+    ms = int(round(seconds * 1000))
+    if ms <= 0:
+        raise ValueError(f"scrape interval must be positive, got {seconds}")
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+def scrape_config(daemon_targets: Sequence[str], policy_targets: Sequence[str] = (),
+                  interval_s: float = 5.0) -> dict[str, Any]:
+    """Prometheus configuration scraping ``/metrics`` of daemons and policy services."""
+    jobs: list[dict[str, Any]] = []
+    for job, targets in ((DAEMON_JOB, daemon_targets), (POLICY_JOB, policy_targets)):
+        if targets:
+            jobs.append({
+                "job_name": job,
+                "metrics_path": "/metrics",
+                "static_configs": [{"targets": list(targets)}],
+            })
+    interval = _duration(interval_s)
+    return {
+        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "scrape_configs": jobs,
+    }
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class PrometheusProcess:
+    """A private ``prometheus`` child process. Its data lives in a temporary directory."""
+
+    def __init__(self, config: dict[str, Any], port: int | None = None,
+                 host: str = "127.0.0.1", binary: str | None = None) -> None:
+        found = binary or shutil.which("prometheus")
+        if found is None:
+            raise FileNotFoundError(
+                "prometheus not found on PATH; install it (Debian: apt-get install prometheus) "
+                "or run without --monitoring"
+            )
+        self.binary = found
+        self.host = host
+        self.port = port or _free_port(host)
+        self._tmp = tempfile.TemporaryDirectory(prefix="kvtier-prometheus-")
+        self.config_path = Path(self._tmp.name) / "prometheus.yml"
+        self.config_path.write_text(json.dumps(config, indent=2))
+        self.log_path = Path(self._tmp.name) / "prometheus.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> PrometheusProcess:
+        """Start and wait until ``/-/ready`` answers; raise with the log tail if it does not."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self
+        with open(self.log_path, "wb") as log_file:
+            self.proc = subprocess.Popen(
+                [self.binary, f"--config.file={self.config_path}",
+                 f"--storage.tsdb.path={Path(self._tmp.name) / 'data'}",
+                 f"--web.listen-address={self.host}:{self.port}",
+                 "--storage.tsdb.retention.time=1d", "--log.level=warn"],
+                stdout=log_file, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"prometheus exited with {self.proc.returncode}: {self._log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"prometheus not ready on port {self.port}: {self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> PrometheusProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
