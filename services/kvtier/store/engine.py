@@ -1,0 +1,526 @@
+"""The tier engine: places pages, moves them between tiers, makes room, evicts.
+
+Locking: one condition variable (``cond``) guards the page index, the memory backends and the
+counters. Every step that costs time — copying to the device, encoding, decoding, transcoding,
+Redis round trips, asking the policy — runs outside it. A move is::
+
+    prepare  (lock)     index.begin_move: RESIDENT -> MOVING; take a reference to the source
+    copy     (no lock)  convert to the target tier's form; reserve room there (making room
+                        by pushing the target's own victims further down if needed); write
+                        it when the target is Redis
+    commit   (lock)     index.commit_move: switch tier, swap the bytes between the backends,
+                        counters; a page deleted meanwhile fails the commit and its copy is
+                        dropped
+
+Readers take the stored reference under the lock, so until the commit they read the source and
+after it the target — never a torn page. Stored tensors and blobs are never mutated in place.
+Nothing here logs per page.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+from kvtier.config import Settings
+from kvtier.errors import BackendUnavailable, CapacityExhausted, CorruptPage
+from kvtier.store.index import MoveTicket, PageIndex, PageState
+from kvtier.store.policy import LRUPolicy, PageMeta, Policy
+from kvtier.store.redis_tier import RedisTier, RemoteMeta
+from kvtier.store.stats import CodecClock, TierCounters, TierStats
+from kvtier.store.tiers import (
+    Converter, MemoryBackend, Stored, TierLimits, TierSpec, build_specs, own_copy,
+    resolve_device, stored_size,
+)
+from kvtier.types import EvictionReason, Medium, Page, PageId, Precision
+
+log = logging.getLogger(__name__)
+
+_WAIT_SLICE_S = 0.02
+
+
+class MoveResult(enum.Enum):
+    MOVED = "moved"
+    BUSY = "busy"  # absent from the index, mid-move, or already in the target tier
+    GONE = "gone"  # vanished from its backend (deleted elsewhere, corrupt): dropped
+    NO_ROOM = "no_room"
+    DOWN = "down"  # Redis was needed and is down
+
+
+class TierEngine:
+    """Pages, tiers and moves. Thread-safe; see the module docstring for the lock design."""
+
+    def __init__(self, settings: Settings, policy: Policy, room_timeout_s: float = 5.0) -> None:
+        tiers = list(settings.tiers)
+        if tiers[-1].medium is Medium.REDIS and settings.redis.url is None:
+            log.info("no redis url configured: running without the %r tier", tiers[-1].name)
+            tiers = tiers[:-1]
+        self.specs: list[TierSpec] = build_specs(tiers, resolve_device(settings.device))
+        self.names: tuple[str, ...] = tuple(s.name for s in self.specs)
+        self.limits: list[TierLimits] = [TierLimits.of(c) for c in tiers]
+        self.cond = threading.Condition(threading.Lock())
+        self.index = PageIndex(len(self.specs))
+        self.memory: list[MemoryBackend | None] = [
+            None if s.medium is Medium.REDIS else MemoryBackend(s) for s in self.specs
+        ]
+        self.redis: RedisTier | None = None
+        self.redis_tier: int | None = None
+        if self.specs[-1].medium is Medium.REDIS and settings.redis.url is not None:
+            self.redis = RedisTier(settings.redis, settings.redis.url)
+            self.redis_tier = len(self.specs) - 1
+        self.counters = [TierCounters() for _ in self.specs]
+        self.clock = CodecClock()
+        self.converter = Converter(settings.codec, self.clock)
+        self.policy: Policy = policy
+        self.room_timeout_s = room_timeout_s
+        self._fallback = LRUPolicy()
+        self._policy_failed = False
+
+    # -- small helpers ------------------------------------------------------------------------
+
+    @property
+    def last(self) -> int:
+        return len(self.specs) - 1
+
+    def tier_up(self, tier: int) -> bool:
+        return tier != self.redis_tier or (self.redis is not None and self.redis.up)
+
+    def victims(self, candidates: Sequence[PageMeta]) -> list[PageId]:
+        """All candidates in the policy's demotion order; LRU if the policy fails."""
+        try:
+            order = self.policy.victims(candidates, len(candidates))
+            self._policy_failed = False
+            return order
+        except Exception:
+            if not self._policy_failed:
+                log.exception("policy %s failed to rank victims; using LRU", self.policy.name)
+            self._policy_failed = True
+            return self._fallback.victims(candidates, len(candidates))
+
+    def forget(self, pages: Sequence[PageId]) -> None:
+        if not pages:
+            return
+        try:
+            self.policy.forget(pages)
+        except Exception:
+            log.exception("policy %s failed in forget()", self.policy.name)
+
+    # -- placing ------------------------------------------------------------------------------
+
+    def place(self, pid: PageId, page: Page, tier: int, chain_position: int, now: float) -> bool:
+        """Store a new page in ``tier``; False if the key exists. Makes room synchronously.
+
+        Raises CapacityExhausted if the page can never fit the tier, or room could not be made
+        within ``room_timeout_s``.
+        """
+        spec, cap = self.specs[tier], self.limits[tier].capacity_bytes
+        if spec.holds_tensors and page.nbytes > cap:
+            raise CapacityExhausted(
+                f"page is {page.nbytes} bytes, larger than the whole {spec.name!r} tier "
+                f"({cap} bytes)", field="page")
+        with self.cond:
+            version = self.index.begin_place(pid, tier, page.nbytes, chain_position, now)
+        if version is None:
+            return False
+        size = 0
+        reserved = False
+        try:
+            data: Stored
+            if spec.device is not None:
+                data, prec = own_copy(page, spec.device), Precision.FULL
+            else:
+                data, prec = self.converter.to_tier(page, spec)
+            size = stored_size(data)
+            if size > cap:
+                raise CapacityExhausted(
+                    f"page is {size} bytes stored, larger than the whole {spec.name!r} tier "
+                    f"({cap} bytes)", field="page")
+            if not self.reserve(tier, size):
+                raise CapacityExhausted(
+                    f"could not make {size} bytes of room in tier {spec.name!r} within "
+                    f"{self.room_timeout_s} s", field="page")
+            reserved = True
+            if tier == self.redis_tier:
+                self._redis().write(pid, assert_blob(data),
+                                    RemoteMeta(prec, page.nbytes, size, chain_position))
+            with self.cond:
+                ok = self.index.commit_place(pid, version, size, prec)
+                if ok:
+                    backend = self.memory[tier]
+                    if backend is not None:
+                        backend.put(pid, data)
+                else:
+                    self.index.release(tier, size)
+                self.cond.notify_all()
+            return True
+        except BaseException:
+            with self.cond:
+                if reserved:
+                    self.index.release(tier, size)
+                self.index.abort_place(pid, version)
+                self.cond.notify_all()
+            raise
+
+    def reserve(self, tier: int, size: int) -> bool:
+        """Reserve ``size`` bytes in ``tier``, pushing its victims down until they fit."""
+        deadline = time.monotonic() + self.room_timeout_s
+        while True:
+            with self.cond:
+                cap = self.limits[tier].capacity_bytes
+                if size > cap:
+                    return False
+                if self.index.reserve(tier, size, cap):
+                    return True
+            if not self.make_room(tier, size) and time.monotonic() >= deadline:
+                return False
+            if time.monotonic() >= deadline:
+                return False
+            with self.cond:
+                if not self.index.fits(tier, size, self.limits[tier].capacity_bytes):
+                    self.cond.wait(_WAIT_SLICE_S)
+
+    def make_room(self, tier: int, size: int) -> bool:
+        """Push ``tier``'s lowest-scored pages down (or out) until ``size`` more bytes fit."""
+        with self.cond:
+            candidates = self.index.resident_metas(tier, self.names)
+        progressed = False
+        for pid in self.victims(candidates):
+            with self.cond:
+                if self.index.fits(tier, size, self.limits[tier].capacity_bytes):
+                    return True
+            progressed |= self.push_down(pid, tier)
+        return progressed
+
+    def push_down(self, pid: PageId, tier: int) -> bool:
+        """Move a page one tier down under hard-limit pressure, or evict it from the last."""
+        if tier == self.last:
+            return self.evict(pid, tier, EvictionReason.CAPACITY)
+        if not self.tier_up(tier + 1):
+            return self.evict(pid, tier, EvictionReason.REMOTE_DOWN)
+        result = self.move(pid, tier + 1)
+        if result is MoveResult.DOWN:
+            return self.evict(pid, tier, EvictionReason.REMOTE_DOWN)
+        return result in (MoveResult.MOVED, MoveResult.GONE)
+
+    # -- moving -------------------------------------------------------------------------------
+
+    def move(self, pid: PageId, dst: int) -> MoveResult:
+        """Move one page to tier ``dst`` (up or down): prepare, copy, commit."""
+        with self.cond:
+            ticket = self.index.begin_move(pid, dst)
+            if ticket is None:
+                return MoveResult.BUSY
+            src_backend = self.memory[ticket.src]
+            data: Stored | None = src_backend.get(pid) if src_backend is not None else None
+            rec = self.index.get(pid)
+            nbytes = rec.nbytes if rec is not None else 0
+            chain = rec.chain_position if rec is not None else 0
+            precision = rec.precision if rec is not None else Precision.FULL
+        size = 0
+        reserved = False
+        try:
+            if not self.tier_up(dst):
+                raise BackendUnavailable("redis tier is down", field="redis")
+            if data is None:
+                got = self._redis().read(pid)
+                if got is None:
+                    self._drop(ticket, None)
+                    return MoveResult.GONE
+                data = got[0]
+            try:
+                new, prec = self.converter.to_tier(data, self.specs[dst])
+            except CorruptPage:
+                self._drop(ticket, EvictionReason.CORRUPT)
+                return MoveResult.GONE
+            size = stored_size(new)
+            if not self.reserve(dst, size):
+                self._abort(ticket, 0)
+                return MoveResult.NO_ROOM
+            reserved = True
+            if dst == self.redis_tier:
+                self._redis().write(
+                    pid, assert_blob(new), RemoteMeta(min(precision, prec), nbytes, size, chain))
+        except BackendUnavailable:
+            self._abort(ticket, size if reserved else 0)
+            return MoveResult.DOWN
+        except BaseException:
+            self._abort(ticket, size if reserved else 0)
+            raise
+        with self.cond:
+            ok = self.index.commit_move(ticket, size, prec)
+            if ok:
+                dst_backend = self.memory[dst]
+                if dst_backend is not None:
+                    dst_backend.put(pid, new)
+                if src_backend is not None:
+                    src_backend.pop(pid)
+                if dst > ticket.src:
+                    self.counters[ticket.src].demotions += 1
+                else:
+                    self.counters[dst].promotions += 1
+            else:
+                self.index.release(dst, size)
+            self.cond.notify_all()
+        if ok and ticket.src == self.redis_tier:
+            self._redis_delete_quietly([pid])
+        elif not ok and dst == self.redis_tier:
+            self._cleanup_redis(pid)
+        return MoveResult.MOVED if ok else MoveResult.GONE
+
+    def relocate(self, pid: PageId, target: int, *, upward: bool) -> bool:
+        """Promote (``upward``) a page to at least ``target``, or demote it to exactly it.
+
+        Waits (bounded) while the page is mid-move or mid-put. False if it is absent, cannot
+        get there (no room, Redis down), or a demotion would have to go up.
+        """
+        deadline = time.monotonic() + self.room_timeout_s
+        while True:
+            with self.cond:
+                rec = self.index.get(pid)
+                if rec is None:
+                    return False
+                resident = rec.state is PageState.RESIDENT
+                if resident and (rec.tier == target or (upward and rec.tier < target)):
+                    return True
+                if resident and not upward and rec.tier > target:
+                    return False
+            if resident:
+                result = self.move(pid, target)
+                if result is MoveResult.MOVED:
+                    return True
+                if result is not MoveResult.BUSY:
+                    return False
+            if time.monotonic() >= deadline:
+                return False
+            with self.cond:
+                self.cond.wait(_WAIT_SLICE_S)
+
+    def _abort(self, ticket: MoveTicket, size: int) -> None:
+        with self.cond:
+            if size:
+                self.index.release(ticket.dst, size)
+            self.index.abort_move(ticket)
+            self.cond.notify_all()
+
+    def _drop(self, ticket: MoveTicket, reason: EvictionReason | None) -> None:
+        """The source bytes are gone or corrupt: the page leaves the cache (never served)."""
+        with self.cond:
+            rec = self.index.get(ticket.page)
+            if rec is None or rec.version != ticket.version:
+                return
+            self.index.remove(ticket.page)
+            backend = self.memory[ticket.src]
+            if backend is not None:
+                backend.pop(ticket.page)
+            if reason is not None:
+                self.counters[ticket.src].evictions[reason.value] += 1
+            self.cond.notify_all()
+        self.forget([ticket.page])
+
+    def evict(self, pid: PageId, tier: int, reason: EvictionReason) -> bool:
+        """Drop a resident page of ``tier`` from the cache, counted by ``reason``."""
+        with self.cond:
+            rec = self.index.get(pid)
+            if rec is None or rec.state is not PageState.RESIDENT or rec.tier != tier:
+                return False
+            self.index.remove(pid)
+            backend = self.memory[tier]
+            if backend is not None:
+                backend.pop(pid)
+            self.counters[tier].evictions[reason.value] += 1
+            self.cond.notify_all()
+        if tier == self.redis_tier:
+            self._redis_delete_quietly([pid])
+        self.forget([pid])
+        return True
+
+    def drop_corrupt(self, pid: PageId, tier: int) -> None:
+        """A read found the stored blob corrupt: evict it so it is never served."""
+        if not self.evict(pid, tier, EvictionReason.CORRUPT):
+            log.warning("corrupt page seen mid-move in tier %s", self.names[tier])
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def read(self, pid: PageId) -> tuple[Stored, int, Precision] | None:
+        """The stored form of a page, its tier and precision; None for a miss.
+
+        Memory tiers hand out their reference under the lock. A Redis page is fetched outside
+        it; if the key is gone because a move committed meanwhile, the read retries against
+        the index; if it is gone for good (deleted by another daemon), the page is forgotten.
+        """
+        for _ in range(4):
+            with self.cond:
+                rec = self.index.get(pid)
+                if rec is None or rec.state is PageState.PLACING:
+                    return None
+                tier, prec, version = rec.tier, rec.precision, rec.version
+                backend = self.memory[tier]
+                if backend is not None:
+                    data = backend.get(pid)
+                    return (data, tier, prec) if data is not None else None
+            if self.redis is None or not self.redis.up:
+                return None
+            try:
+                got = self.redis.read(pid)
+            except BackendUnavailable:
+                return None
+            if got is not None:
+                return got[0], tier, min(prec, got[1].precision)
+            with self.cond:
+                rec = self.index.get(pid)
+                if rec is not None and rec.version == version and rec.tier == tier:
+                    if rec.state is PageState.RESIDENT:
+                        self.index.remove(pid)
+                        self.cond.notify_all()
+                        return None
+        return None
+
+    def discover(self, pids: Sequence[PageId], now: float) -> None:
+        """Add pages other daemons put in the shared Redis tier to this index."""
+        if self.redis is None or self.redis_tier is None or not self.redis.up or not pids:
+            return
+        try:
+            metas = self.redis.metas(pids)
+        except BackendUnavailable:
+            return
+        with self.cond:
+            for pid, meta in zip(pids, metas, strict=True):
+                if meta is not None:
+                    self.index.add_resident(pid, self.redis_tier, meta.nbytes,
+                                            meta.stored_bytes, meta.precision,
+                                            meta.chain_position, now)
+
+    def resync_remote(self) -> int:
+        """Rebuild the Redis tier's index by SCAN; forget entries whose key vanished.
+
+        Returns the number of pages added. Entries committed after the scan started are kept.
+        """
+        if self.redis is None or self.redis_tier is None or not self.redis.up:
+            return 0
+        t = self.redis_tier
+        with self.cond:
+            start_version = self.index.version
+        seen: set[PageId] = set()
+        added = 0
+        now = time.time()
+        try:
+            for pid, meta in self.redis.scan():
+                seen.add(pid)
+                with self.cond:
+                    added += self.index.add_resident(pid, t, meta.nbytes, meta.stored_bytes,
+                                                     meta.precision, meta.chain_position, now)
+        except BackendUnavailable:
+            return added
+        lost = []
+        with self.cond:
+            for pid in self.index.pages_in(t):
+                rec = self.index.get(pid)
+                if (rec is not None and pid not in seen and rec.version < start_version
+                        and rec.state is PageState.RESIDENT):
+                    self.index.remove(pid)
+                    self.counters[t].evictions[EvictionReason.REMOTE_DOWN.value] += 1
+                    lost.append(pid)
+        self.forget(lost)
+        return added
+
+    # -- deleting -----------------------------------------------------------------------------
+
+    def delete(self, pids: Sequence[PageId]) -> int:
+        """Remove pages from every tier (Redis too, even if this index did not know them)."""
+        removed: list[PageId] = []
+        with self.cond:
+            for pid in pids:
+                rec = self.index.remove(pid)
+                if rec is None:
+                    continue
+                if rec.state is not PageState.PLACING:
+                    backend = self.memory[rec.tier]
+                    if backend is not None:
+                        backend.pop(pid)
+                    self.counters[rec.tier].evictions[EvictionReason.DELETED.value] += 1
+                removed.append(pid)
+            self.cond.notify_all()
+        known = set(removed)
+        extra = 0
+        if self.redis is not None and self.redis.up:
+            unknown = [p for p in pids if p not in known]
+            try:
+                self.redis.delete([p for p in pids if p in known])
+                extra = self.redis.delete(unknown)
+            except BackendUnavailable:
+                pass
+        self.forget(removed)
+        return len(removed) + extra
+
+    # -- the mover's work ---------------------------------------------------------------------
+
+    def rebalance(self, tier: int) -> int:
+        """If ``tier`` is past its high watermark, push victims down to its low watermark."""
+        with self.cond:
+            lim = self.limits[tier]
+            if self.index.used(tier) + self.index.reserved(tier) <= lim.high_bytes:
+                return 0
+            candidates = self.index.resident_metas(tier, self.names)
+        if not self.tier_up(tier) or (tier != self.last and not self.tier_up(tier + 1)):
+            return 0  # wait here for Redis, up to the hard limit (see push_down)
+        done = 0
+        for pid in self.victims(candidates):
+            with self.cond:
+                lim = self.limits[tier]
+                if self.index.used(tier) + self.index.reserved(tier) <= lim.low_bytes:
+                    break
+            if tier == self.last:
+                done += self.evict(pid, tier, EvictionReason.CAPACITY)
+                continue
+            result = self.move(pid, tier + 1)
+            if result is MoveResult.DOWN:
+                break
+            done += result is MoveResult.MOVED
+        return done
+
+    # -- stats --------------------------------------------------------------------------------
+
+    def tier_stats(self, tier: int) -> TierStats:
+        """Snapshot of one tier; call with ``cond`` held."""
+        spec, lim, c = self.specs[tier], self.limits[tier], self.counters[tier]
+        return TierStats(
+            name=spec.name, medium=spec.medium.value, codec=spec.codec.value,
+            capacity_bytes=lim.capacity_bytes, high_watermark=lim.high_watermark,
+            low_watermark=lim.low_watermark, pages=self.index.page_count(tier),
+            bytes=self.index.used(tier), hits=c.hits, misses=c.misses, demotions=c.demotions,
+            promotions=c.promotions, evictions=dict(c.evictions), up=self.tier_up(tier),
+        )
+
+    # -- redis plumbing -----------------------------------------------------------------------
+
+    def _redis(self) -> RedisTier:
+        if self.redis is None:
+            raise BackendUnavailable("no redis tier is configured", field="redis")
+        return self.redis
+
+    def _redis_delete_quietly(self, pids: list[PageId]) -> None:
+        if self.redis is None or not self.redis.up:
+            return
+        try:
+            self.redis.delete(pids)
+        except BackendUnavailable:
+            pass
+
+    def _cleanup_redis(self, pid: PageId) -> None:
+        """Drop a Redis copy whose move did not commit, unless the page now lives there."""
+        with self.cond:
+            rec = self.index.get(pid)
+            keep = rec is not None and (rec.tier == self.redis_tier
+                                        or rec.move_to == self.redis_tier)
+        if not keep:
+            self._redis_delete_quietly([pid])
+
+
+def assert_blob(data: Stored) -> bytes:
+    """Narrow a stored form to a blob; a tensor here is a programming error (always checked)."""
+    if isinstance(data, Page):
+        raise CorruptPage("a tensor page reached a blob-only tier", field="page")
+    return data

@@ -1,0 +1,359 @@
+"""TierStore: the public face of the tiered page store (what transport, admin and daemon call).
+
+Thread-safe; async callers use ``asyncio.to_thread``. Every call names its namespace; keys are
+validated with :mod:`kvtier.pages` and bad input raises :class:`~kvtier.errors.InvalidArgument`
+(or a subclass) naming the field. A miss is a normal answer (``None``), not an error. Every
+access is queued for the policy and delivered by the mover thread, off the data path.
+
+Semantics worth knowing:
+
+- ``put`` places into the first tier the policy admits (default: the hot tier), making room
+  synchronously if that tier is at its hard capacity; a page larger than that whole tier is
+  CapacityExhausted. Puts are idempotent per key: an existing key answers EXISTS, unchanged.
+- ``get`` returns a private host copy: bit-exact from a ``none`` tier, decoded elsewhere, with
+  the lowest precision the page has passed through. It does not move the page.
+- ``get``/``put`` stamp recency and count; ``promote`` stamps recency only (it announces a use,
+  it is not one); ``lookup`` stamps nothing.
+- Without a Redis url the Redis tier is left out of the stack (``tier_names`` shows it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+
+from kvtier.config import Settings
+from kvtier.errors import CorruptPage, InvalidArgument, UnknownTier
+from kvtier.pages import check_key, check_keys, check_namespace, dtype_name, make_page
+from kvtier.store.access_log import AccessLog
+from kvtier.store.engine import MoveResult, TierEngine
+from kvtier.store.mover import Mover
+from kvtier.store.policy import AccessEvent, AccessKind, LRUPolicy, PageMeta, Policy
+from kvtier.store.results import GetResult, LookupResult, PageInfo, PutOutcome, RawResult
+from kvtier.store.stats import StoreStats, TierStats
+from kvtier.store.tiers import Stored
+from kvtier.types import Medium, Page, PageId, Precision
+
+log = logging.getLogger(__name__)
+
+
+class TierStore:
+    """The tiered page store. See the module docstring for the contract."""
+
+    def __init__(self, settings: Settings, policy: Policy | None = None) -> None:
+        self.settings = settings
+        self._engine = TierEngine(settings, policy or LRUPolicy())
+        self._events = AccessLog(settings.policy.queue_size)
+        self._mover: Mover | None = None
+        self._gets = self._get_hits = self._puts = self._puts_stored = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self, *, mover: bool = True) -> None:
+        """Connect Redis (rebuilding the remote tier's index) and start the mover thread."""
+        redis = self._engine.redis
+        if redis is not None and redis.probe(force=True):
+            added = self._engine.resync_remote()
+            log.info("attached to redis tier: %d pages indexed", added)
+        if mover and self._mover is None:
+            self._mover = Mover(self.rebalance, self.settings.mover_interval_s)
+            self._mover.start()
+
+    def close(self, drain: bool = False) -> None:
+        """Stop the mover; with ``drain`` first write memory-tier pages to the Redis tier."""
+        if self._mover is not None:
+            self._mover.stop()
+            self._mover = None
+        if drain:
+            self.drain()
+        if self._engine.redis is not None:
+            self._engine.redis.close()
+
+    @property
+    def tier_names(self) -> tuple[str, ...]:
+        return self._engine.names
+
+    @property
+    def policy(self) -> Policy:
+        return self._engine.policy
+
+    def set_policy(self, policy: Policy) -> None:
+        self._engine.policy = policy
+
+    @property
+    def redis_up(self) -> bool:
+        redis = self._engine.redis
+        return redis is None or redis.up
+
+    # -- data path ----------------------------------------------------------------------------
+
+    def put(self, namespace: str, items: Sequence[tuple[bytes, Page]],
+            chain_positions: Sequence[int] | None = None) -> list[PutOutcome]:
+        """Store pages; per key STORED or EXISTS. ``chain_positions`` default to 0, 1, 2, ..."""
+        s = self.settings
+        pids = check_keys(namespace, [k for k, _ in items], s.max_key_bytes, s.max_batch)
+        if chain_positions is not None and len(chain_positions) != len(items):
+            raise InvalidArgument(
+                f"{len(chain_positions)} chain positions for {len(items)} pages",
+                field="chain_positions")
+        chains = list(chain_positions) if chain_positions is not None else list(range(len(items)))
+        if any(c < 0 for c in chains):
+            raise InvalidArgument("chain positions must be >= 0", field="chain_positions")
+        pages = []
+        for _, page in items:
+            if not isinstance(page, Page):
+                raise InvalidArgument(f"expected a Page, got {type(page).__name__}", field="page")
+            pages.append(make_page(page.k, page.v, page.start_position,
+                                   max_page_bytes=s.max_page_bytes, allow_nonfinite=True))
+        e = self._engine
+        out = []
+        now = time.time()
+        for pid, page, chain in zip(pids, pages, chains, strict=True):
+            stored = e.place(pid, page, self._placement(pid, page, chain), chain, time.time())
+            out.append(PutOutcome.STORED if stored else PutOutcome.EXISTS)
+        with e.cond:
+            self._puts += len(out)
+            self._puts_stored += sum(o is PutOutcome.STORED for o in out)
+            events = [
+                AccessEvent(pid, e.index.next_seq(), now, AccessKind.PUT,
+                            e.names[t] if (t := e.index.visible_tier(pid)) is not None else None,
+                            page.nbytes, chain)
+                for pid, page, chain in zip(pids, pages, chains, strict=True)
+            ]
+            hot_full = e.index.used(0) + e.index.reserved(0) > e.limits[0].high_bytes
+        self._events.extend(events)
+        if hot_full and self._mover is not None:
+            self._mover.wake()
+        return out
+
+    def _placement(self, pid: PageId, page: Page, chain: int) -> int:
+        """The first memory tier the policy admits a new page into (the last one otherwise)."""
+        e = self._engine
+        memory_tiers = [i for i, spec in enumerate(e.specs) if spec.medium is not Medium.REDIS]
+        for i in memory_tiers[:-1]:
+            meta = PageMeta(pid, e.names[i], i, page.nbytes, 0, 0, time.time(), 0, chain)
+            try:
+                if e.policy.admit(meta, e.names[i]):
+                    return i
+            except Exception:
+                log.exception("policy %s failed in admit(); admitting", e.policy.name)
+                return i
+        return memory_tiers[-1]
+
+    def get(self, namespace: str, keys: Sequence[bytes]) -> list[GetResult | None]:
+        """Each page on the host from whatever tier holds it, or None for a miss."""
+        found = self._read(namespace, keys, AccessKind.GET)
+        out: list[GetResult | None] = []
+        for item in found:
+            if item is None:
+                out.append(None)
+                continue
+            page, tier, precision = item
+            out.append(GetResult(page, self._engine.names[tier], precision))
+        return out
+
+    def get_raw(self, namespace: str, keys: Sequence[bytes]) -> list[RawResult | None]:
+        """Like :meth:`get` as raw bytes; host-memory hot pages are served without a copy."""
+        found = self._read(namespace, keys, AccessKind.GET, copy_tensors=False)
+        out: list[RawResult | None] = []
+        for item in found:
+            if item is None:
+                out.append(None)
+                continue
+            page, tier, precision = item
+            out.append(RawResult(
+                dtype=dtype_name(page.k.dtype), shape=page.shape,
+                start_position=page.start_position, k=_bytes_view(page.k),
+                v=_bytes_view(page.v), tier=self._engine.names[tier], precision=precision))
+        return out
+
+    def _read(self, namespace: str, keys: Sequence[bytes], kind: AccessKind,
+              copy_tensors: bool = True) -> list[tuple[Page, int, Precision] | None]:
+        s, e = self.settings, self._engine
+        pids = check_keys(namespace, keys, s.max_key_bytes, s.max_batch)
+        self._discover(pids)
+        out: list[tuple[Page, int, Precision] | None] = []
+        for pid in pids:
+            got = e.read(pid)
+            if got is None:
+                out.append(None)
+                continue
+            data, tier, precision = got
+            try:
+                page = self._to_page(data, copy_tensors)
+            except CorruptPage:
+                e.drop_corrupt(pid, tier)
+                out.append(None)
+                continue
+            out.append((page, tier, precision))
+        now = time.time()
+        events = []
+        with e.cond:
+            self._gets += len(pids)
+            for i, (pid, item) in enumerate(zip(pids, out, strict=True)):
+                hit = None if item is None else item[1]
+                for t in range(len(e.specs) if hit is None else hit):
+                    e.counters[t].misses += 1
+                if hit is not None:
+                    e.counters[hit].hits += 1
+                    self._get_hits += 1
+                    e.index.touch(pid, now, count=True)
+                nbytes = 0 if item is None else item[0].nbytes
+                events.append(AccessEvent(pid, e.index.next_seq(), now, kind,
+                                          None if hit is None else e.names[hit], nbytes, i))
+        self._events.extend(events)
+        return out
+
+    def _to_page(self, data: Stored, copy_tensors: bool) -> Page:
+        if isinstance(data, Page) and not copy_tensors and data.k.device.type == "cpu":
+            return data
+        return self._engine.converter.to_host(data)
+
+    def _discover(self, pids: list[PageId]) -> None:
+        e = self._engine
+        if e.redis is None or not e.redis.up:
+            return
+        with e.cond:
+            unknown = [p for p in pids if e.index.get(p) is None]
+        e.discover(unknown, time.time())
+
+    def lookup(self, namespace: str, keys: Sequence[bytes]) -> LookupResult:
+        """Which tier holds each key (None = absent or unreachable) and the present prefix."""
+        s, e = self.settings, self._engine
+        pids = check_keys(namespace, keys, s.max_key_bytes, s.max_batch)
+        self._discover(pids)
+        now = time.time()
+        with e.cond:
+            idx = [e.index.visible_tier(p) for p in pids]
+            tiers = [None if t is None or not e.tier_up(t) else e.names[t] for t in idx]
+            events = [AccessEvent(p, e.index.next_seq(), now, AccessKind.LOOKUP, t, 0, i)
+                      for i, (p, t) in enumerate(zip(pids, tiers, strict=True))]
+        self._events.extend(events)
+        prefix = 0
+        while prefix < len(tiers) and tiers[prefix] is not None:
+            prefix += 1
+        return LookupResult(prefix_length=prefix, tiers=tiers)
+
+    def promote(self, namespace: str, keys: Sequence[bytes], tier: str) -> list[bool]:
+        """Move pages up to ``tier`` (decoding; precision stays). True if now at/above it."""
+        return self._relocate(namespace, keys, tier, upward=True)
+
+    def demote(self, namespace: str, keys: Sequence[bytes], tier: str) -> list[bool]:
+        """Admin: move pages down to ``tier``. True if now there; False if absent or below."""
+        return self._relocate(namespace, keys, tier, upward=False)
+
+    def _relocate(self, namespace: str, keys: Sequence[bytes], tier: str,
+                  *, upward: bool) -> list[bool]:
+        s, e = self.settings, self._engine
+        target = self._tier_index(tier)
+        pids = check_keys(namespace, keys, s.max_key_bytes, s.max_batch)
+        self._discover(pids)
+        out = [e.relocate(pid, target, upward=upward) for pid in pids]
+        if upward:
+            now = time.time()
+            with e.cond:
+                events = []
+                for i, (pid, ok) in enumerate(zip(pids, out, strict=True)):
+                    seq = e.index.touch(pid, now, count=False) if ok else None
+                    if seq is not None:
+                        events.append(AccessEvent(pid, seq, now, AccessKind.PROMOTE,
+                                                  e.names[target], 0, i))
+            self._events.extend(events)
+        return out
+
+    def delete(self, namespace: str, keys: Sequence[bytes]) -> int:
+        """Remove pages from every tier; the number removed."""
+        s = self.settings
+        return self._engine.delete(check_keys(namespace, keys, s.max_key_bytes, s.max_batch))
+
+    # -- admin --------------------------------------------------------------------------------
+
+    def page_info(self, namespace: str, key: bytes) -> PageInfo | None:
+        e = self._engine
+        pid = PageId(check_namespace(namespace), check_key(key, self.settings.max_key_bytes))
+        with e.cond:
+            rec = e.index.get(pid)
+            meta = e.index.meta(pid, e.names)
+            if rec is None or meta is None:
+                return None
+            info = (rec.state.value, rec.precision, rec.nbytes, rec.stored_bytes)
+        try:
+            score = float(e.policy.score([meta])[0])
+        except Exception:
+            score = float("nan")
+        return PageInfo(page=pid, tier=meta.tier, state=info[0], precision=info[1],
+                        nbytes=info[2], stored_bytes=info[3], last_access_time=meta.last_time,
+                        access_count=meta.access_count, chain_position=meta.chain_position,
+                        score=score)
+
+    def stats(self) -> StoreStats:
+        e = self._engine
+        with e.cond:
+            tiers = tuple(e.tier_stats(t) for t in range(len(e.specs)))
+            totals = (self._gets, self._get_hits, self._puts, self._puts_stored)
+        try:
+            policy_status = e.policy.status()
+        except Exception:
+            policy_status = LRUPolicy().status()
+        return StoreStats(
+            tiers=tiers, redis_up=self.redis_up, codec_seconds=e.clock.snapshot(),
+            policy=policy_status, gets=totals[0], get_hits=totals[1],
+            get_misses=totals[0] - totals[1], puts=totals[2], puts_stored=totals[3],
+            access_events_dropped=self._events.dropped)
+
+    def set_tier_limits(self, name: str, capacity_bytes: int | None = None,
+                        high_watermark: float | None = None,
+                        low_watermark: float | None = None) -> TierStats:
+        """Change a tier's capacity or watermarks; a shrink pushes pages down right away."""
+        e = self._engine
+        t = self._tier_index(name)
+        with e.cond:
+            e.limits[t] = e.limits[t].replace(capacity_bytes, high_watermark, low_watermark)
+        e.make_room(t, 0)
+        e.rebalance(t)
+        with e.cond:
+            return e.tier_stats(t)
+
+    def drain(self) -> int:
+        """Write every memory-tier page to the Redis tier; the number written."""
+        e = self._engine
+        if e.redis_tier is None or not self.redis_up:
+            return 0
+        moved = 0
+        for t in range(e.redis_tier):
+            with e.cond:
+                pids = e.index.pages_in(t)
+            for pid in pids:
+                moved += e.move(pid, e.redis_tier) is MoveResult.MOVED
+        return moved
+
+    def rebalance(self) -> None:
+        """One mover pass: deliver access events, probe Redis, demote past high watermarks."""
+        e = self._engine
+        events = self._events.drain()
+        if events:
+            try:
+                e.policy.record(events)
+            except Exception:
+                log.exception("policy %s failed in record()", e.policy.name)
+        if e.redis is not None and not e.redis.up and e.redis.probe():
+            e.resync_remote()
+        for t in range(len(e.specs)):
+            e.rebalance(t)
+
+    def _tier_index(self, name: str) -> int:
+        try:
+            return self._engine.names.index(name)
+        except ValueError:
+            raise UnknownTier(
+                f"unknown tier {name!r}; tiers are {', '.join(self._engine.names)}",
+                field="tier") from None
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    """A read-only byte view of a contiguous host tensor, sharing its storage."""
+    flat = t.contiguous().reshape(-1).view(torch.uint8)
+    return flat.numpy().data.toreadonly()

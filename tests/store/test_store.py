@@ -1,0 +1,161 @@
+"""TierStore basics: put/get/get_raw/lookup/delete, validation, limits, stats, the mover thread."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvtier.errors import CapacityExhausted, InvalidArgument, PageTooLarge, UnknownTier
+from kvtier.store.results import PutOutcome
+from kvtier.types import Codec, Medium, Page, Precision
+
+from .helpers import PAGE_BYTES, StoreFactory, key, make_page, make_settings, tier, wait_until
+
+NS = "tenant-a"
+
+
+def small_stack(hot_pages: int = 8, high: float = 0.9, low: float = 0.5) -> list:  # type: ignore[type-arg]
+    return [
+        tier("hot", Medium.DEVICE, Codec.NONE, hot_pages * PAGE_BYTES, high=high, low=low),
+        tier("warm", Medium.HOST, Codec.INT8, 64 * PAGE_BYTES),
+        tier("cold", Medium.HOST, Codec.INT4, 64 * PAGE_BYTES),
+    ]
+
+
+def test_put_get_is_bit_exact_private_and_idempotent(make_store: StoreFactory) -> None:
+    store = make_store(make_settings(small_stack()))
+    assert store.tier_names == ("hot", "warm", "cold")  # no redis url: no remote tier
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        page = make_page(1, dtype=dtype)
+        name = str(dtype).encode()
+        original = page.k.clone(), page.v.clone()
+        assert store.put(NS, [(name, page)]) == [PutOutcome.STORED]
+        page.k.fill_(0)  # the store keeps its own copy
+        assert store.put(NS, [(name, make_page(2, dtype=dtype))]) == [PutOutcome.EXISTS]
+        got = store.get(NS, [name])[0]
+        assert got is not None and got.tier == "hot" and got.precision is Precision.FULL
+        assert got.page.k.dtype == dtype and got.page.start_position == page.start_position
+        assert torch.equal(got.page.k, original[0]) and torch.equal(got.page.v, original[1])
+        got.page.v.fill_(0)  # and hands out copies
+        again = store.get(NS, [name])[0]
+        assert again is not None and torch.equal(again.page.v, original[1])
+
+
+def test_namespaces_are_isolated(make_store: StoreFactory) -> None:
+    store = make_store(make_settings(small_stack()))
+    store.put("a", [(key(1), make_page(1))])
+    assert store.get("b", [key(1)]) == [None]
+    assert store.lookup("b", [key(1)]).tiers == [None]
+    assert store.delete("b", [key(1)]) == 0
+    assert store.get("a", [key(1)])[0] is not None
+
+
+def test_get_raw_serves_hot_pages_without_a_copy(make_store: StoreFactory) -> None:
+    store = make_store(make_settings(small_stack()))
+    page = make_page(3, dtype=torch.bfloat16)
+    store.put(NS, [(key(0), page), (key(1), make_page(4))])
+    store.demote(NS, [key(1)], "cold")
+    raw = store.get_raw(NS, [key(0), key(1), key(9)])
+    r0, r1 = raw[0], raw[1]
+    assert r0 is not None and r1 is not None and raw[2] is None
+    assert (r0.dtype, r0.shape, r0.tier) == ("bfloat16", page.shape, "hot")
+    assert bytes(r0.k) == page.k.view(torch.uint8).numpy().tobytes()
+    assert bytes(r0.v) == page.v.view(torch.uint8).numpy().tobytes()
+    assert r0.k.readonly
+    assert (r1.tier, r1.precision, r1.dtype) == ("cold", Precision.INT4, "float16")
+    assert len(r1.k) == len(r1.v) == PAGE_BYTES // 2
+    if not torch.cuda.is_available():  # host hot tier: a view of the stored tensor itself
+        stored = store._engine.memory[0].get(store._engine.index.pages_in(0)[0])  # noqa: SLF001
+        assert isinstance(stored, Page)
+        assert r0.k.obj is not None
+
+
+def test_lookup_prefix_and_delete(make_store: StoreFactory) -> None:
+    store = make_store(make_settings(small_stack()))
+    store.put(NS, [(key(i), make_page(i)) for i in range(4)])
+    store.demote(NS, [key(2)], "warm")
+    res = store.lookup(NS, [key(0), key(1), key(2), key(3), key(7)])
+    assert res.prefix_length == 4 and res.tiers == ["hot", "hot", "warm", "hot", None]
+    assert store.delete(NS, [key(1), key(2), key(1), key(9)]) == 2
+    res = store.lookup(NS, [key(0), key(1), key(2), key(3)])
+    assert res.prefix_length == 1 and res.tiers == ["hot", None, None, "hot"]
+    st = {t.name: t for t in store.stats().tiers}
+    assert st["hot"].evictions["deleted"] == 1 and st["warm"].evictions["deleted"] == 1
+    assert (st["hot"].pages, st["warm"].pages, st["warm"].bytes) == (2, 0, 0)
+
+
+def test_bad_input_names_the_field(make_store: StoreFactory) -> None:
+    store = make_store(make_settings(small_stack(hot_pages=2), max_page_bytes=4 * PAGE_BYTES))
+    with pytest.raises(InvalidArgument, match="keys"):
+        store.get(NS, [])
+    with pytest.raises(InvalidArgument, match="key"):
+        store.get(NS, [b""])
+    with pytest.raises(InvalidArgument, match="namespace"):
+        store.get("bad ns!", [key(0)])
+    with pytest.raises(UnknownTier, match="tier: unknown tier 'lukewarm'"):
+        store.promote(NS, [key(0)], "lukewarm")
+    with pytest.raises(InvalidArgument, match="chain_positions"):
+        store.put(NS, [(key(0), make_page(0))], chain_positions=[0, 1])
+    with pytest.raises(InvalidArgument, match="page"):
+        store.put(NS, [(key(0), "not a page")])  # type: ignore[list-item]
+    mismatched = Page(k=make_page(0).k, v=make_page(0, shape=(1, 4, 1, 8)).v, start_position=0)
+    with pytest.raises(InvalidArgument, match="v.shape"):
+        store.put(NS, [(key(0), mismatched)])
+    with pytest.raises(PageTooLarge, match="page"):
+        store.put(NS, [(key(0), make_page(0, shape=(1, 64, 1, 8)))])
+    # 3 x 256 bytes: allowed by max_page_bytes but larger than the whole hot tier
+    with pytest.raises(CapacityExhausted, match="page"):
+        store.put(NS, [(key(0), make_page(0, shape=(1, 24, 1, 8)))])
+    assert store.lookup(NS, [key(0)]).tiers == [None]
+    assert store.stats().tiers[0].bytes == 0
+
+
+def test_set_tier_limits_validates_and_shrinks_at_once(make_store: StoreFactory) -> None:
+    store = make_store(make_settings(small_stack(hot_pages=8)))
+    store.put(NS, [(key(i), make_page(i)) for i in range(6)])
+    with pytest.raises(UnknownTier):
+        store.set_tier_limits("nope", capacity_bytes=1)
+    with pytest.raises(InvalidArgument, match="low_watermark"):
+        store.set_tier_limits("hot", low_watermark=0.95)
+    with pytest.raises(InvalidArgument, match="capacity_bytes"):
+        store.set_tier_limits("hot", capacity_bytes=0)
+    st = store.set_tier_limits("hot", capacity_bytes=4 * PAGE_BYTES, high_watermark=0.8,
+                               low_watermark=0.5)
+    assert (st.capacity_bytes, st.high_watermark, st.low_watermark) == (4 * PAGE_BYTES, 0.8, 0.5)
+    assert st.pages == 2 and st.bytes == 2 * PAGE_BYTES
+    assert store.lookup(NS, [key(i) for i in range(6)]).tiers == [
+        "warm", "warm", "warm", "warm", "hot", "hot"]
+
+
+def test_stats_count_hits_misses_and_codec_time(make_store: StoreFactory) -> None:
+    store = make_store(make_settings(small_stack()))
+    store.put(NS, [(key(0), make_page(0)), (key(1), make_page(1))])
+    store.demote(NS, [key(1)], "cold")
+    store.get(NS, [key(0), key(1), key(5)])
+    st = store.stats()
+    hot, warm, cold = st.tiers
+    assert (hot.hits, hot.misses) == (1, 2)
+    assert (warm.hits, warm.misses) == (0, 2)
+    assert (cold.hits, cold.misses) == (1, 1)
+    assert (st.gets, st.get_hits, st.get_misses, st.puts, st.puts_stored) == (3, 2, 1, 2, 2)
+    assert hot.demotions == 1 and cold.medium == "host" and cold.codec == "int4"
+    secs, count = st.codec_seconds[("encode", "int4")]
+    assert count == 1 and secs > 0
+    assert st.codec_seconds[("decode", "int4")][1] == 1
+    assert st.policy.name == "lru" and st.redis_up
+    info = store.page_info(NS, key(0))
+    assert info is not None and info.access_count == 2 and info.chain_position == 0
+    assert info.stored_bytes == PAGE_BYTES and not math.isnan(info.score)
+    assert store.page_info(NS, key(7)) is None
+
+
+def test_mover_thread_demotes_past_the_high_watermark(make_store: StoreFactory) -> None:
+    store = make_store(make_settings(small_stack(hot_pages=10, high=0.7, low=0.3)), start=True)
+    store.put(NS, [(key(i), make_page(i)) for i in range(8)])
+    wait_until(lambda: store.stats().tiers[0].pages == 3, what="mover to reach low watermark")
+    tiers = store.lookup(NS, [key(i) for i in range(8)]).tiers
+    assert tiers == ["warm"] * 5 + ["hot"] * 3
+    recorded = store.policy  # the policy got the access events via the mover
+    assert recorded.name == "lru"
