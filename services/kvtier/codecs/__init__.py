@@ -1,6 +1,6 @@
 """Codecs: pure functions between pages and self-describing blobs.
 
-API (what the store, transport and eval layers call):
+API (what the store, transport and eval layers call)::
 
     encode(page, codec, params)  -> bytes      page -> blob (header + payload, checksummed)
     decode(blob, device=None)    -> Decoded    blob -> page in its original dtype; raises
@@ -8,6 +8,15 @@ API (what the store, transport and eval layers call):
     transcode(blob, codec, params) -> bytes    re-encode to a lossier codec; int8 -> int4 works
                                                on the integer codes, never via floating point
     read_header(blob)            -> BlobHeader codec, dtype, shape, start position, sizes
+    warmup()                                   compile the CPU kernels now (call at start)
 
-See the submodules for the byte layouts.
+Submodules: ``blob`` (header and checksum), ``layout`` (payload sections), ``grid`` (scales
+and minima), ``pack`` (int4 and 12-bit packing), ``reference`` (pure torch, any device),
+``fused`` (numba CPU kernels), ``codec`` (the API).
 """
+
+from kvtier.codecs.blob import BlobHeader, read_header
+from kvtier.codecs.codec import Decoded, decode, encode, transcode
+from kvtier.codecs.fused import warmup
+
+__all__ = ["BlobHeader", "Decoded", "decode", "encode", "read_header", "transcode", "warmup"]

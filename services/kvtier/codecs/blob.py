@@ -1,0 +1,154 @@
+"""The blob: a fixed 64-byte header, then a payload of 8-byte aligned sections.
+
+Header (little-endian)::
+
+    offset  size  field
+         0     4  magic  b"KVTC"
+         4     1  version (1)
+         5     1  codec            0 none, 1 int8, 2 int4
+         6     1  dtype            0 float16, 1 bfloat16, 2 float32
+         7     1  precision        16/8/4: the lowest precision the page has passed through
+         8    16  layers, tokens, kv_heads, head_dim   (u32 each)
+        24     8  start_position   (u64)
+        32     4  group_size       (u32, as configured; effective sizes are derived)
+        36     4  sink_tokens      (u32: tokens 0..S-1 of the page kept in the page dtype)
+        40     2  outliers         (u16: K channels per layer and head kept in the page dtype)
+        42     6  reserved (zero)
+        48     8  payload length   (u64)
+        56     8  checksum         xxh3-64 over header bytes 0..55 and the payload
+
+Payload of a quantized blob (``T' = tokens - S`` quantized tokens, ``C' = kv_heads *
+(head_dim - outliers)`` quantized K channels per token, ``nk``/``nv`` groups)::
+
+    oidx   u16  [L, H, outliers]        outlier channel indices, ascending per (layer, head)
+    exps   i16  [L, 2]                  scale-table base exponent per layer for K and for V
+    sink   dtype[2, L, S, H, D]         K then V of the attention-sink tokens, as put
+    oraw   dtype[L, T', H, outliers]    K outlier channels, as put
+    kb     u8   [L, nk, C']             K scale codes (groups run over tokens)
+    km     m12  [L, nk, C']             K group minimum, in units of the group scale
+    vb     u8   [L, T', nv]             V scale codes (groups run over channels)
+    vm     m12  [L, T', nv]             V group minimum, in units of the group scale
+    kq     codes[L, T', C']             K codes, row per token (see ``pack``)
+    vq     codes[L, T', H*D]            V codes, row per token
+
+A ``none`` blob's payload is K then V as put. See :mod:`kvtier.codecs.grid` for what the scale
+codes and ``m12`` mean and :mod:`kvtier.codecs.pack` for the int4 and m12 byte layouts.
+The checksum covers the header too, so a flipped bit anywhere is caught.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import xxhash
+
+from kvtier.errors import CorruptPage
+from kvtier.types import Codec, Precision
+
+MAGIC = b"KVTC"
+VERSION = 1
+HEADER = struct.Struct("<4sBBBBIIIIQIIH6xQQ")
+HEADER_SIZE = HEADER.size
+_SUMMED = HEADER_SIZE - 8
+assert HEADER_SIZE == 64
+
+CODEC_IDS: dict[Codec, int] = {Codec.NONE: 0, Codec.INT8: 1, Codec.INT4: 2}
+DTYPE_IDS: dict[str, int] = {"float16": 0, "bfloat16": 1, "float32": 2}
+DTYPE_SIZES: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4}
+_CODECS = {v: k for k, v in CODEC_IDS.items()}
+_DTYPES = {v: k for k, v in DTYPE_IDS.items()}
+_LIMIT = 1 << 31  # no dimension of a real page comes near this; beyond it a header is corrupt
+
+
+@dataclass(frozen=True, slots=True)
+class BlobHeader:
+    """What a blob says about itself, read without touching the payload."""
+
+    codec: Codec
+    dtype: str
+    shape: tuple[int, int, int, int]
+    start_position: int
+    precision: Precision
+    nbytes: int  # the whole blob
+    group_size: int
+    sink_tokens: int
+    outliers: int
+    payload_nbytes: int
+    checksum: int
+
+    @property
+    def page_nbytes(self) -> int:
+        """Bytes of the decoded page (K and V)."""
+        L, T, H, D = self.shape
+        return 2 * L * T * H * D * DTYPE_SIZES[self.dtype]
+
+
+def checksum(head: bytes | memoryview, payload: bytes | memoryview) -> int:
+    """xxh3-64 of the first 56 header bytes, chained into the payload's hash by seed."""
+    return int(xxhash.xxh3_64_intdigest(payload, seed=xxhash.xxh3_64_intdigest(head)))
+
+
+def pack_header(h: BlobHeader) -> bytearray:
+    """The 64 header bytes with the checksum field as given in ``h``."""
+    L, T, H, D = h.shape
+    return bytearray(
+        HEADER.pack(
+            MAGIC, VERSION, CODEC_IDS[h.codec], DTYPE_IDS[h.dtype], int(h.precision),
+            L, T, H, D, h.start_position, h.group_size, h.sink_tokens, h.outliers,
+            h.payload_nbytes, h.checksum,
+        )
+    )
+
+
+def seal(buf: bytearray) -> bytes:
+    """Fill in the checksum of a header+payload buffer (header packed at offset 0)."""
+    mv = memoryview(buf)
+    struct.pack_into("<Q", buf, _SUMMED, checksum(mv[:_SUMMED], mv[HEADER_SIZE:]))
+    mv.release()
+    return bytes(buf)
+
+
+def read_header(blob: bytes | bytearray | memoryview) -> BlobHeader:
+    """Parse and sanity-check the header; raises CorruptPage. Does not verify the checksum."""
+    n = len(blob)
+    if n < HEADER_SIZE:
+        raise CorruptPage(f"blob is {n} bytes, shorter than the {HEADER_SIZE}-byte header",
+                          field="blob")
+    (magic, version, codec_id, dtype_id, prec, L, T, H, D, start, group, sinks, outliers,
+     payload_len, csum) = HEADER.unpack_from(blob, 0)
+    if magic != MAGIC:
+        raise CorruptPage(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}", field="blob.magic")
+    if version != VERSION:
+        raise CorruptPage(f"unknown blob version {version}", field="blob.version")
+    codec = _CODECS.get(codec_id)
+    dtype = _DTYPES.get(dtype_id)
+    if codec is None:
+        raise CorruptPage(f"unknown codec id {codec_id}", field="blob.codec")
+    if dtype is None:
+        raise CorruptPage(f"unknown dtype id {dtype_id}", field="blob.dtype")
+    if prec not in (4, 8, 16) or prec > codec.bits:
+        raise CorruptPage(f"precision {prec} impossible for codec {codec.value}",
+                          field="blob.precision")
+    if not all(0 < x < _LIMIT for x in (L, T, H, D)) or sinks > T or outliers > D:
+        raise CorruptPage(f"impossible geometry {[L, T, H, D]}, sinks {sinks}, outliers "
+                          f"{outliers}", field="blob.shape")
+    if payload_len != n - HEADER_SIZE:
+        raise CorruptPage(f"header says {payload_len} payload bytes, blob holds "
+                          f"{n - HEADER_SIZE}", field="blob.length")
+    return BlobHeader(
+        codec=codec, dtype=dtype, shape=(L, T, H, D), start_position=start,
+        precision=Precision(prec), nbytes=n, group_size=group, sink_tokens=sinks,
+        outliers=outliers, payload_nbytes=payload_len, checksum=csum,
+    )
+
+
+def verify(blob: bytes | bytearray | memoryview) -> BlobHeader:
+    """read_header plus the checksum over header and payload; raises CorruptPage."""
+    h = read_header(blob)
+    mv = memoryview(blob)
+    got = checksum(mv[:_SUMMED], mv[HEADER_SIZE:])
+    if got != h.checksum:
+        raise CorruptPage(f"checksum mismatch (stored {h.checksum:#018x}, computed "
+                          f"{got:#018x})", field="blob.checksum")
+    return h

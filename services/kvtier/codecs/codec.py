@@ -1,0 +1,161 @@
+"""encode / decode / transcode: the codec API the store, transport and eval layers call.
+
+Pure functions of their arguments, safe to call from many threads at once. CPU pages go
+through the fused numba kernels of :mod:`kvtier.codecs.fused`; pages on an accelerator go
+through the pure-torch code of :mod:`kvtier.codecs.reference` on the device, which is also the
+oracle the kernels are tested against. Both produce the same bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from kvtier.codecs import blob as blobfmt
+from kvtier.codecs import fused, reference
+from kvtier.codecs.blob import HEADER_SIZE, BlobHeader, read_header, verify
+from kvtier.codecs.layout import Layout, layout_for_encode, layout_of, make_layout
+from kvtier.codecs.pack import pack_int4
+from kvtier.config import CodecConfig
+from kvtier.errors import CorruptPage, InvalidArgument
+from kvtier.pages import dtype_name
+from kvtier.types import Codec, Page, Precision
+
+log = logging.getLogger(__name__)
+
+Blob = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """A decoded page, the codec it was stored with and the lowest precision it went through."""
+
+    page: Page
+    codec: Codec
+    precision: Precision
+
+
+def _check_codec(codec: object, field: str) -> Codec:
+    if not isinstance(codec, Codec):
+        raise InvalidArgument(f"{codec!r} is not a codec; use one of "
+                              f"{', '.join(c.value for c in Codec)}", field=field)
+    return codec
+
+
+def _use_kernels(device: torch.device) -> bool:
+    return device.type == "cpu" and fused.available()
+
+
+def encode(page: Page, codec: Codec, params: CodecConfig, *,
+           precision: Precision | None = None) -> bytes:
+    """Encode ``page`` into a self-describing, checksummed blob (host bytes).
+
+    ``precision`` is the lowest precision the page already passed through (a page promoted
+    out of int4 and re-encoded with ``none`` stays INT4); the blob records the lower of it and
+    the codec's own. Page tensors may live on any device.
+    """
+    codec = _check_codec(codec, "codec")
+    if not isinstance(page, Page):
+        raise InvalidArgument(f"expected a Page, got {type(page).__name__}", field="page")
+    if not isinstance(params, CodecConfig):
+        raise InvalidArgument(f"expected CodecConfig, got {type(params).__name__}",
+                              field="params")
+    if page.k.shape != page.v.shape or page.k.dtype != page.v.dtype or page.k.dim() != 4:
+        raise InvalidArgument("k and v must share one 4-D shape and dtype", field="page")
+    if page.k.device != page.v.device:
+        raise InvalidArgument("k and v must be on one device", field="page")
+    dtype = dtype_name(page.k.dtype)
+    lay = layout_for_encode(codec, dtype, page.shape, page.start_position, params)
+    prec = Precision.of_codec(codec)
+    if precision is not None:
+        prec = min(prec, Precision(precision))
+    header = BlobHeader(
+        codec=codec, dtype=dtype, shape=page.shape, start_position=page.start_position,
+        precision=prec, nbytes=HEADER_SIZE + lay.payload_nbytes, group_size=params.group_size,
+        sink_tokens=lay.S, outliers=lay.n_out, payload_nbytes=lay.payload_nbytes, checksum=0,
+    )
+    buf = blobfmt.pack_header(header)
+    if _use_kernels(page.k.device):
+        buf.extend(bytes(lay.payload_nbytes))
+        fused.encode_into(page, lay, buf)
+    else:
+        buf.extend(reference.encode_payload(page, lay).cpu().numpy().tobytes())
+    return blobfmt.seal(buf)
+
+
+def _layout_checked(h: BlobHeader) -> Layout:
+    lay = layout_of(h)
+    if lay.payload_nbytes != h.payload_nbytes:
+        raise CorruptPage(f"payload is {h.payload_nbytes} bytes, the header's geometry needs "
+                          f"{lay.payload_nbytes}", field="blob.length")
+    return lay
+
+
+def decode(blob: Blob, device: torch.device | None = None) -> Decoded:
+    """Verify and decode a blob into a page on ``device`` (CPU by default).
+
+    Raises :class:`~kvtier.errors.CorruptPage` on a bad magic, header or checksum; a blob
+    that does not verify is never decoded, so garbage is never returned.
+    """
+    h = verify(blob)
+    lay = _layout_checked(h)
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    mv = memoryview(blob)
+    try:
+        if _use_kernels(dev):
+            k, v = fused.decode(mv, lay)
+        else:
+            payload = torch.frombuffer(bytearray(mv[HEADER_SIZE:]), dtype=torch.uint8)
+            k, v = reference.decode_payload(payload.to(dev), lay)
+    except (RuntimeError, ValueError, IndexError) as e:  # a verified blob that does not parse
+        raise CorruptPage(f"blob does not decode: {e}", field="blob") from e
+    return Decoded(Page(k=k, v=v, start_position=h.start_position), h.codec, h.precision)
+
+
+def transcode(blob: Blob, target: Codec, params: CodecConfig) -> bytes:
+    """Re-encode a blob to an equal or lossier codec.
+
+    int8 -> int4 rewrites the integer codes only (``q4 = round(q8 / 17)`` on the same grid;
+    the blob's groups, sinks and outliers are kept, ``params`` is not consulted). From
+    ``none`` the page is decoded and encoded with ``params``. The same codec returns the blob
+    unchanged. Asking for more precision than the blob holds raises InvalidArgument.
+    """
+    target = _check_codec(target, "target")
+    h = verify(blob)
+    if target.bits > h.codec.bits:
+        raise InvalidArgument(f"cannot transcode {h.codec.value} to {target.value}: "
+                              f"precision only goes down", field="target")
+    if target is h.codec:
+        return bytes(blob)
+    if h.codec is Codec.NONE:
+        page = decode(blob).page
+        return encode(page, target, params, precision=h.precision)
+    src = _layout_checked(h)
+    dst = make_layout(Codec.INT4, h.dtype, h.shape, h.sink_tokens, h.outliers, h.group_size)
+    header = BlobHeader(
+        codec=Codec.INT4, dtype=h.dtype, shape=h.shape, start_position=h.start_position,
+        precision=min(h.precision, Precision.INT4), nbytes=HEADER_SIZE + dst.payload_nbytes,
+        group_size=h.group_size, sink_tokens=h.sink_tokens, outliers=h.outliers,
+        payload_nbytes=dst.payload_nbytes, checksum=0,
+    )
+    buf = blobfmt.pack_header(header)
+    buf.extend(bytes(dst.payload_nbytes))
+    mv = memoryview(blob)
+    for name, (off, n) in src.offsets.items():
+        if name not in ("kq", "vq"):
+            doff, dn = dst.section(name)
+            buf[doff:doff + dn] = mv[off:off + n]
+    for name, width in (("kq", src.Ck), ("vq", src.HD)):
+        off, n = src.section(name)
+        doff, dn = dst.section(name)
+        if fused.available():
+            fused.int8_rows_to_int4(mv[off:off + n], width, memoryview(buf)[doff:doff + dn])
+        else:
+            q8 = torch.frombuffer(bytearray(mv[off:off + n]), dtype=torch.uint8) if n else \
+                torch.zeros(0, dtype=torch.uint8)
+            q4 = pack_int4(reference.int8_to_int4(q8.reshape(-1, width)))
+            buf[doff:doff + dn] = q4.contiguous().numpy().tobytes()
+    return blobfmt.seal(buf)
+

@@ -1,0 +1,143 @@
+"""Where each section of a blob's payload lies, derived from the header alone.
+
+Encoder and decoder both build a :class:`Layout` from the same few numbers (shape, dtype,
+codec, group size, sink tokens, outliers), so the payload needs no table of contents.
+Sections start on 8-byte boundaries so that every one can be viewed as a typed array.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvtier.codecs.blob import DTYPE_SIZES, HEADER_SIZE, BlobHeader
+from kvtier.config import CodecConfig
+from kvtier.types import Codec
+
+
+def _align(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def sink_count(tokens: int, start_position: int, sink_tokens: int) -> int:
+    """How many leading tokens of a page are attention sinks (absolute position < sink_tokens)."""
+    return max(0, min(tokens, sink_tokens - start_position))
+
+
+def outlier_count(head_dim: int, quantized_tokens: int, params: CodecConfig) -> int:
+    """K channels per (layer, head) kept as put: ``fraction * head_dim``, at least the minimum.
+
+    No outliers when no token is quantized (every token is a sink).
+    """
+    if quantized_tokens == 0:
+        return 0
+    return min(head_dim, max(params.min_outlier_channels, int(params.outlier_fraction * head_dim)))
+
+
+def m12_nbytes(n: int) -> int:
+    """Bytes of ``n`` packed 12-bit minima (three bytes per pair)."""
+    return 3 * ((n + 1) // 2)
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Geometry of one quantized (or raw) page and the byte offsets of its payload sections."""
+
+    codec: Codec
+    dtype: str
+    L: int
+    T: int
+    H: int
+    D: int
+    S: int  # sink tokens
+    n_out: int  # outlier channels per (layer, head)
+    group_size: int
+    offsets: dict[str, tuple[int, int]]  # section -> (offset in blob, nbytes)
+
+    @property
+    def Tq(self) -> int:
+        """Quantized tokens."""
+        return self.T - self.S
+
+    @property
+    def Ck(self) -> int:
+        """Quantized K channels per token (outlier channels excluded)."""
+        return self.H * (self.D - self.n_out)
+
+    @property
+    def HD(self) -> int:
+        return self.H * self.D
+
+    @property
+    def Gk(self) -> int:
+        """K group length in tokens, clipped to the quantized tokens of the page."""
+        return max(1, min(self.group_size, self.Tq))
+
+    @property
+    def nk(self) -> int:
+        return -(-self.Tq // self.Gk)
+
+    @property
+    def Gv(self) -> int:
+        """V group length in channels, clipped to the channels of a token."""
+        return min(self.group_size, self.HD)
+
+    @property
+    def nv(self) -> int:
+        return -(-self.HD // self.Gv)
+
+    @property
+    def esize(self) -> int:
+        return DTYPE_SIZES[self.dtype]
+
+    @property
+    def payload_nbytes(self) -> int:
+        end = max((o + n for o, n in self.offsets.values()), default=HEADER_SIZE)
+        return _align(end) - HEADER_SIZE
+
+    def section(self, name: str) -> tuple[int, int]:
+        return self.offsets[name]
+
+    def row_bytes(self, n: int) -> int:
+        """Bytes of one row of ``n`` codes: one per code for int8, two codes a byte for int4."""
+        return n if self.codec is Codec.INT8 else (n + 1) // 2
+
+
+def make_layout(codec: Codec, dtype: str, shape: tuple[int, int, int, int], S: int, n_out: int,
+                group_size: int) -> Layout:
+    L, T, H, D = shape
+    es = DTYPE_SIZES[dtype]
+    sizes: list[tuple[str, int]]
+    if codec is Codec.NONE:
+        sizes = [("kraw", L * T * H * D * es), ("vraw", L * T * H * D * es)]
+    else:
+        probe = Layout(codec, dtype, L, T, H, D, S, n_out, group_size, {})
+        Tq, Ck, HD = probe.Tq, probe.Ck, probe.HD
+        nk = probe.nk if Tq else 0
+        kgroups, vgroups = L * nk * Ck, L * Tq * probe.nv
+        sizes = [
+            ("oidx", 2 * L * H * n_out),
+            ("exps", 2 * L * 2),
+            ("sink", 2 * L * S * H * D * es),
+            ("oraw", L * Tq * H * n_out * es),
+            ("kb", kgroups), ("km", m12_nbytes(kgroups)),
+            ("vb", vgroups), ("vm", m12_nbytes(vgroups)),
+            ("kq", L * Tq * probe.row_bytes(Ck)),
+            ("vq", L * Tq * probe.row_bytes(HD)),
+        ]
+    offsets: dict[str, tuple[int, int]] = {}
+    pos = HEADER_SIZE
+    for name, n in sizes:
+        offsets[name] = (pos, n)
+        pos = _align(pos + n)
+    return Layout(codec, dtype, L, T, H, D, S, n_out, group_size, offsets)
+
+
+def layout_for_encode(codec: Codec, dtype: str, shape: tuple[int, int, int, int],
+                      start_position: int, params: CodecConfig) -> Layout:
+    S = 0 if codec is Codec.NONE else sink_count(shape[1], start_position, params.sink_tokens)
+    n_out = 0 if codec is Codec.NONE else outlier_count(shape[3], shape[1] - S, params)
+    return make_layout(codec, dtype, shape, S, n_out, params.group_size)
+
+
+def layout_of(h: BlobHeader) -> Layout:
+    return make_layout(h.codec, h.dtype, h.shape, h.sink_tokens, h.outliers, h.group_size)
