@@ -42,8 +42,10 @@ log = logging.getLogger(__name__)
 
 
 def default_start_http() -> StartHttp | None:
-    """The HTTP server hook ``kvtier serve`` uses; None until the admin package provides one."""
-    return None
+    """The HTTP server hook ``kvtier serve`` uses: admin REST, /metrics, /healthz, /readyz."""
+    from kvtier.admin.server import start_http  # fastapi/uvicorn: only when serving HTTP
+
+    return start_http
 
 
 class Daemon:
