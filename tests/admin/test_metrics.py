@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -13,7 +12,7 @@ from kvtier.store.policy import LRUPolicy, PageMeta, PolicyStatus
 from kvtier.transport.stats import RpcSample
 from kvtier.types import EvictionReason
 
-from .conftest import PAGE_BYTES, Admin, make_settings, make_test_page
+from .conftest import PAGE_BYTES, Admin, PredictorStatus, make_settings, make_test_page
 
 NS = "metrics-ns"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -145,15 +144,6 @@ def test_no_redis_series_without_a_redis_backend(start_admin: Callable[..., Admi
     m = scrape(start_admin(make_settings(None), mover=False))
     assert not [k for k in m if k[0] == "kvtier_redis_up"]
     assert value(m, "kvtier_tier_pages", tier="cold") == 0
-
-
-@dataclass(frozen=True, slots=True)
-class PredictorStatus(PolicyStatus):
-    """A policy status carrying predictor figures (as the learned policy reports them)."""
-
-    events_dropped: int = 0
-    loss: float | None = None
-    online_accuracy: float | None = None
 
 
 class ReportingPolicy(LRUPolicy):
