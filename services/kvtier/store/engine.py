@@ -26,16 +26,16 @@ import time
 from collections.abc import Sequence
 
 from kvtier.config import Settings
-from kvtier.errors import BackendUnavailable, CapacityExhausted, CorruptPage
+from kvtier.errors import BackendUnavailable, CorruptPage
 from kvtier.store.index import MoveTicket, PageIndex, PageState
 from kvtier.store.policy import LRUPolicy, PageMeta, Policy
 from kvtier.store.redis_tier import RedisTier, RemoteMeta
 from kvtier.store.stats import CodecClock, TierCounters, TierStats
 from kvtier.store.tiers import (
-    Converter, MemoryBackend, Stored, TierLimits, TierSpec, build_specs, own_copy,
+    Converter, MemoryBackend, Stored, TierLimits, TierSpec, blob_of, build_specs,
     resolve_device, stored_size,
 )
-from kvtier.types import EvictionReason, Medium, Page, PageId, Precision
+from kvtier.types import EvictionReason, Medium, PageId, Precision
 
 log = logging.getLogger(__name__)
 
@@ -108,61 +108,7 @@ class TierEngine:
         except Exception:
             log.exception("policy %s failed in forget()", self.policy.name)
 
-    # -- placing ------------------------------------------------------------------------------
-
-    def place(self, pid: PageId, page: Page, tier: int, chain_position: int, now: float) -> bool:
-        """Store a new page in ``tier``; False if the key exists. Makes room synchronously.
-
-        Raises CapacityExhausted if the page can never fit the tier, or room could not be made
-        within ``room_timeout_s``.
-        """
-        spec, cap = self.specs[tier], self.limits[tier].capacity_bytes
-        if spec.holds_tensors and page.nbytes > cap:
-            raise CapacityExhausted(
-                f"page is {page.nbytes} bytes, larger than the whole {spec.name!r} tier "
-                f"({cap} bytes)", field="page")
-        with self.cond:
-            version = self.index.begin_place(pid, tier, page.nbytes, chain_position, now)
-        if version is None:
-            return False
-        size = 0
-        reserved = False
-        try:
-            data: Stored
-            if spec.device is not None:
-                data, prec = own_copy(page, spec.device), Precision.FULL
-            else:
-                data, prec = self.converter.to_tier(page, spec)
-            size = stored_size(data)
-            if size > cap:
-                raise CapacityExhausted(
-                    f"page is {size} bytes stored, larger than the whole {spec.name!r} tier "
-                    f"({cap} bytes)", field="page")
-            if not self.reserve(tier, size):
-                raise CapacityExhausted(
-                    f"could not make {size} bytes of room in tier {spec.name!r} within "
-                    f"{self.room_timeout_s} s", field="page")
-            reserved = True
-            if tier == self.redis_tier:
-                self._redis().write(pid, assert_blob(data),
-                                    RemoteMeta(prec, page.nbytes, size, chain_position))
-            with self.cond:
-                ok = self.index.commit_place(pid, version, size, prec)
-                if ok:
-                    backend = self.memory[tier]
-                    if backend is not None:
-                        backend.put(pid, data)
-                else:
-                    self.index.release(tier, size)
-                self.cond.notify_all()
-            return True
-        except BaseException:
-            with self.cond:
-                if reserved:
-                    self.index.release(tier, size)
-                self.index.abort_place(pid, version)
-                self.cond.notify_all()
-            raise
+    # -- making room ----------------------------------------------------------------------------
 
     def reserve(self, tier: int, size: int) -> bool:
         """Reserve ``size`` bytes in ``tier``, pushing its victims down until they fit."""
@@ -225,7 +171,7 @@ class TierEngine:
             if not self.tier_up(dst):
                 raise BackendUnavailable("redis tier is down", field="redis")
             if data is None:
-                got = self._redis().read(pid)
+                got = self.redis_or_raise().read(pid)
                 if got is None:
                     self._drop(ticket, None)
                     return MoveResult.GONE
@@ -241,8 +187,8 @@ class TierEngine:
                 return MoveResult.NO_ROOM
             reserved = True
             if dst == self.redis_tier:
-                self._redis().write(
-                    pid, assert_blob(new), RemoteMeta(min(precision, prec), nbytes, size, chain))
+                self.redis_or_raise().write(
+                    pid, blob_of(new), RemoteMeta(min(precision, prec), nbytes, size, chain))
         except BackendUnavailable:
             self._abort(ticket, size if reserved else 0)
             return MoveResult.DOWN
@@ -265,7 +211,7 @@ class TierEngine:
                 self.index.release(dst, size)
             self.cond.notify_all()
         if ok and ticket.src == self.redis_tier:
-            self._redis_delete_quietly([pid])
+            self.redis_delete_quietly([pid])
         elif not ok and dst == self.redis_tier:
             self._cleanup_redis(pid)
         return MoveResult.MOVED if ok else MoveResult.GONE
@@ -333,7 +279,7 @@ class TierEngine:
             self.counters[tier].evictions[reason.value] += 1
             self.cond.notify_all()
         if tier == self.redis_tier:
-            self._redis_delete_quietly([pid])
+            self.redis_delete_quietly([pid])
         self.forget([pid])
         return True
 
@@ -378,54 +324,6 @@ class TierEngine:
                         return None
         return None
 
-    def discover(self, pids: Sequence[PageId], now: float) -> None:
-        """Add pages other daemons put in the shared Redis tier to this index."""
-        if self.redis is None or self.redis_tier is None or not self.redis.up or not pids:
-            return
-        try:
-            metas = self.redis.metas(pids)
-        except BackendUnavailable:
-            return
-        with self.cond:
-            for pid, meta in zip(pids, metas, strict=True):
-                if meta is not None:
-                    self.index.add_resident(pid, self.redis_tier, meta.nbytes,
-                                            meta.stored_bytes, meta.precision,
-                                            meta.chain_position, now)
-
-    def resync_remote(self) -> int:
-        """Rebuild the Redis tier's index by SCAN; forget entries whose key vanished.
-
-        Returns the number of pages added. Entries committed after the scan started are kept.
-        """
-        if self.redis is None or self.redis_tier is None or not self.redis.up:
-            return 0
-        t = self.redis_tier
-        with self.cond:
-            start_version = self.index.version
-        seen: set[PageId] = set()
-        added = 0
-        now = time.time()
-        try:
-            for pid, meta in self.redis.scan():
-                seen.add(pid)
-                with self.cond:
-                    added += self.index.add_resident(pid, t, meta.nbytes, meta.stored_bytes,
-                                                     meta.precision, meta.chain_position, now)
-        except BackendUnavailable:
-            return added
-        lost = []
-        with self.cond:
-            for pid in self.index.pages_in(t):
-                rec = self.index.get(pid)
-                if (rec is not None and pid not in seen and rec.version < start_version
-                        and rec.state is PageState.RESIDENT):
-                    self.index.remove(pid)
-                    self.counters[t].evictions[EvictionReason.REMOTE_DOWN.value] += 1
-                    lost.append(pid)
-        self.forget(lost)
-        return added
-
     # -- deleting -----------------------------------------------------------------------------
 
     def delete(self, pids: Sequence[PageId]) -> int:
@@ -455,32 +353,6 @@ class TierEngine:
         self.forget(removed)
         return len(removed) + extra
 
-    # -- the mover's work ---------------------------------------------------------------------
-
-    def rebalance(self, tier: int) -> int:
-        """If ``tier`` is past its high watermark, push victims down to its low watermark."""
-        with self.cond:
-            lim = self.limits[tier]
-            if self.index.used(tier) + self.index.reserved(tier) <= lim.high_bytes:
-                return 0
-            candidates = self.index.resident_metas(tier, self.names)
-        if not self.tier_up(tier) or (tier != self.last and not self.tier_up(tier + 1)):
-            return 0  # wait here for Redis, up to the hard limit (see push_down)
-        done = 0
-        for pid in self.victims(candidates):
-            with self.cond:
-                lim = self.limits[tier]
-                if self.index.used(tier) + self.index.reserved(tier) <= lim.low_bytes:
-                    break
-            if tier == self.last:
-                done += self.evict(pid, tier, EvictionReason.CAPACITY)
-                continue
-            result = self.move(pid, tier + 1)
-            if result is MoveResult.DOWN:
-                break
-            done += result is MoveResult.MOVED
-        return done
-
     # -- stats --------------------------------------------------------------------------------
 
     def tier_stats(self, tier: int) -> TierStats:
@@ -496,12 +368,12 @@ class TierEngine:
 
     # -- redis plumbing -----------------------------------------------------------------------
 
-    def _redis(self) -> RedisTier:
+    def redis_or_raise(self) -> RedisTier:
         if self.redis is None:
             raise BackendUnavailable("no redis tier is configured", field="redis")
         return self.redis
 
-    def _redis_delete_quietly(self, pids: list[PageId]) -> None:
+    def redis_delete_quietly(self, pids: list[PageId]) -> None:
         if self.redis is None or not self.redis.up:
             return
         try:
@@ -516,11 +388,5 @@ class TierEngine:
             keep = rec is not None and (rec.tier == self.redis_tier
                                         or rec.move_to == self.redis_tier)
         if not keep:
-            self._redis_delete_quietly([pid])
+            self.redis_delete_quietly([pid])
 
-
-def assert_blob(data: Stored) -> bytes:
-    """Narrow a stored form to a blob; a tensor here is a programming error (always checked)."""
-    if isinstance(data, Page):
-        raise CorruptPage("a tensor page reached a blob-only tier", field="page")
-    return data

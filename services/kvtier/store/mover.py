@@ -1,4 +1,9 @@
-"""The background mover: a daemon thread that runs the store's rebalance pass periodically.
+"""The background mover: a thread running the store's rebalance pass, and the pass per tier.
+
+:func:`rebalance_tier` is the watermark rule: a tier past its high watermark pushes the policy's
+lowest-scored pages one tier down (or out of the last tier, reason ``capacity``) until it is at
+its low watermark. Above a Redis tier that is down, pages wait (nothing moves) — the hard limit
+is enforced by the synchronous make-room path, which evicts with reason ``remote_down``.
 
 It wakes every ``interval_s`` or when :meth:`Mover.wake` is called (a put pushed a tier past
 its high watermark). A pass that raises is logged and the thread carries on: nothing raises out
@@ -10,6 +15,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from kvtier.store.engine import MoveResult
+from kvtier.types import EvictionReason
+
+if TYPE_CHECKING:
+    from kvtier.store.engine import TierEngine
 
 log = logging.getLogger(__name__)
 
@@ -54,3 +66,28 @@ class Mover:
                 self.failures += 1
                 log.exception("mover pass failed; retrying next interval")
             self.passes += 1
+
+
+def rebalance_tier(engine: TierEngine, tier: int) -> int:
+    """If ``tier`` is past its high watermark, push victims down to its low watermark."""
+    with engine.cond:
+        lim = engine.limits[tier]
+        if engine.index.used(tier) + engine.index.reserved(tier) <= lim.high_bytes:
+            return 0
+        candidates = engine.index.resident_metas(tier, engine.names)
+    if not engine.tier_up(tier) or (tier != engine.last and not engine.tier_up(tier + 1)):
+        return 0  # wait here for Redis, up to the hard limit (see push_down)
+    done = 0
+    for pid in engine.victims(candidates):
+        with engine.cond:
+            lim = engine.limits[tier]
+            if engine.index.used(tier) + engine.index.reserved(tier) <= lim.low_bytes:
+                break
+        if tier == engine.last:
+            done += engine.evict(pid, tier, EvictionReason.CAPACITY)
+            continue
+        result = engine.move(pid, tier + 1)
+        if result is MoveResult.DOWN:
+            break
+        done += result is MoveResult.MOVED
+    return done

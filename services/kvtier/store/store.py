@@ -30,12 +30,14 @@ from kvtier.errors import CorruptPage, InvalidArgument, UnknownTier
 from kvtier.pages import check_key, check_keys, check_namespace, dtype_name, make_page
 from kvtier.store.access_log import AccessLog
 from kvtier.store.engine import MoveResult, TierEngine
-from kvtier.store.mover import Mover
-from kvtier.store.policy import AccessEvent, AccessKind, LRUPolicy, PageMeta, Policy
+from kvtier.store.mover import Mover, rebalance_tier
+from kvtier.store.placement import choose_tier, place
+from kvtier.store.policy import AccessEvent, AccessKind, LRUPolicy, Policy
+from kvtier.store.remote_index import discover, resync_remote
 from kvtier.store.results import GetResult, LookupResult, PageInfo, PutOutcome, RawResult
 from kvtier.store.stats import StoreStats, TierStats
-from kvtier.store.tiers import Stored
-from kvtier.types import Medium, Page, PageId, Precision
+from kvtier.store.tiers import Promoted, Stored
+from kvtier.types import Page, PageId, Precision
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class TierStore:
         """Connect Redis (rebuilding the remote tier's index) and start the mover thread."""
         redis = self._engine.redis
         if redis is not None and redis.probe(force=True):
-            added = self._engine.resync_remote()
+            added = resync_remote(self._engine)
             log.info("attached to redis tier: %d pages indexed", added)
         if mover and self._mover is None:
             self._mover = Mover(self.rebalance, self.settings.mover_interval_s)
@@ -112,7 +114,7 @@ class TierStore:
         out = []
         now = time.time()
         for pid, page, chain in zip(pids, pages, chains, strict=True):
-            stored = e.place(pid, page, self._placement(pid, page, chain), chain, time.time())
+            stored = place(e, pid, page, choose_tier(e, pid, page, chain), chain, time.time())
             out.append(PutOutcome.STORED if stored else PutOutcome.EXISTS)
         with e.cond:
             self._puts += len(out)
@@ -128,20 +130,6 @@ class TierStore:
         if hot_full and self._mover is not None:
             self._mover.wake()
         return out
-
-    def _placement(self, pid: PageId, page: Page, chain: int) -> int:
-        """The first memory tier the policy admits a new page into (the last one otherwise)."""
-        e = self._engine
-        memory_tiers = [i for i, spec in enumerate(e.specs) if spec.medium is not Medium.REDIS]
-        for i in memory_tiers[:-1]:
-            meta = PageMeta(pid, e.names[i], i, page.nbytes, 0, 0, time.time(), 0, chain)
-            try:
-                if e.policy.admit(meta, e.names[i]):
-                    return i
-            except Exception:
-                log.exception("policy %s failed in admit(); admitting", e.policy.name)
-                return i
-        return memory_tiers[-1]
 
     def get(self, namespace: str, keys: Sequence[bytes]) -> list[GetResult | None]:
         """Each page on the host from whatever tier holds it, or None for a miss."""
@@ -208,6 +196,8 @@ class TierStore:
         return out
 
     def _to_page(self, data: Stored, copy_tensors: bool) -> Page:
+        if isinstance(data, Promoted):
+            data = data.page
         if isinstance(data, Page) and not copy_tensors and data.k.device.type == "cpu":
             return data
         return self._engine.converter.to_host(data)
@@ -218,7 +208,7 @@ class TierStore:
             return
         with e.cond:
             unknown = [p for p in pids if e.index.get(p) is None]
-        e.discover(unknown, time.time())
+        discover(e, unknown, time.time())
 
     def lookup(self, namespace: str, keys: Sequence[bytes]) -> LookupResult:
         """Which tier holds each key (None = absent or unreachable) and the present prefix."""
@@ -313,7 +303,7 @@ class TierStore:
         with e.cond:
             e.limits[t] = e.limits[t].replace(capacity_bytes, high_watermark, low_watermark)
         e.make_room(t, 0)
-        e.rebalance(t)
+        rebalance_tier(e, t)
         with e.cond:
             return e.tier_stats(t)
 
@@ -340,9 +330,9 @@ class TierStore:
             except Exception:
                 log.exception("policy %s failed in record()", e.policy.name)
         if e.redis is not None and not e.redis.up and e.redis.probe():
-            e.resync_remote()
+            resync_remote(e)
         for t in range(len(e.specs)):
-            e.rebalance(t)
+            rebalance_tier(e, t)
 
     def _tier_index(self, name: str) -> int:
         try:

@@ -1,9 +1,12 @@
 """Tier descriptions, the in-memory byte holder, and turning a page into a tier's stored form.
 
-A tier stores a page in one of two forms:
+A tier stores a page in one of three forms:
 
 - a :class:`~kvtier.types.Page` (tensors) in a memory tier whose codec is ``none``; on the
   ``device`` medium that is the CUDA device when there is one, else the CPU — the same code;
+- a :class:`Promoted` page in such a tier: the tensors decoded from a quantized blob, *plus
+  that blob*. Demoting it again reuses the blob instead of quantizing the decoded values a
+  second time, so a page that goes up and down never drifts further from what was put;
 - a codec blob (bytes, see :mod:`kvtier.codecs`) everywhere else, Redis included.
 
 A blob tier keeps a blob that is already at or below its codec's precision as it is (a page
@@ -21,12 +24,20 @@ import torch
 
 from kvtier.codecs import decode, encode, read_header, transcode
 from kvtier.config import CodecConfig, TierConfig
-from kvtier.errors import ConfigError, InvalidArgument
+from kvtier.errors import ConfigError, CorruptPage, InvalidArgument
 from kvtier.store.stats import CodecClock
 from kvtier.types import Codec, Medium, Page, PageId, Precision
 
-Stored = Page | bytes
-"""A page as a tier holds it: tensors (codec ``none`` in memory) or a codec blob."""
+@dataclass(frozen=True, slots=True)
+class Promoted:
+    """Tensors decoded from ``blob`` (a quantized page promoted into a tensor tier)."""
+
+    page: Page
+    blob: bytes
+
+
+Stored = Page | Promoted | bytes
+"""A page as a tier holds it (see the module docstring)."""
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -138,7 +149,12 @@ class MemoryBackend:
 
 
 def stored_size(data: Stored) -> int:
-    return data.nbytes if isinstance(data, Page) else len(data)
+    """Bytes a stored form occupies in its tier (a promoted page counts its blob too)."""
+    if isinstance(data, Page):
+        return data.nbytes
+    if isinstance(data, Promoted):
+        return data.page.nbytes + len(data.blob)
+    return len(data)
 
 
 class Converter:
@@ -153,13 +169,18 @@ class Converter:
         if spec.device is not None:
             if isinstance(data, Page):
                 return to_device(data, spec.device), Precision.FULL
+            if isinstance(data, Promoted):
+                return Promoted(to_device(data.page, spec.device), data.blob), \
+                    Precision.of_codec(read_header(data.blob).codec)
             page, prec = self.decode(data, spec.device)
-            return page, prec
+            return (page if prec is Precision.FULL else Promoted(page, data)), prec
         if isinstance(data, Page):
             t0 = time.perf_counter()
             blob = encode(data, spec.codec, self.params)
             self.clock.add("encode", spec.codec.value, time.perf_counter() - t0)
             return blob, Precision.of_codec(spec.codec)
+        if isinstance(data, Promoted):
+            data = data.blob
         have = read_header(data).codec
         if have.bits <= spec.codec.bits:
             return data, Precision.of_codec(have)
@@ -177,6 +198,8 @@ class Converter:
 
     def to_host(self, data: Stored) -> Page:
         """A private host copy of a stored page, decoded if it is a blob."""
+        if isinstance(data, Promoted):
+            data = data.page
         if isinstance(data, Page):
             return Page(k=data.k.to("cpu", copy=True), v=data.v.to("cpu", copy=True),
                         start_position=data.start_position)
@@ -199,3 +222,10 @@ def to_device(page: Page, device: torch.device) -> Page:
     if k is page.k and v is page.v:
         return page
     return Page(k=k, v=v, start_position=page.start_position)
+
+
+def blob_of(data: Stored) -> bytes:
+    """Narrow a stored form to a blob; a tensor here is a programming error (always checked)."""
+    if not isinstance(data, bytes):
+        raise CorruptPage("a tensor page reached a blob-only tier", field="page")
+    return data

@@ -1,0 +1,145 @@
+"""The Redis tier against a real redis-server: layout, rebuild on attach, sharing, outages."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import redis
+import torch
+
+from kvtier.cli.redis_proc import RedisProcess
+from kvtier.config import TierConfig
+from kvtier.types import Codec, Medium, Precision
+
+from .helpers import PAGE_BYTES, StoreFactory, key, make_page, make_settings, tier, wait_until
+
+NS = "tenant-a"
+
+
+def stack(hot_pages: int = 4, cold_bytes: int = 64 * PAGE_BYTES) -> list[TierConfig]:
+    return [
+        tier("hot", Medium.DEVICE, Codec.NONE, hot_pages * PAGE_BYTES),
+        tier("cold", Medium.HOST, Codec.INT4, cold_bytes),
+        tier("remote", Medium.REDIS, Codec.INT4, 1024 * PAGE_BYTES),
+    ]
+
+
+def int4_close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    span = float(want.float().max() - want.float().min())
+    return bool(((got.float() - want.float()).abs() <= span / 15 * 0.51 + 1e-2).all())
+
+
+def test_remote_roundtrip_and_key_layout(make_store: StoreFactory, redis_url: str) -> None:
+    store = make_store(make_settings(stack(), redis_url), start=True, mover=False)
+    assert store.tier_names == ("hot", "cold", "remote")
+    store.put(NS, [(key(0), make_page(0)), (key(1), make_page(1))], chain_positions=[5, 6])
+    assert store.demote(NS, [key(0)], "remote") == [True]
+    client = redis.Redis.from_url(redis_url)
+    rkey = f"kvt:{NS}:{{{key(0).hex()}}}".encode()
+    assert client.keys("kvt:*") == [rkey]
+    assert client.type(rkey) == b"hash"
+    fields = client.hgetall(rkey)
+    assert int(fields[b"p"]) == 4 and int(fields[b"c"]) == 5
+    assert int(fields[b"n"]) == PAGE_BYTES and int(fields[b"s"]) == len(fields[b"b"])
+    got = store.get(NS, [key(0)])[0]
+    assert got is not None and (got.tier, got.precision) == ("remote", Precision.INT4)
+    assert int4_close(got.page.k, make_page(0).k) and int4_close(got.page.v, make_page(0).v)
+    assert store.lookup(NS, [key(1), key(0)]).tiers == ["hot", "remote"]
+    remote = store.stats().tiers[2]
+    assert (remote.pages, remote.bytes, remote.up) == (1, len(fields[b"b"]), True)
+    # promotion brings it back up and leaves no copy behind in Redis
+    assert store.promote(NS, [key(0)], "hot") == [True]
+    assert client.keys("kvt:*") == []
+    assert store.demote(NS, [key(0)], "remote") == [True]
+    assert store.delete(NS, [key(0)]) == 1 and client.keys("kvt:*") == []
+    client.close()
+
+
+def test_new_store_rebuilds_the_remote_index(make_store: StoreFactory, redis_url: str) -> None:
+    settings = make_settings(stack(), redis_url)
+    first = make_store(settings, start=True, mover=False)
+    first.put(NS, [(key(i), make_page(i)) for i in range(3)], chain_positions=[0, 1, 2])
+    first.put("other", [(key(9), make_page(9))])
+    first.close(drain=True)
+    second = make_store(settings, start=True, mover=False)  # a daemon restart
+    assert second.lookup(NS, [key(0), key(1), key(2)]).tiers == ["remote"] * 3
+    assert second.stats().tiers[2].pages == 4
+    got = second.get(NS, [key(2)])[0]
+    assert got is not None and got.precision is Precision.INT4
+    assert int4_close(got.page.k, make_page(2).k)
+    info = second.page_info(NS, key(1))
+    assert info is not None and info.chain_position == 1 and info.nbytes == PAGE_BYTES
+    assert second.get("other", [key(9)])[0] is not None
+
+
+def test_shared_redis_and_a_key_deleted_elsewhere(make_store: StoreFactory,
+                                                  redis_url: str) -> None:
+    settings = make_settings(stack(), redis_url)
+    a = make_store(settings, start=True, mover=False)
+    b = make_store(settings, start=True, mover=False)
+    a.put(NS, [(key(0), make_page(0)), (key(1), make_page(1))])
+    assert a.demote(NS, [key(0), key(1)], "remote") == [True, True]
+    # b attached before a wrote them, and still finds them in the shared tier
+    assert b.lookup(NS, [key(0), key(1), key(2)]).tiers == ["remote", "remote", None]
+    got = b.get(NS, [key(1)])[0]
+    assert got is not None and got.tier == "remote"
+    client = redis.Redis.from_url(redis_url)
+    client.delete(f"kvt:{NS}:{{{key(0).hex()}}}")  # someone else removed it
+    client.close()
+    assert a.get(NS, [key(0)]) == [None]
+    assert a.lookup(NS, [key(0)]).tiers == [None]
+    assert a.promote(NS, [key(1)], "hot") == [True]
+    assert b.get(NS, [key(1)]) == [None]  # a took it up: b's entry is stale and becomes a miss
+
+
+def test_redis_stopped_then_restarted(make_store: StoreFactory,
+                                      private_redis: RedisProcess) -> None:
+    settings = make_settings(stack(hot_pages=2, cold_bytes=2 * 200), private_redis.url)
+    store = make_store(settings, start=True)
+    store.put(NS, [(key(0), make_page(0)), (key(1), make_page(1))])
+    assert store.demote(NS, [key(0), key(1)], "remote") == [True, True]
+    private_redis.stop()
+    t0 = time.monotonic()
+    assert store.get(NS, [key(0), key(1)]) == [None, None]  # Redis-only pages: misses
+    assert time.monotonic() - t0 < 2.0
+    assert not store.redis_up
+    # puts keep working: cold fills to its hard limit, then pages are evicted (remote_down)
+    for i in range(2, 12):
+        store.put(NS, [(key(i), make_page(i))])
+    st = store.stats()
+    cold, remote = st.tiers[1], st.tiers[2]
+    assert not st.redis_up and not remote.up
+    assert cold.evictions["remote_down"] > 0 and cold.bytes <= cold.capacity_bytes
+    assert store.lookup(NS, [key(0)]).tiers == [None]
+    assert store._mover is not None and store._mover.failures == 0  # noqa: SLF001
+    # Redis comes back (empty: no persistence) and the tier follows by itself
+    private_redis.start()
+    wait_until(lambda: store.redis_up, timeout_s=10, what="redis tier back up")
+    wait_until(lambda: store.stats().tiers[2].pages == 0, what="stale remote entries dropped")
+    assert store.get(NS, [key(0)]) == [None]
+    hot_keys = [key(i) for i in range(2, 12) if store.lookup(NS, [key(i)]).tiers[0] == "hot"]
+    assert store.demote(NS, hot_keys[:1], "remote") == [True]
+    got = store.get(NS, hot_keys[:1])[0]
+    assert got is not None and got.tier == "remote"
+
+
+def test_redis_hanging_times_out_instead(make_store: StoreFactory,
+                                         private_redis: RedisProcess) -> None:
+    settings = make_settings(stack(), private_redis.url)
+    store = make_store(settings, start=True)
+    store.put(NS, [(key(0), make_page(0))])
+    assert store.demote(NS, [key(0)], "remote") == [True]
+    assert private_redis.proc is not None
+    private_redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        assert store.get(NS, [key(0)]) == [None]
+        assert time.monotonic() - t0 < 2.0  # the socket timeout, not a hang
+        assert not store.redis_up
+        assert store.lookup(NS, [key(0)]).tiers == [None]
+    finally:
+        private_redis.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: store.redis_up, what="redis tier back up")
+    got = store.get(NS, [key(0)])[0]
+    assert got is not None and got.tier == "remote"
