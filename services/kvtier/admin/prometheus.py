@@ -7,7 +7,9 @@ needed at run time.
 
 :class:`PrometheusProcess` runs Debian's ``prometheus`` binary as a child process on a free
 loopback port with its TSDB in a temporary directory, the way
-:class:`kvtier.cli.redis_proc.RedisProcess` runs ``redis-server``.
+:class:`kvtier.cli.redis_proc.RedisProcess` runs ``redis-server``. :class:`LocalMonitoring` is
+what ``kvtier up --monitoring`` uses: the scrape config pointed at the local ports, one
+Prometheus started once the daemon's HTTP port is known, and where to look printed.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from kvtier.config import Settings
 
 DAEMON_JOB = "kvtier-daemon"
 POLICY_JOB = "kvtier-policy"
@@ -138,3 +142,68 @@ class PrometheusProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _loopback_for(host: str) -> str:
+    """Where to scrape a server bound to ``host``: wildcard binds are reached on loopback."""
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::", "[::]") else host
+
+
+class LocalMonitoring:
+    """``kvtier up --monitoring``: a local Prometheus over the daemon (and policy service).
+
+    :meth:`start` is called once the daemon's HTTP port is known; it prints where to look. If
+    Debian's ``prometheus`` is not installed it says so and the daemon runs on without it.
+    """
+
+    def __init__(self, settings: Settings, preferred_port: int = 9090,
+                 interval_s: float = 5.0) -> None:
+        self.settings = settings
+        self.preferred_port = preferred_port
+        self.interval_s = interval_s
+        self.process: PrometheusProcess | None = None
+
+    def config(self, http_port: int) -> dict[str, Any]:
+        s = self.settings
+        daemon = f"{_loopback_for(s.http_host)}:{http_port}"
+        policy: list[str] = []
+        if s.policy.address:
+            policy_host = s.policy.address.rsplit(":", 1)[0]
+            policy = [f"{_loopback_for(policy_host)}:{s.policy_http_port}"]
+        return scrape_config([daemon], policy, interval_s=self.interval_s)
+
+    def start(self, http_port: int | None) -> PrometheusProcess | None:
+        if http_port is None:
+            print("kvtier: monitoring: the daemon serves no HTTP, nothing to scrape", flush=True)
+            return None
+        config = self.config(http_port)
+        try:
+            port = self.preferred_port if _port_free("127.0.0.1", self.preferred_port) else None
+            self.process = PrometheusProcess(config, port=port).start()
+        except (FileNotFoundError, RuntimeError, TimeoutError) as e:
+            print(f"kvtier: monitoring not started: {e}", flush=True)
+            return None
+        targets = [t for job in config["scrape_configs"]
+                   for t in job["static_configs"][0]["targets"]]
+        url = self.process.url
+        print(f"kvtier: Prometheus {url} (scraping {', '.join(targets)} every "
+              f"{config['global']['scrape_interval']})", flush=True)
+        print(f"kvtier:   targets {url}/targets ; occupancy {url}/graph?g0.expr="
+              "kvtier_tier_bytes%20%2F%20kvtier_tier_capacity_bytes", flush=True)
+        print("kvtier:   Grafana dashboard: deploy/grafana/dashboards/kvtier.json "
+              f"(datasource: Prometheus at {url})", flush=True)
+        return self.process
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.close()
+            self.process = None
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True

@@ -13,7 +13,7 @@ from typing import Any
 
 from kvtier.cli.redis_proc import RedisProcess
 from kvtier.cli.serve import add_daemon_options, run_daemon
-from kvtier.config import load_settings
+from kvtier.config import Settings, load_settings
 from kvtier.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -22,14 +22,29 @@ log = logging.getLogger(__name__)
 def register(sub: Any) -> None:
     p = sub.add_parser("up", help="start redis-server (if none configured) and the daemon")
     add_daemon_options(p)
+    p.add_argument("--monitoring", action="store_true",
+                   help="also start a local Prometheus (Debian's prometheus, when installed) "
+                   "scraping the daemon, and print where to look")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
+    if not getattr(args, "monitoring", False):
+        return _run(settings, args, None)
+    from kvtier.admin.prometheus import LocalMonitoring
+
+    monitoring = LocalMonitoring(settings)
+    try:
+        return _run(settings, args, lambda daemon: monitoring.start(daemon.http_port))
+    finally:
+        monitoring.close()
+
+
+def _run(settings: Settings, args: argparse.Namespace, on_started: Any) -> int:
     if settings.redis.url is not None:
         print(f"kvtier: Redis {settings.redis.url} (configured)", flush=True)
-        return run_daemon(settings, args.grace, args.drain)
+        return run_daemon(settings, args.grace, args.drain, on_started)
     try:
         redis = RedisProcess()
     except FileNotFoundError as e:
@@ -39,4 +54,4 @@ def run(args: argparse.Namespace) -> int:
               f"{redis.proc.pid if redis.proc else '?'})", flush=True)
         redis_cfg = settings.redis.model_copy(update={"url": redis.url})
         settings = settings.model_copy(update={"redis": redis_cfg})
-        return run_daemon(settings, args.grace, args.drain)
+        return run_daemon(settings, args.grace, args.drain, on_started)
