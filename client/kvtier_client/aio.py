@@ -26,7 +26,14 @@ from kvtier_client.client import (
 )
 from kvtier_client.errors import DeadlineExceededError, from_rpc_error
 from kvtier_client.tensors import FetchedPage, Page
-from kvtier_client.wire import DEFAULT_CHUNK_BYTES, GetAssembler, put_requests, wire_pages
+from kvtier_client.wire import (
+    DEFAULT_CHUNK_BYTES,
+    GetAssembler,
+    inline_bytes,
+    put_request,
+    put_requests,
+    wire_pages,
+)
 from kvtier_proto.v1 import cache_pb2 as pb
 from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
 
@@ -71,8 +78,12 @@ class AsyncKVTierClient:
         wire = wire_pages(keys, pages)
 
         async def send(left: float) -> pb.PutReply:
-            reply: pb.PutReply = await self._stub.Put(
-                put_requests(ns, wire, self.chunk_bytes), timeout=left)
+            reply: pb.PutReply
+            if inline_bytes(wire) <= self.chunk_bytes:
+                reply = await self._stub.Put(put_request(ns, wire), timeout=left)
+            else:
+                reply = await self._stub.PutStream(put_requests(ns, wire, self.chunk_bytes),
+                                                   timeout=left)
             return reply
 
         reply = await self._call("Put", send, timeout_s, True)

@@ -24,7 +24,15 @@ import grpc
 from kvtier_client import shm as shm_mod
 from kvtier_client.errors import KVTierClientError, from_rpc_error
 from kvtier_client.tensors import FetchedPage, Page
-from kvtier_client.wire import DEFAULT_CHUNK_BYTES, GetAssembler, WirePage, put_requests, wire_pages
+from kvtier_client.wire import (
+    DEFAULT_CHUNK_BYTES,
+    GetAssembler,
+    WirePage,
+    inline_bytes,
+    put_request,
+    put_requests,
+    wire_pages,
+)
 from kvtier_proto.v1 import cache_pb2 as pb
 from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
 
@@ -188,9 +196,7 @@ class KVTierClient:
                         if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
                             raise
                         self._drop_session()  # daemon ended the session; go inline
-            reply: pb.PutReply = self._stub.Put(
-                put_requests(ns, wire, self.chunk_bytes), timeout=left)
-            return reply
+            return self._send_put(ns, wire, left)
 
         reply = self._call("Put", send, timeout_s, idempotent=True)
         return ["stored" if o == pb.PUT_OUTCOME_STORED else "exists" for o in reply.outcomes]
@@ -209,8 +215,17 @@ class KVTierClient:
             seg.view[cursor + kn:cursor + kn + vn] = p.v.data
             offsets.append(cursor)
             cursor = shm_mod.align_up(cursor + kn + vn)
-        reply: pb.PutReply = self._stub.Put(
-            put_requests(ns, wire, self.chunk_bytes, session.id, offsets), timeout=left)
+        return self._send_put(ns, wire, left, session.id, offsets)
+
+    def _send_put(self, ns: str, wire: Sequence[WirePage], left: float, session: str = "",
+                  offsets: Sequence[int | None] | None = None) -> pb.PutReply:
+        """Unary Put when the inline bytes fit one chunk, else the chunked PutStream."""
+        reply: pb.PutReply
+        if inline_bytes(wire, offsets) <= self.chunk_bytes:
+            reply = self._stub.Put(put_request(ns, wire, session, offsets), timeout=left)
+        else:
+            reply = self._stub.PutStream(
+                put_requests(ns, wire, self.chunk_bytes, session, offsets), timeout=left)
         return reply
 
     def get(self, keys: Sequence[bytes], *, namespace: str | None = None,

@@ -74,35 +74,32 @@ def _is_torch(x: Any) -> bool:
 
 
 def to_wire(x: TensorLike, name: str) -> WireTensor:
-    """Convert one input tensor; ValueError naming ``name`` for what cannot be sent."""
+    """Convert one input tensor to wire bytes; ValueError naming ``name`` if it is no tensor.
+
+    Dtypes are not judged here: the daemon is the one place that decides what it accepts and
+    answers INVALID_ARGUMENT naming the field, so every client behaves alike.
+    """
     if isinstance(x, RawTensor):
         mv = memoryview(x.data).cast("B")
         return WireTensor(x.dtype, tuple(int(s) for s in x.shape), mv, x.data)
     if _is_torch(x):
-        import torch
-
         t: Any = x
         t = t.detach()
         if t.device.type != "cpu":
             t = t.cpu()
         t = t.contiguous()
         dtype = str(t.dtype).removeprefix("torch.")
-        if dtype not in _ELEM:
-            raise ValueError(f"{name}: dtype {dtype} is not supported "
-                             f"(use float16, bfloat16 or float32)")
-        arr = (t.view(torch.int16) if dtype == "bfloat16" else t).numpy()
-        return WireTensor(dtype, tuple(int(s) for s in t.shape),
-                          memoryview(arr).cast("B"), arr)
+        import torch
+
+        flat = t.reshape(-1).view(torch.uint8).numpy()
+        return WireTensor(dtype, tuple(int(s) for s in t.shape), memoryview(flat), flat)
     if isinstance(x, np.ndarray):
-        dtype = "bfloat16" if x.dtype.name == "bfloat16" else x.dtype.name
-        if dtype not in _ELEM:
-            raise ValueError(f"{name}: dtype {x.dtype} is not supported "
-                             f"(use float16, bfloat16 or float32)")
         arr = np.ascontiguousarray(x)
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
-        flat: Any = arr.reshape(-1).view(np.uint8)
-        return WireTensor(dtype, tuple(int(s) for s in arr.shape), memoryview(flat), arr)
+        flat_np: Any = arr.reshape(-1).view(np.uint8)
+        return WireTensor(arr.dtype.name, tuple(int(s) for s in arr.shape),
+                          memoryview(flat_np), arr)
     raise ValueError(f"{name}: expected a numpy array, torch tensor or RawTensor, "
                      f"got {type(x).__name__}")
 

@@ -54,6 +54,21 @@ def header(p: WirePage, shm_offset: int | None = None) -> pb.PageHeader:
     return h
 
 
+def put_request(namespace: str, pages: Sequence[WirePage], shm_session: str = "",
+                shm_offsets: Sequence[int | None] | None = None) -> pb.PutRequest:
+    """One Put message holding every header and every inline byte."""
+    offsets = shm_offsets or [None] * len(pages)
+    data = b"".join(mv for p, off in zip(pages, offsets) if off is None
+                    for mv in (p.k.data, p.v.data))
+    return pb.PutRequest(namespace=namespace, pages=[header(p, o) for p, o in zip(pages, offsets)],
+                         shm_session=shm_session, data=data)
+
+
+def inline_bytes(pages: Sequence[WirePage], shm_offsets: Sequence[int | None] | None = None) -> int:
+    offsets = shm_offsets or [None] * len(pages)
+    return sum(p.k.data.nbytes + p.v.data.nbytes for p, o in zip(pages, offsets) if o is None)
+
+
 def put_requests(namespace: str, pages: Sequence[WirePage], chunk_bytes: int,
                  shm_session: str = "",
                  shm_offsets: Sequence[int | None] | None = None) -> Iterator[pb.PutRequest]:

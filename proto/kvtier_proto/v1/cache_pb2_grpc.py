@@ -34,8 +34,13 @@ class CacheServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Put = channel.stream_unary(
+        self.Put = channel.unary_unary(
                 '/kvtier.v1.CacheService/Put',
+                request_serializer=kvtier__proto_dot_v1_dot_cache__pb2.PutRequest.SerializeToString,
+                response_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.PutReply.FromString,
+                _registered_method=True)
+        self.PutStream = channel.stream_unary(
+                '/kvtier.v1.CacheService/PutStream',
                 request_serializer=kvtier__proto_dot_v1_dot_cache__pb2.PutRequest.SerializeToString,
                 response_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.PutReply.FromString,
                 _registered_method=True)
@@ -74,8 +79,16 @@ class CacheServiceStub:
 class CacheServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Put(self, request_iterator, context):
-        """Store pages. Idempotent per key: a key already present answers EXISTS.
+    def Put(self, request, context):
+        """Store pages. Idempotent per key: a key already present answers EXISTS. One message:
+        for pages in shared memory and small batches whose bytes fit in one message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutStream(self, request_iterator, context):
+        """The same, with the inline bytes chunked over a client stream: for pages of any size.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,8 +139,13 @@ class CacheServiceServicer:
 
 def add_CacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Put': grpc.stream_unary_rpc_method_handler(
+            'Put': grpc.unary_unary_rpc_method_handler(
                     servicer.Put,
+                    request_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.PutRequest.FromString,
+                    response_serializer=kvtier__proto_dot_v1_dot_cache__pb2.PutReply.SerializeToString,
+            ),
+            'PutStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutStream,
                     request_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.PutRequest.FromString,
                     response_serializer=kvtier__proto_dot_v1_dot_cache__pb2.PutReply.SerializeToString,
             ),
@@ -173,7 +191,34 @@ class CacheService:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Put(request_iterator,
+    def Put(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.v1.CacheService/Put',
+            kvtier__proto_dot_v1_dot_cache__pb2.PutRequest.SerializeToString,
+            kvtier__proto_dot_v1_dot_cache__pb2.PutReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutStream(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -186,7 +231,7 @@ class CacheService:
         return grpc.experimental.stream_unary(
             request_iterator,
             target,
-            '/kvtier.v1.CacheService/Put',
+            '/kvtier.v1.CacheService/PutStream',
             kvtier__proto_dot_v1_dot_cache__pb2.PutRequest.SerializeToString,
             kvtier__proto_dot_v1_dot_cache__pb2.PutReply.FromString,
             options,

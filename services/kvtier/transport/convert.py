@@ -12,9 +12,12 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+
 from kvtier.config import Settings
 from kvtier.errors import InvalidArgument, PageTooLarge
-from kvtier.pages import check_key, page_from_bytes, torch_dtype
+from kvtier.pages import check_key, make_page, torch_dtype
 from kvtier.types import Page
 from kvtier_proto.v1 import cache_pb2 as pb
 
@@ -76,11 +79,49 @@ def check_header(h: pb.PageHeader, settings: Settings) -> Header:
     return Header(key, h.dtype, shape, int(h.start_position), want, chain, shm)
 
 
+# A float is NaN or Inf iff its exponent bits are all ones: as a signed integer a positive one
+# is >= inf_bits, as an unsigned integer a negative one is >= (sign | inf_bits). Two max
+# reductions over integer views find both without a temporary array.
+_NONFINITE = {
+    "float16": (np.int16, np.uint16, 0x7C00, 0xFC00),
+    "bfloat16": (np.int16, np.uint16, 0x7F80, 0xFF80),
+    "float32": (np.int32, np.uint32, 0x7F800000, 0xFF800000),
+}
+
+
+def check_finite(buf: memoryview, dtype: str, name: str) -> None:
+    """Reject NaN/Inf as :func:`kvtier.pages.make_page` does, on the raw bits.
+
+    Same decision and message as ``make_page``; done here on integer views with numpy because
+    ``torch.isfinite`` on CPU float16 costs ~100x more and sits on every put.
+    """
+    signed, unsigned, pos_inf, neg_inf = _NONFINITE[dtype]
+    if len(buf) == 0:
+        return
+    if (int(np.frombuffer(buf, dtype=signed).max()) >= pos_inf
+            or int(np.frombuffer(buf, dtype=unsigned).max()) >= neg_inf):
+        raise InvalidArgument(f"{name} holds NaN or Inf values", field=name)
+
+
 def build_page(h: Header, k: bytes | memoryview, v: bytes | memoryview,
                settings: Settings) -> Page:
-    """The page of ``h`` from its bytes (copied once into tensors the store owns)."""
-    return page_from_bytes(k, v, h.dtype, h.shape, h.start_position,
-                           max_page_bytes=settings.max_page_bytes)
+    """The page of ``h`` from its bytes (copied once into tensors the store owns).
+
+    ``h`` was checked by :func:`check_header` (sizes, dtype, shape); :func:`make_page` checks
+    the rest.
+    """
+    dt = torch_dtype(h.dtype)
+    n = h.nbytes
+    buf = bytearray(2 * n)  # one allocation for k and v; the tensors are views of it
+    view = memoryview(buf)
+    view[:n] = k
+    view[n:] = v
+    check_finite(view[:n], h.dtype, "k")
+    check_finite(view[n:], h.dtype, "v")
+    kt = torch.frombuffer(buf, dtype=dt, count=n // _ELEM[h.dtype]).reshape(h.shape)
+    vt = torch.frombuffer(buf, dtype=dt, offset=n).reshape(h.shape)
+    return make_page(kt, vt, h.start_position, max_page_bytes=settings.max_page_bytes,
+                     allow_nonfinite=True)
 
 
 class PutAssembler:

@@ -49,8 +49,11 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
 
     # -- data path -------------------------------------------------------------------------
 
-    def Put(self, request_iterator: Iterator[pb.PutRequest],
-            context: grpc.ServicerContext) -> pb.PutReply:
+    def Put(self, request: pb.PutRequest, context: grpc.ServicerContext) -> pb.PutReply:
+        return self.PutStream(iter((request,)), context)
+
+    def PutStream(self, request_iterator: Iterator[pb.PutRequest],
+                  context: grpc.ServicerContext) -> pb.PutReply:
         namespace: str | None = None
         session_id = ""
         headers: list[Header] = []

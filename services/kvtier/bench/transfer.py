@@ -1,0 +1,182 @@
+"""``kvtier bench transfer``: page transfer throughput of the client against redis-py and a socket.
+
+In one run, for ``--page-mib`` (default 2) MiB float16 pages in the ``hot`` tier, it measures:
+
+- ``grpc_get`` / ``grpc_put``: :class:`kvtier_client.KVTierClient` with its default transport
+  (the same-host shared-memory path when the daemon is local; calls stay on gRPC);
+- ``grpc_inline_get`` / ``grpc_inline_put``: the same client with shared memory off (page bytes
+  in chunked gRPC streams), the path a remote worker gets;
+- ``redis_get`` / ``redis_set``: redis-py GET / SET of the same bytes (what users compare with);
+- ``socket``: a raw loopback TCP stream, as the limit.
+
+Paths are measured in interleaved rounds and each figure is the median over rounds, so a noisy
+machine hurts every path alike; the ratios against redis-py are the figures to read. It starts a
+``redis-server`` and a daemon process unless ``--redis-url`` / ``--target`` are given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import numpy as np
+
+from kvtier.cli.redis_proc import RedisProcess, free_port
+
+PATHS = ("grpc_get", "grpc_put", "grpc_inline_get", "grpc_inline_put", "redis_get",
+         "redis_set", "socket")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", help="host:port of a running daemon (default: start one)")
+    p.add_argument("--redis-url", help="Redis to compare with (default: start a redis-server)")
+    p.add_argument("--page-mib", type=float, default=2.0, help="page size k+v in MiB")
+    p.add_argument("--pages", type=int, default=16, help="distinct pages per round")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median is kept)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+@contextmanager
+def daemon_process(redis_url: str) -> Iterator[str]:
+    """A ``kvtier serve`` child on free ports; yields its gRPC address."""
+    port = free_port()
+    env = dict(os.environ, KVTIER_GRPC_PORT=str(port), KVTIER_HTTP_PORT=str(free_port()),
+               KVTIER_REDIS__URL=redis_url)
+    proc = subprocess.Popen([sys.executable, "-m", "kvtier.cli", "--log-level", "WARNING",
+                             "serve", "--grace", "1"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "ready" in line:
+                break
+        else:
+            raise RuntimeError(f"daemon exited with {proc.wait()} before it was ready")
+        threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _rate(nbytes: int, fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return nbytes / (time.perf_counter() - t0) / 1e9
+
+
+def socket_gbps(nbytes: int, count: int) -> float:
+    """One-direction loopback TCP throughput sending ``count`` messages of ``nbytes``."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    payload = bytes(nbytes)
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            for _ in range(count):
+                conn.sendall(payload)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    buf = bytearray(nbytes)
+    view = memoryview(buf)
+    with socket.create_connection(srv.getsockname()) as c:
+        t0 = time.perf_counter()
+        for _ in range(count):
+            got = 0
+            while got < nbytes:
+                got += c.recv_into(view[got:], nbytes - got)
+        dt = time.perf_counter() - t0
+    t.join()
+    srv.close()
+    return nbytes * count / dt / 1e9
+
+
+def measure(target: str, redis_url: str, page_mib: float = 2.0, pages: int = 16,
+            rounds: int = 5) -> dict[str, float]:
+    """Throughput in GB/s per path (medians over ``rounds``) plus ratios against redis-py."""
+    import redis
+
+    from kvtier_client import KVTierClient, Page
+
+    tokens = max(1, int(page_mib * (1 << 20) / (2 * 4 * 8 * 128 * 2)))
+    shape = (4, tokens, 8, 128)  # float16: k + v = page_mib MiB
+    rng = np.random.default_rng(0)
+    kv = [(rng.standard_normal(shape).astype(np.float16),
+           rng.standard_normal(shape).astype(np.float16)) for _ in range(pages)]
+    page_bytes = 2 * kv[0][0].nbytes
+    blobs = [k.tobytes() + v.tobytes() for k, v in kv]
+    total = page_bytes * pages
+    fast = KVTierClient(target, "bench", shared_memory="auto")
+    inline = KVTierClient(target, "bench-inline", shared_memory=False)
+    r = redis.Redis.from_url(redis_url)
+    samples: dict[str, list[float]] = {p: [] for p in PATHS}
+    try:
+        for rnd in range(rounds):
+            for name, client in (("grpc", fast), ("grpc_inline", inline)):
+                keys = [f"{name}-{rnd}-{i}".encode() for i in range(pages)]
+                objs = [Page(k, v) for k, v in kv]
+
+                def put_all(c: Any = client, ks: list[bytes] = keys, ps: list[Page] = objs) -> None:
+                    for key, page in zip(ks, ps):
+                        c.put([key], [page])
+
+                def get_all(c: Any = client, ks: list[bytes] = keys) -> None:
+                    for key in ks:
+                        if c.get([key])[0] is None:
+                            raise RuntimeError("benchmark page missing from the daemon")
+
+                samples[f"{name}_put"].append(_rate(total, put_all))
+                samples[f"{name}_get"].append(_rate(total, get_all))
+                client.delete(keys)
+            rkeys = [f"kvtier-bench-{rnd}-{i}" for i in range(pages)]
+            samples["redis_set"].append(_rate(total, lambda: [r.set(k, b) for k, b in
+                                                              zip(rkeys, blobs)]))
+            samples["redis_get"].append(_rate(total, lambda: [r.get(k) for k in rkeys]))
+            r.delete(*rkeys)
+            samples["socket"].append(socket_gbps(page_bytes, pages))
+        shm_used = fast.uses_shared_memory
+    finally:
+        fast.close()
+        inline.close()
+        r.close()
+    out = {f"{p}_gbps": statistics.median(v) for p, v in samples.items()}
+    out["page_bytes"] = float(page_bytes)
+    out["shm_used"] = float(shm_used)
+    for p in ("grpc_get", "grpc_inline_get"):
+        out[f"{p}_vs_redis"] = out[f"{p}_gbps"] / out["redis_get_gbps"]
+    for p in ("grpc_put", "grpc_inline_put"):
+        out[f"{p}_vs_redis"] = out[f"{p}_gbps"] / out["redis_set_gbps"]
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    with ExitStack() as stack:
+        redis_url = args.redis_url or stack.enter_context(RedisProcess()).url
+        target = args.target or stack.enter_context(daemon_process(redis_url))
+        res = measure(target, redis_url, args.page_mib, args.pages, args.rounds)
+    if args.json:
+        print(json.dumps(res, indent=2, sort_keys=True))
+        return 0
+    print(f"transfer of {res['page_bytes'] / (1 << 20):.1f} MiB float16 pages (hot tier), "
+          f"median of {args.rounds} rounds; client default path "
+          f"{'shared memory' if res['shm_used'] else 'inline gRPC'}")
+    for p in PATHS:
+        ratio = res.get(f"{p}_vs_redis")
+        extra = f"   {ratio:.2f}x redis-py" if ratio is not None else ""
+        print(f"  {p:<16} {res[f'{p}_gbps']:6.2f} GB/s{extra}")
+    return 0

@@ -1,0 +1,115 @@
+"""The same-host shared-memory path: used when local, bound to one namespace, cleaned up."""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from kvtier.daemon import Daemon
+from kvtier_client import KVTierClient
+from kvtier_client.shm import Segment
+from kvtier_proto.v1 import cache_pb2 as pb
+from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
+
+from .conftest import make_page
+
+
+def _sessions(d: Daemon) -> int:
+    return len(d._shm)
+
+
+def _wait(cond: object, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():  # type: ignore[operator]
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_local_client_uses_shm_and_leaves_nothing_in_dev_shm(daemon: Daemon) -> None:
+    before = set(glob.glob("/dev/shm/kvtier-*"))
+    c = KVTierClient(daemon.grpc_address, "tenant-a")  # auto: loopback -> shared memory
+    page = make_page(1)
+    c.put([b"a"], [page])
+    assert c.uses_shared_memory and _sessions(daemon) == 1
+    got = c.get([b"a"])[0]
+    assert got is not None and np.array_equal(got.k, page.k) and np.array_equal(got.v, page.v)
+    assert set(glob.glob("/dev/shm/kvtier-*")) == before  # unlinked once attached
+    c.close()
+    assert _wait(lambda: _sessions(daemon) == 0)  # disconnect ends the session
+
+
+def test_results_do_not_alias_the_segment(daemon: Daemon) -> None:
+    with KVTierClient(daemon.grpc_address, "tenant-a") as c:
+        c.put([b"a", b"b"], [make_page(1), make_page(2)])
+        first = c.get([b"a"])[0]
+        c.get([b"b"])  # overwrites the segment's request area
+        assert first is not None and np.array_equal(first.k, make_page(1).k)
+
+
+def test_session_is_bound_to_its_namespace(daemon: Daemon) -> None:
+    with grpc.insecure_channel(daemon.grpc_address) as ch:
+        stub = pb_grpc.CacheServiceStub(ch)
+        seg = Segment(1 << 20)
+        call = stub.AttachShm(pb.AttachShmRequest(namespace="tenant-a", path=seg.path,
+                                                  size=seg.size, token=seg.token))
+        session = next(call).session
+        seg.unlink()
+        with KVTierClient(daemon.grpc_address, "tenant-b", shared_memory=False) as other:
+            other.put([b"secret"], [make_page(9)])
+        # a tenant-a session cannot pull tenant-b pages into its segment
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Get(pb.GetRequest(namespace="tenant-b", keys=[b"secret"],
+                                        shm_session=session, shm_offset=64,
+                                        shm_capacity=1 << 19)))
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "shm_session" in info.value.details()
+        assert bytes(seg.view[64:64 + 16]) == bytes(16)  # nothing was written
+        call.cancel()
+        seg.close()
+    assert _wait(lambda: _sessions(daemon) == 0)
+
+
+@pytest.mark.parametrize("path,field", [
+    ("/etc/passwd", "path"),
+    ("/dev/shm/kvtier-" + "0" * 32, "path"),  # well-formed but absent: not on this host
+])
+def test_attach_refuses_foreign_paths(daemon: Daemon, path: str, field: str) -> None:
+    with grpc.insecure_channel(daemon.grpc_address) as ch:
+        stub = pb_grpc.CacheServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as info:
+            next(stub.AttachShm(pb.AttachShmRequest(namespace="a", path=path, size=1 << 20,
+                                                    token=os.urandom(16))))
+        assert info.value.code() in (grpc.StatusCode.INVALID_ARGUMENT,
+                                     grpc.StatusCode.FAILED_PRECONDITION)
+        assert info.value.details().startswith(f"{field}: ")
+
+
+def test_attach_refuses_a_wrong_token(daemon: Daemon) -> None:
+    with grpc.insecure_channel(daemon.grpc_address) as ch:
+        seg = Segment(1 << 20)
+        try:
+            with pytest.raises(grpc.RpcError) as info:
+                next(pb_grpc.CacheServiceStub(ch).AttachShm(pb.AttachShmRequest(
+                    namespace="a", path=seg.path, size=seg.size, token=os.urandom(16))))
+            assert "token" in info.value.details()
+        finally:
+            seg.close()
+
+
+def test_daemon_stop_ends_sessions_and_client_falls_back(daemon: Daemon) -> None:
+    c = KVTierClient(daemon.grpc_address, "tenant-a")
+    c.put([b"a"], [make_page(1)])
+    assert c.uses_shared_memory
+    daemon._shm.close_all()  # what stop() does; the client must notice and go inline
+    got = c.get([b"a"])[0]
+    assert got is not None and np.array_equal(got.k, make_page(1).k)
+    assert not c.uses_shared_memory
+    c.close()
+
