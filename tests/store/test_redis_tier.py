@@ -143,3 +143,28 @@ def test_redis_hanging_times_out_instead(make_store: StoreFactory,
     wait_until(lambda: store.redis_up, what="redis tier back up")
     got = store.get(NS, [key(0)])[0]
     assert got is not None and got.tier == "remote"
+
+
+def test_corrupt_or_foreign_keys_are_never_served(make_store: StoreFactory,
+                                                  redis_url: str) -> None:
+    settings = make_settings(stack(), redis_url)
+    store = make_store(settings, start=True, mover=False)
+    store.put(NS, [(key(0), make_page(0)), (key(1), make_page(1))])
+    assert store.demote(NS, [key(0), key(1)], "remote") == [True, True]
+    client = redis.Redis.from_url(redis_url)
+    rkey = f"kvt:{NS}:{{{key(0).hex()}}}"
+    blob = bytearray(client.hget(rkey, "b") or b"")
+    blob[len(blob) // 2] ^= 0x40  # one flipped bit in the payload
+    client.hset(rkey, "b", bytes(blob))
+    client.set("kvt:junk", b"x")  # keys under our prefix that are not pages
+    client.set(f"kvt:{NS}:{{zz}}", b"x")
+    client.set(f"kvt:{NS}:{{{key(5).hex()}}}", b"a string, not a hash")
+    assert store.get(NS, [key(0)]) == [None]
+    assert client.exists(rkey) == 0
+    assert store.stats().tiers[2].evictions["corrupt"] == 1
+    got = store.get(NS, [key(1)])[0]
+    assert got is not None and got.tier == "remote"
+    fresh = make_store(settings, start=True, mover=False)  # rebuild skips the junk
+    assert fresh.stats().tiers[2].pages == 1
+    assert fresh.get(NS, [key(5)]) == [None]
+    client.close()

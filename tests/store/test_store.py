@@ -159,3 +159,36 @@ def test_mover_thread_demotes_past_the_high_watermark(make_store: StoreFactory) 
     assert tiers == ["warm"] * 5 + ["hot"] * 3
     recorded = store.policy  # the policy got the access events via the mover
     assert recorded.name == "lru"
+
+
+def test_policy_gets_events_and_a_failing_policy_falls_back(make_store: StoreFactory) -> None:
+    from collections.abc import Sequence
+
+    from kvtier.store.policy import AccessEvent, LRUPolicy, PageMeta
+
+    class Recording(LRUPolicy):
+        def __init__(self) -> None:
+            self.events: list[AccessEvent] = []
+
+        def record(self, events: Sequence[AccessEvent]) -> None:
+            self.events.extend(events)
+
+    class Broken(LRUPolicy):
+        def score(self, pages: Sequence[PageMeta]) -> list[float]:
+            raise RuntimeError("model not loaded")
+
+    rec = Recording()
+    store = make_store(make_settings(small_stack(hot_pages=2)), rec)
+    store.put(NS, [(key(0), make_page(0)), (key(1), make_page(1))], chain_positions=[3, 4])
+    store.get(NS, [key(1), key(7)])
+    store.lookup(NS, [key(0)])
+    assert rec.events == []  # nothing delivered on the data path
+    store.rebalance()
+    kinds = [(e.kind.value, e.page.key, e.tier_hit, e.chain_position) for e in rec.events]
+    assert kinds == [("put", key(0), "hot", 3), ("put", key(1), "hot", 4),
+                     ("get", key(1), "hot", 0), ("get", key(7), None, 1),
+                     ("lookup", key(0), "hot", 0)]
+    assert [e.seq for e in rec.events] == sorted(e.seq for e in rec.events)
+    store.set_policy(Broken())
+    store.put(NS, [(key(2), make_page(2))])  # make-room asks the broken policy: LRU instead
+    assert store.lookup(NS, [key(0), key(1), key(2)]).tiers == ["warm", "hot", "hot"]

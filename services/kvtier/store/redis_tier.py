@@ -87,6 +87,12 @@ class RedisTier:
             log.warning("redis tier at %s is down: %s", self.url, err)
         return BackendUnavailable(f"redis at {self.url} is unavailable: {err}", field="redis")
 
+    def _failed(self, err: redis.RedisError) -> BackendUnavailable:
+        """Connection trouble marks the tier down; any other Redis error fails this call only."""
+        if isinstance(err, (redis.ConnectionError, redis.TimeoutError)):
+            return self._mark_down(err)
+        return BackendUnavailable(f"redis at {self.url} answered an error: {err}", field="redis")
+
     def probe(self, *, force: bool = False) -> bool:
         """Ping Redis if down and the retry interval has passed; True if up afterwards."""
         with self._lock:
@@ -140,20 +146,25 @@ class RedisTier:
             b"b": blob, b"p": int(meta.precision), b"n": meta.nbytes,
             b"s": meta.stored_bytes, b"c": meta.chain_position,
         }
+        key = self.key(page)
         try:
-            self._client.hset(self.key(page), mapping=mapping)  # type: ignore[arg-type]
-        except (redis.ConnectionError, redis.TimeoutError) as e:
-            raise self._mark_down(e) from None
+            # DEL + HSET in one MULTI on one key (cluster-safe): no stale fields, no WRONGTYPE
+            pipe = self._client.pipeline(transaction=True)
+            pipe.delete(key)
+            pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
+            pipe.execute()
+        except redis.RedisError as e:
+            raise self._failed(e) from None
 
     def read(self, page: PageId) -> tuple[bytes, RemoteMeta] | None:
         """The page's blob and meta, or None if the key is gone (or is not a page of ours)."""
         self._check_up()
         try:
             vals = self._client.hmget(self.key(page), [b"b", *_META_FIELDS])
-        except (redis.ConnectionError, redis.TimeoutError) as e:
-            raise self._mark_down(e) from None
         except redis.ResponseError:
             return None  # e.g. WRONGTYPE: someone else's key under our name
+        except redis.RedisError as e:
+            raise self._failed(e) from None
         blob = vals[0]
         meta = _parse_meta([v if isinstance(v, bytes) else None for v in vals[1:]])
         if not isinstance(blob, bytes) or meta is None:
@@ -168,8 +179,8 @@ class RedisTier:
             for p in pages:
                 pipe.hmget(self.key(p), list(_META_FIELDS))
             rows = pipe.execute(raise_on_error=False)
-        except (redis.ConnectionError, redis.TimeoutError) as e:
-            raise self._mark_down(e) from None
+        except redis.RedisError as e:
+            raise self._failed(e) from None
         return [_parse_meta(r) if isinstance(r, list) else None for r in rows]
 
     def delete(self, pages: Sequence[PageId]) -> int:
@@ -182,8 +193,8 @@ class RedisTier:
             for p in pages:
                 pipe.delete(self.key(p))  # one command per key: keys may sit in other slots
             return sum(int(n) for n in pipe.execute())
-        except (redis.ConnectionError, redis.TimeoutError) as e:
-            raise self._mark_down(e) from None
+        except redis.RedisError as e:
+            raise self._failed(e) from None
 
     def scan(self, batch: int = 512) -> Iterator[tuple[PageId, RemoteMeta]]:
         """Every page under the prefix, with its meta (SCAN + pipelined HMGET per batch)."""
@@ -197,8 +208,8 @@ class RedisTier:
                     keys = []
             if keys:
                 yield from self._scan_batch(keys)
-        except (redis.ConnectionError, redis.TimeoutError) as e:
-            raise self._mark_down(e) from None
+        except redis.RedisError as e:
+            raise self._failed(e) from None
 
     def _scan_batch(self, keys: list[bytes]) -> Iterator[tuple[PageId, RemoteMeta]]:
         pids = [self.parse_key(k) for k in keys]
