@@ -53,28 +53,31 @@ class BlockHistory:
             return 1.0
         return _lg(gap) / self._gap_norm
 
-    def observe(self, keys: Sequence[Hashable]) -> tuple[int, list[list[float]]]:
+    def observe(self, keys: Sequence[Hashable], start: int = 0) -> tuple[int, list[list[float]]]:
         """Features of each key of a request (state before it), then record the request.
 
-        Returns the sequence number of the first key (key i is access ``seq0 + i``).
+        ``keys`` is the chain from position ``start`` on (a live batch may carry only the tail
+        of a chain). Returns the sequence number of the first key (key i is ``seq0 + i``).
         """
-        n = len(keys)
+        n = len(keys) + start
         seq0 = self.seq
         count = self.count
         last = self.last
         known = 0
-        while known < n and keys[known] in count:
+        while known < len(keys) and keys[known] in count:
             known += 1
         head_gap = seq0 - last[keys[known - 1]] if known else None
-        first_gap = seq0 - last[keys[0]] if known else None
+        known += start
+        first_gap = seq0 - last[keys[0]] if keys and keys[0] in last else None
         ln = _lg(n) / 8.0
         rows: list[list[float]] = []
-        for j, key in enumerate(keys):
+        for i, key in enumerate(keys):
+            j = i + start
             c = count.get(key, 0)
-            s = seq0 + j
+            s = seq0 + i
             gap = s - last[key] if c else None
             pgap = self.prev_gap.get(key) if c > 1 else None
-            parent_c = count.get(keys[j - 1], 0) if j else 0
+            parent_c = count.get(keys[i - 1], 0) if i else 0
             rows.append([
                 _lg(j) / 8.0, _lg(n - 1 - j) / 8.0, 1.0 if j == n - 1 else 0.0, ln,
                 _lg(c) / 4.0, 0.0 if c else 1.0, self._gap_feature(gap),
@@ -83,17 +86,17 @@ class BlockHistory:
                 _lg(parent_c) / 4.0, self._gap_feature(head_gap),
                 self._gap_feature(first_gap),
             ])
-        for j, key in enumerate(keys):
-            s = seq0 + j
+        for i, key in enumerate(keys):
+            s = seq0 + i
             c = count.get(key, 0)
             if c:
                 self.prev_gap[key] = s - last[key]
-            elif j:
-                parent = keys[j - 1]
+            elif i:
+                parent = keys[i - 1]
                 self.children[parent] = self.children.get(parent, 0) + 1
             count[key] = c + 1
             last[key] = s
-        self.seq = seq0 + n
+        self.seq = seq0 + len(keys)
         return seq0, rows
 
     def prune(self) -> int:

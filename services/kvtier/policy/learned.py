@@ -45,9 +45,10 @@ class LearnedModel:
     def now(self) -> int:
         return self.history.seq
 
-    def observe(self, keys: Sequence[Hashable]) -> None:
-        """One request's chain: features, predictions, labels, expectations."""
-        seq0, rows = self.history.observe(keys)
+    def observe(self, keys: Sequence[Hashable], start: int = 0) -> None:
+        """One request's chain (from chain position ``start``): features, predictions,
+        labels, expectations."""
+        seq0, rows = self.history.observe(keys, start)
         preds = self.predictor.predict(rows)
         self.predictor.observe(keys, seq0, rows, preds)
         to_gap = self.predictor.to_gap
