@@ -79,6 +79,33 @@ class Admin:
         return self.server.url
 
 
+NS = "tenant-a"
+
+
+def put_pages(admin: Admin, n: int, namespace: str = NS) -> list[bytes]:
+    """Store ``n`` pages (keys a0 00, a0 01, ...) straight into the store."""
+    keys = [bytes([0xA0, i]) for i in range(n)]
+    admin.store.put(namespace, [(k, make_test_page(i)) for i, k in enumerate(keys)])
+    return keys
+
+
+def tiers(admin: Admin) -> dict[str, dict[str, Any]]:
+    r = admin.http.get("/v1/tiers")
+    assert r.status_code == 200
+    return {t["name"]: t for t in r.json()["tiers"]}
+
+
+def error(r: httpx.Response, status: int, code: str, field: str | None = None) -> str:
+    """Assert an error response of the one error handler; return its message."""
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["status"] == status and err["code"] == code, err
+    if field is not None:
+        assert err["field"] == field, err
+    assert err["message"]
+    return str(err["message"])
+
+
 @pytest.fixture()
 def start_admin(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Admin]]:
     """``start_admin(settings, mover=True)``: a serving store behind a real uvicorn."""
