@@ -1,0 +1,165 @@
+"""``kvtier bench codecs``: encode/decode throughput of int8 and int4 against memcpy.
+
+For fp16 pages of 64 KiB and of 2 MiB, drawn from a working set of at least 256 MiB so that
+data comes from memory rather than cache (as it does in a real tier), it measures in one run:
+
+* memcpy of the same pages (``numpy.copyto`` into a page-sized buffer, one thread),
+* encode and decode throughput of int8 and int4 in GB/s of fp16 page data (checksums, headers
+  and allocation of the results included: what a tier pays per page),
+* the compression ratio with every byte of the blob counted (header, scales, minima, sinks,
+  outlier channels, padding).
+
+Each figure is the best of ``--repeat`` passes over the whole working set; the spread
+(worst/best) is printed too, because the machine is shared and timings are noisy. Ratios to
+memcpy are of figures from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvtier.codecs import decode, encode, warmup
+from kvtier.config import CodecConfig
+from kvtier.types import Codec, Page
+
+MiB = 1 << 20
+# Page shapes [layers, tokens, kv_heads, head_dim] of 64 KiB and 2 MiB (K+V, fp16): a 64-token
+# chunk of one layer of a 2-KV-head model, and of eight layers of an 8-KV-head model.
+SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "64KiB": (1, 64, 2, 128),
+    "2MiB": (8, 64, 8, 128),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    best_gbps: float
+    worst_gbps: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"best": round(self.best_gbps, 3), "worst": round(self.worst_gbps, 3)}
+
+
+def working_set(shape: tuple[int, int, int, int], total_bytes: int, seed: int = 0) -> list[Page]:
+    """fp16 pages covering ``total_bytes``; K has per-channel bias as real key caches do."""
+    L, T, H, D = shape
+    page_bytes = 2 * L * T * H * D * 2
+    n = max(1, -(-total_bytes // page_bytes))
+    g = torch.Generator().manual_seed(seed)
+    k = torch.empty(n, L, T, H, D, dtype=torch.float16)
+    v = torch.empty_like(k)
+    bias = torch.randn(1, L, 1, H, D, generator=g) * 2
+    for i in range(0, n, 16):  # in slabs, to keep float32 temporaries small
+        j = min(n, i + 16)
+        k[i:j] = (bias + torch.randn(j - i, L, T, H, D, generator=g)).half()
+        v[i:j] = (0.5 * torch.randn(j - i, L, T, H, D, generator=g)).half()
+    return [Page(k=k[i], v=v[i], start_position=64 + T * i) for i in range(n)]
+
+
+def _time(fn: Callable[[int], object], n: int, nbytes: int, repeat: int) -> Timing:
+    rates = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for i in range(n):
+            fn(i)
+        rates.append(nbytes / (time.perf_counter() - t0) / 1e9)
+    return Timing(max(rates), min(rates))
+
+
+def bench_size(shape: tuple[int, int, int, int], total_bytes: int, repeat: int,
+               params: CodecConfig) -> dict[str, Any]:
+    pages = working_set(shape, total_bytes)
+    n = len(pages)
+    page_bytes = pages[0].nbytes
+    nbytes = n * page_bytes
+    dst = np.empty(page_bytes // 2, dtype=np.float16)
+    half = page_bytes // 4
+
+    def copy(i: int) -> None:
+        np.copyto(dst[:half], pages[i].k.numpy().reshape(-1))
+        np.copyto(dst[half:], pages[i].v.numpy().reshape(-1))
+
+    out: dict[str, Any] = {"page_bytes": page_bytes, "pages": n, "working_set_bytes": nbytes,
+                           "shape": list(shape)}
+    memcpy = _time(copy, n, nbytes, repeat)
+    out["memcpy_gbps"] = round(memcpy.best_gbps, 3)
+    out["memcpy_spread"] = memcpy.as_dict()
+    for codec in (Codec.INT8, Codec.INT4):
+        blobs = [encode(p, codec, params) for p in pages]
+        enc = _time(lambda i: encode(pages[i], codec, params), n, nbytes, repeat)
+        dec = _time(lambda i: decode(blobs[i]), n, nbytes, repeat)
+        ratio = nbytes / sum(len(b) for b in blobs)
+        del blobs
+        out[codec.value] = {
+            "encode_gbps": round(enc.best_gbps, 3),
+            "decode_gbps": round(dec.best_gbps, 3),
+            "ratio": round(ratio, 4),
+            "encode_vs_memcpy": round(enc.best_gbps / memcpy.best_gbps, 3),
+            "decode_vs_memcpy": round(dec.best_gbps / memcpy.best_gbps, 3),
+            "encode_spread": enc.as_dict(),
+            "decode_spread": dec.as_dict(),
+        }
+    return out
+
+
+def run(sizes: list[str], total_mib: int, repeat: int, params: CodecConfig) -> dict[str, Any]:
+    """All figures as one JSON-able dict; the top-level keys are those of the largest size."""
+    warmup()
+    per = {s: bench_size(SHAPES[s], total_mib * MiB, repeat, params) for s in sizes}
+    head = per[sizes[-1]]
+    return {
+        "memcpy_gbps": head["memcpy_gbps"],
+        "int8": {k: head["int8"][k] for k in ("encode_gbps", "decode_gbps", "ratio")},
+        "int4": {k: head["int4"][k] for k in ("encode_gbps", "decode_gbps", "ratio")},
+        "headline_size": sizes[-1],
+        "sizes": per,
+        "repeat": repeat,
+        "group_size": params.group_size,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _print_table(res: dict[str, Any]) -> None:
+    print(f"codec benchmark: fp16 pages, group {res['group_size']}, best of {res['repeat']} "
+          f"passes (worst in brackets), GB/s of fp16 page data")
+    for size, r in res["sizes"].items():
+        print(f"\n{size} pages {r['shape']} x {r['pages']} "
+              f"({r['working_set_bytes'] / MiB:.0f} MiB working set)")
+        print(f"  memcpy        {r['memcpy_gbps']:7.2f}  [{r['memcpy_spread']['worst']:.2f}]")
+        for c in ("int8", "int4"):
+            x = r[c]
+            print(f"  {c} encode   {x['encode_gbps']:7.2f}  [{x['encode_spread']['worst']:.2f}]"
+                  f"  {100 * x['encode_vs_memcpy']:5.1f}% of memcpy")
+            print(f"  {c} decode   {x['decode_gbps']:7.2f}  [{x['decode_spread']['worst']:.2f}]"
+                  f"  {100 * x['decode_vs_memcpy']:5.1f}% of memcpy")
+            print(f"  {c} ratio    {x['ratio']:7.3f}x (all metadata counted)")
+
+
+def main(args: argparse.Namespace) -> int:
+    params = CodecConfig(group_size=args.group_size)
+    sizes = [s for s in SHAPES if s in args.sizes]
+    res = run(sizes, args.working_set_mib, args.repeat, params)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        _print_table(res)
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("codecs", help="encode/decode throughput of int8/int4 vs memcpy")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--repeat", type=int, default=3, help="passes per figure (best is kept)")
+    p.add_argument("--working-set-mib", type=int, default=256,
+                   help="bytes of distinct pages per size (>= 256 to defeat caches)")
+    p.add_argument("--sizes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--group-size", type=int, default=CodecConfig().group_size)
+    p.set_defaults(func=main)
