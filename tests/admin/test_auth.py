@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -116,3 +117,18 @@ def test_is_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
 
 
+
+
+def test_daemon_refuses_to_start_exposed_without_a_token(redis_url: str) -> None:
+    from kvtier.admin.server import start_http
+    from kvtier.daemon import Daemon
+
+    settings = make_settings(redis_url, admin_token=None, http_host="0.0.0.0")
+    daemon = Daemon(settings, start_http=start_http)
+    with pytest.raises(ConfigError, match="non-loopback"):
+        daemon.start()
+    # Nothing is left serving: the gRPC server that had started is stopped again.
+    assert daemon.http_port is None
+    if daemon.grpc_port:
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", daemon.grpc_port), timeout=1).close()
