@@ -12,8 +12,10 @@ from kvtier.errors import ConfigError
 
 # Modules that add subcommands; each defines ``register(subparsers) -> None`` and sets
 # ``func`` on its parser to a callable taking the parsed namespace and returning an exit code.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("kvtier.cli.serve", "kvtier.cli.up", "kvtier.cli.bench", "kvtier.cli.eval", "kvtier.cli.replay",
-                                        "kvtier.cli.policy")
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "kvtier.cli.serve", "kvtier.cli.up", "kvtier.cli.bench", "kvtier.cli.eval",
+    "kvtier.cli.replay", "kvtier.cli.policy",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

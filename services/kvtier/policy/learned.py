@@ -77,6 +77,7 @@ class PredictedCache(ReplacementCore):
         super().__init__(capacity)
         self.model = model
         self.use_model = False
+        self.leader: PredictedCache | None = None  # lower tiers follow the top tier's mode
         self._res: OrderedDict[Key, tuple[float, int]] = OrderedDict()  # LRU order
         self._heap: list[tuple[float, int]] = []  # (-expected, ident), lazily deleted
         self._due: list[tuple[float, int]] = []  # (overdue-after, ident), lazily deleted
@@ -89,6 +90,9 @@ class PredictedCache(ReplacementCore):
 
     def __len__(self) -> int:
         return len(self._res)
+
+    def _mode(self) -> bool:
+        return self.leader.use_model if self.leader is not None else self.use_model
 
     def _expected(self, key: Key) -> float:
         return self.model.expected.get(key, float(self.model.now))
@@ -131,7 +135,7 @@ class PredictedCache(ReplacementCore):
         self._put(key)
 
     def admit(self, key: Key) -> bool:
-        if not self.use_model or len(self._res) < self.capacity:
+        if not self._mode() or len(self._res) < self.capacity:
             return True
         if self._expected(key) >= self._top()[0]:
             self.bypassed += 1
@@ -139,7 +143,7 @@ class PredictedCache(ReplacementCore):
         return True
 
     def _victim(self) -> Key:
-        if self.use_model:
+        if self._mode():
             late = self._overdue()
             return late if late is not None else self._top()[1]
         return next(iter(self._res))
@@ -162,7 +166,7 @@ class PredictedCache(ReplacementCore):
         entry = self._res.get(key)
         if entry is None:
             return (float("-inf"), 0.0)
-        if self.use_model:
+        if self._mode():
             return (-entry[0], float(entry[1]))
         return (float(entry[1]),)
 

@@ -1,0 +1,165 @@
+"""``kvtier replay TRACE``: replay a block-access trace in simulation or against a daemon.
+
+Simulation (default): a single cache of ``--capacity`` slots (a fraction of the trace's
+distinct blocks when below 1, else a block count), or with ``--tiers`` the configured tier
+stack with the same total split in proportion to the tiers' byte capacities. ``--compare`` runs
+every policy (and Belady's bound) at each capacity and prints hit ratios with 95% bootstrap
+intervals and the share of the LRU->Belady gap closed. ``--live`` drives a daemon (``--target``,
+or one started here with in-memory tiers sized from the capacity) the way a worker would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from kvtier.config import MiB, TierConfig, load_settings
+from kvtier.errors import InvalidArgument
+from kvtier.policy.compare import format_table, rows_for
+from kvtier.policy.runner import SIM_POLICIES, run_policy
+from kvtier.policy.sim import Progress, capacity_blocks, split_capacity
+from kvtier.policy.trace import Trace, TraceRequest, load_trace
+from kvtier.types import Medium
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("replay", help="replay a block-access trace (simulation or live)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("trace", help="JSONL trace in the Mooncake format")
+    p.add_argument("--capacity", default="0.05",
+                   help="cache size: fraction of distinct blocks (<1) or block count; a "
+                        "comma-separated list with --compare (default 0.05)")
+    p.add_argument("--policy", default="learned", choices=SIM_POLICIES)
+    p.add_argument("--tiers", action="store_true", help="simulate the tier stack")
+    p.add_argument("--compare", action="store_true", help="all policies, with 95%% CIs")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
+    p.add_argument("--device", default="cpu", help="torch device for the predictor")
+    p.add_argument("--config", default=None, help="settings JSON (tier stack for --tiers)")
+    p.add_argument("--live", action="store_true", help="replay against a daemon")
+    p.add_argument("--target", default=None, help="daemon host:port (live; default: start one)")
+    p.add_argument("--page-bytes", type=int, default=16384, help="live page payload size")
+    p.add_argument("--namespace", default="replay")
+    p.set_defaults(func=run)
+
+
+def _progress(label: str, total: int) -> Progress | None:
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    def wrap(it: Iterator[TraceRequest]) -> Iterator[TraceRequest]:
+        return iter(tqdm(it, total=total, desc=label, unit="req", leave=False))
+
+    return wrap
+
+
+def _capacities(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidArgument(f"must be numbers, got {text!r}", field="capacity") from None
+    if not values:
+        raise InvalidArgument("is empty", field="capacity")
+    return values
+
+
+def _tier_weights(args: argparse.Namespace) -> list[tuple[str, int]]:
+    settings = load_settings(args.config)
+    return [(t.name, t.capacity_bytes) for t in settings.tiers]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(1)  # a tiny MLP: one thread is fastest and deterministic
+    try:
+        trace = load_trace(args.trace)
+        if args.limit is not None:
+            if args.limit < 1:
+                raise InvalidArgument("must be at least 1", field="limit")
+            trace = Trace(trace.name, trace.requests[: args.limit])
+        caps = [capacity_blocks(trace, c) for c in _capacities(args.capacity)]
+        if args.live:
+            out = _live(args, trace, caps[0])
+        elif args.compare:
+            out = _compare(args, trace, caps)
+        else:
+            out = _single(args, trace, caps[0])
+    except InvalidArgument as e:
+        print(f"kvtier replay: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
+    return 0
+
+
+def _single(args: argparse.Namespace, trace: Trace, cap: int) -> dict[str, Any]:
+    tiers = split_capacity(cap, _tier_weights(args)) if args.tiers else None
+    r = run_policy(trace, args.policy, cap, tiers=tiers, seed=args.seed, device=args.device,
+                   progress=_progress(args.policy, len(trace.requests)))
+    out = {"trace": trace.name, "seed": args.seed, **r.to_json()}
+    if not args.json:
+        print(f"{r.policy}: {r.hits}/{r.accesses} hits = {100 * r.hit_ratio:.2f}% at "
+              f"{r.capacity_blocks} blocks (prefix hits {r.prefix_hits}) in {r.seconds:.1f}s")
+        for name, h in r.tiers.items():
+            print(f"  {name:>8}: {h} hits ({r.tier_capacities[name]} slots)")
+        if r.detail:
+            print(f"  {r.detail}")
+    return out
+
+
+def _compare(args: argparse.Namespace, trace: Trace, caps: list[int]) -> dict[str, Any]:
+    tables = []
+    distinct = trace.distinct_blocks()
+    for cap in caps:
+        tiers = split_capacity(cap, _tier_weights(args)) if args.tiers else None
+        results = [run_policy(trace, name, cap, tiers=tiers if name != "belady" else None,
+                              seed=args.seed, device=args.device,
+                              progress=_progress(f"{name}@{cap}", len(trace.requests)))
+                   for name in SIM_POLICIES]
+        rows = rows_for(results, seed=args.seed, resamples=args.resamples)
+        label = f"{cap} ({100 * cap / distinct:.1f}%)"
+        if not args.json:
+            print(format_table(rows, label))
+            print()
+        tables.append({"capacity_blocks": cap, "rows": [r.to_json() for r in rows],
+                       "results": [r.to_json() for r in results]})
+    return {"trace": trace.name, "seed": args.seed, "accesses": trace.accesses,
+            "distinct_blocks": distinct, "compare": tables}
+
+
+def _live(args: argparse.Namespace, trace: Trace, cap: int) -> dict[str, Any]:
+    from kvtier.policy.live_replay import replay_live
+
+    progress = _progress("live", len(trace.requests))
+    if args.target:
+        r = replay_live(trace, args.target, namespace=args.namespace,
+                        page_bytes=args.page_bytes, seed=args.seed, progress=progress)
+    else:
+        from kvtier.daemon import Daemon
+
+        base = load_settings(args.config)
+        memory = [t for t in base.tiers if t.medium is not Medium.REDIS]
+        total = cap * args.page_bytes
+        split = split_capacity(total, [(t.name, t.capacity_bytes) for t in memory])
+        tiers = [TierConfig(name=t.name, medium=t.medium, codec=t.codec,
+                            capacity_bytes=max(size, MiB // 16))
+                 for t, (_, size) in zip(memory, split, strict=True)]
+        policy = "lru" if args.policy == "belady" else args.policy
+        settings = load_settings(args.config, grpc_port=0, tiers=[t.model_dump() for t in tiers],
+                                 policy={"name": policy}, redis={"url": None})
+        with Daemon(settings) as daemon:
+            r = replay_live(trace, daemon.grpc_address, namespace=args.namespace,
+                            page_bytes=args.page_bytes, seed=args.seed, progress=progress)
+    if not args.json:
+        print(f"live ({r.policy}): {r.hits}/{r.accesses} prefix hits = "
+              f"{100 * r.hit_ratio:.2f}%, present {r.present}, tiers {r.tiers}")
+        print(f"  bytes put {r.bytes_put}, got {r.bytes_got}; get latency ms {r.get_ms}; "
+              f"{r.seconds:.1f}s")
+    return {"trace": trace.name, "seed": args.seed, "capacity_blocks": cap, **r.to_json()}
