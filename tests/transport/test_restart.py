@@ -46,7 +46,7 @@ def serve(tmp_path: Path, private_redis: RedisProcess) -> Iterator[object]:
         lines = []
         for line in proc.stdout:
             lines.append(line)
-            if "ready" in line:
+            if line.startswith("kvtier: ready"):
                 return Served(proc, f"127.0.0.1:{port}")
         raise AssertionError(f"daemon exited {proc.wait()}:\n{''.join(lines)}")
 

@@ -58,7 +58,7 @@ def daemon_process(redis_url: str) -> Iterator[str]:
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
-            if "ready" in line:
+            if line.startswith("kvtier: ready"):
                 break
         else:
             raise RuntimeError(f"daemon exited with {proc.wait()} before it was ready")
