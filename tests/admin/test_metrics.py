@@ -168,16 +168,16 @@ def test_policy_metrics(quiet: Admin) -> None:
     assert value(m, "kvtier_policy_info", policy="lru", active="lru") == 1
     assert value(m, "kvtier_policy_fallback_active") == 0
     assert value(m, "kvtier_policy_events_dropped_total") == 0
-    assert not [k for k in m if k[0] == "kvtier_policy_predictor_loss"]
+    assert not [k for k in m if k[0] == "kvtier_policy_loss"]
     quiet.store.set_policy(ReportingPolicy(loss=0.25))
     m = scrape(quiet)
     assert value(m, "kvtier_policy_info", policy="learned", active="lru") == 1
     assert value(m, "kvtier_policy_fallback_active") == 1
     assert value(m, "kvtier_policy_events_dropped_total") == 7
-    assert value(m, "kvtier_policy_predictor_loss", policy="learned") == 0.25
-    assert value(m, "kvtier_policy_online_accuracy", policy="learned") == 0.625
+    assert value(m, "kvtier_policy_loss") == 0.25
+    assert value(m, "kvtier_policy_online_accuracy") == 0.625
     quiet.store.set_policy(ReportingPolicy(loss=float("nan")))  # no loss yet: no sample
-    assert not [k for k in scrape(quiet) if k[0] == "kvtier_policy_predictor_loss"]
+    assert not [k for k in scrape(quiet) if k[0] == "kvtier_policy_loss"]
 
 
 def test_every_label_is_bounded(quiet: Admin) -> None:

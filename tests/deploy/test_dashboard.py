@@ -43,7 +43,7 @@ def test_panels_cover_what_operators_need(dashboard: dict[str, Any]) -> None:
         "evictions": ("kvtier_tier_evictions_total",),
         "redis": ("kvtier_redis_up",),
         "fallback": ("kvtier_policy_fallback_active",),
-        "predictor": ("kvtier_policy_predictor_loss", "kvtier_policy_online_accuracy"),
+        "predictor": ("kvtier_policy_loss", "kvtier_policy_online_accuracy"),
     }
     for word, needles in want.items():
         panels = [exprs for title, exprs in by_title.items() if word in title.lower()]

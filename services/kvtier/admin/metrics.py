@@ -8,6 +8,10 @@ scrape time; the one thing pushed is the gRPC latency histogram, fed by an obser
 Every daemon HTTP server owns its own :class:`DaemonMetrics` (its own registry): no global
 registry, so several daemons in one process (tests) never share series.
 
+Policy figures come from :class:`kvtier.store.policy.PolicyStatus`; the optional attributes
+``loss``, ``online_accuracy`` and ``events_dropped`` are exported when a policy's status carries
+them (the learned and remote policies).
+
 Names follow ``kvtier_<what>_<unit>``, ``_total`` for counters. Label values are bounded: tier
 names come from the configured stack, ``reason`` from :class:`kvtier.types.EvictionReason`,
 ``op``/``codec`` from the codec table, ``method``/``code`` from the gRPC service definition and
@@ -36,8 +40,8 @@ kvtier_redis_up                        gauge      (1 up, 0 down; absent without 
 kvtier_policy_info                     gauge      policy, active (always 1)
 kvtier_policy_fallback_active          gauge
 kvtier_policy_events_dropped_total     counter
-kvtier_policy_predictor_loss           gauge      policy (only while a predictor reports one)
-kvtier_policy_online_accuracy          gauge      policy (only while a predictor reports one)
+kvtier_policy_loss                     gauge      (only while the policy reports one)
+kvtier_policy_online_accuracy          gauge      (only while the policy reports one)
 kvtier_rpc_duration_seconds            histogram  method, code
 kvtier_rpc_received_bytes_total        counter    method
 kvtier_rpc_sent_bytes_total            counter    method
@@ -225,15 +229,17 @@ class StoreCollector(Collector):
             [], stats.access_events_dropped + (_number(getattr(status, "events_dropped", 0)) or 0.0)
         )
         yield from (info, fallback, dropped)
+        # Same names as the policy service's own /metrics, so one dashboard query shows the
+        # predictor wherever it runs (embedded in the daemon, or the kvtier-policy job).
         for attr, name, doc in (
-            ("loss", "kvtier_policy_predictor_loss", "Recent training loss of the predictor."),
+            ("loss", "kvtier_policy_loss", "Recent training loss of the predictor."),
             ("online_accuracy", "kvtier_policy_online_accuracy",
              "Share of recent predictions the later accesses confirmed."),
         ):
             value = _number(getattr(status, attr, None))
             if value is not None:
-                g = GaugeMetricFamily(name, doc, labels=["policy"])
-                g.add_metric([str(status.name)], value)
+                g = GaugeMetricFamily(name, doc)
+                g.add_metric([], value)
                 yield g
 
     def _rpc(self) -> Iterable[Metric]:
