@@ -137,7 +137,11 @@ class PredictedCache(ReplacementCore):
     def admit(self, key: Key) -> bool:
         if not self._mode() or len(self._res) < self.capacity:
             return True
-        if self._expected(key) >= self._top()[0]:
+        # An overdue resident counts as "not needed within the horizon": a newcomer expected
+        # sooner replaces it, one expected later still does not get in.
+        late = self._overdue() is not None
+        bar = self.model.now + self.model.history.horizon if late else self._top()[0]
+        if self._expected(key) >= bar:
             self.bypassed += 1
             return False
         return True
