@@ -1,7 +1,7 @@
 """A real Prometheus (Debian's binary) scrapes a running daemon; the dashboard's queries answer.
 
-The daemon runs in-process (gRPC and HTTP on free ports, a real redis-server), a client drives
-traffic over gRPC while Prometheus scrapes every 0.5 s, then every PromQL expression of
+The daemon runs in-process (gRPC and HTTP on free ports, a real redis-server) beside a policy
+service, a client drives traffic over gRPC while Prometheus scrapes both every 0.5 s, then every PromQL expression of
 deploy/grafana/dashboards/kvtier.json goes through Prometheus's HTTP query API and must return
 a non-empty result. ``$__rate_interval`` is Grafana's; it becomes a window that holds enough
 scrapes here.
@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvtier.admin.prometheus import DAEMON_JOB, PrometheusProcess, scrape_config
+from kvtier.admin.prometheus import DAEMON_JOB, POLICY_JOB, PrometheusProcess, scrape_config
 from kvtier.admin.server import start_http
 from kvtier.daemon import Daemon
+from kvtier.policy.service import make_metrics_server, make_policy_server
 from kvtier.store.policy import LRUPolicy, PageMeta, PolicyStatus
 from kvtier_client import KVTierClient, Page
 
@@ -77,8 +78,30 @@ def daemon(redis_url: str) -> Iterator[Daemon]:
         d.stop(grace_s=1.0)
 
 
-def drive_traffic(daemon: Daemon, stop: threading.Event) -> None:
+@pytest.fixture()
+def policy_service() -> Iterator[int]:
+    """A policy service (gRPC + /metrics) as the kvtier-policy job; yields its HTTP port."""
+    server, _port, servicer = make_policy_server(LRUPolicy(), "127.0.0.1", 0)
+    httpd, http_port = make_metrics_server(servicer, "127.0.0.1", 0)
+    server.start()
+    web = threading.Thread(target=httpd.serve_forever, daemon=True)
+    web.start()
+    try:
+        yield http_port
+    finally:
+        httpd.shutdown()
+        server.stop(0).wait()
+
+
+def drive_traffic(daemon: Daemon, stop: threading.Event, errors: list[BaseException]) -> None:
     """Puts, hits in several tiers, misses, demotions, promotions and deletes, in a loop."""
+    try:
+        _traffic(daemon, stop)
+    except BaseException as e:  # reported by the test, not lost in a thread
+        errors.append(e)
+
+
+def _traffic(daemon: Daemon, stop: threading.Event) -> None:
     rng = np.random.default_rng(0)
     store = daemon.context.store
     ns = "prom"
@@ -99,13 +122,16 @@ def drive_traffic(daemon: Daemon, stop: threading.Event) -> None:
             stop.wait(0.05)
 
 
-def test_every_dashboard_query_returns_data(daemon: Daemon) -> None:
+def test_every_dashboard_query_returns_data(daemon: Daemon, policy_service: int) -> None:
     exprs = dashboard_exprs()
     assert len(exprs) >= 10
     stop = threading.Event()
-    traffic = threading.Thread(target=drive_traffic, args=(daemon, stop), daemon=True)
+    errors: list[BaseException] = []
+    traffic = threading.Thread(target=drive_traffic, args=(daemon, stop, errors), daemon=True)
     traffic.start()
-    config = scrape_config([f"127.0.0.1:{daemon.http_port}"], interval_s=0.5)
+    # The compose topology's two jobs; the daemon embeds its policy (the `kvtier up` default).
+    config = scrape_config([f"127.0.0.1:{daemon.http_port}"],
+                           [f"127.0.0.1:{policy_service}"], interval_s=0.5)
     try:
         with PrometheusProcess(config) as prom:
             deadline = time.monotonic() + 45
@@ -115,12 +141,14 @@ def test_every_dashboard_query_returns_data(daemon: Daemon) -> None:
                 empty = [(title, e) for title, e in exprs
                          if not query(prom, e.replace("$__rate_interval", RATE_WINDOW))]
             assert not empty, f"dashboard queries without data: {empty}"
-            up = query(prom, f'up{{job="{DAEMON_JOB}"}}')
-            assert [float(r["value"][1]) for r in up] == [1.0]
+            for job in (DAEMON_JOB, POLICY_JOB):
+                up = query(prom, f'up{{job="{job}"}}')
+                assert [float(r["value"][1]) for r in up] == [1.0], job
             # The series carry real numbers, not only NaN placeholders.
             ratio = query(prom, "sum by (tier) (rate(kvtier_tier_hits_total[10s]))")
             by_tier = {r["metric"]["tier"]: float(r["value"][1]) for r in ratio}
-            assert by_tier["hot"] > 0 and by_tier["warm"] > 0 and by_tier["remote"] > 0
+            assert not errors, errors
+            assert by_tier["hot"] > 0 and by_tier["warm"] > 0 and by_tier["remote"] > 0, by_tier
             p99 = query(prom, 'histogram_quantile(0.99, sum by (le) '
                               '(rate(kvtier_rpc_duration_seconds_bucket{method="Get"}[10s])))')
             assert 0 < float(p99[0]["value"][1]) < 10
