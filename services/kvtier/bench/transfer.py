@@ -37,6 +37,12 @@ PATHS = ("grpc_get", "grpc_put", "grpc_inline_get", "grpc_inline_put", "redis_ge
          "redis_set", "socket")
 
 
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("transfer", help="client page throughput vs redis-py and a socket")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="host:port of a running daemon (default: start one)")
     p.add_argument("--redis-url", help="Redis to compare with (default: start a redis-server)")

@@ -37,8 +37,13 @@ def register(sub: Any) -> None:
 def run_daemon(settings: Settings, grace_s: float, drain: bool,
                on_started: Any = None) -> int:
     """Start a daemon, print its endpoints, block until SIGTERM/SIGINT, stop it gracefully."""
-    from kvtier.daemon import Daemon, default_start_http  # heavy (torch): only when serving
+    from kvtier.daemon import (  # heavy (torch): only when serving
+        Daemon,
+        configure_torch_threads,
+        default_start_http,
+    )
 
+    log.info("torch intra-op threads: %d", configure_torch_threads())
     stop = threading.Event()
 
     def handle(signum: int, _frame: FrameType | None) -> None:

@@ -104,24 +104,35 @@ def check_finite(buf: memoryview, dtype: str, name: str) -> None:
 
 
 def build_page(h: Header, k: bytes | memoryview, v: bytes | memoryview,
-               settings: Settings) -> Page:
-    """The page of ``h`` from its bytes (copied once into tensors the store owns).
+               settings: Settings, *, borrow: bool = False) -> Page:
+    """The page of ``h`` from its bytes.
 
     ``h`` was checked by :func:`check_header` (sizes, dtype, shape); :func:`make_page` checks
-    the rest.
+    the rest. By default the bytes are copied once into memory the page owns. With ``borrow``
+    (writable views only: the shared-memory path) the tensors are views of ``k`` and ``v``:
+    the caller keeps that memory unchanged until the store's ``put`` returned, which copies
+    every page it keeps (``TierStore.put`` never aliases its caller), so a page crosses with
+    one copy in all.
     """
     dt = torch_dtype(h.dtype)
     n = h.nbytes
-    buf = bytearray(2 * n)  # one allocation for k and v; the tensors are views of it
-    view = memoryview(buf)
-    view[:n] = k
-    view[n:] = v
-    check_finite(view[:n], h.dtype, "k")
-    check_finite(view[n:], h.dtype, "v")
-    kt = torch.frombuffer(buf, dtype=dt, count=n // _ELEM[h.dtype]).reshape(h.shape)
-    vt = torch.frombuffer(buf, dtype=dt, offset=n).reshape(h.shape)
-    return make_page(kt, vt, h.start_position, max_page_bytes=settings.max_page_bytes,
-                     allow_nonfinite=True)
+    if borrow and isinstance(k, memoryview) and isinstance(v, memoryview) \
+            and not k.readonly and not v.readonly:
+        kview, vview = k, v
+        kt = torch.frombuffer(k, dtype=dt)
+        vt = torch.frombuffer(v, dtype=dt)
+    else:
+        buf = bytearray(2 * n)  # one allocation for k and v; the tensors are views of it
+        view = memoryview(buf)
+        view[:n] = k
+        view[n:] = v
+        kview, vview = view[:n], view[n:]
+        kt = torch.frombuffer(buf, dtype=dt, count=n // _ELEM[h.dtype])
+        vt = torch.frombuffer(buf, dtype=dt, offset=n)
+    check_finite(kview, h.dtype, "k")
+    check_finite(vview, h.dtype, "v")
+    return make_page(kt.reshape(h.shape), vt.reshape(h.shape), h.start_position,
+                     max_page_bytes=settings.max_page_bytes, allow_nonfinite=True)
 
 
 class PutAssembler:

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 
 import grpc
 
@@ -54,8 +55,14 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
 
     def PutStream(self, request_iterator: Iterator[pb.PutRequest],
                   context: grpc.ServicerContext) -> pb.PutReply:
+        with ExitStack() as borrowed:  # shm segments stay in use until the store copied
+            return self._put(request_iterator, borrowed)
+
+    def _put(self, request_iterator: Iterator[pb.PutRequest],
+             borrowed: ExitStack) -> pb.PutReply:
         namespace: str | None = None
         session_id = ""
+        seg: memoryview | None = None
         headers: list[Header] = []
         entries: dict[int, tuple[Header, Page]] = {}
         inline_idx: list[int] = []
@@ -86,8 +93,15 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
                     f"{self._settings.max_batch}", field="pages"
                 )
             if shm_batch:
-                pages = self._read_shm(namespace, session_id, [h for _, h in shm_batch])
-                entries.update(zip([i for i, _ in shm_batch], pages))
+                session = self._shm.get(session_id)
+                if seg is None:
+                    seg = borrowed.enter_context(session.use(namespace))
+                for idx, h in shm_batch:
+                    off = int(h.shm_offset or 0)
+                    session.check_range(off, 2 * h.nbytes, "shm_offset")
+                    entries[idx] = (h, build_page(h, seg[off:off + h.nbytes],
+                                                  seg[off + h.nbytes:off + 2 * h.nbytes],
+                                                  self._settings, borrow=True))
             if req.data:
                 assembler.feed(req.data)
         if namespace is None or not headers:
@@ -100,24 +114,14 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
             raise InvalidArgument("the same key appears twice in one put", field="keys")
         chain = [h.chain_position for h, _ in ordered]
         chain_positions = None if any(c is None for c in chain) else [int(c or 0) for c in chain]
-        outcomes = self._store.put(namespace, [(h.key, p) for h, p in ordered], chain_positions)
+        items = [(h.key, p) for h, p in ordered]
+        del entries, ordered
+        outcomes = self._store.put(namespace, items, chain_positions)
+        del items  # drop borrowed views before the segment is released
         return pb.PutReply(outcomes=[
             pb.PUT_OUTCOME_STORED if o.name == "STORED" else pb.PUT_OUTCOME_EXISTS
             for o in outcomes
         ])
-
-    def _read_shm(self, namespace: str, session_id: str,
-                  headers: Sequence[Header]) -> list[tuple[Header, Page]]:
-        session = self._shm.get(session_id)
-        out = []
-        with session.use(namespace) as seg:
-            for h in headers:
-                off = int(h.shm_offset or 0)
-                session.check_range(off, 2 * h.nbytes, "shm_offset")
-                out.append((h, build_page(h, seg[off:off + h.nbytes],
-                                          seg[off + h.nbytes:off + 2 * h.nbytes],
-                                          self._settings)))
-        return out
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> Iterator[pb.GetReply]:
         keys = self._keys(request.namespace, request.keys)

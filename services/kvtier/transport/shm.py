@@ -116,7 +116,11 @@ class ShmSession:
         with self._lock:
             if not self._closed:
                 self._closed = True
-                self._mm.close()
+                try:
+                    self._mm.close()
+                except BufferError:  # a view still alive somewhere: unmapped when it dies
+                    log.warning("shm session %s: segment still referenced; unmapped later",
+                                self.session_id)
 
 
 class ShmRegistry:
