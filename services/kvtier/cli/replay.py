@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvtier replay: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(out, sort_keys=True))
+        print(json.dumps(out))
     return 0
 
 

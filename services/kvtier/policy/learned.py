@@ -30,10 +30,10 @@ class LearnedModel:
     """History + predictor; shared by the cores of a tier stack. Not thread-safe."""
 
     def __init__(self, horizon: int, *, seed: int = 0, device: str = "cpu",
-                 min_labels: int = 2048) -> None:
+                 min_labels: int = 2048, train_every: int = 128) -> None:
         self.history = BlockHistory(horizon)
         self.predictor = Predictor(self.history.horizon, seed=seed, device=device,
-                                   min_labels=min_labels)
+                                   min_labels=min_labels, train_every=train_every)
         self.expected: dict[Hashable, float] = {}  # key -> expected seq of its next access
         self._since_prune = 0
 

@@ -30,8 +30,9 @@ class LearnedPolicy(Policy):
     name = "learned"
 
     def __init__(self, *, horizon: int = DEFAULT_HORIZON, seed: int = 0, device: str = "auto",
-                 min_labels: int = 2048, top_tier: str = "hot") -> None:
-        self.model = LearnedModel(horizon, seed=seed, device=device, min_labels=min_labels)
+                 min_labels: int = 2048, train_every: int = 128, top_tier: str = "hot") -> None:
+        self.model = LearnedModel(horizon, seed=seed, device=device, min_labels=min_labels,
+                                  train_every=train_every)
         self.horizon = self.model.history.horizon
         self.top_tier = top_tier
         self._lock = threading.Lock()
