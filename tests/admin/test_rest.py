@@ -208,6 +208,12 @@ def test_policy_show_and_switch(admin: Admin) -> None:
     error(admin.http.put("/v1/policy", json={"nam": "lru"}, headers=AUTH), 422,
           "INVALID_ARGUMENT")
     assert admin.store.policy.name == "lfu"
+    # The learned policy decides by LRU until trained, and says so.
+    r = admin.http.put("/v1/policy", json={"name": "learned"}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["name"] == "learned" and body["active"] == "lru"
+    assert body["fallback_active"] is True and "untrained" in body["detail"]
 
 
 def test_drain_writes_memory_pages_to_redis(admin: Admin) -> None:

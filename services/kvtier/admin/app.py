@@ -283,8 +283,12 @@ def create_app(context: DaemonContext, metrics: DaemonMetrics | None = None) -> 
     def put_policy(choice: PolicyChoice) -> dict[str, Any]:
         """Switch the live policy; page metadata stays, the new policy scores from now on."""
         policy = make_policy(settings.policy.model_copy(update={"name": choice.name}))
+        old = store.policy
         store.set_policy(policy)
-        log.info("admin: policy switched to %s", choice.name)
+        close = getattr(old, "close", None)  # a remote policy owns a channel and a sender
+        if callable(close):
+            close()
+        log.info("admin: policy switched from %s to %s", old.name, choice.name)
         return policy_view(store.policy.status(), policy_names())
 
     @app.post("/v1/drain", tags=["tiers"], dependencies=mutation)
