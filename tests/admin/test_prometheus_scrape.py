@@ -3,7 +3,8 @@
 The daemon runs in-process (gRPC and HTTP on free ports, a real redis-server) beside a policy
 service, a client drives traffic over gRPC while Prometheus scrapes both every 0.5 s, then every PromQL expression of
 deploy/grafana/dashboards/kvtier.json goes through Prometheus's HTTP query API and must return
-a non-empty result. ``$__rate_interval`` is Grafana's; it becomes a window that holds enough
+a non-empty result, and every alerting rule of deploy/kvtier-alerts.yml evaluates without
+error. ``$__rate_interval`` is Grafana's; it becomes a window that holds enough
 scrapes here.
 """
 
@@ -33,6 +34,7 @@ from .conftest import PAGE_SHAPE, PredictorStatus, make_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "kvtier.json"
+ALERTS = ROOT / "deploy" / "kvtier-alerts.yml"
 RATE_WINDOW = "10s"
 
 pytestmark = pytest.mark.skipif(
@@ -131,7 +133,8 @@ def test_every_dashboard_query_returns_data(daemon: Daemon, policy_service: int)
     traffic.start()
     # The compose topology's two jobs; the daemon embeds its policy (the `kvtier up` default).
     config = scrape_config([f"127.0.0.1:{daemon.http_port}"],
-                           [f"127.0.0.1:{policy_service}"], interval_s=0.5)
+                           [f"127.0.0.1:{policy_service}"], interval_s=0.5,
+                           rule_files=[str(ALERTS)])
     try:
         with PrometheusProcess(config) as prom:
             deadline = time.monotonic() + 45
@@ -149,6 +152,15 @@ def test_every_dashboard_query_returns_data(daemon: Daemon, policy_service: int)
             by_tier = {r["metric"]["tier"]: float(r["value"][1]) for r in ratio}
             assert not errors, errors
             assert by_tier["hot"] > 0 and by_tier["warm"] > 0 and by_tier["remote"] > 0, by_tier
+            # The alerting rules evaluate cleanly against the real series.
+            with urllib.request.urlopen(f"{prom.url}/api/v1/rules", timeout=5) as r:
+                groups = json.loads(r.read())["data"]["groups"]
+            rules = [rule for g in groups for rule in g["rules"]]
+            assert len(rules) >= 8
+            for rule in rules:
+                assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
+            firing = {rule["name"] for rule in rules if rule["state"] != "inactive"}
+            assert not firing & {"KVTierDaemonDown", "KVTierRedisDown"}, firing
             p99 = query(prom, 'histogram_quantile(0.99, sum by (le) '
                               '(rate(kvtier_rpc_duration_seconds_bucket{method="Get"}[10s])))')
             assert 0 < float(p99[0]["value"][1]) < 10

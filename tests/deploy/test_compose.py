@@ -196,7 +196,7 @@ def test_prometheus_targets_are_the_services_and_ports(
     policy = _settings_from_env(_env(compose["services"]["kvtier-policy"]), monkeypatch)
     want = scrape_config(
         [f"kvtier-daemon:{daemon.http_port}"], [f"kvtier-policy:{policy.policy_http_port}"],
-        interval_s=5.0,
+        interval_s=5.0, rule_files=["kvtier-alerts.yml"],
     )
     # deploy/prometheus.yml is the local monitoring config with the compose service names.
     assert prom == want
@@ -234,6 +234,11 @@ def test_mounted_files_and_provisioning_paths_exist(compose: dict[str, Any]) -> 
             container_to_host[dst] = host
     prom_cfg = container_to_host["/etc/prometheus/prometheus.yml"]
     assert prom_cfg.resolve() == PROMETHEUS_YML.resolve()
+    for rules in yaml.safe_load(PROMETHEUS_YML.read_text())["rule_files"]:
+        # Relative to the config file, on the host and in the container alike.
+        assert (PROMETHEUS_YML.parent / rules).is_file()
+        mounted = container_to_host[f"/etc/prometheus/{rules}"]
+        assert mounted.resolve() == (PROMETHEUS_YML.parent / rules).resolve()
 
     def host_path(container_path: str) -> Path:
         for dst, host in sorted(container_to_host.items(), key=lambda kv: -len(kv[0])):

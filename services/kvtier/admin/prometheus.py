@@ -40,8 +40,12 @@ def _duration(seconds: float) -> str:
 
 
 def scrape_config(daemon_targets: Sequence[str], policy_targets: Sequence[str] = (),
-                  interval_s: float = 5.0) -> dict[str, Any]:
-    """Prometheus configuration scraping ``/metrics`` of daemons and policy services."""
+                  interval_s: float = 5.0, rule_files: Sequence[str] = ()) -> dict[str, Any]:
+    """Prometheus configuration scraping ``/metrics`` of daemons and policy services.
+
+    ``rule_files`` are paths relative to the config file (``deploy/prometheus.yml`` loads
+    ``kvtier-alerts.yml`` beside it).
+    """
     jobs: list[dict[str, Any]] = []
     for job, targets in ((DAEMON_JOB, daemon_targets), (POLICY_JOB, policy_targets)):
         if targets:
@@ -51,10 +55,13 @@ def scrape_config(daemon_targets: Sequence[str], policy_targets: Sequence[str] =
                 "static_configs": [{"targets": list(targets)}],
             })
     interval = _duration(interval_s)
-    return {
+    config: dict[str, Any] = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
-        "scrape_configs": jobs,
     }
+    if rule_files:
+        config["rule_files"] = list(rule_files)
+    config["scrape_configs"] = jobs
+    return config
 
 
 def _free_port(host: str) -> int:
