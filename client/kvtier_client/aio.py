@@ -96,10 +96,21 @@ class AsyncKVTierClient:
                             chunk_bytes=self.chunk_bytes)
 
         async def fetch(left: float) -> list[FetchedPage | None]:
+            deadline = time.monotonic() + left
             asm = GetAssembler(len(req.keys), as_torch)
-            async for reply in self._stub.Get(req, timeout=left):
-                asm.feed(reply)
-            return asm.result()
+            asm.feed(await self._stub.Get(req, timeout=left))
+            out = asm.result()
+            deferred = asm.deferred
+            if deferred:  # too big for one reply: stream them
+                again = pb.GetRequest(namespace=req.namespace, chunk_bytes=req.chunk_bytes,
+                                      keys=[req.keys[i] for i in deferred])
+                rest = GetAssembler(len(deferred), as_torch)
+                async for reply in self._stub.GetStream(again,
+                                                        timeout=deadline - time.monotonic()):
+                    rest.feed(reply)
+                for i, page in zip(deferred, rest.result()):
+                    out[i] = page
+            return out
 
         return await self._call("Get", fetch, timeout_s, True)
 

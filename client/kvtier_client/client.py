@@ -254,10 +254,23 @@ class KVTierClient:
 
     def _collect(self, req: pb.GetRequest, left: float, as_torch: bool,
                  segment: memoryview | None) -> list[FetchedPage | None]:
+        """Unary Get; pages it defers (too big for one reply) follow through GetStream."""
+        deadline = time.monotonic() + left
         asm = GetAssembler(len(req.keys), as_torch, segment)
-        for reply in self._stub.Get(req, timeout=left):
-            asm.feed(reply)
-        return asm.result()
+        asm.feed(self._stub.Get(req, timeout=left))
+        out = asm.result()  # copies shm-placed pages out before the segment is reused
+        deferred = asm.deferred
+        if deferred:
+            again = pb.GetRequest()
+            again.CopyFrom(req)
+            del again.keys[:]
+            again.keys.extend(req.keys[i] for i in deferred)
+            rest = GetAssembler(len(deferred), as_torch, segment)
+            for reply in self._stub.GetStream(again, timeout=deadline - time.monotonic()):
+                rest.feed(reply)
+            for i, page in zip(deferred, rest.result()):
+                out[i] = page
+        return out
 
     def lookup(self, keys: Sequence[bytes], *, namespace: str | None = None,
                timeout_s: float | None = None) -> LookupResult:

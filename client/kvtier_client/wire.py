@@ -15,7 +15,7 @@ import numpy as np
 from kvtier_client.tensors import FetchedPage, Page, WireTensor, from_wire, nbytes_of, to_wire
 from kvtier_proto.v1 import cache_pb2 as pb
 
-DEFAULT_CHUNK_BYTES = 1 << 20
+DEFAULT_CHUNK_BYTES = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +122,7 @@ class GetAssembler:
         if reply.pages:
             for r in reply.pages:
                 self._results.append(r)
-                if r.found and not r.HasField("shm_offset"):
+                if r.found and not r.deferred and not r.HasField("shm_offset"):
                     self._bufs += [np.empty(r.k_len, np.uint8), np.empty(r.v_len, np.uint8)]
         data = memoryview(reply.data)
         pos = 0
@@ -137,7 +137,13 @@ class GetAssembler:
             if self._pos == len(buf):
                 self._fill, self._pos = self._fill + 1, 0
 
+    @property
+    def deferred(self) -> list[int]:
+        """Indexes of found pages whose bytes did not fit a unary reply (fetch by stream)."""
+        return [r.index for r in self._results if r.deferred]
+
     def result(self) -> list[FetchedPage | None]:
+        """One entry per key: the page, or None for a miss (and for deferred pages)."""
         while self._fill < len(self._bufs) and len(self._bufs[self._fill]) == 0:
             self._fill += 1
         if self._fill != len(self._bufs):
@@ -145,7 +151,7 @@ class GetAssembler:
         out: list[FetchedPage | None] = [None] * self._n
         it = iter(self._bufs)
         for r in self._results:
-            if not r.found:
+            if not r.found or r.deferred:
                 continue
             shape = tuple(int(s) for s in r.shape)
             if r.HasField("shm_offset"):

@@ -58,6 +58,28 @@ def configure_torch_threads() -> int:
     return int(torch.get_num_threads())
 
 
+def configure_allocator() -> bool:
+    """Keep freed page memory in the process for reuse (glibc only); True if applied.
+
+    Pages are MiB-sized buffers allocated and freed all day. glibc serves such sizes with
+    fresh ``mmap``s and gives them back on free, so every new page pays a page fault per 4 KiB
+    (measured: a third of a 2 MiB put). Raising the mmap and trim thresholds lets freed pages
+    be reused, which is what a cache daemon that refills its tiers wants. ``MALLOC_*``
+    environment variables set by the operator win. Process-wide: called by the command line.
+    """
+    if any(k.startswith("MALLOC_") for k in os.environ):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = libc.mallopt(m_mmap_threshold, 32 << 20) == 1
+    return bool(ok and libc.mallopt(m_trim_threshold, 1 << 30) == 1)
+
+
 def default_start_http() -> StartHttp | None:
     """The HTTP server hook ``kvtier serve`` uses: admin REST, /metrics, /healthz, /readyz."""
     from kvtier.admin.server import start_http  # fastapi/uvicorn: only when serving HTTP

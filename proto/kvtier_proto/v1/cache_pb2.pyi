@@ -75,7 +75,7 @@ class GetRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ..., chunk_bytes: _Optional[int] = ..., shm_session: _Optional[str] = ..., shm_offset: _Optional[int] = ..., shm_capacity: _Optional[int] = ...) -> None: ...
 
 class PageResult(_message.Message):
-    __slots__ = ("index", "found", "dtype", "shape", "start_position", "tier", "precision", "k_len", "v_len", "shm_offset")
+    __slots__ = ("index", "found", "dtype", "shape", "start_position", "tier", "precision", "k_len", "v_len", "shm_offset", "deferred")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     FOUND_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class PageResult(_message.Message):
     K_LEN_FIELD_NUMBER: _ClassVar[int]
     V_LEN_FIELD_NUMBER: _ClassVar[int]
     SHM_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DEFERRED_FIELD_NUMBER: _ClassVar[int]
     index: int
     found: bool
     dtype: str
@@ -96,7 +97,8 @@ class PageResult(_message.Message):
     k_len: int
     v_len: int
     shm_offset: int
-    def __init__(self, index: _Optional[int] = ..., found: _Optional[bool] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ..., tier: _Optional[str] = ..., precision: _Optional[int] = ..., k_len: _Optional[int] = ..., v_len: _Optional[int] = ..., shm_offset: _Optional[int] = ...) -> None: ...
+    deferred: bool
+    def __init__(self, index: _Optional[int] = ..., found: _Optional[bool] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ..., tier: _Optional[str] = ..., precision: _Optional[int] = ..., k_len: _Optional[int] = ..., v_len: _Optional[int] = ..., shm_offset: _Optional[int] = ..., deferred: _Optional[bool] = ...) -> None: ...
 
 class GetReply(_message.Message):
     __slots__ = ("pages", "data")

@@ -44,8 +44,13 @@ class CacheServiceStub:
                 request_serializer=kvtier__proto_dot_v1_dot_cache__pb2.PutRequest.SerializeToString,
                 response_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.PutReply.FromString,
                 _registered_method=True)
-        self.Get = channel.unary_stream(
+        self.Get = channel.unary_unary(
                 '/kvtier.v1.CacheService/Get',
+                request_serializer=kvtier__proto_dot_v1_dot_cache__pb2.GetRequest.SerializeToString,
+                response_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.GetReply.FromString,
+                _registered_method=True)
+        self.GetStream = channel.unary_stream(
+                '/kvtier.v1.CacheService/GetStream',
                 request_serializer=kvtier__proto_dot_v1_dot_cache__pb2.GetRequest.SerializeToString,
                 response_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.GetReply.FromString,
                 _registered_method=True)
@@ -96,6 +101,16 @@ class CacheServiceServicer:
 
     def Get(self, request, context):
         """Fetch pages from whatever tier holds them; a miss is found = false, not an error.
+        One message: pages go to the shm segment, or inline while the reply's inline bytes stay
+        within chunk_bytes; other found pages come back `deferred` (no bytes): fetch those with
+        GetStream. Small pages and same-host clients thus need one round trip.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStream(self, request, context):
+        """The same with the inline bytes chunked over a server stream: for pages of any size.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -149,8 +164,13 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     request_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.PutRequest.FromString,
                     response_serializer=kvtier__proto_dot_v1_dot_cache__pb2.PutReply.SerializeToString,
             ),
-            'Get': grpc.unary_stream_rpc_method_handler(
+            'Get': grpc.unary_unary_rpc_method_handler(
                     servicer.Get,
+                    request_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.GetRequest.FromString,
+                    response_serializer=kvtier__proto_dot_v1_dot_cache__pb2.GetReply.SerializeToString,
+            ),
+            'GetStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetStream,
                     request_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.GetRequest.FromString,
                     response_serializer=kvtier__proto_dot_v1_dot_cache__pb2.GetReply.SerializeToString,
             ),
@@ -255,10 +275,37 @@ class CacheService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
+        return grpc.experimental.unary_unary(
             request,
             target,
             '/kvtier.v1.CacheService/Get',
+            kvtier__proto_dot_v1_dot_cache__pb2.GetRequest.SerializeToString,
+            kvtier__proto_dot_v1_dot_cache__pb2.GetReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvtier.v1.CacheService/GetStream',
             kvtier__proto_dot_v1_dot_cache__pb2.GetRequest.SerializeToString,
             kvtier__proto_dot_v1_dot_cache__pb2.GetReply.FromString,
             options,

@@ -39,11 +39,13 @@ def run_daemon(settings: Settings, grace_s: float, drain: bool,
     """Start a daemon, print its endpoints, block until SIGTERM/SIGINT, stop it gracefully."""
     from kvtier.daemon import (  # heavy (torch): only when serving
         Daemon,
+        configure_allocator,
         configure_torch_threads,
         default_start_http,
     )
 
-    log.info("torch intra-op threads: %d", configure_torch_threads())
+    log.info("torch intra-op threads: %d; page memory reuse: %s", configure_torch_threads(),
+             "on" if configure_allocator() else "off")
     stop = threading.Event()
 
     def handle(signum: int, _frame: FrameType | None) -> None:

@@ -123,47 +123,71 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
             for o in outcomes
         ])
 
-    def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> Iterator[pb.GetReply]:
-        keys = self._keys(request.namespace, request.keys)
+    def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetReply:
+        results, inline = self._gather(request, unary=True)
+        return pb.GetReply(pages=results, data=b"".join(inline))
+
+    def GetStream(self, request: pb.GetRequest,
+                  context: grpc.ServicerContext) -> Iterator[pb.GetReply]:
+        results, inline = self._gather(request, unary=False)
+        data = chunks(inline, self._chunk(request))
+        yield pb.GetReply(pages=results, data=next(data, b""))
+        for piece in data:
+            yield pb.GetReply(data=piece)
+
+    @staticmethod
+    def _chunk(request: pb.GetRequest) -> int:
         chunk = request.chunk_bytes or DEFAULT_CHUNK_BYTES
         if not MIN_CHUNK_BYTES <= chunk <= MAX_CHUNK_BYTES:
             raise InvalidArgument(
                 f"chunk_bytes must be within {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}, got {chunk}",
                 field="chunk_bytes",
             )
-        raws = self._store.get_raw(request.namespace, keys)
-        results: list[pb.PageResult] = []
-        inline: list[memoryview] = []
-        placed: list[tuple[int, memoryview, memoryview]] = []
-        cursor = request.shm_offset
-        end = request.shm_offset + request.shm_capacity
+        return chunk
+
+    def _gather(self, request: pb.GetRequest,
+                unary: bool) -> tuple[list[pb.PageResult], list[memoryview]]:
+        """Read the pages, place what fits into the shm segment; the rest goes inline.
+
+        ``unary``: inline bytes are capped at ``chunk_bytes``; pages beyond are ``deferred``.
+        """
+        keys = self._keys(request.namespace, request.keys)
+        budget = self._chunk(request) if unary else None
         session = self._shm.get(request.shm_session) if request.shm_session else None
         if session is not None:
             session.check_range(request.shm_offset, request.shm_capacity, "shm_capacity")
+        raws = self._store.get_raw(request.namespace, keys)
+        results: list[pb.PageResult] = []
+        inline: list[memoryview] = []
+        inline_bytes = 0
+        placed: list[tuple[int, memoryview, memoryview]] = []
+        cursor = request.shm_offset
+        end = request.shm_offset + request.shm_capacity
         for i, raw in enumerate(raws):
             if raw is None:
                 results.append(pb.PageResult(index=i, found=False))
                 continue
             k, v = byte_view(raw.k), byte_view(raw.v)
+            size = k.nbytes + v.nbytes
             r = pb.PageResult(index=i, found=True, dtype=raw.dtype, shape=list(raw.shape),
                               start_position=raw.start_position, tier=raw.tier,
                               precision=int(raw.precision), k_len=k.nbytes, v_len=v.nbytes)
-            if session is not None and cursor + k.nbytes + v.nbytes <= end:
+            if session is not None and cursor + size <= end:
                 r.shm_offset = cursor
                 placed.append((cursor, k, v))
-                cursor = align_up(cursor + k.nbytes + v.nbytes)
+                cursor = align_up(cursor + size)
+            elif budget is not None and inline_bytes + size > budget:
+                r.deferred = True
             else:
                 inline += [k, v]
+                inline_bytes += size
             results.append(r)
         if session is not None and placed:
             with session.use(request.namespace) as seg:
                 for off, k, v in placed:
                     seg[off:off + k.nbytes] = k
                     seg[off + k.nbytes:off + k.nbytes + v.nbytes] = v
-        data = chunks(inline, chunk)
-        yield pb.GetReply(pages=results, data=next(data, b""))
-        for piece in data:
-            yield pb.GetReply(data=piece)
+        return results, inline
 
     def Lookup(self, request: pb.LookupRequest,
                context: grpc.ServicerContext) -> pb.LookupReply:
