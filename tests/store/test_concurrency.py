@@ -150,9 +150,9 @@ def test_threads_and_asyncio_with_the_mover(make_store: StoreFactory, redis_url:
     thread_workers = [Worker(store, w, 12, seed=w) for w in range(4)]
     async_workers = [Worker(store, 10 + w, 12, seed=10 + w) for w in range(3)]
     errors: list[BaseException] = []
-    runner = threading.Thread(target=lambda: errors.extend(run_threads(thread_workers, 250)))
+    runner = threading.Thread(target=lambda: errors.extend(run_threads(thread_workers, 400)))
     runner.start()
-    asyncio.run(run_async(async_workers, 150))
+    asyncio.run(run_async(async_workers, 250))
     runner.join(150)
     assert not runner.is_alive()
     if errors:

@@ -111,7 +111,11 @@ class TierEngine:
     # -- making room ----------------------------------------------------------------------------
 
     def reserve(self, tier: int, size: int) -> bool:
-        """Reserve ``size`` bytes in ``tier``, pushing its victims down until they fit."""
+        """Reserve ``size`` bytes in ``tier``, pushing its victims down until they fit.
+
+        False when the size exceeds the tier, or when ``room_timeout_s`` passes without this
+        caller managing to move anything (every candidate busy in other moves, none settling).
+        """
         deadline = time.monotonic() + self.room_timeout_s
         while True:
             with self.cond:
@@ -120,9 +124,9 @@ class TierEngine:
                     return False
                 if self.index.reserve(tier, size, cap):
                     return True
-            if not self.make_room(tier, size) and time.monotonic() >= deadline:
-                return False
-            if time.monotonic() >= deadline:
+            if self.make_room(tier, size):
+                deadline = time.monotonic() + self.room_timeout_s  # progress: keep going
+            elif time.monotonic() >= deadline:
                 return False
             with self.cond:
                 if not self.index.fits(tier, size, self.limits[tier].capacity_bytes):
@@ -165,8 +169,10 @@ class TierEngine:
             nbytes = rec.nbytes if rec is not None else 0
             chain = rec.chain_position if rec is not None else 0
             precision = rec.precision if rec is not None else Precision.FULL
+            src_token = rec.remote_token if rec is not None else None
         size = 0
         reserved = False
+        token: str | None = None
         try:
             if not self.tier_up(dst):
                 raise BackendUnavailable("redis tier is down", field="redis")
@@ -179,7 +185,8 @@ class TierEngine:
             try:
                 new, prec = self.converter.to_tier(data, self.specs[dst])
             except CorruptPage:
-                self._drop(ticket, EvictionReason.CORRUPT)
+                if self._drop(ticket, EvictionReason.CORRUPT) and src_token is not None:
+                    self.redis_delete_quietly([(pid, src_token)])
                 return MoveResult.GONE
             size = stored_size(new)
             if not self.reserve(dst, size):
@@ -187,7 +194,7 @@ class TierEngine:
                 return MoveResult.NO_ROOM
             reserved = True
             if dst == self.redis_tier:
-                self.redis_or_raise().write(
+                token = self.redis_or_raise().write(
                     pid, blob_of(new), RemoteMeta(min(precision, prec), nbytes, size, chain))
         except BackendUnavailable:
             self._abort(ticket, size if reserved else 0)
@@ -196,7 +203,7 @@ class TierEngine:
             self._abort(ticket, size if reserved else 0)
             raise
         with self.cond:
-            ok = self.index.commit_move(ticket, size, prec)
+            ok = self.index.commit_move(ticket, size, prec, token)
             if ok:
                 dst_backend = self.memory[dst]
                 if dst_backend is not None:
@@ -207,13 +214,16 @@ class TierEngine:
                     self.counters[ticket.src].demotions += 1
                 else:
                     self.counters[dst].promotions += 1
+                    # a promotion announces a use: stamp it now, or the page would be the
+                    # freshest victim of the very make-room that follows
+                    self.index.touch(pid, time.time(), count=False)
             else:
                 self.index.release(dst, size)
             self.cond.notify_all()
-        if ok and ticket.src == self.redis_tier:
-            self.redis_delete_quietly([pid])
-        elif not ok and dst == self.redis_tier:
-            self._cleanup_redis(pid)
+        if ok and src_token is not None:
+            self.redis_delete_quietly([(pid, src_token)])
+        elif not ok and token is not None:
+            self.redis_delete_quietly([(pid, token)])  # the page was deleted meanwhile
         return MoveResult.MOVED if ok else MoveResult.GONE
 
     def relocate(self, pid: PageId, target: int, *, upward: bool) -> bool:
@@ -251,12 +261,12 @@ class TierEngine:
             self.index.abort_move(ticket)
             self.cond.notify_all()
 
-    def _drop(self, ticket: MoveTicket, reason: EvictionReason | None) -> None:
+    def _drop(self, ticket: MoveTicket, reason: EvictionReason | None) -> bool:
         """The source bytes are gone or corrupt: the page leaves the cache (never served)."""
         with self.cond:
             rec = self.index.get(ticket.page)
             if rec is None or rec.version != ticket.version:
-                return
+                return False
             self.index.remove(ticket.page)
             backend = self.memory[ticket.src]
             if backend is not None:
@@ -265,6 +275,7 @@ class TierEngine:
                 self.counters[ticket.src].evictions[reason.value] += 1
             self.cond.notify_all()
         self.forget([ticket.page])
+        return True
 
     def evict(self, pid: PageId, tier: int, reason: EvictionReason) -> bool:
         """Drop a resident page of ``tier`` from the cache, counted by ``reason``."""
@@ -278,8 +289,8 @@ class TierEngine:
                 backend.pop(pid)
             self.counters[tier].evictions[reason.value] += 1
             self.cond.notify_all()
-        if tier == self.redis_tier:
-            self.redis_delete_quietly([pid])
+        if rec.remote_token is not None:
+            self.redis_delete_quietly([(pid, rec.remote_token)])
         self.forget([pid])
         return True
 
@@ -329,6 +340,7 @@ class TierEngine:
     def delete(self, pids: Sequence[PageId]) -> int:
         """Remove pages from every tier (Redis too, even if this index did not know them)."""
         removed: list[PageId] = []
+        tokens: list[tuple[PageId, str]] = []
         with self.cond:
             for pid in pids:
                 rec = self.index.remove(pid)
@@ -339,14 +351,16 @@ class TierEngine:
                     if backend is not None:
                         backend.pop(pid)
                     self.counters[rec.tier].evictions[EvictionReason.DELETED.value] += 1
+                if rec.remote_token is not None:
+                    tokens.append((pid, rec.remote_token))
                 removed.append(pid)
             self.cond.notify_all()
         known = set(removed)
         extra = 0
         if self.redis is not None and self.redis.up:
-            unknown = [p for p in pids if p not in known]
+            unknown = [p for p in dict.fromkeys(pids) if p not in known]
             try:
-                self.redis.delete([p for p in pids if p in known])
+                self.redis.delete_if(tokens)
                 extra = self.redis.delete(unknown)
             except BackendUnavailable:
                 pass
@@ -373,20 +387,11 @@ class TierEngine:
             raise BackendUnavailable("no redis tier is configured", field="redis")
         return self.redis
 
-    def redis_delete_quietly(self, pids: list[PageId]) -> None:
+    def redis_delete_quietly(self, items: list[tuple[PageId, str]]) -> None:
+        """Delete Redis copies whose write token is unchanged; an outage just skips it."""
         if self.redis is None or not self.redis.up:
             return
         try:
-            self.redis.delete(pids)
+            self.redis.delete_if(items)
         except BackendUnavailable:
             pass
-
-    def _cleanup_redis(self, pid: PageId) -> None:
-        """Drop a Redis copy whose move did not commit, unless the page now lives there."""
-        with self.cond:
-            rec = self.index.get(pid)
-            keep = rec is not None and (rec.tier == self.redis_tier
-                                        or rec.move_to == self.redis_tier)
-        if not keep:
-            self.redis_delete_quietly([pid])
-

@@ -56,6 +56,7 @@ class PageRecord:
     chain_position: int
     version: int
     move_to: int | None = None
+    remote_token: str | None = None  # Redis write token while the page is in the Redis tier
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +196,8 @@ class PageIndex:
         return version
 
     def commit_place(
-        self, page: PageId, version: int, stored_bytes: int, precision: Precision
+        self, page: PageId, version: int, stored_bytes: int, precision: Precision,
+        remote_token: str | None = None,
     ) -> bool:
         """Make a placed page visible; turns its reservation into committed bytes.
 
@@ -209,6 +211,7 @@ class PageIndex:
         rec.state = PageState.RESIDENT
         rec.stored_bytes = stored_bytes
         rec.precision = min(rec.precision, precision)
+        rec.remote_token = remote_token
         self._members[rec.tier][page] = None
         return True
 
@@ -219,7 +222,7 @@ class PageIndex:
 
     def add_resident(
         self, page: PageId, tier: int, nbytes: int, stored_bytes: int, precision: Precision,
-        chain_position: int, now: float,
+        chain_position: int, now: float, remote_token: str | None = None,
     ) -> bool:
         """Record a page found already stored (e.g. in Redis at attach). False if known."""
         if page in self._records:
@@ -229,7 +232,7 @@ class PageIndex:
             page=page, tier=tier, state=PageState.RESIDENT, precision=precision,
             nbytes=nbytes, stored_bytes=stored_bytes, created_seq=seq, last_seq=seq,
             last_time=now, access_count=0, chain_position=chain_position,
-            version=self._next_version(),
+            version=self._next_version(), remote_token=remote_token,
         )
         self._members[tier][page] = None
         self._used[tier] += stored_bytes
@@ -246,7 +249,10 @@ class PageIndex:
         rec.move_to = dst
         return MoveTicket(page=page, src=rec.tier, dst=dst, version=rec.version)
 
-    def commit_move(self, ticket: MoveTicket, stored_bytes: int, precision: Precision) -> bool:
+    def commit_move(
+        self, ticket: MoveTicket, stored_bytes: int, precision: Precision,
+        remote_token: str | None = None,
+    ) -> bool:
         """Switch the page to its destination in one step; its reservation becomes committed.
 
         False if the page was removed meanwhile (the caller releases the reservation and drops
@@ -269,6 +275,7 @@ class PageIndex:
         rec.precision = min(rec.precision, precision)
         rec.state = PageState.RESIDENT
         rec.move_to = None
+        rec.remote_token = remote_token
         rec.version = self._next_version()
         return True
 

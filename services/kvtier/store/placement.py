@@ -12,11 +12,10 @@ from __future__ import annotations
 import logging
 import time
 
-from kvtier.errors import CapacityExhausted
+from kvtier.errors import CapacityExhausted, Conflict
 from kvtier.store.engine import TierEngine
 from kvtier.store.policy import PageMeta
-from kvtier.store.redis_tier import RemoteMeta
-from kvtier.store.tiers import Stored, blob_of, own_copy, stored_size
+from kvtier.store.tiers import Stored, own_copy, stored_size
 from kvtier.types import Medium, Page, PageId, Precision
 
 log = logging.getLogger(__name__)
@@ -45,6 +44,9 @@ def place(engine: TierEngine, pid: PageId, page: Page, tier: int, chain_position
     within ``room_timeout_s``.
     """
     spec, cap = engine.specs[tier], engine.limits[tier].capacity_bytes
+    backend = engine.memory[tier]
+    if backend is None:
+        raise Conflict(f"pages are placed in memory tiers, not in {spec.name!r}", field="tier")
     if spec.holds_tensors and page.nbytes > cap:
         raise CapacityExhausted(
             f"page is {page.nbytes} bytes, larger than the whole {spec.name!r} tier "
@@ -71,15 +73,10 @@ def place(engine: TierEngine, pid: PageId, page: Page, tier: int, chain_position
                 f"could not make {size} bytes of room in tier {spec.name!r} within "
                 f"{engine.room_timeout_s} s", field="page")
         reserved = True
-        if tier == engine.redis_tier:
-            engine.redis_or_raise().write(pid, blob_of(data),
-                                RemoteMeta(prec, page.nbytes, size, chain_position))
         with engine.cond:
             ok = engine.index.commit_place(pid, version, size, prec)
             if ok:
-                backend = engine.memory[tier]
-                if backend is not None:
-                    backend.put(pid, data)
+                backend.put(pid, data)
             else:
                 engine.index.release(tier, size)
             engine.cond.notify_all()

@@ -17,6 +17,14 @@ Hash fields::
     n    page size as put (k + v bytes, full precision)
     s    stored size (len of b)
     c    chain position when it was put
+    w    write token: <writer id>-<random>, new on every write of the key
+
+Deleting a page this daemon knows uses :meth:`RedisTier.delete_if` — DEL only if the write
+token is still the one the index recorded (one Lua call on one key, cluster-safe). A delayed
+cleanup therefore never removes a newer copy that another move (or daemon) wrote since. The
+writer id (random per RedisTier) lets a store recognise copies it wrote itself: one that is not
+in its index is a leftover of its own delete or move, whose cleanup is in flight, and is never
+adopted again (:meth:`RedisTier.wrote`).
 
 Failure model: every call has socket timeouts; a connection error or timeout marks the tier
 down and raises :class:`~kvtier.errors.BackendUnavailable` (the store turns that into a miss).
@@ -27,6 +35,7 @@ every ``retry_interval_s``) brings it back. A key someone else deleted is a miss
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -42,7 +51,11 @@ from kvtier.types import Namespace, PageId, PageKey, Precision
 
 log = logging.getLogger(__name__)
 
-_META_FIELDS = (b"p", b"n", b"s", b"c")
+_META_FIELDS = (b"p", b"n", b"s", b"c", b"w")
+_DELETE_IF = """
+if redis.call('HGET', KEYS[1], 'w') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +66,7 @@ class RemoteMeta:
     nbytes: int
     stored_bytes: int
     chain_position: int
+    token: str = ""  # write token (see the module docstring); set by write(), read back
 
 
 class RedisTier:
@@ -69,6 +83,8 @@ class RedisTier:
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
         )
+        self._delete_if = self._client.register_script(_DELETE_IF)
+        self.writer_id = secrets.token_hex(4)
         self._lock = threading.Lock()
         self._up = False
         self._last_probe = float("-inf")
@@ -115,6 +131,10 @@ class RedisTier:
         if not self._up:
             raise BackendUnavailable(f"redis at {self.url} is down", field="redis")
 
+    def wrote(self, token: str) -> bool:
+        """Whether this RedisTier wrote the copy carrying ``token``."""
+        return token.startswith(self.writer_id + "-")
+
     def close(self) -> None:
         self._client.close()
 
@@ -140,11 +160,13 @@ class RedisTier:
 
     # -- data ---------------------------------------------------------------------------------
 
-    def write(self, page: PageId, blob: bytes, meta: RemoteMeta) -> None:
+    def write(self, page: PageId, blob: bytes, meta: RemoteMeta) -> str:
+        """Store (replace) a page; returns the new write token."""
         self._check_up()
-        mapping: dict[bytes, bytes | int] = {
+        token = f"{self.writer_id}-{secrets.token_hex(6)}"
+        mapping: dict[bytes, bytes | int | str] = {
             b"b": blob, b"p": int(meta.precision), b"n": meta.nbytes,
-            b"s": meta.stored_bytes, b"c": meta.chain_position,
+            b"s": meta.stored_bytes, b"c": meta.chain_position, b"w": token,
         }
         key = self.key(page)
         try:
@@ -155,6 +177,7 @@ class RedisTier:
             pipe.execute()
         except redis.RedisError as e:
             raise self._failed(e) from None
+        return token
 
     def read(self, page: PageId) -> tuple[bytes, RemoteMeta] | None:
         """The page's blob and meta, or None if the key is gone (or is not a page of ours)."""
@@ -196,6 +219,19 @@ class RedisTier:
         except redis.RedisError as e:
             raise self._failed(e) from None
 
+    def delete_if(self, items: Sequence[tuple[PageId, str]]) -> int:
+        """Delete each page whose write token is still the given one; the number deleted."""
+        if not items:
+            return 0
+        self._check_up()
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for p, token in items:
+                self._delete_if(keys=[self.key(p)], args=[token], client=pipe)
+            return sum(int(n) for n in pipe.execute())
+        except redis.RedisError as e:
+            raise self._failed(e) from None
+
     def scan(self, batch: int = 512) -> Iterator[tuple[PageId, RemoteMeta]]:
         """Every page under the prefix, with its meta (SCAN + pipelined HMGET per batch)."""
         self._check_up()
@@ -224,10 +260,11 @@ class RedisTier:
 
 
 def _parse_meta(vals: Sequence[bytes | None]) -> RemoteMeta | None:
-    if len(vals) != 4 or any(v is None for v in vals):
+    if len(vals) != len(_META_FIELDS) or any(v is None for v in vals):
         return None
     try:
-        prec, nbytes, stored, chain = (int(v) for v in vals if v is not None)
-        return RemoteMeta(Precision(prec), nbytes, stored, chain)
-    except ValueError:
+        prec, nbytes, stored, chain = (int(v) for v in vals[:4] if v is not None)
+        token = (vals[4] or b"").decode("ascii")
+        return RemoteMeta(Precision(prec), nbytes, stored, chain, token)
+    except (ValueError, UnicodeDecodeError):
         return None

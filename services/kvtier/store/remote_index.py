@@ -26,7 +26,11 @@ if TYPE_CHECKING:
 
 
 def discover(engine: TierEngine, pids: Sequence[PageId], now: float) -> None:
-    """Add pages other daemons put in the shared Redis tier to this index."""
+    """Add pages other daemons put in the shared Redis tier to this index.
+
+    Copies this store wrote itself are skipped: not being in the index means this store
+    deleted, evicted or moved them and their cleanup is in flight (see redis_tier).
+    """
     if engine.redis is None or engine.redis_tier is None or not engine.redis.up or not pids:
         return
     try:
@@ -35,10 +39,11 @@ def discover(engine: TierEngine, pids: Sequence[PageId], now: float) -> None:
         return
     with engine.cond:
         for pid, meta in zip(pids, metas, strict=True):
-            if meta is not None:
+            if meta is not None and not engine.redis.wrote(meta.token):
                 engine.index.add_resident(pid, engine.redis_tier, meta.nbytes,
                                         meta.stored_bytes, meta.precision,
-                                        meta.chain_position, now)
+                                        meta.chain_position, now, meta.token)
+
 
 def resync_remote(engine: TierEngine) -> int:
     """Rebuild the Redis tier's index by SCAN; forget entries whose key vanished.
@@ -56,9 +61,12 @@ def resync_remote(engine: TierEngine) -> int:
     try:
         for pid, meta in engine.redis.scan():
             seen.add(pid)
+            if engine.redis.wrote(meta.token):
+                continue  # ours and not indexed: a leftover whose cleanup is in flight
             with engine.cond:
                 added += engine.index.add_resident(pid, t, meta.nbytes, meta.stored_bytes,
-                                                 meta.precision, meta.chain_position, now)
+                                                 meta.precision, meta.chain_position, now,
+                                                 meta.token)
     except BackendUnavailable:
         return added
     lost = []

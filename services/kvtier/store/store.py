@@ -15,6 +15,9 @@ Semantics worth knowing:
 - ``get``/``put`` stamp recency and count; ``promote`` stamps recency only (it announces a use,
   it is not one); ``lookup`` stamps nothing.
 - Without a Redis url the Redis tier is left out of the stack (``tier_names`` shows it).
+- ``put`` re-checks each page's structure (dtype, shape, size limits) but not its values:
+  NaN/Inf are rejected where pages are built (:func:`kvtier.pages.make_page`, which the
+  transports use), so the store does not pay a second pass over every page.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kvtier.codecs import warmup
 from kvtier.config import Settings
 from kvtier.errors import CorruptPage, InvalidArgument, UnknownTier
 from kvtier.pages import check_key, check_keys, check_namespace, dtype_name, make_page
@@ -55,7 +59,10 @@ class TierStore:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self, *, mover: bool = True) -> None:
-        """Connect Redis (rebuilding the remote tier's index) and start the mover thread."""
+        """Compile the codec kernels, connect Redis (rebuilding the remote tier's index) and
+        start the mover thread. The first start in a process can take seconds (JIT), so that
+        compilation never lands inside a put or a demotion."""
+        warmup()
         redis = self._engine.redis
         if redis is not None and redis.probe(force=True):
             added = resync_remote(self._engine)
