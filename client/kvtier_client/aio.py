@@ -91,7 +91,7 @@ class AsyncKVTierClient:
 
     async def get(self, keys: Sequence[bytes], *, namespace: str | None = None,
                   timeout_s: float | None = None,
-                  as_torch: bool = False) -> list[FetchedPage | None]:
+                  as_torch: bool | str = False) -> list[FetchedPage | None]:
         req = pb.GetRequest(namespace=namespace or self.namespace, keys=list(keys),
                             chunk_bytes=self.chunk_bytes)
 
@@ -145,9 +145,12 @@ class AsyncKVTierClient:
 
         return int((await self._call("Delete", call, timeout_s, False)).deleted)
 
-    async def stats(self, *, timeout_s: float | None = None) -> CacheStats:
+    async def stats(self, *, namespace: str | None = None,
+                    timeout_s: float | None = None) -> CacheStats:
+        req = pb.StatsRequest(namespace=namespace or self.namespace)
+
         async def call(left: float) -> pb.StatsReply:
-            reply: pb.StatsReply = await self._stub.Stats(pb.StatsRequest(), timeout=left)
+            reply: pb.StatsReply = await self._stub.Stats(req, timeout=left)
             return reply
 
         return cache_stats(await self._call("Stats", call, timeout_s, True))

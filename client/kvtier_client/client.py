@@ -229,8 +229,9 @@ class KVTierClient:
         return reply
 
     def get(self, keys: Sequence[bytes], *, namespace: str | None = None,
-            timeout_s: float | None = None, as_torch: bool = False) -> list[FetchedPage | None]:
-        """Fetch pages; ``None`` for a miss. numpy out unless ``as_torch``."""
+            timeout_s: float | None = None, as_torch: bool | str = False) -> list[FetchedPage | None]:
+        """Fetch pages; ``None`` for a miss. numpy out unless ``as_torch`` (True: CPU tensors;
+        a device name such as ``"cuda"``: tensors on that device)."""
         ns = namespace or self.namespace
         req = pb.GetRequest(namespace=ns, keys=list(keys), chunk_bytes=self.chunk_bytes)
 
@@ -252,7 +253,7 @@ class KVTierClient:
 
         return self._call("Get", fetch, timeout_s, idempotent=True)
 
-    def _collect(self, req: pb.GetRequest, left: float, as_torch: bool,
+    def _collect(self, req: pb.GetRequest, left: float, as_torch: bool | str,
                  segment: memoryview | None) -> list[FetchedPage | None]:
         """Unary Get; pages it defers (too big for one reply) follow through GetStream."""
         deadline = time.monotonic() + left
@@ -294,10 +295,12 @@ class KVTierClient:
                            timeout_s, False)
         return int(reply.deleted)
 
-    def stats(self, *, timeout_s: float | None = None) -> CacheStats:
+    def stats(self, *, namespace: str | None = None,
+              timeout_s: float | None = None) -> CacheStats:
+        """Daemon-wide tier statistics."""
+        req = pb.StatsRequest(namespace=namespace or self.namespace)
         return cache_stats(self._call(
-            "Stats", lambda left: self._stub.Stats(pb.StatsRequest(), timeout=left),
-            timeout_s, True))
+            "Stats", lambda left: self._stub.Stats(req, timeout=left), timeout_s, True))
 
     @property
     def uses_shared_memory(self) -> bool:

@@ -109,10 +109,14 @@ def nbytes_of(dtype: str, shape: tuple[int, ...]) -> int:
 
 
 def from_wire(data: bytes | bytearray | memoryview | np.ndarray, dtype: str,
-              shape: tuple[int, ...], as_torch: bool) -> Any:
-    """A result tensor over ``data`` (taken over, not copied): numpy, torch or RawTensor."""
+              shape: tuple[int, ...], as_torch: bool | str) -> Any:
+    """A result tensor over ``data`` (taken over, not copied): numpy, torch or RawTensor.
+
+    ``as_torch`` may name a device (``"cuda"``, ``"cuda:1"``): the tensor is moved there.
+    """
     if as_torch:
-        return _torch_from_bytes(data, dtype, shape)
+        t = _torch_from_bytes(data, dtype, shape)
+        return t.to(as_torch) if isinstance(as_torch, str) else t
     np_dtype = WIRE_DTYPES.get(dtype)
     if np_dtype is None:
         raw = data.tobytes() if isinstance(data, np.ndarray) else data

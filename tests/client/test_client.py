@@ -108,3 +108,25 @@ async def test_async_client(daemon: Daemon) -> None:
         assert await c.promote([b"a"], "hot") == [True]
         assert await c.delete([b"a"]) == 1
         assert (await c.stats()).tiers[0].pages == 1
+
+
+def test_torch_out_on_a_named_device(daemon: Daemon) -> None:
+    torch = pytest.importorskip("torch")
+    k = torch.randn(1, 4, 1, 8, dtype=torch.float16)
+    with KVTierClient(daemon.grpc_address, "dev") as c:
+        c.put([b"d"], [Page(k, k)])
+        got = c.get([b"d"], as_torch="cpu")[0]
+        assert got is not None and got.k.device.type == "cpu" and torch.equal(got.k, k)
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_in_and_out(daemon: Daemon) -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    k = torch.randn(2, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
+    with KVTierClient(daemon.grpc_address, "gpu") as c:
+        c.put([b"g"], [Page(k, k * 2)])
+        got = c.get([b"g"], as_torch="cuda")[0]
+        assert got is not None and got.k.is_cuda
+        assert torch.equal(got.k, k) and torch.equal(got.v, k * 2)

@@ -155,8 +155,10 @@ class DeleteReply(_message.Message):
     def __init__(self, deleted: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("namespace",)
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    def __init__(self, namespace: _Optional[str] = ...) -> None: ...
 
 class TierStats(_message.Message):
     __slots__ = ("name", "medium", "codec", "capacity_bytes", "high_watermark", "low_watermark", "pages", "bytes", "hits", "misses", "demotions", "promotions", "evictions")

@@ -213,6 +213,8 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
         return pb.DeleteReply(deleted=self._store.delete(request.namespace, keys))
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsReply:
+        if request.namespace:
+            check_namespace(request.namespace)
         s = self._store.stats()
         tiers = [
             pb.TierStats(
