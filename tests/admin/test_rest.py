@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from kvtier.admin.server import serve_http
 from kvtier.cli.redis_proc import RedisProcess
 from kvtier.errors import ConfigError
+from kvtier.store.policy import LRUPolicy, PolicyStatus
 from kvtier.store.store import TierStore
 from kvtier.transport.context import DaemonContext, Readiness
 
@@ -283,3 +285,25 @@ def test_server_binds_a_free_port_and_stops(redis_url: str) -> None:
 def test_port_in_use_is_a_config_error(admin: Admin) -> None:
     with pytest.raises(ConfigError, match="http_port"):
         serve_http(admin.context, "127.0.0.1", admin.server.port)
+
+
+class BrokenStatusPolicy(LRUPolicy):
+    """A policy whose status() fails: an unexpected error inside a route."""
+
+    name = "broken"
+
+    def status(self) -> PolicyStatus:
+        raise RuntimeError("status exploded")
+
+
+def test_unexpected_errors_are_500_with_a_generic_message(
+    admin: Admin, caplog: pytest.LogCaptureFixture
+) -> None:
+    admin.store.set_policy(BrokenStatusPolicy())
+    with caplog.at_level(logging.ERROR, logger="kvtier.admin.app"):
+        r = admin.http.get("/v1/policy")
+    msg = error(r, 500, "INTERNAL")
+    assert "exploded" not in msg  # internals stay in the log
+    assert any("GET /v1/policy failed unexpectedly" in rec.getMessage() and rec.exc_info
+               for rec in caplog.records)
+    assert admin.http.get("/healthz").status_code == 200  # and the server keeps serving

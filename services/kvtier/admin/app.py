@@ -26,8 +26,8 @@ POST        /v1/drain                               write memory-tier pages to R
 
 Errors: one handler maps every exception through :func:`kvtier.errors.status_for` to a body
 ``{"error": {"code", "status", "message", "field"}}``: unknown page or tier in the path 404,
-bad values 400, bodies that do not parse 422, auth 401/403, anything unexpected 500 with the
-traceback logged. OpenAPI docs are at ``/docs``.
+bad values 400, bodies that do not parse 422, auth 401/403, anything unexpected 500 with a
+generic message and the traceback logged. OpenAPI docs are at ``/docs``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvtier.admin.auth import authorize_mutation
 from kvtier.admin.metrics import CONTENT_TYPE, DaemonMetrics
@@ -108,6 +109,36 @@ async def _handle_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+class _UnexpectedErrors:
+    """ASGI middleware: an exception no handler took becomes the one handler's 500 answer.
+
+    Starlette would hand a catch-all handler's response to the server and then re-raise, which
+    drops the connection; catching here answers the client properly and logs once.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            if started:  # too late for an error body; let the server close the connection
+                raise
+            response = await _handle_error(Request(scope), exc)
+            await response(scope, receive, send)
+
+
 def create_app(context: DaemonContext, metrics: DaemonMetrics | None = None) -> FastAPI:
     """The FastAPI app of one daemon. ``metrics`` defaults to a fresh registry of its own."""
     settings = context.settings
@@ -130,8 +161,9 @@ def create_app(context: DaemonContext, metrics: DaemonMetrics | None = None) -> 
         lifespan=lifespan,
     )
     app.state.metrics = daemon_metrics
-    for exc_type in (KVTierError, RequestValidationError, StarletteHTTPException, Exception):
+    for exc_type in (KVTierError, RequestValidationError, StarletteHTTPException):
         app.add_exception_handler(exc_type, _handle_error)
+    app.add_middleware(_UnexpectedErrors)
 
     def admin(authorization: str | None = Header(default=None)) -> None:
         authorize_mutation(settings, authorization)
