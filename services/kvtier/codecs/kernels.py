@@ -1,0 +1,254 @@
+"""Layer kernels (numba): encode and decode K and V of a page, one layer at a time.
+
+A layer is read once from the page, converted to float32 into a scratch block that stays in
+cache, and every later step (outlier selection, group bounds, grid, codes) reads the scratch.
+K groups run over tokens per channel, so the kernels keep per-channel grid rows and work on
+whole token rows (contiguous, vectorized); the outlier channels are cut out of (or spliced
+into) a row by copying the runs of kept channels between them.
+
+Arrays are flat; page tensors are uint16 word arrays (a float32 element is two words), so
+``w`` words make one element. See :mod:`kvtier.codecs.blob` for the sections written here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from kvtier.codecs.rowops import (
+    JIT, bounds_row, choose, copy, get_codes, get_m12, group_bounds, load_row, put_codes,
+    put_m12, quantize, quantize_flat, store_row, table,
+)
+
+
+@njit(**JIT)
+def _runs(taken, H, D):  # type: ignore[no-untyped-def]
+    """Runs of kept (not outlier) channels: (start in the full row, start in the kept row,
+    length), in order."""
+    full = np.empty(H * D, np.int64)
+    kept = np.empty(H * D, np.int64)
+    length = np.empty(H * D, np.int64)
+    n = 0
+    k = 0
+    c = 0
+    while c < H * D:
+        if taken[c]:
+            c += 1
+            continue
+        start = c
+        while c < H * D and not taken[c]:
+            c += 1
+        full[n] = start
+        kept[n] = k
+        length[n] = c - start
+        k += c - start
+        n += 1
+    return full[:n], kept[:n], length[:n]
+
+
+@njit(**JIT)
+def encode_k(src, kind, L, T, S, H, D, n_out, Gk, bits, mant,  # type: ignore[no-untyped-def]
+             oidx_out, oraw_out, kb, km, kq, exps):
+    HD = H * D
+    Tq = T - S
+    Ck = H * (D - n_out)
+    nk = (Tq + Gk - 1) // Gk
+    w = 2 if kind == 2 else 1
+    rb = Ck if bits == 8 else (Ck + 1) // 2
+    ng = nk * Ck
+    m_all = np.empty(L * ng, np.int32)
+    X = np.empty((Tq, HD), np.float32)
+    qfull = np.empty(HD, np.uint8)
+    qk = np.empty(Ck, np.uint8)
+    inv_c = np.zeros((nk, HD), np.float32)
+    mf_c = np.zeros((nk, HD), np.float32)
+    mn = np.empty(ng, np.float32)
+    mx = np.empty(ng, np.float32)
+    inv = np.empty(ng, np.float32)
+    mf = np.empty(ng, np.float32)
+    oidx = np.empty((H, n_out), np.int64)
+    amax = np.zeros(HD, np.float32)
+    gmn = np.empty((nk, HD), np.float32)
+    gmx = np.empty((nk, HD), np.float32)
+    for layer in range(L):
+        for t in range(Tq):
+            row = X[t]
+            so = (layer * T + S + t) * HD * w
+            load_row(src[so:so + HD * w], kind, row)
+            if t % Gk == 0:
+                copy(gmn[t // Gk], row)
+                copy(gmx[t // Gk], row)
+            else:
+                bounds_row(row, gmn[t // Gk], gmx[t // Gk])
+        # max |K| over the tokens of a channel is the larger of |min| and |max| over groups
+        for c in range(HD):
+            amax[c] = 0
+        for g in range(nk):
+            for c in range(HD):
+                amax[c] = max(amax[c], max(-gmn[g, c], gmx[g, c]))
+        # outliers: per head the n_out largest |K| channels, the lower index first on ties
+        taken = np.zeros(HD, np.bool_)
+        for h in range(H):
+            for j in range(n_out):
+                best = 0
+                bv = np.float32(-1.0)
+                for d in range(D):
+                    if not taken[h * D + d] and amax[h * D + d] > bv:
+                        bv = amax[h * D + d]
+                        best = d
+                taken[h * D + best] = True
+                oidx[h, j] = best
+            oidx[h].sort()
+            for j in range(n_out):
+                oidx_out[(layer * H + h) * n_out + j] = oidx[h, j]
+        rf, rk, rl = _runs(taken, H, D)
+        for g in range(nk):
+            for r in range(rf.size):
+                copy(mn[g * Ck + rk[r]:], gmn[g, rf[r]:rf[r] + rl[r]])
+                copy(mx[g * Ck + rk[r]:], gmx[g, rf[r]:rf[r] + rl[r]])
+        exps[2 * layer] = choose(mn, mx, mant, kb[layer * ng:(layer + 1) * ng],
+                                 m_all[layer * ng:(layer + 1) * ng], inv, mf)
+        for g in range(nk):  # outlier channels quantize to garbage codes that are dropped
+            for r in range(rf.size):
+                copy(inv_c[g, rf[r]:], inv[g * Ck + rk[r]:g * Ck + rk[r] + rl[r]])
+                copy(mf_c[g, rf[r]:], mf[g * Ck + rk[r]:g * Ck + rk[r] + rl[r]])
+        for t in range(Tq):
+            quantize(X[t], inv_c[t // Gk], mf_c[t // Gk], bits, qfull)
+            for r in range(rf.size):
+                copy(qk[rk[r]:], qfull[rf[r]:rf[r] + rl[r]])
+            o = (layer * Tq + t) * rb
+            put_codes(qk, bits, kq[o:o + rb])
+            for h in range(H):
+                for j in range(n_out):
+                    so = ((layer * T + S + t) * HD + h * D + oidx[h, j]) * w
+                    do = ((layer * Tq + t) * H * n_out + h * n_out + j) * w
+                    for i in range(w):
+                        oraw_out[do + i] = src[so + i]
+    put_m12(km, m_all)
+
+
+@njit(**JIT)
+def encode_v(src, kind, L, T, S, HD, Gv, bits, mant, vb, vm, vq,  # type: ignore[no-untyped-def]
+             exps):
+    Tq = T - S
+    nv = (HD + Gv - 1) // Gv
+    w = 2 if kind == 2 else 1
+    rb = HD if bits == 8 else (HD + 1) // 2
+    ng = Tq * nv
+    m_all = np.empty(L * ng, np.int32)
+    X = np.empty((Tq, HD), np.float32)
+    q = np.empty(HD, np.uint8)
+    mn = np.empty(ng, np.float32)
+    mx = np.empty(ng, np.float32)
+    inv = np.empty(ng, np.float32)
+    mf = np.empty(ng, np.float32)
+    for layer in range(L):
+        for t in range(Tq):
+            row = X[t]
+            so = (layer * T + S + t) * HD * w
+            load_row(src[so:so + HD * w], kind, row)
+            for g in range(nv):
+                lo, hi = group_bounds(row[g * Gv:min(HD, (g + 1) * Gv)])
+                mn[t * nv + g] = lo
+                mx[t * nv + g] = hi
+        exps[2 * layer + 1] = choose(mn, mx, mant, vb[layer * ng:(layer + 1) * ng],
+                                     m_all[layer * ng:(layer + 1) * ng], inv, mf)
+        for t in range(Tq):
+            row = X[t]
+            for g in range(nv):
+                a, b = g * Gv, min(HD, (g + 1) * Gv)
+                quantize_flat(row[a:b], inv[t * nv + g], mf[t * nv + g], bits, q[a:b])
+            o = (layer * Tq + t) * rb
+            put_codes(q, bits, vq[o:o + rb])
+    put_m12(vm, m_all)
+
+
+@njit(**JIT)
+def decode_k(kb, km, kq, oidx_in, oraw, exps, kind, L, T, S, H, D,  # type: ignore[no-untyped-def]
+             n_out, Gk, bits, mant, out):
+    HD = H * D
+    Tq = T - S
+    Ck = H * (D - n_out)
+    nk = (Tq + Gk - 1) // Gk
+    w = 2 if kind == 2 else 1
+    rb = Ck if bits == 8 else (Ck + 1) // 2
+    ng = nk * Ck
+    step = np.float32(1 if bits == 8 else 17)
+    m_l = np.empty(ng, np.int32)
+    s_c = np.zeros((nk, HD), np.float32)
+    m_c = np.zeros((nk, HD), np.float32)
+    vals = np.empty(HD, np.float32)
+    qk = np.empty(Ck, np.uint8)
+    qfull = np.zeros(HD, np.uint8)
+    for layer in range(L):
+        tab = table(np.int64(exps[2 * layer]), mant)
+        get_m12(km, layer * ng, m_l)
+        taken = np.zeros(HD, np.bool_)
+        for h in range(H):
+            for j in range(n_out):
+                taken[h * D + oidx_in[(layer * H + h) * n_out + j]] = True
+        rf, rk, rl = _runs(taken, H, D)
+        for g in range(nk):
+            for r in range(rf.size):
+                for i in range(rl[r]):
+                    s_c[g, rf[r] + i] = np.float32(tab[kb[layer * ng + g * Ck + rk[r] + i]])
+                    m_c[g, rf[r] + i] = np.float32(m_l[g * Ck + rk[r] + i])
+        for t in range(Tq):
+            o = (layer * Tq + t) * rb
+            get_codes(kq[o:o + rb], bits, qk)
+            for r in range(rf.size):
+                copy(qfull[rf[r]:], qk[rk[r]:rk[r] + rl[r]])
+            sr = s_c[t // Gk]
+            mr = m_c[t // Gk]
+            for c in range(HD):  # m + step * q is an integer < 2**24: exact in float32
+                vals[c] = (np.float32(qfull[c]) * step + mr[c]) * sr[c]
+            do = (layer * T + S + t) * HD * w
+            store_row(vals, kind, out[do:do + HD * w])
+            for h in range(H):
+                for j in range(n_out):
+                    do = ((layer * T + S + t) * HD + h * D + oidx_in[(layer * H + h) * n_out + j]) * w
+                    so = ((layer * Tq + t) * H * n_out + h * n_out + j) * w
+                    for i in range(w):
+                        out[do + i] = oraw[so + i]
+
+
+@njit(**JIT)
+def decode_v(vb, vm, vq, exps, kind, L, T, S, HD, Gv, bits, mant,  # type: ignore[no-untyped-def]
+             out):
+    Tq = T - S
+    nv = (HD + Gv - 1) // Gv
+    w = 2 if kind == 2 else 1
+    rb = HD if bits == 8 else (HD + 1) // 2
+    ng = Tq * nv
+    step = np.float32(1 if bits == 8 else 17)
+    m_l = np.empty(ng, np.int32)
+    vals = np.empty(HD, np.float32)
+    q = np.empty(HD, np.uint8)
+    for layer in range(L):
+        tab = table(np.int64(exps[2 * layer + 1]), mant)
+        get_m12(vm, layer * ng, m_l)
+        for t in range(Tq):
+            o = (layer * Tq + t) * rb
+            get_codes(vq[o:o + rb], bits, q)
+            for g in range(nv):
+                a, b = g * Gv, min(HD, (g + 1) * Gv)
+                s = np.float32(tab[vb[layer * ng + t * nv + g]])
+                m = np.float32(m_l[t * nv + g])
+                vg = vals[a:b]
+                qg = q[a:b]
+                for j in range(vg.size):  # exact integers in float32, as in decode_k
+                    vg[j] = (np.float32(qg[j]) * step + m) * s
+            do = (layer * T + S + t) * HD * w
+            store_row(vals, kind, out[do:do + HD * w])
+
+
+@njit(**JIT)
+def int8_to_int4_rows(src, rows, width, dst):  # type: ignore[no-untyped-def]
+    """Rows of int8 codes -> packed int4 rows, ``q4 = (q8 + 8) // 17`` (integers only)."""
+    rb = (width + 1) // 2
+    q = np.empty(width, np.uint8)
+    for r in range(rows):
+        row = src[r * width:(r + 1) * width]
+        for j in range(width):
+            q[j] = np.uint8((np.int32(row[j]) + 8) // 17)
+        put_codes(q, 4, dst[r * rb:(r + 1) * rb])

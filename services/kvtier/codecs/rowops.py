@@ -1,0 +1,271 @@
+"""Row-level numba helpers for the fused kernels: conversions, the grid, code packing.
+
+Every helper works on 0-based slices: numba then knows indices are not negative, skips its
+wrap-around handling and LLVM vectorizes the loops (AVX2 here, F16C for float16).
+Conversions are bit-exact with torch: LLVM ``fptrunc``/``fpext`` for float16 (IEEE
+round-to-nearest-even), the usual round-to-nearest-even bit trick for bfloat16.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+CACHE = True  # numba's on-disk cache next to the module: compile once per machine
+JIT: dict[str, Any] = {"nogil": True, "cache": CACHE}
+INLINE: dict[str, Any] = {"nogil": True, "cache": CACHE, "inline": "always"}
+
+
+def _f32_to_f16_typer(typingctx, x):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+    return types.uint16(types.float32), codegen
+
+
+def _f16_to_f32_typer(typingctx, x):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(types.uint16), codegen
+
+
+def _bits_to_f32_typer(typingctx, x):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+def _f32_to_bits_typer(typingctx, x):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(types.float32), codegen
+
+
+f32_to_f16: Any = intrinsic(_f32_to_f16_typer)
+f16_to_f32: Any = intrinsic(_f16_to_f32_typer)
+bits_to_f32: Any = intrinsic(_bits_to_f32_typer)
+f32_to_bits: Any = intrinsic(_f32_to_bits_typer)
+
+
+@njit(**INLINE)
+def load_row(src, kind, dst):  # type: ignore[no-untyped-def]
+    """Convert the elements in word slice ``src`` (dtype ``kind``) into float32 ``dst``."""
+    n = dst.size
+    if kind == 0:
+        for i in range(n):
+            dst[i] = f16_to_f32(src[i])
+    elif kind == 1:
+        for i in range(n):
+            dst[i] = bits_to_f32(np.uint32(src[i]) << np.uint32(16))
+    else:
+        for i in range(n):
+            lo = np.uint32(src[2 * i])
+            hi = np.uint32(src[2 * i + 1])
+            dst[i] = bits_to_f32(lo | (hi << np.uint32(16)))
+
+
+@njit(**INLINE)
+def store_row(vals, kind, dst):  # type: ignore[no-untyped-def]
+    """Round float32 ``vals`` to dtype ``kind`` into word slice ``dst``."""
+    n = vals.size
+    if kind == 0:
+        for i in range(n):
+            dst[i] = f32_to_f16(vals[i])
+    elif kind == 1:
+        for i in range(n):
+            u = f32_to_bits(vals[i])
+            u = u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+            dst[i] = np.uint16(u >> np.uint32(16))
+    else:
+        for i in range(n):
+            u = f32_to_bits(vals[i])
+            dst[2 * i] = np.uint16(u & np.uint32(0xFFFF))
+            dst[2 * i + 1] = np.uint16(u >> np.uint32(16))
+
+
+@njit(**INLINE)
+def copy(dst, src):  # type: ignore[no-untyped-def]
+    """``dst[:n] = src`` as a plain loop (numba's slice assignment is ~100x slower)."""
+    for i in range(src.size):
+        dst[i] = src[i]
+
+
+@njit(**INLINE)
+def bounds_row(row, mnr, mxr):  # type: ignore[no-untyped-def]
+    """Elementwise running min/max of a row into ``mnr``/``mxr``.
+
+    Written as select-then-add-zero: a plain ``a[c] = min(a[c], x)`` becomes a masked store
+    (vmaskmovps), which is microcoded and ~10x slower on AMD cores. Adding +0.0 only turns a
+    -0.0 bound into +0.0, which changes no byte of the blob (|min| and floor(min/s) agree).
+    """
+    for c in range(row.size):
+        x = row[c]
+        a = mnr[c]
+        b = mxr[c]
+        mnr[c] = (x if x < a else a) + np.float32(0)
+        mxr[c] = (x if x > b else b) + np.float32(0)
+
+
+@njit(**INLINE)
+def group_bounds(part):  # type: ignore[no-untyped-def]
+    """(min, max) of a float32 slice, with eight independent lanes for instruction-level
+    parallelism (a single running min is one long dependency chain)."""
+    n = part.size
+    l0 = l1 = l2 = l3 = l4 = l5 = l6 = l7 = part[0]
+    h0 = h1 = h2 = h3 = h4 = h5 = h6 = h7 = part[0]
+    n8 = n - n % 8
+    for j in range(0, n8, 8):
+        l0 = min(l0, part[j])
+        l1 = min(l1, part[j + 1])
+        l2 = min(l2, part[j + 2])
+        l3 = min(l3, part[j + 3])
+        l4 = min(l4, part[j + 4])
+        l5 = min(l5, part[j + 5])
+        l6 = min(l6, part[j + 6])
+        l7 = min(l7, part[j + 7])
+        h0 = max(h0, part[j])
+        h1 = max(h1, part[j + 1])
+        h2 = max(h2, part[j + 2])
+        h3 = max(h3, part[j + 3])
+        h4 = max(h4, part[j + 4])
+        h5 = max(h5, part[j + 5])
+        h6 = max(h6, part[j + 6])
+        h7 = max(h7, part[j + 7])
+    for j in range(n8, n):
+        l0 = min(l0, part[j])
+        h0 = max(h0, part[j])
+    lo = min(min(min(l0, l1), min(l2, l3)), min(min(l4, l5), min(l6, l7)))
+    hi = max(max(max(h0, h1), max(h2, h3)), max(max(h4, h5), max(h6, h7)))
+    return lo, hi
+
+
+@njit(**INLINE)
+def table(e0, mant):  # type: ignore[no-untyped-def]
+    """The 256 scales of a layer (float64 holding float32 values), see kvtier.codecs.grid."""
+    tab = np.empty(256, np.float64)
+    for b in range(256):
+        tab[b] = mant[b % 16] * math.ldexp(1.0, e0 + b // 16)
+    return tab
+
+
+@njit(**INLINE)
+def choose(mn, mx, mant, b_out, m_out, inv, mf):  # type: ignore[no-untyped-def]
+    """Grid of every group from float32 bounds (kvtier.codecs.grid.choose); returns ``e0``."""
+    n = mn.size
+    need = np.empty(n, np.float64)
+    top = 0.0
+    for i in range(n):
+        lo = np.float64(mn[i])
+        nd = max((np.float64(mx[i]) - lo) / 254.0, abs(lo) / 2047.0)
+        need[i] = nd
+        top = max(top, nd)
+    e0 = min(max(math.frexp(top)[1] - 15, -126), 111)
+    tab = table(e0, mant)
+    for i in range(n):
+        # the smallest b with tab[b] >= need: a log2 guess, then exact steps on the table
+        nd = need[i]
+        b = 0
+        if nd > tab[0]:
+            b = min(max(int(16.0 * (math.log2(nd) - e0)), 0), 255)
+            while b > 0 and tab[b - 1] >= nd:
+                b -= 1
+            while b < 255 and tab[b] < nd:
+                b += 1
+        s = tab[b]
+        m = min(max(math.floor(np.float64(mn[i]) / s), -2048.0), 2047.0)
+        b_out[i] = b
+        m_out[i] = np.int32(m)
+        inv[i] = np.float32(1.0) / np.float32(s)
+        mf[i] = np.float32(m)
+    return e0
+
+
+@njit(**INLINE)
+def put_m12(out, m):  # type: ignore[no-untyped-def]
+    """Pack signed minima ``m`` into ``out`` (three bytes per pair; see kvtier.codecs.pack)."""
+    n = m.size
+    for p in range(n // 2):
+        u0 = np.int64(m[2 * p]) & 0xFFF
+        u1 = np.int64(m[2 * p + 1]) & 0xFFF
+        out[3 * p] = np.uint8(u0 & 0xFF)
+        out[3 * p + 1] = np.uint8(u1 & 0xFF)
+        out[3 * p + 2] = np.uint8((u0 >> 8) | ((u1 >> 8) << 4))
+    if n % 2:
+        u0 = np.int64(m[n - 1]) & 0xFFF
+        p = n // 2
+        out[3 * p] = np.uint8(u0 & 0xFF)
+        out[3 * p + 1] = 0
+        out[3 * p + 2] = np.uint8(u0 >> 8)
+
+
+@njit(**INLINE)
+def get_m12(src, first, m):  # type: ignore[no-untyped-def]
+    """Unpack minima ``first .. first + m.size`` of the packed array ``src`` into ``m``."""
+    for j in range(m.size):
+        i = first + j
+        p = 3 * (i // 2)
+        if i % 2 == 0:
+            u = np.int64(src[p]) | ((np.int64(src[p + 2]) & 0x0F) << 8)
+        else:
+            u = np.int64(src[p + 1]) | ((np.int64(src[p + 2]) >> 4) << 8)
+        m[j] = u - 4096 if u >= 2048 else u
+
+
+@njit(**INLINE)
+def quantize(x, inv, mf, bits, q):  # type: ignore[no-untyped-def]
+    """Codes of float32 ``x`` with per-element grid ``inv``/``mf`` (all slices of one size)."""
+    if bits == 8:
+        for j in range(x.size):
+            y = np.rint(x[j] * inv[j] - mf[j])
+            q[j] = np.uint8(min(max(y, np.float32(0)), np.float32(255)))
+    else:
+        for j in range(x.size):
+            y = np.rint((x[j] * inv[j] - mf[j]) / np.float32(17))
+            q[j] = np.uint8(min(max(y, np.float32(0)), np.float32(15)))
+
+
+@njit(**INLINE)
+def quantize_flat(x, inv, mf, bits, q):  # type: ignore[no-untyped-def]
+    """Codes of float32 ``x`` with one grid (scalars ``inv``, ``mf``)."""
+    if bits == 8:
+        for j in range(x.size):
+            y = np.rint(x[j] * inv - mf)
+            q[j] = np.uint8(min(max(y, np.float32(0)), np.float32(255)))
+    else:
+        for j in range(x.size):
+            y = np.rint((x[j] * inv - mf) / np.float32(17))
+            q[j] = np.uint8(min(max(y, np.float32(0)), np.float32(15)))
+
+
+@njit(**INLINE)
+def put_codes(q, bits, out):  # type: ignore[no-untyped-def]
+    """Store a row of codes into byte slice ``out`` (int4: two a byte, low nibble first)."""
+    n = q.size
+    if bits == 8:
+        for j in range(n):
+            out[j] = q[j]
+    else:
+        for j in range(n // 2):
+            out[j] = q[2 * j] | (q[2 * j + 1] << np.uint8(4))
+        if n % 2:
+            out[n // 2] = q[n - 1]
+
+
+@njit(**INLINE)
+def get_codes(src, bits, q):  # type: ignore[no-untyped-def]
+    """Load a row of codes from byte slice ``src`` into ``q``."""
+    n = q.size
+    if bits == 8:
+        for j in range(n):
+            q[j] = src[j]
+    else:
+        for j in range(n // 2):
+            byte = src[j]
+            q[2 * j] = byte & np.uint8(0x0F)
+            q[2 * j + 1] = byte >> np.uint8(4)
+        if n % 2:
+            q[n - 1] = src[n // 2] & np.uint8(0x0F)
