@@ -9,7 +9,8 @@ import redis
 import torch
 
 from kvtier.cli.redis_proc import RedisProcess
-from kvtier.config import TierConfig
+from kvtier.codecs import encode
+from kvtier.config import CodecConfig, TierConfig
 from kvtier.types import Codec, Medium, Precision
 
 from .helpers import PAGE_BYTES, StoreFactory, key, make_page, make_settings, tier, wait_until
@@ -168,3 +169,23 @@ def test_corrupt_or_foreign_keys_are_never_served(make_store: StoreFactory,
     assert fresh.stats().tiers[2].pages == 1
     assert fresh.get(NS, [key(5)]) == [None]
     client.close()
+
+
+def test_remote_overflow_evicts_by_capacity(make_store: StoreFactory, redis_url: str) -> None:
+    b4 = len(encode(make_page(0), Codec.INT4, CodecConfig()))
+    settings = make_settings([
+        tier("hot", Medium.DEVICE, Codec.NONE, 8 * PAGE_BYTES),
+        tier("remote", Medium.REDIS, Codec.INT4, 2 * b4 + 8, high=0.9, low=0.5),
+    ], redis_url)
+    store = make_store(settings, start=True, mover=False)
+    store.put(NS, [(key(i), make_page(i)) for i in range(5)])
+    assert store.demote(NS, [key(i) for i in range(5)], "remote") == [True] * 5
+    remote = store.stats().tiers[1]
+    assert (remote.pages, remote.bytes, remote.evictions["capacity"]) == (2, 2 * b4, 3)
+    client = redis.Redis.from_url(redis_url)
+    assert len(client.keys("kvt:*")) == remote.pages
+    client.close()
+    store.rebalance()  # past 90%: the mover trims the last tier to 50% by evicting
+    remote = store.stats().tiers[1]
+    assert (remote.pages, remote.evictions["capacity"]) == (1, 4)
+    assert store.lookup(NS, [key(i) for i in range(5)]).tiers == [None] * 4 + ["remote"]
