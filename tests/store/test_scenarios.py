@@ -133,3 +133,19 @@ def test_admission_places_lower_when_the_policy_says_so(make_store: StoreFactory
     store.put(NS, [(key(0), make_page(0))])
     got = store.get(NS, [key(0)])[0]
     assert got is not None and got.tier == "warm" and got.precision is Precision.INT8
+
+
+def test_a_page_too_big_for_the_next_tier_goes_further_down(make_store: StoreFactory) -> None:
+    b8, b4 = blob_size(Codec.INT8), blob_size(Codec.INT4)
+    settings = make_settings([
+        tier("hot", Medium.DEVICE, Codec.NONE, 2 * PAGE_BYTES),
+        tier("warm", Medium.HOST, Codec.INT8, b8 - 1),  # no int8 page ever fits here
+        tier("cold", Medium.HOST, Codec.INT4, 2 * b4),
+    ])
+    store = make_store(settings)
+    for i in range(5):
+        store.put(NS, [(key(i), make_page(i))])
+    assert where(store, 5) == [None, "cold", "cold", "hot", "hot"]
+    st = {t.name: t for t in store.stats().tiers}
+    assert st["hot"].demotions == 3 and st["warm"].pages == 0
+    assert st["cold"].evictions["capacity"] == 1

@@ -39,7 +39,7 @@ from kvtier.types import EvictionReason, Medium, PageId, Precision
 
 log = logging.getLogger(__name__)
 
-_WAIT_SLICE_S = 0.02
+WAIT_SLICE_S = 0.02
 
 
 class MoveResult(enum.Enum):
@@ -47,6 +47,7 @@ class MoveResult(enum.Enum):
     BUSY = "busy"  # absent from the index, mid-move, or already in the target tier
     GONE = "gone"  # vanished from its backend (deleted elsewhere, corrupt): dropped
     NO_ROOM = "no_room"
+    TOO_BIG = "too_big"  # larger than the whole target tier
     DOWN = "down"  # Redis was needed and is down
 
 
@@ -130,7 +131,7 @@ class TierEngine:
                 return False
             with self.cond:
                 if not self.index.fits(tier, size, self.limits[tier].capacity_bytes):
-                    self.cond.wait(_WAIT_SLICE_S)
+                    self.cond.wait(WAIT_SLICE_S)
 
     def make_room(self, tier: int, size: int) -> bool:
         """Push ``tier``'s lowest-scored pages down (or out) until ``size`` more bytes fit."""
@@ -144,16 +145,23 @@ class TierEngine:
             progressed |= self.push_down(pid, tier)
         return progressed
 
-    def push_down(self, pid: PageId, tier: int) -> bool:
-        """Move a page one tier down under hard-limit pressure, or evict it from the last."""
+    def push_down(self, pid: PageId, tier: int, *, evict_if_down: bool = True) -> bool:
+        """Move a page down from ``tier`` (evicting it from the last tier); True on progress.
+
+        It goes to the next tier, or further down if it can never fit there. With the Redis
+        tier down it is evicted (reason ``remote_down``) only under hard-limit pressure
+        (``evict_if_down``); the watermark mover leaves it waiting instead.
+        """
         if tier == self.last:
             return self.evict(pid, tier, EvictionReason.CAPACITY)
-        if not self.tier_up(tier + 1):
-            return self.evict(pid, tier, EvictionReason.REMOTE_DOWN)
-        result = self.move(pid, tier + 1)
-        if result is MoveResult.DOWN:
-            return self.evict(pid, tier, EvictionReason.REMOTE_DOWN)
-        return result in (MoveResult.MOVED, MoveResult.GONE)
+        for dst in range(tier + 1, self.last + 1):
+            result = self.move(pid, dst) if self.tier_up(dst) else MoveResult.DOWN
+            if result is MoveResult.TOO_BIG:
+                continue
+            if result is MoveResult.DOWN:
+                return evict_if_down and self.evict(pid, tier, EvictionReason.REMOTE_DOWN)
+            return result in (MoveResult.MOVED, MoveResult.GONE)
+        return self.evict(pid, tier, EvictionReason.CAPACITY)  # fits in no tier below
 
     # -- moving -------------------------------------------------------------------------------
 
@@ -189,6 +197,9 @@ class TierEngine:
                     self.redis_delete_quietly([(pid, src_token)])
                 return MoveResult.GONE
             size = stored_size(new)
+            if size > self.limits[dst].capacity_bytes:
+                self._abort(ticket, 0)
+                return MoveResult.TOO_BIG
             if not self.reserve(dst, size):
                 self._abort(ticket, 0)
                 return MoveResult.NO_ROOM
@@ -225,34 +236,6 @@ class TierEngine:
         elif not ok and token is not None:
             self.redis_delete_quietly([(pid, token)])  # the page was deleted meanwhile
         return MoveResult.MOVED if ok else MoveResult.GONE
-
-    def relocate(self, pid: PageId, target: int, *, upward: bool) -> bool:
-        """Promote (``upward``) a page to at least ``target``, or demote it to exactly it.
-
-        Waits (bounded) while the page is mid-move or mid-put. False if it is absent, cannot
-        get there (no room, Redis down), or a demotion would have to go up.
-        """
-        deadline = time.monotonic() + self.room_timeout_s
-        while True:
-            with self.cond:
-                rec = self.index.get(pid)
-                if rec is None:
-                    return False
-                resident = rec.state is PageState.RESIDENT
-                if resident and (rec.tier == target or (upward and rec.tier < target)):
-                    return True
-                if resident and not upward and rec.tier > target:
-                    return False
-            if resident:
-                result = self.move(pid, target)
-                if result is MoveResult.MOVED:
-                    return True
-                if result is not MoveResult.BUSY:
-                    return False
-            if time.monotonic() >= deadline:
-                return False
-            with self.cond:
-                self.cond.wait(_WAIT_SLICE_S)
 
     def _abort(self, ticket: MoveTicket, size: int) -> None:
         with self.cond:

@@ -17,9 +17,6 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from kvtier.store.engine import MoveResult
-from kvtier.types import EvictionReason
-
 if TYPE_CHECKING:
     from kvtier.store.engine import TierEngine
 
@@ -83,11 +80,7 @@ def rebalance_tier(engine: TierEngine, tier: int) -> int:
             lim = engine.limits[tier]
             if engine.index.used(tier) + engine.index.reserved(tier) <= lim.low_bytes:
                 break
-        if tier == engine.last:
-            done += engine.evict(pid, tier, EvictionReason.CAPACITY)
-            continue
-        result = engine.move(pid, tier + 1)
-        if result is MoveResult.DOWN:
+        done += engine.push_down(pid, tier, evict_if_down=False)
+        if tier != engine.last and not engine.tier_up(tier + 1):
             break
-        done += result is MoveResult.MOVED
     return done

@@ -33,7 +33,8 @@ from kvtier.config import Settings
 from kvtier.errors import CorruptPage, InvalidArgument, UnknownTier
 from kvtier.pages import check_key, check_keys, check_namespace, dtype_name, make_page
 from kvtier.store.access_log import AccessLog
-from kvtier.store.engine import MoveResult, TierEngine
+from kvtier.store.engine import WAIT_SLICE_S, MoveResult, TierEngine
+from kvtier.store.index import PageState
 from kvtier.store.mover import Mover, rebalance_tier
 from kvtier.store.placement import choose_tier, place
 from kvtier.store.policy import AccessEvent, AccessKind, LRUPolicy, Policy
@@ -248,7 +249,7 @@ class TierStore:
         target = self._tier_index(tier)
         pids = check_keys(namespace, keys, s.max_key_bytes, s.max_batch)
         self._discover(pids)
-        out = [e.relocate(pid, target, upward=upward) for pid in pids]
+        out = [relocate(e, pid, target, upward=upward) for pid in pids]
         if upward:
             now = time.time()
             with e.cond:
@@ -348,6 +349,35 @@ class TierStore:
             raise UnknownTier(
                 f"unknown tier {name!r}; tiers are {', '.join(self._engine.names)}",
                 field="tier") from None
+
+
+def relocate(engine: TierEngine, pid: PageId, target: int, *, upward: bool) -> bool:
+    """Promote (``upward``) a page to at least ``target``, or demote it to exactly it.
+
+    Waits (bounded) while the page is mid-move or mid-put. False if it is absent, cannot
+    get there (no room, Redis down), or a demotion would have to go up.
+    """
+    deadline = time.monotonic() + engine.room_timeout_s
+    while True:
+        with engine.cond:
+            rec = engine.index.get(pid)
+            if rec is None:
+                return False
+            resident = rec.state is PageState.RESIDENT
+            if resident and (rec.tier == target or (upward and rec.tier < target)):
+                return True
+            if resident and not upward and rec.tier > target:
+                return False
+        if resident:
+            result = engine.move(pid, target)
+            if result is MoveResult.MOVED:
+                return True
+            if result is not MoveResult.BUSY:
+                return False
+        if time.monotonic() >= deadline:
+            return False
+        with engine.cond:
+            engine.cond.wait(WAIT_SLICE_S)
 
 
 def _bytes_view(t: torch.Tensor) -> memoryview:
