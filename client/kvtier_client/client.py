@@ -157,10 +157,13 @@ class KVTierClient:
         if self._shm is not None:
             return self._shm
         segment = shm_mod.Segment(self._shm_bytes)
+        # The call lives as long as the session (no deadline); only its first answer is timed.
+        call = self._stub.AttachShm(pb.AttachShmRequest(
+            namespace=namespace, path=segment.path, size=segment.size, token=segment.token),
+            timeout=None)
+        timer = threading.Timer(self.timeout_s, call.cancel)
+        timer.start()
         try:
-            call = self._stub.AttachShm(pb.AttachShmRequest(
-                namespace=namespace, path=segment.path, size=segment.size, token=segment.token),
-                timeout=None)
             reply = next(call)
         except (grpc.RpcError, StopIteration) as e:
             segment.close()
@@ -169,6 +172,7 @@ class KVTierClient:
                      self.target, getattr(e, "details", lambda: e)())
             return None
         finally:
+            timer.cancel()
             segment.unlink()
         self._shm = _ShmSession(segment, call, reply.session, namespace)
         return self._shm

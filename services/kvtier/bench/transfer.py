@@ -7,7 +7,9 @@ In one run, for ``--page-mib`` (default 2) MiB float16 pages in the ``hot`` tier
 - ``grpc_inline_get`` / ``grpc_inline_put``: the same client with shared memory off (page bytes
   in chunked gRPC streams), the path a remote worker gets;
 - ``redis_get`` / ``redis_set``: redis-py GET / SET of the same bytes (what users compare with);
-- ``socket``: a raw loopback TCP stream, as the limit.
+- ``socket``: a raw loopback TCP stream, as the limit;
+- ``grpc_batch_get`` / ``grpc_batch_put`` against ``redis_pipeline_get`` / ``_set``: the same
+  with 8 pages per call (a prompt's chunks) and 8 commands per redis-py pipeline.
 
 Paths are measured in interleaved rounds (the order rotating each round) and each figure is the
 best round (as ``timeit`` does: slower rounds measure other processes, not the path); the
@@ -35,7 +37,9 @@ import numpy as np
 from kvtier.cli.redis_proc import RedisProcess, free_port
 
 PATHS = ("grpc_get", "grpc_put", "grpc_inline_get", "grpc_inline_put", "redis_get",
-         "redis_set", "socket")
+         "redis_set", "socket", "grpc_batch_get", "grpc_batch_put", "redis_pipeline_get",
+         "redis_pipeline_set")
+BATCH = 8
 
 
 def register(subparsers: Any) -> None:
@@ -149,12 +153,41 @@ def measure(target: str, redis_url: str, page_mib: float = 2.0, pages: int = 16,
         samples[f"{name}_put"].append(_rate(total, put_all))
         samples[f"{name}_get"].append(_rate(total, get_all))
         client.delete(keys)
+        if name != "grpc":
+            return
+        bkeys = [b"batch-%d-%d" % (rnd, i) for i in range(pages)]
+
+        def put_batches() -> None:
+            for i in range(0, pages, BATCH):
+                client.put(bkeys[i:i + BATCH], objs[i:i + BATCH])
+
+        def get_batches() -> None:
+            for i in range(0, pages, BATCH):
+                if any(g is None for g in client.get(bkeys[i:i + BATCH])):
+                    raise RuntimeError("benchmark page missing from the daemon")
+
+        samples["grpc_batch_put"].append(_rate(total, put_batches))
+        samples["grpc_batch_get"].append(_rate(total, get_batches))
+        client.delete(bkeys)
 
     def redis_round(rnd: int) -> None:
         rkeys = [f"kvtier-bench-{rnd}-{i}" for i in range(pages)]
         samples["redis_set"].append(_rate(total, lambda: [r.set(k, b) for k, b in
                                                           zip(rkeys, blobs)]))
         samples["redis_get"].append(_rate(total, lambda: [r.get(k) for k in rkeys]))
+        r.delete(*rkeys)
+
+        def pipelined(op: Callable[[Any, int], object]) -> None:
+            for i in range(0, pages, BATCH):
+                pipe = r.pipeline(transaction=False)
+                for j in range(i, min(i + BATCH, pages)):
+                    op(pipe, j)
+                pipe.execute()
+
+        samples["redis_pipeline_set"].append(
+            _rate(total, lambda: pipelined(lambda p, j: p.set(rkeys[j], blobs[j]))))
+        samples["redis_pipeline_get"].append(
+            _rate(total, lambda: pipelined(lambda p, j: p.get(rkeys[j]))))
         r.delete(*rkeys)
 
     steps: list[Callable[[int], None]] = [
@@ -180,6 +213,8 @@ def measure(target: str, redis_url: str, page_mib: float = 2.0, pages: int = 16,
         out[f"{p}_vs_redis"] = out[f"{p}_gbps"] / out["redis_get_gbps"]
     for p in ("grpc_put", "grpc_inline_put"):
         out[f"{p}_vs_redis"] = out[f"{p}_gbps"] / out["redis_set_gbps"]
+    out["grpc_batch_get_vs_redis"] = out["grpc_batch_get_gbps"] / out["redis_pipeline_get_gbps"]
+    out["grpc_batch_put_vs_redis"] = out["grpc_batch_put_gbps"] / out["redis_pipeline_set_gbps"]
     return out
 
 

@@ -154,7 +154,8 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
         keys = self._keys(request.namespace, request.keys)
         budget = self._chunk(request) if unary else None
         session = self._shm.get(request.shm_session) if request.shm_session else None
-        if session is not None:
+        if session is not None:  # refuse before reading anything
+            session.check_owner(request.namespace)
             session.check_range(request.shm_offset, request.shm_capacity, "shm_capacity")
         raws = self._store.get_raw(request.namespace, keys)
         results: list[pb.PageResult] = []

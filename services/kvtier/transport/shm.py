@@ -86,14 +86,18 @@ class ShmSession:
         self._closed = False
         self.ended = threading.Event()
 
-    @contextmanager
-    def use(self, namespace: str) -> Iterator[memoryview]:
-        """The segment's bytes for one call of ``namespace``; refuses other namespaces."""
+    def check_owner(self, namespace: str) -> None:
+        """PermissionDenied unless ``namespace`` is the session's own."""
         if namespace != self.namespace:
             raise PermissionDenied(
                 f"shm session belongs to namespace {self.namespace!r}, not {namespace!r}",
                 field="shm_session",
             )
+
+    @contextmanager
+    def use(self, namespace: str) -> Iterator[memoryview]:
+        """The segment's bytes for one call of ``namespace``; refuses other namespaces."""
+        self.check_owner(namespace)
         with self._lock:
             if self._closed:
                 raise Conflict("shm session is closed; attach again", field="shm_session")
