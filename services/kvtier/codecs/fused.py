@@ -33,7 +33,6 @@ from kvtier.types import Codec, Page
 
 log = logging.getLogger(__name__)
 
-KINDS = {"float16": 0, "bfloat16": 1, "float32": 2}
 _MANT = np.array(MANTISSAS, dtype=np.float64)
 _U16 = NDArray[np.uint16]
 
@@ -51,72 +50,36 @@ def _words(t: torch.Tensor) -> _U16:
     return a
 
 
-def _bits(lay: Layout) -> int:
-    return 8 if lay.codec is Codec.INT8 else 4
-
-
 def encode_into(page: Page, lay: Layout, buf: bytearray) -> None:
     """Write the payload of ``page`` (CPU tensors) into ``buf`` (header already in place)."""
     arr = np.frombuffer(buf, dtype=np.uint8)
-
-    def sec(name: str) -> NDArray[np.uint8]:
-        off, n = lay.section(name)
-        return arr[off:off + n]
-
     k, v = _words(page.k), _words(page.v)
     if lay.codec is Codec.NONE:
-        sec("kraw").view(np.uint16)[:] = k
-        sec("vraw").view(np.uint16)[:] = v
+        off, n = lay.section("kraw")
+        arr[off:off + n].view(np.uint16)[:] = k
+        off, n = lay.section("vraw")
+        arr[off:off + n].view(np.uint16)[:] = v
         return
-    L, T, S, w = lay.L, lay.T, lay.S, lay.esize // 2
-    row = lay.HD * w
-    if S:
-        sink = sec("sink").view(np.uint16).reshape(2, L, S, row)
-        sink[0] = k.reshape(L, T, row)[:, :S]
-        sink[1] = v.reshape(L, T, row)[:, :S]
-    if lay.Tq == 0:
-        return
-    kind, bits = KINDS[lay.dtype], _bits(lay)
-    exps = sec("exps").view(np.int16)
-    kernels.encode_k(k, kind, L, T, S, lay.H, lay.D, lay.n_out, lay.Gk, bits, _MANT,
-                     sec("oidx").view(np.int16), sec("oraw").view(np.uint16), sec("kb"),
-                     sec("km"), sec("kq"), exps)
-    kernels.encode_v(v, kind, L, T, S, lay.HD, lay.Gv, bits, _MANT, sec("vb"), sec("vm"),
-                     sec("vq"), exps)
+    assert lay.plan is not None
+    kernels.encode_page(k, v, arr, lay.plan[0], lay.plan[1], _MANT)
 
 
 def decode(blob: memoryview, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V (fresh CPU tensors in the page dtype) from a verified blob."""
+    """K and V (CPU tensors in the page dtype, views of one fresh buffer) from a verified blob."""
     arr = np.frombuffer(blob, dtype=np.uint8)
     arr.flags.writeable = False  # one compiled specialization whatever the caller passed
-
-    def sec(name: str) -> NDArray[np.uint8]:
-        off, n = lay.section(name)
-        return arr[off:off + n]
-
-    k = torch.empty(lay.L, lay.T, lay.H, lay.D, dtype=TORCH_DTYPES[lay.dtype])
-    v = torch.empty_like(k)
-    kw, vw = _words(k), _words(v)
+    kv = torch.empty(2, lay.L, lay.T, lay.H, lay.D, dtype=TORCH_DTYPES[lay.dtype])
+    out = _words(kv)
     if lay.codec is Codec.NONE:
-        kw[:] = sec("kraw").view(np.uint16)
-        vw[:] = sec("vraw").view(np.uint16)
-        return k, v
-    L, T, S, w = lay.L, lay.T, lay.S, lay.esize // 2
-    row = lay.HD * w
-    if S:
-        sink = sec("sink").view(np.uint16).reshape(2, L, S, row)
-        kw.reshape(L, T, row)[:, :S] = sink[0]
-        vw.reshape(L, T, row)[:, :S] = sink[1]
-    if lay.Tq == 0:
-        return k, v
-    kind, bits = KINDS[lay.dtype], _bits(lay)
-    exps = sec("exps").view(np.int16)
-    kernels.decode_k(sec("kb"), sec("km"), sec("kq"), sec("oidx").view(np.int16),
-                     sec("oraw").view(np.uint16), exps, kind, L, T, S, lay.H, lay.D,
-                     lay.n_out, lay.Gk, bits, _MANT, kw)
-    kernels.decode_v(sec("vb"), sec("vm"), sec("vq"), exps, kind, L, T, S, lay.HD, lay.Gv,
-                     bits, _MANT, vw)
-    return k, v
+        half = out.size // 2
+        off, n = lay.section("kraw")
+        out[:half] = arr[off:off + n].view(np.uint16)
+        off, n = lay.section("vraw")
+        out[half:] = arr[off:off + n].view(np.uint16)
+        return kv[0], kv[1]
+    assert lay.plan is not None
+    kernels.decode_page(arr, lay.plan[0], lay.plan[1], _MANT, out)
+    return kv[0], kv[1]
 
 
 def int8_rows_to_int4(src: memoryview, width: int, dst: memoryview) -> None:

@@ -252,3 +252,61 @@ def int8_to_int4_rows(src, rows, width, dst):  # type: ignore[no-untyped-def]
         for j in range(width):
             q[j] = np.uint8((np.int32(row[j]) + 8) // 17)
         put_codes(q, 4, dst[r * rb:(r + 1) * rb])
+
+
+# --- whole pages: one dispatch per call (numba's argument checks cost microseconds each) ---
+
+@njit(**JIT)
+def _copy_sinks(src, dst, L, T, S, row, to_blob):  # type: ignore[no-untyped-def]
+    """Sink tokens between a page's words and the blob's sink section ([L, S, row] words)."""
+    for layer in range(L):
+        for t in range(S):
+            p = (layer * T + t) * row
+            b = (layer * S + t) * row
+            if to_blob:
+                copy(dst[b:b + row], src[p:p + row])
+            else:
+                copy(dst[p:p + row], src[b:b + row])
+
+
+@njit(**JIT)
+def encode_page(k, v, blob, sec, geo, mant):  # type: ignore[no-untyped-def]
+    """Write every quantized section of a page into ``blob``; ``sec`` holds (start, end) per
+    section in ``layout.QUANTIZED_SECTIONS`` order, ``geo`` is (kind, L, T, S, H, D, n_out, Gk, Gv, bits)."""
+    kind, L, T, S, H, D, n_out, Gk, Gv, bits = (geo[0], geo[1], geo[2], geo[3], geo[4],
+                                                 geo[5], geo[6], geo[7], geo[8], geo[9])
+    row = H * D * (2 if kind == 2 else 1)
+    sink = blob[sec[4]:sec[5]].view(np.uint16)
+    half = sink.size // 2
+    _copy_sinks(k, sink[:half], L, T, S, row, True)
+    _copy_sinks(v, sink[half:], L, T, S, row, True)
+    if T == S:
+        return
+    exps = blob[sec[2]:sec[3]].view(np.int16)
+    encode_k(k, kind, L, T, S, H, D, n_out, Gk, bits, mant, blob[sec[0]:sec[1]].view(np.int16),
+             blob[sec[6]:sec[7]].view(np.uint16), blob[sec[8]:sec[9]], blob[sec[10]:sec[11]],
+             blob[sec[16]:sec[17]], exps)
+    encode_v(v, kind, L, T, S, H * D, Gv, bits, mant, blob[sec[12]:sec[13]],
+             blob[sec[14]:sec[15]], blob[sec[18]:sec[19]], exps)
+
+
+@njit(**JIT)
+def decode_page(blob, sec, geo, mant, out):  # type: ignore[no-untyped-def]
+    """Decode every section of ``blob`` into ``out``: the words of K then V."""
+    kind, L, T, S, H, D, n_out, Gk, Gv, bits = (geo[0], geo[1], geo[2], geo[3], geo[4],
+                                                 geo[5], geo[6], geo[7], geo[8], geo[9])
+    row = H * D * (2 if kind == 2 else 1)
+    ok = out[:out.size // 2]
+    ov = out[out.size // 2:]
+    sink = blob[sec[4]:sec[5]].view(np.uint16)
+    half = sink.size // 2
+    _copy_sinks(sink[:half], ok, L, T, S, row, False)
+    _copy_sinks(sink[half:], ov, L, T, S, row, False)
+    if T == S:
+        return
+    exps = blob[sec[2]:sec[3]].view(np.int16)
+    decode_k(blob[sec[8]:sec[9]], blob[sec[10]:sec[11]], blob[sec[16]:sec[17]],
+             blob[sec[0]:sec[1]].view(np.int16), blob[sec[6]:sec[7]].view(np.uint16), exps,
+             kind, L, T, S, H, D, n_out, Gk, bits, mant, ok)
+    decode_v(blob[sec[12]:sec[13]], blob[sec[14]:sec[15]], blob[sec[18]:sec[19]], exps, kind,
+             L, T, S, H * D, Gv, bits, mant, ov)

@@ -7,11 +7,20 @@ Sections start on 8-byte boundaries so that every one can be viewed as a typed a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 
 from kvtier.codecs.blob import DTYPE_SIZES, HEADER_SIZE, BlobHeader
 from kvtier.config import CodecConfig
 from kvtier.types import Codec
+
+
+QUANTIZED_SECTIONS = ("oidx", "exps", "sink", "oraw", "kb", "km", "vb", "vm", "kq", "vq")
+DTYPE_KINDS = {"float16": 0, "bfloat16": 1, "float32": 2}
 
 
 def _align(n: int) -> int:
@@ -51,7 +60,16 @@ class Layout:
     S: int  # sink tokens
     n_out: int  # outlier channels per (layer, head)
     group_size: int
-    offsets: dict[str, tuple[int, int]]  # section -> (offset in blob, nbytes)
+    sections: tuple[tuple[str, int, int], ...]  # (name, offset in blob, nbytes), in order
+    payload_nbytes: int = 0
+    # what the CPU page kernels take: section bounds in QUANTIZED_SECTIONS order and the
+    # geometry (kind, L, T, S, H, D, n_out, Gk, Gv, bits), as read-only int64 arrays
+    plan: tuple[Any, Any] | None = field(default=None, compare=False, hash=False, repr=False)
+
+    @property
+    def offsets(self) -> dict[str, tuple[int, int]]:
+        """section -> (offset in blob, nbytes)."""
+        return {name: (off, n) for name, off, n in self.sections}
 
     @property
     def Tq(self) -> int:
@@ -89,28 +107,28 @@ class Layout:
     def esize(self) -> int:
         return DTYPE_SIZES[self.dtype]
 
-    @property
-    def payload_nbytes(self) -> int:
-        end = max((o + n for o, n in self.offsets.values()), default=HEADER_SIZE)
-        return _align(end) - HEADER_SIZE
-
     def section(self, name: str) -> tuple[int, int]:
-        return self.offsets[name]
+        for sec, off, n in self.sections:
+            if sec == name:
+                return off, n
+        raise KeyError(name)
 
     def row_bytes(self, n: int) -> int:
         """Bytes of one row of ``n`` codes: one per code for int8, two codes a byte for int4."""
         return n if self.codec is Codec.INT8 else (n + 1) // 2
 
 
+@functools.lru_cache(maxsize=1024)
 def make_layout(codec: Codec, dtype: str, shape: tuple[int, int, int, int], S: int, n_out: int,
                 group_size: int) -> Layout:
+    """The layout of a blob (memoized: a pure function of a few numbers, called per page)."""
     L, T, H, D = shape
     es = DTYPE_SIZES[dtype]
     sizes: list[tuple[str, int]]
     if codec is Codec.NONE:
         sizes = [("kraw", L * T * H * D * es), ("vraw", L * T * H * D * es)]
     else:
-        probe = Layout(codec, dtype, L, T, H, D, S, n_out, group_size, {})
+        probe = Layout(codec, dtype, L, T, H, D, S, n_out, group_size, ())
         Tq, Ck, HD = probe.Tq, probe.Ck, probe.HD
         nk = probe.nk if Tq else 0
         kgroups, vgroups = L * nk * Ck, L * Tq * probe.nv
@@ -124,12 +142,24 @@ def make_layout(codec: Codec, dtype: str, shape: tuple[int, int, int, int], S: i
             ("kq", L * Tq * probe.row_bytes(Ck)),
             ("vq", L * Tq * probe.row_bytes(HD)),
         ]
-    offsets: dict[str, tuple[int, int]] = {}
+    sections = []
     pos = HEADER_SIZE
     for name, n in sizes:
-        offsets[name] = (pos, n)
+        sections.append((name, pos, n))
         pos = _align(pos + n)
-    return Layout(codec, dtype, L, T, H, D, S, n_out, group_size, offsets)
+    lay = Layout(codec, dtype, L, T, H, D, S, n_out, group_size, tuple(sections),
+                 pos - HEADER_SIZE)
+    if codec is Codec.NONE:
+        return lay
+    offsets = lay.offsets
+    bounds = np.array([x for name in QUANTIZED_SECTIONS
+                       for x in (offsets[name][0], offsets[name][0] + offsets[name][1])],
+                      dtype=np.int64)
+    geo = np.array([DTYPE_KINDS[dtype], L, T, S, H, D, n_out, lay.Gk, lay.Gv, codec.bits],
+                   dtype=np.int64)
+    bounds.flags.writeable = False
+    geo.flags.writeable = False
+    return dataclasses.replace(lay, plan=(bounds, geo))
 
 
 def layout_for_encode(codec: Codec, dtype: str, shape: tuple[int, int, int, int],
