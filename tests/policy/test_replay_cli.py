@@ -114,3 +114,11 @@ def test_bad_traces_name_the_field(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_bad_capacity_is_rejected(trace_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["replay", str(trace_file), "--capacity", "abc"]) == 2
     assert "capacity" in capsys.readouterr().err
+
+
+def test_costs_reports_decision_and_learning_figures(trace_file: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = _run(capsys, str(trace_file), "--json", "--costs")
+    assert out["candidates"] == 64 and out["accesses"] == load_trace(trace_file).accesses
+    assert 0 < out["decision_us_min"] <= out["decision_us_p50"] <= out["decision_us_p99"]
+    assert out["learn_cpu_s"] > 0 and out["core_share"] > 0

@@ -41,6 +41,8 @@ def register(sub: Any) -> None:
     p.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
     p.add_argument("--device", default="cpu", help="torch device for the predictor")
     p.add_argument("--config", default=None, help="settings JSON (tier stack for --tiers)")
+    p.add_argument("--costs", action="store_true",
+                   help="measure the learned policy's decision latency and learning CPU share")
     p.add_argument("--live", action="store_true", help="replay against a daemon")
     p.add_argument("--target", default=None, help="daemon host:port (live; default: start one)")
     p.add_argument("--page-bytes", type=int, default=16384, help="live page payload size")
@@ -85,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
                 raise InvalidArgument("must be at least 1", field="limit")
             trace = Trace(trace.name, trace.requests[: args.limit])
         caps = [capacity_blocks(trace, c) for c in _capacities(args.capacity)]
-        if args.live:
+        if args.costs:
+            out = _costs(args, trace)
+        elif args.live:
             out = _live(args, trace, caps[0])
         elif args.compare:
             out = _compare(args, trace, caps)
@@ -163,3 +167,18 @@ def _live(args: argparse.Namespace, trace: Trace, cap: int) -> dict[str, Any]:
         print(f"  bytes put {r.bytes_put}, got {r.bytes_got}; get latency ms {r.get_ms}; "
               f"{r.seconds:.1f}s")
     return {"trace": trace.name, "seed": args.seed, "capacity_blocks": cap, **r.to_json()}
+
+
+def _costs(args: argparse.Namespace, trace: Trace) -> dict[str, Any]:
+    from kvtier.policy.costs import measure_costs
+
+    c = measure_costs(trace, seed=args.seed, device=args.device)
+    if not args.json:
+        print(f"decision: victims() among {c.candidates} candidates: best {c.decision_us_min:.1f}"
+              f" us, p50 {c.decision_us_p50:.1f} us, p99 {c.decision_us_p99:.1f} us (trained: "
+              f"{c.ready}); {c.candidates} plain dict lookups take {c.baseline_us_min:.1f} us "
+              f"here now (ratio {c.decision_us_min / c.baseline_us_min:.1f}x)")
+        print(f"learning: {c.learn_cpu_s:.2f} CPU s (AdamW {c.train_cpu_s:.2f} s) for "
+              f"{c.accesses} accesses over {c.trace_s:.0f} s of trace = "
+              f"{100 * c.core_share:.3f}% of one core at the real-time rate")
+    return {"trace": trace.name, "seed": args.seed, **c.to_json()}
