@@ -106,9 +106,9 @@ def test_bad_input_names_the_field(make_store: StoreFactory) -> None:
     with pytest.raises(PageTooLarge, match="page"):
         store.put(NS, [(key(0), make_page(0, shape=(1, 64, 1, 8)))])
     # 3 x 256 bytes: allowed by max_page_bytes but larger than the whole hot tier
-    with pytest.raises(CapacityExhausted, match="page"):
-        store.put(NS, [(key(0), make_page(0, shape=(1, 24, 1, 8)))])
-    assert store.lookup(NS, [key(0)]).tiers == [None]
+    with pytest.raises(CapacityExhausted, match="page"):  # nothing of the batch is stored
+        store.put(NS, [(key(1), make_page(1)), (key(0), make_page(0, shape=(1, 24, 1, 8)))])
+    assert store.lookup(NS, [key(1), key(0)]).tiers == [None, None]
     assert store.stats().tiers[0].bytes == 0
 
 

@@ -36,6 +36,15 @@ def choose_tier(engine: TierEngine, pid: PageId, page: Page, chain: int) -> int:
     return memory_tiers[-1]
 
 
+def check_fits(engine: TierEngine, page: Page, tier: int) -> None:
+    """CapacityExhausted if ``page`` is larger than the whole tensor tier ``tier``."""
+    spec, cap = engine.specs[tier], engine.limits[tier].capacity_bytes
+    if spec.holds_tensors and page.nbytes > cap:
+        raise CapacityExhausted(
+            f"page is {page.nbytes} bytes, larger than the whole {spec.name!r} tier "
+            f"({cap} bytes)", field="page")
+
+
 def place(engine: TierEngine, pid: PageId, page: Page, tier: int, chain_position: int,
       now: float) -> bool:
     """Store a new page in ``tier``; False if the key exists. Makes room synchronously.
@@ -47,10 +56,7 @@ def place(engine: TierEngine, pid: PageId, page: Page, tier: int, chain_position
     backend = engine.memory[tier]
     if backend is None:
         raise Conflict(f"pages are placed in memory tiers, not in {spec.name!r}", field="tier")
-    if spec.holds_tensors and page.nbytes > cap:
-        raise CapacityExhausted(
-            f"page is {page.nbytes} bytes, larger than the whole {spec.name!r} tier "
-            f"({cap} bytes)", field="page")
+    check_fits(engine, page, tier)
     with engine.cond:
         version = engine.index.begin_place(pid, tier, page.nbytes, chain_position, now)
     if version is None:

@@ -36,7 +36,7 @@ from kvtier.store.access_log import AccessLog
 from kvtier.store.engine import WAIT_SLICE_S, MoveResult, TierEngine
 from kvtier.store.index import PageState
 from kvtier.store.mover import Mover, rebalance_tier
-from kvtier.store.placement import choose_tier, place
+from kvtier.store.placement import check_fits, choose_tier, place
 from kvtier.store.policy import AccessEvent, AccessKind, LRUPolicy, Policy
 from kvtier.store.remote_index import discover, resync_remote
 from kvtier.store.results import GetResult, LookupResult, PageInfo, PutOutcome, RawResult
@@ -119,23 +119,28 @@ class TierStore:
             pages.append(make_page(page.k, page.v, page.start_position,
                                    max_page_bytes=s.max_page_bytes, allow_nonfinite=True))
         e = self._engine
+        targets = [choose_tier(e, pid, page, chain)
+                   for pid, page, chain in zip(pids, pages, chains, strict=True)]
+        for page, t in zip(pages, targets, strict=True):  # fail the batch before storing any
+            check_fits(e, page, t)
         out = []
         now = time.time()
-        for pid, page, chain in zip(pids, pages, chains, strict=True):
-            stored = place(e, pid, page, choose_tier(e, pid, page, chain), chain, time.time())
+        for pid, page, chain, t in zip(pids, pages, chains, targets, strict=True):
+            stored = place(e, pid, page, t, chain, time.time())
             out.append(PutOutcome.STORED if stored else PutOutcome.EXISTS)
         with e.cond:
             self._puts += len(out)
             self._puts_stored += sum(o is PutOutcome.STORED for o in out)
             events = [
                 AccessEvent(pid, e.index.next_seq(), now, AccessKind.PUT,
-                            e.names[t] if (t := e.index.visible_tier(pid)) is not None else None,
+                            e.names[vt] if (vt := e.index.visible_tier(pid)) is not None else None,
                             page.nbytes, chain)
                 for pid, page, chain in zip(pids, pages, chains, strict=True)
             ]
-            hot_full = e.index.used(0) + e.index.reserved(0) > e.limits[0].high_bytes
+            past_high = any(e.index.used(t) + e.index.reserved(t) > e.limits[t].high_bytes
+                            for t in set(targets))
         self._events.extend(events)
-        if hot_full and self._mover is not None:
+        if past_high and self._mover is not None:
             self._mover.wake()
         return out
 
