@@ -1,4 +1,8 @@
-"""`kvtier serve` as a real process: SIGKILL + restart on the same Redis, and SIGTERM --drain."""
+"""`kvtier serve` as a real process: SIGKILL + restart on the same Redis, and SIGTERM --drain.
+
+The first life is a `kvtier serve` process (signals are what is tested); the second is a fresh
+daemon in this process, which reads nothing but Redis, to keep the tests quick.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +12,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from kvtier.cli.redis_proc import RedisProcess, free_port
+from kvtier.daemon import Daemon
 from kvtier_client import KVTierClient
 
-from .conftest import make_kv, tiny_tiers
+from .conftest import DaemonFactory, make_kv, tiny_tiers
 
 
 class Served:
@@ -25,15 +30,25 @@ class Served:
         self.proc, self.address = proc, address
 
 
+def _config(redis_url: str) -> dict[str, object]:
+    return {
+        "tiers": [t.model_dump(mode="json") for t in tiny_tiers(with_redis=True)],
+        "redis": {"url": redis_url},
+        "mover_interval_s": 0.01,
+    }
+
+
+@pytest.fixture()
+def restarted(make_daemon: DaemonFactory, private_redis: RedisProcess) -> Callable[[], Daemon]:
+    """The second life: a fresh daemon (in process, to keep the test quick) on the same Redis."""
+    return lambda: make_daemon(**_config(private_redis.url))
+
+
 @pytest.fixture()
 def serve(tmp_path: Path, private_redis: RedisProcess) -> Iterator[object]:
     procs: list[subprocess.Popen[str]] = []
     config = tmp_path / "kvtier.json"
-    config.write_text(json.dumps({
-        "tiers": [t.model_dump(mode="json") for t in tiny_tiers(with_redis=True)],
-        "redis": {"url": private_redis.url},
-        "mover_interval_s": 0.01,
-    }))
+    config.write_text(json.dumps(_config(private_redis.url)))
 
     def start(*extra: str) -> Served:
         port = free_port()
@@ -69,7 +84,8 @@ def _settled(c: KVTierClient, keys: list[bytes]) -> list[str | None]:
     return last
 
 
-def test_sigkilled_daemon_restarted_on_same_redis_serves_redis_tier_pages(serve: object) -> None:
+def test_sigkilled_daemon_restarted_on_same_redis_serves_redis_tier_pages(
+        serve: object, restarted: Callable[[], Daemon]) -> None:
     first = serve()  # type: ignore[operator]
     kv = [make_kv(i) for i in range(8)]
     keys = [b"r%d" % i for i in range(8)]
@@ -81,8 +97,8 @@ def test_sigkilled_daemon_restarted_on_same_redis_serves_redis_tier_pages(serve:
     assert remote, tiers
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait()
-    second = serve()  # type: ignore[operator]
-    with KVTierClient(second.address, "restart") as c:
+    second = restarted()
+    with KVTierClient(second.grpc_address, "restart") as c:
         got = c.get([keys[i] for i in remote])
         for i, g in zip(remote, got):
             assert g is not None and g.tier == "remote" and g.precision == 4
@@ -91,7 +107,8 @@ def test_sigkilled_daemon_restarted_on_same_redis_serves_redis_tier_pages(serve:
             assert np.abs(g.k.astype(np.float32) - k).max() <= (k.max() - k.min()) / 15 * 1.01
 
 
-def test_sigterm_with_drain_keeps_memory_pages(serve: object) -> None:
+def test_sigterm_with_drain_keeps_memory_pages(serve: object,
+                                               restarted: Callable[[], Daemon]) -> None:
     first = serve("--drain")  # type: ignore[operator]
     kv = [make_kv(i) for i in range(2)]
     with KVTierClient(first.address, "drain") as c:
@@ -101,7 +118,7 @@ def test_sigterm_with_drain_keeps_memory_pages(serve: object) -> None:
     out, _ = first.proc.communicate(timeout=30)
     assert first.proc.returncode == 0, out
     assert "drained 2 memory-tier pages" in out and "stopped" in out
-    second = serve()  # type: ignore[operator]
-    with KVTierClient(second.address, "drain") as c:
+    second = restarted()
+    with KVTierClient(second.grpc_address, "drain") as c:
         assert c.lookup([b"d0", b"d1"]).tiers == ("remote", "remote")
         assert all(g is not None for g in c.get([b"d0", b"d1"]))
