@@ -70,7 +70,10 @@ class Worker:
                     self.seen.add((got.tier, got.precision))
                 else:
                     assert got is None
-        elif op < 0.85:
+        elif op < 0.8:
+            tiers = s.lookup(NS, self.keys).tiers
+            assert [t is not None for t in tiers] == [kk in self.present for kk in self.keys]
+        elif op < 0.87:
             assert s.promote(NS, [k], rng.choice(s.tier_names)) == [k in self.present]
         elif op < 0.92:
             s.demote(NS, [k], rng.choice(s.tier_names[1:]))

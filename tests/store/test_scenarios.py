@@ -149,3 +149,32 @@ def test_a_page_too_big_for_the_next_tier_goes_further_down(make_store: StoreFac
     st = {t.name: t for t in store.stats().tiers}
     assert st["hot"].demotions == 3 and st["warm"].pages == 0
     assert st["cold"].evictions["capacity"] == 1
+
+
+def test_prefetch_promotes_into_spare_room_only(make_store: StoreFactory) -> None:
+    from kvtier.types import Namespace, PageId, PageKey
+
+    class Prefetching(LRUPolicy):
+        picks: list[PageId] = []
+
+        def prefetch(self, limit: int) -> list[PageId]:
+            return self.picks[:limit]
+
+    policy = Prefetching()
+    settings = make_settings([
+        tier("hot", Medium.DEVICE, Codec.NONE, 8 * PAGE_BYTES, high=0.9, low=0.5),
+        tier("cold", Medium.HOST, Codec.INT4, 64 * PAGE_BYTES),
+    ])
+    store = make_store(settings, policy)
+    store.put(NS, [(key(i), make_page(i)) for i in range(6)])
+    assert store.demote(NS, [key(i) for i in range(6)], "cold") == [True] * 6
+    policy.picks = [PageId(Namespace(NS), PageKey(key(i))) for i in (4, 1, 2, 3)]
+    store.rebalance()
+    # each promoted int4 page holds its tensors and its blob; the low watermark (4 pages of
+    # tensors) leaves room for the first picks only, in the policy's order
+    fit = (4 * PAGE_BYTES) // (PAGE_BYTES + blob_size(Codec.INT4))
+    assert 0 < fit < 4
+    tiers = where(store, 6)
+    assert [i for i in range(6) if tiers[i] == "hot"] == sorted([4, 1, 2, 3][:fit])
+    hot = store.stats().tiers[0]
+    assert hot.bytes <= hot.capacity_bytes * hot.low_watermark and hot.demotions == 6

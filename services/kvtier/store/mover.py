@@ -4,6 +4,7 @@
 lowest-scored pages one tier down (or out of the last tier, reason ``capacity``) until it is at
 its low watermark. Above a Redis tier that is down, pages wait (nothing moves) — the hard limit
 is enforced by the synchronous make-room path, which evicts with reason ``remote_down``.
+:func:`prefetch_pass` then promotes what the policy expects to be used soon into spare room.
 
 It wakes every ``interval_s`` or when :meth:`Mover.wake` is called (a put pushed a tier past
 its high watermark). A pass that raises is logged and the thread carries on: nothing raises out
@@ -15,10 +16,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from kvtier.store.engine import TierEngine
+from kvtier.store.engine import MoveResult, TierEngine
+from kvtier.store.index import PageState
 
 log = logging.getLogger(__name__)
 
@@ -83,4 +83,28 @@ def rebalance_tier(engine: TierEngine, tier: int) -> int:
         done += engine.push_down(pid, tier, evict_if_down=False)
         if tier != engine.last and not engine.tier_up(tier + 1):
             break
+    return done
+
+
+def prefetch_pass(engine: TierEngine, limit: int) -> int:
+    """Promote the policy's prefetch picks into the top tier, only while it has spare room.
+
+    A pick moves up only if the top tier stays at or below its low watermark afterwards, so a
+    prefetch never pushes other pages down (no thrash). Returns the number promoted.
+    """
+    try:
+        picks = engine.policy.prefetch(limit)
+    except Exception:
+        log.exception("policy %s failed in prefetch(); skipping", engine.policy.name)
+        return 0
+    done = 0
+    for pid in picks[:limit]:
+        with engine.cond:
+            rec = engine.index.get(pid)
+            if rec is None or rec.tier == 0 or rec.state is not PageState.RESIDENT:
+                continue
+            room = engine.limits[0].low_bytes - engine.index.used(0) - engine.index.reserved(0)
+            if rec.nbytes + rec.stored_bytes > room:
+                break
+        done += engine.move(pid, 0) is MoveResult.MOVED
     return done

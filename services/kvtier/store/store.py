@@ -35,7 +35,7 @@ from kvtier.pages import check_key, check_keys, check_namespace, dtype_name, mak
 from kvtier.store.access_log import AccessLog
 from kvtier.store.engine import WAIT_SLICE_S, MoveResult, TierEngine
 from kvtier.store.index import PageState
-from kvtier.store.mover import Mover, rebalance_tier
+from kvtier.store.mover import Mover, prefetch_pass, rebalance_tier
 from kvtier.store.placement import check_fits, choose_tier, place
 from kvtier.store.policy import AccessEvent, AccessKind, LRUPolicy, Policy
 from kvtier.store.remote_index import discover, resync_remote
@@ -45,6 +45,8 @@ from kvtier.store.tiers import Promoted, Stored
 from kvtier.types import Page, PageId, Precision
 
 log = logging.getLogger(__name__)
+
+PREFETCH_PER_PASS = 64
 
 
 class TierStore:
@@ -334,7 +336,8 @@ class TierStore:
         return moved
 
     def rebalance(self) -> None:
-        """One mover pass: deliver access events, probe Redis, demote past high watermarks."""
+        """One mover pass: deliver access events, probe Redis, demote past high watermarks,
+        then promote the policy's prefetch picks into spare room of the top tier."""
         e = self._engine
         events = self._events.drain()
         if events:
@@ -346,6 +349,7 @@ class TierStore:
             resync_remote(e)
         for t in range(len(e.specs)):
             rebalance_tier(e, t)
+        prefetch_pass(e, PREFETCH_PER_PASS)
 
     def _tier_index(self, name: str) -> int:
         try:
