@@ -26,6 +26,10 @@ HORIZON_PER_SLOT = 4
 good as never for a cache of that size, and a short horizon keeps censored labels timely."""
 
 
+DUEL_MARGIN = 0.002
+"""How far ahead (hits per access over the duel window) the predictor's shadow must be."""
+
+
 class LearnedModel:
     """History + predictor; shared by the cores of a tier stack. Not thread-safe."""
 
@@ -194,6 +198,7 @@ class LearnedCore(PredictedCache):
         self._shadow_pred.use_model = True
         self._lead = 0.0  # decayed (predictor shadow hits - LRU shadow hits)
         self._decay = 1.0 - 1.0 / self.model.history.horizon
+        self._window = float(self.model.history.horizon)
         self.model_requests = 0
         self.requests = 0
 
@@ -222,6 +227,8 @@ class LearnedCore(PredictedCache):
                 elif shadow.admit(key):
                     shadow.insert(key)
         self._lead = lead * decay ** len(keys)
-        self.use_model = self.model.ready and self._lead >= 0.0
+        # Hysteresis: the model takes over only once its shadow is clearly ahead (by
+        # DUEL_MARGIN of the window's accesses), so a tie does not flip the cache back and forth.
+        self.use_model = self.model.ready and self._lead > DUEL_MARGIN * self._window
         self.requests += 1
         self.model_requests += self.use_model
