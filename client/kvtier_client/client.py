@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import grpc
 
 from kvtier_client import shm as shm_mod
-from kvtier_client.errors import KVTierClientError, from_rpc_error
+from kvtier_client.errors import DeadlineExceededError, KVTierClientError, from_rpc_error
 from kvtier_client.tensors import FetchedPage, Page
 from kvtier_client.wire import (
     DEFAULT_CHUNK_BYTES,
@@ -138,9 +138,10 @@ class KVTierClient:
         while True:
             attempt += 1
             left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceededError("deadline exceeded before the call could be retried",
+                                            method=method)
             try:
-                if left <= 0:
-                    raise from_rpc_error(_Deadline(), method)
                 return fn(left)
             except grpc.RpcError as e:
                 err = from_rpc_error(e, method)
@@ -156,7 +157,12 @@ class KVTierClient:
             return None
         if self._shm is not None:
             return self._shm
-        segment = shm_mod.Segment(self._shm_bytes)
+        try:
+            segment = shm_mod.Segment(self._shm_bytes)
+        except OSError as e:  # /dev/shm full or not ours: inline transfers still work
+            self._shm_wanted = False
+            log.info("cannot create a shared-memory segment (%s); using inline transfers", e)
+            return None
         # The call lives as long as the session (no deadline); only its first answer is timed.
         call = self._stub.AttachShm(pb.AttachShmRequest(
             namespace=namespace, path=segment.path, size=segment.size, token=segment.token),
@@ -233,7 +239,8 @@ class KVTierClient:
         return reply
 
     def get(self, keys: Sequence[bytes], *, namespace: str | None = None,
-            timeout_s: float | None = None, as_torch: bool | str = False) -> list[FetchedPage | None]:
+            timeout_s: float | None = None,
+            as_torch: bool | str = False) -> list[FetchedPage | None]:
         """Fetch pages; ``None`` for a miss. numpy out unless ``as_torch`` (True: CPU tensors;
         a device name such as ``"cuda"``: tensors on that device)."""
         ns = namespace or self.namespace
@@ -320,16 +327,6 @@ class KVTierClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _Deadline:
-    """Stands in for an RpcError when the deadline ran out between retries."""
-
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-
-    def details(self) -> str:
-        return "deadline exceeded before the call could be retried"
 
 
 __all__ = ["CacheStats", "KVTierClient", "KVTierClientError", "LookupResult", "TierStats"]

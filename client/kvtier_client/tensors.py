@@ -15,7 +15,9 @@ from typing import Any, Union
 
 import numpy as np
 
-WIRE_DTYPES: dict[str, np.dtype[Any] | None] = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "bfloat16": None}
+WIRE_DTYPES: dict[str, np.dtype[Any] | None] = {
+    "float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "bfloat16": None,  # numpy has no bf16
+}
 _ELEM = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
@@ -31,7 +33,8 @@ class RawTensor:
         return _torch_from_bytes(self.data, self.dtype, self.shape)
 
 
-TensorLike = Union[np.ndarray, RawTensor, Any]  # Any: torch.Tensor without importing torch
+# Any: a torch.Tensor, named without importing torch.
+TensorLike = Union[np.ndarray, RawTensor, Any]
 
 
 @dataclass(frozen=True, slots=True)

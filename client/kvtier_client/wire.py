@@ -109,7 +109,8 @@ def put_requests(namespace: str, pages: Sequence[WirePage], chunk_bytes: int,
 class GetAssembler:
     """Decodes a Get reply stream into pages, reading shm-placed pages from ``segment``."""
 
-    def __init__(self, n_keys: int, as_torch: bool | str, segment: memoryview | None = None) -> None:
+    def __init__(self, n_keys: int, as_torch: bool | str,
+                 segment: memoryview | None = None) -> None:
         self._n = n_keys
         self._as_torch = as_torch
         self._segment = segment

@@ -60,8 +60,8 @@ def test_only_idempotent_calls_retry_on_unavailable() -> None:
     channel = grpc.intercept_channel(grpc.insecure_channel(target), counter)
     c = KVTierClient(target, "r", channel=channel, shared_memory=False, timeout_s=5)
     k = np.zeros((1, 1, 1, 8), np.float16)
-    for call in (lambda: c.get([b"a"]), lambda: c.lookup([b"a"]), lambda: c.put([b"a"], [Page(k, k)]),
-                 lambda: c.delete([b"a"])):
+    for call in (lambda: c.get([b"a"]), lambda: c.lookup([b"a"]),
+                 lambda: c.put([b"a"], [Page(k, k)]), lambda: c.delete([b"a"])):
         with pytest.raises(UnavailableError) as info:
             call()
         assert info.value.code == "UNAVAILABLE"

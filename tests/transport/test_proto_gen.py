@@ -22,4 +22,4 @@ def test_generated_code_matches_gen_sh(tmp_path: Path) -> None:
     protos = sorted(p.stem for p in GEN.glob("*.proto"))
     assert {f"{s}_pb2.py" for s in protos} <= set(generated)
     _, mismatch, errors = filecmp.cmpfiles(fresh, GEN, generated, shallow=False)
-    assert not mismatch and not errors, f"stale generated code {mismatch + errors}: run proto/gen.sh"
+    assert not mismatch and not errors, f"stale generated code {mismatch + errors}: run gen.sh"

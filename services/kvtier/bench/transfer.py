@@ -13,8 +13,8 @@ In one run, for ``--page-mib`` (default 2) MiB float16 pages in the ``hot`` tier
 
 Paths are measured in interleaved rounds (the order rotating each round) and each figure is the
 best round (as ``timeit`` does: slower rounds measure other processes, not the path); the
-median is reported too (``*_median_gbps``). Ratios against redis-py are the figures to read. It starts a
-``redis-server`` and a daemon process unless ``--redis-url`` / ``--target`` are given.
+median is reported too (``*_median_gbps``). Ratios against redis-py are the figures to read.
+It starts a ``redis-server`` and a daemon process unless ``--redis-url`` / ``--target`` are given.
 """
 
 from __future__ import annotations

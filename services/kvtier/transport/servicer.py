@@ -19,7 +19,14 @@ import grpc
 from kvtier.errors import InvalidArgument, UnknownTier
 from kvtier.pages import check_keys, check_namespace
 from kvtier.transport.context import DaemonContext
-from kvtier.transport.convert import Header, PutAssembler, build_page, byte_view, check_header, chunks
+from kvtier.transport.convert import (
+    Header,
+    PutAssembler,
+    build_page,
+    byte_view,
+    check_header,
+    chunks,
+)
 from kvtier.transport.shm import TOKEN_BYTES, ShmRegistry, align_up
 from kvtier.types import Page
 from kvtier_proto.v1 import cache_pb2 as pb
