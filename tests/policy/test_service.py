@@ -144,3 +144,18 @@ def test_falls_back_when_the_service_is_killed_and_recovers_when_it_returns() ->
         remote.close()
         proc.kill()
         proc.wait(timeout=10)
+
+
+def test_serves_grpc_health() -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server, port, _ = make_policy_server(LearnedPolicy(device="cpu"), "127.0.0.1", 0)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            for name in ("", "kvtier.v1.PolicyService"):
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop(0)

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -30,6 +31,7 @@ from kvtier_proto.v1 import policy_pb2, policy_pb2_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,11 +116,16 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):  # type: ignore[mis
 
 def make_policy_server(policy: Policy, host: str = "127.0.0.1", port: int = 0,
                        workers: int = 4) -> tuple[grpc.Server, int, PolicyServicer]:
-    """A started-ready (not yet started) gRPC server hosting ``policy``; port 0 picks one."""
+    """A gRPC server (not yet started) hosting ``policy``, plus ``grpc.health.v1`` (SERVING
+    for "" and ``kvtier.v1.PolicyService``); port 0 picks a free port."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
                                                     thread_name_prefix="kvtier-policy"))
     servicer = PolicyServicer(policy)
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, server)
+    checker = health.HealthServicer()
+    for name in ("", SERVICE_NAME):
+        checker.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind the policy service to {host}:{port}")
