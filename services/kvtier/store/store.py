@@ -200,12 +200,13 @@ class TierStore:
                 hit = None if item is None else item[1]
                 for t in range(len(e.specs) if hit is None else hit):
                     e.counters[t].misses += 1
+                seq = None
                 if hit is not None:
                     e.counters[hit].hits += 1
                     self._get_hits += 1
-                    e.index.touch(pid, now, count=True)
+                    seq = e.index.touch(pid, now, count=True)
                 nbytes = 0 if item is None else item[0].nbytes
-                events.append(AccessEvent(pid, e.index.next_seq(), now, kind,
+                events.append(AccessEvent(pid, seq or e.index.next_seq(), now, kind,
                                           None if hit is None else e.names[hit], nbytes, i))
         self._events.extend(events)
         return out
