@@ -113,3 +113,26 @@ def test_daemon_stop_ends_sessions_and_client_falls_back(daemon: Daemon) -> None
     assert not c.uses_shared_memory
     c.close()
 
+
+
+def test_threads_sharing_one_client_never_see_each_others_pages(daemon: Daemon) -> None:
+    """The segment's request area is shared per client: transfers through it are serialized."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = KVTierClient(daemon.grpc_address, "tenant-a")
+    errors: list[str] = []
+
+    def worker(w: int) -> None:
+        for i in range(15):
+            key = b"w%d-%d" % (w, i)
+            page = make_page(100 * w + i)
+            c.put([key], [page])
+            got = c.get([key])[0]
+            if got is None or not np.array_equal(got.k, page.k) or not np.array_equal(got.v,
+                                                                                     page.v):
+                errors.append(key.decode())
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(worker, range(4)))
+    assert c.uses_shared_memory and not errors
+    c.close()
