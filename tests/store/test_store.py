@@ -192,3 +192,27 @@ def test_policy_gets_events_and_a_failing_policy_falls_back(make_store: StoreFac
     store.set_policy(Broken())
     store.put(NS, [(key(2), make_page(2))])  # make-room asks the broken policy: LRU instead
     assert store.lookup(NS, [key(0), key(1), key(2)]).tiers == ["warm", "hot", "hot"]
+
+
+def test_concurrent_puts_of_one_key_store_it_once(make_store: StoreFactory) -> None:
+    import threading
+
+    store = make_store(make_settings(small_stack()))
+    barrier = threading.Barrier(8)
+    outcomes: list[PutOutcome] = []
+
+    def put(seed: int) -> None:
+        barrier.wait(5)
+        outcomes.extend(store.put(NS, [(key(0), make_page(seed))]))
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(o.value for o in outcomes) == ["exists"] * 7 + ["stored"]
+    hot = store.stats().tiers[0]
+    assert (hot.pages, hot.bytes) == (1, PAGE_BYTES)
+    got = store.get(NS, [key(0)])[0]
+    assert got is not None and any(torch.equal(got.page.k, make_page(i).k) for i in range(8))
+    assert store.close(drain=True) is None and store.drain() == 0  # no Redis tier: nothing
