@@ -26,6 +26,7 @@ import torch
 from numpy.typing import NDArray
 
 from kvtier.codecs import kernels
+from kvtier.codecs.blob import HEADER_SIZE
 from kvtier.codecs.grid import MANTISSAS
 from kvtier.codecs.layout import Layout
 from kvtier.codecs.reference import TORCH_DTYPES
@@ -91,24 +92,42 @@ def int8_rows_to_int4(src: memoryview, width: int, dst: memoryview) -> None:
 
 
 def warmup() -> float:
-    """Compile every kernel now (or load it from numba's cache); returns the seconds it took.
+    """Compile every kernel now (or load it from numba's cache) and self-test it; returns the
+    seconds it took.
 
-    The daemon calls this at start so that JIT compilation never lands in a request.
+    The daemon calls this at start so that JIT compilation never lands in a request. The
+    self-test encodes and decodes a small page with the kernels and with the torch oracle and
+    raises RuntimeError if they disagree by a single byte: numba's on-disk cache is keyed on
+    the file that defines a kernel only, so a stale cache after an upgrade that changed
+    ``rowops.py`` alone would otherwise go unnoticed.
     """
     from kvtier.codecs.codec import decode as decode_blob
     from kvtier.codecs.codec import encode as encode_blob
     from kvtier.codecs.codec import transcode
+    from kvtier.codecs.layout import layout_for_encode
+    from kvtier.codecs.reference import decode_payload, encode_payload
     from kvtier.config import CodecConfig
 
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(0)
-    page = Page(k=torch.randn(1, 6, 1, 8, generator=g).half(),
-                v=torch.randn(1, 6, 1, 8, generator=g).half(), start_position=0)
     params = CodecConfig()
-    blob = encode_blob(page, Codec.INT8, params)
-    decode_blob(blob)
-    decode_blob(bytearray(blob))
-    decode_blob(transcode(blob, Codec.INT4, params))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        page = Page(k=(3 * torch.randn(2, 9, 2, 16, generator=g)).to(dtype),
+                    v=torch.randn(2, 9, 2, 16, generator=g).to(dtype), start_position=1)
+        for codec in (Codec.INT8, Codec.INT4):
+            blob = encode_blob(page, codec, params)
+            lay = layout_for_encode(codec, str(dtype).removeprefix("torch."), page.shape,
+                                    page.start_position, params)
+            payload = encode_payload(page, lay)
+            got = decode_blob(blob).page
+            want = decode_payload(payload, lay)
+            if (blob[HEADER_SIZE:] != payload.numpy().tobytes() or not torch.equal(got.k, want[0])
+                    or not torch.equal(got.v, want[1])):
+                raise RuntimeError(
+                    "codec kernels disagree with the torch oracle (a stale numba cache? delete "
+                    "kvtier/codecs/__pycache__/*.nbi and *.nbc)")
+        decode_blob(bytearray(blob))
+        decode_blob(transcode(encode_blob(page, Codec.INT8, params), Codec.INT4, params))
     took = time.perf_counter() - t0
-    log.info("codec kernels ready in %.2f s", took)
+    log.info("codec kernels ready and self-tested in %.2f s", took)
     return took

@@ -39,6 +39,12 @@ def _bits_to_f32_typer(typingctx, x):  # type: ignore[no-untyped-def]
     return types.float32(types.uint32), codegen
 
 
+def _bits_to_f64_typer(typingctx, x):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], ir.DoubleType())
+    return types.float64(types.uint64), codegen
+
+
 def _f32_to_bits_typer(typingctx, x):  # type: ignore[no-untyped-def]
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         return builder.bitcast(args[0], ir.IntType(32))
@@ -49,6 +55,7 @@ f32_to_f16: Any = intrinsic(_f32_to_f16_typer)
 f16_to_f32: Any = intrinsic(_f16_to_f32_typer)
 bits_to_f32: Any = intrinsic(_bits_to_f32_typer)
 f32_to_bits: Any = intrinsic(_f32_to_bits_typer)
+_bits_to_f64: Any = intrinsic(_bits_to_f64_typer)
 
 
 @njit(**INLINE)
@@ -154,9 +161,15 @@ def table(e0, mant):  # type: ignore[no-untyped-def]
 
 @njit(**INLINE)
 def choose(mn, mx, mant, b_out, m_out, inv, mf):  # type: ignore[no-untyped-def]
-    """Grid of every group from float32 bounds (kvtier.codecs.grid.choose); returns ``e0``."""
+    """Grid of every group from float32 bounds (kvtier.codecs.grid.choose); returns ``e0``.
+
+    Branch-free loops over all groups: the scale code comes from the exponent and mantissa
+    bits of ``need`` (16 comparisons against the table's mantissas), which is exactly the
+    smallest ``b`` with ``table[b] >= need`` that the reference's searchsorted finds.
+    """
     n = mn.size
     need = np.empty(n, np.float64)
+    bits = need.view(np.uint64)
     top = 0.0
     for i in range(n):
         lo = np.float64(mn[i])
@@ -165,19 +178,20 @@ def choose(mn, mx, mant, b_out, m_out, inv, mf):  # type: ignore[no-untyped-def]
         top = max(top, nd)
     e0 = min(max(math.frexp(top)[1] - 15, -126), 111)
     tab = table(e0, mant)
+    one = np.uint64(1023) << np.uint64(52)
+    frac = np.uint64((1 << 52) - 1)
     for i in range(n):
-        # the smallest b with tab[b] >= need: a log2 guess, then exact steps on the table
-        nd = need[i]
-        b = 0
-        if nd > tab[0]:
-            b = min(max(int(16.0 * (math.log2(nd) - e0)), 0), 255)
-            while b > 0 and tab[b - 1] >= nd:
-                b -= 1
-            while b < 255 and tab[b] < nd:
-                b += 1
-        s = tab[b]
-        m = min(max(math.floor(np.float64(mn[i]) / s), -2048.0), 2047.0)
+        u = bits[i]
+        e = np.int64(u >> np.uint64(52)) - 1023  # need > 0 is normal or 0 (then e < e0)
+        m = _bits_to_f64((u & frac) | one)  # the mantissa in [1, 2)
+        j = 0
+        for k in range(16):
+            j += 1 if mant[k] < m else 0
+        b = min(max(16 * (e - e0) + j, 0), 255)
         b_out[i] = b
+    for i in range(n):
+        s = tab[b_out[i]]
+        m = min(max(math.floor(np.float64(mn[i]) / s), -2048.0), 2047.0)
         m_out[i] = np.int32(m)
         inv[i] = np.float32(1.0) / np.float32(s)
         mf[i] = np.float32(m)
