@@ -116,3 +116,32 @@ def test_client_errors_are_typed_with_code_and_message() -> None:
     err = InvalidArgumentError("key: key is empty", method="Get")
     assert isinstance(err, KVTierClientError)
     assert str(err) == "Get: INVALID_ARGUMENT: key: key is empty"
+
+
+@pytest.mark.parametrize("case", ["bad_length", "nan_at_the_end", "v_shape"])
+def test_bad_input_in_a_chunked_put_stream(case: str, daemon: Daemon) -> None:
+    shape = (4, 512, 8, 128)  # 4 MiB per tensor: more than one chunk, so PutStream is used
+    k = np.ones(shape, np.float16)
+    v = np.ones(shape, np.float16)
+    if case == "bad_length":
+        page = Page(RawTensor(k.tobytes()[:-2], "float16", shape), v)
+        field = "k.data"
+    elif case == "nan_at_the_end":
+        v.reshape(-1)[-1] = np.nan
+        page = Page(k, v)
+        field = "v"
+    else:
+        page = Page(k, v[:, :256])
+        field = "v.shape"
+    with KVTierClient(daemon.grpc_address, "stream", shared_memory=False,
+                      chunk_bytes=1 << 20) as c:
+        with pytest.raises(InvalidArgumentError) as info:
+            c.put([b"s"], [page])
+        assert info.value.message.startswith(f"{field}: ")
+        assert c.get([b"s"]) == [None]
+        good = np.ones(shape, np.float16)
+        c.put([b"fine"], [Page(good, good)])
+        got = c.get([b"fine"])[0]
+        assert got is not None and got.k.shape == shape
+    totals = daemon.context.rpc_stats.totals()
+    assert totals[("PutStream", "INVALID_ARGUMENT")].calls == 1
