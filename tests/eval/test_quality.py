@@ -132,3 +132,28 @@ def test_bad_input_names_the_field(tiny_model: Any, tiny_ids: torch.Tensor) -> N
         run_quality(tiny_model, tiny_ids, [uniform(QuantTransform(INT4R, "g64"))],
                     page_tokens=PAGE, progress=False)
     assert e.value.field == "k_group"
+
+
+def test_int4a_is_calibrated_and_spends_the_int4_budget(tiny_model: Any,
+                                                        tiny_ids: torch.Tensor) -> None:
+    # Whether it beats uniform bits depends on real query statistics (random weights have
+    # none); test_quant pins the weighted error, the SmolLM2 tables the model-level effect.
+    from dataclasses import replace
+
+    from kvtier.eval.allocate import AllocTransform, query_energy
+    from kvtier.eval.catalog import INT4A
+
+    with pytest.raises(InvalidArgument) as e:
+        Catalog().variant("int4a")
+    assert e.value.field == "codecs"
+    energy = query_energy(tiny_model, tiny_ids.flip(0))
+    assert energy.shape == (2, 2, 16)
+    spec = replace(INT4A, k_group=16, v_group=16)
+    rep = run_quality(tiny_model, tiny_ids, [
+        uniform(AllocTransform(spec, energy, name="int4a")),
+        uniform(QuantTransform(spec, "int4"))], page_tokens=PAGE, progress=False)
+    a, u = rep.results
+    assert a.scores.kl > 0.0 and a.scores.top1 < 1.0
+    # same code budget; the per-page allocation map costs 4 bits per key channel
+    assert a.bits_per_element - u.bits_per_element == pytest.approx(
+        0.5 * 2 * 2 * 16 * 8 / (2 * 2 * PAGE * 2 * 16))

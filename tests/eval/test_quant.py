@@ -112,3 +112,32 @@ def test_research_transforms_round_trip_close() -> None:
     low = PcaVTransform(QuantSpec(bits=8, k_group=16, v_group=8), basis, rank=8).roundtrip(p)
     assert low.nbytes < full.nbytes
     assert _err(low.page.v, p.v) > _err(full.page.v, p.v)
+
+
+def test_allocation_spends_the_budget_where_the_weight_is() -> None:
+    from kvtier.eval.allocate import allocate
+
+    w = torch.tensor([[100.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    b = allocate(w, 4.0, 2, 8)
+    assert b.sum(-1).tolist() == [16.0, 16.0]
+    assert b[0, 0] > b[0, 1] and b[0, 0] <= 8
+    assert b[1].tolist() == [4.0, 4.0, 4.0, 4.0]
+    assert float(b.min()) >= 2
+
+
+def test_calibrated_allocation_beats_uniform_bits_on_weighted_error() -> None:
+    from kvtier.eval.allocate import AllocTransform
+
+    p = _page()
+    energy = torch.ones(2, 2, 16)
+    energy[..., 3] = 50.0  # queries lean on the outlier channel
+    spec = QuantSpec(bits=4, k_group=16, v_group=16, sink_tokens=1)
+    alloc = AllocTransform(spec, energy).roundtrip(p)
+    uni = quantize_page(p.k, p.v, 0, spec)
+
+    def weighted(k: torch.Tensor) -> float:
+        return float(((k.float() - p.k.float()).square() * energy[:, None]).mean())
+
+    assert weighted(alloc.page.k) < weighted(uni.k)
+    assert torch.equal(alloc.page.k[:, :1], p.k[:, :1])  # the sink stays as put
+    assert alloc.nbytes == pytest.approx(uni.nbytes, rel=0.05)  # same budget + allocation map

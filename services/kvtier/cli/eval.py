@@ -60,8 +60,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from kvtier.eval.allocate import query_energy
     from kvtier.eval.catalog import DEFAULT_CODECS, Catalog
-    from kvtier.eval.model import load_model, pick_device, read_text, tokenize
+    from kvtier.eval.model import calibration_ids, load_model, pick_device, read_text, tokenize
     from kvtier.eval.suite import Options, evaluate
 
     if args.threads > 0:
@@ -79,21 +80,18 @@ def _run(args: argparse.Namespace) -> int:
         batch=args.batch,
         progress=sys.stderr.isatty() or not args.json,
     )
-    catalog = Catalog(params=settings.codec)
-    for name in opts.codecs:
-        catalog.variant(name)  # fail on a bad name before loading the model
+    names = opts.codecs
+    probe = Catalog(params=settings.codec, q_energy=torch.ones(1, 1, 1))
+    for name in names:
+        probe.variant(name)  # a bad name fails before the model loads
     started = time.monotonic()
     model, tokenizer = load_model(device)
     text = read_text(args.text)
     ids = tokenize(tokenizer, text, args.tokens, args.page_tokens)
-    calib = None
-    if args.research:
-        all_ids = tokenizer(text, return_tensors="pt").input_ids[0]
-        rest = all_ids[ids.numel():ids.numel() + 2048]
-        calib = rest if rest.numel() >= 256 else None
-        if calib is None:
-            log.warning("no text left after the scored tokens to calibrate PCA on; skipping it")
-    result = evaluate(model, tokenizer, ids, opts, catalog=catalog, calib_ids=calib)
+    calib = calibration_ids(tokenizer, text, int(ids.numel()))
+    catalog = Catalog(params=settings.codec, q_energy=query_energy(model, calib))
+    result = evaluate(model, tokenizer, ids, opts, catalog=catalog,
+                      calib_ids=calib if args.research else None)
     extra = {"device": str(device), "kv_dtype": args.kv_dtype,
              "seconds": round(time.monotonic() - started, 1)}
     if args.json:

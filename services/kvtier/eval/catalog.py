@@ -4,13 +4,16 @@ Codec names:
 
 * ``none``, ``int8``, ``int4``: the tier stack's real codecs (``kvtier.codecs``) with the
   configured :class:`~kvtier.config.CodecConfig`; bits come from the blob lengths.
-* ``int4r``: the evaluation's protected 4-bit scheme (see :data:`INT4R`), the proposal for the
-  cold tiers: keys per channel, values per token after a Hadamard rotation, MSE-clipped ranges,
-  sink tokens and one outlier key channel in full precision.
+* ``int4a``: the evaluation's protected 4-bit proposal for the cold tiers (:data:`INT4A`): key
+  bits allocated per channel by calibrated query energy x key range (4 bits a channel on
+  average, groups of 128 tokens), values per token after a Hadamard rotation, 4 sink tokens in
+  full precision. Needs ``q_energy`` (see :func:`kvtier.eval.allocate.query_energy`).
+* ``int4r``: the best setting without calibration (:data:`INT4R`): keys per channel with one
+  outlier channel, values rotated, 4 sinks.
 * ``fp8``: float8 e4m3 (research, the 8-bit alternative).
 * ``mixed`` (= ``mixed:0.15:0.35``): past pages placed as the tier stack would, the most recent
   15% as put, the next 35% int8, the rest int4. ``mixed:A:B`` sets the fractions;
-  ``mixedr:A:B`` uses ``int4r`` as the coldest tier.
+  ``mixeda:A:B`` uses ``int4a`` as the coldest tier.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 from kvtier.config import CodecConfig
 from kvtier.errors import InvalidArgument
+from kvtier.eval.allocate import AllocTransform
 from kvtier.eval.quant import QuantSpec
 from kvtier.eval.research import (
     Fp8Transform,
@@ -38,10 +42,13 @@ from kvtier.eval.transforms import (
 from kvtier.eval.variant import Variant, uniform
 from kvtier.types import Codec
 
-DEFAULT_CODECS = ("none", "int8", "int4", "int4r", "mixed", "mixedr:0.10:0.30")
+DEFAULT_CODECS = ("none", "int8", "int4", "int4a", "mixed", "mixeda:0.10:0.30")
 
-INT4R = QuantSpec(bits=4, sink_tokens=4, outlier_channels=1, rotate_v=True, clip=True)
-"""The protected 4-bit setting proposed for the cold tiers (chosen by the ablation)."""
+INT4R = QuantSpec(bits=4, sink_tokens=4, outlier_channels=1, rotate_v=True)
+"""The best uncalibrated 4-bit setting of the ablation."""
+
+INT4A = QuantSpec(bits=4, sink_tokens=4, rotate_v=True, k_group=128)
+"""The 4-bit proposal: with :class:`~kvtier.eval.allocate.AllocTransform` key bits."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +57,7 @@ class Catalog:
 
     params: CodecConfig = CodecConfig()
     use_codecs: bool = True
+    q_energy: torch.Tensor | None = None  # [layers, kv_heads, head_dim], for int4a
 
     def transform(self, name: str) -> PageTransform:
         """A single-tier transform by codec name."""
@@ -67,16 +75,21 @@ class Catalog:
                           outlier_channels=n_out), name)
         if name == "int4r":
             return QuantTransform(INT4R, name)
+        if name == "int4a":
+            if self.q_energy is None:
+                raise InvalidArgument("int4a needs calibrated query energy (q_energy)",
+                                      field="codecs")
+            return AllocTransform(INT4A, self.q_energy, name=name)
         if name == "fp8":
             return Fp8Transform(name=name)
         raise InvalidArgument(
-            f"unknown codec {name!r}; use none, int8, int4, int4r, fp8, mixed[:A:B] or "
-            f"mixedr[:A:B]", field="codecs")
+            f"unknown codec {name!r}; use none, int8, int4, int4a, int4r, fp8, mixed[:A:B] "
+            f"or mixeda[:A:B]", field="codecs")
 
     def variant(self, name: str) -> Variant:
         """A variant by ``--codecs`` name (see the module docstring)."""
         head, _, rest = name.partition(":")
-        if head in ("mixed", "mixedr"):
+        if head in ("mixed", "mixeda"):
             fractions = (0.15, 0.35)
             if rest:
                 try:
@@ -86,33 +99,43 @@ class Catalog:
                         f"{name!r}: write mixed:A:B with two fractions, e.g. mixed:0.15:0.35",
                         field="codecs") from None
                 fractions = (a, b)
-            cold = "int4r" if head == "mixedr" else "int4"
+            cold = "int4a" if head == "mixeda" else "int4"
             tiers = (self.transform("none"), self.transform("int8"), self.transform(cold))
             return Variant(name=name, tiers=tiers, fractions=fractions)
         return uniform(self.transform(name))
 
 
-def ablation() -> list[Variant]:
+def ablation(q_energy: torch.Tensor | None) -> list[Variant]:
     """The protection ablation: one protection at a time, then the combinations."""
     base = QuantSpec(bits=4)
+    s4o1 = replace(base, sink_tokens=4, outlier_channels=1)
     rows: list[tuple[str, QuantSpec, int]] = [
-        ("int4 G64 per-token K", replace(base, k_per_channel=False), 0),
-        ("int4 G64 per-channel K", base, 0),
+        ("int4 G64, per-token K", replace(base, k_per_channel=False), 0),
+        ("int4 G64, per-channel K", base, 0),
         ("+ 4 sinks", replace(base, sink_tokens=4), 0),
-        ("+ 4 sinks + 1 outlier ch", replace(base, sink_tokens=4, outlier_channels=1), 0),
+        ("+ 4 sinks + 1 outlier ch", s4o1, 0),
         ("+ 4 sinks + 2 outlier ch, G32",
-         replace(base, sink_tokens=4, outlier_channels=2, k_group=32, v_group=32), 0),
-        ("+ 4 sinks + 1 outlier + clip", replace(base, sink_tokens=4, outlier_channels=1,
-                                                 clip=True), 0),
-        ("+ 4 sinks + 1 outlier + V rotation", replace(base, sink_tokens=4, outlier_channels=1,
-                                                       rotate_v=True), 0),
-        ("int4r (sinks, outlier, V rot, clip)", INT4R, 0),
-        ("int4r, K per-token rotated", replace(INT4R, k_per_channel=False, rotate_k=True,
-                                               outlier_channels=0), 0),
-        ("int4r, 8-bit metadata G32", replace(INT4R, k_group=32, v_group=32, meta_bits=8), 0),
+         replace(s4o1, outlier_channels=2, k_group=32, v_group=32), 0),
+        ("+ 4 sinks + 1 outlier + MSE clip", replace(s4o1, clip=True), 0),
+        ("+ 4 sinks + 1 outlier + pre-RoPE K", replace(s4o1, rope_theta=1e5), 0),
+        ("int4r: + 4 sinks + 1 outlier + V Hadamard", INT4R, 0),
         ("int4r + 64-token fp16 window", INT4R, 64),
+        ("K int4 only (V int8)", replace(s4o1, v_bits=8), 0),
+        ("V int4 only (K int8)", replace(base, bits=8, v_bits=4, sink_tokens=4), 0),
     ]
-    return [uniform(QuantTransform(spec, label), window=w) for label, spec, w in rows]
+    out: list[tuple[str, PageTransform, int]] = [
+        (label, QuantTransform(spec, label), w) for label, spec, w in rows]
+    if q_energy is not None:
+        out += [
+            ("K bits by key range (no calibration), G64",
+             AllocTransform(replace(INT4A, k_group=64), torch.ones_like(q_energy),
+                            name="x"), 0),
+            ("K bits by query energy x range, G64",
+             AllocTransform(replace(INT4A, k_group=64), q_energy, name="x"), 0),
+            ("int4a: K bits by query energy x range, G128", AllocTransform(INT4A, q_energy,
+                                                                           name="x"), 0),
+        ]
+    return [Variant(name=label, tiers=(t,), window=w) for label, t, w in out]
 
 
 def research(v_basis: torch.Tensor | None) -> list[Variant]:

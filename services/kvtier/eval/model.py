@@ -96,3 +96,22 @@ def tokenize(tokenizer: Any, text: str, tokens: int, page_tokens: int) -> torch.
             f"the text has {ids.numel()} tokens, fewer than the {want} asked for", field="tokens")
     out: torch.Tensor = ids[:want]
     return out
+
+
+CALIBRATION_TOKENS = 2048
+
+
+def calibration_ids(tokenizer: Any, text: str, used: int) -> torch.Tensor:
+    """Tokens to calibrate on (query energy, PCA bases) that are not among the scored ones.
+
+    The ``CALIBRATION_TOKENS`` after the first ``used`` tokens of ``text``; when the text is too
+    short, the end of the default text (different text, never the scored tokens).
+    """
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    rest: torch.Tensor = ids[used:used + CALIBRATION_TOKENS]
+    if rest.numel() >= CALIBRATION_TOKENS // 4:
+        return rest
+    log.warning("only %d tokens after the scored ones; calibrating on the default text's end",
+                rest.numel())
+    other: torch.Tensor = tokenizer(default_text(), return_tensors="pt").input_ids[0]
+    return other[-CALIBRATION_TOKENS:]

@@ -20,6 +20,12 @@ Scheme (asymmetric, min/max per group, ``q = round((x - min) / scale)``):
   over all channels so per-token ranges shrink (QuaRot / QuIP# incoherence processing);
 * ``clip``: per group, the range is shrunk by the factor in ``CLIP_RATIOS`` that gives the
   smallest squared error (a free improvement: no extra bits);
+* ``rope_theta`` (> 0): keys are quantized pre-RoPE. The page's positions are known
+  (``start_position + t``), so the rotary embedding is undone before quantizing and redone
+  after decoding: an exact orthogonal map per token that costs no bits. Pre-RoPE key channels
+  keep a steady magnitude over tokens, while post-RoPE the fast-rotating pairs swing over
+  their whole range, so per-channel groups get much narrower (KVQuant's pre-RoPE keys);
+* ``v_bits`` (> 0): a different bit width for values than for keys;
 * ``meta_bits``: 16 stores scale and minimum as float16 each; 8 stores them as 8-bit codes
   relative to a float16 (scale, min) pair per (layer, head, channel) or (layer, head, token)
   row, the double-quantization trick, halving the metadata.
@@ -59,10 +65,17 @@ class QuantSpec:
     rotate_v: bool = False
     clip: bool = False
     meta_bits: int = 16
+    rope_theta: float = 0.0
+    v_bits: int = 0
 
     def _check_bits(self) -> None:
         if not 2 <= self.bits <= 8:
             raise InvalidArgument(f"bits must be 2..8, got {self.bits}", field="bits")
+        if self.v_bits and not 2 <= self.v_bits <= 8:
+            raise InvalidArgument(f"v_bits must be 0 or 2..8, got {self.v_bits}", field="v_bits")
+        if self.rope_theta < 0:
+            raise InvalidArgument(f"rope_theta must be >= 0, got {self.rope_theta}",
+                                  field="rope_theta")
         if self.meta_bits not in (8, 16):
             raise InvalidArgument(f"meta_bits must be 8 or 16, got {self.meta_bits}",
                                   field="meta_bits")
@@ -112,6 +125,27 @@ def hadamard(n: int, device: torch.device, dtype: torch.dtype = torch.float32) -
     return (h / math.sqrt(n)).to(device=device, dtype=dtype)
 
 
+def rope_tables(start_position: int, tokens: int, dim: int, theta: float,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``[tokens, 1, dim]`` of the Llama rotary embedding (half-split pairs)."""
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim))
+    pos = torch.arange(start_position, start_position + tokens, dtype=torch.float64,
+                       device=device)
+    ang = torch.cat([pos[:, None] * inv, pos[:, None] * inv], dim=-1)
+    return ang.cos().float()[:, None], ang.sin().float()[:, None]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               inverse: bool = False) -> torch.Tensor:
+    """Rotate ``[layers, tokens, heads, dim]`` by the position angles (or back)."""
+    return x * cos - _rotate_half(x) * sin if inverse else x * cos + _rotate_half(x) * sin
+
+
 def _round_meta(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float16).to(torch.float32)
 
@@ -129,14 +163,15 @@ def _meta8(t: torch.Tensor, row_dim: int) -> torch.Tensor:
     return torch.round((t - lo) / step).clamp(0, 255) * step + lo
 
 
-def _fake_quant(x: torch.Tensor, gdim: int, bits: int, clip: bool, meta_bits: int,
-                row_dim: int, exclude: torch.Tensor | None) -> torch.Tensor:
+def _fake_quant(x: torch.Tensor, gdim: int, bits: int | torch.Tensor, clip: bool,
+                meta_bits: int, row_dim: int, exclude: torch.Tensor | None) -> torch.Tensor:
     """Quantize-dequantize ``x`` with groups along ``gdim`` (already split out as its own axis).
 
     ``exclude`` (broadcastable bool mask) marks values left out of the ranges; they are
     restored by the caller. Metadata is rounded to what would be stored.
     """
-    levels = float((1 << bits) - 1)
+    levels: float | torch.Tensor = (
+        2.0 ** bits.float() - 1 if isinstance(bits, torch.Tensor) else float((1 << bits) - 1))
     if exclude is not None:
         big = torch.finfo(x.dtype).max
         mn = torch.where(exclude, big, x).amin(dim=gdim, keepdim=True)
@@ -158,7 +193,10 @@ def _fake_quant(x: torch.Tensor, gdim: int, bits: int, clip: bool, meta_bits: in
         else:
             lo, scale = _round_meta(lo), _round_meta(scale)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        deq = torch.round((x - lo) / safe).clamp(0, levels) * scale + lo
+        codes = torch.round((x - lo) / safe).clamp_min(0)
+        codes = (torch.minimum(codes, levels) if isinstance(levels, torch.Tensor)
+                 else codes.clamp_max(levels))
+        deq = codes * scale + lo
         if best is None:
             best = deq
             if not clip:
@@ -194,6 +232,10 @@ def quantize_keys(k: torch.Tensor, start_position: int,
     layers, tokens, heads, dim = k.shape
     spec.check_keys(tokens, dim)
     kf = k.to(torch.float32)
+    tables = None
+    if spec.rope_theta > 0:
+        tables = rope_tables(start_position, tokens, dim, spec.rope_theta, kf.device)
+        kf = apply_rope(kf, *tables, inverse=True)
     rot = hadamard(dim, kf.device) if spec.rotate_k else None
     if rot is not None:
         kf = kf @ rot
@@ -224,6 +266,8 @@ def quantize_keys(k: torch.Tensor, start_position: int,
     nbytes += quant * spec.bits / 8 + sinks * layers * heads * dim * FULL_BITS / 8
     if rot is not None:
         kq = kq @ rot.T
+    if tables is not None:
+        kq = apply_rope(kq, *tables)
     return kq.to(k.dtype), nbytes
 
 
@@ -240,11 +284,12 @@ def quantize_values(v: torch.Tensor, start_position: int,
     g = spec.v_group
     xs = vf.reshape(layers, tokens, heads, dim // g, g)
     ex = tok_mask.reshape(1, tokens, 1, 1, 1)
-    vq = _fake_quant(xs, 4, spec.bits, spec.clip, spec.meta_bits, 1, ex).reshape(vf.shape)
+    bits = spec.v_bits or spec.bits
+    vq = _fake_quant(xs, 4, bits, spec.clip, spec.meta_bits, 1, ex).reshape(vf.shape)
     nbytes = _meta_bytes(layers * tokens * heads * (dim // g), layers * heads * (dim // g),
                          spec.meta_bits)
     vq = torch.where(tok_mask.reshape(1, tokens, 1, 1), _round_meta(vf), vq)
-    nbytes += (v.numel() - sinks * layers * heads * dim) * spec.bits / 8
+    nbytes += (v.numel() - sinks * layers * heads * dim) * bits / 8
     nbytes += sinks * layers * heads * dim * FULL_BITS / 8
     if rot is not None:
         vq = vq @ rot.T

@@ -36,7 +36,7 @@ class Options:
     research: bool = False
     passkey_trials: int = 20
     passkey_tokens: int = 1024
-    passkey_codecs: tuple[str, ...] = ("int4", "int4r")
+    passkey_codecs: tuple[str, ...] = ("int4", "int4a")
     batch: int = 6
     progress: bool = True
 
@@ -105,7 +105,7 @@ def evaluate(model: Any, tokenizer: Any, ids: torch.Tensor, opts: Options, *,
         passkey = run_passkey(model, tokenizer, transforms, trials=opts.passkey_trials,
                               context_tokens=opts.passkey_tokens, page_tokens=opts.page_tokens,
                               kv_dtype=opts.kv_dtype, progress=opts.progress)
-    abl = _batched(model, ids, ablation(), opts) if opts.ablation else None
+    abl = _batched(model, ids, ablation(cat.q_energy), opts) if opts.ablation else None
     res = None
     if opts.research:
         basis = calibrate_values(model, calib_ids) if calib_ids is not None else None
