@@ -26,6 +26,7 @@ from kvtier.types import Codec, Page, Precision
 log = logging.getLogger(__name__)
 
 Blob = bytes | bytearray | memoryview
+_CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,11 +77,12 @@ def encode(page: Page, codec: Codec, params: CodecConfig, *,
         precision=prec, nbytes=HEADER_SIZE + lay.payload_nbytes, group_size=params.group_size,
         sink_tokens=lay.S, outliers=lay.n_out, payload_nbytes=lay.payload_nbytes, checksum=0,
     )
-    buf = blobfmt.pack_header(header)
     if _use_kernels(page.k.device):
-        buf.extend(bytes(lay.payload_nbytes))
+        buf = bytearray(HEADER_SIZE + lay.payload_nbytes)  # zeroed: padding stays zero
+        buf[:HEADER_SIZE] = blobfmt.pack_header(header)
         fused.encode_into(page, lay, buf)
     else:
+        buf = blobfmt.pack_header(header)
         buf.extend(reference.encode_payload(page, lay).cpu().numpy().tobytes())
     return blobfmt.seal(buf)
 
@@ -101,10 +103,10 @@ def decode(blob: Blob, device: torch.device | None = None) -> Decoded:
     """
     h = verify(blob)
     lay = _layout_checked(h)
-    dev = torch.device("cpu") if device is None else torch.device(device)
+    dev = _CPU if device is None else torch.device(device)
     mv = memoryview(blob)
     try:
-        if _use_kernels(dev):
+        if dev.type == "cpu" and fused.available():
             k, v = fused.decode(mv, lay)
         else:
             payload = torch.frombuffer(bytearray(mv[HEADER_SIZE:]), dtype=torch.uint8)
@@ -140,8 +142,8 @@ def transcode(blob: Blob, target: Codec, params: CodecConfig) -> bytes:
         group_size=h.group_size, sink_tokens=h.sink_tokens, outliers=h.outliers,
         payload_nbytes=dst.payload_nbytes, checksum=0,
     )
-    buf = blobfmt.pack_header(header)
-    buf.extend(bytes(dst.payload_nbytes))
+    buf = bytearray(HEADER_SIZE + dst.payload_nbytes)
+    buf[:HEADER_SIZE] = blobfmt.pack_header(header)
     mv = memoryview(blob)
     for name, (off, n) in src.offsets.items():
         if name not in ("kq", "vq"):

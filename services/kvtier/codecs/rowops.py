@@ -154,8 +154,11 @@ def group_bounds(part):  # type: ignore[no-untyped-def]
 def table(e0, mant):  # type: ignore[no-untyped-def]
     """The 256 scales of a layer (float64 holding float32 values), see kvtier.codecs.grid."""
     tab = np.empty(256, np.float64)
-    for b in range(256):
-        tab[b] = mant[b % 16] * math.ldexp(1.0, e0 + b // 16)
+    p = math.ldexp(1.0, e0)
+    for octave in range(16):  # doubling is exact: every entry is a float32 value
+        for i in range(16):
+            tab[16 * octave + i] = mant[i] * p
+        p *= 2.0
     return tab
 
 
