@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from kvtier.cli.redis_proc import RedisProcess
 from kvtier.daemon import Daemon
 from kvtier_client import KVTierClient, prefix_keys
 
@@ -146,3 +147,25 @@ def test_health_and_reflection(daemon: Daemon) -> None:
             reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
         names = {s.name for s in reply.list_services_response.service}
         assert {"kvtier.v1.CacheService", "grpc.health.v1.Health"} <= names
+
+
+def test_redis_outage_degrades_to_misses(make_daemon: DaemonFactory,
+                                         private_redis: RedisProcess) -> None:
+    d = make_daemon(tiers=tiny_tiers(with_redis=True),
+                    redis={"url": private_redis.url, "socket_timeout_s": 0.2,
+                           "connect_timeout_s": 0.2})
+    with KVTierClient(d.grpc_address, "outage", timeout_s=20) as c:
+        keys = [b"o%d" % i for i in range(8)]
+        for i, key in enumerate(keys):
+            c.put([key], [make_page(i)])
+        tiers = _wait_for_tiers(c, keys, {"remote"})
+        remote = [k for k, t in zip(keys, tiers) if t == "remote"]
+        memory = [k for k, t in zip(keys, tiers) if t in ("hot", "warm", "cold")]
+        assert remote and memory
+        private_redis.stop()
+        t0 = time.monotonic()
+        got = c.get(remote + memory)
+        assert time.monotonic() - t0 < 5  # no hang
+        assert got[:len(remote)] == [None] * len(remote)  # a miss, not an error
+        assert all(g is not None for g in got[len(remote):])
+        assert not c.stats().redis_up
