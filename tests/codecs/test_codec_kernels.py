@@ -56,6 +56,18 @@ def test_kernels_match_oracle_for_other_group_sizes(group: int) -> None:
             _payload_ref(page, codec, params, "bfloat16")
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("codec", [Codec.INT8, Codec.INT4])
+def test_two_thread_encode_of_large_pages_matches_oracle(dtype: str, codec: Codec) -> None:
+    page = make_kv((2, 67, 8, 128), DTYPES[dtype], start=2, seed=9)
+    assert page.nbytes >= fused.SPLIT_MIN_BYTES
+    params = CodecConfig()
+    blob = encode(page, codec, params)
+    assert blob[HEADER_SIZE:] == _payload_ref(page, codec, params, dtype)
+    got = decode(blob).page
+    assert got.k.dtype == DTYPES[dtype] and got.k.shape == page.k.shape
+
+
 def test_kernel_transcode_matches_torch_transcode(monkeypatch: pytest.MonkeyPatch) -> None:
     page = make_kv((2, 65, 3, 24), start=0)  # odd C' (3 * 23): int4 rows end in a half byte
     b8 = encode(page, Codec.INT8, CodecConfig())

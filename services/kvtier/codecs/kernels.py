@@ -206,7 +206,8 @@ def decode_k(kb, km, kq, oidx_in, oraw, exps, kind, L, T, S, H, D,  # type: igno
             store_row(vals, kind, out[do:do + HD * w])
             for h in range(H):
                 for j in range(n_out):
-                    do = ((layer * T + S + t) * HD + h * D + oidx_in[(layer * H + h) * n_out + j]) * w
+                    c = h * D + oidx_in[(layer * H + h) * n_out + j]
+                    do = ((layer * T + S + t) * HD + c) * w
                     so = ((layer * Tq + t) * H * n_out + h * n_out + j) * w
                     for i in range(w):
                         out[do + i] = oraw[so + i]
@@ -270,9 +271,10 @@ def _copy_sinks(src, dst, L, T, S, row, to_blob):  # type: ignore[no-untyped-def
 
 
 @njit(**JIT)
-def encode_page(k, v, blob, sec, geo, mant):  # type: ignore[no-untyped-def]
+def encode_page(k, v, blob, sec, geo, mant, with_v):  # type: ignore[no-untyped-def]
     """Write every quantized section of a page into ``blob``; ``sec`` holds (start, end) per
-    section in ``layout.QUANTIZED_SECTIONS`` order, ``geo`` is (kind, L, T, S, H, D, n_out, Gk, Gv, bits)."""
+    section in ``layout.QUANTIZED_SECTIONS`` order, ``geo`` is
+    (kind, L, T, S, H, D, n_out, Gk, Gv, bits)."""
     kind, L, T, S, H, D, n_out, Gk, Gv, bits = (geo[0], geo[1], geo[2], geo[3], geo[4],
                                                  geo[5], geo[6], geo[7], geo[8], geo[9])
     row = H * D * (2 if kind == 2 else 1)
@@ -286,6 +288,8 @@ def encode_page(k, v, blob, sec, geo, mant):  # type: ignore[no-untyped-def]
     encode_k(k, kind, L, T, S, H, D, n_out, Gk, bits, mant, blob[sec[0]:sec[1]].view(np.int16),
              blob[sec[6]:sec[7]].view(np.uint16), blob[sec[8]:sec[9]], blob[sec[10]:sec[11]],
              blob[sec[16]:sec[17]], exps)
+    if not with_v:
+        return
     encode_v(v, kind, L, T, S, H * D, Gv, bits, mant, blob[sec[12]:sec[13]],
              blob[sec[14]:sec[15]], blob[sec[18]:sec[19]], exps)
 
@@ -310,3 +314,14 @@ def decode_page(blob, sec, geo, mant, out):  # type: ignore[no-untyped-def]
              kind, L, T, S, H, D, n_out, Gk, bits, mant, ok)
     decode_v(blob[sec[12]:sec[13]], blob[sec[14]:sec[15]], blob[sec[18]:sec[19]], exps, kind,
              L, T, S, H * D, Gv, bits, mant, ov)
+
+
+@njit(**JIT)
+def encode_page_v(v, blob, sec, geo, mant):  # type: ignore[no-untyped-def]
+    """The V half of :func:`encode_page` (sinks excluded), for a second thread."""
+    kind, L, T, S, H, D, Gv, bits = (geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[8],
+                                     geo[9])
+    if T == S:
+        return
+    encode_v(v, kind, L, T, S, H * D, Gv, bits, mant, blob[sec[12]:sec[13]],
+             blob[sec[14]:sec[15]], blob[sec[18]:sec[19]], blob[sec[2]:sec[3]].view(np.int16))
