@@ -61,3 +61,12 @@ def test_evaluate_gives_the_json_keys(tiny_model: Any, tiny_ids: torch.Tensor) -
     assert set(out["passkey_acc"]) == {"none", "int4"}
     assert out["passkey_trials"] == 2
     assert "| int4 |" in ev.markdown()
+
+
+def test_cli_rejects_a_bad_codec_before_loading_the_model(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from kvtier.cli import main
+
+    assert main(["eval", "quality", "--codecs", "int4", "int3", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "codecs" in err and "int3" in err

@@ -47,7 +47,8 @@ def register(subparsers: Any) -> None:
                    help="CPU threads for torch (default 1: fastest on a shared machine)")
     q.add_argument("--batch", type=int, default=6, help="variants scored side by side")
     q.add_argument("--config", default=None, help="settings JSON (for the codec parameters)")
-    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.add_argument("--json", action="store_true", help="print one JSON object (on stdout)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     q.set_defaults(func=run)
 
 
@@ -78,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
         passkey_trials=args.passkey_trials,
         passkey_tokens=args.passkey_tokens,
         batch=args.batch,
-        progress=sys.stderr.isatty() or not args.json,
+        progress=not args.no_progress,
     )
     names = opts.codecs
     probe = Catalog(params=settings.codec, q_energy=torch.ones(1, 1, 1))
