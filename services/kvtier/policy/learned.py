@@ -1,17 +1,15 @@
-"""The learned replacement core: evict and admit by the predictor's expected next access.
+"""The learned replacement core: admit and evict by the predictor's expected next access.
 
 :class:`LearnedModel` turns each request into features (:mod:`kvtier.policy.features`), asks
 the predictor for every block's time to next access, and hands the labels the stream supplies
-back to it. :class:`LearnedCore` keeps, for every resident block, the expected sequence number
-of its next access and acts like Belady's MIN on those expectations: it evicts the block
-expected furthest in the future, and bypasses a missing block that is expected later than
-that victim (admission control matters most when the cache is small). Until the predictor has
+back to it. :class:`PredictedCache` admits a block only if it is expected back before the
+cache would evict it, and evicts, among a sample of the least recently used blocks, the one
+expected back last. :class:`LearnedCore` adds set dueling against LRU. Until the predictor has
 enough labels it behaves exactly like LRU and says so in :attr:`LearnedCore.detail`.
 """
 
 from __future__ import annotations
 
-import heapq
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 
@@ -25,6 +23,17 @@ HORIZON_PER_SLOT = 4
 """Label horizon in accesses per cache slot: reuse later than a few cache lifetimes is as
 good as never for a cache of that size, and a short horizon keeps censored labels timely."""
 
+
+EVICTION_SAMPLE = 8
+"""How many of the least recently used blocks the predictor chooses the victim from."""
+
+ADMIT_SLACK = 1.5
+"""Admit blocks expected back within this multiple of the residence time: residence is an
+average (some blocks stay much longer), and a wrong bypass costs a sure hit while a wrong
+admission only costs a slot for a while."""
+
+RESIDENCE_DECAY = 1e-3
+"""Weight of each eviction in the residence-time average (about the last thousand)."""
 
 DUEL_MARGIN = 0.002
 """How far ahead (hits per access over the duel window) the predictor's shadow must be."""
@@ -69,10 +78,13 @@ class LearnedModel:
 
 
 class PredictedCache(ReplacementCore):
-    """MIN on predicted next accesses, with bypass, while :attr:`use_model`; LRU otherwise.
+    """LRU whose admission and eviction follow the predictor while :attr:`use_model`.
 
-    Blocks still unused twice their predicted gap after their last access were mispredicted
-    and leave first, so stale predictions cannot pin a block forever.
+    Admission: on a miss with the cache full, a block is cached only if it is expected back
+    within the cache's residence time (the recent age of evicted blocks at eviction); anything
+    expected later would be evicted unused, so it bypasses. This is where a small cache gains
+    most. Eviction: of the ``EVICTION_SAMPLE`` least recently used blocks, the one expected
+    back last leaves. With the model off (untrained, or losing the duel) it is plain LRU.
     """
 
     name = "learned"
@@ -82,11 +94,9 @@ class PredictedCache(ReplacementCore):
         self.model = model
         self.use_model = False
         self.leader: PredictedCache | None = None  # lower tiers follow the top tier's mode
-        self._res: OrderedDict[Key, tuple[float, int]] = OrderedDict()  # LRU order
-        self._heap: list[tuple[float, int]] = []  # (-expected, ident), lazily deleted
-        self._due: list[tuple[float, int]] = []  # (overdue-after, ident), lazily deleted
-        self._keys: dict[int, Key] = {}
-        self._ident = 0
+        self._res: OrderedDict[Key, int] = OrderedDict()  # key -> last access; LRU first
+        self.residence = float(capacity)  # EMA of the age of evicted blocks, in accesses
+        self._last_eviction = 0
         self.bypassed = 0
 
     def __contains__(self, key: Key) -> bool:
@@ -101,82 +111,51 @@ class PredictedCache(ReplacementCore):
     def _expected(self, key: Key) -> float:
         return self.model.expected.get(key, float(self.model.now))
 
-    def _put(self, key: Key) -> None:
-        old = self._res.pop(key, None)
-        if old is not None:
-            self._keys.pop(old[1], None)
-        self._ident += 1
-        e = self._expected(key)
-        now = float(self.model.now)
-        self._res[key] = (e, self._ident)
-        self._keys[self._ident] = key
-        heapq.heappush(self._heap, (-e, self._ident))
-        # A block still unused twice its predicted gap after its access was mispredicted.
-        heapq.heappush(self._due, (e + max(e - now, 1.0), self._ident))
-
-    def _top(self) -> tuple[float, Key]:
-        heap = self._heap
-        while True:
-            neg, ident = heap[0]
-            key = self._keys.get(ident)
-            if key is not None:
-                return -neg, key
-            heapq.heappop(heap)
-
-    def _overdue(self) -> Key | None:
-        due = self._due
-        now = self.model.now
-        while due:
-            t, ident = due[0]
-            key = self._keys.get(ident)
-            if key is None:
-                heapq.heappop(due)
-                continue
-            return key if t < now else None
-        return None
-
     def hit(self, key: Key) -> None:
-        self._put(key)
+        self._res[key] = self.model.now
+        self._res.move_to_end(key)
 
     def admit(self, key: Key) -> bool:
         if not self._mode() or len(self._res) < self.capacity:
             return True
-        # An overdue resident counts as "not needed within the horizon": a newcomer expected
-        # sooner replaces it, one expected later still does not get in.
-        late = self._overdue() is not None
-        bar = self.model.now + self.model.history.horizon if late else self._top()[0]
-        if self._expected(key) >= bar:
-            self.bypassed += 1
-            return False
-        return True
+        now = self.model.now
+        # While nothing is evicted a newcomer would stay at least that long: the bar rises, so
+        # a strict phase cannot lock the cache with what it holds.
+        bar = max(ADMIT_SLACK * self.residence, now - self._last_eviction)
+        if self._expected(key) - now < bar:
+            return True
+        self.bypassed += 1
+        return False
 
     def _victim(self) -> Key:
-        if self._mode():
-            late = self._overdue()
-            return late if late is not None else self._top()[1]
-        return next(iter(self._res))
+        it = iter(self._res)
+        if not self._mode():
+            return next(it)
+        sample = [next(it) for _ in range(min(EVICTION_SAMPLE, len(self._res)))]
+        return max(sample, key=self._expected)
 
     def insert(self, key: Key) -> list[Key]:
         out: list[Key] = []
+        now = self.model.now
         while len(self._res) >= self.capacity:
             victim = self._victim()
-            self.remove(victim)
+            age = now - self._res.pop(victim)
+            self.residence += (age - self.residence) * RESIDENCE_DECAY
+            self._last_eviction = now
             out.append(victim)
-        self._put(key)
+        self._res[key] = now
         return out
 
     def remove(self, key: Key) -> None:
-        old = self._res.pop(key, None)
-        if old is not None:
-            self._keys.pop(old[1], None)
+        self._res.pop(key, None)
 
     def evict_key(self, key: Key) -> tuple[float, ...]:
-        entry = self._res.get(key)
-        if entry is None:
+        last = self._res.get(key)
+        if last is None:
             return (float("-inf"), 0.0)
         if self._mode():
-            return (-entry[0], float(entry[1]))
-        return (float(entry[1]),)
+            return (-self._expected(key), float(last))
+        return (float(last),)
 
 
 class LearnedCore(PredictedCache):
