@@ -16,7 +16,7 @@ import numpy as np
 from numba import njit
 
 from kvtier.codecs.rowops import (
-    JIT, bounds_row, choose, copy, get_codes, get_m12, group_bounds, load_row, put_codes,
+    INLINE, JIT, bounds_row, choose, copy, get_codes, get_m12, group_bounds, load_row, put_codes,
     put_m12, quantize, quantize_flat, store_row, table,
 )
 
@@ -163,6 +163,22 @@ def encode_v(src, kind, L, T, S, HD, Gv, bits, mant, vb, vm, vq,  # type: ignore
     put_m12(vm, m_all)
 
 
+@njit(**INLINE)
+def _dequant_runs(q, rf, rk, rl, mr, sr, step, vals):  # type: ignore[no-untyped-def]
+    """vals[full channel] = (q[kept channel] * step + m) * s, run by run of kept channels.
+
+    ``m + step * q`` is an integer below 2**24, so the float32 sum is exact and the product
+    rounds once, as the reference's ``float(m + step * q) * s`` does.
+    """
+    for r in range(rf.size):
+        qs = q[rk[r]:rk[r] + rl[r]]
+        vs = vals[rf[r]:rf[r] + rl[r]]
+        ms = mr[rf[r]:rf[r] + rl[r]]
+        ss = sr[rf[r]:rf[r] + rl[r]]
+        for i in range(qs.size):
+            vs[i] = (np.float32(qs[i]) * step + ms[i]) * ss[i]
+
+
 @njit(**JIT)
 def decode_k(kb, km, kq, oidx_in, oraw, exps, kind, L, T, S, H, D,  # type: ignore[no-untyped-def]
              n_out, Gk, bits, mant, out):
@@ -177,9 +193,8 @@ def decode_k(kb, km, kq, oidx_in, oraw, exps, kind, L, T, S, H, D,  # type: igno
     m_l = np.empty(ng, np.int32)
     s_c = np.zeros((nk, HD), np.float32)
     m_c = np.zeros((nk, HD), np.float32)
-    vals = np.empty(HD, np.float32)
+    vals = np.zeros(HD, np.float32)  # outlier slots: raw values written after each row
     qk = np.empty(Ck, np.uint8)
-    qfull = np.zeros(HD, np.uint8)
     for layer in range(L):
         tab = table(np.int64(exps[2 * layer]), mant)
         get_m12(km, layer * ng, m_l)
@@ -195,13 +210,12 @@ def decode_k(kb, km, kq, oidx_in, oraw, exps, kind, L, T, S, H, D,  # type: igno
                     m_c[g, rf[r] + i] = np.float32(m_l[g * Ck + rk[r] + i])
         for t in range(Tq):
             o = (layer * Tq + t) * rb
-            get_codes(kq[o:o + rb], bits, qk)
-            for r in range(rf.size):
-                copy(qfull[rf[r]:], qk[rk[r]:rk[r] + rl[r]])
-            sr = s_c[t // Gk]
-            mr = m_c[t // Gk]
-            for c in range(HD):  # m + step * q is an integer < 2**24: exact in float32
-                vals[c] = (np.float32(qfull[c]) * step + mr[c]) * sr[c]
+            if bits == 8:  # int8 codes are read in place; int4 ones unpacked first
+                _dequant_runs(kq[o:o + rb], rf, rk, rl, m_c[t // Gk], s_c[t // Gk], step,
+                              vals)
+            else:
+                get_codes(kq[o:o + rb], bits, qk)
+                _dequant_runs(qk, rf, rk, rl, m_c[t // Gk], s_c[t // Gk], step, vals)
             do = (layer * T + S + t) * HD * w
             store_row(vals, kind, out[do:do + HD * w])
             for h in range(H):
@@ -211,6 +225,20 @@ def decode_k(kb, km, kq, oidx_in, oraw, exps, kind, L, T, S, H, D,  # type: igno
                     so = ((layer * Tq + t) * H * n_out + h * n_out + j) * w
                     for i in range(w):
                         out[do + i] = oraw[so + i]
+
+
+@njit(**INLINE)
+def _dequant_groups(q, tab, b, m, nv, Gv, step, vals):  # type: ignore[no-untyped-def]
+    """One V row: groups of ``Gv`` channels with scale ``tab[b[g]]`` and minimum ``m[g]``."""
+    HD = vals.size
+    for g in range(nv):
+        a, e = g * Gv, min(HD, (g + 1) * Gv)
+        s = np.float32(tab[b[g]])
+        mg = np.float32(m[g])
+        vg = vals[a:e]
+        qg = q[a:e]
+        for j in range(vg.size):  # exact integers in float32, as in _dequant_runs
+            vg[j] = (np.float32(qg[j]) * step + mg) * s
 
 
 @njit(**JIT)
@@ -230,15 +258,13 @@ def decode_v(vb, vm, vq, exps, kind, L, T, S, HD, Gv, bits, mant,  # type: ignor
         get_m12(vm, layer * ng, m_l)
         for t in range(Tq):
             o = (layer * Tq + t) * rb
-            get_codes(vq[o:o + rb], bits, q)
-            for g in range(nv):
-                a, b = g * Gv, min(HD, (g + 1) * Gv)
-                s = np.float32(tab[vb[layer * ng + t * nv + g]])
-                m = np.float32(m_l[t * nv + g])
-                vg = vals[a:b]
-                qg = q[a:b]
-                for j in range(vg.size):  # exact integers in float32, as in decode_k
-                    vg[j] = (np.float32(qg[j]) * step + m) * s
+            if bits == 8:
+                _dequant_groups(vq[o:o + rb], tab, vb[layer * ng + t * nv:], m_l[t * nv:],
+                                nv, Gv, step, vals)
+            else:
+                get_codes(vq[o:o + rb], bits, q)
+                _dequant_groups(q, tab, vb[layer * ng + t * nv:], m_l[t * nv:], nv, Gv, step,
+                                vals)
             do = (layer * T + S + t) * HD * w
             store_row(vals, kind, out[do:do + HD * w])
 
