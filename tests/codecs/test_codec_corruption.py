@@ -50,3 +50,33 @@ def test_truncated_or_extended_is_corrupt() -> None:
         with pytest.raises(CorruptPage) as e:
             decode(bad)
         assert e.value.field is not None and e.value.field.startswith("blob")
+
+
+def _reseal(blob: bytearray) -> bytes:
+    """Recompute the checksum, as a forger with write access to Redis could."""
+    import struct
+
+    from kvtier.codecs.blob import HEADER_SIZE, checksum
+
+    struct.pack_into("<Q", blob, HEADER_SIZE - 8,
+                     checksum(bytes(blob[:HEADER_SIZE - 8]), bytes(blob[HEADER_SIZE:])))
+    return bytes(blob)
+
+
+@pytest.mark.parametrize("section,value", [("oidx", 999), ("oidx", -1), ("exps", 3000)])
+@pytest.mark.parametrize("kernels", [True, False])
+def test_forged_blob_with_valid_checksum_is_rejected(section: str, value: int, kernels: bool,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import struct
+
+    from kvtier.codecs import fused
+    from kvtier.codecs.layout import layout_of
+
+    blob = encode(make_kv((2, 16, 2, 32), start=9), Codec.INT8, P)
+    off, _ = layout_of(read_header(blob)).section(section)
+    bad = bytearray(blob)
+    struct.pack_into("<h", bad, off, value)
+    if not kernels:
+        monkeypatch.setattr(fused, "available", lambda: False)
+    with pytest.raises(CorruptPage):
+        decode(_reseal(bad))

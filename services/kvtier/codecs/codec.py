@@ -16,7 +16,9 @@ import torch
 from kvtier.codecs import blob as blobfmt
 from kvtier.codecs import fused, reference
 from kvtier.codecs.blob import HEADER_SIZE, BlobHeader, read_header, verify
-from kvtier.codecs.layout import Layout, layout_for_encode, layout_of, make_layout
+from kvtier.codecs.layout import (
+    Layout, check_indices, layout_for_encode, layout_of, make_layout,
+)
 from kvtier.codecs.pack import pack_int4
 from kvtier.config import CodecConfig
 from kvtier.errors import CorruptPage, InvalidArgument
@@ -55,7 +57,9 @@ def encode(page: Page, codec: Codec, params: CodecConfig, *,
 
     ``precision`` is the lowest precision the page already passed through (a page promoted
     out of int4 and re-encoded with ``none`` stays INT4); the blob records the lower of it and
-    the codec's own. Page tensors may live on any device.
+    the codec's own. Page tensors may live on any device. Values must be finite (as
+    :func:`kvtier.pages.make_page` enforces): the grid of a group holding NaN or Inf is
+    undefined, and checking here would cost a pass over every page.
     """
     codec = _check_codec(codec, "codec")
     if not isinstance(page, Page):
@@ -67,6 +71,8 @@ def encode(page: Page, codec: Codec, params: CodecConfig, *,
         raise InvalidArgument("k and v must share one 4-D shape and dtype", field="page")
     if page.k.device != page.v.device:
         raise InvalidArgument("k and v must be on one device", field="page")
+    if page.k.requires_grad or page.v.requires_grad:
+        page = Page(k=page.k.detach(), v=page.v.detach(), start_position=page.start_position)
     dtype = dtype_name(page.k.dtype)
     lay = layout_for_encode(codec, dtype, page.shape, page.start_position, params)
     prec = Precision.of_codec(codec)
@@ -103,6 +109,7 @@ def decode(blob: Blob, device: torch.device | None = None) -> Decoded:
     """
     h = verify(blob)
     lay = _layout_checked(h)
+    check_indices(blob, lay)
     dev = _CPU if device is None else torch.device(device)
     mv = memoryview(blob)
     try:

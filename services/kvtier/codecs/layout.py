@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 
 from kvtier.codecs.blob import DTYPE_SIZES, HEADER_SIZE, BlobHeader
+from kvtier.codecs.grid import E0_MAX, E0_MIN
 from kvtier.config import CodecConfig
+from kvtier.errors import CorruptPage
 from kvtier.types import Codec
 
 
@@ -171,3 +173,24 @@ def layout_for_encode(codec: Codec, dtype: str, shape: tuple[int, int, int, int]
 
 def layout_of(h: BlobHeader) -> Layout:
     return make_layout(h.codec, h.dtype, h.shape, h.sink_tokens, h.outliers, h.group_size)
+
+
+def check_indices(blob: bytes | bytearray | memoryview, lay: Layout) -> None:
+    """Reject a blob whose outlier indices or scale exponents are out of range.
+
+    The checksum catches accidents, not a forged blob (Redis is shared), and the CPU kernels
+    do not bounds-check, so the few values they index with are checked before decoding.
+    """
+    if lay.codec is Codec.NONE or lay.Tq == 0:
+        return
+    arr = np.frombuffer(blob, dtype=np.uint8)
+    off, n = lay.section("oidx")
+    oidx = arr[off:off + n].view(np.int16).reshape(lay.L * lay.H, lay.n_out)
+    if oidx.size and (int(oidx.min()) < 0 or int(oidx.max()) >= lay.D
+                      or (lay.n_out > 1 and bool((np.diff(oidx, axis=1) <= 0).any()))):
+        raise CorruptPage("outlier channel indices out of range or not ascending",
+                          field="blob.outliers")
+    off, n = lay.section("exps")
+    exps = arr[off:off + n].view(np.int16)
+    if int(exps.min()) < E0_MIN or int(exps.max()) > E0_MAX:
+        raise CorruptPage("scale exponents out of range", field="blob.scales")
