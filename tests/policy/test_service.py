@@ -56,6 +56,7 @@ def test_reports_scores_status_and_metrics(service: tuple[str, int, LearnedPolic
         remote.record(evs)
         assert remote.flush()
         assert _until(lambda: policy.events == 300)
+        assert _until(lambda: "sent=300" in remote.status().detail)
         cands = [meta("p1", 299, 40), meta("p2", 300, 40)]
         assert remote.score(cands) == policy.score(cands)
         st = remote.status()
