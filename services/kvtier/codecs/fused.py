@@ -12,7 +12,9 @@ so blobs and decoded tensors agree with the torch oracle bit for bit; the tests 
 Page tensors are handled as flat ``uint16`` words whatever their dtype (a float32 element is
 two words), which keeps one compiled specialization per kernel. Kernels release the GIL
 (``nogil``), so threads encoding different pages run in parallel; a page is one thread's
-work (numba's default thread pool is not safe to enter from several threads at once).
+work. (Splitting a page's K and V over two threads was measured on the shared 2-core box and
+lost: 0.78 -> 0.92 ms per 2 MiB encode; numba's prange pool is not safe to enter from many
+request threads at once either.)
 :func:`warmup` compiles them (or loads them from numba's on-disk cache) and self-tests them,
 so the first real request does not pay for compilation.
 """
@@ -20,9 +22,7 @@ so the first real request does not pay for compilation.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -39,10 +39,6 @@ log = logging.getLogger(__name__)
 
 _MANT = np.array(MANTISSAS, dtype=np.float64)
 _U16 = NDArray[np.uint16]
-# Pages at least this large encode K and V on two threads. Measured on the shared 2-core box:
-# encode of 2 MiB pages 1.04 -> 0.92 ms; decode (2.6x cheaper than encode) got slower, the
-# thread start outweighing the gain, so it stays on the caller's thread.
-SPLIT_MIN_BYTES = 512 * 1024
 
 
 def available() -> bool:
@@ -58,31 +54,6 @@ def _words(t: torch.Tensor) -> _U16:
     return a
 
 
-def _both(first: Callable[[], None], second: Callable[[], None]) -> None:
-    """Run ``second`` on a new thread while ``first`` runs here (the kernels release the GIL).
-
-    A thread per call costs ~50-100 us, a few percent of a page above SPLIT_MIN_BYTES; unlike
-    a shared pool it is no state of the module, and unlike numba's prange it is safe when
-    many request threads encode at once.
-    """
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            second()
-        except BaseException as e:  # re-raised in the caller's thread
-            errors.append(e)
-
-    t = threading.Thread(target=run, name="kvtier-codec", daemon=True)
-    t.start()
-    try:
-        first()
-    finally:
-        t.join()
-    if errors:
-        raise errors[0]
-
-
 def encode_into(page: Page, lay: Layout, buf: bytearray) -> None:
     """Write the payload of ``page`` (CPU tensors) into ``buf`` (header already in place)."""
     arr = np.frombuffer(buf, dtype=np.uint8)
@@ -95,11 +66,7 @@ def encode_into(page: Page, lay: Layout, buf: bytearray) -> None:
         return
     assert lay.plan is not None
     sec, geo = lay.plan
-    if page.nbytes < SPLIT_MIN_BYTES:
-        kernels.encode_page(k, v, arr, sec, geo, _MANT, True)
-    else:
-        _both(lambda: kernels.encode_page(k, v, arr, sec, geo, _MANT, False),
-              lambda: kernels.encode_page_v(v, arr, sec, geo, _MANT))
+    kernels.encode_page(k, v, arr, sec, geo, _MANT)
 
 
 def decode(blob: memoryview, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,10 +133,6 @@ def warmup() -> float:
                     "kvtier/codecs/__pycache__/*.nbi and *.nbc)")
         decode_blob(bytearray(blob))
         decode_blob(transcode(encode_blob(page, Codec.INT8, params), Codec.INT4, params))
-    big = Page(k=torch.zeros(1, 64, 16, 128, dtype=torch.float16),
-               v=torch.zeros(1, 64, 16, 128, dtype=torch.float16), start_position=0)
-    assert big.nbytes >= SPLIT_MIN_BYTES
-    decode_blob(encode_blob(big, Codec.INT8, params))  # the two-thread encode path
     took = time.perf_counter() - t0
     log.info("codec kernels ready and self-tested in %.2f s", took)
     return took

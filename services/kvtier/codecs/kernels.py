@@ -148,7 +148,7 @@ def encode_v(src, kind, L, T, S, HD, Gv, bits, mant, vb, vm, vq,  # type: ignore
             so = (layer * T + S + t) * HD * w
             load_row(src[so:so + HD * w], kind, row)
             for g in range(nv):
-                lo, hi = group_bounds(row[g * Gv:min(HD, (g + 1) * Gv)])
+                lo, hi = group_bounds(row, g * Gv, min(HD, (g + 1) * Gv))
                 mn[t * nv + g] = lo
                 mx[t * nv + g] = hi
         exps[2 * layer + 1] = choose(mn, mx, mant, vb[layer * ng:(layer + 1) * ng],
@@ -229,7 +229,11 @@ def decode_k(kb, km, kq, oidx_in, oraw, exps, kind, L, T, S, H, D,  # type: igno
 
 @njit(**INLINE)
 def _dequant_groups(q, tab, b, m, nv, Gv, step, vals):  # type: ignore[no-untyped-def]
-    """One V row: groups of ``Gv`` channels with scale ``tab[b[g]]`` and minimum ``m[g]``."""
+    """One V row: groups of ``Gv`` channels with scale ``tab[b[g]]`` and minimum ``m[g]``.
+
+    Slices per group (not offsets): with 0-based indices numba drops its negative-index
+    handling and LLVM vectorizes the loop.
+    """
     HD = vals.size
     for g in range(nv):
         a, e = g * Gv, min(HD, (g + 1) * Gv)
@@ -297,7 +301,7 @@ def _copy_sinks(src, dst, L, T, S, row, to_blob):  # type: ignore[no-untyped-def
 
 
 @njit(**JIT)
-def encode_page(k, v, blob, sec, geo, mant, with_v):  # type: ignore[no-untyped-def]
+def encode_page(k, v, blob, sec, geo, mant):  # type: ignore[no-untyped-def]
     """Write every quantized section of a page into ``blob``; ``sec`` holds (start, end) per
     section in ``layout.QUANTIZED_SECTIONS`` order, ``geo`` is
     (kind, L, T, S, H, D, n_out, Gk, Gv, bits)."""
@@ -314,8 +318,6 @@ def encode_page(k, v, blob, sec, geo, mant, with_v):  # type: ignore[no-untyped-
     encode_k(k, kind, L, T, S, H, D, n_out, Gk, bits, mant, blob[sec[0]:sec[1]].view(np.int16),
              blob[sec[6]:sec[7]].view(np.uint16), blob[sec[8]:sec[9]], blob[sec[10]:sec[11]],
              blob[sec[16]:sec[17]], exps)
-    if not with_v:
-        return
     encode_v(v, kind, L, T, S, H * D, Gv, bits, mant, blob[sec[12]:sec[13]],
              blob[sec[14]:sec[15]], blob[sec[18]:sec[19]], exps)
 
@@ -340,14 +342,3 @@ def decode_page(blob, sec, geo, mant, out):  # type: ignore[no-untyped-def]
              kind, L, T, S, H, D, n_out, Gk, bits, mant, ok)
     decode_v(blob[sec[12]:sec[13]], blob[sec[14]:sec[15]], blob[sec[18]:sec[19]], exps, kind,
              L, T, S, H * D, Gv, bits, mant, ov)
-
-
-@njit(**JIT)
-def encode_page_v(v, blob, sec, geo, mant):  # type: ignore[no-untyped-def]
-    """The V half of :func:`encode_page` (sinks excluded), for a second thread."""
-    kind, L, T, S, H, D, Gv, bits = (geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[8],
-                                     geo[9])
-    if T == S:
-        return
-    encode_v(v, kind, L, T, S, H * D, Gv, bits, mant, blob[sec[12]:sec[13]],
-             blob[sec[14]:sec[15]], blob[sec[18]:sec[19]], blob[sec[2]:sec[3]].view(np.int16))

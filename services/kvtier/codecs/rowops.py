@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 CACHE = True  # numba's on-disk cache next to the module: compile once per machine
@@ -51,11 +52,53 @@ def _f32_to_bits_typer(typingctx, x):  # type: ignore[no-untyped-def]
     return types.uint32(types.float32), codegen
 
 
+def _minmax8_typer(typingctx, arr, start, nvec):  # type: ignore[no-untyped-def]
+    """(min, max) of ``arr[start : start + 8 * nvec]``, ``nvec >= 1``, on <8 x float> vectors.
+
+    LLVM does not vectorize a float min/max reduction without fast-math, which numba cannot
+    scope to one loop; this is the reduction written out in IR. C-contiguous float32 only.
+    """
+    if not (isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.layout == "C"):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        vty = ir.VectorType(ir.FloatType(), 8)
+        base = builder.gep(ary.data, [args[1]])
+        first = builder.load(builder.bitcast(base, vty.as_pointer()), align=4)
+        lo_p = cgutils.alloca_once_value(builder, first)  # type: ignore[no-untyped-call]
+        hi_p = cgutils.alloca_once_value(builder, first)  # type: ignore[no-untyped-call]
+        one = ir.Constant(args[2].type, 1)
+        with cgutils.for_range(builder, builder.sub(args[2], one)) as loop:
+            i = builder.add(loop.index, ir.Constant(loop.index.type, 1))
+            ptr = builder.gep(base, [builder.mul(i, ir.Constant(i.type, 8))])
+            v = builder.load(builder.bitcast(ptr, vty.as_pointer()), align=4)
+            lo = builder.load(lo_p)
+            hi = builder.load(hi_p)
+            builder.store(builder.select(builder.fcmp_ordered("<", v, lo), v, lo), lo_p)
+            builder.store(builder.select(builder.fcmp_ordered(">", v, hi), v, hi), hi_p)
+        lo = builder.load(lo_p)
+        hi = builder.load(hi_p)
+        i32 = ir.IntType(32)
+        slo = builder.extract_element(lo, ir.Constant(i32, 0))
+        shi = builder.extract_element(hi, ir.Constant(i32, 0))
+        for k in range(1, 8):
+            a = builder.extract_element(lo, ir.Constant(i32, k))
+            slo = builder.select(builder.fcmp_ordered("<", a, slo), a, slo)
+            b = builder.extract_element(hi, ir.Constant(i32, k))
+            shi = builder.select(builder.fcmp_ordered(">", b, shi), b, shi)
+        return context.make_tuple(builder, signature.return_type, (slo, shi))
+
+    pair = types.UniTuple(types.float32, 2)  # type: ignore[no-untyped-call]
+    return pair(arr, types.intp, types.intp), codegen
+
+
 f32_to_f16: Any = intrinsic(_f32_to_f16_typer)
 f16_to_f32: Any = intrinsic(_f16_to_f32_typer)
 bits_to_f32: Any = intrinsic(_bits_to_f32_typer)
 f32_to_bits: Any = intrinsic(_f32_to_bits_typer)
 _bits_to_f64: Any = intrinsic(_bits_to_f64_typer)
+minmax8: Any = intrinsic(_minmax8_typer)
 
 
 @njit(**INLINE)
@@ -118,35 +161,20 @@ def bounds_row(row, mnr, mxr):  # type: ignore[no-untyped-def]
 
 
 @njit(**INLINE)
-def group_bounds(part):  # type: ignore[no-untyped-def]
-    """(min, max) of a float32 slice, with eight independent lanes for instruction-level
-    parallelism (a single running min is one long dependency chain)."""
-    n = part.size
-    l0 = l1 = l2 = l3 = l4 = l5 = l6 = l7 = part[0]
-    h0 = h1 = h2 = h3 = h4 = h5 = h6 = h7 = part[0]
-    n8 = n - n % 8
-    for j in range(0, n8, 8):
-        l0 = min(l0, part[j])
-        l1 = min(l1, part[j + 1])
-        l2 = min(l2, part[j + 2])
-        l3 = min(l3, part[j + 3])
-        l4 = min(l4, part[j + 4])
-        l5 = min(l5, part[j + 5])
-        l6 = min(l6, part[j + 6])
-        l7 = min(l7, part[j + 7])
-        h0 = max(h0, part[j])
-        h1 = max(h1, part[j + 1])
-        h2 = max(h2, part[j + 2])
-        h3 = max(h3, part[j + 3])
-        h4 = max(h4, part[j + 4])
-        h5 = max(h5, part[j + 5])
-        h6 = max(h6, part[j + 6])
-        h7 = max(h7, part[j + 7])
-    for j in range(n8, n):
-        l0 = min(l0, part[j])
-        h0 = max(h0, part[j])
-    lo = min(min(min(l0, l1), min(l2, l3)), min(min(l4, l5), min(l6, l7)))
-    hi = max(max(max(h0, h1), max(h2, h3)), max(max(h4, h5), max(h6, h7)))
+def group_bounds(row, a, e):  # type: ignore[no-untyped-def]
+    """(min, max) of ``row[a:e]`` (C-contiguous float32): whole vectors of 8 in
+    :func:`minmax8`, the rest one by one. Offsets rather than a slice: a numba slice per
+    64-value group costs as much as the reduction itself."""
+    n8 = (e - a) // 8
+    if n8:
+        lo, hi = minmax8(row, a, n8)
+    else:
+        lo = row[a]
+        hi = row[a]
+    for j in range(a + 8 * n8, e):
+        x = row[j]
+        lo = x if x < lo else lo
+        hi = x if x > hi else hi
     return lo, hi
 
 
@@ -247,7 +275,7 @@ def quantize(x, inv, mf, bits, q):  # type: ignore[no-untyped-def]
 
 @njit(**INLINE)
 def quantize_flat(x, inv, mf, bits, q):  # type: ignore[no-untyped-def]
-    """Codes of float32 ``x`` with one grid (scalars ``inv``, ``mf``)."""
+    """Codes of float32 slice ``x`` into ``q`` with one grid (scalars ``inv``, ``mf``)."""
     if bits == 8:
         for j in range(x.size):
             y = np.rint(x[j] * inv - mf)
