@@ -35,6 +35,9 @@ admission only costs a slot for a while."""
 RESIDENCE_DECAY = 1e-3
 """Weight of each eviction in the residence-time average (about the last thousand)."""
 
+DUEL_SLACKS = (1.0, ADMIT_SLACK)
+"""Admission slacks the simulator's learned core duels between (and against LRU)."""
+
 DUEL_MARGIN = 0.002
 """How far ahead (hits per access over the duel window) the predictor's shadow must be."""
 
@@ -96,6 +99,7 @@ class PredictedCache(ReplacementCore):
         self.leader: PredictedCache | None = None  # lower tiers follow the top tier's mode
         self._res: OrderedDict[Key, int] = OrderedDict()  # key -> last access; LRU first
         self.residence = float(capacity)  # EMA of the age of evicted blocks, in accesses
+        self.slack = ADMIT_SLACK
         self._last_eviction = 0
         self.bypassed = 0
 
@@ -121,7 +125,8 @@ class PredictedCache(ReplacementCore):
         now = self.model.now
         # While nothing is evicted a newcomer would stay at least that long: the bar rises, so
         # a strict phase cannot lock the cache with what it holds.
-        bar = max(ADMIT_SLACK * self.residence, now - self._last_eviction)
+        slack = self.leader.slack if self.leader is not None else self.slack
+        bar = max(slack * self.residence, now - self._last_eviction)
         if self._expected(key) - now < bar:
             return True
         self.bypassed += 1
@@ -159,13 +164,15 @@ class PredictedCache(ReplacementCore):
 
 
 class LearnedCore(PredictedCache):
-    """The learned policy as the simulator runs it, guarded by set dueling against LRU.
+    """The learned policy as the simulator runs it, guarded by set dueling.
 
-    Two shadow caches of the same capacity (metadata only) run beside the real one: plain LRU
-    and the predictor's MIN. The real cache follows the predictor only while it is trained and
-    its shadow has recently hit at least as often as the LRU shadow; otherwise it falls back
-    to LRU and :attr:`detail` says why. This keeps the learned policy from doing worse than
-    LRU on a trace (or a phase of one) where its predictions do not pay off.
+    Shadow caches of the same capacity (metadata only) run beside the real one: plain LRU and
+    the predictor's cache at each admission slack in ``DUEL_SLACKS``. The real cache follows
+    the best predictor shadow, with that slack, while the model is trained and that shadow has
+    recently hit clearly more often than the LRU shadow; otherwise it falls back to LRU and
+    :attr:`detail` says why. This keeps the learned policy from doing worse than LRU on a trace
+    (or a phase of one) where its predictions do not pay off, and picks how strict admission
+    should be for this cache size without a per-trace constant.
     """
 
     def __init__(self, capacity: int, model: LearnedModel | None = None, *, seed: int = 0,
@@ -173,9 +180,13 @@ class LearnedCore(PredictedCache):
         horizon = max(4096, HORIZON_PER_SLOT * capacity)
         super().__init__(capacity, model or LearnedModel(horizon, seed=seed, device=device))
         self._shadow_lru = LRUCore(capacity)
-        self._shadow_pred = PredictedCache(capacity, self.model)
-        self._shadow_pred.use_model = True
-        self._lead = 0.0  # decayed (predictor shadow hits - LRU shadow hits)
+        self._shadows: list[PredictedCache] = []
+        for slack in DUEL_SLACKS:
+            shadow = PredictedCache(capacity, self.model)
+            shadow.use_model = True
+            shadow.slack = slack
+            self._shadows.append(shadow)
+        self._leads = [0.0] * len(self._shadows)  # decayed (shadow hits - LRU shadow hits)
         self._decay = 1.0 - 1.0 / self.model.history.horizon
         self._window = float(self.model.history.horizon)
         self.model_requests = 0
@@ -189,25 +200,33 @@ class LearnedCore(PredictedCache):
         elif not self.use_model:
             mode = "lru fallback (lru ahead in shadow)"
         else:
-            mode = "learned"
+            mode = f"learned (admission slack {self.slack})"
         return (f"{mode}; model decided {self.model_requests}/{self.requests} requests; "
                 f"labelled={st.labelled} steps={st.steps} loss={st.loss:.4f} "
                 f"accuracy={st.accuracy:.3f} bypassed={self.bypassed}")
 
+    @staticmethod
+    def _replay(cache: ReplacementCore, keys: Sequence[Key]) -> int:
+        hits = 0
+        for key in keys:
+            if key in cache:
+                cache.hit(key)
+                hits += 1
+            elif cache.admit(key):
+                cache.insert(key)
+        return hits
+
     def begin_request(self, keys: Sequence[Key], now_s: float) -> None:
         self.model.observe(keys)
-        lead = self._lead
-        decay = self._decay
-        for shadow, sign in ((self._shadow_lru, -1.0), (self._shadow_pred, 1.0)):
-            for key in keys:
-                if key in shadow:
-                    shadow.hit(key)
-                    lead += sign
-                elif shadow.admit(key):
-                    shadow.insert(key)
-        self._lead = lead * decay ** len(keys)
-        # Hysteresis: the model takes over only once its shadow is clearly ahead (by
+        base = self._replay(self._shadow_lru, keys)
+        fade = self._decay ** len(keys)
+        for i, shadow in enumerate(self._shadows):
+            self._leads[i] = (self._leads[i] + self._replay(shadow, keys) - base) * fade
+        best = max(range(len(self._leads)), key=self._leads.__getitem__)
+        # Hysteresis: the model takes over only once a shadow is clearly ahead (by
         # DUEL_MARGIN of the window's accesses), so a tie does not flip the cache back and forth.
-        self.use_model = self.model.ready and self._lead > DUEL_MARGIN * self._window
+        self.use_model = self.model.ready and self._leads[best] > DUEL_MARGIN * self._window
+        if self.use_model:
+            self.slack = self._shadows[best].slack
         self.requests += 1
         self.model_requests += self.use_model
