@@ -8,7 +8,8 @@ import torch
 
 from kvtier.config import Settings
 from kvtier.errors import InvalidArgument
-from kvtier.transport.convert import PutAssembler, check_finite, check_header, chunks
+from kvtier.pages import check_finite
+from kvtier.transport.convert import PutAssembler, check_header, chunks
 from kvtier_proto.v1 import cache_pb2 as pb
 
 

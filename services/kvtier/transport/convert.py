@@ -12,12 +12,11 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from kvtier.config import Settings
 from kvtier.errors import InvalidArgument, PageTooLarge
-from kvtier.pages import check_key, make_page, torch_dtype
+from kvtier.pages import check_finite, check_key, make_page, torch_dtype
 from kvtier.types import Page
 from kvtier_proto.v1 import cache_pb2 as pb
 
@@ -77,30 +76,6 @@ def check_header(h: pb.PageHeader, settings: Settings) -> Header:
         raise InvalidArgument(f"chain_position must be >= 0, got {chain}", field="chain_position")
     shm = int(h.shm_offset) if h.HasField("shm_offset") else None
     return Header(key, h.dtype, shape, int(h.start_position), want, chain, shm)
-
-
-# A float is NaN or Inf iff its exponent bits are all ones: as a signed integer a positive one
-# is >= inf_bits, as an unsigned integer a negative one is >= (sign | inf_bits). Two max
-# reductions over integer views find both without a temporary array.
-_NONFINITE = {
-    "float16": (np.int16, np.uint16, 0x7C00, 0xFC00),
-    "bfloat16": (np.int16, np.uint16, 0x7F80, 0xFF80),
-    "float32": (np.int32, np.uint32, 0x7F800000, 0xFF800000),
-}
-
-
-def check_finite(buf: memoryview, dtype: str, name: str) -> None:
-    """Reject NaN/Inf as :func:`kvtier.pages.make_page` does, on the raw bits.
-
-    Same decision and message as ``make_page``; done here on integer views with numpy because
-    ``torch.isfinite`` on CPU float16 costs ~100x more and sits on every put.
-    """
-    signed, unsigned, pos_inf, neg_inf = _NONFINITE[dtype]
-    if len(buf) == 0:
-        return
-    if (int(np.frombuffer(buf, dtype=signed).max()) >= pos_inf
-            or int(np.frombuffer(buf, dtype=unsigned).max()) >= neg_inf):
-        raise InvalidArgument(f"{name} holds NaN or Inf values", field=name)
 
 
 def build_page(h: Header, k: bytes | memoryview, v: bytes | memoryview,
