@@ -21,6 +21,7 @@ so the first real request does not pay for compilation.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -33,6 +34,7 @@ from kvtier.codecs.blob import HEADER_SIZE
 from kvtier.codecs.grid import MANTISSAS
 from kvtier.codecs.layout import Layout
 from kvtier.codecs.reference import TORCH_DTYPES
+from kvtier.errors import CorruptPage
 from kvtier.types import Codec, Page
 
 log = logging.getLogger(__name__)
@@ -84,7 +86,10 @@ def decode(blob: memoryview, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
         return kv[0], kv[1]
     assert lay.plan is not None
     sec, geo = lay.plan
-    kernels.decode_page(arr, sec, geo, _MANT, out)
+    status = kernels.decode_page(arr, sec, geo, _MANT, out)
+    if status:
+        raise CorruptPage("outlier channel indices out of range or not ascending" if status == 1
+                          else "scale exponents out of range", field="blob")
     return kv[0], kv[1]
 
 
@@ -98,14 +103,26 @@ def int8_rows_to_int4(src: memoryview, width: int, dst: memoryview) -> None:
 
 def warmup() -> float:
     """Compile every kernel now (or load it from numba's cache) and self-test it; returns the
-    seconds it took.
+    seconds it took (0.0 when this process already did).
 
     The daemon calls this at start so that JIT compilation never lands in a request. The
-    self-test encodes and decodes a small page with the kernels and with the torch oracle and
+    self-test encodes and decodes small pages with the kernels and with the torch oracle and
     raises RuntimeError if they disagree by a single byte: numba's on-disk cache is keyed on
     the file that defines a kernel only, so a stale cache after an upgrade that changed
-    ``rowops.py`` alone would otherwise go unnoticed.
+    ``rowops.py`` alone would otherwise go unnoticed. Compiled kernels live as long as the
+    process, so the work is done once per process (a memo, like numba's own dispatch cache).
     """
+    if _self_test.cache_info().currsize:
+        return 0.0
+    t0 = time.perf_counter()
+    _self_test()
+    took = time.perf_counter() - t0
+    log.info("codec kernels ready and self-tested in %.2f s", took)
+    return took
+
+
+@functools.cache
+def _self_test() -> bool:
     from kvtier.codecs.codec import decode as decode_blob
     from kvtier.codecs.codec import encode as encode_blob
     from kvtier.codecs.codec import transcode
@@ -113,7 +130,6 @@ def warmup() -> float:
     from kvtier.codecs.reference import decode_payload, encode_payload
     from kvtier.config import CodecConfig
 
-    t0 = time.perf_counter()
     g = torch.Generator().manual_seed(0)
     params = CodecConfig()
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
@@ -133,6 +149,4 @@ def warmup() -> float:
                     "kvtier/codecs/__pycache__/*.nbi and *.nbc)")
         decode_blob(bytearray(blob))
         decode_blob(transcode(encode_blob(page, Codec.INT8, params), Codec.INT4, params))
-    took = time.perf_counter() - t0
-    log.info("codec kernels ready and self-tested in %.2f s", took)
-    return took
+    return True

@@ -324,9 +324,23 @@ def encode_page(k, v, blob, sec, geo, mant):  # type: ignore[no-untyped-def]
 
 @njit(**JIT)
 def decode_page(blob, sec, geo, mant, out):  # type: ignore[no-untyped-def]
-    """Decode every section of ``blob`` into ``out``: the words of K then V."""
+    """Decode every section of ``blob`` into ``out``: the words of K then V.
+
+    Returns 0, or before touching ``out`` 1 when an outlier index is out of range or not
+    ascending and 2 when a scale exponent is out of range: the checksum stops accidents, not
+    a forged blob, and these are the values the kernels index with unchecked.
+    """
     kind, L, T, S, H, D, n_out, Gk, Gv, bits = (geo[0], geo[1], geo[2], geo[3], geo[4],
                                                  geo[5], geo[6], geo[7], geo[8], geo[9])
+    oidx = blob[sec[0]:sec[1]].view(np.int16)
+    exps = blob[sec[2]:sec[3]].view(np.int16)
+    if T > S:
+        for i in range(oidx.size):
+            if oidx[i] < 0 or oidx[i] >= D or (i % n_out > 0 and oidx[i] <= oidx[i - 1]):
+                return 1
+        for i in range(exps.size):
+            if exps[i] < -126 or exps[i] > 111:  # grid.E0_MIN, grid.E0_MAX
+                return 2
     row = H * D * (2 if kind == 2 else 1)
     ok = out[:out.size // 2]
     ov = out[out.size // 2:]
@@ -335,10 +349,10 @@ def decode_page(blob, sec, geo, mant, out):  # type: ignore[no-untyped-def]
     _copy_sinks(sink[:half], ok, L, T, S, row, False)
     _copy_sinks(sink[half:], ov, L, T, S, row, False)
     if T == S:
-        return
-    exps = blob[sec[2]:sec[3]].view(np.int16)
-    decode_k(blob[sec[8]:sec[9]], blob[sec[10]:sec[11]], blob[sec[16]:sec[17]],
-             blob[sec[0]:sec[1]].view(np.int16), blob[sec[6]:sec[7]].view(np.uint16), exps,
-             kind, L, T, S, H, D, n_out, Gk, bits, mant, ok)
+        return 0
+    decode_k(blob[sec[8]:sec[9]], blob[sec[10]:sec[11]], blob[sec[16]:sec[17]], oidx,
+             blob[sec[6]:sec[7]].view(np.uint16), exps, kind, L, T, S, H, D, n_out, Gk, bits,
+             mant, ok)
     decode_v(blob[sec[12]:sec[13]], blob[sec[14]:sec[15]], blob[sec[18]:sec[19]], exps, kind,
              L, T, S, H * D, Gv, bits, mant, ov)
+    return 0
