@@ -178,6 +178,7 @@ class Daemon:
                 n = ctx.store.drain()
                 log.info("drained %d memory-tier pages to the redis tier", n)
             ctx.store.close()
+            ctx.store.policy.close()
             ctx.health.set(Readiness.STOPPED)
             self._stopped.set()
             log.info("kvtier daemon stopped")

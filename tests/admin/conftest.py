@@ -13,7 +13,6 @@ import torch
 from kvtier.admin.server import AdminHttpServer, serve_http
 from kvtier.config import Settings, TierConfig
 from kvtier.pages import make_page
-from kvtier.store.policy import PolicyStatus
 from kvtier.store.store import TierStore
 from kvtier.transport.context import DaemonContext, Readiness
 from kvtier.types import Codec, Medium, Page
@@ -51,15 +50,6 @@ def make_settings(redis_url: str | None, **overrides: Any) -> Settings:
     )
     base.update(overrides)
     return Settings(**base)
-
-
-@dataclass(frozen=True, slots=True)
-class PredictorStatus(PolicyStatus):
-    """A policy status carrying predictor figures, the optional fields the metrics read."""
-
-    events_dropped: int = 0
-    loss: float | None = None
-    online_accuracy: float | None = None
 
 
 @dataclass

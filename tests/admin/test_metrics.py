@@ -12,7 +12,7 @@ from kvtier.store.policy import LRUPolicy, PageMeta, PolicyStatus
 from kvtier.transport.stats import RpcSample
 from kvtier.types import EvictionReason
 
-from .conftest import PAGE_BYTES, Admin, PredictorStatus, make_settings, make_test_page
+from .conftest import PAGE_BYTES, Admin, make_settings, make_test_page
 
 NS = "metrics-ns"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -158,7 +158,7 @@ class ReportingPolicy(LRUPolicy):
         return super().score(pages)
 
     def status(self) -> PolicyStatus:
-        return PredictorStatus(name="learned", active="lru", fallback_active=True,
+        return PolicyStatus(name="learned", active="lru", fallback_active=True,
                                detail="untrained", events_dropped=7, loss=self.loss,
                                online_accuracy=0.625)
 

@@ -30,7 +30,7 @@ from kvtier.policy.service import make_metrics_server, make_policy_server
 from kvtier.store.policy import LRUPolicy, PageMeta, PolicyStatus
 from kvtier_client import KVTierClient, Page
 
-from .conftest import PAGE_SHAPE, PredictorStatus, make_settings
+from .conftest import PAGE_SHAPE, make_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "kvtier.json"
@@ -52,7 +52,7 @@ class TrainingPolicy(LRUPolicy):
         return super().score(pages)
 
     def status(self) -> PolicyStatus:
-        return PredictorStatus(name="learned", active="learned", fallback_active=False,
+        return PolicyStatus(name="learned", active="learned", fallback_active=False,
                                loss=0.4, online_accuracy=0.7)
 
 

@@ -317,9 +317,7 @@ def create_app(context: DaemonContext, metrics: DaemonMetrics | None = None) -> 
         policy = make_policy(settings.policy.model_copy(update={"name": choice.name}))
         old = store.policy
         store.set_policy(policy)
-        close = getattr(old, "close", None)  # a remote policy owns a channel and a sender
-        if callable(close):
-            close()
+        old.close()  # a remote policy owns a channel and a sender
         log.info("admin: policy switched from %s to %s", old.name, choice.name)
         return policy_view(store.policy.status(), policy_names())
 

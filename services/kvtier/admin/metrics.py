@@ -226,7 +226,7 @@ class StoreCollector(Collector):
         # Dropped by the store's access-event queue, plus (for a remote policy) by the
         # policy client's own queue when it reports a count.
         dropped.add_metric(
-            [], stats.access_events_dropped + (_number(getattr(status, "events_dropped", 0)) or 0.0)
+            [], stats.access_events_dropped + status.events_dropped
         )
         yield from (info, fallback, dropped)
         # Same names as the policy service's own /metrics, so one dashboard query shows the
@@ -236,7 +236,7 @@ class StoreCollector(Collector):
             ("online_accuracy", "kvtier_policy_online_accuracy",
              "Share of recent predictions the later accesses confirmed."),
         ):
-            value = _number(getattr(status, attr, None))
+            value = _number(getattr(status, attr))
             if value is not None:
                 g = GaugeMetricFamily(name, doc)
                 g.add_metric([], value)

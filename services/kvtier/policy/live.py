@@ -172,5 +172,7 @@ class LearnedPolicy(Policy):
         detail = (f"labelled={st.labelled} steps={st.steps} loss={st.loss:.4f} "
                   f"accuracy={st.accuracy:.3f} events={self.events} late={self.late}")
         if st.ready:
-            return PolicyStatus(self.name, self.name, False, detail)
-        return PolicyStatus(self.name, "lru", True, "untrained: " + detail)
+            return PolicyStatus(self.name, self.name, False, detail,
+                                loss=st.loss, online_accuracy=st.accuracy)
+        return PolicyStatus(self.name, "lru", True, "untrained: " + detail,
+                            loss=st.loss, online_accuracy=st.accuracy)

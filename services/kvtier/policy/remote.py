@@ -179,8 +179,10 @@ class RemotePolicy(Policy):
         detail = (f"remote {self.address}: sent={self.sent} dropped={self.dropped} "
                   f"queued={self._queue.qsize()}")
         if down:
-            return PolicyStatus(self.configured, "lru", True, f"{detail}; {self._reason}")
-        return PolicyStatus(self.configured, self.configured, False, detail)
+            return PolicyStatus(self.configured, "lru", True, f"{detail}; {self._reason}",
+                                events_dropped=self.dropped)
+        return PolicyStatus(self.configured, self.configured, False, detail,
+                            events_dropped=self.dropped)
 
     def close(self) -> None:
         self._stop.set()

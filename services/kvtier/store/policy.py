@@ -66,6 +66,9 @@ class PolicyStatus:
     active: str  # the policy actually deciding now (differs while falling back)
     fallback_active: bool
     detail: str = ""
+    loss: float | None = None  # recent training loss of a learned policy
+    online_accuracy: float | None = None  # share of recent predictions the future confirmed
+    events_dropped: int = 0  # access events lost on the way to the policy (full queue, outage)
 
 
 class Policy(abc.ABC):
@@ -104,6 +107,9 @@ class Policy(abc.ABC):
 
     def status(self) -> PolicyStatus:
         return PolicyStatus(name=self.name, active=self.name, fallback_active=False)
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the policy owns (a remote policy's channel and sender thread)."""
 
 
 class LRUPolicy(Policy):
