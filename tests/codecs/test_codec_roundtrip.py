@@ -137,6 +137,13 @@ def test_bad_arguments_name_the_field() -> None:
     with pytest.raises(InvalidArgument) as e:
         encode("page", Codec.INT8, P)  # type: ignore[arg-type]
     assert e.value.field == "page"
+    with pytest.raises(InvalidArgument) as e:
+        encode(Page(k=page.k, v=page.v, start_position=-1), Codec.INT8, P)
+    assert e.value.field == "start_position"
+    empty = torch.zeros(1, 0, 1, 16, dtype=torch.float16)
+    with pytest.raises(InvalidArgument) as e:
+        encode(Page(k=empty, v=empty, start_position=0), Codec.NONE, P)
+    assert e.value.field == "page.shape"
     bad = Page(k=page.k.to(torch.float64), v=page.v.to(torch.float64), start_position=0)
     with pytest.raises(InvalidArgument) as e:
         encode(bad, Codec.INT8, P)

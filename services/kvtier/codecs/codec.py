@@ -71,6 +71,12 @@ def encode(page: Page, codec: Codec, params: CodecConfig, *,
         raise InvalidArgument("k and v must share one 4-D shape and dtype", field="page")
     if page.k.device != page.v.device:
         raise InvalidArgument("k and v must be on one device", field="page")
+    if page.k.numel() == 0:
+        raise InvalidArgument(f"page has a zero-size dimension: {list(page.k.shape)}",
+                              field="page.shape")
+    if not 0 <= page.start_position < 1 << 63:
+        raise InvalidArgument(f"start_position must be >= 0, got {page.start_position}",
+                              field="start_position")
     if page.k.requires_grad or page.v.requires_grad:
         page = Page(k=page.k.detach(), v=page.v.detach(), start_position=page.start_position)
     dtype = dtype_name(page.k.dtype)

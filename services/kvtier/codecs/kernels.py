@@ -17,7 +17,7 @@ from numba import njit
 
 from kvtier.codecs.rowops import (
     INLINE, JIT, bounds_row, choose, copy, get_codes, get_m12, group_bounds, load_row, put_codes,
-    put_m12, quantize, quantize_flat, store_row, table,
+    put_m12, quantize_at, quantize_flat, store_row, table,
 )
 
 
@@ -58,7 +58,6 @@ def encode_k(src, kind, L, T, S, H, D, n_out, Gk, bits, mant,  # type: ignore[no
     ng = nk * Ck
     m_all = np.empty(L * ng, np.int32)
     X = np.empty((Tq, HD), np.float32)
-    qfull = np.empty(HD, np.uint8)
     qk = np.empty(Ck, np.uint8)
     inv_c = np.zeros((nk, HD), np.float32)
     mf_c = np.zeros((nk, HD), np.float32)
@@ -102,6 +101,11 @@ def encode_k(src, kind, L, T, S, H, D, n_out, Gk, bits, mant,  # type: ignore[no
             for j in range(n_out):
                 oidx_out[(layer * H + h) * n_out + j] = oidx[h, j]
         rf, rk, rl = _runs(taken, H, D)
+        ru = np.empty(3 * rf.size, np.uint64)  # unsigned offsets: no negative-index handling
+        for r in range(rf.size):
+            ru[3 * r] = rf[r]
+            ru[3 * r + 1] = rk[r]
+            ru[3 * r + 2] = rl[r]
         for g in range(nk):
             for r in range(rf.size):
                 copy(mn[g * Ck + rk[r]:], gmn[g, rf[r]:rf[r] + rl[r]])
@@ -113,11 +117,17 @@ def encode_k(src, kind, L, T, S, H, D, n_out, Gk, bits, mant,  # type: ignore[no
                 copy(inv_c[g, rf[r]:], inv[g * Ck + rk[r]:g * Ck + rk[r] + rl[r]])
                 copy(mf_c[g, rf[r]:], mf[g * Ck + rk[r]:g * Ck + rk[r] + rl[r]])
         for t in range(Tq):
-            quantize(X[t], inv_c[t // Gk], mf_c[t // Gk], bits, qfull)
-            for r in range(rf.size):
-                copy(qk[rk[r]:], qfull[rf[r]:rf[r] + rl[r]])
             o = (layer * Tq + t) * rb
-            put_codes(qk, bits, kq[o:o + rb])
+            # int8 codes go straight into the blob, run by run of kept channels; int4 ones
+            # are gathered into a row first and packed
+            dst = kq[o:o + rb] if bits == 8 else qk
+            row = X[t]
+            ir = inv_c[t // Gk]
+            mr = mf_c[t // Gk]
+            for r in range(rf.size):
+                quantize_at(row, ir, mr, ru[3 * r], ru[3 * r + 1], ru[3 * r + 2], bits, dst)
+            if bits == 4:
+                put_codes(qk, bits, kq[o:o + rb])
             for h in range(H):
                 for j in range(n_out):
                     so = ((layer * T + S + t) * HD + h * D + oidx[h, j]) * w
@@ -155,11 +165,13 @@ def encode_v(src, kind, L, T, S, HD, Gv, bits, mant, vb, vm, vq,  # type: ignore
                                      m_all[layer * ng:(layer + 1) * ng], inv, mf)
         for t in range(Tq):
             row = X[t]
+            o = (layer * Tq + t) * rb
+            dst = vq[o:o + rb] if bits == 8 else q  # int8: straight into the blob
             for g in range(nv):
                 a, b = g * Gv, min(HD, (g + 1) * Gv)
-                quantize_flat(row[a:b], inv[t * nv + g], mf[t * nv + g], bits, q[a:b])
-            o = (layer * Tq + t) * rb
-            put_codes(q, bits, vq[o:o + rb])
+                quantize_flat(row[a:b], inv[t * nv + g], mf[t * nv + g], bits, dst[a:b])
+            if bits == 4:
+                put_codes(q, bits, vq[o:o + rb])
     put_m12(vm, m_all)
 
 

@@ -261,16 +261,23 @@ def get_m12(src, first, m):  # type: ignore[no-untyped-def]
 
 
 @njit(**INLINE)
-def quantize(x, inv, mf, bits, q):  # type: ignore[no-untyped-def]
-    """Codes of float32 ``x`` with per-element grid ``inv``/``mf`` (all slices of one size)."""
-    if bits == 8:
-        for j in range(x.size):
-            y = np.rint(x[j] * inv[j] - mf[j])
-            q[j] = np.uint8(min(max(y, np.float32(0)), np.float32(255)))
-    else:
-        for j in range(x.size):
-            y = np.rint((x[j] * inv[j] - mf[j]) / np.float32(17))
-            q[j] = np.uint8(min(max(y, np.float32(0)), np.float32(15)))
+def quantize_at(x, inv, mf, a, k0, n, bits, q):  # type: ignore[no-untyped-def]
+    """``q[k0 + j]`` = code of ``x[a + j]`` for ``j < n`` with per-element grid ``inv``/``mf``.
+
+    ``a``, ``k0``, ``n`` are uint64: unsigned indices let numba skip its negative-index
+    handling, so the loop vectorizes without making four array slices per call.
+    """
+    one = np.uint64(1)
+    j = np.uint64(0)
+    while j < n:
+        c = a + j
+        y = x[c] * inv[c] - mf[c]
+        if bits == 8:
+            q[k0 + j] = np.uint8(min(max(np.rint(y), np.float32(0)), np.float32(255)))
+        else:
+            q[k0 + j] = np.uint8(min(max(np.rint(y / np.float32(17)), np.float32(0)),
+                                     np.float32(15)))
+        j += one
 
 
 @njit(**INLINE)
