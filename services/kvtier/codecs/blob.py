@@ -58,6 +58,8 @@ DTYPE_IDS: dict[str, int] = {"float16": 0, "bfloat16": 1, "float32": 2}
 DTYPE_SIZES: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4}
 _CODECS = {v: k for k, v in CODEC_IDS.items()}
 _DTYPES = {v: k for k, v in DTYPE_IDS.items()}
+_PRECISIONS = {int(p): p for p in Precision}
+_BITS = {c: c.bits for c in Codec}
 _LIMIT = 1 << 31  # no dimension of a real page comes near this; beyond it a header is corrupt
 
 
@@ -127,10 +129,12 @@ def read_header(blob: bytes | bytearray | memoryview) -> BlobHeader:
         raise CorruptPage(f"unknown codec id {codec_id}", field="blob.codec")
     if dtype is None:
         raise CorruptPage(f"unknown dtype id {dtype_id}", field="blob.dtype")
-    if prec not in (4, 8, 16) or prec > codec.bits:
+    precision = _PRECISIONS.get(prec)
+    if precision is None or prec > _BITS[codec]:
         raise CorruptPage(f"precision {prec} impossible for codec {codec.value}",
                           field="blob.precision")
-    if not all(0 < x < _LIMIT for x in (L, T, H, D)) or sinks > T or outliers > D:
+    if not (0 < L < _LIMIT and 0 < T < _LIMIT and 0 < H < _LIMIT and 0 < D < _LIMIT) \
+            or sinks > T or outliers > D:
         raise CorruptPage(f"impossible geometry {[L, T, H, D]}, sinks {sinks}, outliers "
                           f"{outliers}", field="blob.shape")
     if payload_len != n - HEADER_SIZE:
@@ -138,7 +142,7 @@ def read_header(blob: bytes | bytearray | memoryview) -> BlobHeader:
                           f"{n - HEADER_SIZE}", field="blob.length")
     return BlobHeader(
         codec=codec, dtype=dtype, shape=(L, T, H, D), start_position=start,
-        precision=Precision(prec), nbytes=n, group_size=group, sink_tokens=sinks,
+        precision=precision, nbytes=n, group_size=group, sink_tokens=sinks,
         outliers=outliers, payload_nbytes=payload_len, checksum=csum,
     )
 

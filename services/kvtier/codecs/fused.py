@@ -90,7 +90,8 @@ def decode(blob: memoryview, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
     if status:
         raise CorruptPage("outlier channel indices out of range or not ascending" if status == 1
                           else "scale exponents out of range", field="blob")
-    return kv[0], kv[1]
+    k, v = kv.unbind(0)
+    return k, v
 
 
 def int8_rows_to_int4(src: memoryview, width: int, dst: memoryview) -> None:
