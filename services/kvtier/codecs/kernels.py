@@ -3,8 +3,8 @@
 A layer is read once from the page, converted to float32 into a scratch block that stays in
 cache, and every later step (outlier selection, group bounds, grid, codes) reads the scratch.
 K groups run over tokens per channel, so the kernels keep per-channel grid rows and work on
-whole token rows (contiguous, vectorized); the outlier channels are cut out of (or spliced
-into) a row by copying the runs of kept channels between them.
+whole token rows (contiguous, vectorized); the outlier channels are skipped by working run
+by run over the kept channels between them.
 
 Arrays are flat; page tensors are uint16 word arrays (a float32 element is two words), so
 ``w`` words make one element. See :mod:`kvtier.codecs.blob` for the sections written here.
