@@ -6,8 +6,8 @@ agree). The config is written as JSON, which Prometheus reads as YAML, so no YAM
 needed at run time.
 
 :class:`PrometheusProcess` runs Debian's ``prometheus`` binary as a child process on a free
-loopback port with its TSDB in a temporary directory, the way
-:class:`kvtier.cli.redis_proc.RedisProcess` runs ``redis-server``. :class:`LocalMonitoring` is
+loopback port with its TSDB in a temporary directory,  (a
+:class:`kvtier.child.ChildProcess`, like ``kvtier.cli.redis_proc.RedisProcess``). :class:`LocalMonitoring` is
 what ``kvtier up --monitoring`` uses: the scrape config pointed at the local ports, one
 Prometheus started once the daemon's HTTP port is known, and where to look printed.
 """
@@ -15,17 +15,13 @@ Prometheus started once the daemon's HTTP port is known, and where to look print
 from __future__ import annotations
 
 import json
-import shutil
 import socket
-import subprocess
-import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
+from kvtier.child import ChildProcess
 from kvtier.config import Settings
 
 DAEMON_JOB = "kvtier-daemon"
@@ -64,91 +60,39 @@ def scrape_config(daemon_targets: Sequence[str], policy_targets: Sequence[str] =
     return config
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-class PrometheusProcess:
+class PrometheusProcess(ChildProcess):
     """A private ``prometheus`` child process. Its data lives in a temporary directory."""
+
+    program = "prometheus"
+    install_hint = "install it (Debian: apt-get install prometheus) or run without --monitoring"
+    stop_timeout_s = 10.0
 
     def __init__(self, config: dict[str, Any], port: int | None = None,
                  host: str = "127.0.0.1", binary: str | None = None) -> None:
-        found = binary or shutil.which("prometheus")
-        if found is None:
-            raise FileNotFoundError(
-                "prometheus not found on PATH; install it (Debian: apt-get install prometheus) "
-                "or run without --monitoring"
-            )
-        self.binary = found
-        self.host = host
-        self.port = port or _free_port(host)
-        self._tmp = tempfile.TemporaryDirectory(prefix="kvtier-prometheus-")
-        self.config_path = Path(self._tmp.name) / "prometheus.yml"
+        super().__init__(port, host, binary)
+        self.config_path = self.workdir / "prometheus.yml"
         self.config_path.write_text(json.dumps(config, indent=2))
-        self.log_path = Path(self._tmp.name) / "prometheus.log"
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    def argv(self) -> list[str]:
+        return [self.binary, f"--config.file={self.config_path}",
+                f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address={self.host}:{self.port}",
+                "--storage.tsdb.retention.time=1d", "--log.level=warn"]
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as r:
+                return bool(r.status == 200)
+        except urllib.error.URLError:
+            return False
+
     def start(self, timeout_s: float = 30.0) -> PrometheusProcess:
         """Start and wait until ``/-/ready`` answers; raise with the log tail if it does not."""
-        if self.proc is not None and self.proc.poll() is None:
-            return self
-        with open(self.log_path, "wb") as log_file:
-            self.proc = subprocess.Popen(
-                [self.binary, f"--config.file={self.config_path}",
-                 f"--storage.tsdb.path={Path(self._tmp.name) / 'data'}",
-                 f"--web.listen-address={self.host}:{self.port}",
-                 "--storage.tsdb.retention.time=1d", "--log.level=warn"],
-                stdout=log_file, stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"prometheus exited with {self.proc.returncode}: {self._log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as r:
-                    if r.status == 200:
-                        return self
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise TimeoutError(f"prometheus not ready on port {self.port}: {self._log_tail()}")
-
-    def _log_tail(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-2000:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def close(self) -> None:
-        self.stop()
-        self._tmp.cleanup()
-
-    def __enter__(self) -> PrometheusProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return super().start(timeout_s)
 
 
 def _loopback_for(host: str) -> str:
