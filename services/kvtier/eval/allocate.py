@@ -23,10 +23,10 @@ from kvtier.eval.quant import (
     FULL_BITS,
     HEADER_BYTES,
     QuantSpec,
-    _fake_quant,
-    _meta_bytes,
-    _round_meta,
-    _sink_mask,
+    fake_quant,
+    meta_bytes,
+    round_meta,
+    sink_mask,
     quantize_values,
 )
 from kvtier.eval.transforms import Roundtrip
@@ -89,7 +89,7 @@ class AllocTransform:
         spec = self.spec
         spec.check_keys(tokens, dim)
         kf = page.k.float()
-        tok_mask, sinks = _sink_mask(tokens, page.start_position, spec, kf.device)
+        tok_mask, sinks = sink_mask(tokens, page.start_position, spec, kf.device)
         big = torch.finfo(kf.dtype).max
         m = tok_mask.reshape(1, tokens, 1, 1)
         rng = (torch.where(m, -big, kf).amax(1) - torch.where(m, big, kf).amin(1))  # [L, H, D]
@@ -98,10 +98,10 @@ class AllocTransform:
         g = spec.k_group
         xs = kf.reshape(layers, tokens // g, g, heads, dim)
         ex = tok_mask.reshape(1, tokens // g, g, 1, 1)
-        kq = _fake_quant(xs, 2, bits[:, None, None], spec.clip, spec.meta_bits, 1, ex)
-        kq = torch.where(m, _round_meta(kf), kq.reshape(kf.shape))
+        kq = fake_quant(xs, 2, bits[:, None, None], spec.clip, spec.meta_bits, 1, ex)
+        kq = torch.where(m, round_meta(kf), kq.reshape(kf.shape))
         nbytes = HEADER_BYTES + layers * heads * dim * 0.5  # the allocation, 4 bits a channel
-        nbytes += _meta_bytes(layers * (tokens // g) * heads * dim, layers * heads * dim,
+        nbytes += meta_bytes(layers * (tokens // g) * heads * dim, layers * heads * dim,
                               spec.meta_bits)
         nbytes += float(bits.sum()) * (tokens - sinks) / 8
         nbytes += sinks * layers * heads * dim * FULL_BITS / 8

@@ -19,7 +19,8 @@ Scheme (asymmetric, min/max per group, ``q = round((x - min) / scale)``):
   quantizing, inverted after decoding (exact up to rounding). It spreads a few large channels
   over all channels so per-token ranges shrink (QuaRot / QuIP# incoherence processing);
 * ``clip``: per group, the range is shrunk by the factor in ``CLIP_RATIOS`` that gives the
-  smallest squared error (a free improvement: no extra bits);
+  smallest squared error (no extra bits; measured to hurt on SmolLM2: attention needs the
+  extreme values that clipping saturates, so the smaller mean error is the wrong target);
 * ``rope_theta`` (> 0): keys are quantized pre-RoPE. The page's positions are known
   (``start_position + t``), so the rotary embedding is undone before quantizing and redone
   after decoding: an exact orthogonal map per token that costs no bits. Pre-RoPE key channels
@@ -146,7 +147,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     return x * cos - _rotate_half(x) * sin if inverse else x * cos + _rotate_half(x) * sin
 
 
-def _round_meta(t: torch.Tensor) -> torch.Tensor:
+def round_meta(t: torch.Tensor) -> torch.Tensor:
+    """Round to float16 and back: what a stored scale, minimum or kept value holds."""
     return t.to(torch.float16).to(torch.float32)
 
 
@@ -156,14 +158,14 @@ def _meta8(t: torch.Tensor, row_dim: int) -> torch.Tensor:
     ``row_dim`` is the axis holding the groups of one row; the row keeps a float16 range and
     each group keeps one byte, so metadata costs 8 bits per group plus 32 bits per row.
     """
-    lo = _round_meta(t.amin(dim=row_dim, keepdim=True))
-    hi = _round_meta(t.amax(dim=row_dim, keepdim=True))
+    lo = round_meta(t.amin(dim=row_dim, keepdim=True))
+    hi = round_meta(t.amax(dim=row_dim, keepdim=True))
     step = (hi - lo) / 255.0
     step = torch.where(step > 0, step, torch.ones_like(step))
     return torch.round((t - lo) / step).clamp(0, 255) * step + lo
 
 
-def _fake_quant(x: torch.Tensor, gdim: int, bits: int | torch.Tensor, clip: bool,
+def fake_quant(x: torch.Tensor, gdim: int, bits: int | torch.Tensor, clip: bool,
                 meta_bits: int, row_dim: int, exclude: torch.Tensor | None) -> torch.Tensor:
     """Quantize-dequantize ``x`` with groups along ``gdim`` (already split out as its own axis).
 
@@ -191,7 +193,7 @@ def _fake_quant(x: torch.Tensor, gdim: int, bits: int | torch.Tensor, clip: bool
         if meta_bits == 8:
             lo, scale = _meta8(lo, row_dim), _meta8(scale, row_dim)
         else:
-            lo, scale = _round_meta(lo), _round_meta(scale)
+            lo, scale = round_meta(lo), round_meta(scale)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         codes = torch.round((x - lo) / safe).clamp_min(0)
         codes = (torch.minimum(codes, levels) if isinstance(levels, torch.Tensor)
@@ -212,14 +214,16 @@ def _fake_quant(x: torch.Tensor, gdim: int, bits: int | torch.Tensor, clip: bool
     return best
 
 
-def _meta_bytes(groups: int, rows: int, meta_bits: int) -> float:
+def meta_bytes(groups: int, rows: int, meta_bits: int) -> float:
+    """Bytes of the (scale, min) metadata of ``groups`` groups in ``rows`` rows."""
     if meta_bits == 16:
         return groups * 4.0
     return groups * 2.0 + rows * 2 * 4.0  # 1 byte each (scale, min) + fp16 (lo, hi) x 2 per row
 
 
-def _sink_mask(tokens: int, start_position: int, spec: QuantSpec,
-               device: torch.device) -> tuple[torch.Tensor, int]:
+def sink_mask(tokens: int, start_position: int, spec: QuantSpec,
+              device: torch.device) -> tuple[torch.Tensor, int]:
+    """A page's attention-sink tokens (absolute position < ``sink_tokens``) and their count."""
     sinks = max(0, min(tokens, spec.sink_tokens - start_position))
     mask = torch.zeros(tokens, dtype=torch.bool, device=device)
     mask[:sinks] = True
@@ -239,7 +243,7 @@ def quantize_keys(k: torch.Tensor, start_position: int,
     rot = hadamard(dim, kf.device) if spec.rotate_k else None
     if rot is not None:
         kf = kf @ rot
-    tok_mask, sinks = _sink_mask(tokens, start_position, spec, kf.device)
+    tok_mask, sinks = sink_mask(tokens, start_position, spec, kf.device)
     nbytes = 0.0
     # Outlier key channels per (layer, head): the largest absolute values over the page.
     ch_mask = torch.zeros(layers, 1, heads, dim, dtype=torch.bool, device=kf.device)
@@ -251,16 +255,16 @@ def quantize_keys(k: torch.Tensor, start_position: int,
     if spec.k_per_channel:
         xs = kf.reshape(layers, tokens // g, g, heads, dim)
         ex = tok_mask.reshape(1, tokens // g, g, 1, 1)
-        kq = _fake_quant(xs, 2, spec.bits, spec.clip, spec.meta_bits, 1, ex).reshape(kf.shape)
+        kq = fake_quant(xs, 2, spec.bits, spec.clip, spec.meta_bits, 1, ex).reshape(kf.shape)
         groups, rows = layers * (tokens // g) * heads * dim, layers * heads * dim
     else:
         xs = kf.reshape(layers, tokens, heads, dim // g, g)
         ex = (tok_mask.reshape(1, tokens, 1, 1, 1)
               | ch_mask.reshape(layers, 1, heads, dim // g, g))
-        kq = _fake_quant(xs, 4, spec.bits, spec.clip, spec.meta_bits, 1, ex).reshape(kf.shape)
+        kq = fake_quant(xs, 4, spec.bits, spec.clip, spec.meta_bits, 1, ex).reshape(kf.shape)
         groups, rows = layers * tokens * heads * (dim // g), layers * heads * (dim // g)
-    nbytes += _meta_bytes(groups, rows, spec.meta_bits)
-    kq = torch.where(tok_mask.reshape(1, tokens, 1, 1) | ch_mask, _round_meta(kf), kq)
+    nbytes += meta_bytes(groups, rows, spec.meta_bits)
+    kq = torch.where(tok_mask.reshape(1, tokens, 1, 1) | ch_mask, round_meta(kf), kq)
     quant = k.numel() - sinks * layers * heads * dim
     quant -= (tokens - sinks) * layers * heads * spec.outlier_channels
     nbytes += quant * spec.bits / 8 + sinks * layers * heads * dim * FULL_BITS / 8
@@ -280,15 +284,15 @@ def quantize_values(v: torch.Tensor, start_position: int,
     rot = hadamard(dim, vf.device) if spec.rotate_v else None
     if rot is not None:
         vf = vf @ rot
-    tok_mask, sinks = _sink_mask(tokens, start_position, spec, vf.device)
+    tok_mask, sinks = sink_mask(tokens, start_position, spec, vf.device)
     g = spec.v_group
     xs = vf.reshape(layers, tokens, heads, dim // g, g)
     ex = tok_mask.reshape(1, tokens, 1, 1, 1)
     bits = spec.v_bits or spec.bits
-    vq = _fake_quant(xs, 4, bits, spec.clip, spec.meta_bits, 1, ex).reshape(vf.shape)
-    nbytes = _meta_bytes(layers * tokens * heads * (dim // g), layers * heads * (dim // g),
+    vq = fake_quant(xs, 4, bits, spec.clip, spec.meta_bits, 1, ex).reshape(vf.shape)
+    nbytes = meta_bytes(layers * tokens * heads * (dim // g), layers * heads * (dim // g),
                          spec.meta_bits)
-    vq = torch.where(tok_mask.reshape(1, tokens, 1, 1), _round_meta(vf), vq)
+    vq = torch.where(tok_mask.reshape(1, tokens, 1, 1), round_meta(vf), vq)
     nbytes += (v.numel() - sinks * layers * heads * dim) * bits / 8
     nbytes += sinks * layers * heads * dim * FULL_BITS / 8
     if rot is not None:
