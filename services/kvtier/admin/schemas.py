@@ -60,6 +60,8 @@ def jsonable(value: Any) -> Any:
         return bytes(value).hex()
     if isinstance(value, Mapping):
         return {_key(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_asdict"):  # a NamedTuple, e.g. PageId
+        return {k: jsonable(v) for k, v in value._asdict().items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         return [jsonable(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
