@@ -3,6 +3,9 @@
 When no Redis URL is configured (``KVTIER_REDIS__URL`` or the config file), a private
 ``redis-server`` from PATH is started on a free port (a clear message if there is none) and
 stopped with the daemon. Endpoints are printed; Ctrl-C / SIGTERM stops everything.
+
+Unless a policy is configured, the daemon runs the learned predictor embedded in its own
+process (:func:`embedded_defaults`); it decides by LRU until trained and says so in its stats.
 """
 
 from __future__ import annotations
@@ -28,8 +31,16 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+def embedded_defaults(settings: Settings) -> Settings:
+    """``kvtier up``'s defaults over what the operator left unset: the embedded learned policy."""
+    if "policy" in settings.model_fields_set:
+        return settings
+    policy = settings.policy.model_copy(update={"name": "learned"})
+    return settings.model_copy(update={"policy": policy})
+
+
 def run(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
+    settings = embedded_defaults(load_settings(args.config))
     if not getattr(args, "monitoring", False):
         return _run(settings, args, None)
     from kvtier.admin.prometheus import LocalMonitoring
