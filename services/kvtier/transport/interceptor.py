@@ -118,14 +118,7 @@ class ErrorInterceptor(_ServerInterceptor):
             def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
                 call = _Call(method, stats)
                 call.bytes_in = _size(request)
-                try:
-                    reply = inner_uu(request, context)
-                except BaseException as e:  # noqa: BLE001 - mapped, logged, re-raised
-                    call.fail(e, context)
-                    raise
-                call.bytes_out = _size(reply)
-                call.finish(_aborted_code(context) or "OK")
-                return reply
+                return _one_reply(call, context, lambda: inner_uu(request, context))
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, **kw)
         if handler.stream_unary is not None:
@@ -133,14 +126,8 @@ class ErrorInterceptor(_ServerInterceptor):
 
             def stream_unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
                 call = _Call(method, stats)
-                try:
-                    reply = inner_su(call.count_in(requests), context)
-                except BaseException as e:  # noqa: BLE001
-                    call.fail(e, context)
-                    raise
-                call.bytes_out = _size(reply)
-                call.finish(_aborted_code(context) or "OK")
-                return reply
+                return _one_reply(call, context,
+                                  lambda: inner_su(call.count_in(requests), context))
 
             return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
         if handler.unary_stream is not None:
@@ -149,17 +136,7 @@ class ErrorInterceptor(_ServerInterceptor):
             def unary_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 call = _Call(method, stats)
                 call.bytes_in = _size(request)
-                try:
-                    for reply in inner_us(request, context):
-                        call.bytes_out += _size(reply)
-                        yield reply
-                except GeneratorExit:
-                    call.finish("CANCELLED")
-                    raise
-                except BaseException as e:  # noqa: BLE001
-                    call.fail(e, context)
-                    raise
-                call.finish(_aborted_code(context) or "OK")
+                return _replies(call, context, lambda: inner_us(request, context))
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, **kw)
         inner_ss = handler.stream_stream
@@ -168,16 +145,34 @@ class ErrorInterceptor(_ServerInterceptor):
 
         def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
             call = _Call(method, stats)
-            try:
-                for reply in inner_ss(call.count_in(requests), context):
-                    call.bytes_out += _size(reply)
-                    yield reply
-            except GeneratorExit:
-                call.finish("CANCELLED")
-                raise
-            except BaseException as e:  # noqa: BLE001
-                call.fail(e, context)
-                raise
-            call.finish(_aborted_code(context) or "OK")
+            return _replies(call, context, lambda: inner_ss(call.count_in(requests), context))
 
         return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
+
+
+def _one_reply(call: _Call, context: grpc.ServicerContext, handle: Callable[[], Any]) -> Any:
+    """Run a single-reply handler, recording the call; errors are mapped, logged, re-raised."""
+    try:
+        reply = handle()
+    except BaseException as e:  # noqa: BLE001 - mapped, logged, re-raised
+        call.fail(e, context)
+        raise
+    call.bytes_out = _size(reply)
+    call.finish(_aborted_code(context) or "OK")
+    return reply
+
+
+def _replies(call: _Call, context: grpc.ServicerContext,
+             handle: Callable[[], Iterator[Any]]) -> Iterator[Any]:
+    """Stream a handler's replies, recording the call; a client that goes away is CANCELLED."""
+    try:
+        for reply in handle():
+            call.bytes_out += _size(reply)
+            yield reply
+    except GeneratorExit:
+        call.finish("CANCELLED")
+        raise
+    except BaseException as e:  # noqa: BLE001 - mapped, logged, re-raised
+        call.fail(e, context)
+        raise
+    call.finish(_aborted_code(context) or "OK")
