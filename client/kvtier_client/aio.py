@@ -1,8 +1,11 @@
 """The asyncio client: :class:`AsyncKVTierClient`, same calls as the sync one, awaited.
 
-Page bytes travel inline over gRPC (chunked streams); the shared-memory path is the sync
-client's (a worker that wants it from async code can run :class:`KVTierClient` calls in a
-thread). Retries and deadlines follow the same rules as :mod:`kvtier_client.client`.
+Page bytes travel as in the sync client: through a shared-memory segment when the daemon is on
+this host (``shared_memory="auto"``, the default, tries it for loopback addresses and falls back
+to inline gRPC if the daemon cannot attach it or ends the session), else inline in chunked gRPC
+streams. Retries and deadlines follow the same rules as :mod:`kvtier_client.client`.
+Transfers through the segment are serialized per client by an :class:`asyncio.Lock`; the
+copies into and out of the segment run on the event loop (a memcpy, ~0.1 ms per MiB here).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
+from kvtier_client import shm as shm_mod
 from kvtier_client.client import (
     BACKOFF_S,
     CHANNEL_OPTIONS,
@@ -22,14 +26,21 @@ from kvtier_client.client import (
     CacheStats,
     LookupResult,
     cache_stats,
+    is_loopback,
     lookup_result,
+    session_lost,
 )
 from kvtier_client.errors import DeadlineExceededError, from_rpc_error
 from kvtier_client.tensors import FetchedPage, Page
 from kvtier_client.wire import (
     DEFAULT_CHUNK_BYTES,
     GetAssembler,
+    WirePage,
+    attach_request,
+    deferred_request,
+    get_request,
     inline_bytes,
+    place_in_segment,
     put_request,
     put_requests,
     wire_pages,
@@ -44,6 +55,7 @@ class AsyncKVTierClient:
     """asyncio client; create it inside a running event loop."""
 
     def __init__(self, target: str, namespace: str = "default", *, timeout_s: float = 30.0,
+                 shared_memory: bool | str = "auto", shm_bytes: int = 256 << 20,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         self.target = target
         self.namespace = namespace
@@ -51,6 +63,9 @@ class AsyncKVTierClient:
         self.chunk_bytes = chunk_bytes
         self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.CacheServiceStub(self._channel)
+        want = shared_memory is True or (shared_memory == "auto" and is_loopback(target))
+        self._shm = shm_mod.SessionSlot(want, shm_bytes, target)
+        self._shm_lock = asyncio.Lock()
 
     async def _call(self, method: str, fn: Callable[[float], Awaitable[T]],
                     timeout_s: float | None, idempotent: bool) -> T:
@@ -72,47 +87,97 @@ class AsyncKVTierClient:
                     continue
                 raise err from None
 
+    async def _session(self, namespace: str) -> shm_mod.Session | None:
+        """The attached segment for ``namespace`` (caller holds ``_shm_lock``), or None."""
+        session, segment = self._shm.current(namespace)
+        if segment is None:
+            return session
+        # The call lives as long as the session (no deadline); only its first answer is timed.
+        call = self._stub.AttachShm(attach_request(namespace, segment), timeout=None)
+        try:
+            reply = await asyncio.wait_for(call.read(), self.timeout_s)
+        except (grpc.RpcError, asyncio.TimeoutError) as e:
+            self._shm.failed(segment, call, e.details() if isinstance(e, grpc.RpcError)
+                             else "no answer within the client's timeout")
+            return None
+        if reply is grpc.aio.EOF:
+            self._shm.failed(segment, call, "AttachShm ended without a session")
+            return None
+        return self._shm.attached(segment, call, reply.session, namespace)
+
     async def put(self, keys: Sequence[bytes], pages: Sequence[Page | tuple[Any, ...]], *,
                   namespace: str | None = None, timeout_s: float | None = None) -> list[str]:
+        """Store pages; per key ``"stored"`` or ``"exists"`` (puts are idempotent per key)."""
         ns = namespace or self.namespace
         wire = wire_pages(keys, pages)
 
         async def send(left: float) -> pb.PutReply:
-            reply: pb.PutReply
-            if inline_bytes(wire) <= self.chunk_bytes:
-                reply = await self._stub.Put(put_request(ns, wire), timeout=left)
-            else:
-                reply = await self._stub.PutStream(put_requests(ns, wire, self.chunk_bytes),
-                                                   timeout=left)
-            return reply
+            async with self._shm_lock:
+                session = await self._session(ns)
+                if session is not None:
+                    try:
+                        return await self._send_put(ns, wire, left, session.id,
+                                                    place_in_segment(session.segment, wire))
+                    except grpc.RpcError as e:
+                        if not session_lost(e):
+                            raise
+                        self._shm.drop()  # daemon ended the session; go inline
+            return await self._send_put(ns, wire, left)
 
         reply = await self._call("Put", send, timeout_s, True)
         return ["stored" if o == pb.PUT_OUTCOME_STORED else "exists" for o in reply.outcomes]
 
+    async def _send_put(self, ns: str, wire: Sequence[WirePage], left: float,
+                        session: str = "",
+                        offsets: Sequence[int | None] | None = None) -> pb.PutReply:
+        """Unary Put when the inline bytes fit one chunk, else the chunked PutStream."""
+        reply: pb.PutReply
+        if inline_bytes(wire, offsets) <= self.chunk_bytes:
+            reply = await self._stub.Put(put_request(ns, wire, session, offsets), timeout=left)
+        else:
+            reply = await self._stub.PutStream(
+                put_requests(ns, wire, self.chunk_bytes, session, offsets), timeout=left)
+        return reply
+
     async def get(self, keys: Sequence[bytes], *, namespace: str | None = None,
                   timeout_s: float | None = None,
                   as_torch: bool | str = False) -> list[FetchedPage | None]:
-        req = pb.GetRequest(namespace=namespace or self.namespace, keys=list(keys),
-                            chunk_bytes=self.chunk_bytes)
+        """Fetch pages; ``None`` for a miss. numpy out unless ``as_torch`` (True: CPU tensors;
+        a device name such as ``"cuda"``: tensors on that device)."""
+        ns = namespace or self.namespace
 
         async def fetch(left: float) -> list[FetchedPage | None]:
-            deadline = time.monotonic() + left
-            asm = GetAssembler(len(req.keys), as_torch)
-            asm.feed(await self._stub.Get(req, timeout=left))
-            out = asm.result()
-            deferred = asm.deferred
-            if deferred:  # too big for one reply: stream them
-                again = pb.GetRequest(namespace=req.namespace, chunk_bytes=req.chunk_bytes,
-                                      keys=[req.keys[i] for i in deferred])
-                rest = GetAssembler(len(deferred), as_torch)
-                async for reply in self._stub.GetStream(again,
-                                                        timeout=deadline - time.monotonic()):
-                    rest.feed(reply)
-                for i, page in zip(deferred, rest.result()):
-                    out[i] = page
-            return out
+            async with self._shm_lock:
+                session = await self._session(ns)
+                if session is not None:
+                    req = get_request(ns, keys, self.chunk_bytes, session)
+                    try:
+                        return await self._collect(req, left, as_torch, session.segment.view)
+                    except grpc.RpcError as e:
+                        if not session_lost(e):
+                            raise
+                        self._shm.drop()
+            return await self._collect(get_request(ns, keys, self.chunk_bytes), left, as_torch,
+                                       None)
 
         return await self._call("Get", fetch, timeout_s, True)
+
+    async def _collect(self, req: pb.GetRequest, left: float, as_torch: bool | str,
+                       segment: memoryview | None) -> list[FetchedPage | None]:
+        """Unary Get; pages it defers (too big for one reply) follow through GetStream."""
+        deadline = time.monotonic() + left
+        asm = GetAssembler(len(req.keys), as_torch, segment)
+        asm.feed(await self._stub.Get(req, timeout=left))
+        out = asm.result()  # copies shm-placed pages out before the segment is reused
+        deferred = asm.deferred
+        if deferred:
+            rest = GetAssembler(len(deferred), as_torch, segment)
+            async for reply in self._stub.GetStream(deferred_request(req, deferred),
+                                                    timeout=deadline - time.monotonic()):
+                rest.feed(reply)
+            for i, page in zip(deferred, rest.result()):
+                out[i] = page
+        return out
 
     async def lookup(self, keys: Sequence[bytes], *, namespace: str | None = None,
                      timeout_s: float | None = None) -> LookupResult:
@@ -155,7 +220,13 @@ class AsyncKVTierClient:
 
         return cache_stats(await self._call("Stats", call, timeout_s, True))
 
+    @property
+    def uses_shared_memory(self) -> bool:
+        return self._shm.session is not None
+
     async def close(self) -> None:
+        async with self._shm_lock:
+            self._shm.drop()
         await self._channel.close(None)
 
     async def __aenter__(self) -> AsyncKVTierClient:

@@ -12,7 +12,6 @@ addresses and falls back to inline if the daemon cannot attach it).
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +27,11 @@ from kvtier_client.wire import (
     DEFAULT_CHUNK_BYTES,
     GetAssembler,
     WirePage,
+    attach_request,
+    deferred_request,
+    get_request,
     inline_bytes,
+    place_in_segment,
     put_request,
     put_requests,
     wire_pages,
@@ -36,7 +39,6 @@ from kvtier_client.wire import (
 from kvtier_proto.v1 import cache_pb2 as pb
 from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CHANNEL_OPTIONS = [
@@ -98,16 +100,9 @@ def is_loopback(target: str) -> bool:
     return target.startswith(_LOOPBACK)
 
 
-class _ShmSession:
-    """A segment attached to the daemon for one namespace; ``call`` keeps the session open."""
-
-    def __init__(self, segment: shm_mod.Segment, call: Any, session_id: str,
-                 namespace: str) -> None:
-        self.segment, self.call, self.id, self.namespace = segment, call, session_id, namespace
-
-    def close(self) -> None:
-        self.call.cancel()
-        self.segment.close()
+def session_lost(e: grpc.RpcError) -> bool:
+    """True if the daemon no longer knows the client's shm session (transfers go inline)."""
+    return bool(e.code() == grpc.StatusCode.FAILED_PRECONDITION)
 
 
 class KVTierClient:
@@ -124,9 +119,7 @@ class KVTierClient:
         self._channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.CacheServiceStub(self._channel)
         want = shared_memory is True or (shared_memory == "auto" and is_loopback(target))
-        self._shm_wanted = want and shm_mod.available()
-        self._shm_bytes = shm_bytes
-        self._shm: _ShmSession | None = None
+        self._shm = shm_mod.SessionSlot(want, shm_bytes, target)
         self._shm_lock = threading.Lock()
 
     # -- plumbing --------------------------------------------------------------------------
@@ -151,42 +144,23 @@ class KVTierClient:
                     continue
                 raise err from None
 
-    def _session(self, namespace: str) -> _ShmSession | None:
+    def _session(self, namespace: str) -> shm_mod.Session | None:
         """The attached segment for ``namespace`` (caller holds ``_shm_lock``), or None."""
-        if not self._shm_wanted or (self._shm is not None and self._shm.namespace != namespace):
-            return None
-        if self._shm is not None:
-            return self._shm
-        try:
-            segment = shm_mod.Segment(self._shm_bytes)
-        except OSError as e:  # /dev/shm full or not ours: inline transfers still work
-            self._shm_wanted = False
-            log.info("cannot create a shared-memory segment (%s); using inline transfers", e)
-            return None
+        session, segment = self._shm.current(namespace)
+        if segment is None:
+            return session
         # The call lives as long as the session (no deadline); only its first answer is timed.
-        call = self._stub.AttachShm(pb.AttachShmRequest(
-            namespace=namespace, path=segment.path, size=segment.size, token=segment.token),
-            timeout=None)
+        call = self._stub.AttachShm(attach_request(namespace, segment), timeout=None)
         timer = threading.Timer(self.timeout_s, call.cancel)
         timer.start()
         try:
             reply = next(call)
         except (grpc.RpcError, StopIteration) as e:
-            segment.close()
-            self._shm_wanted = False
-            log.info("shared memory with %s not available (%s); using inline transfers",
-                     self.target, getattr(e, "details", lambda: e)())
+            self._shm.failed(segment, call, getattr(e, "details", lambda: repr(e))())
             return None
         finally:
             timer.cancel()
-            segment.unlink()
-        self._shm = _ShmSession(segment, call, reply.session, namespace)
-        return self._shm
-
-    def _drop_session(self) -> None:
-        if self._shm is not None:
-            self._shm.close()
-            self._shm = None
+        return self._shm.attached(segment, call, reply.session, namespace)
 
     # -- data path -------------------------------------------------------------------------
 
@@ -203,29 +177,18 @@ class KVTierClient:
                     try:
                         return self._put_shm(session, ns, wire, left)
                     except grpc.RpcError as e:
-                        if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                        if not session_lost(e):
                             raise
-                        self._drop_session()  # daemon ended the session; go inline
+                        self._shm.drop()  # daemon ended the session; go inline
             return self._send_put(ns, wire, left)
 
         reply = self._call("Put", send, timeout_s, idempotent=True)
         return ["stored" if o == pb.PUT_OUTCOME_STORED else "exists" for o in reply.outcomes]
 
-    def _put_shm(self, session: _ShmSession, ns: str, wire: Sequence[WirePage],
+    def _put_shm(self, session: shm_mod.Session, ns: str, wire: Sequence[WirePage],
                  left: float) -> pb.PutReply:
-        seg = session.segment
-        offsets: list[int | None] = []
-        cursor = shm_mod.DATA_OFFSET
-        for p in wire:
-            kn, vn = p.k.data.nbytes, p.v.data.nbytes
-            if kn != vn or cursor + kn + vn > seg.size:
-                offsets.append(None)  # does not fit (or is malformed): inline
-                continue
-            seg.view[cursor:cursor + kn] = p.k.data
-            seg.view[cursor + kn:cursor + kn + vn] = p.v.data
-            offsets.append(cursor)
-            cursor = shm_mod.align_up(cursor + kn + vn)
-        return self._send_put(ns, wire, left, session.id, offsets)
+        return self._send_put(ns, wire, left, session.id,
+                              place_in_segment(session.segment, wire))
 
     def _send_put(self, ns: str, wire: Sequence[WirePage], left: float, session: str = "",
                   offsets: Sequence[int | None] | None = None) -> pb.PutReply:
@@ -244,23 +207,19 @@ class KVTierClient:
         """Fetch pages; ``None`` for a miss. numpy out unless ``as_torch`` (True: CPU tensors;
         a device name such as ``"cuda"``: tensors on that device)."""
         ns = namespace or self.namespace
-        req = pb.GetRequest(namespace=ns, keys=list(keys), chunk_bytes=self.chunk_bytes)
 
         def fetch(left: float) -> list[FetchedPage | None]:
             with self._shm_lock:
                 session = self._session(ns)
                 if session is not None:
-                    req.shm_session = session.id
-                    req.shm_offset = shm_mod.DATA_OFFSET
-                    req.shm_capacity = session.segment.capacity
+                    req = get_request(ns, keys, self.chunk_bytes, session)
                     try:
                         return self._collect(req, left, as_torch, session.segment.view)
                     except grpc.RpcError as e:
-                        if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                        if not session_lost(e):
                             raise
-                        self._drop_session()
-                        req.ClearField("shm_session")
-            return self._collect(req, left, as_torch, None)
+                        self._shm.drop()
+            return self._collect(get_request(ns, keys, self.chunk_bytes), left, as_torch, None)
 
         return self._call("Get", fetch, timeout_s, idempotent=True)
 
@@ -273,10 +232,7 @@ class KVTierClient:
         out = asm.result()  # copies shm-placed pages out before the segment is reused
         deferred = asm.deferred
         if deferred:
-            again = pb.GetRequest()
-            again.CopyFrom(req)
-            del again.keys[:]
-            again.keys.extend(req.keys[i] for i in deferred)
+            again = deferred_request(req, deferred)
             rest = GetAssembler(len(deferred), as_torch, segment)
             for reply in self._stub.GetStream(again, timeout=deadline - time.monotonic()):
                 rest.feed(reply)
@@ -315,11 +271,11 @@ class KVTierClient:
 
     @property
     def uses_shared_memory(self) -> bool:
-        return self._shm is not None
+        return self._shm.session is not None
 
     def close(self) -> None:
         with self._shm_lock:
-            self._drop_session()
+            self._shm.drop()
         self._channel.close()
 
     def __enter__(self) -> KVTierClient:

@@ -4,14 +4,22 @@
 its start and maps it. After the daemon attached it (``AttachShm``) the client unlinks the path:
 from then on only the two mappings exist, and the memory is freed when both unmap, whatever
 happens to either process.
+
+:class:`Session` is an attached segment as both clients (sync and asyncio) keep it: the segment,
+the open ``AttachShm`` call that keeps the daemon's mapping alive, the session id and the one
+namespace it serves.
 """
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import secrets
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 TOKEN_BYTES = 16
 DATA_OFFSET = 64
@@ -64,3 +72,63 @@ class Segment:
         self.unlink()
         self.view.release()
         self._mm.close()
+
+
+class Session:
+    """A segment attached to the daemon for one namespace; ``call`` keeps the session open.
+
+    ``call`` is the ``AttachShm`` call (sync or asyncio): cancelling it ends the session on the
+    daemon, which unmaps its side.
+    """
+
+    def __init__(self, segment: Segment, call: Any, session_id: str, namespace: str) -> None:
+        self.segment, self.call, self.id, self.namespace = segment, call, session_id, namespace
+
+    def close(self) -> None:
+        self.call.cancel()
+        self.segment.close()
+
+
+class SessionSlot:
+    """A client's one session and whether to try for one; the attach call itself (sync or
+    awaited) is the client's. Not locked: the client serializes its use."""
+
+    def __init__(self, wanted: bool, size: int, target: str) -> None:
+        self.wanted = wanted and available()
+        self.size = size
+        self.target = target
+        self.session: Session | None = None
+
+    def current(self, namespace: str) -> tuple[Session | None, Segment | None]:
+        """``(session, None)`` when attached for ``namespace``; ``(None, segment)``: attach this
+        new segment; ``(None, None)``: transfer inline (shm off, failed before, or a namespace
+        other than the session's)."""
+        if self.session is not None:
+            return (self.session if self.session.namespace == namespace else None), None
+        if not self.wanted:
+            return None, None
+        try:
+            return None, Segment(self.size)
+        except OSError as e:  # /dev/shm full or not ours: inline transfers still work
+            self.wanted = False
+            log.info("cannot create a shared-memory segment (%s); using inline transfers", e)
+            return None, None
+
+    def attached(self, segment: Segment, call: Any, session_id: str,
+                 namespace: str) -> Session:
+        segment.unlink()
+        self.session = Session(segment, call, session_id, namespace)
+        return self.session
+
+    def failed(self, segment: Segment, call: Any, detail: object) -> None:
+        """The daemon did not attach ``segment`` (another host, or shm refused): stay inline."""
+        call.cancel()
+        segment.close()
+        self.wanted = False
+        log.info("shared memory with %s not available (%s); using inline transfers",
+                 self.target, detail)
+
+    def drop(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from kvtier_client import shm as shm_mod
 from kvtier_client.tensors import FetchedPage, Page, WireTensor, from_wire, nbytes_of, to_wire
 from kvtier_proto.v1 import cache_pb2 as pb
 
@@ -106,6 +107,53 @@ def put_requests(namespace: str, pages: Sequence[WirePage], chunk_bytes: int,
             yield pb.PutRequest(data=bytes(pending))
 
 
+def place_in_segment(segment: shm_mod.Segment, pages: Sequence[WirePage]) -> list[int | None]:
+    """Copy page bytes into the segment's request area; per page its offset, or None (inline).
+
+    Pages are laid out k then v, 64-byte aligned, from ``DATA_OFFSET``; a page that does not
+    fit what is left (or whose k and v differ in size, which the daemon refuses anyway) goes
+    inline in the same call.
+    """
+    offsets: list[int | None] = []
+    view = segment.view
+    cursor = shm_mod.DATA_OFFSET
+    for p in pages:
+        kn, vn = p.k.data.nbytes, p.v.data.nbytes
+        if kn != vn or cursor + kn + vn > segment.size:
+            offsets.append(None)
+            continue
+        view[cursor:cursor + kn] = p.k.data
+        view[cursor + kn:cursor + kn + vn] = p.v.data
+        offsets.append(cursor)
+        cursor = shm_mod.align_up(cursor + kn + vn)
+    return offsets
+
+
+def attach_request(namespace: str, segment: shm_mod.Segment) -> pb.AttachShmRequest:
+    return pb.AttachShmRequest(namespace=namespace, path=segment.path, size=segment.size,
+                               token=segment.token)
+
+
+def get_request(namespace: str, keys: Sequence[bytes], chunk_bytes: int,
+                session: shm_mod.Session | None = None) -> pb.GetRequest:
+    """A Get request; with ``session`` the daemon places what fits into its segment."""
+    req = pb.GetRequest(namespace=namespace, keys=list(keys), chunk_bytes=chunk_bytes)
+    if session is not None:
+        req.shm_session = session.id
+        req.shm_offset = shm_mod.DATA_OFFSET
+        req.shm_capacity = session.segment.capacity
+    return req
+
+
+def deferred_request(req: pb.GetRequest, indexes: Sequence[int]) -> pb.GetRequest:
+    """``req`` for the keys at ``indexes`` only (the pages a unary Get deferred)."""
+    again = pb.GetRequest()
+    again.CopyFrom(req)
+    del again.keys[:]
+    again.keys.extend(req.keys[i] for i in indexes)
+    return again
+
+
 class GetAssembler:
     """Decodes a Get reply stream into pages, reading shm-placed pages from ``segment``."""
 
@@ -171,5 +219,6 @@ class GetAssembler:
         return out
 
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "GetAssembler", "WirePage", "nbytes_of", "put_requests",
+__all__ = ["DEFAULT_CHUNK_BYTES", "GetAssembler", "WirePage", "attach_request",
+           "deferred_request", "get_request", "nbytes_of", "place_in_segment", "put_requests",
            "wire_pages"]
