@@ -43,11 +43,12 @@ class Codec(str, enum.Enum):
     NONE = "none"
     INT8 = "int8"
     INT4 = "int4"
+    INT4A = "int4a"  # 4 bits on average, key bits allocated per channel (kvtier.codecs.alloc)
 
     @property
     def bits(self) -> int:
-        """Bits per quantized element; 16 stands for 'as put' (full precision)."""
-        return {Codec.NONE: 16, Codec.INT8: 8, Codec.INT4: 4}[self]
+        """Bits per quantized element (on average); 16 stands for 'as put' (full precision)."""
+        return {Codec.NONE: 16, Codec.INT8: 8, Codec.INT4: 4, Codec.INT4A: 4}[self]
 
 
 class Precision(enum.IntEnum):
@@ -63,7 +64,8 @@ class Precision(enum.IntEnum):
 
     @classmethod
     def of_codec(cls, codec: Codec) -> Precision:
-        return {Codec.NONE: cls.FULL, Codec.INT8: cls.INT8, Codec.INT4: cls.INT4}[codec]
+        return {Codec.NONE: cls.FULL, Codec.INT8: cls.INT8, Codec.INT4: cls.INT4,
+                Codec.INT4A: cls.INT4}[codec]
 
 
 class Medium(str, enum.Enum):

@@ -28,7 +28,7 @@ def _payload_ref(page: Page, codec: Codec, params: CodecConfig, dtype: str) -> b
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("shape,start", SHAPES)
-@pytest.mark.parametrize("codec", list(Codec))
+@pytest.mark.parametrize("codec", [Codec.NONE, Codec.INT8, Codec.INT4])  # int4a: via int8
 def test_kernels_match_torch_oracle(dtype: str, shape: tuple[int, int, int, int], start: int,
                                     codec: Codec) -> None:
     assert fused.available()

@@ -5,7 +5,7 @@ Header (little-endian)::
     offset  size  field
          0     4  magic  b"KVTC"
          4     1  version (1)
-         5     1  codec            0 none, 1 int8, 2 int4
+         5     1  codec            0 none, 1 int8, 2 int4, 3 int4a
          6     1  dtype            0 float16, 1 bfloat16, 2 float32
          7     1  precision        16/8/4: the lowest precision the page has passed through
          8    16  layers, tokens, kv_heads, head_dim   (u32 each)
@@ -31,7 +31,8 @@ Payload of a quantized blob (``T' = tokens - S`` quantized tokens, ``C' = kv_hea
     kq     codes[L, T', C']             K codes, row per token (see ``pack``)
     vq     codes[L, T', H*D]            V codes, row per token
 
-A ``none`` blob's payload is K then V as put. See :mod:`kvtier.codecs.grid` for what the scale
+An int4a blob adds the key bit map before ``kq`` and packs ``kq`` by it (see
+:mod:`kvtier.codecs.alloc`). A ``none`` blob's payload is K then V as put. See :mod:`kvtier.codecs.grid` for what the scale
 codes and ``m12`` mean and :mod:`kvtier.codecs.pack` for the int4 and m12 byte layouts.
 The checksum covers the header too, so a flipped bit anywhere is caught.
 """
@@ -53,7 +54,7 @@ HEADER_SIZE = HEADER.size
 _SUMMED = HEADER_SIZE - 8
 assert HEADER_SIZE == 64
 
-CODEC_IDS: dict[Codec, int] = {Codec.NONE: 0, Codec.INT8: 1, Codec.INT4: 2}
+CODEC_IDS: dict[Codec, int] = {Codec.NONE: 0, Codec.INT8: 1, Codec.INT4: 2, Codec.INT4A: 3}
 DTYPE_IDS: dict[str, int] = {"float16": 0, "bfloat16": 1, "float32": 2}
 DTYPE_SIZES: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4}
 _CODECS = {v: k for k, v in CODEC_IDS.items()}

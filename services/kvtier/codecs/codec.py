@@ -3,18 +3,21 @@
 Pure functions of their arguments, safe to call from many threads at once. CPU pages go
 through the fused numba kernels of :mod:`kvtier.codecs.fused`; pages on an accelerator go
 through the pure-torch code of :mod:`kvtier.codecs.reference` on the device, which is also the
-oracle the kernels are tested against. Both produce the same bytes.
+oracle the kernels are tested against. Both produce the same bytes. int4a is built from the
+int8 payload of the page and decoded through an int8 payload (:mod:`kvtier.codecs.alloc`), so it
+uses the same two paths.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
 import torch
 
 from kvtier.codecs import blob as blobfmt
-from kvtier.codecs import fused, reference
+from kvtier.codecs import alloc, fused, reference
 from kvtier.codecs.blob import HEADER_SIZE, BlobHeader, read_header, verify
 from kvtier.codecs.layout import (
     Layout, check_indices, layout_for_encode, layout_of, make_layout,
@@ -80,15 +83,21 @@ def encode(page: Page, codec: Codec, params: CodecConfig, *,
     if page.k.requires_grad or page.v.requires_grad:
         page = Page(k=page.k.detach(), v=page.v.detach(), start_position=page.start_position)
     dtype = dtype_name(page.k.dtype)
-    lay = layout_for_encode(codec, dtype, page.shape, page.start_position, params)
     prec = Precision.of_codec(codec)
     if precision is not None:
         prec = min(prec, Precision(precision))
-    header = BlobHeader(
-        codec=codec, dtype=dtype, shape=page.shape, start_position=page.start_position,
-        precision=prec, nbytes=HEADER_SIZE + lay.payload_nbytes, group_size=params.group_size,
-        sink_tokens=lay.S, outliers=lay.n_out, payload_nbytes=lay.payload_nbytes, checksum=0,
-    )
+    if codec is Codec.INT4A:
+        lay8 = layout_for_encode(Codec.INT8, dtype, page.shape, page.start_position, params)
+        h8 = _header(Codec.INT8, page, lay8, params, prec)
+        if _use_kernels(page.k.device):
+            buf8 = bytearray(HEADER_SIZE + lay8.payload_nbytes)
+            fused.encode_into(page, lay8, buf8)
+            payload8 = torch.frombuffer(buf8, dtype=torch.uint8)[HEADER_SIZE:]
+        else:
+            payload8 = reference.encode_payload(page, lay8)
+        return _int4a_blob(h8, payload8, lay8)
+    lay = layout_for_encode(codec, dtype, page.shape, page.start_position, params)
+    header = _header(codec, page, lay, params, prec)
     if _use_kernels(page.k.device):
         buf = bytearray(HEADER_SIZE + lay.payload_nbytes)  # zeroed: padding stays zero
         buf[:HEADER_SIZE] = blobfmt.pack_header(header)
@@ -96,6 +105,26 @@ def encode(page: Page, codec: Codec, params: CodecConfig, *,
     else:
         buf = blobfmt.pack_header(header)
         buf.extend(reference.encode_payload(page, lay).cpu().numpy().tobytes())
+    return blobfmt.seal(buf)
+
+
+def _header(codec: Codec, page: Page, lay: Layout, params: CodecConfig,
+            prec: Precision) -> BlobHeader:
+    return BlobHeader(
+        codec=codec, dtype=lay.dtype, shape=page.shape, start_position=page.start_position,
+        precision=prec, nbytes=HEADER_SIZE + lay.payload_nbytes, group_size=params.group_size,
+        sink_tokens=lay.S, outliers=lay.n_out, payload_nbytes=lay.payload_nbytes, checksum=0,
+    )
+
+
+def _int4a_blob(h8: BlobHeader, payload8: torch.Tensor, lay8: Layout) -> bytes:
+    """The sealed int4a blob of the page whose int8 header and payload are given."""
+    payload, lay = alloc.from_int8(payload8, lay8)
+    header = dataclasses.replace(
+        h8, codec=Codec.INT4A, precision=min(h8.precision, Precision.INT4),
+        nbytes=HEADER_SIZE + lay.payload_nbytes, payload_nbytes=lay.payload_nbytes)
+    buf = blobfmt.pack_header(header)
+    buf.extend(payload.cpu().numpy().tobytes())
     return blobfmt.seal(buf)
 
 
@@ -118,7 +147,9 @@ def decode(blob: Blob, device: torch.device | None = None) -> Decoded:
     dev = _CPU if device is None else torch.device(device)
     mv = memoryview(blob)
     try:
-        if dev.type == "cpu" and fused.available():
+        if lay.codec is Codec.INT4A:
+            k, v = _decode_int4a(blob, lay, dev)
+        elif dev.type == "cpu" and fused.available():
             k, v = fused.decode(mv, lay)  # checks the indices it uses itself
         else:
             check_indices(blob, lay)
@@ -129,13 +160,27 @@ def decode(blob: Blob, device: torch.device | None = None) -> Decoded:
     return Decoded(Page(k=k, v=v, start_position=h.start_position), h.codec, h.precision)
 
 
+def _decode_int4a(blob: Blob, lay: Layout, dev: torch.device) -> tuple[torch.Tensor,
+                                                                          torch.Tensor]:
+    """K and V of a verified int4a blob, through the int8 payload it expands to."""
+    check_indices(blob, lay)
+    payload = torch.frombuffer(bytearray(memoryview(blob)[HEADER_SIZE:]), dtype=torch.uint8)
+    payload8, lay8 = alloc.to_int8(payload.to(dev), lay)
+    if dev.type == "cpu" and fused.available():
+        buf8 = bytearray(HEADER_SIZE) + payload8.numpy().tobytes()  # kernels index the blob
+        return fused.decode(memoryview(buf8), lay8)
+    return reference.decode_payload(payload8, lay8)
+
+
 def transcode(blob: Blob, target: Codec, params: CodecConfig) -> bytes:
     """Re-encode a blob to an equal or lossier codec.
 
     int8 -> int4 rewrites the integer codes only (``q4 = round(q8 / 17)`` on the same grid;
-    the blob's groups, sinks and outliers are kept, ``params`` is not consulted). From
-    ``none`` the page is decoded and encoded with ``params``. The same codec returns the blob
-    unchanged. Asking for more precision than the blob holds raises InvalidArgument.
+    the blob's groups, sinks and outliers are kept, ``params`` is not consulted); int8 ->
+    int4a likewise (``q_b = round(q8 / n_b)``, the same bytes as encoding the page with int4a).
+    From ``none`` the page is decoded and encoded with ``params``. The same codec returns the
+    blob unchanged. Asking for more precision than the blob holds, or for another codec of
+    the same precision (int4 <-> int4a), raises InvalidArgument.
     """
     target = _check_codec(target, "target")
     h = verify(blob)
@@ -144,10 +189,16 @@ def transcode(blob: Blob, target: Codec, params: CodecConfig) -> bytes:
                               f"precision only goes down", field="target")
     if target is h.codec:
         return bytes(blob)
+    if target.bits == h.codec.bits:
+        raise InvalidArgument(f"cannot transcode {h.codec.value} to {target.value}: both hold "
+                              f"{target.bits} bits, keep the blob as it is", field="target")
     if h.codec is Codec.NONE:
         page = decode(blob).page
         return encode(page, target, params, precision=h.precision)
     src = _layout_checked(h)
+    if target is Codec.INT4A:
+        payload8 = torch.frombuffer(bytearray(memoryview(blob)[HEADER_SIZE:]), dtype=torch.uint8)
+        return _int4a_blob(h, payload8, src)
     dst = make_layout(Codec.INT4, h.dtype, h.shape, h.sink_tokens, h.outliers, h.group_size)
     header = BlobHeader(
         codec=Codec.INT4, dtype=h.dtype, shape=h.shape, start_position=h.start_position,

@@ -116,7 +116,8 @@ class Layout:
         raise KeyError(name)
 
     def row_bytes(self, n: int) -> int:
-        """Bytes of one row of ``n`` codes: one per code for int8, two codes a byte for int4."""
+        """Bytes of one row of ``n`` codes: one per code for int8, two codes a byte for int4
+        (int4a: ``4 n`` bits of 2-, 4- and 8-bit codes, the same bytes)."""
         return n if self.codec is Codec.INT8 else (n + 1) // 2
 
 
@@ -141,6 +142,7 @@ def make_layout(codec: Codec, dtype: str, shape: tuple[int, int, int, int], S: i
             ("oraw", L * Tq * H * n_out * es),
             ("kb", kgroups), ("km", m12_nbytes(kgroups)),
             ("vb", vgroups), ("vm", m12_nbytes(vgroups)),
+            *([("kbits", L * ((Ck + 1) // 2) if Tq else 0)] if codec is Codec.INT4A else []),
             ("kq", L * Tq * probe.row_bytes(Ck)),
             ("vq", L * Tq * probe.row_bytes(HD)),
         ]
@@ -151,8 +153,8 @@ def make_layout(codec: Codec, dtype: str, shape: tuple[int, int, int, int], S: i
         pos = _align(pos + n)
     lay = Layout(codec, dtype, L, T, H, D, S, n_out, group_size, tuple(sections),
                  pos - HEADER_SIZE)
-    if codec is Codec.NONE:
-        return lay
+    if codec not in (Codec.INT8, Codec.INT4):
+        return lay  # the page kernels handle int8 and int4; int4a goes through int8 (alloc)
     offsets = lay.offsets
     bounds = np.array([x for name in QUANTIZED_SECTIONS
                        for x in (offsets[name][0], offsets[name][0] + offsets[name][1])],

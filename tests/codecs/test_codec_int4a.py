@@ -1,0 +1,150 @@
+"""int4a: key bits allocated per channel on the int8 grid; the bytes follow from the int8 blob."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from codec_helpers import DTYPES, error_bound, make_kv, ulp
+
+from kvtier.codecs import alloc, blob as blobfmt, decode, encode, fused, read_header, reference
+from kvtier.codecs import transcode
+from kvtier.codecs.blob import HEADER_SIZE
+from kvtier.codecs.layout import layout_of
+from kvtier.config import CodecConfig
+from kvtier.errors import CorruptPage, InvalidArgument
+from kvtier.types import Codec, Page, Precision
+
+P = CodecConfig()
+
+
+def _wide_channels(shape: tuple[int, int, int, int], seed: int = 0, start: int = 0) -> Page:
+    """K where channel 5 of every head is 40x wider than the rest (a real key's outlier
+    channels are of that order), and channel 6 is 12x wider."""
+    page = make_kv(shape, torch.float32, start=start, seed=seed)
+    k = page.k.clone()
+    k[..., 5] *= 40
+    k[..., 6] *= 12
+    return Page(k=k.to(torch.float16), v=page.v.to(torch.float16), start_position=start)
+
+
+def _bits(blob: bytes) -> torch.Tensor:
+    lay = layout_of(read_header(blob))
+    payload = torch.frombuffer(bytearray(blob[HEADER_SIZE:]), dtype=torch.uint8)
+    return alloc.read_bits(payload, lay).reshape(lay.L, lay.H, lay.D - lay.n_out)
+
+
+def test_allocate_spends_exactly_four_bits_and_favours_wide_channels() -> None:
+    g = torch.Generator().manual_seed(3)
+    w = torch.rand(5, 7, 63, generator=g, dtype=torch.float64) ** 6 * 1e4
+    bits = alloc.allocate(w)
+    assert set(bits.unique().tolist()) <= set(range(2, 9))
+    assert bool((bits.to(torch.int64).sum(-1) == 4 * 63).all())
+    # a wider channel never gets fewer bits than a narrower one of the same row
+    order = w.argsort(-1)
+    assert bool((bits.gather(-1, order).diff(dim=-1) >= 0).all())
+    assert bool((bits == 8).any()) and bool((bits == 2).any())
+    flat = alloc.allocate(torch.ones(2, 10, dtype=torch.float64))
+    assert bool((flat == 4).all())  # equal channels: int4
+
+
+def test_wide_channels_get_eight_bits_and_the_size_is_int4_plus_the_map() -> None:
+    page = _wide_channels((2, 128, 2, 64))
+    blob = encode(page, Codec.INT4A, P)
+    bits = _bits(blob)
+    lay = layout_of(read_header(blob))
+    # outlier channel 5 is kept as put (1% -> 1 channel); channel 6 is the widest quantized one
+    assert lay.n_out == 1
+    assert bool((bits[..., 5] == 8).all())  # kept channel index 5 is head dim 6
+    int4 = encode(page, Codec.INT4, P)
+    map_bytes = 2 * (2 * 63) // 2  # L * C' nibbles
+    assert len(blob) == len(int4) + ((map_bytes + 7) & ~7)  # + the map, 8-byte aligned
+    h = read_header(blob)
+    assert h.codec is Codec.INT4A and h.precision is Precision.INT4
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape,start", [((2, 130, 3, 64), 1), ((1, 64, 2, 24), 9),
+                                         ((3, 5, 1, 8), 64)])
+def test_roundtrip_within_the_bound_of_each_channels_bits(dtype: str,
+                                                          shape: tuple[int, int, int, int],
+                                                          start: int) -> None:
+    page = _wide_channels(shape, seed=sum(shape), start=start)
+    page = Page(k=page.k.to(DTYPES[dtype]), v=page.v.to(DTYPES[dtype]), start_position=start)
+    blob = encode(page, Codec.INT4A, P)
+    got = decode(blob).page
+    h = read_header(blob)
+    lay = layout_of(h)
+    S = h.sink_tokens
+    # sinks bit-exact, outlier channels bit-exact
+    assert torch.equal(got.k[:, :S], page.k[:, :S]) and torch.equal(got.v[:, :S], page.v[:, :S])
+    kb8, _ = error_bound(page, S, 8)
+    _, vb4 = error_bound(page, S, 4)
+    L, T, H, D = shape
+    steps = torch.ones(L, H, D, dtype=torch.float64)  # outliers: kept as put (bound ~0)
+    if lay.Tq:
+        bits = _bits(blob).to(torch.int64)
+        kept = torch.ones(L, H, D, dtype=torch.bool)
+        kept.scatter_(-1, reference.outlier_channels(page.k[:, S:].float(), lay.n_out), False)
+        # |error| <= (255 / (2^b - 1) / 2 + 1) s: the b-bit step, then half an int8 step
+        steps[kept] = 255.0 / (2.0 ** bits.reshape(-1).double() - 1) + 2
+        assert torch.equal(got.k[:, S:][~kept[:, None].expand(L, T - S, H, D)],
+                           page.k[:, S:][~kept[:, None].expand(L, T - S, H, D)])
+    kb = kb8 * steps[:, None]
+    for orig, x, bound in ((page.k, got.k, kb), (page.v, got.v, vb4)):
+        err = (orig.double() - x.double()).abs()
+        assert bool((err <= bound + ulp(x) + 1e-12).all())
+
+
+def test_int4a_beats_int4_on_keys_with_wide_channels() -> None:
+    page = _wide_channels((2, 256, 3, 64), seed=4, start=8)
+    k = page.k.double()
+    e4 = (decode(encode(page, Codec.INT4, P)).page.k.double() - k).square().mean()
+    ea = (decode(encode(page, Codec.INT4A, P)).page.k.double() - k).square().mean()
+    assert float(ea) < 0.7 * float(e4)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_transcode_from_int8_is_the_direct_encoding(dtype: str) -> None:
+    page = _wide_channels((3, 200, 2, 64), seed=7, start=2)
+    page = Page(k=page.k.to(DTYPES[dtype]), v=page.v.to(DTYPES[dtype]), start_position=2)
+    direct = encode(page, Codec.INT4A, P)
+    assert transcode(encode(page, Codec.INT8, P), Codec.INT4A, P) == direct
+    assert transcode(encode(page, Codec.NONE, P), Codec.INT4A, P) == direct
+    assert transcode(direct, Codec.INT4A, P) == direct
+    for other in (Codec.INT4, Codec.INT8, Codec.NONE):
+        with pytest.raises(InvalidArgument):
+            transcode(direct, other, P)
+    with pytest.raises(InvalidArgument):
+        transcode(encode(page, Codec.INT4, P), Codec.INT4A, P)
+    # a page that already went through int8 stays at INT4 precision on the way down
+    promoted = encode(page, Codec.NONE, P, precision=Precision.INT8)
+    assert read_header(transcode(promoted, Codec.INT4A, P)).precision is Precision.INT4
+
+
+def test_torch_path_gives_the_same_bytes_and_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    page = _wide_channels((2, 70, 3, 24), seed=11, start=1)  # odd C': rows end in a half byte
+    fast = encode(page, Codec.INT4A, P)
+    dec = decode(fast).page
+    monkeypatch.setattr(fused, "available", lambda: False)
+    assert encode(page, Codec.INT4A, P) == fast
+    slow = decode(fast).page
+    assert torch.equal(dec.k, slow.k) and torch.equal(dec.v, slow.v)
+
+
+def test_a_forged_bit_map_is_refused() -> None:
+    blob = encode(_wide_channels((1, 64, 1, 16)), Codec.INT4A, P)
+    lay = layout_of(read_header(blob))
+    off, _ = lay.section("kbits")
+    low = blob[off] & 0x0F
+    # not a width (1, 9), or a valid width that breaks the 4-bit budget
+    for nibble in (0x1, 0x9, low + 1 if low < 8 else low - 1):
+        bad = bytearray(blob)
+        bad[off] = (bad[off] & 0xF0) | nibble
+        with pytest.raises(CorruptPage):
+            decode(blobfmt.seal(bad))  # a valid checksum: the map check must catch it
+
+
+def test_pages_of_only_sinks_roundtrip_exactly() -> None:
+    page = make_kv((2, 3, 2, 16), start=0)
+    got = decode(encode(page, Codec.INT4A, P)).page
+    assert torch.equal(got.k, page.k) and torch.equal(got.v, page.v)
