@@ -16,8 +16,8 @@ import numpy as np
 from numba import njit
 
 from kvtier.codecs.rowops import (
-    INLINE, JIT, bounds_row, choose, copy, get_codes, get_m12, group_bounds, load_row, put_codes,
-    put_m12, quantize_at, quantize_flat, store_row, table,
+    INLINE, JIT, bounds_row, choose, copy, get_codes, get_m12, group_bounds, load_row,
+    prefetch_share, put_codes, put_m12, quantize_at, quantize_flat, store_row, table,
 )
 
 
@@ -48,7 +48,8 @@ def _runs(taken, H, D):  # type: ignore[no-untyped-def]
 
 @njit(**JIT)
 def encode_k(src, kind, L, T, S, H, D, n_out, Gk, bits, mant,  # type: ignore[no-untyped-def]
-             oidx_out, oraw_out, kb, km, kq, exps):
+             oidx_out, oraw_out, kb, km, kq, exps, nxt):
+    """K of a page; ``nxt`` (words, same geometry) is prefetched during the last layer."""
     HD = H * D
     Tq = T - S
     Ck = H * (D - n_out)
@@ -116,7 +117,10 @@ def encode_k(src, kind, L, T, S, H, D, n_out, Gk, bits, mant,  # type: ignore[no
             for r in range(rf.size):
                 copy(inv_c[g, rf[r]:], inv[g * Ck + rk[r]:g * Ck + rk[r] + rl[r]])
                 copy(mf_c[g, rf[r]:], mf[g * Ck + rk[r]:g * Ck + rk[r] + rl[r]])
+        lw = T * HD * w  # words of a layer
+        pf, p0 = (src, (layer + 1) * lw) if layer + 1 < L else (nxt, 0)
         for t in range(Tq):
+            prefetch_share(pf, p0 + S * HD * w, p0 + lw, t, Tq)
             o = (layer * Tq + t) * rb
             # int8 codes go straight into the blob, run by run of kept channels; int4 ones
             # are gathered into a row first and packed
@@ -140,6 +144,7 @@ def encode_k(src, kind, L, T, S, H, D, n_out, Gk, bits, mant,  # type: ignore[no
 @njit(**JIT)
 def encode_v(src, kind, L, T, S, HD, Gv, bits, mant, vb, vm, vq,  # type: ignore[no-untyped-def]
              exps):
+    """V of a page."""
     Tq = T - S
     nv = (HD + Gv - 1) // Gv
     w = 2 if kind == 2 else 1
@@ -163,7 +168,10 @@ def encode_v(src, kind, L, T, S, HD, Gv, bits, mant, vb, vm, vq,  # type: ignore
                 mx[t * nv + g] = hi
         exps[2 * layer + 1] = choose(mn, mx, mant, vb[layer * ng:(layer + 1) * ng],
                                      m_all[layer * ng:(layer + 1) * ng], inv, mf)
+        lw = T * HD * w
+        nx = (layer + 1) * lw if layer + 1 < L else 0  # the last layer prefetches nothing
         for t in range(Tq):
+            prefetch_share(src, nx + S * HD * w, nx + lw if nx else 0, t, Tq)
             row = X[t]
             o = (layer * Tq + t) * rb
             dst = vq[o:o + rb] if bits == 8 else q  # int8: straight into the blob
@@ -329,7 +337,7 @@ def encode_page(k, v, blob, sec, geo, mant):  # type: ignore[no-untyped-def]
     exps = blob[sec[2]:sec[3]].view(np.int16)
     encode_k(k, kind, L, T, S, H, D, n_out, Gk, bits, mant, blob[sec[0]:sec[1]].view(np.int16),
              blob[sec[6]:sec[7]].view(np.uint16), blob[sec[8]:sec[9]], blob[sec[10]:sec[11]],
-             blob[sec[16]:sec[17]], exps)
+             blob[sec[16]:sec[17]], exps, v)
     encode_v(v, kind, L, T, S, H * D, Gv, bits, mant, blob[sec[12]:sec[13]],
              blob[sec[14]:sec[15]], blob[sec[18]:sec[19]], exps)
 

@@ -93,12 +93,54 @@ def _minmax8_typer(typingctx, arr, start, nvec):  # type: ignore[no-untyped-def]
     return pair(arr, types.intp, types.intp), codegen
 
 
+def _prefetch_typer(typingctx, arr, idx):  # type: ignore[no-untyped-def]
+    """Ask for the cache line holding ``arr[idx]`` to be brought into L2 (``prefetcht1``).
+
+    A hint with no effect on results; C-contiguous arrays only, ``idx`` unchecked (a
+    prefetch of an address past the array is harmless, the CPU drops it).
+    """
+    if not (isinstance(arr, types.Array) and arr.layout == "C"):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.gep(ary.data, [args[1]])
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(  # type: ignore[no-untyped-call]
+            builder.module, fnty, "llvm.prefetch.p0")
+        # read, locality 2 (L2), data cache
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(arr, types.intp), codegen
+
+
 f32_to_f16: Any = intrinsic(_f32_to_f16_typer)
 f16_to_f32: Any = intrinsic(_f16_to_f32_typer)
 bits_to_f32: Any = intrinsic(_bits_to_f32_typer)
 f32_to_bits: Any = intrinsic(_f32_to_bits_typer)
 _bits_to_f64: Any = intrinsic(_bits_to_f64_typer)
 minmax8: Any = intrinsic(_minmax8_typer)
+prefetch: Any = intrinsic(_prefetch_typer)
+
+
+@njit(**INLINE)
+def prefetch_share(arr, start, end, part, parts):  # type: ignore[no-untyped-def]
+    """Prefetch share ``part`` of ``parts`` of ``arr[start:end]``, one call per cache line.
+
+    Called once per row while a layer is quantized, with the next layer's span: the next
+    layer then arrives from memory while this one computes, instead of stalling its first
+    pass. (Spread out, because the core tracks only a few dozen misses at a time.)
+    """
+    n = end - start
+    if n <= 0:
+        return
+    step = 64 // arr.itemsize
+    a = start + n * part // parts
+    b = start + n * (part + 1) // parts
+    for i in range(a - a % step, b, step):
+        prefetch(arr, i)
 
 
 @njit(**INLINE)
