@@ -66,12 +66,39 @@ def test_real_codecs_change_the_output(tiny_model: Any, tiny_ids: torch.Tensor) 
     from kvtier.config import CodecConfig
 
     cat = Catalog(params=CodecConfig(group_size=16))
-    rep = run_quality(tiny_model, tiny_ids, [cat.variant("int8"), cat.variant("int4")],
+    rep = run_quality(tiny_model, tiny_ids, [cat.variant(c) for c in ("int8", "int4", "int4a")],
                       page_tokens=PAGE, progress=False)
-    int8, int4 = rep.results
+    int8, int4, int4a = rep.results
     assert 0.0 < int8.scores.kl < int4.scores.kl
-    assert int4.scores.top1 < 1.0
+    assert 0.0 < int8.scores.kl < int4a.scores.kl
+    assert int4.scores.top1 < 1.0 and int4a.scores.top1 < 1.0
     assert 4.0 < int4.bits_per_element < int8.bits_per_element < 16.0
+    # the same codes and grid as int4, plus the key bit map (4 bits a kept channel, padded)
+    assert 0.0 < int4a.bits_per_element - int4.bits_per_element < 0.1
+
+
+def test_int4a_goes_through_the_tier_codec(tiny_model: Any, tiny_ids: torch.Tensor) -> None:
+    from kvtier.codecs import decode, encode
+    from kvtier.config import CodecConfig
+    from kvtier.eval.harness import page_from_cache
+    from kvtier.eval.transforms import CodecTransform
+    from kvtier.types import Codec
+
+    params = CodecConfig(group_size=16)
+    t = Catalog(params=params).transform("int4a")
+    assert isinstance(t, CodecTransform) and t.codec is Codec.INT4A
+    with torch.inference_mode():
+        out = tiny_model(input_ids=tiny_ids[None, :PAGE], use_cache=True)
+    page = page_from_cache(out.past_key_values, 0, PAGE, torch.float16)
+    rt = t.roundtrip(page)
+    blob = encode(page, Codec.INT4A, params)
+    assert rt.nbytes == len(blob)
+    assert torch.equal(rt.page.k, decode(blob).page.k)
+    with pytest.raises(InvalidArgument):
+        Catalog(params=params, use_codecs=False).transform("int4a")
+    mixed = Catalog(params=params).variant("mixed")
+    assert [x.name for x in mixed.tiers] == ["none", "int8", "int4a"]
+    assert [x.name for x in Catalog(params=params).variant("mixed4:0.1:0.2").tiers][-1] == "int4"
 
 
 def test_recent_window_keeps_the_last_page_exact(tiny_model: Any,
@@ -134,23 +161,23 @@ def test_bad_input_names_the_field(tiny_model: Any, tiny_ids: torch.Tensor) -> N
     assert e.value.field == "k_group"
 
 
-def test_int4a_is_calibrated_and_spends_the_int4_budget(tiny_model: Any,
+def test_int4q_is_calibrated_and_spends_the_int4_budget(tiny_model: Any,
                                                         tiny_ids: torch.Tensor) -> None:
     # Whether it beats uniform bits depends on real query statistics (random weights have
     # none); test_quant pins the weighted error, the SmolLM2 tables the model-level effect.
     from dataclasses import replace
 
     from kvtier.eval.allocate import AllocTransform, query_energy
-    from kvtier.eval.catalog import INT4A
+    from kvtier.eval.catalog import INT4Q
 
     with pytest.raises(InvalidArgument) as e:
-        Catalog().variant("int4a")
+        Catalog().variant("int4q")
     assert e.value.field == "codecs"
     energy = query_energy(tiny_model, tiny_ids.flip(0))
     assert energy.shape == (2, 2, 16)
-    spec = replace(INT4A, k_group=16, v_group=16)
+    spec = replace(INT4Q, k_group=16, v_group=16)
     rep = run_quality(tiny_model, tiny_ids, [
-        uniform(AllocTransform(spec, energy, name="int4a")),
+        uniform(AllocTransform(spec, energy, name="int4q")),
         uniform(QuantTransform(spec, "int4"))], page_tokens=PAGE, progress=False)
     a, u = rep.results
     assert a.scores.kl > 0.0 and a.scores.top1 < 1.0

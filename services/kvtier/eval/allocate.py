@@ -82,7 +82,7 @@ class AllocTransform:
     q_energy: torch.Tensor  # [L, H, D]
     min_bits: int = 2
     max_bits: int = 8
-    name: str = "int4a"
+    name: str = "int4q"
 
     def roundtrip(self, page: Page) -> Roundtrip:
         layers, tokens, heads, dim = page.shape

@@ -2,18 +2,21 @@
 
 Codec names:
 
-* ``none``, ``int8``, ``int4``: the tier stack's real codecs (``kvtier.codecs``) with the
-  configured :class:`~kvtier.config.CodecConfig`; bits come from the blob lengths.
-* ``int4a``: the evaluation's protected 4-bit proposal for the cold tiers (:data:`INT4A`): key
-  bits allocated per channel by calibrated query energy x key range (4 bits a channel on
-  average, groups of 128 tokens), values per token after a Hadamard rotation, 4 sink tokens in
-  full precision. Needs ``q_energy`` (see :func:`kvtier.eval.allocate.query_energy`).
-* ``int4r``: the best setting without calibration (:data:`INT4R`): keys per channel with one
-  outlier channel, values rotated, 4 sinks.
+* ``none``, ``int8``, ``int4``, ``int4a``: the tier stack's real codecs (``kvtier.codecs``) with
+  the configured :class:`~kvtier.config.CodecConfig`; bits come from the blob lengths. ``int4a``
+  is the protected 4-bit codec of the cold tiers: key bits allocated per channel (2, 4 or 8,
+  4 on average) by each channel's quantization step, on the int8 grid (see
+  :mod:`kvtier.codecs.alloc`).
+* ``int4q``: the evaluation's calibrated prototype (:data:`INT4Q`): key bits 2..8 allocated
+  by calibrated query energy x key range (groups of 128 tokens), values per token after a
+  Hadamard rotation, 4 sink tokens in full precision. Needs ``q_energy`` (see
+  :func:`kvtier.eval.allocate.query_energy`).
+* ``int4r``: the best uniform setting without calibration (:data:`INT4R`): keys per channel
+  with one outlier channel, values rotated, 4 sinks.
 * ``fp8``: float8 e4m3 (research, the 8-bit alternative).
-* ``mixed`` (= ``mixed:0.15:0.35``): past pages placed as the tier stack would, the most recent
-  15% as put, the next 35% int8, the rest int4. ``mixed:A:B`` sets the fractions;
-  ``mixeda:A:B`` uses ``int4a`` as the coldest tier.
+* ``mixed`` (= ``mixed:0.15:0.35``): past pages placed as the default tier stack would, the
+  most recent 15% as put, the next 35% int8, the rest int4a. ``mixed:A:B`` sets the fractions;
+  ``mixed4:A:B`` uses ``int4`` as the coldest tier.
 """
 
 from __future__ import annotations
@@ -42,13 +45,13 @@ from kvtier.eval.transforms import (
 from kvtier.eval.variant import Variant, uniform
 from kvtier.types import Codec
 
-DEFAULT_CODECS = ("none", "int8", "int4", "int4a", "mixed", "mixeda:0.10:0.30")
+DEFAULT_CODECS = ("none", "int8", "int4", "int4a", "mixed", "mixed:0.10:0.30")
 
 INT4R = QuantSpec(bits=4, sink_tokens=4, outlier_channels=1, rotate_v=True)
 """The best uncalibrated 4-bit setting of the ablation."""
 
-INT4A = QuantSpec(bits=4, sink_tokens=4, rotate_v=True, k_group=128)
-"""The 4-bit proposal: with :class:`~kvtier.eval.allocate.AllocTransform` key bits."""
+INT4Q = QuantSpec(bits=4, sink_tokens=4, rotate_v=True, k_group=128)
+"""The calibrated 4-bit prototype: with :class:`~kvtier.eval.allocate.AllocTransform` key bits."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,17 +60,20 @@ class Catalog:
 
     params: CodecConfig = CodecConfig()
     use_codecs: bool = True
-    q_energy: torch.Tensor | None = None  # [layers, kv_heads, head_dim], for int4a
+    q_energy: torch.Tensor | None = None  # [layers, kv_heads, head_dim], for int4q
 
     def transform(self, name: str) -> PageTransform:
         """A single-tier transform by codec name."""
         real = self.use_codecs and codecs_available()
         if name == "none":
             return CodecTransform(Codec.NONE, self.params, "none") if real else Identity()
-        if name in ("int8", "int4"):
+        if name in ("int8", "int4", "int4a"):
             codec = Codec(name)
             if real:
                 return CodecTransform(codec, self.params, name)
+            if codec is Codec.INT4A:
+                raise InvalidArgument("int4a is a tier codec only (kvtier.codecs)",
+                                      field="codecs")
             n_out = max(self.params.min_outlier_channels, 0)
             return QuantTransform(
                 QuantSpec(bits=codec.bits, k_group=self.params.group_size,
@@ -75,21 +81,21 @@ class Catalog:
                           outlier_channels=n_out), name)
         if name == "int4r":
             return QuantTransform(INT4R, name)
-        if name == "int4a":
+        if name == "int4q":
             if self.q_energy is None:
-                raise InvalidArgument("int4a needs calibrated query energy (q_energy)",
+                raise InvalidArgument("int4q needs calibrated query energy (q_energy)",
                                       field="codecs")
-            return AllocTransform(INT4A, self.q_energy, name=name)
+            return AllocTransform(INT4Q, self.q_energy, name=name)
         if name == "fp8":
             return Fp8Transform(name=name)
         raise InvalidArgument(
-            f"unknown codec {name!r}; use none, int8, int4, int4a, int4r, fp8, mixed[:A:B] "
-            f"or mixeda[:A:B]", field="codecs")
+            f"unknown codec {name!r}; use none, int8, int4, int4a, int4q, int4r, fp8, "
+            f"mixed[:A:B] or mixed4[:A:B]", field="codecs")
 
     def variant(self, name: str) -> Variant:
         """A variant by ``--codecs`` name (see the module docstring)."""
         head, _, rest = name.partition(":")
-        if head in ("mixed", "mixeda"):
+        if head in ("mixed", "mixed4"):
             fractions = (0.15, 0.35)
             if rest:
                 try:
@@ -99,7 +105,7 @@ class Catalog:
                         f"{name!r}: write mixed:A:B with two fractions, e.g. mixed:0.15:0.35",
                         field="codecs") from None
                 fractions = (a, b)
-            cold = "int4a" if head == "mixeda" else "int4"
+            cold = "int4" if head == "mixed4" else "int4a"
             tiers = (self.transform("none"), self.transform("int8"), self.transform(cold))
             return Variant(name=name, tiers=tiers, fractions=fractions)
         return uniform(self.transform(name))
@@ -128,11 +134,11 @@ def ablation(q_energy: torch.Tensor | None) -> list[Variant]:
     if q_energy is not None:
         out += [
             ("K bits by key range (no calibration), G64",
-             AllocTransform(replace(INT4A, k_group=64), torch.ones_like(q_energy),
+             AllocTransform(replace(INT4Q, k_group=64), torch.ones_like(q_energy),
                             name="x"), 0),
             ("K bits by query energy x range, G64",
-             AllocTransform(replace(INT4A, k_group=64), q_energy, name="x"), 0),
-            ("int4a: K bits by query energy x range, G128", AllocTransform(INT4A, q_energy,
+             AllocTransform(replace(INT4Q, k_group=64), q_energy, name="x"), 0),
+            ("int4q: K bits by query energy x range, G128", AllocTransform(INT4Q, q_energy,
                                                                            name="x"), 0),
         ]
     return [Variant(name=label, tiers=(t,), window=w) for label, t, w in out]
