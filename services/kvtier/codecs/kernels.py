@@ -16,8 +16,9 @@ import numpy as np
 from numba import njit
 
 from kvtier.codecs.rowops import (
-    INLINE, JIT, bounds_row, choose, copy, get_codes, get_m12, group_bounds, load_row,
-    prefetch_share, put_codes, put_m12, quantize_at, quantize_flat, store_row, table,
+    JIT, bounds_row, choose, copy, dequant_store, dequant_store_group, get_codes, get_m12,
+    group_bounds, load_row, prefetch_share, put_codes, put_m12, quantize_at, quantize_flat,
+    table,
 )
 
 
@@ -183,22 +184,6 @@ def encode_v(src, kind, L, T, S, HD, Gv, bits, mant, vb, vm, vq,  # type: ignore
     put_m12(vm, m_all)
 
 
-@njit(**INLINE)
-def _dequant_runs(q, rf, rk, rl, mr, sr, step, vals):  # type: ignore[no-untyped-def]
-    """vals[full channel] = (q[kept channel] * step + m) * s, run by run of kept channels.
-
-    ``m + step * q`` is an integer below 2**24, so the float32 sum is exact and the product
-    rounds once, as the reference's ``float(m + step * q) * s`` does.
-    """
-    for r in range(rf.size):
-        qs = q[rk[r]:rk[r] + rl[r]]
-        vs = vals[rf[r]:rf[r] + rl[r]]
-        ms = mr[rf[r]:rf[r] + rl[r]]
-        ss = sr[rf[r]:rf[r] + rl[r]]
-        for i in range(qs.size):
-            vs[i] = (np.float32(qs[i]) * step + ms[i]) * ss[i]
-
-
 @njit(**JIT)
 def decode_k(kb, km, kq, oidx_in, oraw, exps, kind, L, T, S, H, D,  # type: ignore[no-untyped-def]
              n_out, Gk, bits, mant, out):
@@ -211,58 +196,39 @@ def decode_k(kb, km, kq, oidx_in, oraw, exps, kind, L, T, S, H, D,  # type: igno
     ng = nk * Ck
     step = np.float32(1 if bits == 8 else 17)
     m_l = np.empty(ng, np.int32)
-    s_c = np.zeros((nk, HD), np.float32)
-    m_c = np.zeros((nk, HD), np.float32)
-    vals = np.zeros(HD, np.float32)  # outlier slots: raw values written after each row
+    s_k = np.empty(ng, np.float32)  # the layer's grid per kept channel, as the blob orders it
+    m_k = np.empty(ng, np.float32)
     qk = np.empty(Ck, np.uint8)
     for layer in range(L):
         tab = table(np.int64(exps[2 * layer]), mant)
         get_m12(km, layer * ng, m_l)
+        for i in range(ng):
+            s_k[i] = np.float32(tab[kb[layer * ng + i]])
+            m_k[i] = np.float32(m_l[i])
         taken = np.zeros(HD, np.bool_)
         for h in range(H):
             for j in range(n_out):
                 taken[h * D + oidx_in[(layer * H + h) * n_out + j]] = True
         rf, rk, rl = _runs(taken, H, D)
-        for g in range(nk):
-            for r in range(rf.size):
-                for i in range(rl[r]):
-                    s_c[g, rf[r] + i] = np.float32(tab[kb[layer * ng + g * Ck + rk[r] + i]])
-                    m_c[g, rf[r] + i] = np.float32(m_l[g * Ck + rk[r] + i])
         for t in range(Tq):
             o = (layer * Tq + t) * rb
             if bits == 8:  # int8 codes are read in place; int4 ones unpacked first
-                _dequant_runs(kq[o:o + rb], rf, rk, rl, m_c[t // Gk], s_c[t // Gk], step,
-                              vals)
+                qr = kq[o:o + rb]
             else:
                 get_codes(kq[o:o + rb], bits, qk)
-                _dequant_runs(qk, rf, rk, rl, m_c[t // Gk], s_c[t // Gk], step, vals)
-            do = (layer * T + S + t) * HD * w
-            store_row(vals, kind, out[do:do + HD * w])
+                qr = qk
+            g0 = (t // Gk) * Ck
+            do = (layer * T + S + t) * HD
+            for r in range(rf.size):  # kept channels, run by run, straight into the page
+                a, n = rk[r], rl[r]
+                dequant_store(qr[a:a + n], m_k[g0 + a:g0 + a + n], s_k[g0 + a:g0 + a + n],
+                              step, kind, out[(do + rf[r]) * w:(do + rf[r] + n) * w])
             for h in range(H):
                 for j in range(n_out):
                     c = h * D + oidx_in[(layer * H + h) * n_out + j]
-                    do = ((layer * T + S + t) * HD + c) * w
                     so = ((layer * Tq + t) * H * n_out + h * n_out + j) * w
                     for i in range(w):
-                        out[do + i] = oraw[so + i]
-
-
-@njit(**INLINE)
-def _dequant_groups(q, tab, b, m, nv, Gv, step, vals):  # type: ignore[no-untyped-def]
-    """One V row: groups of ``Gv`` channels with scale ``tab[b[g]]`` and minimum ``m[g]``.
-
-    Slices per group (not offsets): with 0-based indices numba drops its negative-index
-    handling and LLVM vectorizes the loop.
-    """
-    HD = vals.size
-    for g in range(nv):
-        a, e = g * Gv, min(HD, (g + 1) * Gv)
-        s = np.float32(tab[b[g]])
-        mg = np.float32(m[g])
-        vg = vals[a:e]
-        qg = q[a:e]
-        for j in range(vg.size):  # exact integers in float32, as in _dequant_runs
-            vg[j] = (np.float32(qg[j]) * step + mg) * s
+                        out[(do + c) * w + i] = oraw[so + i]
 
 
 @njit(**JIT)
@@ -275,22 +241,27 @@ def decode_v(vb, vm, vq, exps, kind, L, T, S, HD, Gv, bits, mant,  # type: ignor
     ng = Tq * nv
     step = np.float32(1 if bits == 8 else 17)
     m_l = np.empty(ng, np.int32)
-    vals = np.empty(HD, np.float32)
+    s_g = np.empty(ng, np.float32)
+    m_g = np.empty(ng, np.float32)
     q = np.empty(HD, np.uint8)
     for layer in range(L):
         tab = table(np.int64(exps[2 * layer + 1]), mant)
         get_m12(vm, layer * ng, m_l)
+        for i in range(ng):
+            s_g[i] = np.float32(tab[vb[layer * ng + i]])
+            m_g[i] = np.float32(m_l[i])
         for t in range(Tq):
             o = (layer * Tq + t) * rb
             if bits == 8:
-                _dequant_groups(vq[o:o + rb], tab, vb[layer * ng + t * nv:], m_l[t * nv:],
-                                nv, Gv, step, vals)
+                qr = vq[o:o + rb]
             else:
                 get_codes(vq[o:o + rb], bits, q)
-                _dequant_groups(q, tab, vb[layer * ng + t * nv:], m_l[t * nv:], nv, Gv, step,
-                                vals)
+                qr = q
             do = (layer * T + S + t) * HD * w
-            store_row(vals, kind, out[do:do + HD * w])
+            for g in range(nv):
+                a, e = g * Gv, min(HD, (g + 1) * Gv)
+                dequant_store_group(qr[a:e], m_g[t * nv + g], s_g[t * nv + g], step, kind,
+                                    out[do + a * w:do + e * w])
 
 
 @njit(**JIT)

@@ -161,20 +161,49 @@ def load_row(src, kind, dst):  # type: ignore[no-untyped-def]
 
 
 @njit(**INLINE)
-def store_row(vals, kind, dst):  # type: ignore[no-untyped-def]
-    """Round float32 ``vals`` to dtype ``kind`` into word slice ``dst``."""
-    n = vals.size
+def _bf16(x):  # type: ignore[no-untyped-def]
+    """float32 -> bfloat16 bits, round to nearest even (as torch rounds)."""
+    u = f32_to_bits(x)
+    u = u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+    return np.uint16(u >> np.uint32(16))
+
+
+@njit(**INLINE)
+def dequant_store(q, m, s, step, kind, dst):  # type: ignore[no-untyped-def]
+    """``dst`` (words, dtype ``kind``) = ``(q * step + m) * s`` per element (float32 arrays
+    ``m``, ``s`` as long as ``q``).
+
+    ``m + step * q`` is an integer below 2**24, so the float32 sum is exact and the product
+    rounds once, as the reference's ``float(m + step * q) * s`` does; the result is rounded
+    to the page dtype in the same loop (one pass, no float32 row in between).
+    """
+    n = q.size
     if kind == 0:
         for i in range(n):
-            dst[i] = f32_to_f16(vals[i])
+            dst[i] = f32_to_f16((np.float32(q[i]) * step + m[i]) * s[i])
     elif kind == 1:
         for i in range(n):
-            u = f32_to_bits(vals[i])
-            u = u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
-            dst[i] = np.uint16(u >> np.uint32(16))
+            dst[i] = _bf16((np.float32(q[i]) * step + m[i]) * s[i])
     else:
         for i in range(n):
-            u = f32_to_bits(vals[i])
+            u = f32_to_bits((np.float32(q[i]) * step + m[i]) * s[i])
+            dst[2 * i] = np.uint16(u & np.uint32(0xFFFF))
+            dst[2 * i + 1] = np.uint16(u >> np.uint32(16))
+
+
+@njit(**INLINE)
+def dequant_store_group(q, m, s, step, kind, dst):  # type: ignore[no-untyped-def]
+    """:func:`dequant_store` for one group: scalar minimum ``m`` and scale ``s``."""
+    n = q.size
+    if kind == 0:
+        for i in range(n):
+            dst[i] = f32_to_f16((np.float32(q[i]) * step + m) * s)
+    elif kind == 1:
+        for i in range(n):
+            dst[i] = _bf16((np.float32(q[i]) * step + m) * s)
+    else:
+        for i in range(n):
+            u = f32_to_bits((np.float32(q[i]) * step + m) * s)
             dst[2 * i] = np.uint16(u & np.uint32(0xFFFF))
             dst[2 * i + 1] = np.uint16(u >> np.uint32(16))
 
