@@ -54,7 +54,8 @@ def default_tiers() -> list[TierConfig]:
 
 
 class CodecConfig(BaseModel):
-    """Quantization parameters shared by the int8 and int4 codecs."""
+    """Quantization parameters shared by the int8, int4 and int4a codecs (int4a keeps the int8
+    grid: the same groups, sinks and outlier channels)."""
 
     model_config = {"frozen": True, "extra": "forbid"}
 
@@ -62,6 +63,7 @@ class CodecConfig(BaseModel):
     sink_tokens: int = Field(default=4, ge=0, le=1024)
     outlier_fraction: float = Field(default=0.01, ge=0.0, le=0.5)
     min_outlier_channels: int = Field(default=1, ge=0)
+    key_bits: float = Field(default=4.0, ge=2.0, le=8.0)  # int4a: K bits a channel on average
 
 
 class RedisConfig(BaseModel):

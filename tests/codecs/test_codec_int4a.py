@@ -36,15 +36,38 @@ def _bits(blob: bytes) -> torch.Tensor:
 def test_allocate_spends_exactly_four_bits_and_favours_wide_channels() -> None:
     g = torch.Generator().manual_seed(3)
     w = torch.rand(5, 7, 63, generator=g, dtype=torch.float64) ** 6 * 1e4
-    bits = alloc.allocate(w)
+    bits = alloc.allocate(w, 4 * 63)
     assert set(bits.unique().tolist()) <= set(range(2, 9))
     assert bool((bits.to(torch.int64).sum(-1) == 4 * 63).all())
     # a wider channel never gets fewer bits than a narrower one of the same row
     order = w.argsort(-1)
     assert bool((bits.gather(-1, order).diff(dim=-1) >= 0).all())
     assert bool((bits == 8).any()) and bool((bits == 2).any())
-    flat = alloc.allocate(torch.ones(2, 10, dtype=torch.float64))
+    flat = alloc.allocate(torch.ones(2, 10, dtype=torch.float64), 40)
     assert bool((flat == 4).all())  # equal channels: int4
+    for budget in (2 * 63, 5 * 63 + 1, 8 * 63):
+        assert bool((alloc.allocate(w, budget).to(torch.int64).sum(-1) == budget).all())
+
+
+def test_key_bits_sets_the_budget_and_the_header_says_it() -> None:
+    page = _wide_channels((2, 128, 2, 64), seed=5)
+    k = page.k.double()
+    sizes, errs = [], []
+    for kb in (3.0, 4.0, 4.25, 5.0):
+        params = CodecConfig(key_bits=kb)
+        blob = encode(page, Codec.INT4A, params)
+        h = read_header(blob)
+        assert h.key_bits == round(kb * 63)
+        assert int(_bits(blob).to(torch.int64).sum()) == 2 * 2 * h.key_bits
+        assert transcode(encode(page, Codec.INT8, params), Codec.INT4A, params) == blob
+        sizes.append(len(blob))
+        errs.append(float((decode(blob).page.k.double() - k).square().mean()))
+    assert sizes == sorted(sizes) and errs == sorted(errs, reverse=True)
+    # other codecs carry no key budget; a header that says otherwise is corrupt
+    b4 = bytearray(encode(page, Codec.INT4, P))
+    b4[42] = 1
+    with pytest.raises(CorruptPage):
+        decode(blobfmt.seal(b4))
 
 
 def test_wide_channels_get_eight_bits_and_the_size_is_int4_plus_the_map() -> None:

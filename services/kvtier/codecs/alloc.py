@@ -51,19 +51,19 @@ from kvtier.errors import CorruptPage
 from kvtier.types import Codec
 
 KEY_BITS = tuple(range(2, 9))
-AVG_BITS = 4
+PER_LAYER = False  # experiment: one budget per layer instead of per (layer, head)
 # the squared step of a code of b bits, in int8 steps: (255 / (2^b - 1))^2
 _ERR = {b: (255.0 / ((1 << b) - 1)) ** 2 for b in range(1, 9)}
 
 
-def allocate(w: torch.Tensor) -> torch.Tensor:
-    """Bits (uint8, 2..8) per channel of ``w`` (float64 ``[..., n]``, >= 0), averaging 4.
+def allocate(w: torch.Tensor, budget: int) -> torch.Tensor:
+    """Bits (uint8, 2..8) per channel of ``w`` (float64 ``[..., n]``, >= 0), ``budget`` a row.
 
     Greedy reverse water-filling on the squared error ``w * e_b``: every channel starts at 2
-    bits and the ``2 n`` one-bit moves that remove the most error are taken. A channel's gains
-    fall with each bit, so the best moves are each channel's first ones in order (ties go to
-    the earlier move: moves are listed bit by bit and sorted stably). Every row spends exactly
-    ``4 n`` bits.
+    bits and the ``budget - 2 n`` one-bit moves that remove the most error are taken. A
+    channel's gains fall with each bit, so the best moves are each channel's first ones in
+    order (ties go to the earlier move: moves are listed bit by bit and sorted stably). Every
+    row spends exactly ``budget`` bits (``2 n <= budget <= 8 n``).
     """
     n = w.shape[-1]
     lo, hi = KEY_BITS[0], KEY_BITS[-1]
@@ -72,10 +72,15 @@ def allocate(w: torch.Tensor) -> torch.Tensor:
     gains = (w.unsqueeze(-2) * drop[:, None]).flatten(-2)  # moves b -> b+1, bit by bit
     order = torch.sort(gains, dim=-1, descending=True, stable=True).indices
     take = torch.zeros_like(gains, dtype=torch.uint8)
-    take.scatter_(-1, order[..., :(AVG_BITS - lo) * n], 1)
+    take.scatter_(-1, order[..., :budget - lo * n], 1)
     per_move = take.reshape(*w.shape[:-1], hi - lo, n)
     bits: torch.Tensor = per_move.sum(-2, dtype=torch.uint8) + lo
     return bits
+
+
+def head_budget(key_bits: float, kept: int) -> int:
+    """K code bits per token of one head: ``key_bits`` a quantized channel on average."""
+    return max(KEY_BITS[0] * kept, min(KEY_BITS[-1] * kept, round(key_bits * kept)))
 
 
 def codes_from_int8(q8: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
@@ -124,10 +129,11 @@ def unpack_codes(rows: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     return ((word >> shift[:, None].to(torch.int32)) & mask[:, None]).to(torch.uint8)
 
 
-def int4a_layout(lay8: Layout) -> Layout:
-    """The int4a layout of the page an int8 layout describes (same grid, sinks, outliers)."""
+def int4a_layout(lay8: Layout, key_bits: float) -> Layout:
+    """The int4a layout of the page an int8 layout describes (same grid, sinks, outliers),
+    ``key_bits`` per quantized K channel on average."""
     return make_layout(Codec.INT4A, lay8.dtype, (lay8.L, lay8.T, lay8.H, lay8.D), lay8.S,
-                       lay8.n_out, lay8.group_size)
+                       lay8.n_out, lay8.group_size, head_budget(key_bits, lay8.D - lay8.n_out))
 
 
 def int8_layout(lay: Layout) -> Layout:
@@ -190,17 +196,22 @@ def _common(src: torch.Tensor, src_lay: Layout, dst_lay: Layout) -> torch.Tensor
     return dst
 
 
-def from_int8(payload8: torch.Tensor, lay8: Layout) -> tuple[torch.Tensor, Layout]:
+def from_int8(payload8: torch.Tensor, lay8: Layout,
+              key_bits: float) -> tuple[torch.Tensor, Layout]:
     """The int4a payload (uint8, same device) of the page whose int8 payload is given."""
-    lay = int4a_layout(lay8)
+    lay = int4a_layout(lay8, key_bits)
     out = _common(payload8, lay8, lay)
     if lay.Tq == 0:
         return out, lay
     L, Tq, C = lay.L, lay.Tq, lay.Ck
-    bits = allocate(key_weights(payload8, lay8)).reshape(L, C)
+    w = key_weights(payload8, lay8)
+    if PER_LAYER:
+        bits = allocate(w.reshape(L, C), lay.H * lay.key_bits)
+    else:
+        bits = allocate(w, lay.key_bits).reshape(L, C)
     _section(out, lay, "kbits").copy_(pack_int4(bits).reshape(-1))
     qk = codes_from_int8(_section(payload8, lay8, "kq").reshape(L, Tq, C), bits[:, None])
-    _section(out, lay, "kq").copy_(pack_codes(qk, bits, lay.row_bytes(C)).reshape(-1))
+    _section(out, lay, "kq").copy_(pack_codes(qk, bits, lay.kq_row_bytes).reshape(-1))
     q8v = _section(payload8, lay8, "vq").reshape(L * Tq, lay.HD)
     q4v = ((q8v.to(torch.int32) + 8) // 17).to(torch.uint8)  # int8 -> int4, as transcode does
     _section(out, lay, "vq").copy_(pack_int4(q4v).reshape(-1))
@@ -210,11 +221,12 @@ def from_int8(payload8: torch.Tensor, lay8: Layout) -> tuple[torch.Tensor, Layou
 def read_bits(payload: torch.Tensor, lay: Layout) -> torch.Tensor:
     """The checked bit map ``[L, C']`` (uint8) of an int4a payload; raises CorruptPage."""
     bits = unpack_int4(_section(payload, lay, "kbits").reshape(lay.L, -1), lay.Ck)
-    per_head = bits.to(torch.int64).reshape(lay.L, lay.H, lay.D - lay.n_out).sum(-1)
+    per_layer = bits.to(torch.int64).sum(-1)
     if bool(((bits < KEY_BITS[0]) | (bits > KEY_BITS[-1])).any()) or \
-            bool((per_head != AVG_BITS * (lay.D - lay.n_out)).any()):
+            bool((per_layer != lay.H * lay.key_bits).any()):
         raise CorruptPage(f"key bit map holds widths outside {KEY_BITS[0]}..{KEY_BITS[-1]} or "
-                          f"does not average {AVG_BITS} bits a channel", field="blob.kbits")
+                          f"does not spend the header's {lay.key_bits} bits a head",
+                          field="blob.kbits")
     return bits
 
 

@@ -13,7 +13,8 @@ Header (little-endian)::
         32     4  group_size       (u32, as configured; effective sizes are derived)
         36     4  sink_tokens      (u32: tokens 0..S-1 of the page kept in the page dtype)
         40     2  outliers         (u16: K channels per layer and head kept in the page dtype)
-        42     6  reserved (zero)
+        42     2  key_bits         (u16, int4a: K code bits a token spends per head; else 0)
+        44     4  reserved (zero)
         48     8  payload length   (u64)
         56     8  checksum         xxh3-64 over header bytes 0..55 and the payload
 
@@ -49,7 +50,7 @@ from kvtier.types import Codec, Precision
 
 MAGIC = b"KVTC"
 VERSION = 1
-HEADER = struct.Struct("<4sBBBBIIIIQIIH6xQQ")
+HEADER = struct.Struct("<4sBBBBIIIIQIIHH4xQQ")
 HEADER_SIZE = HEADER.size
 _SUMMED = HEADER_SIZE - 8
 assert HEADER_SIZE == 64
@@ -79,6 +80,7 @@ class BlobHeader:
     outliers: int
     payload_nbytes: int
     checksum: int
+    key_bits: int = 0  # int4a: K code bits per token and head (2..8 per quantized channel)
 
     @property
     def page_nbytes(self) -> int:
@@ -99,7 +101,7 @@ def pack_header(h: BlobHeader) -> bytearray:
         HEADER.pack(
             MAGIC, VERSION, CODEC_IDS[h.codec], DTYPE_IDS[h.dtype], int(h.precision),
             L, T, H, D, h.start_position, h.group_size, h.sink_tokens, h.outliers,
-            h.payload_nbytes, h.checksum,
+            h.key_bits, h.payload_nbytes, h.checksum,
         )
     )
 
@@ -119,7 +121,7 @@ def read_header(blob: bytes | bytearray | memoryview) -> BlobHeader:
         raise CorruptPage(f"blob is {n} bytes, shorter than the {HEADER_SIZE}-byte header",
                           field="blob")
     (magic, version, codec_id, dtype_id, prec, L, T, H, D, start, group, sinks, outliers,
-     payload_len, csum) = HEADER.unpack_from(blob, 0)
+     key_bits, payload_len, csum) = HEADER.unpack_from(blob, 0)
     if magic != MAGIC:
         raise CorruptPage(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}", field="blob.magic")
     if version != VERSION:
@@ -138,13 +140,18 @@ def read_header(blob: bytes | bytearray | memoryview) -> BlobHeader:
             or sinks > T or outliers > D:
         raise CorruptPage(f"impossible geometry {[L, T, H, D]}, sinks {sinks}, outliers "
                           f"{outliers}", field="blob.shape")
+    kept = D - outliers
+    if (key_bits != 0 or codec is Codec.INT4A) and not (
+            codec is Codec.INT4A and 2 * kept <= key_bits <= 8 * kept):
+        raise CorruptPage(f"key_bits {key_bits} impossible for codec {codec.value} with "
+                          f"{kept} quantized K channels", field="blob.key_bits")
     if payload_len != n - HEADER_SIZE:
         raise CorruptPage(f"header says {payload_len} payload bytes, blob holds "
                           f"{n - HEADER_SIZE}", field="blob.length")
     return BlobHeader(
         codec=codec, dtype=dtype, shape=(L, T, H, D), start_position=start,
         precision=precision, nbytes=n, group_size=group, sink_tokens=sinks,
-        outliers=outliers, payload_nbytes=payload_len, checksum=csum,
+        outliers=outliers, payload_nbytes=payload_len, checksum=csum, key_bits=key_bits,
     )
 
 

@@ -95,7 +95,7 @@ def encode(page: Page, codec: Codec, params: CodecConfig, *,
             payload8 = torch.frombuffer(buf8, dtype=torch.uint8)[HEADER_SIZE:]
         else:
             payload8 = reference.encode_payload(page, lay8)
-        return _int4a_blob(h8, payload8, lay8)
+        return _int4a_blob(h8, payload8, lay8, params)
     lay = layout_for_encode(codec, dtype, page.shape, page.start_position, params)
     header = _header(codec, page, lay, params, prec)
     if _use_kernels(page.k.device):
@@ -117,12 +117,14 @@ def _header(codec: Codec, page: Page, lay: Layout, params: CodecConfig,
     )
 
 
-def _int4a_blob(h8: BlobHeader, payload8: torch.Tensor, lay8: Layout) -> bytes:
+def _int4a_blob(h8: BlobHeader, payload8: torch.Tensor, lay8: Layout,
+                params: CodecConfig) -> bytes:
     """The sealed int4a blob of the page whose int8 header and payload are given."""
-    payload, lay = alloc.from_int8(payload8, lay8)
+    payload, lay = alloc.from_int8(payload8, lay8, params.key_bits)
     header = dataclasses.replace(
         h8, codec=Codec.INT4A, precision=min(h8.precision, Precision.INT4),
-        nbytes=HEADER_SIZE + lay.payload_nbytes, payload_nbytes=lay.payload_nbytes)
+        nbytes=HEADER_SIZE + lay.payload_nbytes, payload_nbytes=lay.payload_nbytes,
+        key_bits=lay.key_bits)
     buf = blobfmt.pack_header(header)
     buf.extend(payload.cpu().numpy().tobytes())
     return blobfmt.seal(buf)
@@ -177,7 +179,8 @@ def transcode(blob: Blob, target: Codec, params: CodecConfig) -> bytes:
 
     int8 -> int4 rewrites the integer codes only (``q4 = round(q8 / 17)`` on the same grid;
     the blob's groups, sinks and outliers are kept, ``params`` is not consulted); int8 ->
-    int4a likewise (``q_b = round(q8 / n_b)``, the same bytes as encoding the page with int4a).
+    int4a likewise (``q_b = round(q8 (2^b - 1) / 255)``, the same bytes as encoding the page
+    with int4a; ``params.key_bits`` sets its key bit budget).
     From ``none`` the page is decoded and encoded with ``params``. The same codec returns the
     blob unchanged. Asking for more precision than the blob holds, or for another codec of
     the same precision (int4 <-> int4a), raises InvalidArgument.
@@ -198,7 +201,7 @@ def transcode(blob: Blob, target: Codec, params: CodecConfig) -> bytes:
     src = _layout_checked(h)
     if target is Codec.INT4A:
         payload8 = torch.frombuffer(bytearray(memoryview(blob)[HEADER_SIZE:]), dtype=torch.uint8)
-        return _int4a_blob(h, payload8, src)
+        return _int4a_blob(h, payload8, src, params)
     dst = make_layout(Codec.INT4, h.dtype, h.shape, h.sink_tokens, h.outliers, h.group_size)
     header = BlobHeader(
         codec=Codec.INT4, dtype=h.dtype, shape=h.shape, start_position=h.start_position,

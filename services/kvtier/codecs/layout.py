@@ -64,6 +64,7 @@ class Layout:
     group_size: int
     sections: tuple[tuple[str, int, int], ...]  # (name, offset in blob, nbytes), in order
     payload_nbytes: int = 0
+    key_bits: int = 0  # int4a: K code bits per token and head
     # what the CPU page kernels take: section bounds in QUANTIZED_SECTIONS order and the
     # geometry (kind, L, T, S, H, D, n_out, Gk, Gv, bits), as read-only int64 arrays
     plan: tuple[Any, Any] | None = field(default=None, compare=False, hash=False, repr=False)
@@ -116,14 +117,20 @@ class Layout:
         raise KeyError(name)
 
     def row_bytes(self, n: int) -> int:
-        """Bytes of one row of ``n`` codes: one per code for int8, two codes a byte for int4
-        (int4a: ``4 n`` bits of 2-, 4- and 8-bit codes, the same bytes)."""
+        """Bytes of one row of ``n`` codes: one per code for int8, two codes a byte for int4."""
         return n if self.codec is Codec.INT8 else (n + 1) // 2
+
+    @property
+    def kq_row_bytes(self) -> int:
+        """Bytes of one token's K codes (int4a: ``H * key_bits`` bits of 2..8-bit codes)."""
+        if self.codec is Codec.INT4A:
+            return (self.H * self.key_bits + 7) // 8
+        return self.row_bytes(self.Ck)
 
 
 @functools.lru_cache(maxsize=1024)
 def make_layout(codec: Codec, dtype: str, shape: tuple[int, int, int, int], S: int, n_out: int,
-                group_size: int) -> Layout:
+                group_size: int, key_bits: int = 0) -> Layout:
     """The layout of a blob (memoized: a pure function of a few numbers, called per page)."""
     L, T, H, D = shape
     es = DTYPE_SIZES[dtype]
@@ -131,7 +138,7 @@ def make_layout(codec: Codec, dtype: str, shape: tuple[int, int, int, int], S: i
     if codec is Codec.NONE:
         sizes = [("kraw", L * T * H * D * es), ("vraw", L * T * H * D * es)]
     else:
-        probe = Layout(codec, dtype, L, T, H, D, S, n_out, group_size, ())
+        probe = Layout(codec, dtype, L, T, H, D, S, n_out, group_size, (), key_bits=key_bits)
         Tq, Ck, HD = probe.Tq, probe.Ck, probe.HD
         nk = probe.nk if Tq else 0
         kgroups, vgroups = L * nk * Ck, L * Tq * probe.nv
@@ -143,7 +150,7 @@ def make_layout(codec: Codec, dtype: str, shape: tuple[int, int, int, int], S: i
             ("kb", kgroups), ("km", m12_nbytes(kgroups)),
             ("vb", vgroups), ("vm", m12_nbytes(vgroups)),
             *([("kbits", L * ((Ck + 1) // 2) if Tq else 0)] if codec is Codec.INT4A else []),
-            ("kq", L * Tq * probe.row_bytes(Ck)),
+            ("kq", L * Tq * probe.kq_row_bytes),
             ("vq", L * Tq * probe.row_bytes(HD)),
         ]
     sections = []
@@ -152,7 +159,7 @@ def make_layout(codec: Codec, dtype: str, shape: tuple[int, int, int, int], S: i
         sections.append((name, pos, n))
         pos = _align(pos + n)
     lay = Layout(codec, dtype, L, T, H, D, S, n_out, group_size, tuple(sections),
-                 pos - HEADER_SIZE)
+                 pos - HEADER_SIZE, key_bits)
     if codec not in (Codec.INT8, Codec.INT4):
         return lay  # the page kernels handle int8 and int4; int4a goes through int8 (alloc)
     offsets = lay.offsets
@@ -174,7 +181,8 @@ def layout_for_encode(codec: Codec, dtype: str, shape: tuple[int, int, int, int]
 
 
 def layout_of(h: BlobHeader) -> Layout:
-    return make_layout(h.codec, h.dtype, h.shape, h.sink_tokens, h.outliers, h.group_size)
+    return make_layout(h.codec, h.dtype, h.shape, h.sink_tokens, h.outliers, h.group_size,
+                       h.key_bits)
 
 
 def check_indices(blob: bytes | bytearray | memoryview, lay: Layout) -> None:
