@@ -268,17 +268,22 @@ def choose(mn, mx, mant, b_out, m_out, inv, mf):  # type: ignore[no-untyped-def]
     Branch-free loops over all groups: the scale code comes from the exponent and mantissa
     bits of ``need`` (16 comparisons against the table's mantissas), which is exactly the
     smallest ``b`` with ``table[b] >= need`` that the reference's searchsorted finds.
+    The largest ``need`` is found on its bits: for doubles >= 0 the integer order is the
+    value order, and an integer max vectorizes where a float max (NaN rules) does not.
+    Loops kept apart on purpose: fusing the last two measured twice as slow.
     """
     n = mn.size
     need = np.empty(n, np.float64)
     bits = need.view(np.uint64)
-    top = 0.0
+    ibits = need.view(np.int64)
     for i in range(n):
         lo = np.float64(mn[i])
-        nd = max((np.float64(mx[i]) - lo) / 254.0, abs(lo) / 2047.0)
-        need[i] = nd
-        top = max(top, nd)
-    e0 = min(max(math.frexp(top)[1] - 15, -126), 111)
+        need[i] = max((np.float64(mx[i]) - lo) / 254.0, abs(lo) / 2047.0)
+    top = np.int64(0)
+    for i in range(n):
+        top = max(top, ibits[i])
+    # frexp's exponent of the largest need: biased exponent - 1022, and 0 for 0.0
+    e0 = min(max((0 if top == 0 else (top >> 52) - 1022) - 15, -126), 111)
     tab = table(e0, mant)
     one = np.uint64(1023) << np.uint64(52)
     frac = np.uint64((1 << 52) - 1)
@@ -293,7 +298,7 @@ def choose(mn, mx, mant, b_out, m_out, inv, mf):  # type: ignore[no-untyped-def]
         b_out[i] = b
     for i in range(n):
         s = tab[b_out[i]]
-        m = min(max(math.floor(np.float64(mn[i]) / s), -2048.0), 2047.0)
+        m = min(max(np.floor(np.float64(mn[i]) / s), -2048.0), 2047.0)
         m_out[i] = np.int32(m)
         inv[i] = np.float32(1.0) / np.float32(s)
         mf[i] = np.float32(m)
@@ -332,6 +337,14 @@ def get_m12(src, first, m):  # type: ignore[no-untyped-def]
 
 
 @njit(**INLINE)
+def _u8(y):  # type: ignore[no-untyped-def]
+    """A float32 integer in 0..255 as uint8, through int32: LLVM vectorizes float -> int32
+    -> byte well (vcvttps2dq, vpmovdb) but not float -> uint8 directly (measured 25% faster
+    per quantized element)."""
+    return np.uint8(np.int32(y))
+
+
+@njit(**INLINE)
 def quantize_at(x, inv, mf, a, k0, n, bits, q):  # type: ignore[no-untyped-def]
     """``q[k0 + j]`` = code of ``x[a + j]`` for ``j < n`` with per-element grid ``inv``/``mf``.
 
@@ -344,9 +357,9 @@ def quantize_at(x, inv, mf, a, k0, n, bits, q):  # type: ignore[no-untyped-def]
         c = a + j
         y = x[c] * inv[c] - mf[c]
         if bits == 8:
-            q[k0 + j] = np.uint8(min(max(np.rint(y), np.float32(0)), np.float32(255)))
+            q[k0 + j] = _u8(min(max(np.rint(y), np.float32(0)), np.float32(255)))
         else:
-            q[k0 + j] = np.uint8(min(max(np.rint(y / np.float32(17)), np.float32(0)),
+            q[k0 + j] = _u8(min(max(np.rint(y / np.float32(17)), np.float32(0)),
                                      np.float32(15)))
         j += one
 
@@ -357,11 +370,11 @@ def quantize_flat(x, inv, mf, bits, q):  # type: ignore[no-untyped-def]
     if bits == 8:
         for j in range(x.size):
             y = np.rint(x[j] * inv - mf)
-            q[j] = np.uint8(min(max(y, np.float32(0)), np.float32(255)))
+            q[j] = _u8(min(max(y, np.float32(0)), np.float32(255)))
     else:
         for j in range(x.size):
             y = np.rint((x[j] * inv - mf) / np.float32(17))
-            q[j] = np.uint8(min(max(y, np.float32(0)), np.float32(15)))
+            q[j] = _u8(min(max(y, np.float32(0)), np.float32(15)))
 
 
 @njit(**INLINE)
