@@ -226,7 +226,10 @@ class AsyncKVTierClient:
 
     async def close(self) -> None:
         async with self._shm_lock:
+            session = self._shm.session
             self._shm.drop()
+            if session is not None:  # the cancelled AttachShm call ends before the channel
+                await session.call.code()
         await self._channel.close(None)
 
     async def __aenter__(self) -> AsyncKVTierClient:

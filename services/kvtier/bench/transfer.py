@@ -9,7 +9,9 @@ In one run, for ``--page-mib`` (default 2) MiB float16 pages in the ``hot`` tier
 - ``redis_get`` / ``redis_set``: redis-py GET / SET of the same bytes (what users compare with);
 - ``socket``: a raw loopback TCP stream, as the limit;
 - ``grpc_batch_get`` / ``grpc_batch_put`` against ``redis_pipeline_get`` / ``_set``: the same
-  with 8 pages per call (a prompt's chunks) and 8 commands per redis-py pipeline.
+  with 8 pages per call (a prompt's chunks) and 8 commands per redis-py pipeline;
+- ``grpc_aio_get`` / ``grpc_aio_put``: :class:`kvtier_client.AsyncKVTierClient` with its default
+  transport (shared memory when local), one page per awaited call.
 
 Paths are measured in interleaved rounds (the order rotating each round) and each figure is the
 best round (as ``timeit`` does: slower rounds measure other processes, not the path); the
@@ -20,6 +22,7 @@ It starts a ``redis-server`` and a daemon process unless ``--redis-url`` / ``--t
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import socket
@@ -38,7 +41,7 @@ from kvtier.cli.redis_proc import RedisProcess, free_port
 
 PATHS = ("grpc_get", "grpc_put", "grpc_inline_get", "grpc_inline_put", "redis_get",
          "redis_set", "socket", "grpc_batch_get", "grpc_batch_put", "redis_pipeline_get",
-         "redis_pipeline_set")
+         "redis_pipeline_set", "grpc_aio_get", "grpc_aio_put")
 BATCH = 8
 
 
@@ -117,12 +120,22 @@ def socket_gbps(nbytes: int, count: int) -> float:
     return nbytes * count / dt / 1e9
 
 
+def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Close ``loop`` the way ``asyncio.run`` does: leftover tasks (gRPC's call bookkeeping)
+    are cancelled and awaited first."""
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.close()
+
+
 def measure(target: str, redis_url: str, page_mib: float = 2.0, pages: int = 16,
             rounds: int = 7) -> dict[str, float]:
     """Throughput in GB/s per path (best and median of ``rounds``), ratios against redis-py."""
     import redis
 
-    from kvtier_client import KVTierClient, Page
+    from kvtier_client import AsyncKVTierClient, KVTierClient, Page
 
     tokens = max(1, int(page_mib * (1 << 20) / (2 * 4 * 8 * 128 * 2)))
     shape = (4, tokens, 8, 128)  # float16: k + v = page_mib MiB
@@ -136,6 +149,26 @@ def measure(target: str, redis_url: str, page_mib: float = 2.0, pages: int = 16,
     inline = KVTierClient(target, "bench-inline", shared_memory=False)
     r = redis.Redis.from_url(redis_url)
     samples: dict[str, list[float]] = {p: [] for p in PATHS}
+    loop = asyncio.new_event_loop()
+
+    async def aio_client() -> AsyncKVTierClient:
+        return AsyncKVTierClient(target, "bench-aio", shared_memory="auto")
+
+    aio = loop.run_until_complete(aio_client())
+
+    async def aio_round(rnd: int) -> None:
+        keys = [f"aio-{rnd}-{i}".encode() for i in range(pages)]
+        objs = [Page(k, v) for k, v in kv]
+        t0 = time.perf_counter()
+        for key, page in zip(keys, objs):
+            await aio.put([key], [page])
+        samples["grpc_aio_put"].append(total / (time.perf_counter() - t0) / 1e9)
+        t0 = time.perf_counter()
+        for key in keys:
+            if (await aio.get([key]))[0] is None:
+                raise RuntimeError("benchmark page missing from the daemon")
+        samples["grpc_aio_get"].append(total / (time.perf_counter() - t0) / 1e9)
+        await aio.delete(keys)
 
     def client_round(name: str, client: Any, rnd: int) -> None:
         keys = [f"{name}-{rnd}-{i}".encode() for i in range(pages)]
@@ -195,13 +228,16 @@ def measure(target: str, redis_url: str, page_mib: float = 2.0, pages: int = 16,
         redis_round,
         lambda rnd: client_round("grpc_inline", inline, rnd),
         lambda rnd: samples["socket"].append(socket_gbps(page_bytes, pages)),
+        lambda rnd: loop.run_until_complete(aio_round(rnd)),
     ]
     try:
         for rnd in range(rounds):
             for i in range(len(steps)):
                 steps[(i + rnd) % len(steps)](rnd)
-        shm_used = fast.uses_shared_memory
+        shm_used = fast.uses_shared_memory and aio.uses_shared_memory
     finally:
+        loop.run_until_complete(aio.close())
+        _close_loop(loop)
         fast.close()
         inline.close()
         r.close()
@@ -209,9 +245,9 @@ def measure(target: str, redis_url: str, page_mib: float = 2.0, pages: int = 16,
     out.update({f"{p}_gbps": max(v) for p, v in samples.items()})
     out["page_bytes"] = float(page_bytes)
     out["shm_used"] = float(shm_used)
-    for p in ("grpc_get", "grpc_inline_get"):
+    for p in ("grpc_get", "grpc_inline_get", "grpc_aio_get"):
         out[f"{p}_vs_redis"] = out[f"{p}_gbps"] / out["redis_get_gbps"]
-    for p in ("grpc_put", "grpc_inline_put"):
+    for p in ("grpc_put", "grpc_inline_put", "grpc_aio_put"):
         out[f"{p}_vs_redis"] = out[f"{p}_gbps"] / out["redis_set_gbps"]
     out["grpc_batch_get_vs_redis"] = out["grpc_batch_get_gbps"] / out["redis_pipeline_get_gbps"]
     out["grpc_batch_put_vs_redis"] = out["grpc_batch_put_gbps"] / out["redis_pipeline_set_gbps"]

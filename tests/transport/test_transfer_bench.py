@@ -1,0 +1,17 @@
+"""``kvtier bench transfer`` runs every path end to end (figures are printed, never asserted)."""
+
+from __future__ import annotations
+
+from kvtier.bench.transfer import PATHS, measure
+from kvtier.daemon import Daemon
+
+
+def test_measure_reports_every_path_with_shm_used(daemon: Daemon, redis_url: str) -> None:
+    res = measure(daemon.grpc_address, redis_url, page_mib=0.0625, pages=8, rounds=1)
+    for path in PATHS:
+        assert res[f"{path}_gbps"] > 0 and res[f"{path}_median_gbps"] > 0, path
+    for path in ("grpc_get", "grpc_put", "grpc_aio_get", "grpc_aio_put", "grpc_batch_put"):
+        assert res[f"{path}_vs_redis"] > 0, path
+    assert res["shm_used"] == 1.0  # sync and asyncio clients both took the shm path
+    assert res["page_bytes"] == 64 * 1024
+    assert len(daemon._shm) == 0  # the benchmark's clients closed their sessions
