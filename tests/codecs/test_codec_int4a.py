@@ -171,3 +171,7 @@ def test_pages_of_only_sinks_roundtrip_exactly() -> None:
     page = make_kv((2, 3, 2, 16), start=0)
     got = decode(encode(page, Codec.INT4A, P)).page
     assert torch.equal(got.k, page.k) and torch.equal(got.v, page.v)
+
+
+def test_kernels_self_test_passes() -> None:
+    assert alloc.self_test()

@@ -8,15 +8,25 @@ API (what the store, transport and eval layers call)::
     transcode(blob, codec, params) -> bytes    re-encode to a lossier codec; int8 -> int4 works
                                                on the integer codes, never via floating point
     read_header(blob)            -> BlobHeader codec, dtype, shape, start position, sizes
-    warmup()                                   compile the CPU kernels now (call at start)
+    warmup()                                   compile and self-test the CPU kernels now (call
+                                               at start)
 
 Submodules: ``blob`` (header and checksum), ``layout`` (payload sections), ``grid`` (scales
 and minima), ``pack`` (int4 and 12-bit packing), ``reference`` (pure torch, any device),
-``fused`` (numba CPU kernels), ``codec`` (the API).
+``fused`` (numba CPU kernels), ``alloc`` and ``alloc_kernels`` (int4a), ``codec`` (the API).
 """
 
+from kvtier.codecs import alloc, fused
 from kvtier.codecs.blob import BlobHeader, read_header
 from kvtier.codecs.codec import Decoded, decode, encode, transcode
-from kvtier.codecs.fused import warmup
+
+
+def warmup() -> float:
+    """Compile (or load from numba's cache) and self-test every CPU kernel; returns the
+    seconds the page kernels took (0.0 when this process already did)."""
+    took = fused.warmup()
+    alloc.self_test()
+    return took
+
 
 __all__ = ["BlobHeader", "Decoded", "decode", "encode", "read_header", "transcode", "warmup"]

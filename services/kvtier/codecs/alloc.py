@@ -40,9 +40,11 @@ in float64; on CUDA a near-tie may resolve differently than on the CPU (both blo
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from kvtier.codecs import grid
+from kvtier.codecs import alloc_kernels, fused, grid
 from kvtier.codecs.blob import HEADER_SIZE
 from kvtier.codecs.layout import Layout, make_layout
 from kvtier.codecs.pack import pack_int4, unpack_int4, unpack_m12
@@ -196,9 +198,10 @@ def _common(src: torch.Tensor, src_lay: Layout, dst_lay: Layout) -> torch.Tensor
     return dst
 
 
-def from_int8(payload8: torch.Tensor, lay8: Layout,
-              key_bits: float) -> tuple[torch.Tensor, Layout]:
-    """The int4a payload (uint8, same device) of the page whose int8 payload is given."""
+def from_int8(payload8: torch.Tensor, lay8: Layout, key_bits: float, *,
+              kernels: bool = True) -> tuple[torch.Tensor, Layout]:
+    """The int4a payload (uint8, same device) of the page whose int8 payload is given
+    (through the numba kernels on the CPU unless ``kernels`` is False)."""
     lay = int4a_layout(lay8, key_bits)
     out = _common(payload8, lay8, lay)
     if lay.Tq == 0:
@@ -210,11 +213,17 @@ def from_int8(payload8: torch.Tensor, lay8: Layout,
     else:
         bits = allocate(w, lay.key_bits).reshape(L, C)
     _section(out, lay, "kbits").copy_(pack_int4(bits).reshape(-1))
-    qk = codes_from_int8(_section(payload8, lay8, "kq").reshape(L, Tq, C), bits[:, None])
-    _section(out, lay, "kq").copy_(pack_codes(qk, bits, lay.kq_row_bytes).reshape(-1))
-    q8v = _section(payload8, lay8, "vq").reshape(L * Tq, lay.HD)
-    q4v = ((q8v.to(torch.int32) + 8) // 17).to(torch.uint8)  # int8 -> int4, as transcode does
-    _section(out, lay, "vq").copy_(pack_int4(q4v).reshape(-1))
+    kq8, kq = _section(payload8, lay8, "kq"), _section(out, lay, "kq")
+    vq8, vq = _section(payload8, lay8, "vq"), _section(out, lay, "vq")
+    if kernels and _fast(out):
+        alloc_kernels.pack_keys(kq8.numpy(), L, Tq, C, bits.numpy().reshape(-1),
+                                lay.kq_row_bytes, kq.numpy())
+        fused.int8_rows_to_int4(vq8.numpy().data, lay.HD, vq.numpy().data)
+        return out, lay
+    qk = codes_from_int8(kq8.reshape(L, Tq, C), bits[:, None])
+    kq.copy_(pack_codes(qk, bits, lay.kq_row_bytes).reshape(-1))
+    q4v = ((vq8.reshape(L * Tq, lay.HD).to(torch.int32) + 8) // 17).to(torch.uint8)
+    vq.copy_(pack_int4(q4v).reshape(-1))  # int8 -> int4, as transcode does
     return out, lay
 
 
@@ -230,16 +239,50 @@ def read_bits(payload: torch.Tensor, lay: Layout) -> torch.Tensor:
     return bits
 
 
-def to_int8(payload: torch.Tensor, lay: Layout) -> tuple[torch.Tensor, Layout]:
-    """The int8 payload (uint8, same device) that decodes to the page an int4a payload holds."""
+def to_int8(payload: torch.Tensor, lay: Layout, *,
+            kernels: bool = True) -> tuple[torch.Tensor, Layout]:
+    """The int8 payload (uint8, same device) that decodes to the page an int4a payload holds
+    (through the numba kernels on the CPU unless ``kernels`` is False)."""
     lay8 = int8_layout(lay)
     out = _common(payload, lay, lay8)
     if lay.Tq == 0:
         return out, lay8
     L, Tq, C = lay.L, lay.Tq, lay.Ck
     bits = read_bits(payload, lay)
-    qk = unpack_codes(_section(payload, lay, "kq").reshape(L, Tq, -1), bits)
-    _section(out, lay8, "kq").copy_(codes_to_int8(qk, bits[:, None]).reshape(-1))
-    q4v = unpack_int4(_section(payload, lay, "vq").reshape(L * Tq, -1), lay.HD)
-    _section(out, lay8, "vq").copy_((q4v.to(torch.int32) * 17).to(torch.uint8).reshape(-1))
+    kq, kq8 = _section(payload, lay, "kq"), _section(out, lay8, "kq")
+    vq, vq8 = _section(payload, lay, "vq"), _section(out, lay8, "vq")
+    if kernels and _fast(out):
+        alloc_kernels.unpack_keys(kq.numpy(), L, Tq, C, bits.numpy().reshape(-1),
+                                  lay.kq_row_bytes, kq8.numpy())
+        alloc_kernels.int4_rows_to_int8(vq.numpy(), L * Tq, lay.HD, vq8.numpy())
+        return out, lay8
+    qk = unpack_codes(kq.reshape(L, Tq, -1), bits)
+    kq8.copy_(codes_to_int8(qk, bits[:, None]).reshape(-1))
+    q4v = unpack_int4(vq.reshape(L * Tq, -1), lay.HD)
+    vq8.copy_((q4v.to(torch.int32) * 17).to(torch.uint8).reshape(-1))
     return out, lay8
+
+
+def _fast(t: torch.Tensor) -> bool:
+    """Whether the numba kernels take the code maps (CPU tensors, kernels available)."""
+    return t.device.type == "cpu" and fused.available()
+
+
+
+@functools.cache
+def self_test() -> bool:
+    """Run the int4a kernels once on a small random int8 payload and check them against the
+    torch code (this compiles them, or loads numba's cache); raises RuntimeError on a
+    mismatch. Memoized: once per process."""
+    g = torch.Generator().manual_seed(0)
+    lay8 = make_layout(Codec.INT8, "float16", (2, 70, 2, 24), 0, 1, 64)
+    payload8 = torch.randint(0, 256, (lay8.payload_nbytes,), dtype=torch.uint8, generator=g)
+    _section(payload8, lay8, "oidx").view(torch.int16).fill_(3)
+    _section(payload8, lay8, "exps").view(torch.int16).fill_(-20)
+    _section(payload8, lay8, "oraw").zero_()  # finite values in the page dtype
+    fast, lay = from_int8(payload8, lay8, 4.3)
+    slow, _ = from_int8(payload8, lay8, 4.3, kernels=False)
+    if not (torch.equal(fast, slow) and torch.equal(to_int8(fast, lay)[0],
+                                                    to_int8(fast, lay, kernels=False)[0])):
+        raise RuntimeError("int4a kernels disagree with the torch code (stale numba cache?)")
+    return True
