@@ -1,4 +1,4 @@
-"""The learned predictor: learns a planted periodic pattern, falls back to LRU until trained."""
+"""The learned policy: learns a planted periodic pattern, falls back to LRU until trained."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kvtier.policy.features import N_FEATURES, BlockHistory
-from kvtier.policy.learned import LearnedCore, LearnedModel
+from kvtier.policy.density import ReuseDensity
+from kvtier.policy.learned import LearnedCore
 from kvtier.policy.predictor import Predictor, resolve_device
 from kvtier.policy.runner import run_policy
 from kvtier.policy.sim import simulate
@@ -35,7 +36,7 @@ def periodic_trace(cycles: int, seed: int = 0) -> list[list[int]]:
     return out
 
 
-def test_predictor_learns_periodic_reuse_and_beats_lru() -> None:
+def test_learned_policy_learns_periodic_reuse_and_beats_lru() -> None:
     torch.set_num_threads(1)
     trace = make_trace(*periodic_trace(220))
     lru = run_policy(trace, "lru", 48)
@@ -49,7 +50,7 @@ def test_predictor_learns_periodic_reuse_and_beats_lru() -> None:
 
 def test_untrained_model_behaves_exactly_like_lru() -> None:
     trace = make_trace(*periodic_trace(10))
-    model = LearnedModel(4096, min_labels=10**9)  # never ready
+    model = ReuseDensity(4096, min_labels=10**9)  # never ready
     core = LearnedCore(48, model)
     r = simulate(trace, "learned", lambda c: core, 48)
     assert r.hits == run_policy(trace, "lru", 48).hits

@@ -3,20 +3,25 @@
 Access events arrive in batches from the store, possibly interleaving requests; each run of
 events with consecutive chain positions in one namespace is treated as one request's chain (a
 worker reads or writes a chain in order). A GET miss followed by the PUT of the same page is one
-access, not two. Scores are in "how soon is the next access expected": pages expected soonest
-score highest; pages long overdue for their predicted reuse score lowest.
+access, not two. Victims and scores follow the online reuse density
+(:mod:`kvtier.policy.density`, as in replay): a page's score is the hits per slot its class is
+expected to earn from its current age on, and the lowest leave first. Admission keeps a page in
+the tier when its class earns at least the average page's density at age 0. Prefetching follows
+the torch predictor's expected next access, whose loss and accuracy the status reports.
 
-Falls back to LRU, and says so in :meth:`status`, until the predictor has enough labels. Pages
+Falls back to LRU, and says so in :meth:`status`, until enough reuse labels have arrived. Pages
 whose latest access the policy has not seen yet (its events are still queued: the policy is
-late) are scored as if accessed now with a typical gap, so lag never makes a hot page look cold.
+late) score as the densest, so lag never makes a hot page look cold.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 
 from kvtier.policy.adapter import DATA_ACCESSES
+from kvtier.policy.density import BINS_PER_OCTAVE, ReuseDensity
 from kvtier.policy.learned import LearnedModel
 from kvtier.store.policy import AccessEvent, AccessKind, PageMeta, Policy, PolicyStatus
 from kvtier.types import PageId
@@ -33,22 +38,21 @@ class LearnedPolicy(Policy):
                  min_labels: int = 2048, train_every: int = 128, top_tier: str = "hot") -> None:
         self.model = LearnedModel(horizon, seed=seed, device=device, min_labels=min_labels,
                                   train_every=train_every)
+        self.density = ReuseDensity(horizon, min_labels=min_labels)
         self.horizon = self.model.history.horizon
         self.top_tier = top_tier
         self._lock = threading.Lock()
         self._missed: dict[PageId, int] = {}  # page -> model clock of a GET miss not yet put
         self._lower: dict[PageId, None] = {}  # pages last seen outside the top tier
-        # page -> (expected next access, overdue after, access count) on the model clock: one
-        # lookup per candidate keeps a 64-candidate decision in tens of microseconds. A page
-        # still unused twice its predicted gap after its last access was mispredicted.
-        self._info: dict[PageId, tuple[float, float, int]] = {}
-        self._typical_gap = float(self.horizon) / 4
+        # page -> (density class, last access on the model clock, access count): one lookup
+        # per candidate keeps a 64-candidate decision in tens of microseconds.
+        self._info: dict[PageId, tuple[int, int, int]] = {}
         self.events = 0
         self.late = 0
 
     @property
     def ready(self) -> bool:
-        return self.model.ready
+        return self.density.ready
 
     # -- learning -----------------------------------------------------------------------------
 
@@ -88,18 +92,14 @@ class LearnedPolicy(Policy):
         if not run:
             return
         self.model.observe(run, max(start, 0))
-        exp = self.model.expected
-        now = self.model.now
+        classes = self.density.observe(run, max(start, 0))
         last = self.model.history.last
         count = self.model.history.count
         info = self._info
-        for p in run:
-            e = exp[p]
-            info[p] = (e, e + max(e - last[p], 1.0), count[p])
+        for p, c in zip(run, classes, strict=True):
+            info[p] = (c, last[p], count[p])
         if len(info) > 2 * max(len(count), self.horizon):
             self._info = {p: v for p, v in info.items() if p in count}
-        gaps = [exp[p] - now for p in run[-4:]]
-        self._typical_gap = 0.99 * self._typical_gap + 0.01 * max(1.0, sum(gaps) / len(gaps))
 
     def forget(self, pages: Sequence[PageId]) -> None:
         with self._lock:
@@ -108,52 +108,56 @@ class LearnedPolicy(Policy):
 
     # -- decisions ----------------------------------------------------------------------------
 
-    def _expectations(self, pages: Sequence[PageMeta]) -> list[float]:
-        """Expected model-clock time of each page's next access; overdue pages far away."""
+    def _densities(self, pages: Sequence[PageMeta]) -> list[float]:
+        """Each page's expected hits per slot from its current age on; late pages first."""
         now = self.model.now
         get = self._info.get
-        typical = now + self._typical_gap
-        far = float(now + 2 * self.horizon)
+        table = self.density.table
+        horizon = self.density.horizon
+        log2 = math.log2
         out = []
         late = 0
         for m in pages:
             v = get(m.page)
             if v is None or v[2] < m.access_count:
-                out.append(typical)  # late: its latest access has not reached us yet
+                out.append(math.inf)  # late: its latest access has not reached us yet
                 late += 1
-            else:
-                out.append(far if v[1] < now else v[0])
+                continue
+            age = now - v[1]
+            out.append(table[v[0]][int(BINS_PER_OCTAVE * log2(1 + age))] if age < horizon
+                       else 0.0)
         self.late += late
         return out
 
     def score(self, pages: Sequence[PageMeta]) -> list[float]:
-        """Higher = keep. LRU order (last access sequence) until the predictor is ready."""
+        """Higher = keep. LRU order (last access sequence) until the model is ready."""
         with self._lock:
-            if not self.model.ready:
+            if not self.ready:
                 return [float(p.last_seq) for p in pages]
-            now = self.model.now
-            return [-(e - now) / self.horizon for e in self._expectations(pages)]
+            return [min(d, 1.0) for d in self._densities(pages)]
 
     def victims(self, candidates: Sequence[PageMeta], n: int) -> list[PageId]:
-        """The ``n`` candidates expected back last (ties: least recently used first)."""
+        """The ``n`` candidates of lowest reuse density (ties: least recently used first)."""
         if n <= 0 or not candidates:
             return []
         with self._lock:
-            if not self.model.ready:
+            if not self.ready:
                 order = sorted(range(len(candidates)), key=lambda i: candidates[i].last_seq)
             else:
-                keyed = sorted(zip([-e for e in self._expectations(candidates)],
+                keyed = sorted(zip(self._densities(candidates),
                                    [m.last_seq for m in candidates], range(len(candidates))))
                 order = [k[2] for k in keyed]
         return [candidates[i].page for i in order[:n]]
 
     def admit(self, page: PageMeta, tier: str) -> bool:
-        """A page expected back within half the horizon stays in ``tier``; else goes lower."""
-        if not self.model.ready:
+        """A page whose class earns at least the average page's density stays in ``tier``."""
+        if not self.ready:
             return True
         with self._lock:
-            e = self.model.expected.get(page.page)
-            return e is None or e - self.model.now < self.horizon / 2
+            v = self._info.get(page.page)
+            if v is None:
+                return True
+            return self.density.density(v[0], 0) >= self.density.average
 
     def prefetch(self, limit: int) -> list[PageId]:
         """Pages below the top tier expected back soonest (within an eighth of the horizon)."""
@@ -169,9 +173,10 @@ class LearnedPolicy(Policy):
 
     def status(self) -> PolicyStatus:
         st = self.model.predictor.stats()
-        detail = (f"labelled={st.labelled} steps={st.steps} loss={st.loss:.4f} "
-                  f"accuracy={st.accuracy:.3f} events={self.events} late={self.late}")
-        if st.ready:
+        detail = (f"reuse labels={self.density.labelled}; predictor labelled={st.labelled} "
+                  f"steps={st.steps} loss={st.loss:.4f} accuracy={st.accuracy:.3f} "
+                  f"events={self.events} late={self.late}")
+        if self.ready:
             return PolicyStatus(self.name, self.name, False, detail,
                                 loss=st.loss, online_accuracy=st.accuracy)
         return PolicyStatus(self.name, "lru", True, "untrained: " + detail,

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from kvtier.errors import InvalidArgument
 from kvtier.policy.baselines import ARCCore, LFUCore, LRUCore, S3FIFOCore
 from kvtier.policy.core import ReplacementCore
-from kvtier.policy.learned import HORIZON_PER_SLOT, LearnedCore, LearnedModel, PredictedCache
+from kvtier.policy.density import DensityCache, ReuseDensity
+from kvtier.policy.learned import HORIZON_PER_SLOT, LearnedCore
 from kvtier.policy.sim import CoreFactory, Progress, SimResult, simulate, simulate_belady
 from kvtier.policy.trace import Trace
 
@@ -24,14 +25,14 @@ SIM_POLICIES: tuple[str, ...] = ("lru", "lfu", "arc", "s3fifo", "learned", "bela
 
 def learned_factory(total_slots: int, *, seed: int, device: str) -> CoreFactory:
     """Cores sharing one model: the first one built leads, the others follow."""
-    model = LearnedModel(max(4096, HORIZON_PER_SLOT * total_slots), seed=seed, device=device)
+    model = ReuseDensity(max(4096, HORIZON_PER_SLOT * total_slots))
     leader: list[LearnedCore] = []
 
     def make(slots: int) -> ReplacementCore:
         if not leader:
-            leader.append(LearnedCore(slots, model))
+            leader.append(LearnedCore(slots, model, seed=seed))
             return leader[0]
-        follower = PredictedCache(slots, model)
+        follower = DensityCache(slots, model, seed=seed + len(leader))
         follower.leader = leader[0]
         return follower
 
