@@ -17,7 +17,7 @@ from numba import njit
 
 from kvtier.codecs.rowops import (
     JIT, bounds_row, choose, copy, dequant_store, dequant_store_group, get_codes, get_m12,
-    group_bounds, load_row, prefetch_share, put_codes, put_m12, quantize_at, quantize_flat,
+    group_bounds, load_row, prefetch_share, put_codes, put_m12, quantize_flat, quantize_row,
     table,
 )
 
@@ -61,7 +61,8 @@ def encode_k(src, kind, L, T, S, H, D, n_out, Gk, bits, mant,  # type: ignore[no
     m_all = np.empty(L * ng, np.int32)
     X = np.empty((Tq, HD), np.float32)
     qk = np.empty(Ck, np.uint8)
-    inv_c = np.zeros((nk, HD), np.float32)
+    qf = np.empty(HD, np.uint8)
+    inv_c = np.zeros((nk, HD), np.float32)  # full-width grids; outlier slots stay finite
     mf_c = np.zeros((nk, HD), np.float32)
     mn = np.empty(ng, np.float32)
     mx = np.empty(ng, np.float32)
@@ -103,11 +104,6 @@ def encode_k(src, kind, L, T, S, H, D, n_out, Gk, bits, mant,  # type: ignore[no
             for j in range(n_out):
                 oidx_out[(layer * H + h) * n_out + j] = oidx[h, j]
         rf, rk, rl = _runs(taken, H, D)
-        ru = np.empty(3 * rf.size, np.uint64)  # unsigned offsets: no negative-index handling
-        for r in range(rf.size):
-            ru[3 * r] = rf[r]
-            ru[3 * r + 1] = rk[r]
-            ru[3 * r + 2] = rl[r]
         for g in range(nk):
             for r in range(rf.size):
                 copy(mn[g * Ck + rk[r]:], gmn[g, rf[r]:rf[r] + rl[r]])
@@ -123,14 +119,13 @@ def encode_k(src, kind, L, T, S, H, D, n_out, Gk, bits, mant,  # type: ignore[no
         for t in range(Tq):
             prefetch_share(pf, p0 + S * HD * w, p0 + lw, t, Tq)
             o = (layer * Tq + t) * rb
-            # int8 codes go straight into the blob, run by run of kept channels; int4 ones
-            # are gathered into a row first and packed
+            # the whole row is quantized (one loop; outlier channels give garbage codes),
+            # then the kept channels' codes are gathered run by run: int8 ones straight into
+            # the blob, int4 ones into a row that is packed
+            quantize_row(X[t], inv_c[t // Gk], mf_c[t // Gk], bits, qf)
             dst = kq[o:o + rb] if bits == 8 else qk
-            row = X[t]
-            ir = inv_c[t // Gk]
-            mr = mf_c[t // Gk]
             for r in range(rf.size):
-                quantize_at(row, ir, mr, ru[3 * r], ru[3 * r + 1], ru[3 * r + 2], bits, dst)
+                copy(dst[rk[r]:rk[r] + rl[r]], qf[rf[r]:rf[r] + rl[r]])
             if bits == 4:
                 put_codes(qk, bits, kq[o:o + rb])
             for h in range(H):

@@ -344,24 +344,23 @@ def _u8(y):  # type: ignore[no-untyped-def]
     return np.uint8(np.int32(y))
 
 
-@njit(**INLINE)
-def quantize_at(x, inv, mf, a, k0, n, bits, q):  # type: ignore[no-untyped-def]
-    """``q[k0 + j]`` = code of ``x[a + j]`` for ``j < n`` with per-element grid ``inv``/``mf``.
+# int4 codes are ``rint(y / 17)``; multiplying by the float32 reciprocal gives the same integer
+# for every float32 ``y`` in [-3, 300] (checked exhaustively, tests/codecs/test_codec_kernels.py;
+# outside it both clamp alike), and a multiply costs a fraction of a vector divide.
+R17 = np.float32(1.0) / np.float32(17.0)
 
-    ``a``, ``k0``, ``n`` are uint64: unsigned indices let numba skip its negative-index
-    handling, so the loop vectorizes without making four array slices per call.
-    """
-    one = np.uint64(1)
-    j = np.uint64(0)
-    while j < n:
-        c = a + j
-        y = x[c] * inv[c] - mf[c]
-        if bits == 8:
-            q[k0 + j] = _u8(min(max(np.rint(y), np.float32(0)), np.float32(255)))
-        else:
-            q[k0 + j] = _u8(min(max(np.rint(y / np.float32(17)), np.float32(0)),
-                                     np.float32(15)))
-        j += one
+
+@njit(**INLINE)
+def quantize_row(x, inv, mf, bits, q):  # type: ignore[no-untyped-def]
+    """Codes of float32 ``x`` into ``q`` with a per-element grid (arrays ``inv``, ``mf``)."""
+    if bits == 8:
+        for j in range(x.size):
+            y = np.rint(x[j] * inv[j] - mf[j])
+            q[j] = _u8(min(max(y, np.float32(0)), np.float32(255)))
+    else:
+        for j in range(x.size):
+            y = np.rint((x[j] * inv[j] - mf[j]) * R17)
+            q[j] = _u8(min(max(y, np.float32(0)), np.float32(15)))
 
 
 @njit(**INLINE)
@@ -373,7 +372,7 @@ def quantize_flat(x, inv, mf, bits, q):  # type: ignore[no-untyped-def]
             q[j] = _u8(min(max(y, np.float32(0)), np.float32(255)))
     else:
         for j in range(x.size):
-            y = np.rint((x[j] * inv - mf) / np.float32(17))
+            y = np.rint((x[j] * inv - mf) * R17)
             q[j] = _u8(min(max(y, np.float32(0)), np.float32(15)))
 
 
