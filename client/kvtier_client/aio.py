@@ -31,6 +31,7 @@ from kvtier_client.client import (
     session_lost,
 )
 from kvtier_client.errors import DeadlineExceededError, from_rpc_error
+from kvtier_client.staging import new_page, release_page
 from kvtier_client.tensors import FetchedPage, Page
 from kvtier_client.wire import (
     DEFAULT_CHUNK_BYTES,
@@ -56,7 +57,7 @@ class AsyncKVTierClient:
 
     def __init__(self, target: str, namespace: str = "default", *, timeout_s: float = 30.0,
                  shared_memory: bool | str = "auto", shm_bytes: int = 256 << 20,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+                 staging_bytes: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         self.target = target
         self.namespace = namespace
         self.timeout_s = timeout_s
@@ -64,7 +65,7 @@ class AsyncKVTierClient:
         self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.CacheServiceStub(self._channel)
         want = shared_memory is True or (shared_memory == "auto" and is_loopback(target))
-        self._shm = shm_mod.SessionSlot(want, shm_bytes, target)
+        self._shm = shm_mod.SessionSlot(want, shm_bytes, target, staging_bytes)
         self._shm_lock = asyncio.Lock()
 
     async def _call(self, method: str, fn: Callable[[float], Awaitable[T]],
@@ -138,6 +139,19 @@ class AsyncKVTierClient:
             reply = await self._stub.PutStream(
                 put_requests(ns, wire, self.chunk_bytes, session, offsets), timeout=left)
         return reply
+
+    async def staged_page(self, shape: Sequence[int], dtype: str = "float16",
+                          start_position: int = 0, *, namespace: str | None = None) -> Page:
+        """As :meth:`KVTierClient.staged_page`: a page in the segment's staging area."""
+        async with self._shm_lock:
+            session = await self._session(namespace or self.namespace)
+            return new_page(session.segment if session is not None else None,
+                            tuple(shape), dtype, start_position)
+
+    async def release_page(self, page: Page) -> None:
+        """As :meth:`KVTierClient.release_page`."""
+        async with self._shm_lock:
+            release_page(self._shm.session, page)
 
     async def get(self, keys: Sequence[bytes], *, namespace: str | None = None,
                   timeout_s: float | None = None,

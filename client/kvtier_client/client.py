@@ -22,6 +22,7 @@ import grpc
 
 from kvtier_client import shm as shm_mod
 from kvtier_client.errors import DeadlineExceededError, KVTierClientError, from_rpc_error
+from kvtier_client.staging import new_page, release_page
 from kvtier_client.tensors import FetchedPage, Page
 from kvtier_client.wire import (
     DEFAULT_CHUNK_BYTES,
@@ -110,7 +111,7 @@ class KVTierClient:
 
     def __init__(self, target: str, namespace: str = "default", *, timeout_s: float = 30.0,
                  shared_memory: bool | str = "auto", shm_bytes: int = 256 << 20,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 staging_bytes: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  channel: grpc.Channel | None = None) -> None:
         self.target = target
         self.namespace = namespace
@@ -119,7 +120,7 @@ class KVTierClient:
         self._channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.CacheServiceStub(self._channel)
         want = shared_memory is True or (shared_memory == "auto" and is_loopback(target))
-        self._shm = shm_mod.SessionSlot(want, shm_bytes, target)
+        self._shm = shm_mod.SessionSlot(want, shm_bytes, target, staging_bytes)
         self._shm_lock = threading.Lock()
 
     # -- plumbing --------------------------------------------------------------------------
@@ -200,6 +201,24 @@ class KVTierClient:
             reply = self._stub.PutStream(
                 put_requests(ns, wire, self.chunk_bytes, session, offsets), timeout=left)
         return reply
+
+    def staged_page(self, shape: Sequence[int], dtype: str = "float16",
+                    start_position: int = 0, *, namespace: str | None = None) -> Page:
+        """A page to fill in place and put without a client copy (see
+        :mod:`kvtier_client.staging`); needs ``staging_bytes``. ``k`` and ``v`` are numpy
+        arrays in the shared-memory segment, or ordinary arrays where there is no session or
+        no room. Once ``put`` returned the daemon holds its own copy: refill the page for the
+        next key, or give its slot back with :meth:`release_page`."""
+        with self._shm_lock:
+            session = self._session(namespace or self.namespace)
+            return new_page(session.segment if session is not None else None,
+                            tuple(shape), dtype, start_position)
+
+    def release_page(self, page: Page) -> None:
+        """Return a staged page's slot (a no-op for a page in ordinary memory). The page's
+        arrays must not be used afterwards: the slot goes to the next staged page."""
+        with self._shm_lock:
+            release_page(self._shm.session, page)
 
     def get(self, keys: Sequence[bytes], *, namespace: str | None = None,
             timeout_s: float | None = None,

@@ -19,6 +19,10 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from kvtier_client.staging import StagingArea
+
 log = logging.getLogger(__name__)
 
 TOKEN_BYTES = 16
@@ -36,9 +40,12 @@ def available() -> bool:
 
 
 class Segment:
-    """A client-owned shared-memory segment of ``size`` bytes."""
+    """A client-owned shared-memory segment of ``size`` bytes; the top ``staging_bytes`` hold
+    staging slots (see :mod:`kvtier_client.staging`), the rest is the request area."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, staging_bytes: int = 0) -> None:
+        if not 0 <= staging_bytes <= size - DATA_OFFSET:
+            raise ValueError(f"staging_bytes must be within 0..{size - DATA_OFFSET}")
         self.size = size
         self.token = secrets.token_bytes(TOKEN_BYTES)
         self.path = str(SHM_DIR / f"kvtier-{secrets.token_hex(16)}")
@@ -54,11 +61,27 @@ class Segment:
         self._mm[:TOKEN_BYTES] = self.token
         self.view = memoryview(self._mm)
         self._linked = True
+        self.request_end = (size - staging_bytes) & ~(ALIGN - 1) if staging_bytes else size
+        self.staging = StagingArea(self.request_end, size, ALIGN)
+        probe = np.frombuffer(self._mm, np.uint8, 1)
+        self.base = int(probe.ctypes.data)
+        del probe
 
     @property
     def capacity(self) -> int:
-        """Bytes usable for page data."""
-        return self.size - DATA_OFFSET
+        """Bytes of the request area (what get replies may fill)."""
+        return self.request_end - DATA_OFFSET
+
+    def array(self, offset: int, n: int) -> np.ndarray:
+        """``n`` bytes of the segment from ``offset`` as a uint8 array (keeps the mapping)."""
+        return np.frombuffer(self._mm, np.uint8, n, offset)
+
+    def staged_offset(self, data: memoryview) -> int | None:
+        """Where ``data`` starts in the staging area, or None if it lies elsewhere."""
+        if self.request_end == self.size or data.nbytes == 0:
+            return None
+        off = int(np.frombuffer(data, np.uint8).ctypes.data) - self.base
+        return off if self.request_end <= off and off + data.nbytes <= self.size else None
 
     def unlink(self) -> None:
         if self._linked:
@@ -71,7 +94,10 @@ class Segment:
     def close(self) -> None:
         self.unlink()
         self.view.release()
-        self._mm.close()
+        try:
+            self._mm.close()
+        except BufferError:  # staged pages still use it: unmapped when the last one goes
+            pass
 
 
 class Session:
@@ -93,9 +119,10 @@ class SessionSlot:
     """A client's one session and whether to try for one; the attach call itself (sync or
     awaited) is the client's. Not locked: the client serializes its use."""
 
-    def __init__(self, wanted: bool, size: int, target: str) -> None:
+    def __init__(self, wanted: bool, size: int, target: str, staging_bytes: int = 0) -> None:
         self.wanted = wanted and available()
         self.size = size
+        self.staging_bytes = staging_bytes
         self.target = target
         self.session: Session | None = None
 
@@ -108,7 +135,7 @@ class SessionSlot:
         if not self.wanted:
             return None, None
         try:
-            return None, Segment(self.size)
+            return None, Segment(self.size, self.staging_bytes)
         except OSError as e:  # /dev/shm full or not ours: inline transfers still work
             self.wanted = False
             log.info("cannot create a shared-memory segment (%s); using inline transfers", e)

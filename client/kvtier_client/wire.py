@@ -108,18 +108,23 @@ def put_requests(namespace: str, pages: Sequence[WirePage], chunk_bytes: int,
 
 
 def place_in_segment(segment: shm_mod.Segment, pages: Sequence[WirePage]) -> list[int | None]:
-    """Copy page bytes into the segment's request area; per page its offset, or None (inline).
+    """Per page its offset in the segment, or None (inline).
 
-    Pages are laid out k then v, 64-byte aligned, from ``DATA_OFFSET``; a page that does not
-    fit what is left (or whose k and v differ in size, which the daemon refuses anyway) goes
-    inline in the same call.
+    A staged page (k and v already side by side in the staging area) is sent by its offset
+    as it is. Other pages are copied into the request area, k then v, 64-byte aligned, from
+    ``DATA_OFFSET``; a page that does not fit what is left (or whose k and v differ in size,
+    which the daemon refuses anyway) goes inline in the same call.
     """
     offsets: list[int | None] = []
     view = segment.view
     cursor = shm_mod.DATA_OFFSET
     for p in pages:
         kn, vn = p.k.data.nbytes, p.v.data.nbytes
-        if kn != vn or cursor + kn + vn > segment.size:
+        staged = segment.staged_offset(p.k.data)
+        if staged is not None and kn == vn and segment.staged_offset(p.v.data) == staged + kn:
+            offsets.append(staged)
+            continue
+        if kn != vn or cursor + kn + vn > segment.request_end:
             offsets.append(None)
             continue
         view[cursor:cursor + kn] = p.k.data

@@ -11,7 +11,10 @@ In one run, for ``--page-mib`` (default 2) MiB float16 pages in the ``hot`` tier
 - ``grpc_batch_get`` / ``grpc_batch_put`` against ``redis_pipeline_get`` / ``_set``: the same
   with 8 pages per call (a prompt's chunks) and 8 commands per redis-py pipeline;
 - ``grpc_aio_get`` / ``grpc_aio_put``: :class:`kvtier_client.AsyncKVTierClient` with its default
-  transport (shared memory when local), one page per awaited call.
+  transport (shared memory when local), one page per awaited call;
+- ``grpc_staged_put``: ``KVTierClient.put`` of pages the worker wrote straight into staging
+  buffers in the segment (:meth:`KVTierClient.staged_page`; filled before the clock starts, as
+  a worker fills them when it copies its KV cache out), so no client copy; against redis-py SET.
 
 Paths are measured in interleaved rounds (the order rotating each round) and each figure is the
 best round (as ``timeit`` does: slower rounds measure other processes, not the path); the
@@ -33,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -41,7 +44,7 @@ from kvtier.cli.redis_proc import RedisProcess, free_port
 
 PATHS = ("grpc_get", "grpc_put", "grpc_inline_get", "grpc_inline_put", "redis_get",
          "redis_set", "socket", "grpc_batch_get", "grpc_batch_put", "redis_pipeline_get",
-         "redis_pipeline_set", "grpc_aio_get", "grpc_aio_put")
+         "redis_pipeline_set", "grpc_aio_get", "grpc_aio_put", "grpc_staged_put")
 BATCH = 8
 
 
@@ -145,7 +148,8 @@ def measure(target: str, redis_url: str, page_mib: float = 2.0, pages: int = 16,
     page_bytes = 2 * kv[0][0].nbytes
     blobs = [k.tobytes() + v.tobytes() for k, v in kv]
     total = page_bytes * pages
-    fast = KVTierClient(target, "bench", shared_memory="auto")
+    fast = KVTierClient(target, "bench", shared_memory="auto",
+                        staging_bytes=pages * page_bytes + (1 << 20))
     inline = KVTierClient(target, "bench-inline", shared_memory=False)
     r = redis.Redis.from_url(redis_url)
     samples: dict[str, list[float]] = {p: [] for p in PATHS}
@@ -202,6 +206,14 @@ def measure(target: str, redis_url: str, page_mib: float = 2.0, pages: int = 16,
         samples["grpc_batch_put"].append(_rate(total, put_batches))
         samples["grpc_batch_get"].append(_rate(total, get_batches))
         client.delete(bkeys)
+        skeys = [b"staged-%d-%d" % (rnd, i) for i in range(pages)]
+
+        def put_staged() -> None:
+            for key, page in zip(skeys, staged):
+                client.put([key], [page])
+
+        samples["grpc_staged_put"].append(_rate(total, put_staged))
+        client.delete(skeys)
 
     def redis_round(rnd: int) -> None:
         rkeys = [f"kvtier-bench-{rnd}-{i}" for i in range(pages)]
@@ -223,6 +235,10 @@ def measure(target: str, redis_url: str, page_mib: float = 2.0, pages: int = 16,
             _rate(total, lambda: pipelined(lambda p, j: p.get(rkeys[j]))))
         r.delete(*rkeys)
 
+    staged = [fast.staged_page(k.shape, "float16") for k, _ in kv]
+    for page, (k, v) in zip(staged, kv):
+        np.copyto(cast(np.ndarray, page.k), k)
+        np.copyto(cast(np.ndarray, page.v), v)
     steps: list[Callable[[int], None]] = [
         lambda rnd: client_round("grpc", fast, rnd),
         redis_round,
@@ -235,6 +251,8 @@ def measure(target: str, redis_url: str, page_mib: float = 2.0, pages: int = 16,
             for i in range(len(steps)):
                 steps[(i + rnd) % len(steps)](rnd)
         shm_used = fast.uses_shared_memory and aio.uses_shared_memory
+        for page in staged:
+            fast.release_page(page)
     finally:
         loop.run_until_complete(aio.close())
         _close_loop(loop)
@@ -247,7 +265,7 @@ def measure(target: str, redis_url: str, page_mib: float = 2.0, pages: int = 16,
     out["shm_used"] = float(shm_used)
     for p in ("grpc_get", "grpc_inline_get", "grpc_aio_get"):
         out[f"{p}_vs_redis"] = out[f"{p}_gbps"] / out["redis_get_gbps"]
-    for p in ("grpc_put", "grpc_inline_put", "grpc_aio_put"):
+    for p in ("grpc_put", "grpc_inline_put", "grpc_aio_put", "grpc_staged_put"):
         out[f"{p}_vs_redis"] = out[f"{p}_gbps"] / out["redis_set_gbps"]
     out["grpc_batch_get_vs_redis"] = out["grpc_batch_get_gbps"] / out["redis_pipeline_get_gbps"]
     out["grpc_batch_put_vs_redis"] = out["grpc_batch_put_gbps"] / out["redis_pipeline_set_gbps"]
