@@ -184,3 +184,15 @@ def test_int4q_is_calibrated_and_spends_the_int4_budget(tiny_model: Any,
     # same code budget; the per-page allocation map costs 4 bits per key channel
     assert a.bits_per_element - u.bits_per_element == pytest.approx(
         0.5 * 2 * 2 * 16 * 8 / (2 * 2 * PAGE * 2 * 16))
+
+
+def test_ablation_has_the_tier_codecs_settings() -> None:
+    from kvtier.eval.catalog import ablation
+    from kvtier.eval.transforms import CodecTransform
+    from kvtier.types import Codec
+
+    rows = {v.name: v.tiers[0] for v in ablation(None)}
+    real = [t for t in rows.values() if isinstance(t, CodecTransform)]
+    assert [t.codec for t in real] == [Codec.INT4A] * 3
+    assert {t.params.key_bits for t in real} == {4.0, 4.25}
+    assert min(t.params.min_outlier_channels for t in real) == 0

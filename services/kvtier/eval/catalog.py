@@ -141,6 +141,13 @@ def ablation(q_energy: torch.Tensor | None) -> list[Variant]:
             ("int4q: K bits by query energy x range, G128", AllocTransform(INT4Q, q_energy,
                                                                            name="x"), 0),
         ]
+    if codecs_available():  # the tier codec's own settings
+        out += [(label, CodecTransform(Codec.INT4A, params, label), 0) for label, params in (
+            ("int4a (tier codec): K bits 2..8 by step x key peak, G64", CodecConfig()),
+            ("int4a, no outlier channel",
+             CodecConfig(min_outlier_channels=0, outlier_fraction=0.0)),
+            ("int4a, key_bits 4.25", CodecConfig(key_bits=4.25)),
+        )]
     return [Variant(name=label, tiers=(t,), window=w) for label, t, w in out]
 
 
