@@ -16,7 +16,7 @@ import torch
 
 from kvtier.config import Settings
 from kvtier.errors import InvalidArgument, PageTooLarge
-from kvtier.pages import check_finite, check_key, make_page, torch_dtype
+from kvtier.pages import check_finite, check_key, torch_dtype
 from kvtier.types import Page
 from kvtier_proto.v1 import cache_pb2 as pb
 
@@ -78,12 +78,12 @@ def check_header(h: pb.PageHeader, settings: Settings) -> Header:
     return Header(key, h.dtype, shape, int(h.start_position), want, chain, shm)
 
 
-def build_page(h: Header, k: bytes | memoryview, v: bytes | memoryview,
-               settings: Settings, *, borrow: bool = False) -> Page:
-    """The page of ``h`` from its bytes.
+def build_page(h: Header, k: bytes | memoryview, v: bytes | memoryview, *,
+               borrow: bool = False) -> Page:
+    """The page of ``h`` from its bytes, which are checked here for NaN/Inf.
 
-    ``h`` was checked by :func:`check_header` (sizes, dtype, shape); :func:`make_page` checks
-    the rest. By default the bytes are copied once into memory the page owns. With ``borrow``
+    ``h`` was checked by :func:`check_header`: sizes, dtype, shape, start position, i.e. all
+    that :func:`~kvtier.pages.make_page` checks (``TierStore.put`` runs it again). By default the bytes are copied once into memory the page owns. With ``borrow``
     (writable views only: the shared-memory path) the tensors are views of ``k`` and ``v``:
     the caller keeps that memory unchanged until the store's ``put`` returned, which copies
     every page it keeps (``TierStore.put`` never aliases its caller), so a page crosses with
@@ -106,8 +106,7 @@ def build_page(h: Header, k: bytes | memoryview, v: bytes | memoryview,
         vt = torch.frombuffer(buf, dtype=dt, offset=n)
     check_finite(kview, h.dtype, "k")
     check_finite(vview, h.dtype, "v")
-    return make_page(kt.reshape(h.shape), vt.reshape(h.shape), h.start_position,
-                     max_page_bytes=settings.max_page_bytes, allow_nonfinite=True)
+    return Page(kt.reshape(h.shape), vt.reshape(h.shape), h.start_position)
 
 
 class PutAssembler:
@@ -148,7 +147,7 @@ class PutAssembler:
 
     def _complete(self, h: Header, k: memoryview, v: memoryview) -> None:
         self._pending.pop(0)
-        self.pages.append((h, build_page(h, k, v, self._settings)))
+        self.pages.append((h, build_page(h, k, v)))
 
     def finish(self) -> None:
         if self._pending:

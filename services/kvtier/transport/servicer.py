@@ -108,7 +108,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
                     session.check_range(off, 2 * h.nbytes, "shm_offset")
                     entries[idx] = (h, build_page(h, seg[off:off + h.nbytes],
                                                   seg[off + h.nbytes:off + 2 * h.nbytes],
-                                                  self._settings, borrow=True))
+                                                  borrow=True))
             if req.data:
                 assembler.feed(req.data)
         if namespace is None or not headers:
