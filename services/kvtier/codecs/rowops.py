@@ -116,6 +116,20 @@ def _prefetch_typer(typingctx, arr, idx):  # type: ignore[no-untyped-def]
     return types.none(arr, types.intp), codegen
 
 
+def _lrint_typer(typingctx, x):  # type: ignore[no-untyped-def]
+    """float32 -> int32 rounded half to even (``llvm.lrint``; vectorizes to ``vcvtps2dq``).
+
+    Defined for results within int32 only; callers clamp and only feed it bounded values
+    (garbage channels aside, whose codes are dropped).
+    """
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        fnty = ir.FunctionType(ir.IntType(32), [ir.FloatType()])
+        fn = cgutils.get_or_insert_function(  # type: ignore[no-untyped-call]
+            builder.module, fnty, "llvm.lrint.i32.f32")
+        return builder.call(fn, [args[0]])
+    return types.int32(types.float32), codegen
+
+
 f32_to_f16: Any = intrinsic(_f32_to_f16_typer)
 f16_to_f32: Any = intrinsic(_f16_to_f32_typer)
 bits_to_f32: Any = intrinsic(_bits_to_f32_typer)
@@ -123,6 +137,7 @@ f32_to_bits: Any = intrinsic(_f32_to_bits_typer)
 _bits_to_f64: Any = intrinsic(_bits_to_f64_typer)
 minmax8: Any = intrinsic(_minmax8_typer)
 prefetch: Any = intrinsic(_prefetch_typer)
+lrint: Any = intrinsic(_lrint_typer)
 
 
 @njit(**INLINE)
@@ -337,11 +352,13 @@ def get_m12(src, first, m):  # type: ignore[no-untyped-def]
 
 
 @njit(**INLINE)
-def _u8(y):  # type: ignore[no-untyped-def]
-    """A float32 integer in 0..255 as uint8, through int32: LLVM vectorizes float -> int32
-    -> byte well (vcvttps2dq, vpmovdb) but not float -> uint8 directly (measured 25% faster
-    per quantized element)."""
-    return np.uint8(np.int32(y))
+def _code(y, top):  # type: ignore[no-untyped-def]
+    """``clamp(rint(y), 0, top)`` as uint8, in integers: LLVM turns this into ``vcvtps2dq``
+    and a saturating byte store, two vector ops fewer than rounding and clamping in float.
+    Equal to the float version for every ``|y| < 2**31``; a code's ``y`` is within a few
+    thousand by construction of the grid (``s >= |min| / 2047`` and ``>= (max - min) / 254``).
+    """
+    return np.uint8(min(max(lrint(y), np.int32(0)), np.int32(top)))
 
 
 # int4 codes are ``rint(y / 17)``; multiplying by the float32 reciprocal gives the same integer
@@ -355,12 +372,10 @@ def quantize_row(x, inv, mf, bits, q):  # type: ignore[no-untyped-def]
     """Codes of float32 ``x`` into ``q`` with a per-element grid (arrays ``inv``, ``mf``)."""
     if bits == 8:
         for j in range(x.size):
-            y = np.rint(x[j] * inv[j] - mf[j])
-            q[j] = _u8(min(max(y, np.float32(0)), np.float32(255)))
+            q[j] = _code(x[j] * inv[j] - mf[j], 255)
     else:
         for j in range(x.size):
-            y = np.rint((x[j] * inv[j] - mf[j]) * R17)
-            q[j] = _u8(min(max(y, np.float32(0)), np.float32(15)))
+            q[j] = _code((x[j] * inv[j] - mf[j]) * R17, 15)
 
 
 @njit(**INLINE)
@@ -368,12 +383,10 @@ def quantize_flat(x, inv, mf, bits, q):  # type: ignore[no-untyped-def]
     """Codes of float32 slice ``x`` into ``q`` with one grid (scalars ``inv``, ``mf``)."""
     if bits == 8:
         for j in range(x.size):
-            y = np.rint(x[j] * inv - mf)
-            q[j] = _u8(min(max(y, np.float32(0)), np.float32(255)))
+            q[j] = _code(x[j] * inv - mf, 255)
     else:
         for j in range(x.size):
-            y = np.rint((x[j] * inv - mf) * R17)
-            q[j] = _u8(min(max(y, np.float32(0)), np.float32(15)))
+            q[j] = _code((x[j] * inv - mf) * R17, 15)
 
 
 @njit(**INLINE)
