@@ -62,10 +62,10 @@ class AsyncKVTierClient:
         self.namespace = namespace
         self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self._stub = pb_grpc.CacheServiceStub(self._channel)
         want = shared_memory is True or (shared_memory == "auto" and is_loopback(target))
         self._shm = shm_mod.SessionSlot(want, shm_bytes, target, staging_bytes)
+        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.CacheServiceStub(self._channel)
         self._shm_lock = asyncio.Lock()
 
     async def _call(self, method: str, fn: Callable[[float], Awaitable[T]],

@@ -117,10 +117,10 @@ class KVTierClient:
         self.namespace = namespace
         self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes
-        self._channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self._stub = pb_grpc.CacheServiceStub(self._channel)
         want = shared_memory is True or (shared_memory == "auto" and is_loopback(target))
         self._shm = shm_mod.SessionSlot(want, shm_bytes, target, staging_bytes)
+        self._channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.CacheServiceStub(self._channel)
         self._shm_lock = threading.Lock()
 
     # -- plumbing --------------------------------------------------------------------------

@@ -120,6 +120,9 @@ class SessionSlot:
     awaited) is the client's. Not locked: the client serializes its use."""
 
     def __init__(self, wanted: bool, size: int, target: str, staging_bytes: int = 0) -> None:
+        if not 0 <= staging_bytes <= size - DATA_OFFSET:
+            raise ValueError(f"staging_bytes must be within 0..shm_bytes - {DATA_OFFSET} "
+                             f"(shm_bytes is {size}), got {staging_bytes}")
         self.wanted = wanted and available()
         self.size = size
         self.staging_bytes = staging_bytes

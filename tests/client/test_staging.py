@@ -74,6 +74,8 @@ def test_slots_are_reused_after_release_and_run_out_into_ordinary_memory(
         assert c.staged_page(SHAPE).k.ctypes.data == first
         with pytest.raises(ValueError, match="float16 or float32"):
             c.staged_page(SHAPE, "bfloat16")
+    with pytest.raises(ValueError, match="staging_bytes"):
+        KVTierClient(daemon.grpc_address, "t", shm_bytes=1 << 20, staging_bytes=2 << 20)
 
 
 def test_get_replies_never_overwrite_staged_pages(daemon: Daemon) -> None:
