@@ -101,7 +101,7 @@ class AsyncKVTierClient:
             self._shm.failed(segment, call, e.details() if isinstance(e, grpc.RpcError)
                              else "no answer within the client's timeout")
             return None
-        if reply is grpc.aio.EOF:
+        if reply is grpc.aio.EOF:  # type: ignore[attr-defined]  # missing from grpc-stubs
             self._shm.failed(segment, call, "AttachShm ended without a session")
             return None
         return self._shm.attached(segment, call, reply.session, namespace)
