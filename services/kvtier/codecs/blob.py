@@ -97,14 +97,26 @@ def checksum(head: bytes | memoryview, payload: bytes | memoryview) -> int:
 
 def pack_header(h: BlobHeader) -> bytearray:
     """The 64 header bytes with the checksum field as given in ``h``."""
-    L, T, H, D = h.shape
-    return bytearray(
-        HEADER.pack(
-            MAGIC, VERSION, CODEC_IDS[h.codec], DTYPE_IDS[h.dtype], int(h.precision),
-            L, T, H, D, h.start_position, h.group_size, h.sink_tokens, h.outliers,
-            h.key_bits, h.payload_nbytes, h.checksum,
-        )
-    )
+    buf = bytearray(HEADER_SIZE)
+    pack_header_into(buf, h.codec, h.dtype, h.shape, h.start_position, h.precision,
+                     h.group_size, h.sink_tokens, h.outliers, h.payload_nbytes,
+                     key_bits=h.key_bits, checksum=h.checksum)
+    return buf
+
+
+def pack_header_into(buf: bytearray, codec: Codec, dtype: str,
+                     shape: tuple[int, int, int, int], start_position: int,
+                     precision: Precision, group_size: int, sink_tokens: int, outliers: int,
+                     payload_nbytes: int, *, key_bits: int = 0, checksum: int = 0) -> None:
+    """:func:`pack_header` from the fields, into the first 64 bytes of ``buf``.
+
+    The encoder's per-page path: a frozen BlobHeader costs about 2 us to build, a 64 KiB
+    page's whole encode about 30.
+    """
+    L, T, H, D = shape
+    HEADER.pack_into(buf, 0, MAGIC, VERSION, CODEC_IDS[codec], DTYPE_IDS[dtype],
+                     int(precision), L, T, H, D, start_position, group_size, sink_tokens,
+                     outliers, key_bits, payload_nbytes, checksum)
 
 
 def seal(buf: bytearray) -> bytes:

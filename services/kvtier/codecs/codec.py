@@ -31,6 +31,7 @@ from kvtier.types import Codec, Page, Precision
 log = logging.getLogger(__name__)
 
 Blob = bytes | bytearray | memoryview
+_CODEC_PRECISION = {c: Precision.of_codec(c) for c in Codec}  # of_codec builds a dict per call
 _CPU = torch.device("cpu")
 
 
@@ -83,7 +84,7 @@ def encode(page: Page, codec: Codec, params: CodecConfig, *,
     if page.k.requires_grad or page.v.requires_grad:
         page = Page(k=page.k.detach(), v=page.v.detach(), start_position=page.start_position)
     dtype = dtype_name(page.k.dtype)
-    prec = Precision.of_codec(codec)
+    prec = _CODEC_PRECISION[codec]
     if precision is not None:
         prec = min(prec, Precision(precision))
     if codec is Codec.INT4A:
@@ -96,14 +97,15 @@ def encode(page: Page, codec: Codec, params: CodecConfig, *,
         else:
             payload8 = reference.encode_payload(page, lay8)
         return _int4a_blob(h8, payload8, lay8, params)
-    lay = layout_for_encode(codec, dtype, page.shape, page.start_position, params)
-    header = _header(codec, page, lay, params, prec)
-    if _use_kernels(page.k.device):
+    shape = page.shape
+    lay = layout_for_encode(codec, dtype, shape, page.start_position, params)
+    if _use_kernels(page.k.device):  # header packed in place: no BlobHeader per page
         buf = bytearray(HEADER_SIZE + lay.payload_nbytes)  # zeroed: padding stays zero
-        buf[:HEADER_SIZE] = blobfmt.pack_header(header)
+        blobfmt.pack_header_into(buf, codec, dtype, shape, page.start_position, prec,
+                                 params.group_size, lay.S, lay.n_out, lay.payload_nbytes)
         fused.encode_into(page, lay, buf)
     else:
-        buf = blobfmt.pack_header(header)
+        buf = blobfmt.pack_header(_header(codec, page, lay, params, prec))
         buf.extend(reference.encode_payload(page, lay).cpu().numpy().tobytes())
     return blobfmt.seal(buf)
 
