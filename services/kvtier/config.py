@@ -48,8 +48,9 @@ def default_tiers() -> list[TierConfig]:
     return [
         TierConfig(name="hot", medium=Medium.DEVICE, codec=Codec.NONE, capacity_bytes=1 * GiB),
         TierConfig(name="warm", medium=Medium.HOST, codec=Codec.INT8, capacity_bytes=2 * GiB),
-        TierConfig(name="cold", medium=Medium.HOST, codec=Codec.INT4, capacity_bytes=4 * GiB),
-        TierConfig(name="remote", medium=Medium.REDIS, codec=Codec.INT4, capacity_bytes=16 * GiB),
+        TierConfig(name="cold", medium=Medium.HOST, codec=Codec.INT4A, capacity_bytes=4 * GiB),
+        TierConfig(name="remote", medium=Medium.REDIS, codec=Codec.INT4A,
+                   capacity_bytes=16 * GiB),
     ]
 
 
