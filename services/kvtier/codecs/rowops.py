@@ -57,6 +57,8 @@ def _minmax8_typer(typingctx, arr, start, nvec):  # type: ignore[no-untyped-def]
 
     LLVM does not vectorize a float min/max reduction without fast-math, which numba cannot
     scope to one loop; this is the reduction written out in IR. C-contiguous float32 only.
+    Which zero a tie of -0.0 and +0.0 gives depends on the order; no byte of a blob does
+    (see :func:`bounds_row`).
     """
     if not (isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.layout == "C"):
         return None
@@ -64,30 +66,53 @@ def _minmax8_typer(typingctx, arr, start, nvec):  # type: ignore[no-untyped-def]
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         ary = context.make_array(signature.args[0])(context, builder, args[0])
         vty = ir.VectorType(ir.FloatType(), 8)
-        base = builder.gep(ary.data, [args[1]])
-        first = builder.load(builder.bitcast(base, vty.as_pointer()), align=4)
-        lo_p = cgutils.alloca_once_value(builder, first)  # type: ignore[no-untyped-call]
-        hi_p = cgutils.alloca_once_value(builder, first)  # type: ignore[no-untyped-call]
-        one = ir.Constant(args[2].type, 1)
-        with cgutils.for_range(builder, builder.sub(args[2], one)) as loop:
-            i = builder.add(loop.index, ir.Constant(loop.index.type, 1))
-            ptr = builder.gep(base, [builder.mul(i, ir.Constant(i.type, 8))])
-            v = builder.load(builder.bitcast(ptr, vty.as_pointer()), align=4)
-            lo = builder.load(lo_p)
-            hi = builder.load(hi_p)
-            builder.store(builder.select(builder.fcmp_ordered("<", v, lo), v, lo), lo_p)
-            builder.store(builder.select(builder.fcmp_ordered(">", v, hi), v, hi), hi_p)
-        lo = builder.load(lo_p)
-        hi = builder.load(hi_p)
         i32 = ir.IntType(32)
-        slo = builder.extract_element(lo, ir.Constant(i32, 0))
-        shi = builder.extract_element(hi, ir.Constant(i32, 0))
-        for k in range(1, 8):
-            a = builder.extract_element(lo, ir.Constant(i32, k))
-            slo = builder.select(builder.fcmp_ordered("<", a, slo), a, slo)
-            b = builder.extract_element(hi, ir.Constant(i32, k))
-            shi = builder.select(builder.fcmp_ordered(">", b, shi), b, shi)
-        return context.make_tuple(builder, signature.return_type, (slo, shi))
+        n = args[2]
+        base = builder.gep(ary.data, [args[1]])
+
+        def load(i: Any) -> Any:
+            ptr = builder.gep(base, [builder.mul(i, ir.Constant(i.type, 8))])
+            return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=4)
+
+        def vmin(a: Any, b: Any) -> Any:
+            return builder.select(builder.fcmp_ordered("<", b, a), b, a)
+
+        def vmax(a: Any, b: Any) -> Any:
+            return builder.select(builder.fcmp_ordered(">", b, a), b, a)
+
+        def const(v: int) -> Any:
+            return ir.Constant(n.type, v)
+
+        # two accumulators each (even and odd vectors): half the dependency chain
+        first = load(const(0))
+        acc = [cgutils.alloca_once_value(builder, first)  # type: ignore[no-untyped-call]
+               for _ in range(4)]
+        with cgutils.for_range(builder, builder.sdiv(n, const(2))) as loop:
+            v0 = load(builder.mul(loop.index, const(2)))
+            v1 = load(builder.add(builder.mul(loop.index, const(2)), const(1)))
+            builder.store(vmin(builder.load(acc[0]), v0), acc[0])
+            builder.store(vmin(builder.load(acc[1]), v1), acc[1])
+            builder.store(vmax(builder.load(acc[2]), v0), acc[2])
+            builder.store(vmax(builder.load(acc[3]), v1), acc[3])
+        with builder.if_then(builder.icmp_signed("!=", builder.srem(n, const(2)), const(0))):
+            v = load(builder.sub(n, const(1)))
+            builder.store(vmin(builder.load(acc[0]), v), acc[0])
+            builder.store(vmax(builder.load(acc[2]), v), acc[2])
+
+        def across(v: Any, f: Any) -> Any:
+            """8 lanes to 1 by halves (shuffles), not seven dependent extracts."""
+            for lanes in (4, 2):
+                a = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, lanes),
+                                                             list(range(lanes))))
+                b = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, lanes),
+                                                             list(range(lanes, 2 * lanes))))
+                v = f(a, b)
+            return f(builder.extract_element(v, ir.Constant(i32, 0)),
+                     builder.extract_element(v, ir.Constant(i32, 1)))
+
+        lo = across(vmin(builder.load(acc[0]), builder.load(acc[1])), vmin)
+        hi = across(vmax(builder.load(acc[2]), builder.load(acc[3])), vmax)
+        return context.make_tuple(builder, signature.return_type, (lo, hi))
 
     pair = types.UniTuple(types.float32, 2)  # type: ignore[no-untyped-call]
     return pair(arr, types.intp, types.intp), codegen
