@@ -181,7 +181,9 @@ def encode_v(src, kind, L, T, S, HD, Gv, bits, mant, vb, vm, vq,  # type: ignore
 
 @njit(**JIT)
 def decode_k(kb, km, kq, oidx_in, oraw, exps, kind, L, T, S, H, D,  # type: ignore[no-untyped-def]
-             n_out, Gk, bits, mant, out):
+             n_out, Gk, bits, mant, out, nxt):
+    """K of a blob into ``out``; the bytes of ``nxt`` (V's sections) are prefetched on the way,
+    a share per row, so V's decode finds them in cache."""
     HD = H * D
     Tq = T - S
     Ck = H * (D - n_out)
@@ -206,6 +208,7 @@ def decode_k(kb, km, kq, oidx_in, oraw, exps, kind, L, T, S, H, D,  # type: igno
                 taken[h * D + oidx_in[(layer * H + h) * n_out + j]] = True
         rf, rk, rl = _runs(taken, H, D)
         for t in range(Tq):
+            prefetch_share(nxt, 0, nxt.size, layer * Tq + t, L * Tq)
             o = (layer * Tq + t) * rb
             if bits == 8:  # int8 codes are read in place; int4 ones unpacked first
                 qr = kq[o:o + rb]
@@ -338,7 +341,7 @@ def decode_page(blob, sec, geo, mant, out):  # type: ignore[no-untyped-def]
         return 0
     decode_k(blob[sec[8]:sec[9]], blob[sec[10]:sec[11]], blob[sec[16]:sec[17]], oidx,
              blob[sec[6]:sec[7]].view(np.uint16), exps, kind, L, T, S, H, D, n_out, Gk, bits,
-             mant, ok)
+             mant, ok, blob[sec[12]:sec[19]])
     decode_v(blob[sec[12]:sec[13]], blob[sec[14]:sec[15]], blob[sec[18]:sec[19]], exps, kind,
              L, T, S, H * D, Gv, bits, mant, ov)
     return 0
