@@ -65,7 +65,7 @@ def _words(t: torch.Tensor) -> _U16:
         t = t.contiguous()
     if t.dtype is torch.bfloat16:
         t = t.view(torch.int16)
-    a: _U16 = t.numpy().reshape(-1).view(np.uint16)
+    a: _U16 = t.numpy().ravel().view(np.uint16)
     return a
 
 

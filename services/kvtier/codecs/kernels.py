@@ -18,7 +18,7 @@ from numba import njit
 from kvtier.codecs.rowops import (
     JIT, bounds_row, choose, copy, dequant_store, dequant_store_group, get_codes, get_m12,
     group_bounds, load_row, prefetch_share, put_codes, put_m12, quantize_flat, quantize_row,
-    table,
+    share_size, table,
 )
 
 
@@ -116,8 +116,9 @@ def encode_k(src, kind, L, T, S, H, D, n_out, Gk, bits, mant,  # type: ignore[no
                 copy(mf_c[g, rf[r]:], mf[g * Ck + rk[r]:g * Ck + rk[r] + rl[r]])
         lw = T * HD * w  # words of a layer
         pf, p0 = (src, (layer + 1) * lw) if layer + 1 < L else (nxt, 0)
+        per = share_size(lw - S * HD * w, Tq, 2)
         for t in range(Tq):
-            prefetch_share(pf, p0 + S * HD * w, p0 + lw, t, Tq)
+            prefetch_share(pf, p0 + S * HD * w, p0 + lw, t, per)
             o = (layer * Tq + t) * rb
             # the whole row is quantized (one loop; outlier channels give garbage codes),
             # then the kept channels' codes are gathered run by run: int8 ones straight into
@@ -166,8 +167,9 @@ def encode_v(src, kind, L, T, S, HD, Gv, bits, mant, vb, vm, vq,  # type: ignore
                                      m_all[layer * ng:(layer + 1) * ng], inv, mf)
         lw = T * HD * w
         nx = (layer + 1) * lw if layer + 1 < L else 0  # the last layer prefetches nothing
+        per = share_size(lw - S * HD * w, Tq, 2)
         for t in range(Tq):
-            prefetch_share(src, nx + S * HD * w, nx + lw if nx else 0, t, Tq)
+            prefetch_share(src, nx + S * HD * w, nx + lw if nx else 0, t, per)
             row = X[t]
             o = (layer * Tq + t) * rb
             dst = vq[o:o + rb] if bits == 8 else q  # int8: straight into the blob
@@ -196,6 +198,7 @@ def decode_k(kb, km, kq, oidx_in, oraw, exps, kind, L, T, S, H, D,  # type: igno
     s_k = np.empty(ng, np.float32)  # the layer's grid per kept channel, as the blob orders it
     m_k = np.empty(ng, np.float32)
     qk = np.empty(Ck, np.uint8)
+    per = share_size(nxt.size, L * Tq, 1)
     for layer in range(L):
         tab = table(np.int64(exps[2 * layer]), mant)
         get_m12(km, layer * ng, m_l)
@@ -208,7 +211,7 @@ def decode_k(kb, km, kq, oidx_in, oraw, exps, kind, L, T, S, H, D,  # type: igno
                 taken[h * D + oidx_in[(layer * H + h) * n_out + j]] = True
         rf, rk, rl = _runs(taken, H, D)
         for t in range(Tq):
-            prefetch_share(nxt, 0, nxt.size, layer * Tq + t, L * Tq)
+            prefetch_share(nxt, 0, nxt.size, layer * Tq + t, per)
             o = (layer * Tq + t) * rb
             if bits == 8:  # int8 codes are read in place; int4 ones unpacked first
                 qr = kq[o:o + rb]

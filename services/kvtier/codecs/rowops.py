@@ -166,20 +166,25 @@ lrint: Any = intrinsic(_lrint_typer)
 
 
 @njit(**INLINE)
-def prefetch_share(arr, start, end, part, parts):  # type: ignore[no-untyped-def]
-    """Prefetch share ``part`` of ``parts`` of ``arr[start:end]``, one call per cache line.
+def share_size(n, parts, itemsize):  # type: ignore[no-untyped-def]
+    """Elements per share when ``n`` elements are prefetched in ``parts`` shares: whole cache
+    lines, computed once per span (an integer divide per row costs more than it saves)."""
+    step = 64 // itemsize
+    return ((n + parts - 1) // parts + step - 1) // step * step
 
-    Called once per row while a layer is quantized, with the next layer's span: the next
-    layer then arrives from memory while this one computes, instead of stalling its first
-    pass. (Spread out, because the core tracks only a few dozen misses at a time.)
+
+@njit(**INLINE)
+def prefetch_share(arr, start, end, part, per):  # type: ignore[no-untyped-def]
+    """Prefetch share ``part`` (``per`` elements, see :func:`share_size`) of
+    ``arr[start:end]``, one call per cache line.
+
+    Called once per row while a layer is worked on, with the span needed next: it then
+    arrives from memory while this layer computes, instead of stalling its first pass.
+    (Spread out, because the core tracks only a few dozen misses at a time.)
     """
-    n = end - start
-    if n <= 0:
-        return
-    step = 64 // arr.itemsize
-    a = start + n * part // parts
-    b = start + n * (part + 1) // parts
-    for i in range(a - a % step, b, step):
+    a = start + part * per
+    b = min(end, a + per)
+    for i in range(a, b, 64 // arr.itemsize):
         prefetch(arr, i)
 
 
