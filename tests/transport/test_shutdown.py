@@ -19,7 +19,7 @@ def test_stop_finishes_in_flight_calls_and_refuses_new_ones(make_daemon: DaemonF
                                                             ) -> None:
     d = make_daemon()
     store = d.context.store
-    real_put = store.put
+    real_put = store.put_checked
     entered = threading.Event()
 
     def slow_put(*args: Any, **kw: Any) -> Any:  # a put still running when stop() begins
@@ -27,7 +27,7 @@ def test_stop_finishes_in_flight_calls_and_refuses_new_ones(make_daemon: DaemonF
         time.sleep(1.0)
         return real_put(*args, **kw)
 
-    monkeypatch.setattr(store, "put", slow_put)
+    monkeypatch.setattr(store, "put_checked", slow_put)
     c = KVTierClient(d.grpc_address, "stop", timeout_s=10)
     c.get([b"warm-up"])  # attaches the shm session too
     assert c.uses_shared_memory

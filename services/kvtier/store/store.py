@@ -120,6 +120,15 @@ class TierStore:
                 raise InvalidArgument(f"expected a Page, got {type(page).__name__}", field="page")
             pages.append(make_page(page.k, page.v, page.start_position,
                                    max_page_bytes=s.max_page_bytes, allow_nonfinite=True))
+        return self.put_checked(pids, pages, chains)
+
+    def put_checked(self, pids: Sequence[PageId], pages: Sequence[Page],
+                    chains: Sequence[int]) -> list[PutOutcome]:
+        """:meth:`put` for a caller that has checked everything :meth:`put` checks: ``pids``
+        as :func:`~kvtier.pages.check_keys` returns them (one namespace, at most
+        ``max_batch``), ``pages`` as :func:`~kvtier.pages.make_page` builds them (dtype, 4-D
+        shapes alike, at most ``max_page_bytes``), ``chains`` >= 0, one per page. The gRPC
+        servicer checks each header once and comes here, so a put is not validated twice."""
         e = self._engine
         targets = [choose_tier(e, pid, page, chain)
                    for pid, page, chain in zip(pids, pages, chains, strict=True)]

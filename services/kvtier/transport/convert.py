@@ -8,7 +8,6 @@ rebuilds pages from the chunks, copying each page's bytes once where a page lies
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ import torch
 from kvtier.config import Settings
 from kvtier.errors import InvalidArgument, PageTooLarge
 from kvtier.pages import check_finite, check_key, torch_dtype
-from kvtier.types import Page
+from kvtier.types import Page, PageKey
 from kvtier_proto.v1 import cache_pb2 as pb
 
 _ELEM = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -27,7 +26,7 @@ _ELEM = {"float16": 2, "bfloat16": 2, "float32": 4}
 class Header:
     """A checked page header: everything but the bytes."""
 
-    key: bytes
+    key: PageKey
     dtype: str
     shape: tuple[int, ...]
     start_position: int
@@ -39,43 +38,46 @@ class Header:
 def check_header(h: pb.PageHeader, settings: Settings) -> Header:
     """Validate one header; InvalidArgument naming the field otherwise."""
     key = check_key(h.key, settings.max_key_bytes)
-    torch_dtype(h.dtype)  # raises naming the supported dtypes
-    shape = tuple(int(s) for s in h.shape)
-    if len(shape) != 4 or any(s <= 0 for s in shape):
+    dtype = h.dtype
+    elem = _ELEM.get(dtype)
+    if elem is None:
+        torch_dtype(dtype)  # raises naming the supported dtypes
+        raise AssertionError(f"dtype {dtype!r} is supported but has no element size")
+    shape = tuple(h.shape)  # protobuf ints
+    if len(shape) != 4 or min(shape) <= 0:
         raise InvalidArgument(
             f"shape must be 4 positive sizes [layers, tokens, kv_heads, head_dim], got "
             f"{list(shape)}", field="shape"
         )
-    if h.v_dtype and h.v_dtype != h.dtype:
+    if h.v_dtype and h.v_dtype != dtype:
         torch_dtype(h.v_dtype)
         raise InvalidArgument(
-            f"k and v dtypes differ: k {h.dtype} vs v {h.v_dtype}", field="v.dtype"
+            f"k and v dtypes differ: k {dtype} vs v {h.v_dtype}", field="v.dtype"
         )
-    if h.v_shape and tuple(int(s) for s in h.v_shape) != shape:
+    if h.v_shape and tuple(h.v_shape) != shape:
         raise InvalidArgument(
             f"k and v shapes differ: k {list(shape)} vs v {list(h.v_shape)}", field="v.shape"
         )
-    if h.start_position < 0:
-        raise InvalidArgument(
-            f"start_position must be >= 0, got {h.start_position}", field="start_position"
-        )
-    want = _ELEM[h.dtype] * math.prod(shape)
+    start = h.start_position
+    if start < 0:
+        raise InvalidArgument(f"start_position must be >= 0, got {start}", field="start_position")
+    want = elem * shape[0] * shape[1] * shape[2] * shape[3]
     if 2 * want > settings.max_page_bytes:
         raise PageTooLarge(
             f"page is {2 * want} bytes (k+v), above the maximum page size of "
             f"{settings.max_page_bytes} bytes", field="page"
         )
-    for name, got in (("k", h.k_len), ("v", h.v_len)):
-        if got != want:
-            raise InvalidArgument(
-                f"{name} has {got} bytes but dtype {h.dtype} x shape {list(shape)} needs {want}",
-                field=f"{name}.data",
-            )
-    chain = int(h.chain_position) if h.HasField("chain_position") else None
+    if h.k_len != want or h.v_len != want:
+        name, got = ("k", h.k_len) if h.k_len != want else ("v", h.v_len)
+        raise InvalidArgument(
+            f"{name} has {got} bytes but dtype {dtype} x shape {list(shape)} needs {want}",
+            field=f"{name}.data",
+        )
+    chain = h.chain_position if h.HasField("chain_position") else None
     if chain is not None and chain < 0:
         raise InvalidArgument(f"chain_position must be >= 0, got {chain}", field="chain_position")
-    shm = int(h.shm_offset) if h.HasField("shm_offset") else None
-    return Header(key, h.dtype, shape, int(h.start_position), want, chain, shm)
+    shm = h.shm_offset if h.HasField("shm_offset") else None
+    return Header(key, dtype, shape, start, want, chain, shm)
 
 
 def build_page(h: Header, k: bytes | memoryview, v: bytes | memoryview, *,
@@ -83,11 +85,12 @@ def build_page(h: Header, k: bytes | memoryview, v: bytes | memoryview, *,
     """The page of ``h`` from its bytes, which are checked here for NaN/Inf.
 
     ``h`` was checked by :func:`check_header`: sizes, dtype, shape, start position, i.e. all
-    that :func:`~kvtier.pages.make_page` checks (``TierStore.put`` runs it again). By default the bytes are copied once into memory the page owns. With ``borrow``
-    (writable views only: the shared-memory path) the tensors are views of ``k`` and ``v``:
-    the caller keeps that memory unchanged until the store's ``put`` returned, which copies
-    every page it keeps (``TierStore.put`` never aliases its caller), so a page crosses with
-    one copy in all.
+    that :func:`~kvtier.pages.make_page` checks, so the page can go to
+    ``TierStore.put_checked``, which does not check it again. By default the bytes are copied
+    once into memory the page owns. With ``borrow`` (writable views only: the shared-memory
+    path) the tensors are views of ``k`` and ``v``: the caller keeps that memory unchanged
+    until the store's put returned, which copies every page it keeps (the store never aliases
+    its caller), so a page crosses with one copy in all.
     """
     dt = torch_dtype(h.dtype)
     n = h.nbytes

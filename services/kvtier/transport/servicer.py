@@ -11,24 +11,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack
+from collections.abc import Iterable, Iterator, Sequence
+from typing import cast
 
 import grpc
 
 from kvtier.errors import InvalidArgument, UnknownTier
 from kvtier.pages import check_keys, check_namespace
+from kvtier.store.results import PutOutcome
 from kvtier.transport.context import DaemonContext
 from kvtier.transport.convert import (
-    Header,
     PutAssembler,
     build_page,
     byte_view,
     check_header,
     chunks,
 )
-from kvtier.transport.shm import TOKEN_BYTES, ShmRegistry, align_up
-from kvtier.types import Page
+from kvtier.transport.shm import TOKEN_BYTES, ShmRegistry, ShmSession, align_up
+from kvtier.types import Namespace, Page, PageId
 from kvtier_proto.v1 import cache_pb2 as pb
 from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
 
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 16 << 20
 MIN_CHUNK_BYTES = 4 << 10
+_PUT_OUTCOME = {PutOutcome.STORED: pb.PUT_OUTCOME_STORED, PutOutcome.EXISTS: pb.PUT_OUTCOME_EXISTS}
 
 
 class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
@@ -58,77 +59,78 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
     # -- data path -------------------------------------------------------------------------
 
     def Put(self, request: pb.PutRequest, context: grpc.ServicerContext) -> pb.PutReply:
-        return self.PutStream(iter((request,)), context)
+        return self._put((request,))
 
     def PutStream(self, request_iterator: Iterator[pb.PutRequest],
                   context: grpc.ServicerContext) -> pb.PutReply:
-        with ExitStack() as borrowed:  # shm segments stay in use until the store copied
-            return self._put(request_iterator, borrowed)
+        return self._put(request_iterator)
 
-    def _put(self, request_iterator: Iterator[pb.PutRequest],
-             borrowed: ExitStack) -> pb.PutReply:
-        namespace: str | None = None
+    def _put(self, requests: Iterable[pb.PutRequest]) -> pb.PutReply:
+        borrowed: list[tuple[ShmSession, memoryview]] = []
+        try:
+            outcomes = self._store_pages(requests, borrowed)
+        finally:  # the pages viewing the segment died with _store_pages' frame
+            for session, seg in borrowed:
+                session.give_back(seg)
+        return pb.PutReply(outcomes=[_PUT_OUTCOME[o] for o in outcomes])
+
+    def _store_pages(self, requests: Iterable[pb.PutRequest],
+                     borrowed: list[tuple[ShmSession, memoryview]]) -> list[PutOutcome]:
+        """Check every header once, build the pages (shm pages borrow the segment, which
+        stays in use until the store copied them) and store them."""
+        namespace: Namespace | None = None
         session_id = ""
+        session: ShmSession | None = None
         seg: memoryview | None = None
-        headers: list[Header] = []
-        entries: dict[int, tuple[Header, Page]] = {}
+        pids: list[PageId] = []
+        chains: list[int | None] = []
+        pages: list[Page | None] = []
         inline_idx: list[int] = []
         assembler = PutAssembler(self._settings)
-        for req in request_iterator:
+        for req in requests:
             if namespace is None:
                 namespace = check_namespace(req.namespace)
                 session_id = req.shm_session
             elif req.namespace and req.namespace != namespace:
                 raise InvalidArgument("namespace changed within one put stream",
                                       field="namespace")
-            shm_batch: list[tuple[int, Header]] = []
+            if len(pids) + len(req.pages) > self._settings.max_batch:
+                raise InvalidArgument(
+                    f"{len(pids) + len(req.pages)} pages in one call, more than the maximum "
+                    f"batch of {self._settings.max_batch}", field="pages"
+                )
             for raw_header in req.pages:
                 h = check_header(raw_header, self._settings)
-                idx = len(headers)
-                headers.append(h)
+                pids.append(PageId(namespace, h.key))
+                chains.append(h.chain_position)
                 if h.shm_offset is None:
                     assembler.add_headers([h])
-                    inline_idx.append(idx)
-                elif not session_id:
+                    inline_idx.append(len(pages))
+                    pages.append(None)
+                    continue
+                if not session_id:
                     raise InvalidArgument("shm_offset set without an shm_session",
                                           field="shm_offset")
-                else:
-                    shm_batch.append((idx, h))
-            if len(headers) > self._settings.max_batch:
-                raise InvalidArgument(
-                    f"{len(headers)} pages in one call, more than the maximum batch of "
-                    f"{self._settings.max_batch}", field="pages"
-                )
-            if shm_batch:
-                session = self._shm.get(session_id)
-                if seg is None:
-                    seg = borrowed.enter_context(session.use(namespace))
-                for idx, h in shm_batch:
-                    off = int(h.shm_offset or 0)
-                    session.check_range(off, 2 * h.nbytes, "shm_offset")
-                    entries[idx] = (h, build_page(h, seg[off:off + h.nbytes],
-                                                  seg[off + h.nbytes:off + 2 * h.nbytes],
-                                                  borrow=True))
+                if session is None or seg is None:
+                    session = self._shm.get(session_id)
+                    seg = session.borrow(namespace)
+                    borrowed.append((session, seg))
+                off, n = h.shm_offset, h.nbytes
+                session.check_range(off, 2 * n, "shm_offset")
+                pages.append(build_page(h, seg[off:off + n], seg[off + n:off + 2 * n],
+                                        borrow=True))
             if req.data:
                 assembler.feed(req.data)
-        if namespace is None or not headers:
+        if namespace is None or not pids:
             raise InvalidArgument("the page list is empty", field="pages")
         assembler.finish()
-        entries.update(zip(inline_idx, assembler.pages))
-        ordered = [entries[i] for i in range(len(headers))]
-        keys = [h.key for h, _ in ordered]
-        if len(set(keys)) != len(keys):
+        for i, (_, page) in zip(inline_idx, assembler.pages):
+            pages[i] = page
+        if len(set(pids)) != len(pids):
             raise InvalidArgument("the same key appears twice in one put", field="keys")
-        chain = [h.chain_position for h, _ in ordered]
-        chain_positions = None if any(c is None for c in chain) else [int(c or 0) for c in chain]
-        items = [(h.key, p) for h, p in ordered]
-        del entries, ordered
-        outcomes = self._store.put(namespace, items, chain_positions)
-        del items  # drop borrowed views before the segment is released
-        return pb.PutReply(outcomes=[
-            pb.PUT_OUTCOME_STORED if o.name == "STORED" else pb.PUT_OUTCOME_EXISTS
-            for o in outcomes
-        ])
+        if any(c is None for c in chains):  # the store's default: positions in the batch
+            chains = list(range(len(pids)))
+        return self._store.put_checked(pids, cast(list[Page], pages), cast(list[int], chains))
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetReply:
         results, inline = self._gather(request, unary=True)

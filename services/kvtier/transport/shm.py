@@ -94,18 +94,29 @@ class ShmSession:
                 field="shm_session",
             )
 
+    def borrow(self, namespace: str) -> memoryview:
+        """The segment's bytes for one call of ``namespace`` (refuses other namespaces);
+        the session cannot close until :meth:`give_back`. :meth:`use` is the same as a
+        ``with`` block; the put path calls these two itself to save the generator."""
+        self.check_owner(namespace)
+        self._lock.acquire()
+        if self._closed:
+            self._lock.release()
+            raise Conflict("shm session is closed; attach again", field="shm_session")
+        return memoryview(self._mm)
+
+    def give_back(self, view: memoryview) -> None:
+        view.release()
+        self._lock.release()
+
     @contextmanager
     def use(self, namespace: str) -> Iterator[memoryview]:
         """The segment's bytes for one call of ``namespace``; refuses other namespaces."""
-        self.check_owner(namespace)
-        with self._lock:
-            if self._closed:
-                raise Conflict("shm session is closed; attach again", field="shm_session")
-            view = memoryview(self._mm)
-            try:
-                yield view
-            finally:
-                view.release()
+        view = self.borrow(namespace)
+        try:
+            yield view
+        finally:
+            self.give_back(view)
 
     def check_range(self, offset: int, length: int, field: str) -> None:
         if offset < TOKEN_BYTES or length < 0 or offset + length > self.size:
