@@ -25,6 +25,8 @@ from kvtier.transport.stats import RpcSample, RpcStats
 
 log = logging.getLogger(__name__)
 
+_MAX_WRAPPED = 256
+
 
 def _size(msg: Any) -> int:
     try:
@@ -97,6 +99,10 @@ class ErrorInterceptor(_ServerInterceptor):
 
     def __init__(self, stats: RpcStats) -> None:
         self._stats = stats
+        # (method path, id(handler)) -> (handler, wrapped): gRPC asks on every call, and the
+        # services' handlers are fixed objects, so each is wrapped once (the handler is kept
+        # so that its id cannot be reused by another object)
+        self._wrapped: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     def intercept_service(
         self,
@@ -106,7 +112,20 @@ class ErrorInterceptor(_ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        method = str(handler_call_details.method).rsplit("/", 1)[-1]
+        path = str(handler_call_details.method)
+        key = (path, id(handler))
+        cached = self._wrapped.get(key)
+        if cached is not None and cached[0] is handler:
+            wrapped: grpc.RpcMethodHandler[Any, Any] = cached[1]
+            return wrapped
+        wrapped = self._wrap(handler, path.rsplit("/", 1)[-1])
+        if len(self._wrapped) < _MAX_WRAPPED:  # handlers made per call are wrapped per call
+            self._wrapped[key] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any],
+              method: str) -> grpc.RpcMethodHandler[Any, Any]:
+        """``handler`` inside the error mapping and the per-call statistics."""
         stats = self._stats
         kw = {
             "request_deserializer": handler.request_deserializer,
