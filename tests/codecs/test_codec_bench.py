@@ -15,8 +15,9 @@ def test_bench_reports_issue_keys_and_ratio_targets() -> None:
         assert r["page_bytes"] == {"64KiB": 64 << 10, "2MiB": 2 << 20}[size]
         assert r["working_set_bytes"] >= 4 << 20
         assert r["int8"]["ratio"] >= 1.9 and r["int4"]["ratio"] >= 3.5  # all metadata counted
-        for codec in ("int8", "int4"):
+        assert r["int4a"]["ratio"] >= 3.5
+        for codec in ("int8", "int4", "int4a"):
             x = r[codec]
             assert x["encode_gbps"] > 0 and x["decode_gbps"] > 0
             assert abs(x["decode_vs_memcpy"] - x["decode_gbps"] / r["memcpy_gbps"]) < 0.01
-    assert set(res["int8"]) == {"encode_gbps", "decode_gbps", "ratio"}
+    assert set(res["int8"]) == set(res["int4a"]) == {"encode_gbps", "decode_gbps", "ratio"}
