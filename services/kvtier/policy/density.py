@@ -264,6 +264,7 @@ class DensityCache(ReplacementCore):
         self._pos: dict[Key, int] = {}
         self._rng = random.Random(seed)
         self._cls: dict[Key, int] = {}  # classes of the request being served
+        self._staged: tuple[Key, Key] | None = None  # (admitted key, the victim admit() chose)
         self.bypassed = 0
 
     def __contains__(self, key: Key) -> bool:
@@ -310,8 +311,9 @@ class DensityCache(ReplacementCore):
         if not self._mode() or len(self._res) < self.capacity:
             return True
         now = self.model.now
-        floor, _ = self._sample_victim(now)
+        floor, victim = self._sample_victim(now)
         if self.model.density(self._class(key), 0) >= floor:
+            self._staged = (key, victim)  # insert() evicts the block it was compared with
             return True
         self.bypassed += 1
         return False
@@ -327,8 +329,15 @@ class DensityCache(ReplacementCore):
     def insert(self, key: Key) -> list[Key]:
         out: list[Key] = []
         now = self.model.now
+        staged, self._staged = self._staged, None
         while len(self._res) >= self.capacity:
-            victim = self._sample_victim(now)[1] if self._mode() else next(iter(self._res))
+            if not self._mode():
+                victim = next(iter(self._res))
+            elif staged is not None and staged[0] == key and staged[1] in self._res:
+                victim = staged[1]
+            else:
+                victim = self._sample_victim(now)[1]
+            staged = None
             self._drop(victim)
             out.append(victim)
         self._res[key] = (now, self._class(key))
