@@ -2,7 +2,7 @@
 
 Simulation names are the live policies plus ``belady`` (the offline bound, report-only). The
 learned policy in tier mode uses one model for the whole stack: the top tier's core learns and
-duels against LRU, the lower tiers rank by the same predictions and follow its mode.
+duels against LRU, the lower tiers rank by the same reuse densities and follow its mode.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ BASELINES: dict[str, type[ReplacementCore]] = {
 SIM_POLICIES: tuple[str, ...] = ("lru", "lfu", "arc", "s3fifo", "learned", "belady")
 
 
-def learned_factory(total_slots: int, *, seed: int, device: str) -> CoreFactory:
+def learned_factory(total_slots: int, *, seed: int) -> CoreFactory:
     """Cores sharing one model: the first one built leads, the others follow."""
     model = ReuseDensity(max(4096, HORIZON_PER_SLOT * total_slots))
     leader: list[LearnedCore] = []
@@ -42,11 +42,15 @@ def learned_factory(total_slots: int, *, seed: int, device: str) -> CoreFactory:
 def run_policy(trace: Trace, policy: str, capacity: int, *,
                tiers: Sequence[tuple[str, int]] | None = None, seed: int = 0,
                device: str = "cpu", progress: Progress | None = None) -> SimResult:
-    """Replay ``trace`` with ``policy`` at ``capacity`` slots (split over ``tiers`` if given)."""
+    """Replay ``trace`` with ``policy`` at ``capacity`` slots (split over ``tiers`` if given).
+
+    ``device`` is accepted for callers but unused: the simulated learned policy decides by the
+    reuse density, which needs no torch (the live policy's predictor takes its own device).
+    """
     if policy == "belady":
         return simulate_belady(trace, capacity, progress=progress)
     if policy == "learned":
-        factory = learned_factory(capacity, seed=seed, device=device)
+        factory = learned_factory(capacity, seed=seed)
     elif policy in BASELINES:
         factory = BASELINES[policy]
     else:
