@@ -33,7 +33,8 @@ def register(subparsers: Any) -> None:
     q.add_argument("--tokens", type=int, default=8192, help="tokens to score (default 8192)")
     q.add_argument("--page-tokens", type=int, default=256, help="tokens per page (default 256)")
     q.add_argument("--codecs", nargs="+", default=None,
-                   help="codecs/placements: none int8 int4 int4r fp8 mixed[:A:B] mixedr[:A:B]")
+                   help="codecs/placements: none int8 int4 int4a int4q int4r fp8 mixed[:A:B] "
+                        "mixed4[:A:B] (default: none int8 int4 int4a mixed mixed:0.10:0.30)")
     q.add_argument("--ablation", action="store_true", help="also run the protection ablation")
     q.add_argument("--research", action="store_true", help="also run the research codecs")
     q.add_argument("--passkey-trials", type=int, default=20,
