@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from kvtier.daemon import Daemon
-from kvtier_client import KVTierClient
+from kvtier_client import KVTierClient, Page
+from kvtier_client.errors import InvalidArgumentError
 from kvtier_client.shm import Segment
 from kvtier_proto.v1 import cache_pb2 as pb
 from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
@@ -135,4 +136,30 @@ def test_threads_sharing_one_client_never_see_each_others_pages(daemon: Daemon) 
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(worker, range(4)))
     assert c.uses_shared_memory and not errors
+    c.close()
+
+
+def test_one_put_mixing_segment_and_inline_pages_keeps_order_and_chain(daemon: Daemon) -> None:
+    # a 64 KiB segment holds three 16 KiB pages; the other two go inline in the same call
+    c = KVTierClient(daemon.grpc_address, "mixed", shm_bytes=1 << 16)
+    keys = [b"m%d" % i for i in range(5)]
+    pages = [Page(p.k, p.v, 16 * i, chain_position=10 + i)
+             for i, p in enumerate(make_page(40 + i) for i in range(5))]
+    assert c.put(keys, pages) == ["stored"] * 5
+    assert c.uses_shared_memory
+    store = daemon.context.store
+    for i, (key, page) in enumerate(zip(keys, pages)):
+        info = store.page_info("mixed", key)
+        assert info is not None and info.chain_position == 10 + i
+        got = c.get([key])[0]
+        assert got is not None and got.start_position == 16 * i
+        assert np.array_equal(got.k, page.k) and np.array_equal(got.v, page.v)
+    with pytest.raises(InvalidArgumentError, match="twice"):
+        c.put([b"d", b"d"], [make_page(1), make_page(2)])
+    bad = make_page(3)
+    bad.v[0, 0, 0, 0] = np.inf
+    with pytest.raises(InvalidArgumentError, match="v holds NaN or Inf"):
+        c.put([b"bad"], [bad])  # checked in the segment, before the store copies it
+    assert store.page_info("mixed", b"bad") is None
+    assert c.put([b"m0"], [pages[0]]) == ["exists"]
     c.close()
