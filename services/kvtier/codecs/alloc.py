@@ -218,7 +218,7 @@ def from_int8(payload8: torch.Tensor, lay8: Layout, key_bits: float, *,
     vq8, vq = _section(payload8, lay8, "vq"), _section(out, lay, "vq")
     if kernels and _fast(out):
         alloc_kernels.pack_keys(kq8.numpy(), L, Tq, C, bits.numpy().reshape(-1),
-                                lay.kq_row_bytes, kq.numpy())
+                                lay.kq_row_bytes, kq.numpy(), alloc_kernels.TO_B)
         fused.int8_rows_to_int4(vq8.numpy().data, lay.HD, vq.numpy().data)
         return out, lay
     qk = codes_from_int8(kq8.reshape(L, Tq, C), bits[:, None])
@@ -254,7 +254,7 @@ def to_int8(payload: torch.Tensor, lay: Layout, *,
     vq, vq8 = _section(payload, lay, "vq"), _section(out, lay8, "vq")
     if kernels and _fast(out):
         alloc_kernels.unpack_keys(kq.numpy(), L, Tq, C, bits.numpy().reshape(-1),
-                                  lay.kq_row_bytes, kq8.numpy())
+                                  lay.kq_row_bytes, kq8.numpy(), alloc_kernels.TO_8)
         alloc_kernels.int4_rows_to_int8(vq.numpy(), L * Tq, lay.HD, vq8.numpy())
         return out, lay8
     qk = unpack_codes(kq.reshape(L, Tq, -1), bits)

@@ -14,54 +14,75 @@ from numba import njit
 from kvtier.codecs.rowops import JIT
 
 
+def _tables() -> tuple[np.ndarray, np.ndarray]:
+    """``TO_B[b, q8]``: the ``b``-bit code of an int8 code; ``TO_8[b, q]``: the int8 code of a
+    ``b``-bit code (the integer maps of :mod:`kvtier.codecs.alloc`, as lookup tables)."""
+    to_b = np.zeros((9, 256), np.uint8)
+    to_8 = np.zeros((9, 256), np.uint8)
+    q = np.arange(256, dtype=np.int64)
+    for b in range(1, 9):
+        lv = (1 << b) - 1
+        to_b[b] = (2 * q * lv + 255) // 510
+        to_8[b, :lv + 1] = (510 * q[:lv + 1] + lv) // (2 * lv)
+    return to_b, to_8
+
+
+TO_B, TO_8 = _tables()
+
+
 @njit(**JIT)
-def _offsets(bits, layer, C):  # type: ignore[no-untyped-def]
-    off = np.empty(C, np.int64)
-    acc = 0
+def _plan(bits, layer, C):  # type: ignore[no-untyped-def]
+    """Per channel of one layer: byte in the row, shift, width, and whether it straddles."""
+    at = np.empty(C, np.int64)
+    sh = np.empty(C, np.int64)
+    wide = np.empty(C, np.bool_)
+    acc = np.int64(0)
     for c in range(C):
-        off[c] = acc
-        acc += bits[layer * C + c]
-    return off
+        b = np.int64(bits[layer * C + c])
+        at[c] = acc >> 3
+        sh[c] = acc & 7
+        wide[c] = sh[c] + b > 8
+        acc += b
+    return at, sh, wide
 
 
 @njit(**JIT)
-def pack_keys(q8, L, T, C, bits, rb, out):  # type: ignore[no-untyped-def]
+def pack_keys(q8, L, T, C, bits, rb, out, to_b):  # type: ignore[no-untyped-def]
     """int8 K codes -> rows of ``bits``-wide codes ``round(q8 (2^b - 1) / 255)``; ``out`` is
     zeroed."""
     for layer in range(L):
-        off = _offsets(bits, layer, C)
+        at, sh, wide = _plan(bits, layer, C)
+        lut = np.empty(C, np.int64)
+        for c in range(C):
+            lut[c] = np.int64(bits[layer * C + c])
         for t in range(T):
             src = (layer * T + t) * C
             base = (layer * T + t) * rb
             for c in range(C):
-                lv = (np.int32(1) << bits[layer * C + c]) - 1
-                j = (2 * np.int32(q8[src + c]) * lv + 255) // 510
-                v = j << (off[c] & 7)
-                at = base + (off[c] >> 3)
-                out[at] |= np.uint8(v & 0xFF)
-                if v > 0xFF:
-                    out[at + 1] |= np.uint8(v >> 8)
+                v = np.int32(to_b[lut[c], q8[src + c]]) << sh[c]
+                out[base + at[c]] |= np.uint8(v & 0xFF)
+                if wide[c]:
+                    out[base + at[c] + 1] |= np.uint8(v >> 8)
 
 
 @njit(**JIT)
-def unpack_keys(rows, L, T, C, bits, rb, out):  # type: ignore[no-untyped-def]
+def unpack_keys(rows, L, T, C, bits, rb, out, to_8):  # type: ignore[no-untyped-def]
     """Rows of ``bits``-wide K codes -> the int8 codes they stand for,
     ``round(q 255 / (2^b - 1))``."""
     for layer in range(L):
-        off = _offsets(bits, layer, C)
+        at, sh, wide = _plan(bits, layer, C)
+        width = np.empty(C, np.int64)
+        for c in range(C):
+            width[c] = np.int64(bits[layer * C + c])
         for t in range(T):
             base = (layer * T + t) * rb
-            end = base + rb
             dst = (layer * T + t) * C
             for c in range(C):
-                b = bits[layer * C + c]
-                lv = (np.int32(1) << b) - 1
-                at = base + (off[c] >> 3)
-                word = np.int32(rows[at])
-                if at + 1 < end:
-                    word |= np.int32(rows[at + 1]) << 8
-                j = (word >> (off[c] & 7)) & lv
-                out[dst + c] = np.uint8((510 * j + lv) // (2 * lv))
+                word = np.int32(rows[base + at[c]])
+                if wide[c]:
+                    word |= np.int32(rows[base + at[c] + 1]) << 8
+                q = (word >> sh[c]) & ((np.int32(1) << width[c]) - 1)
+                out[dst + c] = to_8[width[c], q]
 
 
 @njit(**JIT)
