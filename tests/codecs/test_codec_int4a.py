@@ -175,3 +175,23 @@ def test_pages_of_only_sinks_roundtrip_exactly() -> None:
 
 def test_kernels_self_test_passes() -> None:
     assert alloc.self_test()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape,start,params", [
+    ((2, 70, 2, 128), 0, CodecConfig()),
+    ((1, 130, 1, 24), 2, CodecConfig(outlier_fraction=0.0, min_outlier_channels=0)),
+    ((2, 33, 2, 40), 1, CodecConfig(group_size=7, outlier_fraction=0.05)),
+    ((2, 64, 2, 63), 9, CodecConfig()),  # odd head_dim: no rotary pairs
+])
+def test_allocation_kernel_matches_the_torch_rule(dtype: str, shape: tuple[int, int, int, int],
+                                                  start: int, params: CodecConfig) -> None:
+    from kvtier.codecs.layout import layout_for_encode
+
+    page = _wide_channels(shape, seed=sum(shape), start=start)
+    page = Page(k=page.k.to(DTYPES[dtype]), v=page.v.to(DTYPES[dtype]), start_position=start)
+    lay8 = layout_for_encode(Codec.INT8, dtype, page.shape, start, params)
+    payload8 = reference.encode_payload(page, lay8)
+    budget = alloc.head_budget(4.0, lay8.D - lay8.n_out)
+    want = alloc.allocate(alloc.key_weights(payload8, lay8), budget).reshape(lay8.L, -1)
+    assert torch.equal(alloc._allocate_kernel(payload8, lay8, budget), want)

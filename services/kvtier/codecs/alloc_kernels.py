@@ -1,5 +1,6 @@
-"""numba kernels for int4a's code maps on the CPU (the torch code in :mod:`kvtier.codecs.alloc`
-is the reference and the device path; the tests hold both to the same bytes).
+"""numba kernels for int4a on the CPU: the key bit allocation and the code maps (the torch code
+in :mod:`kvtier.codecs.alloc` is the reference and the device path; the tests and
+:func:`kvtier.codecs.alloc.self_test` hold both to the same bytes).
 
 Arrays are flat uint8. ``bits`` is ``[L, C']``; K codes are ``[L, T', C']`` int8 codes on one
 side and rows of ``rb`` bytes on the other (channel ``c``'s code at bit ``sum(bits[:c])`` of its
@@ -7,6 +8,8 @@ token's row, little-endian).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from numba import njit
@@ -94,3 +97,75 @@ def int4_rows_to_int8(src, rows, width, dst):  # type: ignore[no-untyped-def]
             byte = src[r * rb + (j >> 1)]
             q = byte & 0x0F if j % 2 == 0 else byte >> 4
             dst[r * width + j] = np.uint8(17 * q)
+
+
+@njit(**JIT)
+def _m12(src, i):  # type: ignore[no-untyped-def]
+    p = 3 * (i // 2)
+    if i % 2 == 0:
+        u = np.int64(src[p]) | ((np.int64(src[p + 2]) & 0x0F) << 8)
+    else:
+        u = np.int64(src[p + 1]) | ((np.int64(src[p + 2]) >> 4) << 8)
+    return u - 4096 if u >= 2048 else u
+
+
+@njit(**JIT)
+def allocate_keys(  # type: ignore[no-untyped-def]
+        kb, km, e0, mant, L, nk, Gk, Tq, H, D, n_out, oidx, opeak, drop, budget, out):
+    """Bits of every quantized K channel (``out`` ``[L, C']``), the same numbers as
+    :func:`kvtier.codecs.alloc.key_weights` then :func:`~kvtier.codecs.alloc.allocate` (same
+    float64 operations in the same order, the same stable sort)."""
+    Dk = D - n_out
+    C = H * Dk
+    nm = drop.size
+    for layer in range(L):
+        peak = np.zeros(H * D)
+        kidx = np.empty(C, np.int64)
+        j = 0
+        for h in range(H):
+            for d in range(D):
+                kept = True
+                for o in range(n_out):
+                    if oidx[(layer * H + h) * n_out + o] == d:
+                        kept = False
+                if kept:
+                    kidx[j] = h * D + d
+                    j += 1
+            for o in range(n_out):
+                peak[h * D + oidx[(layer * H + h) * n_out + o]] = opeak[(layer * H + h) * n_out + o]
+        step2 = np.zeros(C)
+        for c in range(C):
+            acc = 0.0
+            reach = 0.0
+            for g in range(nk):
+                i = (layer * nk + g) * C + c
+                b = np.int64(kb[i])
+                s = math.ldexp(mant[b & 15], int(e0[layer] + (b >> 4)))
+                m = np.float64(_m12(km, i))
+                n = np.float64(Tq - g * Gk if g == nk - 1 else Gk)
+                acc = acc + (s * s) * n
+                r = max(abs(m * s), abs((m + 255.0) * s))
+                if r > reach:
+                    reach = r
+            step2[c] = acc
+            peak[kidx[c]] = reach
+        if D % 2 == 0:
+            half = D // 2
+            for h in range(H):
+                for d in range(half):
+                    p = max(peak[h * D + d], peak[h * D + d + half])
+                    peak[h * D + d] = p
+                    peak[h * D + d + half] = p
+        gains = np.empty(nm * Dk)
+        count = np.zeros(Dk, np.int64)
+        for h in range(H):
+            for k in range(nm):
+                for c in range(Dk):
+                    pk = peak[kidx[h * Dk + c]]
+                    gains[k * Dk + c] = (step2[h * Dk + c] * (pk * pk)) * drop[k]
+            order = np.argsort(-gains, kind="mergesort")
+            count[:] = 0
+            for t in range(budget - 2 * Dk):
+                count[order[t] % Dk] += 1
+            for c in range(Dk):
+                out[layer * C + h * Dk + c] = np.uint8(2 + count[c])
