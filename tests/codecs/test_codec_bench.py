@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kvtier.bench import codecs as bench
 from kvtier.config import CodecConfig
 
@@ -21,3 +23,33 @@ def test_bench_reports_issue_keys_and_ratio_targets() -> None:
             assert x["encode_gbps"] > 0 and x["decode_gbps"] > 0
             assert abs(x["decode_vs_memcpy"] - x["decode_gbps"] / r["memcpy_gbps"]) < 0.01
     assert set(res["int8"]) == set(res["int4a"]) == {"encode_gbps", "decode_gbps", "ratio"}
+
+
+def test_bench_two_threads_reports_the_same_shape() -> None:
+    res = bench.run(["2MiB"], total_mib=8, repeat=1, params=CodecConfig(), clock="wall",
+                    threads=2)
+    assert res["threads"] == 2 and res["headline_size"] == "2MiB"
+    assert res["memcpy_gbps"] > 0 and res["memcpy_torch_gbps"] > 0
+    r = res["sizes"]["2MiB"]
+    assert r["pages"] == 4 and r["working_set_bytes"] == 8 << 20  # two pages a thread
+    for codec in ("int8", "int4", "int4a"):
+        assert set(res[codec]) == {"encode_gbps", "decode_gbps", "ratio"}
+        x = r[codec]
+        assert x["encode_gbps"] > 0 and x["decode_gbps"] > 0
+        assert x["encode_spread"]["worst"] > 0 and x["decode_spread"]["worst"] > 0
+    assert r["int8"]["ratio"] >= 1.9 and r["int4"]["ratio"] >= 3.5
+
+
+def test_shares_split_pages_disjointly_and_evenly() -> None:
+    shares = bench._shares(7, 3)
+    assert [list(s) for s in shares] == [[0, 1], [2, 3], [4, 5, 6]]
+    assert [list(s) for s in bench._shares(1, 2)] == [[], [0]]
+
+
+def test_an_error_in_a_worker_thread_reaches_the_caller() -> None:
+    def boom(i: int) -> None:
+        if i == 3:
+            raise RuntimeError("page 3")
+
+    with pytest.raises(RuntimeError, match="page 3"):
+        bench._time([boom, boom], n=4, nbytes=1, repeat=1)

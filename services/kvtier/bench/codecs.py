@@ -20,14 +20,24 @@ memcpy are of figures from the same run. ``--clock thread`` times with the calli
 CPU clock instead of the wall clock: on a shared, loaded box that leaves out the time the
 thread waited for a core (stalls on memory still count), for memcpy and codecs alike; the
 torch copy, which runs on other threads too, is always timed by the wall clock.
+
+``--threads N`` (default 1) runs memcpy and every codec and direction alike on N Python
+threads at once, each working through its own disjoint, contiguous share of the working
+set's pages (memcpy into a buffer of its own); a barrier starts them together, and a pass's
+throughput is all its bytes over the time of the slowest thread (by either clock, each
+thread reading its own). The numba kernels and ``numpy.copyto`` release the GIL, so the
+threads truly overlap, except for the Python around each codec call. N = 2 on the 2-core
+box is the like-for-like comparison with torch's two-core ``copy_``; N = 1 with the
+one-thread copy.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,31 +88,69 @@ def working_set(shape: tuple[int, int, int, int], total_bytes: int, seed: int = 
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread": time.thread_time}
 
 
-def _time(fn: Callable[[int], object], n: int, nbytes: int, repeat: int,
+def _shares(n: int, threads: int) -> list[range]:
+    """Disjoint, contiguous shares of the page indices ``0..n-1``, as even as they can be."""
+    return [range(n * t // threads, n * (t + 1) // threads) for t in range(threads)]
+
+
+def _pass(fns: Sequence[Callable[[int], object]], shares: Sequence[range],
+          clock: Callable[[], float]) -> float:
+    """Seconds taken by the slowest of ``len(fns)`` threads; thread ``t`` calls ``fns[t]`` on
+    each index of ``shares[t]``, all starting together at a barrier. An exception in any
+    thread is raised here once all have finished."""
+    barrier = threading.Barrier(len(fns))
+    took = [0.0] * len(fns)
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        fn, share = fns[t], shares[t]
+        barrier.wait()
+        try:
+            t0 = clock()
+            for i in share:
+                fn(i)
+            took[t] = clock() - t0
+        except BaseException as e:  # re-raised in the calling thread below
+            errors.append(e)
+
+    workers = [threading.Thread(target=work, args=(t,), name=f"bench-{t}")
+               for t in range(len(fns))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
+    return max(took)
+
+
+def _time(fns: Sequence[Callable[[int], object]], n: int, nbytes: int, repeat: int,
           clock: Callable[[], float] = time.perf_counter) -> Timing:
-    rates = []
-    for _ in range(repeat):
-        t0 = clock()
-        for i in range(n):
-            fn(i)
-        rates.append(nbytes / (clock() - t0) / 1e9)
+    """Best and worst of ``repeat`` passes over pages ``0..n-1``, split among ``len(fns)``
+    threads (one function each), in GB/s of ``nbytes`` per pass."""
+    shares = _shares(n, len(fns))
+    rates = [nbytes / _pass(fns, shares, clock) / 1e9 for _ in range(repeat)]
     return Timing(max(rates), min(rates))
 
 
 def bench_size(shape: tuple[int, int, int, int], total_bytes: int, repeat: int,
-               params: CodecConfig, clock: str = "wall") -> dict[str, Any]:
+               params: CodecConfig, clock: str = "wall", threads: int = 1) -> dict[str, Any]:
     pages = working_set(shape, total_bytes)
     n = len(pages)
     page_bytes = pages[0].nbytes
     nbytes = n * page_bytes
-    dst = np.empty(page_bytes // 2, dtype=np.float16)
     half = page_bytes // 4
 
     dk, dv = torch.empty_like(pages[0].k), torch.empty_like(pages[0].v)
 
-    def copy(i: int) -> None:
-        np.copyto(dst[:half], pages[i].k.numpy().reshape(-1))
-        np.copyto(dst[half:], pages[i].v.numpy().reshape(-1))
+    def copier() -> Callable[[int], None]:
+        """memcpy of a page's K and V into a page-sized buffer of the calling thread's own."""
+        dst = np.empty(page_bytes // 2, dtype=np.float16)
+
+        def copy(i: int) -> None:
+            np.copyto(dst[:half], pages[i].k.numpy().reshape(-1))
+            np.copyto(dst[half:], pages[i].v.numpy().reshape(-1))
+        return copy
 
     def torch_copy(i: int) -> None:
         dk.copy_(pages[i].k)
@@ -111,14 +159,15 @@ def bench_size(shape: tuple[int, int, int, int], total_bytes: int, repeat: int,
     out: dict[str, Any] = {"page_bytes": page_bytes, "pages": n, "working_set_bytes": nbytes,
                            "shape": list(shape)}
     tick = CLOCKS[clock]
-    memcpy = _time(copy, n, nbytes, repeat, tick)
+    memcpy = _time([copier() for _ in range(threads)], n, nbytes, repeat, tick)
     out["memcpy_gbps"] = round(memcpy.best_gbps, 3)
     out["memcpy_spread"] = memcpy.as_dict()
-    out["memcpy_torch_gbps"] = round(_time(torch_copy, n, nbytes, repeat).best_gbps, 3)
+    out["memcpy_torch_gbps"] = round(_time([torch_copy], n, nbytes, repeat).best_gbps, 3)
     for codec in CODECS:
         blobs = [encode(p, codec, params) for p in pages]
-        enc = _time(lambda i: encode(pages[i], codec, params), n, nbytes, repeat, tick)
-        dec = _time(lambda i: decode(blobs[i]), n, nbytes, repeat, tick)
+        enc = _time([lambda i: encode(pages[i], codec, params)] * threads, n, nbytes, repeat,
+                    tick)
+        dec = _time([lambda i: decode(blobs[i])] * threads, n, nbytes, repeat, tick)
         ratio = nbytes / sum(len(b) for b in blobs)
         del blobs
         out[codec.value] = {
@@ -134,10 +183,13 @@ def bench_size(shape: tuple[int, int, int, int], total_bytes: int, repeat: int,
 
 
 def run(sizes: list[str], total_mib: int, repeat: int, params: CodecConfig,
-        clock: str = "wall") -> dict[str, Any]:
+        clock: str = "wall", threads: int = 1) -> dict[str, Any]:
     """All figures as one JSON-able dict; the top-level keys are those of the largest size."""
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     warmup()
-    per = {s: bench_size(SHAPES[s], total_mib * MiB, repeat, params, clock) for s in sizes}
+    per = {s: bench_size(SHAPES[s], total_mib * MiB, repeat, params, clock, threads)
+           for s in sizes}
     head = per[sizes[-1]]
     return {
         "memcpy_gbps": head["memcpy_gbps"],
@@ -149,19 +201,23 @@ def run(sizes: list[str], total_mib: int, repeat: int, params: CodecConfig,
         "sizes": per,
         "repeat": repeat,
         "clock": clock,
+        "threads": threads,
         "group_size": params.group_size,
         "torch_threads": torch.get_num_threads(),
     }
 
 
 def _print_table(res: dict[str, Any]) -> None:
+    threads = res["threads"]
+    on = "one thread" if threads == 1 else f"{threads} threads at once"
     print(f"codec benchmark: fp16 pages, group {res['group_size']}, best of {res['repeat']} "
-          f"passes (worst in brackets), GB/s of fp16 page data, {res['clock']} clock")
+          f"passes (worst in brackets), GB/s of fp16 page data, {res['clock']} clock, "
+          f"memcpy and codecs on {on}")
     for size, r in res["sizes"].items():
         print(f"\n{size} pages {r['shape']} x {r['pages']} "
               f"({r['working_set_bytes'] / MiB:.0f} MiB working set)")
         print(f"  memcpy        {r['memcpy_gbps']:7.2f}  [{r['memcpy_spread']['worst']:.2f}]"
-              f"  one thread, the baseline")
+              f"  {on}, the baseline")
         print(f"  torch copy_   {r['memcpy_torch_gbps']:7.2f}           "
               f"{res['torch_threads']} threads, for reference")
         for c in (codec.value for codec in CODECS):
@@ -176,7 +232,7 @@ def _print_table(res: dict[str, Any]) -> None:
 def main(args: argparse.Namespace) -> int:
     params = CodecConfig(group_size=args.group_size)
     sizes = [s for s in SHAPES if s in args.sizes]
-    res = run(sizes, args.working_set_mib, args.repeat, params, args.clock)
+    res = run(sizes, args.working_set_mib, args.repeat, params, args.clock, args.threads)
     if args.json:
         print(json.dumps(res))
     else:
@@ -194,4 +250,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--group-size", type=int, default=CodecConfig().group_size)
     p.add_argument("--clock", choices=list(CLOCKS), default="wall",
                    help="wall clock, or the thread's CPU clock (steadier on a loaded box)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads running memcpy and each codec at once, each on its own share "
+                        "of the pages (2: compare with torch's two-core copy_)")
     p.set_defaults(func=main)
