@@ -139,7 +139,7 @@ class Daemon:
                 self._http = self._start_http(ctx)
         except BaseException:
             if self._server is not None:
-                self._server.stop(0)
+                self._server.stop(0).wait(5.0)  # the port is closed when start() raises
             store.close()
             raise
         ctx.health.set(Readiness.SERVING)

@@ -97,7 +97,7 @@ async def test_daemon_that_cannot_see_the_segment_means_inline(
         assert await c.put([b"a"], [make_page(1)]) == ["stored"]
         assert not c.uses_shared_memory
         assert same((await c.get([b"a"]))[0], make_page(1))
-    assert len(daemon._shm) == 0
+    assert await wait_for(lambda: len(daemon._shm) == 0)
 
 
 async def test_remote_target_and_shm_off_stay_inline(daemon: Daemon) -> None:
@@ -108,7 +108,7 @@ async def test_remote_target_and_shm_off_stay_inline(daemon: Daemon) -> None:
             await c.put([b"a"], [make_page(1)], namespace="t")
             assert same((await c.get([b"a"]))[0], make_page(1))
             assert not c.uses_shared_memory
-    assert len(daemon._shm) == 0
+    assert await wait_for(lambda: len(daemon._shm) == 0)
 
 
 async def test_other_namespaces_go_inline_and_stay_apart(daemon: Daemon) -> None:

@@ -93,7 +93,8 @@ def test_a_full_queue_drops_and_counts_without_blocking() -> None:
     try:
         t0 = time.monotonic()
         remote.record([event(f"p{i}", i) for i in range(1000)])
-        assert time.monotonic() - t0 < 0.5
+        # Blocking would cost timeout_s per event (50 s); the bound leaves room for a loaded box.
+        assert time.monotonic() - t0 < 5.0
         assert remote.dropped >= 1000 - 16
         cands = [meta("a", 5), meta("b", 3)]
         assert remote.score(cands) == LRUPolicy().score(cands)
