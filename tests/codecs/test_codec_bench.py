@@ -40,6 +40,12 @@ def test_bench_two_threads_reports_the_same_shape() -> None:
     assert r["int8"]["ratio"] >= 1.9 and r["int4"]["ratio"] >= 3.5
 
 
+def test_two_threads_refuse_the_thread_clock() -> None:
+    with pytest.raises(ValueError, match="wall clock only"):
+        bench.run(["64KiB"], total_mib=1, repeat=1, params=CodecConfig(), clock="thread",
+                  threads=2)
+
+
 def test_shares_split_pages_disjointly_and_evenly() -> None:
     shares = bench._shares(7, 3)
     assert [list(s) for s in shares] == [[0, 1], [2, 3], [4, 5, 6]]
