@@ -24,8 +24,7 @@ torch copy, which runs on other threads too, is always timed by the wall clock.
 ``--threads N`` (default 1) runs memcpy and every codec and direction alike on N Python
 threads at once, each working through its own disjoint, contiguous share of the working
 set's pages (memcpy into a buffer of its own); a barrier starts them together, and a pass's
-throughput is all its bytes over the time of the slowest thread (by either clock, each
-thread reading its own). The numba kernels and ``numpy.copyto`` release the GIL, so the
+throughput is all its bytes over the wall-clock time of the slowest thread. The numba kernels and ``numpy.copyto`` release the GIL, so the
 threads truly overlap, except for the Python around each codec call. N = 2 on the 2-core
 box is the like-for-like comparison with torch's two-core ``copy_``; N = 1 with the
 one-thread copy. N > 1 takes the wall clock only: a thread's CPU clock does not run while
