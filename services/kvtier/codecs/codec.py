@@ -10,7 +10,6 @@ uses the same two paths.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -51,10 +50,6 @@ def _check_codec(codec: object, field: str) -> Codec:
     return codec
 
 
-def _use_kernels(device: torch.device) -> bool:
-    return device.type == "cpu" and fused.available()
-
-
 def encode(page: Page, codec: Codec, params: CodecConfig, *,
            precision: Precision | None = None) -> bytes:
     """Encode ``page`` into a self-describing, checksummed blob (host bytes).
@@ -71,37 +66,42 @@ def encode(page: Page, codec: Codec, params: CodecConfig, *,
     if not isinstance(params, CodecConfig):
         raise InvalidArgument(f"expected CodecConfig, got {type(params).__name__}",
                               field="params")
-    if page.k.shape != page.v.shape or page.k.dtype != page.v.dtype or page.k.dim() != 4:
+    # every tensor attribute costs 0.05-0.2 us: each is read once (a 64 KiB page's encode
+    # is about 30 us, of which the kernel is 21)
+    k, v, start = page.k, page.v, page.start_position
+    shape = k.shape
+    if shape != v.shape or k.dtype != v.dtype or len(shape) != 4:
         raise InvalidArgument("k and v must share one 4-D shape and dtype", field="page")
-    if page.k.device != page.v.device:
+    device = k.device
+    if device != v.device:
         raise InvalidArgument("k and v must be on one device", field="page")
-    if page.k.numel() == 0:
-        raise InvalidArgument(f"page has a zero-size dimension: {list(page.k.shape)}",
+    if 0 in shape:
+        raise InvalidArgument(f"page has a zero-size dimension: {list(shape)}",
                               field="page.shape")
-    if not 0 <= page.start_position < 1 << 63:
-        raise InvalidArgument(f"start_position must be >= 0, got {page.start_position}",
+    if not 0 <= start < 1 << 63:
+        raise InvalidArgument(f"start_position must be >= 0, got {start}",
                               field="start_position")
-    if page.k.requires_grad or page.v.requires_grad:
-        page = Page(k=page.k.detach(), v=page.v.detach(), start_position=page.start_position)
-    dtype = dtype_name(page.k.dtype)
+    if k.requires_grad or v.requires_grad:
+        page = Page(k=k.detach(), v=v.detach(), start_position=start)
+    dtype = dtype_name(k.dtype)
     prec = _CODEC_PRECISION[codec]
     if precision is not None:
         prec = min(prec, Precision(precision))
+    kernels = k.is_cpu and fused.available()  # device.type builds a str: 0.3 us
     if codec is Codec.INT4A:
-        lay8 = layout_for_encode(Codec.INT8, dtype, page.shape, page.start_position, params)
+        lay8 = layout_for_encode(Codec.INT8, dtype, shape, start, params)
         h8 = _header(Codec.INT8, page, lay8, params, prec)
-        if _use_kernels(page.k.device):
+        if kernels:
             buf8 = bytearray(HEADER_SIZE + lay8.payload_nbytes)
             fused.encode_into(page, lay8, buf8)
             payload8 = torch.frombuffer(buf8, dtype=torch.uint8)[HEADER_SIZE:]
         else:
             payload8 = reference.encode_payload(page, lay8)
         return _int4a_blob(h8, payload8, lay8, params)
-    shape = page.shape
-    lay = layout_for_encode(codec, dtype, shape, page.start_position, params)
-    if _use_kernels(page.k.device):  # header packed in place: no BlobHeader per page
+    lay = layout_for_encode(codec, dtype, shape, start, params)
+    if kernels:  # header packed in place: no BlobHeader per page
         buf = bytearray(HEADER_SIZE + lay.payload_nbytes)  # zeroed: padding stays zero
-        blobfmt.pack_header_into(buf, codec, dtype, shape, page.start_position, prec,
+        blobfmt.pack_header_into(buf, codec, dtype, (lay.L, lay.T, lay.H, lay.D), start, prec,
                                  params.group_size, lay.S, lay.n_out, lay.payload_nbytes)
         fused.encode_into(page, lay, buf)
     else:
@@ -123,8 +123,8 @@ def _int4a_blob(h8: BlobHeader, payload8: torch.Tensor, lay8: Layout,
                 params: CodecConfig) -> bytes:
     """The sealed int4a blob of the page whose int8 header and payload are given."""
     payload, lay = alloc.from_int8(payload8, lay8, params.key_bits)
-    header = dataclasses.replace(
-        h8, codec=Codec.INT4A, precision=min(h8.precision, Precision.INT4),
+    header = h8._replace(
+        codec=Codec.INT4A, precision=min(h8.precision, Precision.INT4),
         nbytes=HEADER_SIZE + lay.payload_nbytes, payload_nbytes=lay.payload_nbytes,
         key_bits=lay.key_bits)
     buf = blobfmt.pack_header(header)
@@ -153,7 +153,7 @@ def decode(blob: Blob, device: torch.device | None = None) -> Decoded:
     try:
         if lay.codec is Codec.INT4A:
             k, v = _decode_int4a(blob, lay, dev)
-        elif dev.type == "cpu" and fused.available():
+        elif (dev is _CPU or dev.type == "cpu") and fused.available():
             k, v = fused.decode(mv, lay)  # checks the indices it uses itself
         else:
             check_indices(blob, lay)

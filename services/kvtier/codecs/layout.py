@@ -31,17 +31,18 @@ def _align(n: int) -> int:
 
 def sink_count(tokens: int, start_position: int, sink_tokens: int) -> int:
     """How many leading tokens of a page are attention sinks (absolute position < sink_tokens)."""
-    return max(0, min(tokens, sink_tokens - start_position))
+    s = sink_tokens - start_position
+    return 0 if s <= 0 else min(tokens, s)
 
 
-def outlier_count(head_dim: int, quantized_tokens: int, params: CodecConfig) -> int:
-    """K channels per (layer, head) kept as put: ``fraction * head_dim``, at least the minimum.
+def outlier_count(head_dim: int, quantized_tokens: int, fraction: float, minimum: int) -> int:
+    """K channels per (layer, head) kept as put: ``fraction * head_dim``, at least ``minimum``.
 
     No outliers when no token is quantized (every token is a sink).
     """
     if quantized_tokens == 0:
         return 0
-    return min(head_dim, max(params.min_outlier_channels, int(params.outlier_fraction * head_dim)))
+    return min(head_dim, max(minimum, int(fraction * head_dim)))
 
 
 def m12_nbytes(n: int) -> int:
@@ -175,9 +176,22 @@ def make_layout(codec: Codec, dtype: str, shape: tuple[int, int, int, int], S: i
 
 def layout_for_encode(codec: Codec, dtype: str, shape: tuple[int, int, int, int],
                       start_position: int, params: CodecConfig) -> Layout:
+    """The layout :func:`~kvtier.codecs.codec.encode` writes for a page.
+
+    Memoized on what it depends on (the sink count, not the start position; the parameters'
+    fields, which hash faster than the model): about 0.5 us a page instead of 1.4.
+    """
     S = 0 if codec is Codec.NONE else sink_count(shape[1], start_position, params.sink_tokens)
-    n_out = 0 if codec is Codec.NONE else outlier_count(shape[3], shape[1] - S, params)
-    return make_layout(codec, dtype, shape, S, n_out, params.group_size)
+    return _encode_layout(codec, dtype, shape, S, params.group_size, params.outlier_fraction,
+                          params.min_outlier_channels)
+
+
+@functools.lru_cache(maxsize=1024)
+def _encode_layout(codec: Codec, dtype: str, shape: tuple[int, int, int, int], S: int,
+                   group_size: int, outlier_fraction: float, min_outliers: int) -> Layout:
+    n_out = 0 if codec is Codec.NONE else outlier_count(shape[3], shape[1] - S,
+                                                        outlier_fraction, min_outliers)
+    return make_layout(codec, dtype, tuple(shape), S, n_out, group_size)
 
 
 def layout_of(h: BlobHeader) -> Layout:
