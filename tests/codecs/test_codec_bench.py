@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from kvtier.bench import codecs as bench
@@ -59,3 +61,19 @@ def test_an_error_in_a_worker_thread_reaches_the_caller() -> None:
 
     with pytest.raises(RuntimeError, match="page 3"):
         bench._time([boom, boom], n=4, nbytes=1, repeat=1)
+
+
+def test_each_page_is_worked_once_by_the_thread_that_owns_its_share() -> None:
+    seen: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def work(i: int) -> None:
+        with lock:
+            seen.append((threading.get_ident(), i))
+
+    bench._time([work] * 3, n=10, nbytes=1, repeat=1)
+    assert sorted(i for _, i in seen) == list(range(10))
+    owners = {i: t for t, i in seen}
+    shares = bench._shares(10, 3)
+    assert all(len({owners[i] for i in s}) == 1 for s in shares)  # a share stays on one thread
+    assert len({owners[s[0]] for s in shares}) == 3  # and each share has its own thread
