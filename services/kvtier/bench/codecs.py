@@ -29,7 +29,7 @@ threads truly overlap, except for the Python around each codec call. N = 2 on th
 box is the like-for-like comparison with torch's two-core ``copy_``; N = 1 with the
 one-thread copy. N > 1 takes the wall clock only: a thread's CPU clock does not run while
 it waits for the GIL, which at 64 KiB pages is much of the time (there, two threads' memcpy
-read 14 GB/s by their CPU clocks and 3.5-7 GB/s by the wall clock, less than one thread).
+read 14 GB/s by their CPU clocks and 3.5-8 GB/s by the wall clock, mostly less than one).
 """
 
 from __future__ import annotations
