@@ -195,3 +195,23 @@ def test_allocation_kernel_matches_the_torch_rule(dtype: str, shape: tuple[int, 
     budget = alloc.head_budget(4.0, lay8.D - lay8.n_out)
     want = alloc.allocate(alloc.key_weights(payload8, lay8), budget).reshape(lay8.L, -1)
     assert torch.equal(alloc._allocate_kernel(payload8, lay8, budget), want)
+
+
+def test_selection_kernel_takes_the_stable_sorts_first_moves_among_ties() -> None:
+    """The allocation's quickselect picks the same set as a stable descending sort, ties to
+    the earlier move included (gains drawn from a few values, so most of them tie)."""
+    import numpy as np
+
+    from kvtier.codecs import alloc_kernels
+
+    if not fused.available():
+        pytest.skip("numba kernels unavailable")
+    rng = np.random.default_rng(3)
+    for n, levels in ((1, 1), (2, 1), (3, 2), (7, 3), (64, 4), (762, 5), (762, 1000)):
+        gains = rng.integers(0, levels, n).astype(np.float64)
+        want_sorted = np.argsort(-gains, kind="stable")
+        for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+            order = np.arange(n)
+            alloc_kernels._select(gains, order, k)
+            assert sorted(order.tolist()) == list(range(n))
+            assert set(order[:k].tolist()) == set(want_sorted[:k].tolist()), (n, levels, k)

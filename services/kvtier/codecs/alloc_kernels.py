@@ -34,58 +34,63 @@ TO_B, TO_8 = _tables()
 
 
 @njit(**JIT)
-def _plan(bits, layer, C):  # type: ignore[no-untyped-def]
-    """Per channel of one layer: byte in the row, shift, width, and whether it straddles."""
-    at = np.empty(C, np.int64)
-    sh = np.empty(C, np.int64)
-    wide = np.empty(C, np.bool_)
-    acc = np.int64(0)
-    for c in range(C):
-        b = np.int64(bits[layer * C + c])
-        at[c] = acc >> 3
-        sh[c] = acc & 7
-        wide[c] = sh[c] + b > 8
-        acc += b
-    return at, sh, wide
-
-
-@njit(**JIT)
 def pack_keys(q8, L, T, C, bits, rb, out, to_b):  # type: ignore[no-untyped-def]
-    """int8 K codes -> rows of ``bits``-wide codes ``round(q8 (2^b - 1) / 255)``; ``out`` is
-    zeroed."""
+    """int8 K codes -> rows of ``bits``-wide codes ``round(q8 (2^b - 1) / 255)`` (every byte
+    of ``out`` written). A row's bits gather in a 64-bit word, stored 4 bytes at a time."""
+    width = np.empty(C, np.int64)
     for layer in range(L):
-        at, sh, wide = _plan(bits, layer, C)
-        lut = np.empty(C, np.int64)
         for c in range(C):
-            lut[c] = np.int64(bits[layer * C + c])
+            width[c] = np.int64(bits[layer * C + c])
         for t in range(T):
             src = (layer * T + t) * C
-            base = (layer * T + t) * rb
+            pos = (layer * T + t) * rb
+            acc = np.uint64(0)
+            nb = np.int64(0)
             for c in range(C):
-                v = np.int32(to_b[lut[c], q8[src + c]]) << sh[c]
-                out[base + at[c]] |= np.uint8(v & 0xFF)
-                if wide[c]:
-                    out[base + at[c] + 1] |= np.uint8(v >> 8)
+                w = width[c]
+                acc |= np.uint64(to_b[w, q8[src + c]]) << np.uint64(nb)
+                nb += w
+                if nb >= 32:
+                    out[pos] = np.uint8(acc & np.uint64(0xFF))
+                    out[pos + 1] = np.uint8((acc >> np.uint64(8)) & np.uint64(0xFF))
+                    out[pos + 2] = np.uint8((acc >> np.uint64(16)) & np.uint64(0xFF))
+                    out[pos + 3] = np.uint8((acc >> np.uint64(24)) & np.uint64(0xFF))
+                    acc >>= np.uint64(32)
+                    nb -= 32
+                    pos += 4
+            end = (layer * T + t + 1) * rb
+            while pos < end:
+                out[pos] = np.uint8(acc & np.uint64(0xFF))
+                acc >>= np.uint64(8)
+                pos += 1
 
 
 @njit(**JIT)
 def unpack_keys(rows, L, T, C, bits, rb, out, to_8):  # type: ignore[no-untyped-def]
     """Rows of ``bits``-wide K codes -> the int8 codes they stand for,
-    ``round(q 255 / (2^b - 1))``."""
+    ``round(q 255 / (2^b - 1))``. A row is read 4 bytes at a time into a 64-bit word."""
+    width = np.empty(C, np.int64)
     for layer in range(L):
-        at, sh, wide = _plan(bits, layer, C)
-        width = np.empty(C, np.int64)
         for c in range(C):
             width[c] = np.int64(bits[layer * C + c])
         for t in range(T):
-            base = (layer * T + t) * rb
+            pos = (layer * T + t) * rb
+            end = pos + rb
             dst = (layer * T + t) * C
+            acc = np.uint64(0)
+            nb = np.int64(0)
             for c in range(C):
-                word = np.int32(rows[base + at[c]])
-                if wide[c]:
-                    word |= np.int32(rows[base + at[c] + 1]) << 8
-                q = (word >> sh[c]) & ((np.int32(1) << width[c]) - 1)
-                out[dst + c] = to_8[width[c], q]
+                w = width[c]
+                if nb < w:  # w <= 8, so 4 more bytes (or the row's last ones) cover it
+                    for i in range(4):
+                        if pos < end:
+                            acc |= np.uint64(rows[pos]) << np.uint64(nb)
+                            pos += 1
+                        nb += 8
+                q = acc & ((np.uint64(1) << np.uint64(w)) - np.uint64(1))
+                out[dst + c] = to_8[w, q]
+                acc >>= np.uint64(w)
+                nb -= w
 
 
 @njit(**JIT)
@@ -107,6 +112,50 @@ def _m12(src, i):  # type: ignore[no-untyped-def]
     else:
         u = np.int64(src[p + 1]) | ((np.int64(src[p + 2]) >> 4) << 8)
     return u - 4096 if u >= 2048 else u
+
+
+@njit(**JIT)
+def _before(gains, a, b):  # type: ignore[no-untyped-def]
+    """Whether move ``a`` sorts before move ``b``: the larger gain, then the earlier move (the
+    order of a stable descending sort)."""
+    return gains[a] > gains[b] or (gains[a] == gains[b] and a < b)
+
+
+@njit(**JIT)
+def _select(gains, order, k):  # type: ignore[no-untyped-def]
+    """Reorder ``order`` so that its first ``k`` entries are the ``k`` moves a stable
+    descending sort of ``gains`` puts first (in some order): quickselect on a strict total
+    order, so the set is exactly the sort's."""
+    lo = 0
+    hi = order.size - 1
+    while lo < hi and 0 < k <= hi:
+        if hi == lo + 1:  # two left: put them in order
+            if _before(gains, order[hi], order[lo]):
+                order[lo], order[hi] = order[hi], order[lo]
+            return
+        mid = (lo + hi) // 2
+        # median of three as the pivot, moved to hi
+        a, b, c = order[lo], order[mid], order[hi]
+        if _before(gains, b, a):
+            a, b = b, a
+        if _before(gains, c, b):
+            b, c = c, b
+            if _before(gains, b, a):
+                a, b = b, a
+        order[lo], order[mid], order[hi] = a, c, b
+        pivot = b
+        store = lo
+        for i in range(lo, hi):
+            if _before(gains, order[i], pivot):
+                order[store], order[i] = order[i], order[store]
+                store += 1
+        order[store], order[hi] = order[hi], order[store]
+        if store == k or store == k - 1:
+            return
+        if store < k:
+            lo = store + 1
+        else:
+            hi = store - 1
 
 
 @njit(**JIT)
@@ -163,9 +212,11 @@ def allocate_keys(  # type: ignore[no-untyped-def]
                 for c in range(Dk):
                     pk = peak[kidx[h * Dk + c]]
                     gains[k * Dk + c] = (step2[h * Dk + c] * (pk * pk)) * drop[k]
-            order = np.argsort(-gains, kind="mergesort")
+            order = np.arange(nm * Dk)
+            take = budget - 2 * Dk
+            _select(gains, order, take)
             count[:] = 0
-            for t in range(budget - 2 * Dk):
+            for t in range(take):
                 count[order[t] % Dk] += 1
             for c in range(Dk):
                 out[layer * C + h * Dk + c] = np.uint8(2 + count[c])
