@@ -215,3 +215,31 @@ def test_selection_kernel_takes_the_stable_sorts_first_moves_among_ties() -> Non
             alloc_kernels._select(gains, order, k)
             assert sorted(order.tolist()) == list(range(n))
             assert set(order[:k].tolist()) == set(want_sorted[:k].tolist()), (n, levels, k)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape,start,params", [
+    ((2, 70, 2, 128), 0, CodecConfig()),
+    ((1, 130, 1, 25), 2, CodecConfig(outlier_fraction=0.0, min_outlier_channels=0)),  # odd C'
+    ((2, 33, 3, 40), 1, CodecConfig(group_size=7, outlier_fraction=0.05, key_bits=4.3)),
+    ((1, 4, 1, 16), 0, CodecConfig()),  # only sinks: no codes
+])
+def test_whole_blob_kernels_match_the_torch_code(dtype: str, shape: tuple[int, int, int, int],
+                                                 start: int, params: CodecConfig) -> None:
+    """The one-dispatch CPU kernels (int8 -> int4a and back) write the torch code's bytes, in
+    every page dtype (the outliers' peaks are read from the raw values)."""
+    from kvtier.codecs.layout import layout_for_encode
+
+    if not fused.available():
+        pytest.skip("numba kernels unavailable")
+    page = _wide_channels(shape, seed=sum(shape), start=start)
+    page = Page(k=page.k.to(DTYPES[dtype]), v=page.v.to(DTYPES[dtype]), start_position=start)
+    lay8 = layout_for_encode(Codec.INT8, dtype, page.shape, start, params)
+    payload8 = reference.encode_payload(page, lay8)
+    slow, lay = alloc.from_int8(payload8, lay8, params.key_bits, kernels=False)
+    buf, lay_k = alloc.from_int8_blob(bytes(HEADER_SIZE) + payload8.numpy().tobytes(), lay8,
+                                      params.key_bits)
+    assert lay_k == lay and bytes(buf[HEADER_SIZE:]) == slow.numpy().tobytes()
+    back, lay8_k = alloc.to_int8_blob(bytes(buf), lay)
+    want, lay8_t = alloc.to_int8(slow, lay, kernels=False)
+    assert lay8_k == lay8_t and bytes(back[HEADER_SIZE:]) == want.numpy().tobytes()

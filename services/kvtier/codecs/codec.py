@@ -94,10 +94,8 @@ def encode(page: Page, codec: Codec, params: CodecConfig, *,
         if kernels:
             buf8 = bytearray(HEADER_SIZE + lay8.payload_nbytes)
             fused.encode_into(page, lay8, buf8)
-            payload8 = torch.frombuffer(buf8, dtype=torch.uint8)[HEADER_SIZE:]
-        else:
-            payload8 = reference.encode_payload(page, lay8)
-        return _int4a_blob(h8, payload8, lay8, params)
+            return _int4a_seal(alloc.from_int8_blob(buf8, lay8, params.key_bits), h8)
+        return _int4a_blob(h8, reference.encode_payload(page, lay8), lay8, params)
     lay = layout_for_encode(codec, dtype, shape, start, params)
     if kernels:  # header packed in place: no BlobHeader per page
         buf = bytearray(HEADER_SIZE + lay.payload_nbytes)  # zeroed: padding stays zero
@@ -121,14 +119,20 @@ def _header(codec: Codec, page: Page, lay: Layout, params: CodecConfig,
 
 def _int4a_blob(h8: BlobHeader, payload8: torch.Tensor, lay8: Layout,
                 params: CodecConfig) -> bytes:
-    """The sealed int4a blob of the page whose int8 header and payload are given."""
-    payload, lay = alloc.from_int8(payload8, lay8, params.key_bits)
-    header = h8._replace(
-        codec=Codec.INT4A, precision=min(h8.precision, Precision.INT4),
-        nbytes=HEADER_SIZE + lay.payload_nbytes, payload_nbytes=lay.payload_nbytes,
-        key_bits=lay.key_bits)
-    buf = blobfmt.pack_header(header)
+    """The sealed int4a blob of the page whose int8 header and payload are given (the torch
+    path: any device)."""
+    payload, lay = alloc.from_int8(payload8, lay8, params.key_bits, kernels=False)
+    buf = bytearray(HEADER_SIZE)
     buf.extend(payload.cpu().numpy().tobytes())
+    return _int4a_seal((buf, lay), h8)
+
+
+def _int4a_seal(blob: tuple[bytearray, Layout], h8: BlobHeader) -> bytes:
+    """Pack the int4a header (from the int8 one of the page) into ``blob``'s buffer, seal it."""
+    buf, lay = blob
+    blobfmt.pack_header_into(buf, Codec.INT4A, h8.dtype, h8.shape, h8.start_position,
+                             min(h8.precision, Precision.INT4), h8.group_size, h8.sink_tokens,
+                             h8.outliers, lay.payload_nbytes, key_bits=lay.key_bits)
     return blobfmt.seal(buf)
 
 
@@ -168,11 +172,11 @@ def _decode_int4a(blob: Blob, lay: Layout, dev: torch.device) -> tuple[torch.Ten
                                                                           torch.Tensor]:
     """K and V of a verified int4a blob, through the int8 payload it expands to."""
     check_indices(blob, lay)
+    if dev.type == "cpu" and fused.available():
+        buf8, lay8 = alloc.to_int8_blob(blob, lay)
+        return fused.decode(memoryview(buf8), lay8)
     payload = torch.frombuffer(bytearray(memoryview(blob)[HEADER_SIZE:]), dtype=torch.uint8)
     payload8, lay8 = alloc.to_int8(payload.to(dev), lay)
-    if dev.type == "cpu" and fused.available():
-        buf8 = bytearray(HEADER_SIZE) + payload8.numpy().tobytes()  # kernels index the blob
-        return fused.decode(memoryview(buf8), lay8)
     return reference.decode_payload(payload8, lay8)
 
 
@@ -202,6 +206,8 @@ def transcode(blob: Blob, target: Codec, params: CodecConfig) -> bytes:
         return encode(page, target, params, precision=h.precision)
     src = _layout_checked(h)
     if target is Codec.INT4A:
+        if fused.available():
+            return _int4a_seal(alloc.from_int8_blob(blob, src, params.key_bits), h)
         payload8 = torch.frombuffer(bytearray(memoryview(blob)[HEADER_SIZE:]), dtype=torch.uint8)
         return _int4a_blob(h, payload8, src, params)
     dst = make_layout(Codec.INT4, h.dtype, h.shape, h.sink_tokens, h.outliers, h.group_size)
