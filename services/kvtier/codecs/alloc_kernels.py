@@ -252,12 +252,17 @@ def allocate_keys(  # type: ignore[no-untyped-def]
                     peak[h * D + d + half] = p
         gains = np.empty(nm * Dk)
         count = np.zeros(Dk, np.int64)
+        w = np.empty(Dk)
+        order = np.empty(nm * Dk, np.int64)
         for h in range(H):
+            for c in range(Dk):
+                pk = peak[kidx[h * Dk + c]]
+                w[c] = step2[h * Dk + c] * (pk * pk)
             for k in range(nm):
                 for c in range(Dk):
-                    pk = peak[kidx[h * Dk + c]]
-                    gains[k * Dk + c] = (step2[h * Dk + c] * (pk * pk)) * drop[k]
-            order = np.arange(nm * Dk)
+                    gains[k * Dk + c] = w[c] * drop[k]
+            for i in range(nm * Dk):
+                order[i] = i
             take = budget - 2 * Dk
             _select(gains, order, take)
             count[:] = 0
