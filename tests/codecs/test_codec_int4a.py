@@ -243,3 +243,27 @@ def test_whole_blob_kernels_match_the_torch_code(dtype: str, shape: tuple[int, i
     back, lay8_k = alloc.to_int8_blob(bytes(buf), lay)
     want, lay8_t = alloc.to_int8(slow, lay, kernels=False)
     assert lay8_k == lay8_t and bytes(back[HEADER_SIZE:]) == want.numpy().tobytes()
+
+
+def test_candidate_moves_hold_the_stable_sorts_first_moves() -> None:
+    """The allocation keeps only the moves up to the last one of the first bits; the first
+    ``k`` moves of a stable descending sort are all among them, for channel weights that tie,
+    are zero or spread widely."""
+    import numpy as np
+
+    from kvtier.codecs import alloc_kernels
+
+    if not fused.available():
+        pytest.skip("numba kernels unavailable")
+    rng = np.random.default_rng(5)
+    for n in (1, 2, 5, 127):
+        for weights in (rng.integers(0, 3, n).astype(np.float64), rng.random(n) * 0.1 + 1.0,
+                        np.exp(rng.normal(0.0, 4.0, n)), np.zeros(n)):
+            gains = (weights[None, :] * alloc._DROP[:, None]).reshape(-1)
+            want = np.argsort(-gains, kind="stable")
+            for k in sorted({0, 1, n, 2 * n, 3 * n - 1, gains.size}):
+                order = np.empty(gains.size, np.int64)
+                m = alloc_kernels._candidates(gains, n, k, order)
+                assert m >= k and set(want[:k].tolist()) <= set(order[:m].tolist())
+                alloc_kernels._select(gains, order[:m], k)
+                assert set(order[:k].tolist()) == set(want[:k].tolist()), (n, k)

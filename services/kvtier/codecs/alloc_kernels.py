@@ -202,6 +202,32 @@ def _select(gains, order, k):  # type: ignore[no-untyped-def]
 
 
 @njit(**JIT)
+def _candidates(gains, n, k, order):  # type: ignore[no-untyped-def]
+    """Put in ``order`` the moves that can be among the first ``k`` (of ``n`` channels' moves,
+    listed bit by bit), and return how many: those up to the last move of the first
+    ``ceil(k / n)`` bits. Every channel's moves come in bit order (its gains fall), so that last
+    move has ``ceil(k / n) n >= k`` moves up to it. On pages whose channel weights are close,
+    that leaves few more than ``k``."""
+    total = gains.size
+    if k <= 0 or k >= total:
+        for i in range(total):
+            order[i] = i
+        return total
+    base = (k + n - 1) // n * n - n
+    y = base
+    for i in range(base + 1, base + n):
+        if _before(gains, y, i):
+            y = i
+    m = 0
+    gy = gains[y]
+    for i in range(total):  # branch-free: i is written anyway, m moves past it or not
+        gi = gains[i]
+        order[m] = i
+        m += (gi > gy) | ((gi == gy) & (i <= y))
+    return m
+
+
+@njit(**JIT)
 def allocate_keys(  # type: ignore[no-untyped-def]
         kb, km, e0, mant, L, nk, Gk, Tq, H, D, n_out, oidx, opeak, drop, budget, out):
     """Bits of every quantized K channel (``out`` ``[L, C']``), the same numbers as
@@ -254,6 +280,10 @@ def allocate_keys(  # type: ignore[no-untyped-def]
         count = np.zeros(Dk, np.int64)
         w = np.empty(Dk)
         order = np.empty(nm * Dk, np.int64)
+        chan = np.empty(nm * Dk, np.int64)  # a move's channel, without a division a move
+        for k in range(nm):
+            for c in range(Dk):
+                chan[k * Dk + c] = c
         for h in range(H):
             for c in range(Dk):
                 pk = peak[kidx[h * Dk + c]]
@@ -261,13 +291,12 @@ def allocate_keys(  # type: ignore[no-untyped-def]
             for k in range(nm):
                 for c in range(Dk):
                     gains[k * Dk + c] = w[c] * drop[k]
-            for i in range(nm * Dk):
-                order[i] = i
             take = budget - 2 * Dk
-            _select(gains, order, take)
+            m = _candidates(gains, Dk, take, order)
+            _select(gains, order[:m], take)
             count[:] = 0
             for t in range(take):
-                count[order[t] % Dk] += 1
+                count[chan[order[t]]] += 1
             for c in range(Dk):
                 out[layer * C + h * Dk + c] = np.uint8(2 + count[c])
 
