@@ -11,7 +11,8 @@ from numba import njit
 from kvtier.codecs import decode, encode, fused, reference, transcode, warmup
 from kvtier.codecs.blob import HEADER_SIZE, read_header
 from kvtier.codecs.layout import layout_for_encode, layout_of
-from kvtier.codecs.rowops import R17, bits_to_f32
+from kvtier.codecs.intrinsics import bits_to_f32
+from kvtier.codecs.rowops import R17
 from kvtier.config import CodecConfig
 from kvtier.types import Codec, Page
 

@@ -15,7 +15,8 @@ import numpy as np
 from numba import njit
 
 from kvtier.codecs.kernels import int8_to_int4_rows
-from kvtier.codecs.rowops import INLINE, JIT, bits_to_f32, f16_to_f32
+from kvtier.codecs.intrinsics import bits_to_f32, f16_to_f32
+from kvtier.codecs.rowops import INLINE, JIT
 
 
 def _tables() -> tuple[np.ndarray, np.ndarray]:

@@ -137,7 +137,7 @@ def warmup() -> float:
     self-test encodes and decodes small pages with the kernels and with the torch oracle and
     raises RuntimeError if they disagree by a single byte: numba's on-disk cache is keyed on
     the file that defines a kernel only, so a stale cache after an upgrade that changed
-    ``rowops.py`` alone would otherwise go unnoticed. Compiled kernels live as long as the
+    ``rowops.py`` or ``intrinsics.py`` alone would otherwise go unnoticed. Compiled kernels live as long as the
     process, so the work is done once per process (a memo, like numba's own dispatch cache).
     """
     if _self_test.cache_info().currsize:

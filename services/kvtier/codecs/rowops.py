@@ -1,4 +1,5 @@
-"""Row-level numba helpers for the fused kernels: conversions, the grid, code packing.
+"""Row-level numba helpers for the fused kernels: conversions, the grid, code packing
+(the LLVM intrinsics they build on are in :mod:`kvtier.codecs.intrinsics`).
 
 Every helper works on 0-based slices: numba then knows indices are not negative, skips its
 wrap-around handling and LLVM vectorizes the loops (AVX2 here, F16C for float16).
@@ -12,157 +13,15 @@ import math
 from typing import Any
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit
+
+from kvtier.codecs.intrinsics import (
+    bits_to_f32, bits_to_f64, f16_to_f32, f32_to_bits, f32_to_f16, lrint, minmax8, prefetch,
+)
 
 CACHE = True  # numba's on-disk cache next to the module: compile once per machine
 JIT: dict[str, Any] = {"nogil": True, "cache": CACHE}
 INLINE: dict[str, Any] = {"nogil": True, "cache": CACHE, "inline": "always"}
-
-
-def _f32_to_f16_typer(typingctx, x):  # type: ignore[no-untyped-def]
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-    return types.uint16(types.float32), codegen
-
-
-def _f16_to_f32_typer(typingctx, x):  # type: ignore[no-untyped-def]
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-    return types.float32(types.uint16), codegen
-
-
-def _bits_to_f32_typer(typingctx, x):  # type: ignore[no-untyped-def]
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.uint32), codegen
-
-
-def _bits_to_f64_typer(typingctx, x):  # type: ignore[no-untyped-def]
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.bitcast(args[0], ir.DoubleType())
-    return types.float64(types.uint64), codegen
-
-
-def _f32_to_bits_typer(typingctx, x):  # type: ignore[no-untyped-def]
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.bitcast(args[0], ir.IntType(32))
-    return types.uint32(types.float32), codegen
-
-
-def _minmax8_typer(typingctx, arr, start, nvec):  # type: ignore[no-untyped-def]
-    """(min, max) of ``arr[start : start + 8 * nvec]``, ``nvec >= 1``, on <8 x float> vectors.
-
-    LLVM does not vectorize a float min/max reduction without fast-math, which numba cannot
-    scope to one loop; this is the reduction written out in IR. C-contiguous float32 only.
-    Which zero a tie of -0.0 and +0.0 gives depends on the order; no byte of a blob does
-    (see :func:`bounds_row`).
-    """
-    if not (isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.layout == "C"):
-        return None
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        vty = ir.VectorType(ir.FloatType(), 8)
-        i32 = ir.IntType(32)
-        n = args[2]
-        base = builder.gep(ary.data, [args[1]])
-
-        def load(i: Any) -> Any:
-            ptr = builder.gep(base, [builder.mul(i, ir.Constant(i.type, 8))])
-            return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=4)
-
-        def vmin(a: Any, b: Any) -> Any:
-            return builder.select(builder.fcmp_ordered("<", b, a), b, a)
-
-        def vmax(a: Any, b: Any) -> Any:
-            return builder.select(builder.fcmp_ordered(">", b, a), b, a)
-
-        def const(v: int) -> Any:
-            return ir.Constant(n.type, v)
-
-        # two accumulators each (even and odd vectors): half the dependency chain
-        first = load(const(0))
-        acc = [cgutils.alloca_once_value(builder, first)  # type: ignore[no-untyped-call]
-               for _ in range(4)]
-        with cgutils.for_range(builder, builder.sdiv(n, const(2))) as loop:
-            v0 = load(builder.mul(loop.index, const(2)))
-            v1 = load(builder.add(builder.mul(loop.index, const(2)), const(1)))
-            builder.store(vmin(builder.load(acc[0]), v0), acc[0])
-            builder.store(vmin(builder.load(acc[1]), v1), acc[1])
-            builder.store(vmax(builder.load(acc[2]), v0), acc[2])
-            builder.store(vmax(builder.load(acc[3]), v1), acc[3])
-        with builder.if_then(builder.icmp_signed("!=", builder.srem(n, const(2)), const(0))):
-            v = load(builder.sub(n, const(1)))
-            builder.store(vmin(builder.load(acc[0]), v), acc[0])
-            builder.store(vmax(builder.load(acc[2]), v), acc[2])
-
-        def across(v: Any, f: Any) -> Any:
-            """8 lanes to 1 by halves (shuffles), not seven dependent extracts."""
-            for lanes in (4, 2):
-                a = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, lanes),
-                                                             list(range(lanes))))
-                b = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, lanes),
-                                                             list(range(lanes, 2 * lanes))))
-                v = f(a, b)
-            return f(builder.extract_element(v, ir.Constant(i32, 0)),
-                     builder.extract_element(v, ir.Constant(i32, 1)))
-
-        lo = across(vmin(builder.load(acc[0]), builder.load(acc[1])), vmin)
-        hi = across(vmax(builder.load(acc[2]), builder.load(acc[3])), vmax)
-        return context.make_tuple(builder, signature.return_type, (lo, hi))
-
-    pair = types.UniTuple(types.float32, 2)  # type: ignore[no-untyped-call]
-    return pair(arr, types.intp, types.intp), codegen
-
-
-def _prefetch_typer(typingctx, arr, idx):  # type: ignore[no-untyped-def]
-    """Ask for the cache line holding ``arr[idx]`` to be brought into L2 (``prefetcht1``).
-
-    A hint with no effect on results; C-contiguous arrays only, ``idx`` unchecked (a
-    prefetch of an address past the array is harmless, the CPU drops it).
-    """
-    if not (isinstance(arr, types.Array) and arr.layout == "C"):
-        return None
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        ptr = builder.gep(ary.data, [args[1]])
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(  # type: ignore[no-untyped-call]
-            builder.module, fnty, "llvm.prefetch.p0")
-        # read, locality 2 (L2), data cache
-        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return types.none(arr, types.intp), codegen
-
-
-def _lrint_typer(typingctx, x):  # type: ignore[no-untyped-def]
-    """float32 -> int32 rounded half to even (``llvm.lrint``; vectorizes to ``vcvtps2dq``).
-
-    Defined for results within int32 only; callers clamp and only feed it bounded values
-    (garbage channels aside, whose codes are dropped).
-    """
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        fnty = ir.FunctionType(ir.IntType(32), [ir.FloatType()])
-        fn = cgutils.get_or_insert_function(  # type: ignore[no-untyped-call]
-            builder.module, fnty, "llvm.lrint.i32.f32")
-        return builder.call(fn, [args[0]])
-    return types.int32(types.float32), codegen
-
-
-f32_to_f16: Any = intrinsic(_f32_to_f16_typer)
-f16_to_f32: Any = intrinsic(_f16_to_f32_typer)
-bits_to_f32: Any = intrinsic(_bits_to_f32_typer)
-f32_to_bits: Any = intrinsic(_f32_to_bits_typer)
-_bits_to_f64: Any = intrinsic(_bits_to_f64_typer)
-minmax8: Any = intrinsic(_minmax8_typer)
-prefetch: Any = intrinsic(_prefetch_typer)
-lrint: Any = intrinsic(_lrint_typer)
 
 
 @njit(**INLINE)
@@ -335,7 +194,7 @@ def choose(mn, mx, mant, b_out, m_out, inv, mf):  # type: ignore[no-untyped-def]
     for i in range(n):
         u = bits[i]
         e = np.int64(u >> np.uint64(52)) - 1023  # need > 0 is normal or 0 (then e < e0)
-        m = _bits_to_f64((u & frac) | one)  # the mantissa in [1, 2)
+        m = bits_to_f64((u & frac) | one)  # the mantissa in [1, 2)
         j = 0
         for k in range(16):
             j += 1 if mant[k] < m else 0
