@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import os
-import time
 
 import grpc
 import numpy as np
@@ -17,20 +16,11 @@ from kvtier_client.shm import Segment
 from kvtier_proto.v1 import cache_pb2 as pb
 from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
 
-from .conftest import make_page
+from .conftest import make_page, wait_for
 
 
 def _sessions(d: Daemon) -> int:
     return len(d._shm)
-
-
-def _wait(cond: object, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_local_client_uses_shm_and_leaves_nothing_in_dev_shm(daemon: Daemon) -> None:
@@ -43,7 +33,7 @@ def test_local_client_uses_shm_and_leaves_nothing_in_dev_shm(daemon: Daemon) -> 
     assert got is not None and np.array_equal(got.k, page.k) and np.array_equal(got.v, page.v)
     assert set(glob.glob("/dev/shm/kvtier-*")) == before  # unlinked once attached
     c.close()
-    assert _wait(lambda: _sessions(daemon) == 0)  # disconnect ends the session
+    assert wait_for(lambda: _sessions(daemon) == 0)  # disconnect ends the session
 
 
 def test_results_do_not_alias_the_segment(daemon: Daemon) -> None:
@@ -74,7 +64,7 @@ def test_session_is_bound_to_its_namespace(daemon: Daemon) -> None:
         assert bytes(seg.view[64:64 + 16]) == bytes(16)  # nothing was written
         call.cancel()
         seg.close()
-    assert _wait(lambda: _sessions(daemon) == 0)
+    assert wait_for(lambda: _sessions(daemon) == 0)
 
 
 @pytest.mark.parametrize("path,field", [

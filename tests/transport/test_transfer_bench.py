@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 from kvtier.bench.transfer import PATHS, measure
 from kvtier.daemon import Daemon
+
+from .conftest import wait_for
 
 
 def test_measure_reports_every_path_with_shm_used(daemon: Daemon, redis_url: str) -> None:
@@ -16,7 +16,5 @@ def test_measure_reports_every_path_with_shm_used(daemon: Daemon, redis_url: str
         assert res[f"{path}_vs_redis"] > 0, path
     assert res["shm_used"] == 1.0  # sync and asyncio clients both took the shm path
     assert res["page_bytes"] == 64 * 1024
-    deadline = time.monotonic() + 5.0  # the daemon ends a session when its call ends
-    while len(daemon._shm) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert len(daemon._shm) == 0  # the benchmark's clients closed their sessions
+    # the benchmark's clients closed their sessions (the daemon ends one when its call ends)
+    assert wait_for(lambda: len(daemon._shm) == 0)
