@@ -12,6 +12,7 @@ Importing it pulls in neither torch nor fastapi nor the server package ``kvtier`
 from kvtier_client.aio import AsyncKVTierClient
 from kvtier_client.client import CacheStats, KVTierClient, LookupResult, TierStats
 from kvtier_client.errors import (
+    AbortedError,
     DeadlineExceededError,
     FailedPreconditionError,
     InternalError,
@@ -27,9 +28,9 @@ from kvtier_client.keys import prefix_keys
 from kvtier_client.tensors import FetchedPage, Page, RawTensor
 
 __all__ = [
-    "AsyncKVTierClient", "CacheStats", "DeadlineExceededError", "FailedPreconditionError",
-    "FetchedPage", "InternalError", "InvalidArgumentError", "KVTierClient",
-    "KVTierClientError", "LookupResult", "NotFoundError", "Page", "PermissionDeniedError",
-    "RawTensor", "ResourceExhaustedError", "TierStats", "UnauthenticatedError",
-    "UnavailableError", "prefix_keys",
+    "AbortedError", "AsyncKVTierClient", "CacheStats", "DeadlineExceededError",
+    "FailedPreconditionError", "FetchedPage", "InternalError", "InvalidArgumentError",
+    "KVTierClient", "KVTierClientError", "LookupResult", "NotFoundError", "Page",
+    "PermissionDeniedError", "RawTensor", "ResourceExhaustedError", "TierStats",
+    "UnauthenticatedError", "UnavailableError", "prefix_keys",
 ]

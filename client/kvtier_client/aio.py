@@ -38,10 +38,13 @@ from kvtier_client.wire import (
     GetAssembler,
     WirePage,
     attach_request,
+    copy_in,
     deferred_request,
+    fill_segment,
     get_request,
     inline_bytes,
-    place_in_segment,
+    overlapped,
+    plan_in_segment,
     put_request,
     put_requests,
     wire_pages,
@@ -117,8 +120,7 @@ class AsyncKVTierClient:
                 session = await self._session(ns)
                 if session is not None:
                     try:
-                        return await self._send_put(ns, wire, left, session.id,
-                                                    place_in_segment(session.segment, wire))
+                        return await self._put_shm(session, ns, wire, left)
                     except grpc.RpcError as e:
                         if not session_lost(e):
                             raise
@@ -127,6 +129,27 @@ class AsyncKVTierClient:
 
         reply = await self._call("Put", send, timeout_s, True)
         return ["stored" if o == pb.PUT_OUTCOME_STORED else "exists" for o in reply.outcomes]
+
+    async def _put_shm(self, session: shm_mod.Session, ns: str, wire: Sequence[WirePage],
+                       left: float) -> pb.PutReply:
+        """As :meth:`KVTierClient._put_shm`: a large put yields once so its call goes out,
+        then copies (blocking the loop no longer than the copy always did)."""
+        segment = session.segment
+        plan = plan_in_segment(segment, wire)
+        if not overlapped(plan, wire, self.chunk_bytes):
+            return await self._send_put(ns, wire, left, session.id, copy_in(segment, plan))
+        fill = session.next_fill()
+        segment.start_fill(fill)
+        call = self._stub.Put(put_request(ns, wire, session.id, plan.offsets, fill),
+                              timeout=left)
+        await asyncio.sleep(0)  # lets the call's task send the request
+        try:
+            fill_segment(segment, plan, fill)
+        except BaseException:
+            call.cancel()
+            raise
+        reply: pb.PutReply = await call
+        return reply
 
     async def _send_put(self, ns: str, wire: Sequence[WirePage], left: float,
                         session: str = "",

@@ -29,10 +29,13 @@ from kvtier_client.wire import (
     GetAssembler,
     WirePage,
     attach_request,
+    copy_in,
     deferred_request,
+    fill_segment,
     get_request,
     inline_bytes,
-    place_in_segment,
+    overlapped,
+    plan_in_segment,
     put_request,
     put_requests,
     wire_pages,
@@ -188,8 +191,23 @@ class KVTierClient:
 
     def _put_shm(self, session: shm_mod.Session, ns: str, wire: Sequence[WirePage],
                  left: float) -> pb.PutReply:
-        return self._send_put(ns, wire, left, session.id,
-                              place_in_segment(session.segment, wire))
+        """A put through the segment. A large one starts its call first and copies while the
+        call is in flight (``shm_fill``): the daemon copies each part out as it is written."""
+        segment = session.segment
+        plan = plan_in_segment(segment, wire)
+        if not overlapped(plan, wire, self.chunk_bytes):
+            return self._send_put(ns, wire, left, session.id, copy_in(segment, plan))
+        fill = session.next_fill()
+        segment.start_fill(fill)
+        call = self._stub.Put.future(put_request(ns, wire, session.id, plan.offsets, fill),
+                                     timeout=left)
+        try:
+            fill_segment(segment, plan, fill)
+        except BaseException:
+            call.cancel()
+            raise
+        reply: pb.PutReply = call.result()
+        return reply
 
     def _send_put(self, ns: str, wire: Sequence[WirePage], left: float, session: str = "",
                   offsets: Sequence[int | None] | None = None) -> pb.PutReply:

@@ -46,6 +46,10 @@ class FailedPreconditionError(KVTierClientError):
     code = "FAILED_PRECONDITION"
 
 
+class AbortedError(KVTierClientError):
+    code = "ABORTED"
+
+
 class UnavailableError(KVTierClientError):
     code = "UNAVAILABLE"
 
@@ -62,7 +66,7 @@ _BY_CODE: dict[str, type[KVTierClientError]] = {
     c.code: c
     for c in (InvalidArgumentError, NotFoundError, ResourceExhaustedError,
               PermissionDeniedError, UnauthenticatedError, FailedPreconditionError,
-              UnavailableError, DeadlineExceededError, InternalError)
+              AbortedError, UnavailableError, DeadlineExceededError, InternalError)
 }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import platform
 import secrets
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,15 @@ from kvtier_client.staging import StagingArea
 log = logging.getLogger(__name__)
 
 TOKEN_BYTES = 16
+FILL_OFFSET = 16  # fill words: u64 fill number, u64 bytes written (kvtier.transport.shm_copy)
 DATA_OFFSET = 64
 ALIGN = 64
+FILL_CHUNK = 256 << 10
+OVERLAP_MIN_BYTES = 256 << 10
+OVERLAP = platform.machine().lower() in ("x86_64", "amd64")
+"""Puts of at least ``OVERLAP_MIN_BYTES`` to copy start before the copy and publish its
+progress (``shm_fill``), only where stores become visible in program order (x86-64); elsewhere,
+and for smaller puts, the bytes are all in place before the call."""
 SHM_DIR = Path("/dev/shm")
 
 
@@ -76,6 +84,17 @@ class Segment:
         """``n`` bytes of the segment from ``offset`` as a uint8 array (keeps the mapping)."""
         return np.frombuffer(self._mm, np.uint8, n, offset)
 
+    def fill_words(self) -> np.ndarray:
+        """The two fill words (drop the array before :meth:`close`)."""
+        return np.frombuffer(self._mm, np.uint64, 2, FILL_OFFSET)
+
+    def start_fill(self, fill: int) -> None:
+        """Announce the put ``fill`` with nothing written yet (before its call starts)."""
+        words = self.fill_words()
+        words[1] = 0
+        words[0] = fill
+        del words
+
     def staged_offset(self, data: memoryview) -> int | None:
         """Where ``data`` starts in the staging area, or None if it lies elsewhere."""
         if self.request_end == self.size or data.nbytes == 0:
@@ -109,6 +128,12 @@ class Session:
 
     def __init__(self, segment: Segment, call: Any, session_id: str, namespace: str) -> None:
         self.segment, self.call, self.id, self.namespace = segment, call, session_id, namespace
+        self._fills = 0
+
+    def next_fill(self) -> int:
+        """A fresh nonzero fill number for the next overlapped put of this session."""
+        self._fills += 1
+        return self._fills
 
     def close(self) -> None:
         self.call.cancel()

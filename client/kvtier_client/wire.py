@@ -56,13 +56,14 @@ def header(p: WirePage, shm_offset: int | None = None) -> pb.PageHeader:
 
 
 def put_request(namespace: str, pages: Sequence[WirePage], shm_session: str = "",
-                shm_offsets: Sequence[int | None] | None = None) -> pb.PutRequest:
+                shm_offsets: Sequence[int | None] | None = None,
+                shm_fill: int = 0) -> pb.PutRequest:
     """One Put message holding every header and every inline byte."""
     offsets = shm_offsets or [None] * len(pages)
     data = b"".join(mv for p, off in zip(pages, offsets) if off is None
                     for mv in (p.k.data, p.v.data))
     return pb.PutRequest(namespace=namespace, pages=[header(p, o) for p, o in zip(pages, offsets)],
-                         shm_session=shm_session, data=data)
+                         shm_session=shm_session, data=data, shm_fill=shm_fill)
 
 
 def inline_bytes(pages: Sequence[WirePage], shm_offsets: Sequence[int | None] | None = None) -> int:
@@ -107,31 +108,83 @@ def put_requests(namespace: str, pages: Sequence[WirePage], chunk_bytes: int,
             yield pb.PutRequest(data=bytes(pending))
 
 
-def place_in_segment(segment: shm_mod.Segment, pages: Sequence[WirePage]) -> list[int | None]:
-    """Per page its offset in the segment, or None (inline).
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a put's pages go in the segment. ``offsets``: per page, or None (inline).
+    ``parts``: the batch's shm byte stream in order (page k, page v, ...), each as
+    ``(offset, bytes to copy there)`` or ``(offset, length)`` for bytes already in place."""
+
+    offsets: list[int | None]
+    parts: list[tuple[int, memoryview | int]]
+
+    @property
+    def copy_bytes(self) -> int:
+        return sum(p.nbytes for _, p in self.parts if isinstance(p, memoryview))
+
+
+def plan_in_segment(segment: shm_mod.Segment, pages: Sequence[WirePage]) -> Placement:
+    """Where each page goes, copying nothing yet.
 
     A staged page (k and v already side by side in the staging area) is sent by its offset
-    as it is. Other pages are copied into the request area, k then v, 64-byte aligned, from
+    as it is. Other pages go to the request area, k then v, 64-byte aligned, from
     ``DATA_OFFSET``; a page that does not fit what is left (or whose k and v differ in size,
     which the daemon refuses anyway) goes inline in the same call.
     """
     offsets: list[int | None] = []
-    view = segment.view
+    parts: list[tuple[int, memoryview | int]] = []
     cursor = shm_mod.DATA_OFFSET
     for p in pages:
         kn, vn = p.k.data.nbytes, p.v.data.nbytes
         staged = segment.staged_offset(p.k.data)
         if staged is not None and kn == vn and segment.staged_offset(p.v.data) == staged + kn:
             offsets.append(staged)
+            parts.append((staged, 2 * kn))
             continue
         if kn != vn or cursor + kn + vn > segment.request_end:
             offsets.append(None)
             continue
-        view[cursor:cursor + kn] = p.k.data
-        view[cursor + kn:cursor + kn + vn] = p.v.data
         offsets.append(cursor)
+        parts += [(cursor, p.k.data), (cursor + kn, p.v.data)]
         cursor = shm_mod.align_up(cursor + kn + vn)
-    return offsets
+    return Placement(offsets, parts)
+
+
+def overlapped(plan: Placement, pages: Sequence[WirePage], chunk_bytes: int) -> bool:
+    """Whether a put placed by ``plan`` starts its call before the copy (``shm_fill``): one
+    unary message, at least ``OVERLAP_MIN_BYTES`` to copy, on x86-64."""
+    return (shm_mod.OVERLAP and plan.copy_bytes >= shm_mod.OVERLAP_MIN_BYTES
+            and inline_bytes(pages, plan.offsets) <= chunk_bytes)
+
+
+def copy_in(segment: shm_mod.Segment, plan: Placement) -> list[int | None]:
+    """Copy ``plan``'s bytes into the segment (all in place before the call); its offsets."""
+    view = segment.view
+    for off, part in plan.parts:
+        if isinstance(part, memoryview):
+            view[off:off + part.nbytes] = part
+    return plan.offsets
+
+
+def fill_segment(segment: shm_mod.Segment, plan: Placement, fill: int,
+                 chunk: int = shm_mod.FILL_CHUNK) -> None:
+    """Copy ``plan``'s bytes in pieces of ``chunk`` while the put with ``shm_fill = fill`` is
+    in flight, publishing after each piece how much of the stream is written (the daemon
+    copies behind). The caller called :meth:`~kvtier_client.shm.Segment.start_fill` first."""
+    view = segment.view
+    words = segment.fill_words()
+    written = 0
+    for off, part in plan.parts:
+        if not isinstance(part, memoryview):
+            written += part
+            words[1] = written
+            continue
+        n = part.nbytes
+        for a in range(0, n, chunk):
+            b = min(a + chunk, n)
+            view[off + a:off + b] = part[a:b]
+            words[1] = written + b
+        written += n
+    del words
 
 
 def attach_request(namespace: str, segment: shm_mod.Segment) -> pb.AttachShmRequest:
@@ -225,5 +278,6 @@ class GetAssembler:
 
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "GetAssembler", "WirePage", "attach_request",
-           "deferred_request", "get_request", "nbytes_of", "place_in_segment", "put_requests",
+           "copy_in", "deferred_request", "fill_segment", "get_request", "nbytes_of",
+           "overlapped", "plan_in_segment", "put_requests",
            "wire_pages"]

@@ -78,6 +78,14 @@ class Conflict(KVTierError):
     http_status = 409
 
 
+class Aborted(KVTierError):
+    """A call undone by a concurrent change, e.g. shared-memory bytes that were not written in
+    time or were overwritten while the daemon copied them. Safe to retry."""
+
+    grpc_code = "ABORTED"
+    http_status = 409
+
+
 class CorruptPage(KVTierError):
     """A stored blob whose checksum or header does not verify. Never served as data."""
 

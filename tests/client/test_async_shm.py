@@ -48,6 +48,29 @@ async def test_local_async_client_uses_shm_and_leaves_nothing_behind(daemon: Dae
     assert await wait_for(lambda: len(daemon._shm) == 0)  # closing ends the session
 
 
+async def test_large_async_puts_copy_while_the_call_is_in_flight(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvtier_client.aio as aio_mod
+
+    if not shm_mod.OVERLAP:
+        pytest.skip("overlapped puts are x86-64 only")
+    fills: list[int] = []
+    real = aio_mod.fill_segment
+
+    def spy(segment: Any, plan: Any, fill: int, chunk: int = 64 << 10) -> None:
+        fills.append(fill)
+        real(segment, plan, fill, chunk)
+
+    monkeypatch.setattr(aio_mod, "fill_segment", spy)
+    big = [make_page(i, (4, 256, 8, 64)) for i in range(3)]
+    async with AsyncKVTierClient(daemon.grpc_address, "tenant-a") as a:
+        assert await a.put([b"b0"], big[:1]) == ["stored"]
+        assert await a.put([b"b1", b"b2"], big[1:]) == ["stored"] * 2
+        assert fills == [1, 2]
+        got = await a.get([b"b0", b"b1", b"b2"])
+    assert all(same(g, p) for g, p in zip(got, big))
+
+
 async def test_async_and_sync_clients_read_each_others_pages(daemon: Daemon) -> None:
     pages = [make_page(i) for i in range(3)]
     async with AsyncKVTierClient(daemon.grpc_address, "tenant-a") as a:

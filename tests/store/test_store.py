@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,6 +42,29 @@ def test_put_get_is_bit_exact_private_and_idempotent(make_store: StoreFactory) -
         got.page.v.fill_(0)  # and hands out copies
         again = store.get(NS, [name])[0]
         assert again is not None and torch.equal(again.page.v, original[1])
+
+
+def test_owned_pages_are_adopted_and_others_copied(make_store: StoreFactory) -> None:
+    """``put_checked(owned=True)``: the caller gives its memory up, so the hot tier on that
+    device keeps the tensors as they are; without it the store copies (never aliases)."""
+    from kvtier.types import PageId
+
+    store = make_store(make_settings(small_stack()))
+    mine, theirs = make_page(1), make_page(2)
+    store.put_checked([PageId(NS, key(0)), PageId(NS, key(1))], [mine, theirs], [0, 1],
+                      owned=True)
+    store.put_checked([PageId(NS, key(2))], [make_page(3)], [0])
+    borrowed = make_page(4)
+    store.put_checked([PageId(NS, key(3))], [borrowed], [0])
+    raw = store.get_raw(NS, [key(0), key(1), key(3)])
+    addr = [None if r is None else (np.frombuffer(r.k, np.uint8).ctypes.data,
+                                    np.frombuffer(r.v, np.uint8).ctypes.data) for r in raw]
+    assert addr[0] == (mine.k.data_ptr(), mine.v.data_ptr())
+    assert addr[1] == (theirs.k.data_ptr(), theirs.v.data_ptr())
+    assert addr[2] is not None and addr[2][0] != borrowed.k.data_ptr()
+    borrowed.k.fill_(0)
+    got = store.get(NS, [key(3)])[0]
+    assert got is not None and torch.equal(got.page.k, make_page(4).k)
 
 
 def test_namespaces_are_isolated(make_store: StoreFactory) -> None:

@@ -12,6 +12,7 @@ import pytest
 from kvtier.daemon import Daemon
 from kvtier_client import KVTierClient, Page
 from kvtier_client.errors import InvalidArgumentError
+from kvtier_client import shm as shm_client
 from kvtier_client.shm import Segment
 from kvtier_proto.v1 import cache_pb2 as pb
 from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
@@ -105,6 +106,46 @@ def test_daemon_stop_ends_sessions_and_client_falls_back(daemon: Daemon) -> None
     c.close()
 
 
+def test_large_puts_copy_while_the_call_is_in_flight(daemon: Daemon,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A put of >= 256 KiB starts its call first and fills the segment behind it (shm_fill);
+    what the daemon keeps is its own copy, unaffected by the client's next writes."""
+    import kvtier_client.client as client_mod
+
+    if not shm_client.OVERLAP:
+        pytest.skip("overlapped puts are x86-64 only")
+    fills: list[int] = []
+    real = client_mod.fill_segment
+
+    def spy(segment: Segment, plan: object, fill: int, chunk: int = 64 << 10) -> None:
+        fills.append(fill)
+        real(segment, plan, fill, chunk)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(client_mod, "fill_segment", spy)
+    rng = np.random.default_rng(5)
+    big = [Page(rng.standard_normal((4, 256, 8, 64)).astype(np.float16),
+                rng.standard_normal((4, 256, 8, 64)).astype(np.float16)) for _ in range(3)]
+    with KVTierClient(daemon.grpc_address, "tenant-a") as c:
+        assert c.put([b"big0"], [big[0]]) == ["stored"]
+        assert c.put([b"big1", b"big2", b"small"], [big[1], big[2], make_page(3)]) == \
+            ["stored"] * 3
+        c.put([b"tiny"], [make_page(4)])  # 32 KiB: copied before the call, no fill
+        assert fills == [1, 2] and c.uses_shared_memory
+        session = c._shm.session
+        assert session is not None
+        session.segment.view[64:64 + (4 << 20)] = bytes(4 << 20)  # scribble over the area
+        for key, page in [(b"big0", big[0]), (b"big1", big[1]), (b"big2", big[2]),
+                          (b"small", make_page(3))]:
+            got = c.get([key])[0]
+            assert got is not None and np.array_equal(got.k, page.k) \
+                and np.array_equal(got.v, page.v)
+        bad = Page(big[0].k.copy(), big[0].v.copy())
+        bad.v[3, 255, 7, 63] = np.nan  # in the last piece the client writes
+        with pytest.raises(InvalidArgumentError, match="v holds NaN or Inf"):
+            c.put([b"bad"], [bad])
+        assert daemon.context.store.page_info("tenant-a", b"bad") is None
+        assert c.put([b"after"], [big[2]]) == ["stored"]  # the session still works
+
 
 def test_threads_sharing_one_client_never_see_each_others_pages(daemon: Daemon) -> None:
     """The segment's request area is shared per client: transfers through it are serialized."""
@@ -149,7 +190,7 @@ def test_one_put_mixing_segment_and_inline_pages_keeps_order_and_chain(daemon: D
     bad = make_page(3)
     bad.v[0, 0, 0, 0] = np.inf
     with pytest.raises(InvalidArgumentError, match="v holds NaN or Inf"):
-        c.put([b"bad"], [bad])  # checked in the segment, before the store copies it
+        c.put([b"bad"], [bad])  # checked in the daemon's copy, refused before storing
     assert store.page_info("mixed", b"bad") is None
     assert c.put([b"m0"], [pages[0]]) == ["exists"]
     c.close()

@@ -41,16 +41,18 @@ class PageHeader(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ..., k_len: _Optional[int] = ..., v_len: _Optional[int] = ..., chain_position: _Optional[int] = ..., shm_offset: _Optional[int] = ..., v_dtype: _Optional[str] = ..., v_shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PutRequest(_message.Message):
-    __slots__ = ("namespace", "pages", "data", "shm_session")
+    __slots__ = ("namespace", "pages", "data", "shm_session", "shm_fill")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     PAGES_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SHM_SESSION_FIELD_NUMBER: _ClassVar[int]
+    SHM_FILL_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     pages: _containers.RepeatedCompositeFieldContainer[PageHeader]
     data: bytes
     shm_session: str
-    def __init__(self, namespace: _Optional[str] = ..., pages: _Optional[_Iterable[_Union[PageHeader, _Mapping]]] = ..., data: _Optional[bytes] = ..., shm_session: _Optional[str] = ...) -> None: ...
+    shm_fill: int
+    def __init__(self, namespace: _Optional[str] = ..., pages: _Optional[_Iterable[_Union[PageHeader, _Mapping]]] = ..., data: _Optional[bytes] = ..., shm_session: _Optional[str] = ..., shm_fill: _Optional[int] = ...) -> None: ...
 
 class PutReply(_message.Message):
     __slots__ = ("outcomes",)

@@ -15,7 +15,7 @@ import time
 from kvtier.errors import CapacityExhausted, Conflict
 from kvtier.store.engine import TierEngine
 from kvtier.store.policy import PageMeta
-from kvtier.store.tiers import Stored, own_copy, stored_size
+from kvtier.store.tiers import Stored, adoptable, own_copy, stored_size
 from kvtier.types import Medium, Page, PageId, Precision
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,9 @@ def check_fits(engine: TierEngine, page: Page, tier: int) -> None:
 
 
 def place(engine: TierEngine, pid: PageId, page: Page, tier: int, chain_position: int,
-      now: float) -> bool:
+          now: float, owned: bool = False) -> bool:
     """Store a new page in ``tier``; False if the key exists. Makes room synchronously.
+    ``owned``: nobody else holds the page's memory, so a tier on its device adopts it.
 
     Raises CapacityExhausted if the page can never fit the tier, or room could not be made
     within ``room_timeout_s``.
@@ -66,7 +67,8 @@ def place(engine: TierEngine, pid: PageId, page: Page, tier: int, chain_position
     try:
         data: Stored
         if spec.device is not None:
-            data, prec = own_copy(page, spec.device), Precision.FULL
+            data = page if owned and adoptable(page, spec.device) else own_copy(page, spec.device)
+            prec = Precision.FULL
         else:
             data, prec = engine.converter.to_tier(page, spec)
         size = stored_size(data)

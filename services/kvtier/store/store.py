@@ -123,12 +123,14 @@ class TierStore:
         return self.put_checked(pids, pages, chains)
 
     def put_checked(self, pids: Sequence[PageId], pages: Sequence[Page],
-                    chains: Sequence[int]) -> list[PutOutcome]:
+                    chains: Sequence[int], *, owned: bool = False) -> list[PutOutcome]:
         """:meth:`put` for a caller that has checked everything :meth:`put` checks: ``pids``
         as :func:`~kvtier.pages.check_keys` returns them (one namespace, at most
         ``max_batch``), ``pages`` as :func:`~kvtier.pages.make_page` builds them (dtype, 4-D
         shapes alike, at most ``max_page_bytes``), ``chains`` >= 0, one per page. The gRPC
-        servicer checks each header once and comes here, so a put is not validated twice."""
+        servicer checks each header once and comes here, so a put is not validated twice.
+        ``owned``: the pages' memory is the store's from now on (nobody else holds or writes
+        it), so a tier on the same device keeps it as it is instead of copying it."""
         e = self._engine
         targets = [choose_tier(e, pid, page, chain)
                    for pid, page, chain in zip(pids, pages, chains, strict=True)]
@@ -137,7 +139,7 @@ class TierStore:
         out = []
         now = time.time()
         for pid, page, chain, t in zip(pids, pages, chains, targets, strict=True):
-            stored = place(e, pid, page, t, chain, time.time())
+            stored = place(e, pid, page, t, chain, time.time(), owned)
             out.append(PutOutcome.STORED if stored else PutOutcome.EXISTS)
         with e.cond:
             self._puts += len(out)

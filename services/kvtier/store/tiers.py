@@ -215,6 +215,11 @@ def own_copy(page: Page, device: torch.device) -> Page:
     )
 
 
+def adoptable(page: Page, device: torch.device) -> bool:
+    """True if ``page`` can be kept as it is in a tier on ``device`` (no copy needed)."""
+    return all(t.device == device and t.is_contiguous() for t in (page.k, page.v))
+
+
 def to_device(page: Page, device: torch.device) -> Page:
     """``page`` on ``device``, contiguous; shares storage when it already is (never mutated)."""
     k = page.k.to(device).contiguous()

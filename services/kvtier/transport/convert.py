@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kvtier.config import Settings
@@ -80,36 +81,30 @@ def check_header(h: pb.PageHeader, settings: Settings) -> Header:
     return Header(key, dtype, shape, start, want, chain, shm)
 
 
-def build_page(h: Header, k: bytes | memoryview, v: bytes | memoryview, *,
-               borrow: bool = False) -> Page:
-    """The page of ``h`` from its bytes, which are checked here for NaN/Inf.
+def build_page(h: Header, k: bytes | memoryview, v: bytes | memoryview) -> Page:
+    """The page of ``h`` from its bytes, copied once into memory the page owns and checked
+    there for NaN/Inf.
 
     ``h`` was checked by :func:`check_header`: sizes, dtype, shape, start position, i.e. all
     that :func:`~kvtier.pages.make_page` checks, so the page can go to
-    ``TierStore.put_checked``, which does not check it again. By default the bytes are copied
-    once into memory the page owns. With ``borrow`` (writable views only: the shared-memory
-    path) the tensors are views of ``k`` and ``v``: the caller keeps that memory unchanged
-    until the store's put returned, which copies every page it keeps (the store never aliases
-    its caller), so a page crosses with one copy in all.
+    ``TierStore.put_checked(owned=True)``, which neither checks nor copies it again.
     """
-    dt = torch_dtype(h.dtype)
     n = h.nbytes
-    if borrow and isinstance(k, memoryview) and isinstance(v, memoryview) \
-            and not k.readonly and not v.readonly:
-        kview, vview = k, v
-        kt = torch.frombuffer(k, dtype=dt)
-        vt = torch.frombuffer(v, dtype=dt)
-    else:
-        buf = bytearray(2 * n)  # one allocation for k and v; the tensors are views of it
-        view = memoryview(buf)
-        view[:n] = k
-        view[n:] = v
-        kview, vview = view[:n], view[n:]
-        kt = torch.frombuffer(buf, dtype=dt, count=n // _ELEM[h.dtype])
-        vt = torch.frombuffer(buf, dtype=dt, offset=n)
-    check_finite(kview, h.dtype, "k")
-    check_finite(vview, h.dtype, "v")
-    return Page(kt.reshape(h.shape), vt.reshape(h.shape), h.start_position)
+    buf = torch.empty(2 * n, dtype=torch.uint8)  # k then v; not zeroed (filled right away)
+    arr = buf.numpy()
+    arr[:n] = np.frombuffer(k, np.uint8)
+    arr[n:] = np.frombuffer(v, np.uint8)
+    check_finite(arr[:n].data, h.dtype, "k")
+    check_finite(arr[n:].data, h.dtype, "v")
+    return page_of_buffer(h, buf)
+
+
+def page_of_buffer(h: Header, buf: torch.Tensor) -> Page:
+    """The page of ``h`` viewing ``buf``: ``2 * h.nbytes`` uint8, k's bytes then v's."""
+    n = h.nbytes
+    dt = torch_dtype(h.dtype)
+    return Page(buf[:n].view(dt).reshape(h.shape), buf[n:].view(dt).reshape(h.shape),
+                h.start_position)
 
 
 class PutAssembler:

@@ -20,14 +20,9 @@ from kvtier.errors import InvalidArgument, UnknownTier
 from kvtier.pages import check_keys, check_namespace
 from kvtier.store.results import PutOutcome
 from kvtier.transport.context import DaemonContext
-from kvtier.transport.convert import (
-    PutAssembler,
-    build_page,
-    byte_view,
-    check_header,
-    chunks,
-)
+from kvtier.transport.convert import Header, PutAssembler, byte_view, check_header, chunks
 from kvtier.transport.shm import TOKEN_BYTES, ShmRegistry, ShmSession, align_up
+from kvtier.transport.shm_copy import copy_pages
 from kvtier.types import Namespace, Page, PageId
 from kvtier_proto.v1 import cache_pb2 as pb
 from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
@@ -66,31 +61,27 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
         return self._put(request_iterator)
 
     def _put(self, requests: Iterable[pb.PutRequest]) -> pb.PutReply:
-        borrowed: list[tuple[ShmSession, memoryview]] = []
-        try:
-            outcomes = self._store_pages(requests, borrowed)
-        finally:  # the pages viewing the segment died with _store_pages' frame
-            for session, seg in borrowed:
-                session.give_back(seg)
-        return pb.PutReply(outcomes=[_PUT_OUTCOME[o] for o in outcomes])
+        return pb.PutReply(outcomes=[_PUT_OUTCOME[o] for o in self._store_pages(requests)])
 
-    def _store_pages(self, requests: Iterable[pb.PutRequest],
-                     borrowed: list[tuple[ShmSession, memoryview]]) -> list[PutOutcome]:
-        """Check every header once, build the pages (shm pages borrow the segment, which
-        stays in use until the store copied them) and store them."""
+    def _store_pages(self, requests: Iterable[pb.PutRequest]) -> list[PutOutcome]:
+        """Check every header once, build the pages (inline ones from the stream, shm ones
+        copied out of the segment once the headers are all known) and store them; every page
+        is the daemon's own memory by then, so the store adopts it without a copy."""
         namespace: Namespace | None = None
         session_id = ""
+        fill = 0
         session: ShmSession | None = None
-        seg: memoryview | None = None
         pids: list[PageId] = []
         chains: list[int | None] = []
         pages: list[Page | None] = []
         inline_idx: list[int] = []
+        shm_idx: list[int] = []
+        shm_headers: list[Header] = []
         assembler = PutAssembler(self._settings)
         for req in requests:
             if namespace is None:
                 namespace = check_namespace(req.namespace)
-                session_id = req.shm_session
+                session_id, fill = req.shm_session, req.shm_fill
             elif req.namespace and req.namespace != namespace:
                 raise InvalidArgument("namespace changed within one put stream",
                                       field="namespace")
@@ -103,22 +94,19 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
                 h = check_header(raw_header, self._settings)
                 pids.append(PageId(namespace, h.key))
                 chains.append(h.chain_position)
+                (inline_idx if h.shm_offset is None else shm_idx).append(len(pages))
+                pages.append(None)
                 if h.shm_offset is None:
                     assembler.add_headers([h])
-                    inline_idx.append(len(pages))
-                    pages.append(None)
                     continue
                 if not session_id:
                     raise InvalidArgument("shm_offset set without an shm_session",
                                           field="shm_offset")
-                if session is None or seg is None:
+                if session is None:
                     session = self._shm.get(session_id)
-                    seg = session.borrow(namespace)
-                    borrowed.append((session, seg))
-                off, n = h.shm_offset, h.nbytes
-                session.check_range(off, 2 * n, "shm_offset")
-                pages.append(build_page(h, seg[off:off + n], seg[off + n:off + 2 * n],
-                                        borrow=True))
+                    session.check_owner(namespace)
+                session.check_range(h.shm_offset, 2 * h.nbytes, "shm_offset")
+                shm_headers.append(h)
             if req.data:
                 assembler.feed(req.data)
         if namespace is None or not pids:
@@ -126,11 +114,17 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
         assembler.finish()
         for i, (_, page) in zip(inline_idx, assembler.pages):
             pages[i] = page
+        if session is not None:
+            with session.use(namespace) as seg:
+                copied = copy_pages(seg, shm_headers, fill, session.ended)
+            for i, page in zip(shm_idx, copied):
+                pages[i] = page
         if len(set(pids)) != len(pids):
             raise InvalidArgument("the same key appears twice in one put", field="keys")
         if any(c is None for c in chains):  # the store's default: positions in the batch
             chains = list(range(len(pids)))
-        return self._store.put_checked(pids, cast(list[Page], pages), cast(list[int], chains))
+        return self._store.put_checked(pids, cast(list[Page], pages), cast(list[int], chains),
+                                       owned=True)
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetReply:
         results, inline = self._gather(request, unary=True)

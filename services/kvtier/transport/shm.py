@@ -14,8 +14,12 @@ namespace is refused with PERMISSION_DENIED, so a client can only read its names
 
 Segment layout (offsets chosen by the client per call; the daemon checks bounds)::
 
-    0        16                                                      size
-    | token  |  request area: put bytes / get replies, 64-byte aligned  |
+    0        16            32                                                   size
+    | token  | fill words  |  request area: put bytes / get replies, 64-byte aligned  |
+
+The fill words let a put start before its bytes are all written (see
+:mod:`kvtier.transport.shm_copy`). The daemon only reads the segment's put bytes, copying
+them into its own memory; it writes only where a get asked it to.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from kvtier.errors import CapacityExhausted, Conflict, InvalidArgument, Permissi
 log = logging.getLogger(__name__)
 
 TOKEN_BYTES = 16
+AREA_START = 32  # after the token and the fill words
 ALIGN = 64
 _PATH = re.compile(r"^/dev/shm/kvtier-[0-9a-f]{32}$")
 _MIN_SIZE = 1 << 16
@@ -94,35 +99,28 @@ class ShmSession:
                 field="shm_session",
             )
 
-    def borrow(self, namespace: str) -> memoryview:
-        """The segment's bytes for one call of ``namespace`` (refuses other namespaces);
-        the session cannot close until :meth:`give_back`. :meth:`use` is the same as a
-        ``with`` block; the put path calls these two itself to save the generator."""
-        self.check_owner(namespace)
-        self._lock.acquire()
-        if self._closed:
-            self._lock.release()
-            raise Conflict("shm session is closed; attach again", field="shm_session")
-        return memoryview(self._mm)
-
-    def give_back(self, view: memoryview) -> None:
-        view.release()
-        self._lock.release()
-
     @contextmanager
     def use(self, namespace: str) -> Iterator[memoryview]:
-        """The segment's bytes for one call of ``namespace``; refuses other namespaces."""
-        view = self.borrow(namespace)
-        try:
-            yield view
-        finally:
-            self.give_back(view)
+        """The segment's bytes for one call of ``namespace`` (refuses other namespaces); the
+        session cannot close while they are in use."""
+        self.check_owner(namespace)
+        with self._lock:
+            if self._closed:
+                raise Conflict("shm session is closed; attach again", field="shm_session")
+            view = memoryview(self._mm)
+            try:
+                yield view
+            finally:
+                try:
+                    view.release()
+                except BufferError:  # arrays of it live on in an error's traceback; they go
+                    pass  # with it (close() copes with a mapping still referenced)
 
     def check_range(self, offset: int, length: int, field: str) -> None:
-        if offset < TOKEN_BYTES or length < 0 or offset + length > self.size:
+        if offset < AREA_START or length < 0 or offset + length > self.size:
             raise InvalidArgument(
                 f"shm range [{offset}, {offset + length}) is outside the segment's "
-                f"request area [{TOKEN_BYTES}, {self.size})", field=field
+                f"request area [{AREA_START}, {self.size})", field=field
             )
 
     def close(self) -> None:

@@ -1,0 +1,137 @@
+"""Copying put pages out of a segment: the daemon's own memory, checked there, and the fill
+protocol (bytes written while the call is in flight) with its failure modes."""
+
+from __future__ import annotations
+
+import mmap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from kvtier.errors import Aborted, InvalidArgument
+from kvtier.transport.convert import Header
+from kvtier.transport.shm_copy import FILL_OFFSET, copy_pages
+
+SHAPE = (2, 64, 2, 64)  # float16: 32 KiB per tensor
+N = 2 * int(np.prod(SHAPE))
+BASE = 64
+
+
+def _segment() -> tuple[mmap.mmap, memoryview]:
+    mm = mmap.mmap(-1, 1 << 20)
+    return mm, memoryview(mm)
+
+
+def _headers(count: int) -> list[Header]:
+    return [Header(b"k%d" % i, "float16", SHAPE, 0, N, None, BASE + i * 2 * N)
+            for i in range(count)]
+
+
+def _source(count: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(count * 2 * N // 2).astype(np.float16).view(np.uint8)
+
+
+def _check(pages: list, src: np.ndarray) -> None:
+    for i, p in enumerate(pages):
+        k = src[i * 2 * N:i * 2 * N + N].view(np.float16).reshape(SHAPE)
+        v = src[i * 2 * N + N:(i + 1) * 2 * N].view(np.float16).reshape(SHAPE)
+        assert np.array_equal(p.k.numpy(), k) and np.array_equal(p.v.numpy(), v)
+
+
+def test_pages_are_copies_that_later_writes_do_not_reach() -> None:
+    mm, seg = _segment()
+    src = _source(2)
+    seg[BASE:BASE + src.nbytes] = src.tobytes()
+    pages = copy_pages(seg, _headers(2), 0, threading.Event())
+    seg[BASE:BASE + src.nbytes] = bytes(src.nbytes)  # the client reuses its segment
+    _check(pages, src)
+    assert pages[0].k.is_contiguous() and pages[1].v.is_contiguous()
+
+
+def test_follows_a_writer_that_publishes_progress() -> None:
+    mm, seg = _segment()
+    src = _source(3, seed=1)
+    words = np.frombuffer(mm, np.uint64, 2, FILL_OFFSET)
+    words[1], words[0] = 0, 7
+
+    def write() -> None:
+        for a in range(0, src.nbytes, 10_000):  # pieces that end inside elements and tensors
+            b = min(a + 10_000, src.nbytes)
+            time.sleep(0.002)
+            seg[BASE + a:BASE + b] = src[a:b].tobytes()
+            words[1] = b
+
+    t = threading.Thread(target=write)
+    t.start()
+    pages = copy_pages(seg, _headers(3), 7, threading.Event())
+    t.join()
+    _check(pages, src)
+
+
+def test_reused_segment_aborts() -> None:
+    mm, seg = _segment()
+    words = np.frombuffer(mm, np.uint64, 2, FILL_OFFSET)
+    words[1], words[0] = N, 8  # another put's fill number
+    with pytest.raises(Aborted) as info:
+        copy_pages(seg, _headers(1), 7, threading.Event())
+    assert info.value.field == "shm_fill" and "reused" in info.value.message
+
+
+def test_number_changed_after_the_last_byte_aborts() -> None:
+    mm, seg = _segment()
+    words = np.frombuffer(mm, np.uint64, 2, FILL_OFFSET)
+    words[1], words[0] = 0, 7
+
+    def finish_then_reuse() -> None:
+        time.sleep(0.01)
+        words[1] = 2 * N
+        words[0] = 8
+
+    t = threading.Thread(target=finish_then_reuse)
+    t.start()
+    try:
+        copy_pages(seg, _headers(1), 7, threading.Event())
+    except Aborted as e:  # seen while waiting, or on the check after the copy
+        assert e.field == "shm_fill"
+    else:
+        pytest.fail("a put whose segment was reused must not be stored")
+    t.join()
+
+
+def test_bytes_that_never_come_abort_after_the_timeout() -> None:
+    mm, seg = _segment()
+    words = np.frombuffer(mm, np.uint64, 2, FILL_OFFSET)
+    words[1], words[0] = 1003, 7
+    t0 = time.monotonic()
+    with pytest.raises(Aborted) as info:
+        copy_pages(seg, _headers(1), 7, threading.Event(), timeout_s=0.2)
+    assert 0.2 <= time.monotonic() - t0 < 5
+    assert "wrote 1000 of the put's 65536" in info.value.message  # rounded down to 8 bytes
+
+
+def test_session_end_stops_the_wait() -> None:
+    mm, seg = _segment()
+    words = np.frombuffer(mm, np.uint64, 2, FILL_OFFSET)
+    words[1], words[0] = 0, 7
+    ended = threading.Event()
+    threading.Timer(0.05, ended.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(Aborted) as info:
+        copy_pages(seg, _headers(1), 7, ended, timeout_s=30)
+    assert time.monotonic() - t0 < 5 and info.value.field == "shm_session"
+
+
+@pytest.mark.parametrize("fill", [0, 7])
+def test_nan_in_a_late_piece_is_refused_naming_the_tensor(fill: int) -> None:
+    mm, seg = _segment()
+    src = _source(1)
+    src.view(np.float16)[-3] = np.nan  # in v, near the end
+    seg[BASE:BASE + src.nbytes] = src.tobytes()
+    words = np.frombuffer(mm, np.uint64, 2, FILL_OFFSET)
+    words[1], words[0] = src.nbytes + 999, 7  # a count beyond the stream is clipped
+    with pytest.raises(InvalidArgument) as info:
+        copy_pages(seg, _headers(1), fill, threading.Event())
+    assert info.value.field == "v" and "NaN" in info.value.message
