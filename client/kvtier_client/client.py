@@ -26,12 +26,12 @@ from kvtier_client.staging import new_page, release_page
 from kvtier_client.tensors import FetchedPage, Page
 from kvtier_client.wire import (
     DEFAULT_CHUNK_BYTES,
+    Filler,
     GetAssembler,
     WirePage,
     attach_request,
     copy_in,
     deferred_request,
-    fill_segment,
     get_request,
     inline_bytes,
     overlapped,
@@ -125,6 +125,7 @@ class KVTierClient:
         self._channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.CacheServiceStub(self._channel)
         self._shm_lock = threading.Lock()
+        self._filler = Filler()
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -199,14 +200,12 @@ class KVTierClient:
             return self._send_put(ns, wire, left, session.id, copy_in(segment, plan))
         fill = session.next_fill()
         segment.start_fill(fill)
-        call = self._stub.Put.future(put_request(ns, wire, session.id, plan.offsets, fill),
-                                     timeout=left)
+        self._filler.start(segment, plan, fill)
         try:
-            fill_segment(segment, plan, fill)
-        except BaseException:
-            call.cancel()
-            raise
-        reply: pb.PutReply = call.result()
+            reply: pb.PutReply = self._stub.Put(
+                put_request(ns, wire, session.id, plan.offsets, fill), timeout=left)
+        finally:
+            self._filler.wait()  # the segment is not touched again before the fill ended
         return reply
 
     def _send_put(self, ns: str, wire: Sequence[WirePage], left: float, session: str = "",
@@ -313,6 +312,7 @@ class KVTierClient:
     def close(self) -> None:
         with self._shm_lock:
             self._shm.drop()
+            self._filler.close()
         self._channel.close()
 
     def __enter__(self) -> KVTierClient:

@@ -6,6 +6,8 @@ Inline page bytes form one byte stream per batch (page 0 k, page 0 v, page 1 k, 
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -169,8 +171,8 @@ def fill_segment(segment: shm_mod.Segment, plan: Placement, fill: int,
                  chunk: int = shm_mod.FILL_CHUNK) -> None:
     """Copy ``plan``'s bytes in pieces of ``chunk`` while the put with ``shm_fill = fill`` is
     in flight, publishing after each piece how much of the stream is written (the daemon
-    copies behind). The caller called :meth:`~kvtier_client.shm.Segment.start_fill` first."""
-    view = segment.view
+    copies behind). The caller called :meth:`~kvtier_client.shm.Segment.start_fill` first.
+    The copies release the GIL, so the thread that waits for the call is not held up."""
     words = segment.fill_words()
     written = 0
     for off, part in plan.parts:
@@ -179,12 +181,57 @@ def fill_segment(segment: shm_mod.Segment, plan: Placement, fill: int,
             words[1] = written
             continue
         n = part.nbytes
+        dst = segment.array(off, n)
+        src = np.frombuffer(part, np.uint8)
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
-            view[off + a:off + b] = part[a:b]
+            np.copyto(dst[a:b], src[a:b])
             words[1] = written + b
         written += n
+        del dst
     del words
+
+
+class Filler:
+    """A client's copier thread: fills the segment for an overlapped put while the calling
+    thread makes the (blocking) call, which is cheaper than an asynchronous call here."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[shm_mod.Segment, Placement, int] | None] = \
+            queue.SimpleQueue()
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, segment: shm_mod.Segment, plan: Placement, fill: int) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="kvtier-shm-fill",
+                                            daemon=True)
+            self._thread.start()
+        self._done.clear()
+        self._jobs.put((segment, plan, fill))
+
+    def wait(self) -> None:
+        """Until the started fill ended; raises what it raised."""
+        self._done.wait()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                fill_segment(*job)
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+                self._error = e
+            finally:
+                del job
+                self._done.set()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
 
 
 def attach_request(namespace: str, segment: shm_mod.Segment) -> pb.AttachShmRequest:
@@ -278,6 +325,6 @@ class GetAssembler:
 
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "GetAssembler", "WirePage", "attach_request",
-           "copy_in", "deferred_request", "fill_segment", "get_request", "nbytes_of",
+           "Filler", "copy_in", "deferred_request", "fill_segment", "get_request", "nbytes_of",
            "overlapped", "plan_in_segment", "put_requests",
            "wire_pages"]

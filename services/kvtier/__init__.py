@@ -2,7 +2,8 @@
 
 Layering (imports go one way only; ``tests/test_layering.py`` enforces it):
 
-    types, errors, config      value objects, the error table, settings
+    types, errors, config,     value objects, the error table, settings, page checks
+    pages, finite
         <- codecs              pure functions: page tensors <-> self-describing blobs
         <- store               page index, tiers, mover, Redis backend, policy interface
         <- policy              baselines, the learned predictor, the policy service, replay

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from kvtier.errors import InvalidArgument, PageTooLarge
+from kvtier.finite import check_finite
 from kvtier.types import SUPPORTED_DTYPES, Namespace, Page, PageId, PageKey
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -21,30 +21,6 @@ _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
 }
 _NAMESPACE_MAX = 128
-
-
-# A float is NaN or Inf iff its exponent bits are all ones: as a signed integer a positive one
-# is >= inf_bits, as an unsigned integer a negative one is >= (sign | inf_bits). Two max
-# reductions over integer views find both without a temporary array.
-_NONFINITE = {
-    "float16": (np.int16, np.uint16, 0x7C00, 0xFC00),
-    "bfloat16": (np.int16, np.uint16, 0x7F80, 0xFF80),
-    "float32": (np.int32, np.uint32, 0x7F800000, 0xFF800000),
-}
-
-
-def check_finite(buf: memoryview | bytes, dtype: str, name: str) -> None:
-    """Reject NaN/Inf in raw little-endian tensor bytes, on the bits.
-
-    Done on integer views with numpy because ``torch.isfinite`` on CPU float16 costs ~100x
-    more, and this sits on every put.
-    """
-    signed, unsigned, pos_inf, neg_inf = _NONFINITE[dtype]
-    if len(buf) == 0:
-        return
-    if (int(np.frombuffer(buf, dtype=signed).max()) >= pos_inf
-            or int(np.frombuffer(buf, dtype=unsigned).max()) >= neg_inf):
-        raise InvalidArgument(f"{name} holds NaN or Inf values", field=name)
 
 
 def _check_tensor_finite(t: torch.Tensor, name: str) -> None:

@@ -8,7 +8,7 @@ import torch
 
 from kvtier.config import Settings
 from kvtier.errors import InvalidArgument
-from kvtier.pages import check_finite
+from kvtier.finite import check_finite
 from kvtier.transport.convert import PutAssembler, check_header, chunks
 from kvtier_proto.v1 import cache_pb2 as pb
 
@@ -23,6 +23,26 @@ def test_check_finite_finds_every_nonfinite(dtype: torch.dtype, bad: float) -> N
     t = torch.cat([ok, torch.tensor([bad], dtype=dtype)])
     with pytest.raises(InvalidArgument, match="k: k holds NaN or Inf"):
         check_finite(memoryview(t.view(torch.uint8).numpy().tobytes()), name, "k")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_check_finite_at_every_position_length_and_alignment(dtype: torch.dtype) -> None:
+    """Whole 64-bit words, the 1-3 values after them, and buffers starting off alignment."""
+    name = str(dtype).removeprefix("torch.")
+    rng = np.random.default_rng(1)
+    for n in range(1, 14):
+        vals = torch.from_numpy(rng.standard_normal(n).astype(np.float32) * 1e3).to(dtype)
+        raw = bytes(3) + vals.view(torch.uint8).numpy().tobytes()
+        check_finite(memoryview(raw)[3:], name, "v")  # starts 3 bytes off a word
+        for i in range(n):
+            for bad in (float("inf"), float("nan")):
+                t = vals.clone()
+                t[i] = bad
+                raw = bytes(3) + t.view(torch.uint8).numpy().tobytes()
+                with pytest.raises(InvalidArgument, match="v holds NaN or Inf"):
+                    check_finite(memoryview(raw)[3:], name, "v")
+    big = torch.full((1 << 16,), torch.finfo(dtype).max, dtype=dtype)  # exponent one below
+    check_finite(memoryview(big.view(torch.uint8).numpy()), name, "v")
 
 
 def _header(key: bytes, shape: tuple[int, ...]) -> pb.PageHeader:

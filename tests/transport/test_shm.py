@@ -110,18 +110,18 @@ def test_large_puts_copy_while_the_call_is_in_flight(daemon: Daemon,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A put of >= 256 KiB starts its call first and fills the segment behind it (shm_fill);
     what the daemon keeps is its own copy, unaffected by the client's next writes."""
-    import kvtier_client.client as client_mod
+    import kvtier_client.wire as wire_mod
 
     if not shm_client.OVERLAP:
         pytest.skip("overlapped puts are x86-64 only")
     fills: list[int] = []
-    real = client_mod.fill_segment
+    real = wire_mod.fill_segment
 
     def spy(segment: Segment, plan: object, fill: int, chunk: int = 64 << 10) -> None:
         fills.append(fill)
         real(segment, plan, fill, chunk)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(client_mod, "fill_segment", spy)
+    monkeypatch.setattr(wire_mod, "fill_segment", spy)  # what the client's copier runs
     rng = np.random.default_rng(5)
     big = [Page(rng.standard_normal((4, 256, 8, 64)).astype(np.float16),
                 rng.standard_normal((4, 256, 8, 64)).astype(np.float16)) for _ in range(3)]

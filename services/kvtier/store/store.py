@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kvtier import finite
 from kvtier.codecs import warmup
 from kvtier.config import Settings
 from kvtier.errors import CorruptPage, InvalidArgument, UnknownTier
@@ -66,6 +67,7 @@ class TierStore:
         start the mover thread. The first start in a process can take seconds (JIT), so that
         compilation never lands inside a put or a demotion."""
         warmup()
+        finite.warmup()
         redis = self._engine.redis
         if redis is not None and redis.probe(force=True):
             added = resync_remote(self._engine)

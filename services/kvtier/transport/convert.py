@@ -16,7 +16,8 @@ import torch
 
 from kvtier.config import Settings
 from kvtier.errors import InvalidArgument, PageTooLarge
-from kvtier.pages import check_finite, check_key, torch_dtype
+from kvtier.finite import check_finite
+from kvtier.pages import check_key, torch_dtype
 from kvtier.types import Page, PageKey
 from kvtier_proto.v1 import cache_pb2 as pb
 
@@ -101,10 +102,8 @@ def build_page(h: Header, k: bytes | memoryview, v: bytes | memoryview) -> Page:
 
 def page_of_buffer(h: Header, buf: torch.Tensor) -> Page:
     """The page of ``h`` viewing ``buf``: ``2 * h.nbytes`` uint8, k's bytes then v's."""
-    n = h.nbytes
-    dt = torch_dtype(h.dtype)
-    return Page(buf[:n].view(dt).reshape(h.shape), buf[n:].view(dt).reshape(h.shape),
-                h.start_position)
+    k, v = buf.view(torch_dtype(h.dtype)).view(2, *h.shape).unbind(0)
+    return Page(k, v, h.start_position)
 
 
 class PutAssembler:

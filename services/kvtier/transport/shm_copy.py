@@ -24,12 +24,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
 
-from kvtier.errors import Aborted
-from kvtier.pages import check_finite
+from kvtier.errors import Aborted, InvalidArgument
+from kvtier.finite import check_finite
 from kvtier.transport.convert import Header, page_of_buffer
 from kvtier.types import Page
 
@@ -37,15 +38,6 @@ FILL_OFFSET = 16
 FILL_TIMEOUT_S = 2.0
 _SPINS = 64  # polls before the waiting thread starts yielding the GIL
 _YIELDS = 4000  # then sleep(0) polls before it sleeps 100 us between polls
-
-
-class _Piece:
-    """One tensor's bytes: where they start in the fill stream and in the segment."""
-
-    __slots__ = ("start", "offset", "dst", "dtype", "name")
-
-    def __init__(self, start: int, offset: int, dst: np.ndarray, dtype: str, name: str) -> None:
-        self.start, self.offset, self.dst, self.dtype, self.name = start, offset, dst, dtype, name
 
 
 def copy_pages(seg: memoryview, headers: Sequence[Header], fill: int,
@@ -56,37 +48,40 @@ def copy_pages(seg: memoryview, headers: Sequence[Header], fill: int,
     Raises InvalidArgument for NaN/Inf (naming k or v), Aborted as described above.
     """
     src = np.frombuffer(seg, np.uint8)
-    bufs: list[torch.Tensor] = []
-    pieces: list[_Piece] = []
-    pos = 0
-    for h in headers:
-        assert h.shm_offset is not None
-        n = h.nbytes
-        buf = torch.empty(2 * n, dtype=torch.uint8)
-        arr = buf.numpy()
-        pieces.append(_Piece(pos, h.shm_offset, arr[:n], h.dtype, "k"))
-        pieces.append(_Piece(pos + n, h.shm_offset + n, arr[n:], h.dtype, "v"))
-        bufs.append(buf)
-        pos += 2 * n
-    total = pos
+    bufs = [torch.empty(2 * h.nbytes, dtype=torch.uint8) for h in headers]
+    dsts = [buf.numpy() for buf in bufs]  # a page's k then v, as in the segment
     words = np.frombuffer(seg, np.uint64, 2, FILL_OFFSET) if fill else None
     deadline = time.monotonic() + timeout_s
-    done, i = 0, 0
+    total = sum(d.size for d in dsts)
+    done, start, i = 0, 0, 0  # stream bytes copied; where page i starts in the stream
     while done < total:
         ready = (total if words is None
                  else _wait(words, fill, done, total, ended, deadline, timeout_s))
         while done < ready:
-            p = pieces[i]
-            a, b = done - p.start, min(ready - p.start, len(p.dst))
-            p.dst[a:b] = src[p.offset + a:p.offset + b]
-            check_finite(p.dst[a:b].data, p.dtype, p.name)
-            done = p.start + b
-            if b == len(p.dst):
-                i += 1
+            h, dst = headers[i], dsts[i]
+            a, b = done - start, min(ready - start, dst.size)
+            off = cast(int, h.shm_offset)
+            dst[a:b] = src[off + a:off + b]
+            _check(dst, a, b, h)
+            done = start + b
+            if b == dst.size:
+                start, i = done, i + 1
     if words is not None and int(words[0]) != fill:
         raise Aborted("the client reused its segment while the daemon copied this put's bytes",
                       field="shm_fill")
     return [page_of_buffer(h, buf) for h, buf in zip(headers, bufs)]
+
+
+def _check(dst: np.ndarray, a: int, b: int, h: Header) -> None:
+    """NaN/Inf check of ``dst[a:b]`` (a page's k then v); the error names k or v."""
+    try:
+        check_finite(dst[a:b].data, h.dtype, "k")
+    except InvalidArgument:
+        n = h.nbytes
+        if a < n:
+            check_finite(dst[a:min(b, n)].data, h.dtype, "k")
+        check_finite(dst[max(a, n):b].data, h.dtype, "v")
+        raise
 
 
 def _wait(words: np.ndarray, fill: int, done: int, total: int, ended: threading.Event,
