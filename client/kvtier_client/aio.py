@@ -60,11 +60,13 @@ class AsyncKVTierClient:
 
     def __init__(self, target: str, namespace: str = "default", *, timeout_s: float = 30.0,
                  shared_memory: bool | str = "auto", shm_bytes: int = 256 << 20,
-                 staging_bytes: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+                 staging_bytes: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 overlap_copy: bool = False) -> None:
         self.target = target
         self.namespace = namespace
         self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes
+        self.overlap_copy = overlap_copy
         want = shared_memory is True or (shared_memory == "auto" and is_loopback(target))
         self._shm = shm_mod.SessionSlot(want, shm_bytes, target, staging_bytes)
         self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
@@ -136,7 +138,7 @@ class AsyncKVTierClient:
         then copies (blocking the loop no longer than the copy always did)."""
         segment = session.segment
         plan = plan_in_segment(segment, wire)
-        if not overlapped(plan, wire, self.chunk_bytes):
+        if not (self.overlap_copy and overlapped(plan, wire, self.chunk_bytes)):
             return await self._send_put(ns, wire, left, session.id, copy_in(segment, plan))
         fill = session.next_fill()
         segment.start_fill(fill)

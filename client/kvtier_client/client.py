@@ -110,16 +110,24 @@ def session_lost(e: grpc.RpcError) -> bool:
 
 
 class KVTierClient:
-    """Blocking client. Thread-safe; shared-memory transfers are serialized per client."""
+    """Blocking client. Thread-safe; shared-memory transfers are serialized per client.
+
+    ``overlap_copy``: a put with at least 256 KiB to copy into the segment starts its call
+    first and copies while it is in flight (``shm_fill``), so the client's copy and the
+    daemon's overlap. That needs spare cores: on a 2-core host it measured no faster than
+    copying first (see the README), hence off by default. x86-64 only; ignored elsewhere.
+    """
 
     def __init__(self, target: str, namespace: str = "default", *, timeout_s: float = 30.0,
                  shared_memory: bool | str = "auto", shm_bytes: int = 256 << 20,
                  staging_bytes: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 overlap_copy: bool = False,
                  channel: grpc.Channel | None = None) -> None:
         self.target = target
         self.namespace = namespace
         self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes
+        self.overlap_copy = overlap_copy
         want = shared_memory is True or (shared_memory == "auto" and is_loopback(target))
         self._shm = shm_mod.SessionSlot(want, shm_bytes, target, staging_bytes)
         self._channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
@@ -196,7 +204,7 @@ class KVTierClient:
         call is in flight (``shm_fill``): the daemon copies each part out as it is written."""
         segment = session.segment
         plan = plan_in_segment(segment, wire)
-        if not overlapped(plan, wire, self.chunk_bytes):
+        if not (self.overlap_copy and overlapped(plan, wire, self.chunk_bytes)):
             return self._send_put(ns, wire, left, session.id, copy_in(segment, plan))
         fill = session.next_fill()
         segment.start_fill(fill)

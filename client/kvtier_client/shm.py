@@ -32,10 +32,9 @@ DATA_OFFSET = 64
 ALIGN = 64
 FILL_CHUNK = 256 << 10
 OVERLAP_MIN_BYTES = 256 << 10
-OVERLAP = platform.machine().lower() in ("x86_64", "amd64")
-"""Puts of at least ``OVERLAP_MIN_BYTES`` to copy start before the copy and publish its
-progress (``shm_fill``), only where stores become visible in program order (x86-64); elsewhere,
-and for smaller puts, the bytes are all in place before the call."""
+OVERLAP_SAFE = platform.machine().lower() in ("x86_64", "amd64")
+"""Whether this host may start a put's call before its copy (``overlap_copy``): only where
+stores become visible to the daemon in program order (x86-64)."""
 SHM_DIR = Path("/dev/shm")
 
 

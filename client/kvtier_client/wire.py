@@ -152,9 +152,9 @@ def plan_in_segment(segment: shm_mod.Segment, pages: Sequence[WirePage]) -> Plac
 
 
 def overlapped(plan: Placement, pages: Sequence[WirePage], chunk_bytes: int) -> bool:
-    """Whether a put placed by ``plan`` starts its call before the copy (``shm_fill``): one
-    unary message, at least ``OVERLAP_MIN_BYTES`` to copy, on x86-64."""
-    return (shm_mod.OVERLAP and plan.copy_bytes >= shm_mod.OVERLAP_MIN_BYTES
+    """Whether a put placed by ``plan`` can start its call before the copy (``shm_fill``):
+    one unary message, at least ``OVERLAP_MIN_BYTES`` to copy, on x86-64."""
+    return (shm_mod.OVERLAP_SAFE and plan.copy_bytes >= shm_mod.OVERLAP_MIN_BYTES
             and inline_bytes(pages, plan.offsets) <= chunk_bytes)
 
 

@@ -52,7 +52,7 @@ async def test_large_async_puts_copy_while_the_call_is_in_flight(
         daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
     import kvtier_client.aio as aio_mod
 
-    if not shm_mod.OVERLAP:
+    if not shm_mod.OVERLAP_SAFE:
         pytest.skip("overlapped puts are x86-64 only")
     fills: list[int] = []
     real = aio_mod.fill_segment
@@ -63,7 +63,7 @@ async def test_large_async_puts_copy_while_the_call_is_in_flight(
 
     monkeypatch.setattr(aio_mod, "fill_segment", spy)
     big = [make_page(i, (4, 256, 8, 64)) for i in range(3)]
-    async with AsyncKVTierClient(daemon.grpc_address, "tenant-a") as a:
+    async with AsyncKVTierClient(daemon.grpc_address, "tenant-a", overlap_copy=True) as a:
         assert await a.put([b"b0"], big[:1]) == ["stored"]
         assert await a.put([b"b1", b"b2"], big[1:]) == ["stored"] * 2
         assert fills == [1, 2]

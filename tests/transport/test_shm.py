@@ -108,11 +108,12 @@ def test_daemon_stop_ends_sessions_and_client_falls_back(daemon: Daemon) -> None
 
 def test_large_puts_copy_while_the_call_is_in_flight(daemon: Daemon,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """A put of >= 256 KiB starts its call first and fills the segment behind it (shm_fill);
-    what the daemon keeps is its own copy, unaffected by the client's next writes."""
+    """With overlap_copy, a put of >= 256 KiB starts its call first and fills the segment
+    behind it (shm_fill); what the daemon keeps is its own copy, unaffected by the client's
+    next writes. Without it (the default) the bytes are in place before the call."""
     import kvtier_client.wire as wire_mod
 
-    if not shm_client.OVERLAP:
+    if not shm_client.OVERLAP_SAFE:
         pytest.skip("overlapped puts are x86-64 only")
     fills: list[int] = []
     real = wire_mod.fill_segment
@@ -125,7 +126,7 @@ def test_large_puts_copy_while_the_call_is_in_flight(daemon: Daemon,
     rng = np.random.default_rng(5)
     big = [Page(rng.standard_normal((4, 256, 8, 64)).astype(np.float16),
                 rng.standard_normal((4, 256, 8, 64)).astype(np.float16)) for _ in range(3)]
-    with KVTierClient(daemon.grpc_address, "tenant-a") as c:
+    with KVTierClient(daemon.grpc_address, "tenant-a", overlap_copy=True) as c:
         assert c.put([b"big0"], [big[0]]) == ["stored"]
         assert c.put([b"big1", b"big2", b"small"], [big[1], big[2], make_page(3)]) == \
             ["stored"] * 3
@@ -145,6 +146,11 @@ def test_large_puts_copy_while_the_call_is_in_flight(daemon: Daemon,
             c.put([b"bad"], [bad])
         assert daemon.context.store.page_info("tenant-a", b"bad") is None
         assert c.put([b"after"], [big[2]]) == ["stored"]  # the session still works
+    with KVTierClient(daemon.grpc_address, "tenant-b") as plain:
+        assert plain.put([b"big0"], [big[0]]) == ["stored"] and plain.uses_shared_memory
+        got = plain.get([b"big0"])[0]
+        assert got is not None and np.array_equal(got.v, big[0].v)
+    assert fills == [1, 2, 3, 4]  # the bad put and "after" were filled too; plain never
 
 
 def test_threads_sharing_one_client_never_see_each_others_pages(daemon: Daemon) -> None:
