@@ -42,11 +42,13 @@ def tiny_tiers(with_redis: bool, hot_room: bool = False) -> list[TierConfig]:
     """Room for about 2 pages per memory tier, so a handful of puts reaches every tier.
 
     ``hot_room``: the hot tier holds 4 pages but the mover keeps it at 1 or 2, leaving room
-    for promotions.
+    for promotions. Its low watermark (1.8 pages) holds one page promoted from warm (about
+    1.7 pages: the decoded page and the int8 blob it came from), or the mover would push that
+    page straight back down.
     """
     page = 2 * 8 * 1024
     hot = (TierConfig(name="hot", medium=Medium.DEVICE, codec=Codec.NONE,
-                      capacity_bytes=4 * page, high_watermark=0.5, low_watermark=0.3)
+                      capacity_bytes=4 * page, high_watermark=0.5, low_watermark=0.45)
            if hot_room else
            TierConfig(name="hot", medium=Medium.DEVICE, codec=Codec.NONE,
                       capacity_bytes=2 * page))
