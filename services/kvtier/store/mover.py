@@ -5,6 +5,7 @@ lowest-scored pages one tier down (or out of the last tier, reason ``capacity``)
 its low watermark. Above a Redis tier that is down, pages wait (nothing moves) — the hard limit
 is enforced by the synchronous make-room path, which evicts with reason ``remote_down``.
 :func:`prefetch_pass` then promotes what the policy expects to be used soon into spare room.
+:func:`relocate` is the same move asked for by a call (promote, admin demote), for one page.
 
 It wakes every ``interval_s`` or when :meth:`Mover.wake` is called (a put pushed a tier past
 its high watermark). A pass that raises is logged and the thread carries on: nothing raises out
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
-from kvtier.store.engine import MoveResult, TierEngine
+from kvtier.store.engine import WAIT_SLICE_S, MoveResult, TierEngine
 from kvtier.store.index import PageState
+from kvtier.types import PageId
 
 log = logging.getLogger(__name__)
 
@@ -108,3 +111,32 @@ def prefetch_pass(engine: TierEngine, limit: int) -> int:
                 break
         done += engine.move(pid, 0) is MoveResult.MOVED
     return done
+
+
+def relocate(engine: TierEngine, pid: PageId, target: int, *, upward: bool) -> bool:
+    """Promote (``upward``) a page to at least ``target``, or demote it to exactly it.
+
+    Waits (bounded) while the page is mid-move or mid-put. False if it is absent, cannot
+    get there (no room, Redis down), or a demotion would have to go up.
+    """
+    deadline = time.monotonic() + engine.room_timeout_s
+    while True:
+        with engine.cond:
+            rec = engine.index.get(pid)
+            if rec is None:
+                return False
+            resident = rec.state is PageState.RESIDENT
+            if resident and (rec.tier == target or (upward and rec.tier < target)):
+                return True
+            if resident and not upward and rec.tier > target:
+                return False
+        if resident:
+            result = engine.move(pid, target)
+            if result is MoveResult.MOVED:
+                return True
+            if result is not MoveResult.BUSY:
+                return False
+        if time.monotonic() >= deadline:
+            return False
+        with engine.cond:
+            engine.cond.wait(WAIT_SLICE_S)

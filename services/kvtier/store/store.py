@@ -34,9 +34,8 @@ from kvtier.config import Settings
 from kvtier.errors import CorruptPage, InvalidArgument, UnknownTier
 from kvtier.pages import check_key, check_keys, check_namespace, dtype_name, make_page
 from kvtier.store.access_log import AccessLog
-from kvtier.store.engine import WAIT_SLICE_S, MoveResult, TierEngine
-from kvtier.store.index import PageState
-from kvtier.store.mover import Mover, prefetch_pass, rebalance_tier
+from kvtier.store.engine import MoveResult, TierEngine
+from kvtier.store.mover import Mover, prefetch_pass, rebalance_tier, relocate
 from kvtier.store.placement import check_fits, choose_tier, place
 from kvtier.store.policy import AccessEvent, AccessKind, LRUPolicy, Policy
 from kvtier.store.remote_index import discover, resync_remote
@@ -372,35 +371,6 @@ class TierStore:
             raise UnknownTier(
                 f"unknown tier {name!r}; tiers are {', '.join(self._engine.names)}",
                 field="tier") from None
-
-
-def relocate(engine: TierEngine, pid: PageId, target: int, *, upward: bool) -> bool:
-    """Promote (``upward``) a page to at least ``target``, or demote it to exactly it.
-
-    Waits (bounded) while the page is mid-move or mid-put. False if it is absent, cannot
-    get there (no room, Redis down), or a demotion would have to go up.
-    """
-    deadline = time.monotonic() + engine.room_timeout_s
-    while True:
-        with engine.cond:
-            rec = engine.index.get(pid)
-            if rec is None:
-                return False
-            resident = rec.state is PageState.RESIDENT
-            if resident and (rec.tier == target or (upward and rec.tier < target)):
-                return True
-            if resident and not upward and rec.tier > target:
-                return False
-        if resident:
-            result = engine.move(pid, target)
-            if result is MoveResult.MOVED:
-                return True
-            if result is not MoveResult.BUSY:
-                return False
-        if time.monotonic() >= deadline:
-            return False
-        with engine.cond:
-            engine.cond.wait(WAIT_SLICE_S)
 
 
 def _bytes_view(t: torch.Tensor) -> memoryview:
