@@ -138,9 +138,10 @@ class AsyncKVTierClient:
         then copies (blocking the loop no longer than the copy always did)."""
         segment = session.segment
         plan = plan_in_segment(segment, wire)
-        if not (self.overlap_copy and overlapped(plan, wire, self.chunk_bytes)):
-            return await self._send_put(ns, wire, left, session.id, copy_in(segment, plan))
         fill = session.next_fill()
+        if not (self.overlap_copy and overlapped(plan, wire, self.chunk_bytes)):
+            offsets = copy_in(segment, plan, fill)
+            return await self._send_put(ns, wire, left, session.id, offsets, fill)
         segment.start_fill(fill)
         call = self._stub.Put(put_request(ns, wire, session.id, plan.offsets, fill),
                               timeout=left)
@@ -154,15 +155,17 @@ class AsyncKVTierClient:
         return reply
 
     async def _send_put(self, ns: str, wire: Sequence[WirePage], left: float,
-                        session: str = "",
-                        offsets: Sequence[int | None] | None = None) -> pb.PutReply:
+                        session: str = "", offsets: Sequence[int | None] | None = None,
+                        fill: int = 0) -> pb.PutReply:
         """Unary Put when the inline bytes fit one chunk, else the chunked PutStream."""
         reply: pb.PutReply
         if inline_bytes(wire, offsets) <= self.chunk_bytes:
-            reply = await self._stub.Put(put_request(ns, wire, session, offsets), timeout=left)
+            reply = await self._stub.Put(put_request(ns, wire, session, offsets, fill),
+                                         timeout=left)
         else:
             reply = await self._stub.PutStream(
-                put_requests(ns, wire, self.chunk_bytes, session, offsets), timeout=left)
+                put_requests(ns, wire, self.chunk_bytes, session, offsets, fill),
+                timeout=left)
         return reply
 
     async def staged_page(self, shape: Sequence[int], dtype: str = "float16",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -134,6 +135,7 @@ class KVTierClient:
         self._stub = pb_grpc.CacheServiceStub(self._channel)
         self._shm_lock = threading.Lock()
         self._filler = Filler()
+        weakref.finalize(self, self._filler.close)  # its thread ends with the client
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -204,27 +206,32 @@ class KVTierClient:
         call is in flight (``shm_fill``): the daemon copies each part out as it is written."""
         segment = session.segment
         plan = plan_in_segment(segment, wire)
-        if not (self.overlap_copy and overlapped(plan, wire, self.chunk_bytes)):
-            return self._send_put(ns, wire, left, session.id, copy_in(segment, plan))
         fill = session.next_fill()
+        if not (self.overlap_copy and overlapped(plan, wire, self.chunk_bytes)):
+            offsets = copy_in(segment, plan, fill)
+            return self._send_put(ns, wire, left, session.id, offsets, fill)
         segment.start_fill(fill)
         self._filler.start(segment, plan, fill)
         try:
             reply: pb.PutReply = self._stub.Put(
                 put_request(ns, wire, session.id, plan.offsets, fill), timeout=left)
-        finally:
-            self._filler.wait()  # the segment is not touched again before the fill ended
+        except BaseException:
+            self._filler.wait(quiet=True)  # the call's error is the one to report
+            raise
+        self._filler.wait()  # the segment is not touched again before the fill ended
         return reply
 
     def _send_put(self, ns: str, wire: Sequence[WirePage], left: float, session: str = "",
-                  offsets: Sequence[int | None] | None = None) -> pb.PutReply:
+                  offsets: Sequence[int | None] | None = None, fill: int = 0) -> pb.PutReply:
         """Unary Put when the inline bytes fit one chunk, else the chunked PutStream."""
         reply: pb.PutReply
         if inline_bytes(wire, offsets) <= self.chunk_bytes:
-            reply = self._stub.Put(put_request(ns, wire, session, offsets), timeout=left)
+            reply = self._stub.Put(put_request(ns, wire, session, offsets, fill),
+                                   timeout=left)
         else:
             reply = self._stub.PutStream(
-                put_requests(ns, wire, self.chunk_bytes, session, offsets), timeout=left)
+                put_requests(ns, wire, self.chunk_bytes, session, offsets, fill),
+                timeout=left)
         return reply
 
     def staged_page(self, shape: Sequence[int], dtype: str = "float16",

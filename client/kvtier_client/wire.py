@@ -74,13 +74,14 @@ def inline_bytes(pages: Sequence[WirePage], shm_offsets: Sequence[int | None] | 
 
 
 def put_requests(namespace: str, pages: Sequence[WirePage], chunk_bytes: int,
-                 shm_session: str = "",
-                 shm_offsets: Sequence[int | None] | None = None) -> Iterator[pb.PutRequest]:
+                 shm_session: str = "", shm_offsets: Sequence[int | None] | None = None,
+                 shm_fill: int = 0) -> Iterator[pb.PutRequest]:
     """The messages of one Put stream: all headers first, then the inline bytes in chunks."""
     offsets = shm_offsets or [None] * len(pages)
     headers = [header(p, off) for p, off in zip(pages, offsets)]
     parts = [mv for p, off in zip(pages, offsets) if off is None for mv in (p.k.data, p.v.data)]
-    first = pb.PutRequest(namespace=namespace, pages=headers, shm_session=shm_session)
+    first = pb.PutRequest(namespace=namespace, pages=headers, shm_session=shm_session,
+                          shm_fill=shm_fill)
     pending = bytearray()
     sent_first = False
     for part in parts:
@@ -123,6 +124,11 @@ class Placement:
     def copy_bytes(self) -> int:
         return sum(p.nbytes for _, p in self.parts if isinstance(p, memoryview))
 
+    @property
+    def stream_bytes(self) -> int:
+        """Bytes of the batch's shm byte stream, copied or already in place."""
+        return sum(p.nbytes if isinstance(p, memoryview) else p for _, p in self.parts)
+
 
 def plan_in_segment(segment: shm_mod.Segment, pages: Sequence[WirePage]) -> Placement:
     """Where each page goes, copying nothing yet.
@@ -158,12 +164,20 @@ def overlapped(plan: Placement, pages: Sequence[WirePage], chunk_bytes: int) -> 
             and inline_bytes(pages, plan.offsets) <= chunk_bytes)
 
 
-def copy_in(segment: shm_mod.Segment, plan: Placement) -> list[int | None]:
-    """Copy ``plan``'s bytes into the segment (all in place before the call); its offsets."""
+def copy_in(segment: shm_mod.Segment, plan: Placement, fill: int) -> list[int | None]:
+    """Copy ``plan``'s bytes into the segment, all in place before the call; its offsets.
+
+    The put's number ``fill`` is announced first and the stream marked complete after: the
+    daemon checks that number around its copy, so a daemon still busy with an earlier put
+    that the client gave up on cannot take these bytes for that put's pages."""
+    segment.start_fill(fill)
     view = segment.view
     for off, part in plan.parts:
         if isinstance(part, memoryview):
             view[off:off + part.nbytes] = part
+    words = segment.fill_words()
+    words[1] = plan.stream_bytes
+    del words
     return plan.offsets
 
 
@@ -211,11 +225,11 @@ class Filler:
         self._done.clear()
         self._jobs.put((segment, plan, fill))
 
-    def wait(self) -> None:
-        """Until the started fill ended; raises what it raised."""
+    def wait(self, quiet: bool = False) -> None:
+        """Until the started fill ended; raises what it raised unless ``quiet``."""
         self._done.wait()
         error, self._error = self._error, None
-        if error is not None:
+        if error is not None and not quiet:
             raise error
 
     def _run(self) -> None:
@@ -324,7 +338,8 @@ class GetAssembler:
         return out
 
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "GetAssembler", "WirePage", "attach_request",
-           "Filler", "copy_in", "deferred_request", "fill_segment", "get_request", "nbytes_of",
-           "overlapped", "plan_in_segment", "put_requests",
-           "wire_pages"]
+__all__ = [
+    "DEFAULT_CHUNK_BYTES", "Filler", "GetAssembler", "WirePage", "attach_request",
+    "copy_in", "deferred_request", "fill_segment", "get_request", "nbytes_of", "overlapped",
+    "plan_in_segment", "put_requests", "wire_pages",
+]

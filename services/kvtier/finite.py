@@ -48,6 +48,8 @@ def check_finite(buf: memoryview | bytes, dtype: str, name: str) -> None:
 
 
 def warmup() -> None:
-    """Compile the kernel (or load it from numba's cache) before the first put needs it."""
+    """Compile the kernel (or load it from numba's cache) before the first put needs it, for
+    read-only and writable buffers (numba specialises on both)."""
     for dtype in _LANES:
         check_finite(bytes(16), dtype, "warmup")
+        check_finite(memoryview(bytearray(16)), dtype, "warmup")

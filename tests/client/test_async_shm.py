@@ -57,7 +57,7 @@ async def test_large_async_puts_copy_while_the_call_is_in_flight(
     fills: list[int] = []
     real = aio_mod.fill_segment
 
-    def spy(segment: Any, plan: Any, fill: int, chunk: int = 64 << 10) -> None:
+    def spy(segment: Any, plan: Any, fill: int, chunk: int = shm_mod.FILL_CHUNK) -> None:
         fills.append(fill)
         real(segment, plan, fill, chunk)
 

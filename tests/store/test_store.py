@@ -53,7 +53,6 @@ def test_owned_pages_are_adopted_and_others_copied(make_store: StoreFactory) -> 
     mine, theirs = make_page(1), make_page(2)
     store.put_checked([PageId(NS, key(0)), PageId(NS, key(1))], [mine, theirs], [0, 1],
                       owned=True)
-    store.put_checked([PageId(NS, key(2))], [make_page(3)], [0])
     borrowed = make_page(4)
     store.put_checked([PageId(NS, key(3))], [borrowed], [0])
     raw = store.get_raw(NS, [key(0), key(1), key(3)])

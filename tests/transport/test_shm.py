@@ -11,8 +11,8 @@ import pytest
 
 from kvtier.daemon import Daemon
 from kvtier_client import KVTierClient, Page
-from kvtier_client.errors import InvalidArgumentError
 from kvtier_client import shm as shm_client
+from kvtier_client.errors import DeadlineExceededError, InvalidArgumentError
 from kvtier_client.shm import Segment
 from kvtier_proto.v1 import cache_pb2 as pb
 from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
@@ -118,7 +118,8 @@ def test_large_puts_copy_while_the_call_is_in_flight(daemon: Daemon,
     fills: list[int] = []
     real = wire_mod.fill_segment
 
-    def spy(segment: Segment, plan: object, fill: int, chunk: int = 64 << 10) -> None:
+    def spy(segment: Segment, plan: object, fill: int,
+            chunk: int = shm_client.FILL_CHUNK) -> None:
         fills.append(fill)
         real(segment, plan, fill, chunk)  # type: ignore[arg-type]
 
@@ -150,7 +151,37 @@ def test_large_puts_copy_while_the_call_is_in_flight(daemon: Daemon,
         assert plain.put([b"big0"], [big[0]]) == ["stored"] and plain.uses_shared_memory
         got = plain.get([b"big0"])[0]
         assert got is not None and np.array_equal(got.v, big[0].v)
-    assert fills == [1, 2, 3, 4]  # the bad put and "after" were filled too; plain never
+    assert fills == [1, 2, 4, 5]  # "tiny" (3) was copied before its call; plain never
+
+
+def test_a_put_the_client_gave_up_on_never_stores_the_next_puts_bytes(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon reads a put's bytes late (queued, slow); meanwhile the client's deadline
+    passed and it put other pages through the same part of its segment. The late put must
+    store nothing rather than the new bytes under its own key."""
+    import threading
+    import time
+
+    import kvtier.transport.servicer as servicer_mod
+
+    real = servicer_mod.copy_pages
+    first = threading.Event()
+
+    def late(*args: object, **kw: object) -> object:
+        if not first.is_set():
+            first.set()
+            time.sleep(0.6)  # the client times out and writes its next put meanwhile
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(servicer_mod, "copy_pages", late)
+    with KVTierClient(daemon.grpc_address, "tenant-a") as c:
+        c.get([b"warm-up"])  # attach the session first
+        with pytest.raises(DeadlineExceededError):
+            c.put([b"old"], [make_page(1)], timeout_s=0.2)
+        assert c.put([b"new"], [make_page(2)], timeout_s=5) == ["stored"]
+        assert c.get([b"old"]) == [None]
+        got = c.get([b"new"])[0]
+        assert got is not None and np.array_equal(got.k, make_page(2).k)
 
 
 def test_threads_sharing_one_client_never_see_each_others_pages(daemon: Daemon) -> None:

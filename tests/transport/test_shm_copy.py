@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from kvtier.errors import Aborted, InvalidArgument
+from kvtier.errors import Aborted, Conflict, InvalidArgument
 from kvtier.transport.convert import Header
 from kvtier.transport.shm_copy import FILL_OFFSET, copy_pages
 
@@ -119,7 +119,7 @@ def test_session_end_stops_the_wait() -> None:
     ended = threading.Event()
     threading.Timer(0.05, ended.set).start()
     t0 = time.monotonic()
-    with pytest.raises(Aborted) as info:
+    with pytest.raises(Conflict) as info:  # FAILED_PRECONDITION: attach again or go inline
         copy_pages(seg, _headers(1), 7, ended, timeout_s=30)
     assert time.monotonic() - t0 < 5 and info.value.field == "shm_session"
 

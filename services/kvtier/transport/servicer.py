@@ -16,13 +16,13 @@ from typing import cast
 
 import grpc
 
-from kvtier.errors import InvalidArgument, UnknownTier
+from kvtier.errors import Aborted, InvalidArgument, UnknownTier
 from kvtier.pages import check_keys, check_namespace
 from kvtier.store.results import PutOutcome
 from kvtier.transport.context import DaemonContext
 from kvtier.transport.convert import Header, PutAssembler, byte_view, check_header, chunks
 from kvtier.transport.shm import TOKEN_BYTES, ShmRegistry, ShmSession, align_up
-from kvtier.transport.shm_copy import copy_pages
+from kvtier.transport.shm_copy import FILL_TIMEOUT_S, copy_pages
 from kvtier.types import Namespace, Page, PageId
 from kvtier_proto.v1 import cache_pb2 as pb
 from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
@@ -54,16 +54,19 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
     # -- data path -------------------------------------------------------------------------
 
     def Put(self, request: pb.PutRequest, context: grpc.ServicerContext) -> pb.PutReply:
-        return self._put((request,))
+        return self._put((request,), context)
 
     def PutStream(self, request_iterator: Iterator[pb.PutRequest],
                   context: grpc.ServicerContext) -> pb.PutReply:
-        return self._put(request_iterator)
+        return self._put(request_iterator, context)
 
-    def _put(self, requests: Iterable[pb.PutRequest]) -> pb.PutReply:
-        return pb.PutReply(outcomes=[_PUT_OUTCOME[o] for o in self._store_pages(requests)])
+    def _put(self, requests: Iterable[pb.PutRequest],
+             context: grpc.ServicerContext) -> pb.PutReply:
+        outcomes = self._store_pages(requests, context)
+        return pb.PutReply(outcomes=[_PUT_OUTCOME[o] for o in outcomes])
 
-    def _store_pages(self, requests: Iterable[pb.PutRequest]) -> list[PutOutcome]:
+    def _store_pages(self, requests: Iterable[pb.PutRequest],
+                     context: grpc.ServicerContext) -> list[PutOutcome]:
         """Check every header once, build the pages (inline ones from the stream, shm ones
         copied out of the segment once the headers are all known) and store them; every page
         is the daemon's own memory by then, so the store adopts it without a copy."""
@@ -115,8 +118,13 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
         for i, (_, page) in zip(inline_idx, assembler.pages):
             pages[i] = page
         if session is not None:
+            left = context.time_remaining()
             with session.use(namespace) as seg:
-                copied = copy_pages(seg, shm_headers, fill, session.ended)
+                if not context.is_active():  # the client gave up: its segment is not ours
+                    raise Aborted("the call ended before its shared-memory bytes were read",
+                                  field="shm_session")
+                wait_s = FILL_TIMEOUT_S if left is None else min(left, FILL_TIMEOUT_S)
+                copied = copy_pages(seg, shm_headers, fill, session.ended, wait_s)
             for i, page in zip(shm_idx, copied):
                 pages[i] = page
         if len(set(pids)) != len(pids):
@@ -127,12 +135,12 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
                                        owned=True)
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetReply:
-        results, inline = self._gather(request, unary=True)
+        results, inline = self._gather(request, context, unary=True)
         return pb.GetReply(pages=results, data=b"".join(inline))
 
     def GetStream(self, request: pb.GetRequest,
                   context: grpc.ServicerContext) -> Iterator[pb.GetReply]:
-        results, inline = self._gather(request, unary=False)
+        results, inline = self._gather(request, context, unary=False)
         data = chunks(inline, self._chunk(request))
         yield pb.GetReply(pages=results, data=next(data, b""))
         for piece in data:
@@ -148,7 +156,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
             )
         return chunk
 
-    def _gather(self, request: pb.GetRequest,
+    def _gather(self, request: pb.GetRequest, context: grpc.ServicerContext,
                 unary: bool) -> tuple[list[pb.PageResult], list[memoryview]]:
         """Read the pages, place what fits into the shm segment; the rest goes inline.
 
@@ -188,6 +196,9 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
             results.append(r)
         if session is not None and placed:
             with session.use(request.namespace) as seg:
+                if not context.is_active():  # the client gave up and may reuse its segment
+                    raise Aborted("the call ended before its pages were written",
+                                  field="shm_session")
                 for off, k, v in placed:
                     seg[off:off + k.nbytes] = k
                     seg[off + k.nbytes:off + k.nbytes + v.nbytes] = v

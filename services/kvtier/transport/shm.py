@@ -34,12 +34,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from kvtier.errors import CapacityExhausted, Conflict, InvalidArgument, PermissionDenied
+from kvtier.errors import Aborted, CapacityExhausted, Conflict, InvalidArgument, PermissionDenied
 
 log = logging.getLogger(__name__)
 
 TOKEN_BYTES = 16
 AREA_START = 32  # after the token and the fill words
+BUSY_WAIT_S = 5.0  # longest a call waits for another call on the same session
 ALIGN = 64
 _PATH = re.compile(r"^/dev/shm/kvtier-[0-9a-f]{32}$")
 _MIN_SIZE = 1 << 16
@@ -104,7 +105,10 @@ class ShmSession:
         """The segment's bytes for one call of ``namespace`` (refuses other namespaces); the
         session cannot close while they are in use."""
         self.check_owner(namespace)
-        with self._lock:
+        if not self._lock.acquire(timeout=BUSY_WAIT_S):
+            raise Aborted(f"the shm session was busy with another call for {BUSY_WAIT_S} s",
+                          field="shm_session")
+        try:
             if self._closed:
                 raise Conflict("shm session is closed; attach again", field="shm_session")
             view = memoryview(self._mm)
@@ -115,6 +119,8 @@ class ShmSession:
                     view.release()
                 except BufferError:  # arrays of it live on in an error's traceback; they go
                     pass  # with it (close() copes with a mapping still referenced)
+        finally:
+            self._lock.release()
 
     def check_range(self, offset: int, length: int, field: str) -> None:
         if offset < AREA_START or length < 0 or offset + length > self.size:

@@ -14,9 +14,14 @@ in the segment's fill words how much of that stream is written::
 
 The daemon copies each part as soon as it is written, so the client's copy and the daemon's
 overlap instead of adding up. The client uses this only on x86-64, whose stores become visible
-in program order: a count seen by the daemon implies the bytes before it are visible too. If
-the fill number changes (the client gave up and reused the segment), the session ends, or the
-bytes do not arrive within ``FILL_TIMEOUT_S``, the put is ABORTED and stores nothing.
+in program order: a count seen by the daemon implies the bytes before it are visible too.
+
+The fill number is also the segment's generation: a client sets it before it writes a put's
+bytes (overlapped or not), and the daemon checks it before and after its copy. So a daemon
+still busy with a put the client gave up on (deadline, cancel) notices that the client reused
+the segment, and that put is ABORTED and stores nothing, instead of storing the next put's
+bytes under its keys. If the bytes do not arrive within the call's deadline (at most
+``FILL_TIMEOUT_S``) the put is ABORTED; if the session ends meanwhile, FAILED_PRECONDITION.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import cast
 import numpy as np
 import torch
 
-from kvtier.errors import Aborted, InvalidArgument
+from kvtier.errors import Aborted, Conflict, InvalidArgument
 from kvtier.finite import check_finite
 from kvtier.transport.convert import Header, page_of_buffer
 from kvtier.types import Page
@@ -101,8 +106,8 @@ def _wait(words: np.ndarray, fill: int, done: int, total: int, ended: threading.
         polls += 1
         if polls <= _SPINS:
             continue
-        if ended.is_set():
-            raise Aborted("the shm session ended during the put", field="shm_session")
+        if ended.is_set():  # FAILED_PRECONDITION: the client attaches again or goes inline
+            raise Conflict("the shm session ended during the put", field="shm_session")
         if time.monotonic() > deadline:
             raise Aborted(f"the client wrote {done} of the put's {total} shared-memory bytes "
                           f"within {timeout_s} s", field="shm_fill")
