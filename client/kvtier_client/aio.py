@@ -25,6 +25,7 @@ from kvtier_client.client import (
     RETRIES,
     CacheStats,
     LookupResult,
+    abandoned,
     cache_stats,
     is_loopback,
     lookup_result,
@@ -111,6 +112,11 @@ class AsyncKVTierClient:
             return None
         return self._shm.attached(segment, call, reply.session, namespace)
 
+    def _retire_if_abandoned(self, e: grpc.RpcError) -> None:
+        """As :meth:`KVTierClient._retire_if_abandoned`: a new segment after an abandoned call."""
+        if abandoned(e):
+            self._shm.drop()
+
     async def put(self, keys: Sequence[bytes], pages: Sequence[Page | tuple[Any, ...]], *,
                   namespace: str | None = None, timeout_s: float | None = None) -> list[str]:
         """Store pages; per key ``"stored"`` or ``"exists"`` (puts are idempotent per key)."""
@@ -125,6 +131,7 @@ class AsyncKVTierClient:
                         return await self._put_shm(session, ns, wire, left)
                     except grpc.RpcError as e:
                         if not session_lost(e):
+                            self._retire_if_abandoned(e)
                             raise
                         self._shm.drop()  # daemon ended the session; go inline
             return await self._send_put(ns, wire, left)
@@ -197,6 +204,7 @@ class AsyncKVTierClient:
                         return await self._collect(req, left, as_torch, session.segment.view)
                     except grpc.RpcError as e:
                         if not session_lost(e):
+                            self._retire_if_abandoned(e)
                             raise
                         self._shm.drop()
             return await self._collect(get_request(ns, keys, self.chunk_bytes), left, as_torch,

@@ -105,6 +105,15 @@ def is_loopback(target: str) -> bool:
     return target.startswith(_LOOPBACK)
 
 
+_ABANDONED = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+
+
+def abandoned(e: grpc.RpcError) -> bool:
+    """True if the call ended on the client's side while the daemon may still be serving it
+    (not UNAVAILABLE: then the call did not reach a handler, or the daemon is stopping)."""
+    return e.code() in _ABANDONED
+
+
 def session_lost(e: grpc.RpcError) -> bool:
     """True if the daemon no longer knows the client's shm session (transfers go inline)."""
     return bool(e.code() == grpc.StatusCode.FAILED_PRECONDITION)
@@ -177,6 +186,12 @@ class KVTierClient:
             timer.cancel()
         return self._shm.attached(segment, call, reply.session, namespace)
 
+    def _retire_if_abandoned(self, e: grpc.RpcError) -> None:
+        """After a call the daemon may still be serving (deadline passed, cancelled), its
+        handler may still read or write the segment: the next call attaches a new one."""
+        if abandoned(e):
+            self._shm.drop()
+
     # -- data path -------------------------------------------------------------------------
 
     def put(self, keys: Sequence[bytes], pages: Sequence[Page | tuple[Any, ...]], *,
@@ -193,6 +208,7 @@ class KVTierClient:
                         return self._put_shm(session, ns, wire, left)
                     except grpc.RpcError as e:
                         if not session_lost(e):
+                            self._retire_if_abandoned(e)
                             raise
                         self._shm.drop()  # daemon ended the session; go inline
             return self._send_put(ns, wire, left)
@@ -268,6 +284,7 @@ class KVTierClient:
                         return self._collect(req, left, as_torch, session.segment.view)
                     except grpc.RpcError as e:
                         if not session_lost(e):
+                            self._retire_if_abandoned(e)
                             raise
                         self._shm.drop()
             return self._collect(get_request(ns, keys, self.chunk_bytes), left, as_torch, None)

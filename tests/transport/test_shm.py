@@ -184,6 +184,38 @@ def test_a_put_the_client_gave_up_on_never_stores_the_next_puts_bytes(
         assert got is not None and np.array_equal(got.k, make_page(2).k)
 
 
+def test_a_call_the_client_gave_up_on_leaves_its_segment_behind(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A get whose deadline passed may still write into the segment when the daemon gets to
+    it: the client attaches a new segment for its next calls, so nothing it reads or puts
+    afterwards can be overwritten by that late handler."""
+    import time
+
+    store = daemon.context.store
+    real = store.get_raw
+    slow = {"left": 1}
+
+    def late_get_raw(*args: object) -> object:
+        if slow["left"]:
+            slow["left"] -= 1
+            time.sleep(0.6)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "get_raw", late_get_raw)
+    with KVTierClient(daemon.grpc_address, "tenant-a") as c:
+        c.put([b"a"], [make_page(1)])
+        first = c._shm.session
+        with pytest.raises(DeadlineExceededError):
+            c.get([b"a"], timeout_s=0.2)
+        assert c._shm.session is None  # dropped, not reused
+        got = c.get([b"a"])[0]
+        assert got is not None and np.array_equal(got.k, make_page(1).k)
+        assert c.uses_shared_memory and c._shm.session is not first
+        c.put([b"b"], [make_page(2)], timeout_s=5)
+        got = c.get([b"b"])[0]
+        assert got is not None and np.array_equal(got.v, make_page(2).v)
+
+
 def test_threads_sharing_one_client_never_see_each_others_pages(daemon: Daemon) -> None:
     """The segment's request area is shared per client: transfers through it are serialized."""
     from concurrent.futures import ThreadPoolExecutor
