@@ -256,7 +256,9 @@ class KVTierClient:
         :mod:`kvtier_client.staging`); needs ``staging_bytes``. ``k`` and ``v`` are numpy
         arrays in the shared-memory segment, or ordinary arrays where there is no session or
         no room. Once ``put`` returned the daemon holds its own copy: refill the page for the
-        next key, or give its slot back with :meth:`release_page`."""
+        next key, or give its slot back with :meth:`release_page`. After a put of it that
+        failed on its deadline (or was cancelled) release it instead: the daemon may still
+        read it late."""
         with self._shm_lock:
             session = self._session(namespace or self.namespace)
             return new_page(session.segment if session is not None else None,

@@ -9,12 +9,17 @@ ordinary ones and ``put`` works as always.
 
 Segment layout with a staging area (``staging_bytes`` at the client)::
 
-    0       16        64                                 request_end                  size
-    | token | (free)  | request area: put copies, get     | staging slots: k|v per page,  |
-    |       |         | replies (64-byte aligned)         | first-fit, 64-byte aligned    |
+    0       16           32        64                              request_end               size
+    | token | fill words | (free)  | request area: put copies, get  | staging slots: k|v per  |
+    |       |            |         | replies (64-byte aligned)      | page, first-fit         |
 
 The daemon cannot tell staging slots from the request area; it reads a put page at the offset
 the client names and writes get replies only into ``[64, request_end)``.
+
+A staged page is the caller's memory: the put generation that protects the request area
+(``kvtier.transport.shm_copy``) does not cover it. After a put of a staged page that ended
+with DEADLINE_EXCEEDED or CANCELLED the daemon may still read the page late, so release it
+rather than refill it.
 """
 
 from __future__ import annotations
