@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+from typing import Any
 
 import grpc
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from kvtier.daemon import Daemon
 from kvtier_client import KVTierClient, Page
 from kvtier_client import shm as shm_client
-from kvtier_client.errors import DeadlineExceededError, InvalidArgumentError
+from kvtier_client.errors import AbortedError, DeadlineExceededError, InvalidArgumentError
 from kvtier_client.shm import Segment
 from kvtier_proto.v1 import cache_pb2 as pb
 from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
@@ -152,6 +153,47 @@ def test_large_puts_copy_while_the_call_is_in_flight(daemon: Daemon,
         got = plain.get([b"big0"])[0]
         assert got is not None and np.array_equal(got.v, big[0].v)
     assert fills == [1, 2, 4, 5]  # "tiny" (3) was copied before its call; plain never
+
+
+def test_an_overlapped_put_reports_the_calls_error_and_its_copier_ends_with_the_client(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+    import threading
+
+    import kvtier_client.wire as wire_mod
+
+    if not shm_client.OVERLAP_SAFE:
+        pytest.skip("overlapped puts are x86-64 only")
+
+    def broken_fill(*args: object, **kw: object) -> None:
+        raise RuntimeError("copier failed")
+
+    monkeypatch.setattr(wire_mod, "fill_segment", broken_fill)
+    rng = np.random.default_rng(8)
+    big = Page(rng.standard_normal((4, 256, 8, 64)).astype(np.float16),
+               rng.standard_normal((4, 256, 8, 64)).astype(np.float16))
+    c = KVTierClient(daemon.grpc_address, "tenant-a", overlap_copy=True)
+    # the call's error, not the copier's: the daemon waits for the bytes until about the
+    # call's deadline (ABORTED), unless the client's deadline strikes first
+    with pytest.raises((AbortedError, DeadlineExceededError)):
+        c.put([b"x"], [big], timeout_s=0.3)
+    monkeypatch.undo()
+    monkeypatch.setattr(wire_mod, "fill_segment", _fill_then_fail(wire_mod.fill_segment))
+    with pytest.raises(RuntimeError, match="copier failed"):  # the call succeeded, so the
+        c.put([b"y"], [big], timeout_s=5)  # copier's error is the one raised
+    monkeypatch.undo()
+    assert any(t.name == "kvtier-shm-fill" for t in threading.enumerate())
+    del c
+    gc.collect()
+    assert wait_for(lambda: not any(t.name == "kvtier-shm-fill"
+                                    for t in threading.enumerate()))
+
+
+def _fill_then_fail(real: Any) -> Any:
+    def fill(*args: Any, **kw: Any) -> None:
+        real(*args, **kw)
+        raise RuntimeError("copier failed")
+    return fill
 
 
 def test_a_put_the_client_gave_up_on_never_stores_the_next_puts_bytes(
