@@ -29,12 +29,14 @@ from kvtier_client.wire import (
     DEFAULT_CHUNK_BYTES,
     Filler,
     GetAssembler,
+    Placement,
     WirePage,
     attach_request,
     copy_in,
     deferred_request,
     get_request,
     inline_bytes,
+    lend_in_segment,
     overlapped,
     plan_in_segment,
     put_request,
@@ -126,12 +128,18 @@ class KVTierClient:
     first and copies while it is in flight (``shm_fill``), so the client's copy and the
     daemon's overlap. That needs spare cores: on a 2-core host it measured no faster than
     copying first (see the README), hence off by default. x86-64 only; ignored elsewhere.
+
+    ``lend_bytes``: a lend area of that size in the segment. A put whose pages fit there lends
+    them: the daemon keeps the pages where they lie, with no copy of its own, and hands each
+    range back (see ``kvtier.transport.shm_lend``) when the page leaves the hot tier or is
+    deleted. Only this library writes the area. Size it for the hot pages this worker keeps:
+    while it is full, puts copy as usual. Sync client only for now.
     """
 
     def __init__(self, target: str, namespace: str = "default", *, timeout_s: float = 30.0,
                  shared_memory: bool | str = "auto", shm_bytes: int = 256 << 20,
                  staging_bytes: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 overlap_copy: bool = False,
+                 overlap_copy: bool = False, lend_bytes: int = 0,
                  channel: grpc.Channel | None = None) -> None:
         self.target = target
         self.namespace = namespace
@@ -139,7 +147,7 @@ class KVTierClient:
         self.chunk_bytes = chunk_bytes
         self.overlap_copy = overlap_copy
         want = shared_memory is True or (shared_memory == "auto" and is_loopback(target))
-        self._shm = shm_mod.SessionSlot(want, shm_bytes, target, staging_bytes)
+        self._shm = shm_mod.SessionSlot(want, shm_bytes, target, staging_bytes, lend_bytes)
         self._channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.CacheServiceStub(self._channel)
         self._shm_lock = threading.Lock()
@@ -221,6 +229,9 @@ class KVTierClient:
         """A put through the segment. A large one starts its call first and copies while the
         call is in flight (``shm_fill``): the daemon copies each part out as it is written."""
         segment = session.segment
+        lent = lend_in_segment(segment, wire)
+        if lent is not None:
+            return self._lend(session, ns, wire, lent, left)
         plan = plan_in_segment(segment, wire)
         fill = session.next_fill()
         if not (self.overlap_copy and overlapped(plan, wire, self.chunk_bytes)):
@@ -235,6 +246,22 @@ class KVTierClient:
             self._filler.wait(quiet=True)  # the call's error is the one to report
             raise
         self._filler.wait()  # the segment is not touched again before the fill ended
+        return reply
+
+    def _lend(self, session: shm_mod.Session, ns: str, wire: Sequence[WirePage],
+              lent: Placement, left: float) -> pb.PutReply:
+        """A put whose pages the daemon keeps where they lie (``lend_bytes``). After an error
+        the client cannot tell which ranges the daemon kept, so it starts a new segment."""
+        segment = session.segment
+        fill = session.next_fill()
+        offsets = copy_in(segment, lent, fill)
+        req = put_request(ns, wire, session.id, offsets, fill,
+                          (segment.ring_offset, segment.ring_slots))
+        try:
+            reply: pb.PutReply = self._stub.Put(req, timeout=left)
+        except grpc.RpcError:
+            self._shm.drop()
+            raise
         return reply
 
     def _send_put(self, ns: str, wire: Sequence[WirePage], left: float, session: str = "",

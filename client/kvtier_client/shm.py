@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 TOKEN_BYTES = 16
 FILL_OFFSET = 16  # fill words: u64 fill number, u64 bytes written (kvtier.transport.shm_copy)
+RING_HEAD_OFFSET = 40  # u64 ranges handed back (daemon), then u64 taken back (client)
+RING_SLOTS = 1 << 16
 DATA_OFFSET = 64
 ALIGN = 64
 FILL_CHUNK = 256 << 10
@@ -48,11 +50,16 @@ def available() -> bool:
 
 class Segment:
     """A client-owned shared-memory segment of ``size`` bytes; the top ``staging_bytes`` hold
-    staging slots (see :mod:`kvtier_client.staging`), the rest is the request area."""
+    staging slots (see :mod:`kvtier_client.staging`); below them, with ``lend_bytes``, the
+    return ring and the lend area (see ``kvtier.transport.shm_lend``); the rest is the request
+    area."""
 
-    def __init__(self, size: int, staging_bytes: int = 0) -> None:
-        if not 0 <= staging_bytes <= size - DATA_OFFSET:
-            raise ValueError(f"staging_bytes must be within 0..{size - DATA_OFFSET}")
+    def __init__(self, size: int, staging_bytes: int = 0, lend_bytes: int = 0) -> None:
+        ring_bytes = 8 * RING_SLOTS if lend_bytes else 0
+        if min(staging_bytes, lend_bytes) < 0 or \
+                staging_bytes + lend_bytes + ring_bytes > size - DATA_OFFSET:
+            raise ValueError(f"staging_bytes + lend_bytes (+ {ring_bytes} for the return ring) "
+                             f"must be within 0..{size - DATA_OFFSET}")
         self.size = size
         self.token = secrets.token_bytes(TOKEN_BYTES)
         self.path = str(SHM_DIR / f"kvtier-{secrets.token_hex(16)}")
@@ -68,8 +75,14 @@ class Segment:
         self._mm[:TOKEN_BYTES] = self.token
         self.view = memoryview(self._mm)
         self._linked = True
-        self.request_end = (size - staging_bytes) & ~(ALIGN - 1) if staging_bytes else size
-        self.staging = StagingArea(self.request_end, size, ALIGN)
+        staging_start = (size - staging_bytes) & ~(ALIGN - 1) if staging_bytes else size
+        self.staging_start = staging_start
+        self.staging = StagingArea(staging_start, size, ALIGN)
+        self.ring_offset = staging_start - ring_bytes
+        self.ring_slots = RING_SLOTS if lend_bytes else 0
+        self.request_end = (self.ring_offset - lend_bytes) & ~(ALIGN - 1)
+        self.lend = StagingArea(self.request_end, self.ring_offset, ALIGN) if lend_bytes else None
+        self._taken_back = 0
         probe = np.frombuffer(self._mm, np.uint8, 1)
         self.base = int(probe.ctypes.data)
         del probe
@@ -82,6 +95,24 @@ class Segment:
     def array(self, offset: int, n: int) -> np.ndarray:
         """``n`` bytes of the segment from ``offset`` as a uint8 array (keeps the mapping)."""
         return np.frombuffer(self._mm, np.uint8, n, offset)
+
+    def take_back(self) -> None:
+        """Free the lent ranges the daemon handed back through the return ring."""
+        if self.lend is None:
+            return
+        words = np.frombuffer(self._mm, np.uint64, 2, RING_HEAD_OFFSET)
+        head = int(words[0])
+        if head != self._taken_back:
+            ring = np.frombuffer(self._mm, np.uint64, self.ring_slots, self.ring_offset)
+            for i in range(self._taken_back, head):
+                try:
+                    self.lend.free(int(ring[i % self.ring_slots]))
+                except ValueError:  # not a range this client lent: ignore
+                    pass
+            self._taken_back = head
+            words[1] = head
+            del ring
+        del words
 
     def fill_words(self) -> np.ndarray:
         """The two fill words (drop the array before :meth:`close`)."""
@@ -96,10 +127,10 @@ class Segment:
 
     def staged_offset(self, data: memoryview) -> int | None:
         """Where ``data`` starts in the staging area, or None if it lies elsewhere."""
-        if self.request_end == self.size or data.nbytes == 0:
+        if self.staging_start == self.size or data.nbytes == 0:
             return None
         off = int(np.frombuffer(data, np.uint8).ctypes.data) - self.base
-        return off if self.request_end <= off and off + data.nbytes <= self.size else None
+        return off if self.staging_start <= off and off + data.nbytes <= self.size else None
 
     def unlink(self) -> None:
         if self._linked:
@@ -143,13 +174,15 @@ class SessionSlot:
     """A client's one session and whether to try for one; the attach call itself (sync or
     awaited) is the client's. Not locked: the client serializes its use."""
 
-    def __init__(self, wanted: bool, size: int, target: str, staging_bytes: int = 0) -> None:
+    def __init__(self, wanted: bool, size: int, target: str, staging_bytes: int = 0,
+                 lend_bytes: int = 0) -> None:
         if not 0 <= staging_bytes <= size - DATA_OFFSET:
             raise ValueError(f"staging_bytes must be within 0..shm_bytes - {DATA_OFFSET} "
                              f"(shm_bytes is {size}), got {staging_bytes}")
         self.wanted = wanted and available()
         self.size = size
         self.staging_bytes = staging_bytes
+        self.lend_bytes = lend_bytes
         self.target = target
         self.session: Session | None = None
 
@@ -162,7 +195,7 @@ class SessionSlot:
         if not self.wanted:
             return None, None
         try:
-            return None, Segment(self.size, self.staging_bytes)
+            return None, Segment(self.size, self.staging_bytes, self.lend_bytes)
         except OSError as e:  # /dev/shm full or not ours: inline transfers still work
             self.wanted = False
             log.info("cannot create a shared-memory segment (%s); using inline transfers", e)

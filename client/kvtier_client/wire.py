@@ -10,7 +10,7 @@ import queue
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -59,13 +59,15 @@ def header(p: WirePage, shm_offset: int | None = None) -> pb.PageHeader:
 
 def put_request(namespace: str, pages: Sequence[WirePage], shm_session: str = "",
                 shm_offsets: Sequence[int | None] | None = None,
-                shm_fill: int = 0) -> pb.PutRequest:
-    """One Put message holding every header and every inline byte."""
+                shm_fill: int = 0, shm_ring: tuple[int, int] = (0, 0)) -> pb.PutRequest:
+    """One Put message holding every header and every inline byte; ``shm_ring``
+    (offset, slots) lends the pages' ranges (see :func:`lend_in_segment`)."""
     offsets = shm_offsets or [None] * len(pages)
     data = b"".join(mv for p, off in zip(pages, offsets) if off is None
                     for mv in (p.k.data, p.v.data))
     return pb.PutRequest(namespace=namespace, pages=[header(p, o) for p, o in zip(pages, offsets)],
-                         shm_session=shm_session, data=data, shm_fill=shm_fill)
+                         shm_session=shm_session, data=data, shm_fill=shm_fill,
+                         shm_ring_offset=shm_ring[0], shm_ring_slots=shm_ring[1])
 
 
 def inline_bytes(pages: Sequence[WirePage], shm_offsets: Sequence[int | None] | None = None) -> int:
@@ -154,6 +156,30 @@ def plan_in_segment(segment: shm_mod.Segment, pages: Sequence[WirePage]) -> Plac
         offsets.append(cursor)
         parts += [(cursor, p.k.data), (cursor + kn, p.v.data)]
         cursor = shm_mod.align_up(cursor + kn + vn)
+    return Placement(offsets, parts)
+
+
+def lend_in_segment(segment: shm_mod.Segment, pages: Sequence[WirePage]) -> Placement | None:
+    """Each page in a fresh range of the lend area, to be lent to the daemon (kept as the
+    page, no daemon copy; handed back through the return ring), or None when the segment has
+    no lend area, a page is staged (the caller may refill it) or does not fit: then nothing
+    is allocated. Ranges handed back since the last call are freed first."""
+    lend = segment.lend
+    if lend is None:
+        return None
+    segment.take_back()
+    offsets: list[int | None] = []
+    parts: list[tuple[int, memoryview | int]] = []
+    for p in pages:
+        kn, vn = p.k.data.nbytes, p.v.data.nbytes
+        off = None if kn != vn or segment.staged_offset(p.k.data) is not None \
+            else lend.alloc(kn + vn)
+        if off is None:
+            for taken in offsets:
+                lend.free(cast(int, taken))
+            return None
+        offsets.append(off)
+        parts += [(off, p.k.data), (off + kn, p.v.data)]
     return Placement(offsets, parts)
 
 
@@ -340,6 +366,6 @@ class GetAssembler:
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES", "Filler", "GetAssembler", "WirePage", "attach_request",
-    "copy_in", "deferred_request", "fill_segment", "get_request", "nbytes_of", "overlapped",
-    "plan_in_segment", "put_requests", "wire_pages",
+    "copy_in", "deferred_request", "fill_segment", "get_request", "lend_in_segment",
+    "nbytes_of", "overlapped", "plan_in_segment", "put_requests", "wire_pages",
 ]

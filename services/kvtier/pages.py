@@ -23,6 +23,12 @@ _DTYPES: dict[str, torch.dtype] = {
 _NAMESPACE_MAX = 128
 
 
+def check_page_finite(page: Page) -> None:
+    """InvalidArgument unless every value of ``page`` is finite."""
+    _check_tensor_finite(page.k, "k")
+    _check_tensor_finite(page.v, "v")
+
+
 def _check_tensor_finite(t: torch.Tensor, name: str) -> None:
     if t.device.type == "cpu" and t.is_contiguous():
         check_finite(t.reshape(-1).view(torch.uint8).numpy().data, dtype_name(t.dtype), name)

@@ -111,8 +111,8 @@ async def test_daemon_that_cannot_see_the_segment_means_inline(
     """What a daemon on another host answers (it cannot open the path): inline, no error."""
 
     class Elsewhere(shm_mod.Segment):
-        def __init__(self, size: int, staging_bytes: int = 0) -> None:
-            super().__init__(size, staging_bytes)
+        def __init__(self, size: int, staging_bytes: int = 0, lend_bytes: int = 0) -> None:
+            super().__init__(size, staging_bytes, lend_bytes)
             os.unlink(self.path)  # mapped here, absent for the daemon
 
     monkeypatch.setattr(shm_mod, "Segment", Elsewhere)

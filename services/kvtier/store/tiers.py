@@ -25,6 +25,7 @@ import torch
 from kvtier.codecs import decode, encode, read_header, transcode
 from kvtier.config import CodecConfig, TierConfig
 from kvtier.errors import ConfigError, CorruptPage, InvalidArgument
+from kvtier.pages import check_page_finite
 from kvtier.store.stats import CodecClock
 from kvtier.types import Codec, Medium, Page, PageId, Precision
 
@@ -175,6 +176,9 @@ class Converter:
             page, prec = self.decode(data, spec.device)
             return (page if prec is Precision.FULL else Promoted(page, data)), prec
         if isinstance(data, Page):
+            # a lent page (kvtier.transport.shm_lend) is its client's memory: checked again
+            # here, as the codecs need finite values; about 30 us per 2 MiB
+            check_page_finite(data)
             t0 = time.perf_counter()
             blob = encode(data, spec.codec, self.params)
             self.clock.add("encode", spec.codec.value, time.perf_counter() - t0)

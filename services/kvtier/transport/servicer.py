@@ -22,7 +22,7 @@ from kvtier.store.results import PutOutcome
 from kvtier.transport.context import DaemonContext
 from kvtier.transport.convert import Header, PutAssembler, byte_view, check_header, chunks
 from kvtier.transport.shm import TOKEN_BYTES, ShmRegistry, ShmSession, align_up
-from kvtier.transport.shm_copy import FILL_TIMEOUT_S, copy_pages
+from kvtier.transport.shm_copy import FILL_TIMEOUT_S, copy_pages, lent_pages
 from kvtier.types import Namespace, Page, PageId
 from kvtier_proto.v1 import cache_pb2 as pb
 from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
@@ -72,7 +72,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
         is the daemon's own memory by then, so the store adopts it without a copy."""
         namespace: Namespace | None = None
         session_id = ""
-        fill = 0
+        fill = ring_offset = ring_slots = 0
         session: ShmSession | None = None
         pids: list[PageId] = []
         chains: list[int | None] = []
@@ -85,6 +85,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
             if namespace is None:
                 namespace = check_namespace(req.namespace)
                 session_id, fill = req.shm_session, req.shm_fill
+                ring_offset, ring_slots = req.shm_ring_offset, req.shm_ring_slots
             elif req.namespace and req.namespace != namespace:
                 raise InvalidArgument("namespace changed within one put stream",
                                       field="namespace")
@@ -119,12 +120,17 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
             pages[i] = page
         if session is not None:
             left = context.time_remaining()
+            ring = session.ring(ring_offset, ring_slots) if ring_slots else None
             with session.use(namespace) as seg:
                 if not context.is_active():  # the client gave up: its segment is not ours
                     raise Aborted("the call ended before its shared-memory bytes were read",
                                   field="shm_session")
-                wait_s = FILL_TIMEOUT_S if left is None else min(left, FILL_TIMEOUT_S)
-                copied = copy_pages(seg, shm_headers, fill, session.ended, wait_s)
+                if ring is not None:  # kept where they lie; no copy
+                    copied = lent_pages(seg, ring, shm_headers)
+                    ring.flush()
+                else:
+                    wait_s = FILL_TIMEOUT_S if left is None else min(left, FILL_TIMEOUT_S)
+                    copied = copy_pages(seg, shm_headers, fill, session.ended, wait_s)
             for i, page in zip(shm_idx, copied):
                 pages[i] = page
         if len(set(pids)) != len(pids):
@@ -168,6 +174,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
         if session is not None:  # refuse before reading anything
             session.check_owner(request.namespace)
             session.check_range(request.shm_offset, request.shm_capacity, "shm_capacity")
+            session.flush_ring()
         raws = self._store.get_raw(request.namespace, keys)
         results: list[pb.PageResult] = []
         inline: list[memoryview] = []

@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from kvtier.errors import Aborted, CapacityExhausted, Conflict, InvalidArgument, PermissionDenied
+from kvtier.transport.shm_lend import MAX_SLOTS, ReturnRing
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,26 @@ class ShmSession:
         self._lock = threading.Lock()
         self._closed = False
         self.ended = threading.Event()
+        self._ring: ReturnRing | None = None
+        self._ring_lock = threading.Lock()
+
+    def flush_ring(self) -> None:
+        """Append the lent ranges that a full return ring could not take before."""
+        if self._ring is not None:
+            self._ring.flush()
+
+    def ring(self, offset: int, slots: int) -> ReturnRing:
+        """The session's return ring for lent pages (set by its first lending put)."""
+        if not 1 <= slots <= MAX_SLOTS:
+            raise InvalidArgument(f"shm_ring_slots must be within 1..{MAX_SLOTS}, got {slots}",
+                                  field="shm_ring_slots")
+        self.check_range(offset, 8 * slots, "shm_ring_offset")
+        with self._ring_lock:
+            if self._ring is None:
+                self._ring = ReturnRing(self._mm, offset, slots, lambda: self._closed)
+            ring = self._ring
+        ring.matches(offset, slots)
+        return ring
 
     def check_owner(self, namespace: str) -> None:
         """PermissionDenied unless ``namespace`` is the session's own."""
@@ -111,6 +132,7 @@ class ShmSession:
         try:
             if self._closed:
                 raise Conflict("shm session is closed; attach again", field="shm_session")
+            self.flush_ring()
             view = memoryview(self._mm)
             try:
                 yield view
@@ -137,9 +159,9 @@ class ShmSession:
                 self._closed = True
                 try:
                     self._mm.close()
-                except BufferError:  # a view still alive somewhere: unmapped when it dies
-                    log.warning("shm session %s: segment still referenced; unmapped later",
-                                self.session_id)
+                except BufferError:  # lent pages (or an error's traceback) still use it
+                    log.info("shm session %s: segment kept mapped while pages use it",
+                             self.session_id)
 
 
 class ShmRegistry:

@@ -37,6 +37,7 @@ import torch
 from kvtier.errors import Aborted, Conflict, InvalidArgument
 from kvtier.finite import check_finite
 from kvtier.transport.convert import Header, page_of_buffer
+from kvtier.transport.shm_lend import ReturnRing
 from kvtier.types import Page
 
 FILL_OFFSET = 16
@@ -75,6 +76,20 @@ def copy_pages(seg: memoryview, headers: Sequence[Header], fill: int,
         raise Aborted("the client reused its segment while the daemon copied this put's bytes",
                       field="shm_fill")
     return [page_of_buffer(h, buf) for h, buf in zip(headers, bufs)]
+
+
+def lent_pages(seg: memoryview, ring: ReturnRing, headers: Sequence[Header]) -> list[Page]:
+    """The pages of ``headers`` where they lie in the segment, lent (see
+    :mod:`kvtier.transport.shm_lend`) and checked for NaN/Inf there. ``seg`` is in use (the
+    session cannot close meanwhile); every range goes back through ``ring`` when its page dies,
+    also when this raises."""
+    out = []
+    for h in headers:
+        n = 2 * h.nbytes
+        arr = ring.lend(cast(int, h.shm_offset), n)
+        _check(arr, 0, n, h)
+        out.append(page_of_buffer(h, torch.from_numpy(arr)))
+    return out
 
 
 def _check(dst: np.ndarray, a: int, b: int, h: Header) -> None:
