@@ -44,6 +44,7 @@ from kvtier_client.wire import (
     fill_segment,
     get_request,
     inline_bytes,
+    lend_in_segment,
     overlapped,
     plan_in_segment,
     put_request,
@@ -62,14 +63,14 @@ class AsyncKVTierClient:
     def __init__(self, target: str, namespace: str = "default", *, timeout_s: float = 30.0,
                  shared_memory: bool | str = "auto", shm_bytes: int = 256 << 20,
                  staging_bytes: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 overlap_copy: bool = False) -> None:
+                 overlap_copy: bool = False, lend_bytes: int = 0) -> None:
         self.target = target
         self.namespace = namespace
         self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes
         self.overlap_copy = overlap_copy
         want = shared_memory is True or (shared_memory == "auto" and is_loopback(target))
-        self._shm = shm_mod.SessionSlot(want, shm_bytes, target, staging_bytes)
+        self._shm = shm_mod.SessionSlot(want, shm_bytes, target, staging_bytes, lend_bytes)
         self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.CacheServiceStub(self._channel)
         self._shm_lock = asyncio.Lock()
@@ -144,6 +145,17 @@ class AsyncKVTierClient:
         """As :meth:`KVTierClient._put_shm`: a large put yields once so its call goes out,
         then copies (blocking the loop no longer than the copy always did)."""
         segment = session.segment
+        lent = lend_in_segment(segment, wire)
+        if lent is not None:  # as KVTierClient._lend
+            fill = session.next_fill()
+            req = put_request(ns, wire, session.id, copy_in(segment, lent, fill), fill,
+                              (segment.ring_offset, segment.ring_slots))
+            try:
+                lent_reply: pb.PutReply = await self._stub.Put(req, timeout=left)
+            except grpc.RpcError:
+                self._shm.drop()
+                raise
+            return lent_reply
         plan = plan_in_segment(segment, wire)
         fill = session.next_fill()
         if not (self.overlap_copy and overlapped(plan, wire, self.chunk_bytes)):

@@ -133,7 +133,7 @@ class KVTierClient:
     them: the daemon keeps the pages where they lie, with no copy of its own, and hands each
     range back (see ``kvtier.transport.shm_lend``) when the page leaves the hot tier or is
     deleted. Only this library writes the area. Size it for the hot pages this worker keeps:
-    while it is full, puts copy as usual. Sync client only for now.
+    while it is full, puts copy as usual. The asyncio client takes it too.
     """
 
     def __init__(self, target: str, namespace: str = "default", *, timeout_s: float = 30.0,

@@ -127,3 +127,21 @@ def test_the_return_ring_wraps_and_holds_what_does_not_fit(daemon: Daemon,
         assert c.put([b"last"], [page]) == ["stored"]
         got = c.get([b"last"])[0]
         assert got is not None and np.array_equal(got.k, page.k)
+
+
+async def test_the_async_client_lends_too(daemon: Daemon) -> None:
+    from kvtier_client import AsyncKVTierClient
+
+    store = daemon.context.store
+    async with AsyncKVTierClient(daemon.grpc_address, "lend-aio", lend_bytes=1 * MiB) as a:
+        pages = [make_page(i) for i in range(2)]
+        assert await a.put([b"a", b"b"], pages) == ["stored"] * 2
+        session = a._shm.session
+        assert session is not None
+        mm = daemon._shm.get(session.id)._mm
+        lo = int(np.frombuffer(mm, np.uint8, 1).ctypes.data)
+        raw = store.get_raw("lend-aio", [b"a"])[0]
+        assert raw is not None and lo <= _addr(raw.k) < lo + len(mm)
+        del raw
+        got = await a.get([b"a", b"b"])
+        assert all(g is not None and np.array_equal(g.v, p.v) for g, p in zip(got, pages))
