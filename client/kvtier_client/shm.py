@@ -81,6 +81,9 @@ class Segment:
         self.ring_offset = staging_start - ring_bytes
         self.ring_slots = RING_SLOTS if lend_bytes else 0
         self.request_end = (self.ring_offset - lend_bytes) & ~(ALIGN - 1)
+        if self.request_end < DATA_OFFSET + ALIGN:
+            raise ValueError(f"staging_bytes {staging_bytes} and lend_bytes {lend_bytes} leave "
+                             f"no request area in a segment of {size} bytes")
         self.lend = StagingArea(self.request_end, self.ring_offset, ALIGN) if lend_bytes else None
         self._taken_back = 0
         probe = np.frombuffer(self._mm, np.uint8, 1)
@@ -179,6 +182,10 @@ class SessionSlot:
         if not 0 <= staging_bytes <= size - DATA_OFFSET:
             raise ValueError(f"staging_bytes must be within 0..shm_bytes - {DATA_OFFSET} "
                              f"(shm_bytes is {size}), got {staging_bytes}")
+        ring_bytes = 8 * RING_SLOTS if lend_bytes else 0
+        if lend_bytes < 0 or staging_bytes + lend_bytes + ring_bytes > size - 2 * DATA_OFFSET:
+            raise ValueError(f"lend_bytes must be within 0..shm_bytes - staging_bytes - "
+                             f"{ring_bytes + 2 * DATA_OFFSET}, got {lend_bytes}")
         self.wanted = wanted and available()
         self.size = size
         self.staging_bytes = staging_bytes

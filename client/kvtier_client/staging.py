@@ -9,9 +9,9 @@ ordinary ones and ``put`` works as always.
 
 Segment layout with a staging area (``staging_bytes`` at the client)::
 
-    0       16           32        64                              request_end               size
-    | token | fill words | (free)  | request area: put copies, get  | staging slots: k|v per  |
-    |       |            |         | replies (64-byte aligned)      | page, first-fit         |
+    0      16      32     40..56      64                 request_end                            size
+    | token | fill  |      | ring head, | request area: put | lend area | return | staging slots: |
+    |       | words |      | tail       | copies, replies   | (opt.)    | ring   | k|v per page   |
 
 The daemon cannot tell staging slots from the request area; it reads a put page at the offset
 the client names and writes get replies only into ``[64, request_end)``.

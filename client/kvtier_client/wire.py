@@ -165,7 +165,7 @@ def lend_in_segment(segment: shm_mod.Segment, pages: Sequence[WirePage]) -> Plac
     no lend area, a page is staged (the caller may refill it) or does not fit: then nothing
     is allocated. Ranges handed back since the last call are freed first."""
     lend = segment.lend
-    if lend is None:
+    if lend is None or not shm_mod.OVERLAP_SAFE:  # the return ring needs ordered stores
         return None
     segment.take_back()
     offsets: list[int | None] = []

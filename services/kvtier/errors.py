@@ -93,6 +93,11 @@ class CorruptPage(KVTierError):
     http_status = 500
 
 
+class NonFinitePage(CorruptPage):
+    """A stored page found holding NaN or Inf when it was to be encoded (a lent page its
+    client wrote after the put). Dropped like a corrupt blob."""
+
+
 class BackendUnavailable(KVTierError):
     """A backend (Redis, the policy service) is down or timed out.
 

@@ -145,3 +145,42 @@ async def test_the_async_client_lends_too(daemon: Daemon) -> None:
         del raw
         got = await a.get([b"a", b"b"])
         assert all(g is not None and np.array_equal(g.v, p.v) for g, p in zip(got, pages))
+
+
+def test_a_finalizer_never_waits_for_the_ring() -> None:
+    """give_back runs as a finalizer, possibly inside a flush of the same ring (the GC runs at
+    any allocation): it must not wait for the lock; what it leaves goes out with the next
+    flush."""
+    import mmap
+    import struct
+    import threading
+
+    from kvtier.transport.shm_lend import HEAD_OFFSET, ReturnRing
+
+    mm = mmap.mmap(-1, 1 << 16)
+    ring = ReturnRing(mm, 4096, 8, threading.Event())
+    ring._lock.acquire()  # a flush in progress on this thread
+    ring.give_back(640)  # returns at once
+    assert struct.unpack_from("<Q", mm, HEAD_OFFSET)[0] == 0
+    ring._lock.release()
+    ring.flush()
+    assert struct.unpack_from("<Q", mm, HEAD_OFFSET)[0] == 1
+    assert struct.unpack_from("<Q", mm, 4096)[0] == 640
+
+
+def test_a_failed_lend_put_starts_a_new_segment_and_bad_sizes_fail_early(
+        daemon: Daemon) -> None:
+    from kvtier_client import InvalidArgumentError
+
+    with pytest.raises(ValueError, match="lend_bytes"):
+        KVTierClient(daemon.grpc_address, "lend", shm_bytes=1 << 20, lend_bytes=1 << 20)
+    with KVTierClient(daemon.grpc_address, "lend", lend_bytes=1 * MiB) as c:
+        bad = make_page(6)
+        bad.k[0, 0, 0, 0] = np.nan
+        c.put([b"ok"], [make_page(7)])
+        first = c._shm.session
+        with pytest.raises(InvalidArgumentError, match="k holds NaN"):
+            c.put([b"bad"], [bad])
+        assert c.put([b"next"], [make_page(8)]) == ["stored"]
+        assert c._shm.session is not None and c._shm.session is not first
+        assert all(g is not None for g in c.get([b"ok", b"next"]))

@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 
 from kvtier.config import Settings
-from kvtier.errors import BackendUnavailable, CorruptPage, InvalidArgument
+from kvtier.errors import BackendUnavailable, CorruptPage
 from kvtier.store.index import MoveTicket, PageIndex, PageState
 from kvtier.store.policy import LRUPolicy, PageMeta, Policy
 from kvtier.store.redis_tier import RedisTier, RemoteMeta
@@ -192,7 +192,7 @@ class TierEngine:
                 data = got[0]
             try:
                 new, prec = self.converter.to_tier(data, self.specs[dst])
-            except (CorruptPage, InvalidArgument):  # a lent page its client made non-finite
+            except CorruptPage:  # includes NonFinitePage: a lent page its client changed
                 if self._drop(ticket, EvictionReason.CORRUPT) and src_token is not None:
                     self.redis_delete_quietly([(pid, src_token)])
                 return MoveResult.GONE

@@ -116,6 +116,10 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
         if namespace is None or not pids:
             raise InvalidArgument("the page list is empty", field="pages")
         assembler.finish()
+        if len(set(pids)) != len(pids):  # refused before any shm work
+            raise InvalidArgument("the same key appears twice in one put", field="keys")
+        if any(c is None for c in chains):  # the store's default: positions in the batch
+            chains = list(range(len(pids)))
         for i, (_, page) in zip(inline_idx, assembler.pages):
             pages[i] = page
         if session is not None:
@@ -133,10 +137,6 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
                     copied = copy_pages(seg, shm_headers, fill, session.ended, wait_s)
             for i, page in zip(shm_idx, copied):
                 pages[i] = page
-        if len(set(pids)) != len(pids):
-            raise InvalidArgument("the same key appears twice in one put", field="keys")
-        if any(c is None for c in chains):  # the store's default: positions in the batch
-            chains = list(range(len(pids)))
         return self._store.put_checked(pids, cast(list[Page], pages), cast(list[int], chains),
                                        owned=True)
 

@@ -5,8 +5,10 @@ random 16-byte token at its start and calls ``AttachShm(namespace, path, size, t
 daemon opens the path (no symlinks, regular file, exact size), maps it, checks the token (proof
 that both sides map the same memory, i.e. share a host) and answers a session id; the client then
 unlinks the path, so no other process can open the segment afterwards and nothing is left in
-/dev/shm whatever happens to either process. The mapping lives as long as the ``AttachShm``
-call stays open: a client that disconnects or dies ends the call and the daemon unmaps.
+/dev/shm whatever happens to either process. The session lives as long as the ``AttachShm``
+call stays open: a client that disconnects or dies ends the call and the daemon unmaps, or,
+while pages the client lent (:mod:`kvtier.transport.shm_lend`) are still kept, unmaps when the
+last of them is gone.
 
 Security: a session is bound to one namespace. Gets through a session only ever copy pages of
 that namespace into that client's own segment, and a request naming the session from another
@@ -14,12 +16,14 @@ namespace is refused with PERMISSION_DENIED, so a client can only read its names
 
 Segment layout (offsets chosen by the client per call; the daemon checks bounds)::
 
-    0        16            32                                                   size
-    | token  | fill words  |  request area: put bytes / get replies, 64-byte aligned  |
+    0        16            32      40          56   64                                  size
+    | token  | fill words  |       | ring head | tail |  request area, lend area, return
+                                                       |  ring, staging slots (client's)
 
-The fill words let a put start before its bytes are all written (see
-:mod:`kvtier.transport.shm_copy`). The daemon only reads the segment's put bytes, copying
-them into its own memory; it writes only where a get asked it to.
+The fill words number each put and let one start before its bytes are all written (see
+:mod:`kvtier.transport.shm_copy`). The daemon reads a put's bytes and copies them into its own
+memory, or keeps them where they lie when the client lends them; it writes only where a get
+asked it to, and into the return ring and its head word.
 """
 
 from __future__ import annotations
@@ -108,7 +112,7 @@ class ShmSession:
         self.check_range(offset, 8 * slots, "shm_ring_offset")
         with self._ring_lock:
             if self._ring is None:
-                self._ring = ReturnRing(self._mm, offset, slots, lambda: self._closed)
+                self._ring = ReturnRing(self._mm, offset, slots, self.ended)
             ring = self._ring
         ring.matches(offset, slots)
         return ring

@@ -1,7 +1,8 @@
 """Copying a put's pages out of a client's shared-memory segment into memory the daemon owns.
 
-A put names where each page's k and v lie in the session's segment (``shm_offset``). The daemon
-keeps no view of that memory: each page is copied once into a buffer that the store then adopts
+A put names where each page's k and v lie in the session's segment (``shm_offset``). Unless
+the client lends them (:func:`lent_pages`, :mod:`kvtier.transport.shm_lend`) the daemon keeps
+no view of that memory: each page is copied once into a buffer that the store then adopts
 (``TierStore.put_checked(owned=True)``), and the NaN/Inf check runs on that copy, so what was
 checked is what is kept, whatever the client writes into its segment afterwards.
 
@@ -83,13 +84,10 @@ def lent_pages(seg: memoryview, ring: ReturnRing, headers: Sequence[Header]) -> 
     :mod:`kvtier.transport.shm_lend`) and checked for NaN/Inf there. ``seg`` is in use (the
     session cannot close meanwhile); every range goes back through ``ring`` when its page dies,
     also when this raises."""
-    out = []
-    for h in headers:
-        n = 2 * h.nbytes
-        arr = ring.lend(cast(int, h.shm_offset), n)
-        _check(arr, 0, n, h)
-        out.append(page_of_buffer(h, torch.from_numpy(arr)))
-    return out
+    arrays = [ring.lend(cast(int, h.shm_offset), 2 * h.nbytes) for h in headers]
+    for h, arr in zip(headers, arrays):  # all are lent first: on an error all come back
+        _check(arr, 0, arr.size, h)
+    return [page_of_buffer(h, torch.from_numpy(arr)) for h, arr in zip(headers, arrays)]
 
 
 def _check(dst: np.ndarray, a: int, b: int, h: Header) -> None:

@@ -3,9 +3,9 @@
 A client that opts in (``shm_ring_slots`` on its puts, see ``cache.proto``) lends the ranges of
 its segment that hold a put's pages. The daemon checks them where they lie and the store
 adopts them as they are, so a shared-memory put costs the client's copy into its segment and
-nothing more. Each range comes back to the client exactly once, when the daemon no longer uses
-it (the page left the hot tier, was deleted, or was not stored at all): a finalizer on the
-range's array appends its offset to the session's return ring::
+nothing more. Each range comes back to the client once the daemon no longer uses it (the page
+left the hot tier, was deleted, or was not stored at all), while the session lasts: a finalizer
+on the range's array appends its offset to the session's return ring::
 
     40          48          ring offset
     | head u64  | tail u64  | ... | slots x u64 offsets (written by the daemon) |
@@ -26,7 +26,7 @@ import mmap
 import struct
 import threading
 import weakref
-from collections.abc import Callable
+from collections import deque
 
 import numpy as np
 
@@ -38,15 +38,20 @@ MAX_SLOTS = 1 << 20
 
 
 class ReturnRing:
-    """Where one session's lent ranges go back to its client."""
+    """Where one session's lent ranges go back to its client.
 
-    def __init__(self, mm: mmap.mmap, offset: int, slots: int,
-                 closed: Callable[[], bool]) -> None:
+    :meth:`give_back` is a finalizer: it can run in any thread, at any allocation (the cyclic
+    GC), also while this thread already holds the ring's lock or the store's. So it only
+    appends to a deque (atomic) and then flushes if the lock is free; a flush that finds it
+    taken leaves the offsets to the flush in progress or to the session's next call.
+    """
+
+    def __init__(self, mm: mmap.mmap, offset: int, slots: int, closed: threading.Event) -> None:
         self._mm = mm
         self.offset, self.slots = offset, slots
         self._closed = closed
         self._lock = threading.Lock()
-        self._pending: list[int] = []
+        self._pending: deque[int] = deque()
         self._head = 0
 
     def matches(self, offset: int, slots: int) -> None:
@@ -63,21 +68,25 @@ class ReturnRing:
         return arr
 
     def give_back(self, offset: int) -> None:
-        with self._lock:
-            if self._closed():
-                return
+        if not self._closed.is_set():
             self._pending.append(offset)
-            self._flush()
+            self.flush()
 
     def flush(self) -> None:
-        with self._lock:
-            if self._pending and not self._closed():
-                self._flush()
-
-    def _flush(self) -> None:
-        (tail,) = struct.unpack_from("<Q", self._mm, TAIL_OFFSET)
-        while self._pending and self._head - tail < self.slots:
-            at = self.offset + 8 * (self._head % self.slots)
-            struct.pack_into("<Q", self._mm, at, self._pending.pop(0))
-            self._head += 1
-        struct.pack_into("<Q", self._mm, HEAD_OFFSET, self._head)
+        """Append what the ring has room for; never waits."""
+        if not self._pending or not self._lock.acquire(blocking=False):
+            return
+        try:
+            if self._closed.is_set():
+                self._pending.clear()
+                return
+            (tail,) = struct.unpack_from("<Q", self._mm, TAIL_OFFSET)
+            while self._pending and self._head - tail < self.slots:
+                at = self.offset + 8 * (self._head % self.slots)
+                struct.pack_into("<Q", self._mm, at, self._pending.popleft())
+                self._head += 1
+            struct.pack_into("<Q", self._mm, HEAD_OFFSET, self._head)
+        except ValueError:  # the segment was unmapped meanwhile: nobody to tell
+            self._pending.clear()
+        finally:
+            self._lock.release()
