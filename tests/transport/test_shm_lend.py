@@ -184,3 +184,30 @@ def test_a_failed_lend_put_starts_a_new_segment_and_bad_sizes_fail_early(
         assert c.put([b"next"], [make_page(8)]) == ["stored"]
         assert c._shm.session is not None and c._shm.session is not first
         assert all(g is not None for g in c.get([b"ok", b"next"]))
+
+
+def test_ended_sessions_holding_lent_pages_count_against_the_limit() -> None:
+    """A client can end its session while the daemon still keeps pages it lent: that segment
+    stays mapped, so it counts against the session limit until the pages are gone."""
+    import gc
+
+    from kvtier.errors import CapacityExhausted
+    from kvtier.transport.shm import ShmRegistry
+    from kvtier_client.shm import Segment
+
+    reg = ShmRegistry(max_sessions=2)
+    segs = [Segment(1 << 20) for _ in range(3)]
+    try:
+        a = reg.attach("t", segs[0].path, segs[0].size, segs[0].token)
+        page = a.ring(1 << 19, 16).lend(4096, 64)  # a lent page the store still keeps
+        reg.detach(a.session_id)
+        reg.attach("t", segs[1].path, segs[1].size, segs[1].token)
+        with pytest.raises(CapacityExhausted, match="1 ended ones still holding lent pages"):
+            reg.attach("t", segs[2].path, segs[2].size, segs[2].token)
+        del page
+        gc.collect()
+        reg.attach("t", segs[2].path, segs[2].size, segs[2].token)  # unmapped: room again
+    finally:
+        reg.close_all()
+        for s in segs:
+            s.close()

@@ -161,11 +161,17 @@ class ShmSession:
         with self._lock:
             if not self._closed:
                 self._closed = True
-                try:
-                    self._mm.close()
-                except BufferError:  # lent pages (or an error's traceback) still use it
+                if not self.unmap():  # lent pages (or an error's traceback) still use it
                     log.info("shm session %s: segment kept mapped while pages use it",
                              self.session_id)
+
+    def unmap(self) -> bool:
+        """Unmap the segment if nothing uses it any more; True once it is unmapped."""
+        try:
+            self._mm.close()
+        except BufferError:
+            return False
+        return True
 
 
 class ShmRegistry:
@@ -174,6 +180,7 @@ class ShmRegistry:
     def __init__(self, max_sessions: int = 32) -> None:
         self._lock = threading.Lock()
         self._sessions: dict[str, ShmSession] = {}
+        self._retired: list[ShmSession] = []  # ended, but lent pages keep them mapped
         self._max = max_sessions
         self._closed = False
 
@@ -181,10 +188,12 @@ class ShmRegistry:
         with self._lock:
             if self._closed:
                 raise Conflict("daemon is shutting down", field="shm_session")
-            if len(self._sessions) >= self._max:
+            self._retired = [s for s in self._retired if not s.unmap()]
+            if len(self._sessions) + len(self._retired) >= self._max:
                 raise CapacityExhausted(
-                    f"{self._max} shared-memory sessions attached already; use inline transfer",
-                    field="shm_session",
+                    f"{len(self._sessions)} shared-memory sessions attached and "
+                    f"{len(self._retired)} ended ones still holding lent pages, of "
+                    f"{self._max}; use inline transfer", field="shm_session",
                 )
             sid = secrets.token_hex(16)
             session = ShmSession(sid, namespace, path, size, token)
@@ -206,6 +215,9 @@ class ShmRegistry:
         if session is not None:
             session.close()
             log.debug("shm session %s detached", session_id)
+            if not session.unmap():  # counts against the limit until its pages are gone
+                with self._lock:
+                    self._retired.append(session)
 
     def close_all(self) -> None:
         with self._lock:
