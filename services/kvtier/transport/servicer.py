@@ -174,7 +174,6 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
         if session is not None:  # refuse before reading anything
             session.check_owner(request.namespace)
             session.check_range(request.shm_offset, request.shm_capacity, "shm_capacity")
-            session.flush_ring()
         raws = self._store.get_raw(request.namespace, keys)
         results: list[pb.PageResult] = []
         inline: list[memoryview] = []

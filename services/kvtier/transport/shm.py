@@ -136,7 +136,6 @@ class ShmSession:
         try:
             if self._closed:
                 raise Conflict("shm session is closed; attach again", field="shm_session")
-            self.flush_ring()
             view = memoryview(self._mm)
             try:
                 yield view
@@ -207,6 +206,7 @@ class ShmRegistry:
         if session is None:
             raise Conflict(f"unknown shm session {session_id!r}; attach again",
                            field="shm_session")
+        session.flush_ring()  # every call naming the session lets held-back ranges out
         return session
 
     def detach(self, session_id: str) -> None:
