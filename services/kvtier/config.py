@@ -106,6 +106,7 @@ class Settings(BaseSettings):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
 
     max_page_bytes: int = Field(default=256 * MiB, gt=0)
+    host_buffer_pool_bytes: int = Field(default=64 * MiB, ge=0)  # kvtier.store.buffers
     max_key_bytes: int = Field(default=1024, ge=1, le=65536)
     max_batch: int = Field(default=4096, ge=1)
     mover_interval_s: float = Field(default=0.05, gt=0)

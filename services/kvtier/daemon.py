@@ -33,6 +33,7 @@ import grpc
 
 from kvtier.config import Settings
 from kvtier.policy.registry import make_policy
+from kvtier.store.buffers import BufferPool
 from kvtier.store.policy import Policy
 from kvtier.store.store import TierStore
 from kvtier.transport.context import DaemonContext, HttpServer, Readiness, StartHttp
@@ -130,7 +131,8 @@ class Daemon:
         store = TierStore(s, policy)
         store.start()
         try:
-            ctx = DaemonContext(settings=s, store=store)
+            ctx = DaemonContext(settings=s, store=store,
+                                buffers=BufferPool(s.host_buffer_pool_bytes))
             server, port = make_grpc_server(ctx, s.grpc_host, s.grpc_port, shm=self._shm,
                                             interceptors=self._interceptors)
             server.start()

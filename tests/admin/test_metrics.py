@@ -127,6 +127,22 @@ def test_rpc_latency_histogram_and_bytes(quiet: Admin) -> None:
     assert value(m, "kvtier_rpc_sent_bytes_total", method="Put") == 30
 
 
+def test_buffer_pool_metrics_follow_the_pool(quiet: Admin) -> None:
+    pool = quiet.context.buffers
+    m = scrape(quiet)
+    assert value(m, "kvtier_buffer_pool_free_bytes") == 0
+    assert value(m, "kvtier_buffer_pool_takes_total", result="miss") == 0
+    buf = pool.take(4096)
+    del buf  # back in the pool
+    again = pool.take(4096)
+    m = scrape(quiet)
+    assert value(m, "kvtier_buffer_pool_takes_total", result="miss") == 1
+    assert value(m, "kvtier_buffer_pool_takes_total", result="hit") == 1
+    assert value(m, "kvtier_buffer_pool_free_bytes") == 0
+    del again
+    assert value(scrape(quiet), "kvtier_buffer_pool_free_bytes") == 4096
+
+
 def test_redis_up_follows_the_backend(
     start_admin: Callable[..., Admin], private_redis: RedisProcess
 ) -> None:
@@ -186,7 +202,7 @@ def test_every_label_is_bounded(quiet: Admin) -> None:
     quiet.store.get(NS, keys)
     quiet.context.rpc_stats.record(RpcSample("Get", "OK", 0.001, 1, 1))
     allowed = {"tier", "reason", "op", "codec", "method", "code", "outcome", "policy",
-               "active", "le"}
+               "active", "result", "le"}
     for name, labels in scrape(quiet):
         if name.startswith("kvtier_"):
             assert {k for k, _ in labels} <= allowed, name

@@ -9,6 +9,7 @@ import torch
 from kvtier.config import Settings
 from kvtier.errors import InvalidArgument
 from kvtier.finite import check_finite
+from kvtier.store.buffers import BufferPool
 from kvtier.transport.convert import PutAssembler, check_header, chunks
 from kvtier_proto.v1 import cache_pb2 as pb
 
@@ -57,7 +58,7 @@ def test_put_assembler_rebuilds_pages_from_any_chunking(chunk: int) -> None:
     shapes = [(1, 4, 2, 8), (2, 16, 2, 64), (1, 1, 1, 1)]
     tensors = [(rng.standard_normal(sh).astype(np.float16),
                 rng.standard_normal(sh).astype(np.float16)) for sh in shapes]
-    asm = PutAssembler(s)
+    asm = PutAssembler(s, BufferPool())
     asm.add_headers([check_header(_header(b"p%d" % i, sh), s) for i, sh in enumerate(shapes)])
     parts = [memoryview(a.tobytes()) for kv in tensors for a in kv]
     for piece in chunks(parts, chunk):
@@ -71,7 +72,7 @@ def test_put_assembler_rebuilds_pages_from_any_chunking(chunk: int) -> None:
 
 def test_put_assembler_refuses_short_and_long_streams() -> None:
     s = Settings()
-    asm = PutAssembler(s)
+    asm = PutAssembler(s, BufferPool())
     asm.add_headers([check_header(_header(b"a", (1, 1, 1, 4)), s)])
     asm.feed(bytes(10))
     with pytest.raises(InvalidArgument, match="data: put stream ended after 10 of the 16"):

@@ -28,6 +28,20 @@ def test_put_get_roundtrip_is_bit_exact_from_hot(client: KVTierClient) -> None:
     assert [g.start_position for g in got[:3] if g] == [0, 16, 32]
 
 
+def test_a_put_after_a_delete_reuses_the_deleted_pages_buffer(daemon: Daemon,
+                                                              client: KVTierClient) -> None:
+    pool = daemon.context.buffers
+    client.put([b"first"], [make_page(1)])
+    client.delete([b"first"])
+    hits = pool.hits
+    page = make_page(2)
+    assert client.put([b"second"], [page]) == ["stored"]
+    assert pool.hits == hits + 1  # the buffer "first" had, with nothing of it showing
+    got = client.get([b"second", b"first"])
+    assert got[1] is None and got[0] is not None
+    assert np.array_equal(got[0].k, page.k) and np.array_equal(got[0].v, page.v)
+
+
 def test_namespaces_are_isolated(client: KVTierClient) -> None:
     client.put([b"shared-key"], [make_page(1)])
     assert client.get([b"shared-key"], namespace="tenant-b") == [None]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from kvtier.errors import Aborted, Conflict, InvalidArgument
+from kvtier.store.buffers import BufferPool
 from kvtier.transport.convert import Header
 from kvtier.transport.shm_copy import FILL_OFFSET, copy_pages
 
@@ -45,7 +46,7 @@ def test_pages_are_copies_that_later_writes_do_not_reach() -> None:
     mm, seg = _segment()
     src = _source(2)
     seg[BASE:BASE + src.nbytes] = src.tobytes()
-    pages = copy_pages(seg, _headers(2), 0, threading.Event())
+    pages = copy_pages(seg, _headers(2), 0, threading.Event(), BufferPool())
     seg[BASE:BASE + src.nbytes] = bytes(src.nbytes)  # the client reuses its segment
     _check(pages, src)
     assert pages[0].k.is_contiguous() and pages[1].v.is_contiguous()
@@ -66,7 +67,7 @@ def test_follows_a_writer_that_publishes_progress() -> None:
 
     t = threading.Thread(target=write)
     t.start()
-    pages = copy_pages(seg, _headers(3), 7, threading.Event())
+    pages = copy_pages(seg, _headers(3), 7, threading.Event(), BufferPool())
     t.join()
     _check(pages, src)
 
@@ -76,7 +77,7 @@ def test_reused_segment_aborts() -> None:
     words = np.frombuffer(mm, np.uint64, 2, FILL_OFFSET)
     words[1], words[0] = N, 8  # another put's fill number
     with pytest.raises(Aborted) as info:
-        copy_pages(seg, _headers(1), 7, threading.Event())
+        copy_pages(seg, _headers(1), 7, threading.Event(), BufferPool())
     assert info.value.field == "shm_fill" and "reused" in info.value.message
 
 
@@ -93,7 +94,7 @@ def test_number_changed_after_the_last_byte_aborts() -> None:
     t = threading.Thread(target=finish_then_reuse)
     t.start()
     try:
-        copy_pages(seg, _headers(1), 7, threading.Event())
+        copy_pages(seg, _headers(1), 7, threading.Event(), BufferPool())
     except Aborted as e:  # seen while waiting, or on the check after the copy
         assert e.field == "shm_fill"
     else:
@@ -107,7 +108,7 @@ def test_bytes_that_never_come_abort_after_the_timeout() -> None:
     words[1], words[0] = 1003, 7
     t0 = time.monotonic()
     with pytest.raises(Aborted) as info:
-        copy_pages(seg, _headers(1), 7, threading.Event(), timeout_s=0.2)
+        copy_pages(seg, _headers(1), 7, threading.Event(), BufferPool(), timeout_s=0.2)
     assert 0.2 <= time.monotonic() - t0 < 5
     assert "wrote 1000 of the put's 65536" in info.value.message  # rounded down to 8 bytes
 
@@ -120,7 +121,7 @@ def test_session_end_stops_the_wait() -> None:
     threading.Timer(0.05, ended.set).start()
     t0 = time.monotonic()
     with pytest.raises(Conflict) as info:  # FAILED_PRECONDITION: attach again or go inline
-        copy_pages(seg, _headers(1), 7, ended, timeout_s=30)
+        copy_pages(seg, _headers(1), 7, ended, BufferPool(), timeout_s=30)
     assert time.monotonic() - t0 < 5 and info.value.field == "shm_session"
 
 
@@ -133,5 +134,5 @@ def test_nan_in_a_late_piece_is_refused_naming_the_tensor(fill: int) -> None:
     words = np.frombuffer(mm, np.uint64, 2, FILL_OFFSET)
     words[1], words[0] = src.nbytes + 999, 7  # a count beyond the stream is clipped
     with pytest.raises(InvalidArgument) as info:
-        copy_pages(seg, _headers(1), fill, threading.Event())
+        copy_pages(seg, _headers(1), fill, threading.Event(), BufferPool())
     assert info.value.field == "v" and "NaN" in info.value.message

@@ -143,7 +143,8 @@ def create_app(context: DaemonContext, metrics: DaemonMetrics | None = None) -> 
     """The FastAPI app of one daemon. ``metrics`` defaults to a fresh registry of its own."""
     settings = context.settings
     store = context.store
-    daemon_metrics = metrics or DaemonMetrics(store, context.rpc_stats, context.started_at)
+    daemon_metrics = metrics or DaemonMetrics(store, context.rpc_stats, context.started_at,
+                                              context.buffers)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -65,6 +65,7 @@ from kvtier.transport.stats import RpcSample, RpcStats
 from kvtier.types import EvictionReason, Medium, Outcome
 
 if TYPE_CHECKING:
+    from kvtier.store.buffers import BufferPool
     from kvtier.store.store import TierStore
 
 log = logging.getLogger(__name__)
@@ -93,10 +94,12 @@ def _number(value: Any) -> float | None:
 class StoreCollector(Collector):
     """Reads ``store.stats()`` and the RPC totals at scrape time."""
 
-    def __init__(self, store: TierStore, rpc_stats: RpcStats, started_at: float) -> None:
+    def __init__(self, store: TierStore, rpc_stats: RpcStats, started_at: float,
+                 buffers: BufferPool | None = None) -> None:
         self._store = store
         self._rpc_stats = rpc_stats
         self._started_at = started_at
+        self._buffers = buffers
 
     def describe(self) -> Iterable[Metric]:
         # Dynamic collector: nothing to describe up front (the registry then calls collect()
@@ -111,6 +114,8 @@ class StoreCollector(Collector):
         yield from self._redis(stats)
         yield from self._policy(stats)
         yield from self._rpc()
+        if self._buffers is not None:
+            yield from self._pool(self._buffers)
         start = GaugeMetricFamily(
             "kvtier_start_time_seconds", "Unix time the daemon started."
         )
@@ -242,6 +247,19 @@ class StoreCollector(Collector):
                 g.add_metric([], value)
                 yield g
 
+    @staticmethod
+    def _pool(pool: BufferPool) -> Iterable[Metric]:
+        free = GaugeMetricFamily("kvtier_buffer_pool_free_bytes",
+                                 "Host page buffers kept for the next puts' copies.")
+        free.add_metric([], pool.free_bytes)
+        yield free
+        takes = CounterMetricFamily("kvtier_buffer_pool_takes",
+                                    "Page buffers handed to puts, reused (hit) or new (miss).",
+                                    labels=["result"])
+        takes.add_metric(["hit"], pool.hits)
+        takes.add_metric(["miss"], pool.misses)
+        yield takes
+
     def _rpc(self) -> Iterable[Metric]:
         received = CounterMetricFamily(
             "kvtier_rpc_received_bytes", "Request message bytes received, by method.",
@@ -268,7 +286,8 @@ class DaemonMetrics:
     HTTP server does both around its lifetime so a stopped server leaves no observer behind).
     """
 
-    def __init__(self, store: TierStore, rpc_stats: RpcStats, started_at: float) -> None:
+    def __init__(self, store: TierStore, rpc_stats: RpcStats, started_at: float,
+                 buffers: BufferPool | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self._rpc_stats = rpc_stats
         self._latency = Histogram(
@@ -278,7 +297,7 @@ class DaemonMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(StoreCollector(store, rpc_stats, started_at))
+        self.registry.register(StoreCollector(store, rpc_stats, started_at, buffers))
         ProcessCollector(registry=self.registry)
         self._attached = False
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from kvtier.config import Settings
+from kvtier.store.buffers import BufferPool
 from kvtier.transport.stats import RpcStats
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ class DaemonContext:
     store: TierStore
     rpc_stats: RpcStats = field(default_factory=RpcStats)
     health: HealthState = field(default_factory=HealthState)
+    buffers: BufferPool = field(default_factory=BufferPool)  # puts' page buffers, reused
     started_at: float = field(default_factory=time.time)  # wall clock, for uptime
 
 

@@ -18,6 +18,7 @@ from kvtier.config import Settings
 from kvtier.errors import InvalidArgument, PageTooLarge
 from kvtier.finite import check_finite
 from kvtier.pages import check_key, torch_dtype
+from kvtier.store.buffers import BufferPool
 from kvtier.types import Page, PageKey
 from kvtier_proto.v1 import cache_pb2 as pb
 
@@ -82,16 +83,17 @@ def check_header(h: pb.PageHeader, settings: Settings) -> Header:
     return Header(key, dtype, shape, start, want, chain, shm)
 
 
-def build_page(h: Header, k: bytes | memoryview, v: bytes | memoryview) -> Page:
-    """The page of ``h`` from its bytes, copied once into memory the page owns and checked
-    there for NaN/Inf.
+def build_page(h: Header, k: bytes | memoryview, v: bytes | memoryview,
+               buffers: BufferPool) -> Page:
+    """The page of ``h`` from its bytes, copied once into a buffer of ``buffers`` that the page
+    owns and checked there for NaN/Inf.
 
     ``h`` was checked by :func:`check_header`: sizes, dtype, shape, start position, i.e. all
     that :func:`~kvtier.pages.make_page` checks, so the page can go to
     ``TierStore.put_checked(owned=True)``, which neither checks nor copies it again.
     """
     n = h.nbytes
-    buf = torch.empty(2 * n, dtype=torch.uint8)  # k then v; not zeroed (filled right away)
+    buf = buffers.take(2 * n)  # k then v; not zeroed (filled right away)
     arr = buf.numpy()
     arr[:n] = np.frombuffer(k, np.uint8)
     arr[n:] = np.frombuffer(v, np.uint8)
@@ -109,8 +111,9 @@ def page_of_buffer(h: Header, buf: torch.Tensor) -> Page:
 class PutAssembler:
     """Rebuilds the pages of an inline Put byte stream, chunk by chunk."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, buffers: BufferPool) -> None:
         self._settings = settings
+        self._buffers = buffers
         self._pending: list[Header] = []  # headers whose bytes have not fully arrived
         self._buf = bytearray()  # bytes of the first pending page received so far
         self.pages: list[tuple[Header, Page]] = []
@@ -144,7 +147,7 @@ class PutAssembler:
 
     def _complete(self, h: Header, k: memoryview, v: memoryview) -> None:
         self._pending.pop(0)
-        self.pages.append((h, build_page(h, k, v)))
+        self.pages.append((h, build_page(h, k, v, self._buffers)))
 
     def finish(self) -> None:
         if self._pending:

@@ -80,7 +80,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
         inline_idx: list[int] = []
         shm_idx: list[int] = []
         shm_headers: list[Header] = []
-        assembler = PutAssembler(self._settings)
+        assembler = PutAssembler(self._settings, self._ctx.buffers)
         for req in requests:
             if namespace is None:
                 namespace = check_namespace(req.namespace)
@@ -134,7 +134,8 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
                     ring.flush()
                 else:
                     wait_s = FILL_TIMEOUT_S if left is None else min(left, FILL_TIMEOUT_S)
-                    copied = copy_pages(seg, shm_headers, fill, session.ended, wait_s)
+                    copied = copy_pages(seg, shm_headers, fill, session.ended,
+                                        self._ctx.buffers, wait_s)
             for i, page in zip(shm_idx, copied):
                 pages[i] = page
         return self._store.put_checked(pids, cast(list[Page], pages), cast(list[int], chains),

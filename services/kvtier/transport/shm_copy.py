@@ -2,8 +2,9 @@
 
 A put names where each page's k and v lie in the session's segment (``shm_offset``). Unless
 the client lends them (:func:`lent_pages`, :mod:`kvtier.transport.shm_lend`) the daemon keeps
-no view of that memory: each page is copied once into a buffer that the store then adopts
-(``TierStore.put_checked(owned=True)``), and the NaN/Inf check runs on that copy, so what was
+no view of that memory: each page is copied once into a buffer (from the daemon's
+:class:`~kvtier.store.buffers.BufferPool`: memory already faulted in) that the store then
+adopts (``TierStore.put_checked(owned=True)``), and the NaN/Inf check runs on that copy, so what was
 checked is what is kept, whatever the client writes into its segment afterwards.
 
 With ``shm_fill`` (see ``cache.proto``) the client is still writing while the call starts. The
@@ -37,6 +38,7 @@ import torch
 
 from kvtier.errors import Aborted, Conflict, InvalidArgument
 from kvtier.finite import check_finite
+from kvtier.store.buffers import BufferPool
 from kvtier.transport.convert import Header, page_of_buffer
 from kvtier.transport.shm_lend import ReturnRing
 from kvtier.types import Page
@@ -47,15 +49,15 @@ _SPINS = 64  # polls before the waiting thread starts yielding the GIL
 _YIELDS = 4000  # then sleep(0) polls before it sleeps 100 us between polls
 
 
-def copy_pages(seg: memoryview, headers: Sequence[Header], fill: int,
-               ended: threading.Event, timeout_s: float = FILL_TIMEOUT_S) -> list[Page]:
+def copy_pages(seg: memoryview, headers: Sequence[Header], fill: int, ended: threading.Event,
+               buffers: BufferPool, timeout_s: float = FILL_TIMEOUT_S) -> list[Page]:
     """The pages of ``headers`` (each with its checked ``shm_offset``), copied out of ``seg``.
 
     ``fill`` 0: the bytes are all in place. Otherwise follow the fill words as described above.
     Raises InvalidArgument for NaN/Inf (naming k or v), Aborted as described above.
     """
     src = np.frombuffer(seg, np.uint8)
-    bufs = [torch.empty(2 * h.nbytes, dtype=torch.uint8) for h in headers]
+    bufs = [buffers.take(2 * h.nbytes) for h in headers]
     dsts = [buf.numpy() for buf in bufs]  # a page's k then v, as in the segment
     words = np.frombuffer(seg, np.uint64, 2, FILL_OFFSET) if fill else None
     deadline = time.monotonic() + timeout_s

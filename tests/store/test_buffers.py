@@ -1,0 +1,112 @@
+"""The page buffer pool: reuse only after every view is gone, bounds, and a finalizer that
+never waits."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from kvtier.store.buffers import BufferPool
+
+N = 1 << 16
+
+
+def _page_views(buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v the way the daemon makes them (kvtier.transport.convert.page_of_buffer)."""
+    k, v = buf.view(torch.float16).view(2, -1).unbind(0)
+    return k, v
+
+
+def test_a_buffer_comes_back_only_when_its_last_view_is_gone() -> None:
+    pool = BufferPool(4 * N)
+    buf = pool.take(N)
+    ptr = buf.data_ptr()
+    k, v = _page_views(buf)
+    as_numpy = k.numpy()  # numpy views of the page count too
+    del buf, k, v
+    gc.collect()
+    assert pool.free_bytes == 0
+    other = pool.take(N)  # the first buffer is still in use: new memory
+    assert other.data_ptr() != ptr
+    del as_numpy
+    gc.collect()
+    assert pool.free_bytes == N
+    again = pool.take(N)
+    assert again.data_ptr() == ptr
+    assert (pool.hits, pool.misses) == (1, 2)
+
+
+def test_kept_bytes_stay_within_the_bound() -> None:
+    pool = BufferPool(3 * N)
+    bufs = [pool.take(N) for _ in range(5)]
+    del bufs
+    gc.collect()
+    assert pool.free_bytes == 3 * N
+    again = [pool.take(N) for _ in range(4)]
+    assert (pool.hits, pool.misses, pool.free_bytes) == (3, 6, 0)
+    assert len({b.data_ptr() for b in again}) == 4
+
+
+def test_a_pool_of_zero_bytes_keeps_nothing() -> None:
+    pool = BufferPool(0)
+    buf = pool.take(N)
+    assert buf.numel() == N and buf.dtype == torch.uint8
+    del buf
+    gc.collect()
+    assert pool.free_bytes == 0 and pool.hits == 0
+    with pytest.raises(ValueError, match="max_free_bytes"):
+        BufferPool(-1)
+
+
+def test_misses_of_a_new_size_drain_an_old_size() -> None:
+    pool = BufferPool(4 * N)
+    old = [pool.take(N) for _ in range(4)]
+    del old
+    gc.collect()
+    assert pool.free_bytes == 4 * N
+    new = [pool.take(2 * N) for _ in range(2)]  # each miss lets one old buffer go
+    assert pool.free_bytes == 2 * N
+    del new
+    gc.collect()
+    assert pool.free_bytes == 4 * N
+    assert pool.take(2 * N) is not None and pool.hits == 1
+
+
+def test_a_finalizer_that_finds_the_lock_taken_lets_the_buffer_go() -> None:
+    pool = BufferPool(4 * N)
+    buf = pool.take(N)
+    with pool._lock:  # as if the cyclic GC ran the finalizer inside take()
+        del buf
+        gc.collect()
+    assert pool.free_bytes == 0
+
+
+def test_threads_never_hold_the_same_memory() -> None:
+    pool = BufferPool(8 * N)
+    errors: list[str] = []
+
+    def work(tag: int) -> None:
+        for i in range(300):
+            buf = pool.take(N)
+            arr = buf.numpy()
+            arr[:] = tag
+            k, _ = _page_views(buf)
+            del buf
+            if i % 7 == 0:
+                gc.collect()
+            if not np.all(arr == tag):
+                errors.append(f"thread {tag} saw its buffer change")
+            del k, arr
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert pool.hits > 0
+    assert pool.free_bytes <= 8 * N
