@@ -29,6 +29,7 @@ from kvtier_client.client import (
     cache_stats,
     is_loopback,
     lookup_result,
+    ranges_back,
     session_lost,
 )
 from kvtier_client.errors import DeadlineExceededError, from_rpc_error
@@ -152,8 +153,9 @@ class AsyncKVTierClient:
                               (segment.ring_offset, segment.ring_slots))
             try:
                 lent_reply: pb.PutReply = await self._stub.Put(req, timeout=left)
-            except grpc.RpcError:
-                self._shm.drop()
+            except grpc.RpcError as e:
+                if not ranges_back(e):
+                    self._shm.drop()
                 raise
             return lent_reply
         plan = plan_in_segment(segment, wire)

@@ -116,6 +116,16 @@ def abandoned(e: grpc.RpcError) -> bool:
     return e.code() in _ABANDONED
 
 
+def ranges_back(e: grpc.RpcError) -> bool:
+    """True if the daemon says every range a failed lending put named comes back through the
+    return ring (``kvtier.transport.shm_lend.RANGES_BACK``), so the segment can be kept."""
+    try:
+        trailing: Any = e.trailing_metadata()
+    except Exception:  # noqa: BLE001 - not a call's error: nothing is known
+        return False
+    return any(item[0] == shm_mod.RANGES_BACK for item in (trailing or ()))
+
+
 def session_lost(e: grpc.RpcError) -> bool:
     """True if the daemon no longer knows the client's shm session (transfers go inline)."""
     return bool(e.code() == grpc.StatusCode.FAILED_PRECONDITION)
@@ -251,7 +261,9 @@ class KVTierClient:
     def _lend(self, session: shm_mod.Session, ns: str, wire: Sequence[WirePage],
               lent: Placement, left: float) -> pb.PutReply:
         """A put whose pages the daemon keeps where they lie (``lend_bytes``). After an error
-        the client cannot tell which ranges the daemon kept, so it starts a new segment."""
+        the ranges stay taken until the return ring hands them back, which the daemon promises
+        with ``RANGES_BACK``; without that promise (the call never reached a handler, or the
+        session or ring was unusable) the client starts a new segment."""
         segment = session.segment
         fill = session.next_fill()
         offsets = copy_in(segment, lent, fill)
@@ -259,8 +271,9 @@ class KVTierClient:
                           (segment.ring_offset, segment.ring_slots))
         try:
             reply: pb.PutReply = self._stub.Put(req, timeout=left)
-        except grpc.RpcError:
-            self._shm.drop()
+        except grpc.RpcError as e:
+            if not ranges_back(e):
+                self._shm.drop()
             raise
         return reply
 

@@ -30,6 +30,7 @@ TOKEN_BYTES = 16
 FILL_OFFSET = 16  # fill words: u64 fill number, u64 bytes written (kvtier.transport.shm_copy)
 RING_HEAD_OFFSET = 40  # u64 ranges handed back (daemon), then u64 taken back (client)
 RING_SLOTS = 1 << 16
+RANGES_BACK = "kvtier-ranges-back"  # trailing metadata: a failed lending put's ranges come back
 DATA_OFFSET = 64
 ALIGN = 64
 FILL_CHUNK = 256 << 10

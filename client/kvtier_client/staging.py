@@ -46,7 +46,9 @@ class StagingArea:
         self._lock = threading.Lock()
 
     def alloc(self, n: int) -> int | None:
-        """Offset of ``n`` fresh bytes, or None when no free run is long enough."""
+        """Offset of ``n`` (> 0) fresh bytes, or None when no free run is long enough."""
+        if n <= 0:
+            raise ValueError(f"an allocation needs at least one byte, not {n}")
         n = -(-n // self._align) * self._align
         with self._lock:
             for i, (off, size) in enumerate(self._free):
@@ -74,6 +76,11 @@ class StagingArea:
             if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == off:
                 prev = self._free.pop(i - 1)
                 self._free[i - 1] = (prev[0], prev[1] + n)
+
+    @property
+    def count(self) -> int:
+        """Runs allocated and not freed."""
+        return len(self._used)
 
     @property
     def used_bytes(self) -> int:

@@ -168,11 +168,13 @@ def lend_in_segment(segment: shm_mod.Segment, pages: Sequence[WirePage]) -> Plac
     if lend is None or not shm_mod.OVERLAP_SAFE:  # the return ring needs ordered stores
         return None
     segment.take_back()
+    if lend.count + len(pages) > segment.ring_slots:  # the ring could not return them all
+        return None
     offsets: list[int | None] = []
     parts: list[tuple[int, memoryview | int]] = []
     for p in pages:
         kn, vn = p.k.data.nbytes, p.v.data.nbytes
-        off = None if kn != vn or segment.staged_offset(p.k.data) is not None \
+        off = None if kn != vn or not kn or segment.staged_offset(p.k.data) is not None \
             else lend.alloc(kn + vn)
         if off is None:
             for taken in offsets:

@@ -101,36 +101,65 @@ def test_lending_is_refused_with_a_clear_error_for_a_bad_ring(daemon: Daemon) ->
         assert "shm_ring_offset" in (info.value.details() or "")
 
 
-def test_the_return_ring_wraps_and_holds_what_does_not_fit(daemon: Daemon,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """A ring of 4 slots: ranges handed back while the client has not taken the earlier ones
-    wait in the daemon; every range comes back once, over many laps."""
+def test_the_return_ring_wraps_over_many_laps(daemon: Daemon,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ring of 4 slots: the client lends at most four ranges at a time (more would not fit
+    the ring), and every range comes back once, over many laps."""
     from kvtier_client import shm as shm_client
 
     monkeypatch.setattr(shm_client, "RING_SLOTS", 4)
     with KVTierClient(daemon.grpc_address, "ring", lend_bytes=256 << 10) as c:
         page = make_page(5)  # 16 KiB
+        lo = hi = 0
         for lap in range(10):
             keys = [b"l%d-%d" % (lap, i) for i in range(6)]
-            assert c.put(keys, [page] * 6) == ["stored"] * 6
-            c.delete(keys)  # six ranges handed back into a ring of four
+            for i in range(0, 6, 2):
+                assert c.put(keys[i:i + 2], [page] * 2) == ["stored"] * 2
+            if lap == 0:
+                lo, hi = _daemon_range(daemon, c)
+            raws = daemon.context.store.get_raw("ring", keys)
+            lent = [r is not None and lo <= _addr(r.k) < hi for r in raws]
+            assert lent == [True] * 4 + [False] * 2  # the fifth and sixth did not fit the ring
+            del raws
+            c.delete(keys)
         session = c._shm.session
         assert session is not None and session.segment.lend is not None
-        segment, lend = session.segment, session.segment.lend
-        assert lend.used_bytes > 0  # a backlog: more came back than the ring holds
-        for i in range(40):  # each call lets the daemon append what the ring has room for
-            segment.take_back()
-            if lend.used_bytes == 0:
-                break
-            assert c.get([b"nothing-%d" % i]) == [None]
-        assert lend.used_bytes == 0
+        session.segment.take_back()
+        assert session.segment.lend.used_bytes == 0
         assert c.put([b"last"], [page]) == ["stored"]
         got = c.get([b"last"])[0]
         assert got is not None and np.array_equal(got.k, page.k)
 
 
+def test_ranges_the_ring_has_no_room_for_wait_and_bound_further_lending() -> None:
+    import mmap
+    import struct
+    import threading
+
+    from kvtier.errors import CapacityExhausted
+    from kvtier.transport.shm_lend import HEAD_OFFSET, TAIL_OFFSET, ReturnRing
+
+    mm = mmap.mmap(-1, 1 << 16)
+    ring = ReturnRing(mm, 4096, 2, threading.Event())
+    arrays = [ring.lend(8192 + 64 * i, 64) for i in range(2)]
+    ring.check_room(0)
+    with pytest.raises(CapacityExhausted, match="return ring of 2 slots"):
+        ring.check_room(1)
+    del arrays  # both come back; the ring is full now (the client took nothing back)
+    assert struct.unpack_from("<Q", mm, HEAD_OFFSET)[0] == 2
+    arrays = [ring.lend(8192 + 64 * i, 64) for i in range(2)]
+    del arrays  # these wait in the daemon
+    assert struct.unpack_from("<Q", mm, HEAD_OFFSET)[0] == 2 and ring.outstanding() == 2
+    with pytest.raises(CapacityExhausted):
+        ring.check_room(1)
+    assert not ring.hand_back([8192])
+    struct.pack_into("<Q", mm, TAIL_OFFSET, 2)  # the client takes the first two back
+    ring.flush()
+    assert struct.unpack_from("<Q", mm, HEAD_OFFSET)[0] == 4 and ring.outstanding() == 0
+
+
 async def test_the_async_client_lends_too(daemon: Daemon) -> None:
-    from kvtier_client import AsyncKVTierClient
+    from kvtier_client import AsyncKVTierClient, InvalidArgumentError
 
     store = daemon.context.store
     async with AsyncKVTierClient(daemon.grpc_address, "lend-aio", lend_bytes=1 * MiB) as a:
@@ -145,6 +174,11 @@ async def test_the_async_client_lends_too(daemon: Daemon) -> None:
         del raw
         got = await a.get([b"a", b"b"])
         assert all(g is not None and np.array_equal(g.v, p.v) for g, p in zip(got, pages))
+        bad = make_page(3)
+        bad.v[0, 0, 0, 0] = np.inf
+        with pytest.raises(InvalidArgumentError, match="v holds"):
+            await a.put([b"bad"], [bad])
+        assert a._shm.session is session  # the ranges come back: the segment is kept
 
 
 def test_a_finalizer_never_waits_for_the_ring() -> None:
@@ -168,8 +202,10 @@ def test_a_finalizer_never_waits_for_the_ring() -> None:
     assert struct.unpack_from("<Q", mm, 4096)[0] == 640
 
 
-def test_a_failed_lend_put_starts_a_new_segment_and_bad_sizes_fail_early(
+def test_a_failed_lend_put_keeps_its_segment_and_every_range_comes_back(
         daemon: Daemon) -> None:
+    """Failing after its ranges were lent (NaN) or before (a bad header): either way the daemon
+    promises the ranges back (RANGES_BACK), so the client keeps its segment."""
     from kvtier_client import InvalidArgumentError
 
     with pytest.raises(ValueError, match="lend_bytes"):
@@ -179,11 +215,54 @@ def test_a_failed_lend_put_starts_a_new_segment_and_bad_sizes_fail_early(
         bad.k[0, 0, 0, 0] = np.nan
         c.put([b"ok"], [make_page(7)])
         first = c._shm.session
+        assert first is not None and first.segment.lend is not None
+        segment, lend = first.segment, first.segment.lend
+        held = lend.used_bytes
         with pytest.raises(InvalidArgumentError, match="k holds NaN"):
-            c.put([b"bad"], [bad])
+            c.put([b"bad"], [bad])  # checked after lending
+        with pytest.raises(InvalidArgumentError, match="start_position"):
+            c.put([b"b1", b"b2"], [make_page(9), make_page(10, start_position=-1)])
+        assert c._shm.session is first
+        assert wait_for(lambda: (segment.take_back(), lend.used_bytes)[1] == held)
         assert c.put([b"next"], [make_page(8)]) == ["stored"]
-        assert c._shm.session is not None and c._shm.session is not first
-        assert all(g is not None for g in c.get([b"ok", b"next"]))
+        assert c._shm.session is first
+        assert [g is not None for g in c.get([b"ok", b"next", b"bad", b"b1"])] == \
+            [True, True, False, False]
+
+
+def test_without_a_usable_ring_nothing_is_promised_and_lending_is_bounded(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lending put naming a session of another namespace gets no RANGES_BACK; a client
+    that never takes ranges back can hold at most a ring's worth in the daemon."""
+    import grpc
+
+    from kvtier_client import shm as shm_client
+    from kvtier_client.wire import put_request, wire_pages
+    from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
+
+    monkeypatch.setattr(shm_client, "RING_SLOTS", 4)
+    with KVTierClient(daemon.grpc_address, "lend", lend_bytes=1 * MiB) as c:
+        c.put([b"warm"], [make_page(1)])
+        session = c._shm.session
+        assert session is not None
+        seg = session.segment
+        ring = (seg.ring_offset, seg.ring_slots)
+        stub = pb_grpc.CacheServiceStub(c._channel)
+        wire = wire_pages([b"x"], [make_page(2)])
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Put(put_request("other-ns", wire, session.id, [seg.request_end], 0, ring))
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert not any(k == shm_client.RANGES_BACK for k, _ in info.value.trailing_metadata())
+        codes = []
+        for i in range(6):  # ranges lent raw, never taken back; "warm" holds one slot
+            off = seg.request_end + i * 32768
+            try:
+                stub.Put(put_request("lend", wire_pages([b"r%d" % i], [make_page(3)]),
+                                     session.id, [off], 0, ring))
+                codes.append("OK")
+            except grpc.RpcError as e:
+                codes.append(e.code().name)
+        assert codes == ["OK"] * 3 + ["RESOURCE_EXHAUSTED"] * 3
 
 
 def test_ended_sessions_holding_lent_pages_count_against_the_limit() -> None:

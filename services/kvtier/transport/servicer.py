@@ -16,13 +16,14 @@ from typing import cast
 
 import grpc
 
-from kvtier.errors import Aborted, InvalidArgument, UnknownTier
+from kvtier.errors import Aborted, InvalidArgument, KVTierError, UnknownTier
 from kvtier.pages import check_keys, check_namespace
 from kvtier.store.results import PutOutcome
 from kvtier.transport.context import DaemonContext
 from kvtier.transport.convert import Header, PutAssembler, byte_view, check_header, chunks
 from kvtier.transport.shm import TOKEN_BYTES, ShmRegistry, ShmSession, align_up
 from kvtier.transport.shm_copy import FILL_TIMEOUT_S, copy_pages, lent_pages
+from kvtier.transport.shm_lend import RANGES_BACK
 from kvtier.types import Namespace, Page, PageId
 from kvtier_proto.v1 import cache_pb2 as pb
 from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
@@ -54,22 +55,47 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
     # -- data path -------------------------------------------------------------------------
 
     def Put(self, request: pb.PutRequest, context: grpc.ServicerContext) -> pb.PutReply:
-        return self._put((request,), context)
+        lent = [False]
+        try:
+            return self._put((request,), context, lent)
+        except BaseException:
+            if request.shm_ring_slots:
+                self._lent_ranges_back(request, context, lent[0])
+            raise
 
     def PutStream(self, request_iterator: Iterator[pb.PutRequest],
                   context: grpc.ServicerContext) -> pb.PutReply:
-        return self._put(request_iterator, context)
+        return self._put(request_iterator, context, [False])
 
-    def _put(self, requests: Iterable[pb.PutRequest],
-             context: grpc.ServicerContext) -> pb.PutReply:
-        outcomes = self._store_pages(requests, context)
+    def _put(self, requests: Iterable[pb.PutRequest], context: grpc.ServicerContext,
+             lent: list[bool]) -> pb.PutReply:
+        outcomes = self._store_pages(requests, context, lent)
         return pb.PutReply(outcomes=[_PUT_OUTCOME[o] for o in outcomes])
 
-    def _store_pages(self, requests: Iterable[pb.PutRequest],
-                     context: grpc.ServicerContext) -> list[PutOutcome]:
+    def _lent_ranges_back(self, request: pb.PutRequest, context: grpc.ServicerContext,
+                          lent: bool) -> None:
+        """A lending put failed: see that each range it names goes back through the return
+        ring exactly once, and tell the client so (``RANGES_BACK``), so it keeps its segment.
+        Ranges that were lent come back by themselves when their arrays die; the others are
+        handed back here. Without a usable session and ring nothing can go back: no mark."""
+        if not lent:
+            try:
+                session = self._shm.get(request.shm_session)
+                session.check_owner(request.namespace)
+                ring = session.ring(request.shm_ring_offset, request.shm_ring_slots)
+            except KVTierError:
+                return
+            offsets = [h.shm_offset for h in request.pages if h.HasField("shm_offset")]
+            if not ring.hand_back(offsets):
+                return
+        context.set_trailing_metadata(((RANGES_BACK, "1"),))
+
+    def _store_pages(self, requests: Iterable[pb.PutRequest], context: grpc.ServicerContext,
+                     lent: list[bool]) -> list[PutOutcome]:
         """Check every header once, build the pages (inline ones from the stream, shm ones
         copied out of the segment once the headers are all known) and store them; every page
-        is the daemon's own memory by then, so the store adopts it without a copy."""
+        is the daemon's own memory by then, so the store adopts it without a copy. ``lent[0]``
+        is set once the segment's ranges are lent (from then on they come back by themselves)."""
         namespace: Namespace | None = None
         session_id = ""
         fill = ring_offset = ring_slots = 0
@@ -130,6 +156,8 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
                     raise Aborted("the call ended before its shared-memory bytes were read",
                                   field="shm_session")
                 if ring is not None:  # kept where they lie; no copy
+                    ring.check_room(len(shm_headers))
+                    lent[0] = True
                     copied = lent_pages(seg, ring, shm_headers)
                     ring.flush()
                 else:

@@ -12,7 +12,15 @@ on the range's array appends its offset to the session's return ring::
 
 ``head`` counts the offsets the daemon appended, ``tail`` those the client took back; an
 offset is written before ``head`` moves (x86-64 keeps stores in order). When the ring is full
-the daemon keeps the offsets and appends them at the next chance.
+the daemon keeps the offsets and appends them at the next chance. Ranges lent (or handed back)
+and not yet in the ring are bounded by the ring's slots (:meth:`ReturnRing.check_room`), so a
+client that never takes ranges back cannot make the daemon hold ever more of them; the client
+library never lends more ranges than its ring holds.
+
+A lending put that fails still returns every range it named: those already lent when their
+arrays die, the others at once (:meth:`ReturnRing.hand_back`), and says so with the trailing
+metadata ``RANGES_BACK``; the client then keeps its segment. Only a put that failed before the
+daemon could use the session's ring gets no such promise, and its client starts a new segment.
 
 The trade: a client that writes to a range it lent changes its own page in the hot tier (its
 namespace only; the session is bound to it). A page made non-finite that way is dropped as
@@ -30,11 +38,15 @@ from collections import deque
 
 import numpy as np
 
-from kvtier.errors import InvalidArgument
+from kvtier.errors import CapacityExhausted, InvalidArgument
 
 HEAD_OFFSET = 40
 TAIL_OFFSET = 48
 MAX_SLOTS = 1 << 20
+RANGES_BACK = "kvtier-ranges-back"
+"""Trailing metadata of a failed lending put: every range it named comes back through the
+ring (lent ones when their arrays die, the others at once), so the client keeps its segment.
+Without it the client cannot tell, and starts a new segment."""
 
 
 class ReturnRing:
@@ -53,6 +65,7 @@ class ReturnRing:
         self._lock = threading.Lock()
         self._pending: deque[int] = deque()
         self._head = 0
+        self._lent = 0  # ranges lent or handed back so far; _head of them are in the ring
 
     def matches(self, offset: int, slots: int) -> None:
         if (offset, slots) != (self.offset, self.slots):
@@ -60,12 +73,38 @@ class ReturnRing:
                 f"the return ring is at {self.offset} with {self.slots} slots for this session, "
                 f"not at {offset} with {slots}", field="shm_ring_offset")
 
+    def outstanding(self) -> int:
+        """Ranges lent or handed back whose offsets are not in the ring yet: live lent pages
+        plus the offsets held back while the ring is full. At most ``slots``, so a client that
+        never takes ranges back cannot make the daemon hold more and more."""
+        return self._lent - self._head
+
+    def check_room(self, n: int) -> None:
+        """RESOURCE_EXHAUSTED unless ``n`` more ranges keep :meth:`outstanding` within the
+        ring. A well-behaved client never gets it: it lends no more than its ring holds."""
+        if self.outstanding() + n > self.slots:
+            raise CapacityExhausted(
+                f"{self.outstanding()} lent ranges not yet back in a return ring of "
+                f"{self.slots} slots; {n} more do not fit (take back the returned ones)",
+                field="shm_ring_slots")
+
     def lend(self, offset: int, n: int) -> np.ndarray:
         """``n`` bytes at ``offset`` as an array kept as a page; its range comes back when the
         array dies (its pages and every view of them)."""
         arr = np.frombuffer(self._mm, np.uint8, n, offset)
+        self._lent += 1
         weakref.finalize(arr, self.give_back, offset)
         return arr
+
+    def hand_back(self, offsets: list[int]) -> bool:
+        """Return ranges that were never lent (their put failed first), if the ring has room
+        for them under the :meth:`outstanding` bound; False (nothing returned) if not."""
+        if self.outstanding() + len(offsets) > self.slots:
+            return False
+        self._lent += len(offsets)
+        for offset in offsets:
+            self.give_back(offset)
+        return True
 
     def give_back(self, offset: int) -> None:
         if not self._closed.is_set():
