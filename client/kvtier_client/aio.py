@@ -162,7 +162,8 @@ class AsyncKVTierClient:
         fill = session.next_fill()
         if not (self.overlap_copy and overlapped(plan, wire, self.chunk_bytes)):
             offsets = copy_in(segment, plan, fill)
-            return await self._send_put(ns, wire, left, session.id, offsets, fill)
+            return await self._send_put(ns, wire, left, session.id, offsets, fill,
+                                        segment.wants_reclaim())
         segment.start_fill(fill)
         call = self._stub.Put(put_request(ns, wire, session.id, plan.offsets, fill),
                               timeout=left)
@@ -177,15 +178,15 @@ class AsyncKVTierClient:
 
     async def _send_put(self, ns: str, wire: Sequence[WirePage], left: float,
                         session: str = "", offsets: Sequence[int | None] | None = None,
-                        fill: int = 0) -> pb.PutReply:
+                        fill: int = 0, reclaim: bool = False) -> pb.PutReply:
         """Unary Put when the inline bytes fit one chunk, else the chunked PutStream."""
         reply: pb.PutReply
         if inline_bytes(wire, offsets) <= self.chunk_bytes:
-            reply = await self._stub.Put(put_request(ns, wire, session, offsets, fill),
+            reply = await self._stub.Put(put_request(ns, wire, session, offsets, fill, shm_reclaim=reclaim),
                                          timeout=left)
         else:
             reply = await self._stub.PutStream(
-                put_requests(ns, wire, self.chunk_bytes, session, offsets, fill),
+                put_requests(ns, wire, self.chunk_bytes, session, offsets, fill, reclaim),
                 timeout=left)
         return reply
 

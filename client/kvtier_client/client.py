@@ -246,7 +246,8 @@ class KVTierClient:
         fill = session.next_fill()
         if not (self.overlap_copy and overlapped(plan, wire, self.chunk_bytes)):
             offsets = copy_in(segment, plan, fill)
-            return self._send_put(ns, wire, left, session.id, offsets, fill)
+            return self._send_put(ns, wire, left, session.id, offsets, fill,
+                                  segment.wants_reclaim())
         segment.start_fill(fill)
         self._filler.start(segment, plan, fill)
         try:
@@ -278,15 +279,16 @@ class KVTierClient:
         return reply
 
     def _send_put(self, ns: str, wire: Sequence[WirePage], left: float, session: str = "",
-                  offsets: Sequence[int | None] | None = None, fill: int = 0) -> pb.PutReply:
+                  offsets: Sequence[int | None] | None = None, fill: int = 0,
+                  reclaim: bool = False) -> pb.PutReply:
         """Unary Put when the inline bytes fit one chunk, else the chunked PutStream."""
         reply: pb.PutReply
         if inline_bytes(wire, offsets) <= self.chunk_bytes:
-            reply = self._stub.Put(put_request(ns, wire, session, offsets, fill),
+            reply = self._stub.Put(put_request(ns, wire, session, offsets, fill, shm_reclaim=reclaim),
                                    timeout=left)
         else:
             reply = self._stub.PutStream(
-                put_requests(ns, wire, self.chunk_bytes, session, offsets, fill),
+                put_requests(ns, wire, self.chunk_bytes, session, offsets, fill, reclaim),
                 timeout=left)
         return reply
 

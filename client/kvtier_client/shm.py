@@ -87,6 +87,8 @@ class Segment:
                              f"no request area in a segment of {size} bytes")
         self.lend = StagingArea(self.request_end, self.ring_offset, ALIGN) if lend_bytes else None
         self._taken_back = 0
+        self.lend_full = False  # the last put found no room to lend
+        self._reclaim_asked = False  # the daemon was asked to copy lent pages out
         probe = np.frombuffer(self._mm, np.uint8, 1)
         self.base = int(probe.ctypes.data)
         del probe
@@ -115,8 +117,17 @@ class Segment:
                     pass
             self._taken_back = head
             words[1] = head
+            self._reclaim_asked = False
             del ring
         del words
+
+    def wants_reclaim(self) -> bool:
+        """Whether the next put should ask the daemon to copy out the pages lent from the full
+        lend area (``shm_reclaim``): once, until ranges come back again."""
+        if self.lend_full and not self._reclaim_asked:
+            self._reclaim_asked = True
+            return True
+        return False
 
     def fill_words(self) -> np.ndarray:
         """The two fill words (drop the array before :meth:`close`)."""

@@ -59,15 +59,18 @@ def header(p: WirePage, shm_offset: int | None = None) -> pb.PageHeader:
 
 def put_request(namespace: str, pages: Sequence[WirePage], shm_session: str = "",
                 shm_offsets: Sequence[int | None] | None = None,
-                shm_fill: int = 0, shm_ring: tuple[int, int] = (0, 0)) -> pb.PutRequest:
+                shm_fill: int = 0, shm_ring: tuple[int, int] = (0, 0),
+                shm_reclaim: bool = False) -> pb.PutRequest:
     """One Put message holding every header and every inline byte; ``shm_ring``
-    (offset, slots) lends the pages' ranges (see :func:`lend_in_segment`)."""
+    (offset, slots) lends the pages' ranges (see :func:`lend_in_segment`); ``shm_reclaim``
+    asks the daemon to copy out the pages lent before (the lend area is full)."""
     offsets = shm_offsets or [None] * len(pages)
     data = b"".join(mv for p, off in zip(pages, offsets) if off is None
                     for mv in (p.k.data, p.v.data))
     return pb.PutRequest(namespace=namespace, pages=[header(p, o) for p, o in zip(pages, offsets)],
                          shm_session=shm_session, data=data, shm_fill=shm_fill,
-                         shm_ring_offset=shm_ring[0], shm_ring_slots=shm_ring[1])
+                         shm_ring_offset=shm_ring[0], shm_ring_slots=shm_ring[1],
+                         shm_reclaim=shm_reclaim)
 
 
 def inline_bytes(pages: Sequence[WirePage], shm_offsets: Sequence[int | None] | None = None) -> int:
@@ -77,13 +80,13 @@ def inline_bytes(pages: Sequence[WirePage], shm_offsets: Sequence[int | None] | 
 
 def put_requests(namespace: str, pages: Sequence[WirePage], chunk_bytes: int,
                  shm_session: str = "", shm_offsets: Sequence[int | None] | None = None,
-                 shm_fill: int = 0) -> Iterator[pb.PutRequest]:
+                 shm_fill: int = 0, shm_reclaim: bool = False) -> Iterator[pb.PutRequest]:
     """The messages of one Put stream: all headers first, then the inline bytes in chunks."""
     offsets = shm_offsets or [None] * len(pages)
     headers = [header(p, off) for p, off in zip(pages, offsets)]
     parts = [mv for p, off in zip(pages, offsets) if off is None for mv in (p.k.data, p.v.data)]
     first = pb.PutRequest(namespace=namespace, pages=headers, shm_session=shm_session,
-                          shm_fill=shm_fill)
+                          shm_fill=shm_fill, shm_reclaim=shm_reclaim)
     pending = bytearray()
     sent_first = False
     for part in parts:
@@ -168,20 +171,25 @@ def lend_in_segment(segment: shm_mod.Segment, pages: Sequence[WirePage]) -> Plac
     if lend is None or not shm_mod.OVERLAP_SAFE:  # the return ring needs ordered stores
         return None
     segment.take_back()
+    segment.lend_full = True  # until the pages are placed
     if lend.count + len(pages) > segment.ring_slots:  # the ring could not return them all
         return None
     offsets: list[int | None] = []
     parts: list[tuple[int, memoryview | int]] = []
     for p in pages:
         kn, vn = p.k.data.nbytes, p.v.data.nbytes
-        off = None if kn != vn or not kn or segment.staged_offset(p.k.data) is not None \
-            else lend.alloc(kn + vn)
+        if kn != vn or not kn or segment.staged_offset(p.k.data) is not None:
+            segment.lend_full = False  # not lendable, whatever the room
+            off = None
+        else:
+            off = lend.alloc(kn + vn)
         if off is None:
             for taken in offsets:
                 lend.free(cast(int, taken))
             return None
         offsets.append(off)
         parts += [(off, p.k.data), (off + kn, p.v.data)]
+    segment.lend_full = False
     return Placement(offsets, parts)
 
 

@@ -39,6 +39,7 @@ from kvtier.store.store import TierStore
 from kvtier.transport.context import DaemonContext, HttpServer, Readiness, StartHttp
 from kvtier.transport.server import make_grpc_server
 from kvtier.transport.shm import ShmRegistry
+from kvtier.transport.shm_relocate import Relocator
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class Daemon:
         self._context: DaemonContext | None = None
         self._server: grpc.Server | None = None
         self._shm = ShmRegistry()
+        self.relocator: Relocator | None = None  # copies lent pages out of segments
         self._http: HttpServer | None = None
         self.grpc_port: int | None = None
 
@@ -133,7 +135,9 @@ class Daemon:
         try:
             ctx = DaemonContext(settings=s, store=store,
                                 buffers=BufferPool(s.host_buffer_pool_bytes))
+            self.relocator = Relocator(store, ctx.buffers)
             server, port = make_grpc_server(ctx, s.grpc_host, s.grpc_port, shm=self._shm,
+                                            relocator=self.relocator,
                                             interceptors=self._interceptors)
             server.start()
             self._context, self._server, self.grpc_port = ctx, server, port

@@ -54,12 +54,16 @@ def test_a_full_lend_area_falls_back_to_copies(daemon: Daemon) -> None:
     store = daemon.context.store
     with KVTierClient(daemon.grpc_address, "lend", lend_bytes=64 << 10) as c:
         page = make_page(1)  # 16 KiB: four fit
-        keys = [b"k%d" % i for i in range(6)]
-        for key in keys:
+        keys = [b"k%d" % i for i in range(5)]
+        for key in keys[:4]:
             assert c.put([key], [page]) == ["stored"]
         lo, hi = _daemon_range(daemon, c)
         inside = [lo <= _addr(r.k) < hi for r in store.get_raw("lend", keys) if r is not None]
-        assert inside == [True] * 4 + [False] * 2
+        assert inside == [True] * 4
+        assert c.put([keys[4]], [page]) == ["stored"]  # copied (the daemon then copies the
+        raw = store.get_raw("lend", keys[4:])[0]       # four out: test_shm_relocate.py)
+        assert raw is not None and not lo <= _addr(raw.k) < hi
+        del raw
         assert all(g is not None and np.array_equal(g.v, page.v) for g in c.get(keys))
 
 
@@ -112,16 +116,21 @@ def test_the_return_ring_wraps_over_many_laps(daemon: Daemon,
         page = make_page(5)  # 16 KiB
         lo = hi = 0
         for lap in range(10):
-            keys = [b"l%d-%d" % (lap, i) for i in range(6)]
-            for i in range(0, 6, 2):
+            keys = [b"l%d-%d" % (lap, i) for i in range(4)]
+            for i in range(0, 4, 2):
                 assert c.put(keys[i:i + 2], [page] * 2) == ["stored"] * 2
             if lap == 0:
                 lo, hi = _daemon_range(daemon, c)
             raws = daemon.context.store.get_raw("ring", keys)
-            lent = [r is not None and lo <= _addr(r.k) < hi for r in raws]
-            assert lent == [True] * 4 + [False] * 2  # the fifth and sixth did not fit the ring
+            assert [r is not None and lo <= _addr(r.k) < hi for r in raws] == [True] * 4
             del raws
-            c.delete(keys)
+            assert c.put([b"x%d" % lap], [page]) == ["stored"]  # a fifth would not fit the ring
+            raw = daemon.context.store.get_raw("ring", [b"x%d" % lap])[0]
+            assert raw is not None and not lo <= _addr(raw.k) < hi
+            del raw
+            c.delete(keys + [b"x%d" % lap])
+            assert daemon.relocator is not None
+            assert wait_for(daemon.relocator.idle)
         session = c._shm.session
         assert session is not None and session.segment.lend is not None
         session.segment.take_back()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkvtier_proto/v1/cache.proto\x12\tkvtier.v1\"\xe7\x01\n\nPageHeader\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x16\n\x0estart_position\x18\x04 \x01(\x03\x12\r\n\x05k_len\x18\x05 \x01(\x03\x12\r\n\x05v_len\x18\x06 \x01(\x03\x12\x1b\n\x0e\x63hain_position\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\nshm_offset\x18\x08 \x01(\x03H\x01\x88\x01\x01\x12\x0f\n\x07v_dtype\x18\t \x01(\t\x12\x0f\n\x07v_shape\x18\n \x03(\x03\x42\x11\n\x0f_chain_positionB\r\n\x0b_shm_offset\"\xab\x01\n\nPutRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12$\n\x05pages\x18\x02 \x03(\x0b\x32\x15.kvtier.v1.PageHeader\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x13\n\x0bshm_session\x18\x04 \x01(\t\x12\x10\n\x08shm_fill\x18\x05 \x01(\x04\x12\x17\n\x0fshm_ring_offset\x18\x06 \x01(\x03\x12\x16\n\x0eshm_ring_slots\x18\x07 \x01(\x03\"3\n\x08PutReply\x12\'\n\x08outcomes\x18\x01 \x03(\x0e\x32\x15.kvtier.v1.PutOutcome\"\x81\x01\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x03\x12\x13\n\x0bshm_session\x18\x04 \x01(\t\x12\x12\n\nshm_offset\x18\x05 \x01(\x03\x12\x14\n\x0cshm_capacity\x18\x06 \x01(\x03\"\xd9\x01\n\nPageResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x16\n\x0estart_position\x18\x05 \x01(\x03\x12\x0c\n\x04tier\x18\x06 \x01(\t\x12\x11\n\tprecision\x18\x07 \x01(\x05\x12\r\n\x05k_len\x18\x08 \x01(\x03\x12\r\n\x05v_len\x18\t \x01(\x03\x12\x17\n\nshm_offset\x18\n \x01(\x03H\x00\x88\x01\x01\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x0b \x01(\x08\x42\r\n\x0b_shm_offset\">\n\x08GetReply\x12$\n\x05pages\x18\x01 \x03(\x0b\x32\x15.kvtier.v1.PageResult\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"0\n\rLookupRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"3\n\x0bLookupReply\x12\x15\n\rprefix_length\x18\x01 \x01(\x05\x12\r\n\x05tiers\x18\x02 \x03(\t\"?\n\x0ePromoteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x0c\n\x04tier\x18\x03 \x01(\t\" \n\x0cPromoteReply\x12\x10\n\x08promoted\x18\x01 \x03(\x08\"0\n\rDeleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"\x1e\n\x0b\x44\x65leteReply\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\"!\n\x0cStatsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"\xcc\x02\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06medium\x18\x02 \x01(\t\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x03\x12\x16\n\x0ehigh_watermark\x18\x05 \x01(\x01\x12\x15\n\rlow_watermark\x18\x06 \x01(\x01\x12\r\n\x05pages\x18\x07 \x01(\x03\x12\r\n\x05\x62ytes\x18\x08 \x01(\x03\x12\x0c\n\x04hits\x18\t \x01(\x03\x12\x0e\n\x06misses\x18\n \x01(\x03\x12\x11\n\tdemotions\x18\x0b \x01(\x03\x12\x12\n\npromotions\x18\x0c \x01(\x03\x12\x36\n\tevictions\x18\r \x03(\x0b\x32#.kvtier.v1.TierStats.EvictionsEntry\x1a\x30\n\x0e\x45victionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x81\x01\n\nStatsReply\x12#\n\x05tiers\x18\x01 \x03(\x0b\x32\x14.kvtier.v1.TierStats\x12\x10\n\x08redis_up\x18\x02 \x01(\x08\x12\x0c\n\x04gets\x18\x03 \x01(\x03\x12\x0c\n\x04puts\x18\x04 \x01(\x03\x12\x0e\n\x06policy\x18\x05 \x01(\t\x12\x10\n\x08uptime_s\x18\x06 \x01(\x01\"P\n\x10\x41ttachShmRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\r\n\x05token\x18\x04 \x01(\x0c\"!\n\x0e\x41ttachShmReply\x12\x0f\n\x07session\x18\x01 \x01(\t*Y\n\nPutOutcome\x12\x1b\n\x17PUT_OUTCOME_UNSPECIFIED\x10\x00\x12\x16\n\x12PUT_OUTCOME_STORED\x10\x01\x12\x16\n\x12PUT_OUTCOME_EXISTS\x10\x02\x32\xa1\x04\n\x0c\x43\x61\x63heService\x12\x31\n\x03Put\x12\x15.kvtier.v1.PutRequest\x1a\x13.kvtier.v1.PutReply\x12\x39\n\tPutStream\x12\x15.kvtier.v1.PutRequest\x1a\x13.kvtier.v1.PutReply(\x01\x12\x31\n\x03Get\x12\x15.kvtier.v1.GetRequest\x1a\x13.kvtier.v1.GetReply\x12\x39\n\tGetStream\x12\x15.kvtier.v1.GetRequest\x1a\x13.kvtier.v1.GetReply0\x01\x12:\n\x06Lookup\x12\x18.kvtier.v1.LookupRequest\x1a\x16.kvtier.v1.LookupReply\x12=\n\x07Promote\x12\x19.kvtier.v1.PromoteRequest\x1a\x17.kvtier.v1.PromoteReply\x12:\n\x06\x44\x65lete\x12\x18.kvtier.v1.DeleteRequest\x1a\x16.kvtier.v1.DeleteReply\x12\x37\n\x05Stats\x12\x17.kvtier.v1.StatsRequest\x1a\x15.kvtier.v1.StatsReply\x12\x45\n\tAttachShm\x12\x1b.kvtier.v1.AttachShmRequest\x1a\x19.kvtier.v1.AttachShmReply0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkvtier_proto/v1/cache.proto\x12\tkvtier.v1\"\xe7\x01\n\nPageHeader\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x16\n\x0estart_position\x18\x04 \x01(\x03\x12\r\n\x05k_len\x18\x05 \x01(\x03\x12\r\n\x05v_len\x18\x06 \x01(\x03\x12\x1b\n\x0e\x63hain_position\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\nshm_offset\x18\x08 \x01(\x03H\x01\x88\x01\x01\x12\x0f\n\x07v_dtype\x18\t \x01(\t\x12\x0f\n\x07v_shape\x18\n \x03(\x03\x42\x11\n\x0f_chain_positionB\r\n\x0b_shm_offset\"\xc0\x01\n\nPutRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12$\n\x05pages\x18\x02 \x03(\x0b\x32\x15.kvtier.v1.PageHeader\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x13\n\x0bshm_session\x18\x04 \x01(\t\x12\x10\n\x08shm_fill\x18\x05 \x01(\x04\x12\x17\n\x0fshm_ring_offset\x18\x06 \x01(\x03\x12\x16\n\x0eshm_ring_slots\x18\x07 \x01(\x03\x12\x13\n\x0bshm_reclaim\x18\x08 \x01(\x08\"3\n\x08PutReply\x12\'\n\x08outcomes\x18\x01 \x03(\x0e\x32\x15.kvtier.v1.PutOutcome\"\x81\x01\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x03\x12\x13\n\x0bshm_session\x18\x04 \x01(\t\x12\x12\n\nshm_offset\x18\x05 \x01(\x03\x12\x14\n\x0cshm_capacity\x18\x06 \x01(\x03\"\xd9\x01\n\nPageResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x16\n\x0estart_position\x18\x05 \x01(\x03\x12\x0c\n\x04tier\x18\x06 \x01(\t\x12\x11\n\tprecision\x18\x07 \x01(\x05\x12\r\n\x05k_len\x18\x08 \x01(\x03\x12\r\n\x05v_len\x18\t \x01(\x03\x12\x17\n\nshm_offset\x18\n \x01(\x03H\x00\x88\x01\x01\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x0b \x01(\x08\x42\r\n\x0b_shm_offset\">\n\x08GetReply\x12$\n\x05pages\x18\x01 \x03(\x0b\x32\x15.kvtier.v1.PageResult\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"0\n\rLookupRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"3\n\x0bLookupReply\x12\x15\n\rprefix_length\x18\x01 \x01(\x05\x12\r\n\x05tiers\x18\x02 \x03(\t\"?\n\x0ePromoteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x0c\n\x04tier\x18\x03 \x01(\t\" \n\x0cPromoteReply\x12\x10\n\x08promoted\x18\x01 \x03(\x08\"0\n\rDeleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"\x1e\n\x0b\x44\x65leteReply\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\"!\n\x0cStatsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"\xcc\x02\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06medium\x18\x02 \x01(\t\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x03\x12\x16\n\x0ehigh_watermark\x18\x05 \x01(\x01\x12\x15\n\rlow_watermark\x18\x06 \x01(\x01\x12\r\n\x05pages\x18\x07 \x01(\x03\x12\r\n\x05\x62ytes\x18\x08 \x01(\x03\x12\x0c\n\x04hits\x18\t \x01(\x03\x12\x0e\n\x06misses\x18\n \x01(\x03\x12\x11\n\tdemotions\x18\x0b \x01(\x03\x12\x12\n\npromotions\x18\x0c \x01(\x03\x12\x36\n\tevictions\x18\r \x03(\x0b\x32#.kvtier.v1.TierStats.EvictionsEntry\x1a\x30\n\x0e\x45victionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x81\x01\n\nStatsReply\x12#\n\x05tiers\x18\x01 \x03(\x0b\x32\x14.kvtier.v1.TierStats\x12\x10\n\x08redis_up\x18\x02 \x01(\x08\x12\x0c\n\x04gets\x18\x03 \x01(\x03\x12\x0c\n\x04puts\x18\x04 \x01(\x03\x12\x0e\n\x06policy\x18\x05 \x01(\t\x12\x10\n\x08uptime_s\x18\x06 \x01(\x01\"P\n\x10\x41ttachShmRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\r\n\x05token\x18\x04 \x01(\x0c\"!\n\x0e\x41ttachShmReply\x12\x0f\n\x07session\x18\x01 \x01(\t*Y\n\nPutOutcome\x12\x1b\n\x17PUT_OUTCOME_UNSPECIFIED\x10\x00\x12\x16\n\x12PUT_OUTCOME_STORED\x10\x01\x12\x16\n\x12PUT_OUTCOME_EXISTS\x10\x02\x32\xa1\x04\n\x0c\x43\x61\x63heService\x12\x31\n\x03Put\x12\x15.kvtier.v1.PutRequest\x1a\x13.kvtier.v1.PutReply\x12\x39\n\tPutStream\x12\x15.kvtier.v1.PutRequest\x1a\x13.kvtier.v1.PutReply(\x01\x12\x31\n\x03Get\x12\x15.kvtier.v1.GetRequest\x1a\x13.kvtier.v1.GetReply\x12\x39\n\tGetStream\x12\x15.kvtier.v1.GetRequest\x1a\x13.kvtier.v1.GetReply0\x01\x12:\n\x06Lookup\x12\x18.kvtier.v1.LookupRequest\x1a\x16.kvtier.v1.LookupReply\x12=\n\x07Promote\x12\x19.kvtier.v1.PromoteRequest\x1a\x17.kvtier.v1.PromoteReply\x12:\n\x06\x44\x65lete\x12\x18.kvtier.v1.DeleteRequest\x1a\x16.kvtier.v1.DeleteReply\x12\x37\n\x05Stats\x12\x17.kvtier.v1.StatsRequest\x1a\x15.kvtier.v1.StatsReply\x12\x45\n\tAttachShm\x12\x1b.kvtier.v1.AttachShmRequest\x1a\x19.kvtier.v1.AttachShmReply0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,44 +33,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TIERSTATS_EVICTIONSENTRY']._loaded_options = None
   _globals['_TIERSTATS_EVICTIONSENTRY']._serialized_options = b'8\001'
-  _globals['_PUTOUTCOME']._serialized_start=1822
-  _globals['_PUTOUTCOME']._serialized_end=1911
+  _globals['_PUTOUTCOME']._serialized_start=1843
+  _globals['_PUTOUTCOME']._serialized_end=1932
   _globals['_PAGEHEADER']._serialized_start=43
   _globals['_PAGEHEADER']._serialized_end=274
   _globals['_PUTREQUEST']._serialized_start=277
-  _globals['_PUTREQUEST']._serialized_end=448
-  _globals['_PUTREPLY']._serialized_start=450
-  _globals['_PUTREPLY']._serialized_end=501
-  _globals['_GETREQUEST']._serialized_start=504
-  _globals['_GETREQUEST']._serialized_end=633
-  _globals['_PAGERESULT']._serialized_start=636
-  _globals['_PAGERESULT']._serialized_end=853
-  _globals['_GETREPLY']._serialized_start=855
-  _globals['_GETREPLY']._serialized_end=917
-  _globals['_LOOKUPREQUEST']._serialized_start=919
-  _globals['_LOOKUPREQUEST']._serialized_end=967
-  _globals['_LOOKUPREPLY']._serialized_start=969
-  _globals['_LOOKUPREPLY']._serialized_end=1020
-  _globals['_PROMOTEREQUEST']._serialized_start=1022
-  _globals['_PROMOTEREQUEST']._serialized_end=1085
-  _globals['_PROMOTEREPLY']._serialized_start=1087
-  _globals['_PROMOTEREPLY']._serialized_end=1119
-  _globals['_DELETEREQUEST']._serialized_start=1121
-  _globals['_DELETEREQUEST']._serialized_end=1169
-  _globals['_DELETEREPLY']._serialized_start=1171
-  _globals['_DELETEREPLY']._serialized_end=1201
-  _globals['_STATSREQUEST']._serialized_start=1203
-  _globals['_STATSREQUEST']._serialized_end=1236
-  _globals['_TIERSTATS']._serialized_start=1239
-  _globals['_TIERSTATS']._serialized_end=1571
-  _globals['_TIERSTATS_EVICTIONSENTRY']._serialized_start=1523
-  _globals['_TIERSTATS_EVICTIONSENTRY']._serialized_end=1571
-  _globals['_STATSREPLY']._serialized_start=1574
-  _globals['_STATSREPLY']._serialized_end=1703
-  _globals['_ATTACHSHMREQUEST']._serialized_start=1705
-  _globals['_ATTACHSHMREQUEST']._serialized_end=1785
-  _globals['_ATTACHSHMREPLY']._serialized_start=1787
-  _globals['_ATTACHSHMREPLY']._serialized_end=1820
-  _globals['_CACHESERVICE']._serialized_start=1914
-  _globals['_CACHESERVICE']._serialized_end=2459
+  _globals['_PUTREQUEST']._serialized_end=469
+  _globals['_PUTREPLY']._serialized_start=471
+  _globals['_PUTREPLY']._serialized_end=522
+  _globals['_GETREQUEST']._serialized_start=525
+  _globals['_GETREQUEST']._serialized_end=654
+  _globals['_PAGERESULT']._serialized_start=657
+  _globals['_PAGERESULT']._serialized_end=874
+  _globals['_GETREPLY']._serialized_start=876
+  _globals['_GETREPLY']._serialized_end=938
+  _globals['_LOOKUPREQUEST']._serialized_start=940
+  _globals['_LOOKUPREQUEST']._serialized_end=988
+  _globals['_LOOKUPREPLY']._serialized_start=990
+  _globals['_LOOKUPREPLY']._serialized_end=1041
+  _globals['_PROMOTEREQUEST']._serialized_start=1043
+  _globals['_PROMOTEREQUEST']._serialized_end=1106
+  _globals['_PROMOTEREPLY']._serialized_start=1108
+  _globals['_PROMOTEREPLY']._serialized_end=1140
+  _globals['_DELETEREQUEST']._serialized_start=1142
+  _globals['_DELETEREQUEST']._serialized_end=1190
+  _globals['_DELETEREPLY']._serialized_start=1192
+  _globals['_DELETEREPLY']._serialized_end=1222
+  _globals['_STATSREQUEST']._serialized_start=1224
+  _globals['_STATSREQUEST']._serialized_end=1257
+  _globals['_TIERSTATS']._serialized_start=1260
+  _globals['_TIERSTATS']._serialized_end=1592
+  _globals['_TIERSTATS_EVICTIONSENTRY']._serialized_start=1544
+  _globals['_TIERSTATS_EVICTIONSENTRY']._serialized_end=1592
+  _globals['_STATSREPLY']._serialized_start=1595
+  _globals['_STATSREPLY']._serialized_end=1724
+  _globals['_ATTACHSHMREQUEST']._serialized_start=1726
+  _globals['_ATTACHSHMREQUEST']._serialized_end=1806
+  _globals['_ATTACHSHMREPLY']._serialized_start=1808
+  _globals['_ATTACHSHMREPLY']._serialized_end=1841
+  _globals['_CACHESERVICE']._serialized_start=1935
+  _globals['_CACHESERVICE']._serialized_end=2480
 # @@protoc_insertion_point(module_scope)

@@ -41,7 +41,7 @@ class PageHeader(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ..., k_len: _Optional[int] = ..., v_len: _Optional[int] = ..., chain_position: _Optional[int] = ..., shm_offset: _Optional[int] = ..., v_dtype: _Optional[str] = ..., v_shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PutRequest(_message.Message):
-    __slots__ = ("namespace", "pages", "data", "shm_session", "shm_fill", "shm_ring_offset", "shm_ring_slots")
+    __slots__ = ("namespace", "pages", "data", "shm_session", "shm_fill", "shm_ring_offset", "shm_ring_slots", "shm_reclaim")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     PAGES_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class PutRequest(_message.Message):
     SHM_FILL_FIELD_NUMBER: _ClassVar[int]
     SHM_RING_OFFSET_FIELD_NUMBER: _ClassVar[int]
     SHM_RING_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SHM_RECLAIM_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     pages: _containers.RepeatedCompositeFieldContainer[PageHeader]
     data: bytes
@@ -56,7 +57,8 @@ class PutRequest(_message.Message):
     shm_fill: int
     shm_ring_offset: int
     shm_ring_slots: int
-    def __init__(self, namespace: _Optional[str] = ..., pages: _Optional[_Iterable[_Union[PageHeader, _Mapping]]] = ..., data: _Optional[bytes] = ..., shm_session: _Optional[str] = ..., shm_fill: _Optional[int] = ..., shm_ring_offset: _Optional[int] = ..., shm_ring_slots: _Optional[int] = ...) -> None: ...
+    shm_reclaim: bool
+    def __init__(self, namespace: _Optional[str] = ..., pages: _Optional[_Iterable[_Union[PageHeader, _Mapping]]] = ..., data: _Optional[bytes] = ..., shm_session: _Optional[str] = ..., shm_fill: _Optional[int] = ..., shm_ring_offset: _Optional[int] = ..., shm_ring_slots: _Optional[int] = ..., shm_reclaim: _Optional[bool] = ...) -> None: ...
 
 class PutReply(_message.Message):
     __slots__ = ("outcomes",)

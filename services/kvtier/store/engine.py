@@ -35,7 +35,7 @@ from kvtier.store.tiers import (
     Converter, MemoryBackend, Stored, TierLimits, TierSpec, blob_of, build_specs,
     resolve_device, stored_size,
 )
-from kvtier.types import EvictionReason, Medium, PageId, Precision
+from kvtier.types import EvictionReason, Medium, Page, PageId, Precision
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +317,28 @@ class TierEngine:
                         self.cond.notify_all()
                         return None
         return None
+
+    # -- relocating ---------------------------------------------------------------------------
+
+    def held_in(self, namespace: str, lo: int, hi: int) -> list[tuple[PageId, int, Page]]:
+        """Host pages of ``namespace`` whose bytes lie at addresses [lo, hi) (lent from a
+        client's segment). Each tier is copied under the lock and filtered outside it."""
+        out: list[tuple[PageId, int, Page]] = []
+        for tier, backend in enumerate(self.memory):
+            with self.cond:
+                items = backend.snapshot() if backend is not None else []
+            out += [(pid, tier, d) for pid, d in items if pid.namespace == namespace and
+                    isinstance(d, Page) and d.k.is_cpu and lo <= d.k.data_ptr() < hi]
+        return out
+
+    def swap_memory(self, pid: PageId, tier: int, old: Page, new: Page) -> bool:
+        """Keep ``new``, a copy of ``old``, if ``old`` is still what ``tier`` holds."""
+        with self.cond:
+            backend = self.memory[tier]
+            if backend is None or backend.get(pid) is not old:
+                return False
+            backend.put(pid, new)
+            return True
 
     # -- deleting -----------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -157,6 +157,22 @@ class TierStore:
         if past_high and self._mover is not None:
             self._mover.wake()
         return out
+
+    def copy_out_lent(self, namespace: str, lo: int, hi: int,
+                     copy: Callable[[Page], Page | None]) -> int:
+        """Give each page of ``namespace`` whose bytes lie at addresses [lo, hi) (lent from a
+        client's segment) memory of its own: ``copy(page)``, or None for a page found corrupt,
+        which is dropped. Returns how many pages moved; pages that moved or died meanwhile are
+        left alone (their lent memory goes back when their last reader lets go)."""
+        e = self._engine
+        moved = 0
+        for pid, tier, page in e.held_in(namespace, lo, hi):
+            new = copy(page)
+            if new is None:
+                e.drop_corrupt(pid, tier)
+            elif e.swap_memory(pid, tier, page, new):
+                moved += 1
+        return moved
 
     def get(self, namespace: str, keys: Sequence[bytes]) -> list[GetResult | None]:
         """Each page on the host from whatever tier holds it, or None for a miss."""

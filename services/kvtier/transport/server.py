@@ -23,6 +23,7 @@ from kvtier.transport.context import DaemonContext, Readiness
 from kvtier.transport.interceptor import ErrorInterceptor
 from kvtier.transport.servicer import CacheServicer
 from kvtier.transport.shm import ShmRegistry
+from kvtier.transport.shm_relocate import Relocator
 from kvtier_proto.v1 import cache_pb2, cache_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ def make_grpc_server(
     port: int,
     *,
     shm: ShmRegistry | None = None,
+    relocator: Relocator | None = None,
     interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
     max_workers: int = 64,
 ) -> tuple[grpc.Server, int]:
@@ -60,7 +62,8 @@ def make_grpc_server(
         ],
     )
     cache_pb2_grpc.add_CacheServiceServicer_to_server(
-        CacheServicer(ctx, shm if shm is not None else ShmRegistry()), server
+        CacheServicer(ctx, shm if shm is not None else ShmRegistry(),
+                      relocator or Relocator(ctx.store, ctx.buffers)), server
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

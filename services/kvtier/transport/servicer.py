@@ -24,6 +24,7 @@ from kvtier.transport.convert import Header, PutAssembler, byte_view, check_head
 from kvtier.transport.shm import TOKEN_BYTES, ShmRegistry, ShmSession, align_up
 from kvtier.transport.shm_copy import FILL_TIMEOUT_S, copy_pages, lent_pages
 from kvtier.transport.shm_lend import RANGES_BACK
+from kvtier.transport.shm_relocate import Relocator
 from kvtier.types import Namespace, Page, PageId
 from kvtier_proto.v1 import cache_pb2 as pb
 from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
@@ -39,11 +40,12 @@ _PUT_OUTCOME = {PutOutcome.STORED: pb.PUT_OUTCOME_STORED, PutOutcome.EXISTS: pb.
 class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
     """Thin adapter from the wire to :class:`kvtier.store.store.TierStore`."""
 
-    def __init__(self, ctx: DaemonContext, shm: ShmRegistry) -> None:
+    def __init__(self, ctx: DaemonContext, shm: ShmRegistry, relocator: Relocator) -> None:
         self._ctx = ctx
         self._store = ctx.store
         self._settings = ctx.settings
         self._shm = shm
+        self._relocator = relocator
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -99,6 +101,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
         namespace: Namespace | None = None
         session_id = ""
         fill = ring_offset = ring_slots = 0
+        reclaim = False
         session: ShmSession | None = None
         pids: list[PageId] = []
         chains: list[int | None] = []
@@ -110,7 +113,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
         for req in requests:
             if namespace is None:
                 namespace = check_namespace(req.namespace)
-                session_id, fill = req.shm_session, req.shm_fill
+                session_id, fill, reclaim = req.shm_session, req.shm_fill, req.shm_reclaim
                 ring_offset, ring_slots = req.shm_ring_offset, req.shm_ring_slots
             elif req.namespace and req.namespace != namespace:
                 raise InvalidArgument("namespace changed within one put stream",
@@ -166,6 +169,8 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
                                         self._ctx.buffers, wait_s)
             for i, page in zip(shm_idx, copied):
                 pages[i] = page
+            if reclaim:  # the client's lend area is full
+                self._relocator.submit(session)
         return self._store.put_checked(pids, cast(list[Page], pages), cast(list[int], chains),
                                        owned=True)
 
@@ -298,3 +303,5 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
                 pass
         finally:
             self._shm.detach(session.session_id)
+            if session.lends:  # pages it lent may outlive it: copy them out
+                self._relocator.submit(session)

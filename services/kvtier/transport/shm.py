@@ -38,6 +38,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
+
 from kvtier.errors import Aborted, CapacityExhausted, Conflict, InvalidArgument, PermissionDenied
 from kvtier.transport.shm_lend import MAX_SLOTS, ReturnRing
 
@@ -90,6 +92,9 @@ class ShmSession:
         if not secrets.compare_digest(self._mm[:TOKEN_BYTES], token):
             self._mm.close()
             raise Conflict("shm token mismatch: not the client's segment", field="token")
+        probe = np.frombuffer(self._mm, np.uint8, 1)
+        self.base = int(probe.ctypes.data)  # where the segment lies in the daemon's memory
+        del probe
         self.session_id = session_id
         self.namespace = namespace
         self.size = size
@@ -98,6 +103,11 @@ class ShmSession:
         self.ended = threading.Event()
         self._ring: ReturnRing | None = None
         self._ring_lock = threading.Lock()
+
+    @property
+    def lends(self) -> bool:
+        """Whether the client has lent pages (it has a return ring)."""
+        return self._ring is not None
 
     def flush_ring(self) -> None:
         """Append the lent ranges that a full return ring could not take before."""
