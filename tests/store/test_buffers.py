@@ -57,7 +57,10 @@ def test_a_pool_of_zero_bytes_keeps_nothing() -> None:
     assert buf.numel() == N and buf.dtype == torch.uint8
     del buf
     gc.collect()
-    assert pool.free_bytes == 0 and pool.hits == 0
+    again = pool.take(N)
+    assert (pool.free_bytes, pool.hits, pool.misses) == (0, 0, 2)
+    del again
+    assert pool.take(0).numel() == 0 and BufferPool(N).take(0).numel() == 0
     with pytest.raises(ValueError, match="max_free_bytes"):
         BufferPool(-1)
 

@@ -28,9 +28,10 @@ def test_put_get_roundtrip_is_bit_exact_from_hot(client: KVTierClient) -> None:
     assert [g.start_position for g in got[:3] if g] == [0, 16, 32]
 
 
-def test_a_put_after_a_delete_reuses_the_deleted_pages_buffer(daemon: Daemon,
-                                                              client: KVTierClient) -> None:
+@pytest.mark.parametrize("shm", [False, True])
+def test_a_put_after_a_delete_reuses_the_deleted_pages_buffer(daemon: Daemon, shm: bool) -> None:
     pool = daemon.context.buffers
+    client = KVTierClient(daemon.grpc_address, "tenant-a", shared_memory=shm, lend_bytes=0)
     client.put([b"first"], [make_page(1)])
     client.delete([b"first"])
     hits = pool.hits
@@ -40,6 +41,12 @@ def test_a_put_after_a_delete_reuses_the_deleted_pages_buffer(daemon: Daemon,
     got = client.get([b"second", b"first"])
     assert got[1] is None and got[0] is not None
     assert np.array_equal(got[0].k, page.k) and np.array_equal(got[0].v, page.v)
+    client.close()
+
+
+def test_the_buffer_pool_size_is_the_configured_one(make_daemon: DaemonFactory) -> None:
+    assert make_daemon(host_buffer_pool_bytes=0).context.buffers.max_free_bytes == 0
+    assert make_daemon(host_buffer_pool_bytes=1 << 20).context.buffers.max_free_bytes == 1 << 20
 
 
 def test_namespaces_are_isolated(client: KVTierClient) -> None:

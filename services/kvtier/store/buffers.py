@@ -2,11 +2,14 @@
 
 A put's pages are copied into memory the daemon owns (``kvtier.transport.shm_copy``,
 ``kvtier.transport.convert.build_page``), and the hot tier adopts that memory as the page. Fresh
-memory costs a page fault per 4 KiB the first time it is written, and glibc returns freed chunks
-of this size to the kernel, so without reuse every put pays them again. Measured on the 2-core
-development machine, allocating and filling a 2 MiB buffer in a handler thread took 270-330 us
-(95 faults), against 61-76 us for the same copy into a buffer written before. Redis keeps its
-freed memory (jemalloc), so it does not pay this on SET.
+memory costs a page fault per 4 KiB page the first time it is written, and memory glibc got
+back from a page that died, typically in another thread than the next put's (the mover, a
+delete), is often handed back to the kernel or not reused by that thread, even with the
+daemon's ``mallopt`` settings (``kvtier.daemon.configure_allocator``). Measured on the 2-core
+development machine: allocating and filling a 2 MiB buffer in a thread took 270-330 us (95
+faults on average), against 61-76 us for the same copy into a buffer written before; a daemon
+under ``bench transfer`` counted 0-64 faults per 2 MiB put in steady state and 500-1000 in its
+first rounds. Redis keeps its freed memory (jemalloc), so it hardly pays this on SET.
 
 :class:`BufferPool` keeps the buffers of pages that died, by exact size, up to a byte bound, and
 hands them out again. A buffer goes back when the last view of it is gone: :meth:`BufferPool.take`
@@ -53,7 +56,9 @@ class BufferPool:
         """A uint8 tensor of ``nbytes`` (contents undefined) that returns to the pool when it
         and every view of its storage are gone."""
         base = None
-        if nbytes > self.max_free_bytes:
+        if not 0 < nbytes <= self.max_free_bytes:  # never kept: not pooled
+            with self._lock:
+                self.misses += 1
             return torch.empty(nbytes, dtype=torch.uint8)
         with self._lock:
             stack = self._free.get(nbytes)

@@ -73,7 +73,9 @@ class DaemonContext:
     store: TierStore
     rpc_stats: RpcStats = field(default_factory=RpcStats)
     health: HealthState = field(default_factory=HealthState)
-    buffers: BufferPool = field(default_factory=BufferPool)  # puts' page buffers, reused
+    # Puts' page buffers, reused. The default is the default size; the daemon passes one of
+    # settings.host_buffer_pool_bytes.
+    buffers: BufferPool = field(default_factory=BufferPool)
     started_at: float = field(default_factory=time.time)  # wall clock, for uptime
 
 
