@@ -64,7 +64,7 @@ class AsyncKVTierClient:
     def __init__(self, target: str, namespace: str = "default", *, timeout_s: float = 30.0,
                  shared_memory: bool | str = "auto", shm_bytes: int = 256 << 20,
                  staging_bytes: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 overlap_copy: bool = False, lend_bytes: int = 0) -> None:
+                 overlap_copy: bool = False, lend_bytes: int | None = None) -> None:
         self.target = target
         self.namespace = namespace
         self.timeout_s = timeout_s

@@ -139,17 +139,19 @@ class KVTierClient:
     daemon's overlap. That needs spare cores: on a 2-core host it measured no faster than
     copying first (see the README), hence off by default. x86-64 only; ignored elsewhere.
 
-    ``lend_bytes``: a lend area of that size in the segment. A put whose pages fit there lends
-    them: the daemon keeps the pages where they lie, with no copy of its own, and hands each
-    range back (see ``kvtier.transport.shm_lend``) when the page leaves the hot tier or is
-    deleted. Only this library writes the area. Size it for the hot pages this worker keeps:
-    while it is full, puts copy as usual. The asyncio client takes it too.
+    ``lend_bytes``: a lend area of that size in the segment (default: a quarter of the
+    segment, at most 64 MiB; 0: none). A put whose pages fit there lends them: the daemon keeps
+    the pages where they lie, with no copy of its own, and hands each range back (see
+    ``kvtier.transport.shm_lend``) when the page leaves the hot tier or is deleted. Only this
+    library writes the area. While it is full a put copies as usual and asks the daemon to
+    copy the lent pages out in the background, after which puts lend again. The asyncio
+    client takes it too.
     """
 
     def __init__(self, target: str, namespace: str = "default", *, timeout_s: float = 30.0,
                  shared_memory: bool | str = "auto", shm_bytes: int = 256 << 20,
                  staging_bytes: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 overlap_copy: bool = False, lend_bytes: int = 0,
+                 overlap_copy: bool = False, lend_bytes: int | None = None,
                  channel: grpc.Channel | None = None) -> None:
         self.target = target
         self.namespace = namespace

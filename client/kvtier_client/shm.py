@@ -30,6 +30,7 @@ TOKEN_BYTES = 16
 FILL_OFFSET = 16  # fill words: u64 fill number, u64 bytes written (kvtier.transport.shm_copy)
 RING_HEAD_OFFSET = 40  # u64 ranges handed back (daemon), then u64 taken back (client)
 RING_SLOTS = 1 << 16
+DEFAULT_LEND_BYTES = 64 << 20
 RANGES_BACK = "kvtier-ranges-back"  # trailing metadata: a failed lending put's ranges come back
 DATA_OFFSET = 64
 ALIGN = 64
@@ -185,15 +186,25 @@ class Session:
         self.segment.close()
 
 
+def default_lend_bytes(size: int, staging_bytes: int) -> int:
+    """The lend area a client gets unless it says otherwise: a quarter of what the staging
+    slots leave of the segment, at most ``DEFAULT_LEND_BYTES``; none where lending cannot work
+    (not x86-64) or where the return ring would take a large share of a small segment."""
+    n = min(DEFAULT_LEND_BYTES, (size - staging_bytes) // 4) & ~(ALIGN - 1)
+    return n if OVERLAP_SAFE and n >= 32 * RING_SLOTS else 0
+
+
 class SessionSlot:
     """A client's one session and whether to try for one; the attach call itself (sync or
     awaited) is the client's. Not locked: the client serializes its use."""
 
     def __init__(self, wanted: bool, size: int, target: str, staging_bytes: int = 0,
-                 lend_bytes: int = 0) -> None:
+                 lend_bytes: int | None = None) -> None:
         if not 0 <= staging_bytes <= size - DATA_OFFSET:
             raise ValueError(f"staging_bytes must be within 0..shm_bytes - {DATA_OFFSET} "
                              f"(shm_bytes is {size}), got {staging_bytes}")
+        if lend_bytes is None:
+            lend_bytes = default_lend_bytes(size, staging_bytes)
         ring_bytes = 8 * RING_SLOTS if lend_bytes else 0
         if lend_bytes < 0 or staging_bytes + lend_bytes + ring_bytes > size - 2 * DATA_OFFSET:
             raise ValueError(f"lend_bytes must be within 0..shm_bytes - staging_bytes - "

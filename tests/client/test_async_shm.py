@@ -63,7 +63,8 @@ async def test_large_async_puts_copy_while_the_call_is_in_flight(
 
     monkeypatch.setattr(aio_mod, "fill_segment", spy)
     big = [make_page(i, (4, 256, 8, 64)) for i in range(3)]
-    async with AsyncKVTierClient(daemon.grpc_address, "tenant-a", overlap_copy=True) as a:
+    async with AsyncKVTierClient(daemon.grpc_address, "tenant-a", overlap_copy=True,
+                                 lend_bytes=0) as a:
         assert await a.put([b"b0"], big[:1]) == ["stored"]
         assert await a.put([b"b1", b"b2"], big[1:]) == ["stored"] * 2
         assert fills == [1, 2]

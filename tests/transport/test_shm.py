@@ -128,7 +128,7 @@ def test_large_puts_copy_while_the_call_is_in_flight(daemon: Daemon,
     rng = np.random.default_rng(5)
     big = [Page(rng.standard_normal((4, 256, 8, 64)).astype(np.float16),
                 rng.standard_normal((4, 256, 8, 64)).astype(np.float16)) for _ in range(3)]
-    with KVTierClient(daemon.grpc_address, "tenant-a", overlap_copy=True) as c:
+    with KVTierClient(daemon.grpc_address, "tenant-a", overlap_copy=True, lend_bytes=0) as c:
         assert c.put([b"big0"], [big[0]]) == ["stored"]
         assert c.put([b"big1", b"big2", b"small"], [big[1], big[2], make_page(3)]) == \
             ["stored"] * 3
@@ -148,7 +148,7 @@ def test_large_puts_copy_while_the_call_is_in_flight(daemon: Daemon,
             c.put([b"bad"], [bad])
         assert daemon.context.store.page_info("tenant-a", b"bad") is None
         assert c.put([b"after"], [big[2]]) == ["stored"]  # the session still works
-    with KVTierClient(daemon.grpc_address, "tenant-b") as plain:
+    with KVTierClient(daemon.grpc_address, "tenant-b", lend_bytes=0) as plain:
         assert plain.put([b"big0"], [big[0]]) == ["stored"] and plain.uses_shared_memory
         got = plain.get([b"big0"])[0]
         assert got is not None and np.array_equal(got.v, big[0].v)
@@ -172,7 +172,7 @@ def test_an_overlapped_put_reports_the_calls_error_and_its_copier_ends_with_the_
     rng = np.random.default_rng(8)
     big = Page(rng.standard_normal((4, 256, 8, 64)).astype(np.float16),
                rng.standard_normal((4, 256, 8, 64)).astype(np.float16))
-    c = KVTierClient(daemon.grpc_address, "tenant-a", overlap_copy=True)
+    c = KVTierClient(daemon.grpc_address, "tenant-a", overlap_copy=True, lend_bytes=0)
     # the call's error, not the copier's: the daemon waits for the bytes until about the
     # call's deadline (ABORTED), unless the client's deadline strikes first
     with pytest.raises((AbortedError, DeadlineExceededError)):
@@ -216,7 +216,7 @@ def test_a_put_the_client_gave_up_on_never_stores_the_next_puts_bytes(
         return real(*args, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(servicer_mod, "copy_pages", late)
-    with KVTierClient(daemon.grpc_address, "tenant-a") as c:
+    with KVTierClient(daemon.grpc_address, "tenant-a", lend_bytes=0) as c:  # copies its puts
         c.get([b"warm-up"])  # attach the session first
         with pytest.raises(DeadlineExceededError):
             c.put([b"old"], [make_page(1)], timeout_s=0.2)

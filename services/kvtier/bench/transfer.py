@@ -3,7 +3,8 @@
 In one run, for ``--page-mib`` (default 2) MiB float16 pages in the ``hot`` tier, it measures:
 
 - ``grpc_get`` / ``grpc_put``: :class:`kvtier_client.KVTierClient` with its default transport
-  (the same-host shared-memory path when the daemon is local; calls stay on gRPC);
+  (the same-host shared-memory path when the daemon is local, puts lending their pages to the
+  daemon, which keeps them where they lie: ``kvtier.transport.shm_lend``; calls stay on gRPC);
 - ``grpc_inline_get`` / ``grpc_inline_put``: the same client with shared memory off (page bytes
   in chunked gRPC streams), the path a remote worker gets;
 - ``redis_get`` / ``redis_set``: redis-py GET / SET of the same bytes (what users compare with);
@@ -15,9 +16,8 @@ In one run, for ``--page-mib`` (default 2) MiB float16 pages in the ``hot`` tier
 - ``grpc_staged_put``: ``KVTierClient.put`` of pages the worker wrote straight into staging
   buffers in the segment (:meth:`KVTierClient.staged_page`; filled before the clock starts, as
   a worker fills them when it copies its KV cache out), so no client copy; against redis-py SET;
-- ``grpc_lent_get`` / ``grpc_lent_put``: a client with ``lend_bytes``, whose puts lend their
-  pages to the daemon, which keeps them where they lie (no daemon copy; see
-  ``kvtier.transport.shm_lend``).
+- ``grpc_copy_get`` / ``grpc_copy_put``: a client with ``lend_bytes=0``, whose puts are copied
+  out of its segment by the daemon (what a put does while its client's lend area is full).
 
 Paths are measured in interleaved rounds (the order rotating each round) and each figure is the
 best round (as ``timeit`` does: slower rounds measure other processes, not the path); the
@@ -48,7 +48,7 @@ from kvtier.cli.redis_proc import RedisProcess, free_port
 PATHS = ("grpc_get", "grpc_put", "grpc_inline_get", "grpc_inline_put", "redis_get",
          "redis_set", "socket", "grpc_batch_get", "grpc_batch_put", "redis_pipeline_get",
          "redis_pipeline_set", "grpc_aio_get", "grpc_aio_put", "grpc_staged_put",
-         "grpc_lent_get", "grpc_lent_put")
+         "grpc_copy_get", "grpc_copy_put")
 BATCH = 8
 
 
@@ -155,8 +155,7 @@ def measure(target: str, redis_url: str, page_mib: float = 2.0, pages: int = 16,
     fast = KVTierClient(target, "bench", shared_memory="auto",
                         staging_bytes=pages * page_bytes + (1 << 20))
     inline = KVTierClient(target, "bench-inline", shared_memory=False)
-    lent = KVTierClient(target, "bench-lent", shared_memory="auto",
-                        lend_bytes=pages * page_bytes + (1 << 20))
+    copying = KVTierClient(target, "bench-copy", shared_memory="auto", lend_bytes=0)
     r = redis.Redis.from_url(redis_url)
     samples: dict[str, list[float]] = {p: [] for p in PATHS}
     loop = asyncio.new_event_loop()
@@ -249,7 +248,7 @@ def measure(target: str, redis_url: str, page_mib: float = 2.0, pages: int = 16,
         lambda rnd: client_round("grpc", fast, rnd),
         redis_round,
         lambda rnd: client_round("grpc_inline", inline, rnd),
-        lambda rnd: client_round("grpc_lent", lent, rnd),
+        lambda rnd: client_round("grpc_copy", copying, rnd),
         lambda rnd: samples["socket"].append(socket_gbps(page_bytes, pages)),
         lambda rnd: loop.run_until_complete(aio_round(rnd)),
     ]
@@ -265,16 +264,16 @@ def measure(target: str, redis_url: str, page_mib: float = 2.0, pages: int = 16,
         _close_loop(loop)
         fast.close()
         inline.close()
-        lent.close()
+        copying.close()
         r.close()
     out = {f"{p}_median_gbps": statistics.median(v) for p, v in samples.items()}
     out.update({f"{p}_gbps": max(v) for p, v in samples.items()})
     out["page_bytes"] = float(page_bytes)
     out["shm_used"] = float(shm_used)
-    for p in ("grpc_get", "grpc_inline_get", "grpc_aio_get", "grpc_lent_get"):
+    for p in ("grpc_get", "grpc_inline_get", "grpc_aio_get", "grpc_copy_get"):
         out[f"{p}_vs_redis"] = out[f"{p}_gbps"] / out["redis_get_gbps"]
     for p in ("grpc_put", "grpc_inline_put", "grpc_aio_put", "grpc_staged_put",
-              "grpc_lent_put"):
+              "grpc_copy_put"):
         out[f"{p}_vs_redis"] = out[f"{p}_gbps"] / out["redis_set_gbps"]
     out["grpc_batch_get_vs_redis"] = out["grpc_batch_get_gbps"] / out["redis_pipeline_get_gbps"]
     out["grpc_batch_put_vs_redis"] = out["grpc_batch_put_gbps"] / out["redis_pipeline_set_gbps"]
