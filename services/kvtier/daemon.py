@@ -109,7 +109,6 @@ class Daemon:
         self._context: DaemonContext | None = None
         self._server: grpc.Server | None = None
         self._shm = ShmRegistry()
-        self.relocator: Relocator | None = None  # copies lent pages out of segments
         self._http: HttpServer | None = None
         self.grpc_port: int | None = None
 
@@ -118,6 +117,10 @@ class Daemon:
         if self._context is None:
             raise RuntimeError("daemon not started")
         return self._context
+
+    @property
+    def relocator(self) -> Relocator | None:
+        return self.context.relocator
 
     @property
     def http_port(self) -> int | None:
@@ -133,11 +136,10 @@ class Daemon:
         store = TierStore(s, policy)
         store.start()
         try:
-            ctx = DaemonContext(settings=s, store=store,
-                                buffers=BufferPool(s.host_buffer_pool_bytes))
-            self.relocator = Relocator(store, ctx.buffers)
+            buffers = BufferPool(s.host_buffer_pool_bytes)
+            ctx = DaemonContext(settings=s, store=store, buffers=buffers,
+                                relocator=Relocator(store, buffers))
             server, port = make_grpc_server(ctx, s.grpc_host, s.grpc_port, shm=self._shm,
-                                            relocator=self.relocator,
                                             interceptors=self._interceptors)
             server.start()
             self._context, self._server, self.grpc_port = ctx, server, port

@@ -143,6 +143,19 @@ def test_buffer_pool_metrics_follow_the_pool(quiet: Admin) -> None:
     assert value(scrape(quiet), "kvtier_buffer_pool_free_bytes") == 4096
 
 
+def test_lent_pages_copied_out_are_counted(quiet: Admin) -> None:
+    from kvtier.admin.metrics import DaemonMetrics
+    from kvtier.transport.shm_relocate import Relocator
+
+    ctx = quiet.context
+    assert not [k for k in scrape(quiet) if k[0].startswith("kvtier_shm_")]  # no relocator
+    relocator = Relocator(ctx.store, ctx.buffers)
+    metrics = DaemonMetrics(ctx.store, ctx.rpc_stats, ctx.started_at, ctx.buffers, relocator)
+    relocator.pages_moved = 3  # as after copying out three pages
+    text = metrics.render().decode()
+    assert "kvtier_shm_lent_pages_copied_out_total 3.0" in text
+
+
 def test_redis_up_follows_the_backend(
     start_admin: Callable[..., Admin], private_redis: RedisProcess
 ) -> None:

@@ -144,7 +144,7 @@ def create_app(context: DaemonContext, metrics: DaemonMetrics | None = None) -> 
     settings = context.settings
     store = context.store
     daemon_metrics = metrics or DaemonMetrics(store, context.rpc_stats, context.started_at,
-                                              context.buffers)
+                                              context.buffers, context.relocator)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

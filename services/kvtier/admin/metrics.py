@@ -67,6 +67,7 @@ from kvtier.types import EvictionReason, Medium, Outcome
 if TYPE_CHECKING:
     from kvtier.store.buffers import BufferPool
     from kvtier.store.store import TierStore
+    from kvtier.transport.shm_relocate import Relocator
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +96,12 @@ class StoreCollector(Collector):
     """Reads ``store.stats()`` and the RPC totals at scrape time."""
 
     def __init__(self, store: TierStore, rpc_stats: RpcStats, started_at: float,
-                 buffers: BufferPool | None = None) -> None:
+                 buffers: BufferPool | None = None, relocator: Relocator | None = None) -> None:
         self._store = store
         self._rpc_stats = rpc_stats
         self._started_at = started_at
         self._buffers = buffers
+        self._relocator = relocator
 
     def describe(self) -> Iterable[Metric]:
         # Dynamic collector: nothing to describe up front (the registry then calls collect()
@@ -116,6 +118,12 @@ class StoreCollector(Collector):
         yield from self._rpc()
         if self._buffers is not None:
             yield from self._pool(self._buffers)
+        if self._relocator is not None:
+            moved = CounterMetricFamily(
+                "kvtier_shm_lent_pages_copied_out",
+                "Lent pages copied out of clients' segments (full lend area, ended session).")
+            moved.add_metric([], self._relocator.pages_moved)
+            yield moved
         start = GaugeMetricFamily(
             "kvtier_start_time_seconds", "Unix time the daemon started."
         )
@@ -287,7 +295,7 @@ class DaemonMetrics:
     """
 
     def __init__(self, store: TierStore, rpc_stats: RpcStats, started_at: float,
-                 buffers: BufferPool | None = None) -> None:
+                 buffers: BufferPool | None = None, relocator: Relocator | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self._rpc_stats = rpc_stats
         self._latency = Histogram(
@@ -297,7 +305,7 @@ class DaemonMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(StoreCollector(store, rpc_stats, started_at, buffers))
+        self.registry.register(StoreCollector(store, rpc_stats, started_at, buffers, relocator))
         ProcessCollector(registry=self.registry)
         self._attached = False
 

@@ -23,6 +23,7 @@ from kvtier.transport.stats import RpcStats
 
 if TYPE_CHECKING:
     from kvtier.store.store import TierStore
+    from kvtier.transport.shm_relocate import Relocator
 
 
 class Readiness(str, enum.Enum):
@@ -76,6 +77,7 @@ class DaemonContext:
     # Puts' page buffers, reused. The default is the default size; the daemon passes one of
     # settings.host_buffer_pool_bytes.
     buffers: BufferPool = field(default_factory=BufferPool)
+    relocator: Relocator | None = None  # copies lent pages out of clients' segments
     started_at: float = field(default_factory=time.time)  # wall clock, for uptime
 
 

@@ -43,7 +43,6 @@ def make_grpc_server(
     port: int,
     *,
     shm: ShmRegistry | None = None,
-    relocator: Relocator | None = None,
     interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
     max_workers: int = 64,
 ) -> tuple[grpc.Server, int]:
@@ -63,7 +62,7 @@ def make_grpc_server(
     )
     cache_pb2_grpc.add_CacheServiceServicer_to_server(
         CacheServicer(ctx, shm if shm is not None else ShmRegistry(),
-                      relocator or Relocator(ctx.store, ctx.buffers)), server
+                      ctx.relocator or Relocator(ctx.store, ctx.buffers)), server
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
