@@ -157,6 +157,9 @@ class AsyncKVTierClient:
                 if not ranges_back(e):
                     self._shm.drop()
                 raise
+            except BaseException:  # cancelled: whether the daemon got the ranges is unknown
+                self._shm.drop()
+                raise
             return lent_reply
         plan = plan_in_segment(segment, wire)
         fill = session.next_fill()
@@ -165,8 +168,8 @@ class AsyncKVTierClient:
             return await self._send_put(ns, wire, left, session.id, offsets, fill,
                                         segment.wants_reclaim())
         segment.start_fill(fill)
-        call = self._stub.Put(put_request(ns, wire, session.id, plan.offsets, fill),
-                              timeout=left)
+        call = self._stub.Put(put_request(ns, wire, session.id, plan.offsets, fill,
+                                          shm_reclaim=segment.wants_reclaim()), timeout=left)
         await asyncio.sleep(0)  # lets the call's task send the request
         try:
             fill_segment(segment, plan, fill)
@@ -182,8 +185,8 @@ class AsyncKVTierClient:
         """Unary Put when the inline bytes fit one chunk, else the chunked PutStream."""
         reply: pb.PutReply
         if inline_bytes(wire, offsets) <= self.chunk_bytes:
-            reply = await self._stub.Put(put_request(ns, wire, session, offsets, fill, shm_reclaim=reclaim),
-                                         timeout=left)
+            req = put_request(ns, wire, session, offsets, fill, shm_reclaim=reclaim)
+            reply = await self._stub.Put(req, timeout=left)
         else:
             reply = await self._stub.PutStream(
                 put_requests(ns, wire, self.chunk_bytes, session, offsets, fill, reclaim),

@@ -138,14 +138,16 @@ class KVTierClient:
     first and copies while it is in flight (``shm_fill``), so the client's copy and the
     daemon's overlap. That needs spare cores: on a 2-core host it measured no faster than
     copying first (see the README), hence off by default. x86-64 only; ignored elsewhere.
+    A put that can lend its pages (below) lends them instead.
 
     ``lend_bytes``: a lend area of that size in the segment (default: a quarter of the
     segment, at most 64 MiB; 0: none). A put whose pages fit there lends them: the daemon keeps
     the pages where they lie, with no copy of its own, and hands each range back (see
     ``kvtier.transport.shm_lend``) when the page leaves the hot tier or is deleted. Only this
     library writes the area. While it is full a put copies as usual and asks the daemon to
-    copy the lent pages out in the background, after which puts lend again. The asyncio
-    client takes it too.
+    copy the lent pages out in the background, after which puts lend again. The area and its
+    return ring (512 KiB) come out of the request area, which bounds how many bytes one get
+    can bring back through the segment. The asyncio client takes it too.
     """
 
     def __init__(self, target: str, namespace: str = "default", *, timeout_s: float = 30.0,
@@ -254,7 +256,8 @@ class KVTierClient:
         self._filler.start(segment, plan, fill)
         try:
             reply: pb.PutReply = self._stub.Put(
-                put_request(ns, wire, session.id, plan.offsets, fill), timeout=left)
+                put_request(ns, wire, session.id, plan.offsets, fill,
+                            shm_reclaim=segment.wants_reclaim()), timeout=left)
         except BaseException:
             self._filler.wait(quiet=True)  # the call's error is the one to report
             raise
@@ -278,6 +281,9 @@ class KVTierClient:
             if not ranges_back(e):
                 self._shm.drop()
             raise
+        except BaseException:  # interrupted: whether the daemon got the ranges is unknown
+            self._shm.drop()
+            raise
         return reply
 
     def _send_put(self, ns: str, wire: Sequence[WirePage], left: float, session: str = "",
@@ -286,8 +292,8 @@ class KVTierClient:
         """Unary Put when the inline bytes fit one chunk, else the chunked PutStream."""
         reply: pb.PutReply
         if inline_bytes(wire, offsets) <= self.chunk_bytes:
-            reply = self._stub.Put(put_request(ns, wire, session, offsets, fill, shm_reclaim=reclaim),
-                                   timeout=left)
+            req = put_request(ns, wire, session, offsets, fill, shm_reclaim=reclaim)
+            reply = self._stub.Put(req, timeout=left)
         else:
             reply = self._stub.PutStream(
                 put_requests(ns, wire, self.chunk_bytes, session, offsets, fill, reclaim),

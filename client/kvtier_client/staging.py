@@ -41,6 +41,7 @@ class StagingArea:
 
     def __init__(self, start: int, end: int, align: int = 64) -> None:
         self._align = align
+        self.capacity = max(0, end - start)
         self._free: list[tuple[int, int]] = [(start, end - start)] if end > start else []
         self._used: dict[int, int] = {}
         self._lock = threading.Lock()

@@ -171,7 +171,11 @@ def lend_in_segment(segment: shm_mod.Segment, pages: Sequence[WirePage]) -> Plac
     if lend is None or not shm_mod.OVERLAP_SAFE:  # the return ring needs ordered stores
         return None
     segment.take_back()
-    segment.lend_full = True  # until the pages are placed
+    need = sum(-(-(p.k.data.nbytes + p.v.data.nbytes) // shm_mod.ALIGN) * shm_mod.ALIGN
+               for p in pages)
+    # "full" (worth asking the daemon to copy lent pages out) only for a batch that an empty
+    # area could take
+    segment.lend_full = need <= lend.capacity and len(pages) <= segment.ring_slots
     if lend.count + len(pages) > segment.ring_slots:  # the ring could not return them all
         return None
     offsets: list[int | None] = []

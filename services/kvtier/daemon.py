@@ -177,6 +177,8 @@ class Daemon:
             self._shm.close_all()  # ends AttachShm calls so they do not hold the grace period
             if done is not None:
                 done.wait(grace_s + 1.0)
+            if ctx.relocator is not None:  # no copy-outs beside the drain and the close
+                ctx.relocator.close()
             if self._http is not None:
                 try:
                     self._http.stop(grace_s)

@@ -151,16 +151,16 @@ def test_ranges_the_ring_has_no_room_for_wait_and_bound_further_lending() -> Non
     mm = mmap.mmap(-1, 1 << 16)
     ring = ReturnRing(mm, 4096, 2, threading.Event())
     arrays = [ring.lend(8192 + 64 * i, 64) for i in range(2)]
-    ring.check_room(0)
+    ring.check_lend([])
     with pytest.raises(CapacityExhausted, match="return ring of 2 slots"):
-        ring.check_room(1)
+        ring.check_lend([(9000, 64)])
     del arrays  # both come back; the ring is full now (the client took nothing back)
     assert struct.unpack_from("<Q", mm, HEAD_OFFSET)[0] == 2
     arrays = [ring.lend(8192 + 64 * i, 64) for i in range(2)]
     del arrays  # these wait in the daemon
     assert struct.unpack_from("<Q", mm, HEAD_OFFSET)[0] == 2 and ring.outstanding() == 2
     with pytest.raises(CapacityExhausted):
-        ring.check_room(1)
+        ring.check_lend([(9000, 64)])
     assert not ring.hand_back([8192])
     struct.pack_into("<Q", mm, TAIL_OFFSET, 2)  # the client takes the first two back
     ring.flush()
@@ -262,9 +262,14 @@ def test_without_a_usable_ring_nothing_is_promised_and_lending_is_bounded(
             stub.Put(put_request("other-ns", wire, session.id, [seg.request_end], 0, ring))
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert not any(k == shm_client.RANGES_BACK for k, _ in info.value.trailing_metadata())
+        with pytest.raises(grpc.RpcError) as info:  # "warm" lies there, still kept
+            stub.Put(put_request("lend", wire, session.id, [seg.request_end], 0, ring))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "overlaps another lent range" in (info.value.details() or "")
+        assert not any(k == shm_client.RANGES_BACK for k, _ in info.value.trailing_metadata())
         codes = []
         for i in range(6):  # ranges lent raw, never taken back; "warm" holds one slot
-            off = seg.request_end + i * 32768
+            off = seg.request_end + (i + 1) * 32768
             try:
                 stub.Put(put_request("lend", wire_pages([b"r%d" % i], [make_page(3)]),
                                      session.id, [off], 0, ring))

@@ -6,11 +6,12 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
 
 from kvtier.daemon import Daemon
 from kvtier_client import KVTierClient
 
-from .conftest import make_page, wait_for
+from .conftest import DaemonFactory, make_page, wait_for
 
 PAGE = 16 << 10  # make_page: 16 KiB
 
@@ -57,7 +58,8 @@ def test_pages_lent_by_an_ended_session_stay_and_the_segment_is_let_go(
         assert c.put(keys, pages) == ["stored"] * 3
         assert _in_segment(daemon, c, keys) == [True] * 3
     assert wait_for(lambda: relocator.pages_moved == 3 and relocator.idle())
-    assert wait_for(lambda: not [s for s in daemon._shm._retired if not s.unmap()])
+    assert daemon._shm._retired  # ended, kept mapped while its pages are lent
+    assert wait_for(lambda: all(s._mm.closed for s in daemon._shm._retired))  # by the job
     with KVTierClient(daemon.grpc_address, "ended", shared_memory=False) as other:
         got = other.get(keys)
     for g, page in zip(got, pages):
@@ -99,7 +101,8 @@ def test_gets_during_copy_out_always_see_whole_pages(daemon: Daemon) -> None:
             with KVTierClient(daemon.grpc_address, "conc", shared_memory=False) as r:
                 while not stop.is_set():
                     for g, page in zip(r.get(keys), pages):
-                        if g is None or not np.array_equal(g.k, page.k):
+                        if g is None or not (np.array_equal(g.k, page.k)
+                                             and np.array_equal(g.v, page.v)):
                             errors.append("a page changed or vanished")
 
         t = threading.Thread(target=reader)
@@ -114,3 +117,70 @@ def test_gets_during_copy_out_always_see_whole_pages(daemon: Daemon) -> None:
             t.join()
         assert _in_segment(daemon, c, keys) == [False] * 16
     assert errors == []
+
+
+def test_a_page_mid_move_is_left_to_the_move_and_copied_out_after(
+        make_daemon: DaemonFactory) -> None:
+    """A move holds its own reference to the lent page and commits it: copying out must wait
+    until the page is resident again (here in a second uncompressed tier)."""
+    import time
+
+    from kvtier.config import MiB, TierConfig
+    from kvtier.types import Codec, Medium, PageId
+
+    tiers = [TierConfig(name="hot", medium=Medium.DEVICE, codec=Codec.NONE, capacity_bytes=MiB),
+             TierConfig(name="warm", medium=Medium.HOST, codec=Codec.NONE, capacity_bytes=MiB)]
+    d = make_daemon(tiers=tiers, mover_interval_s=10.0)
+    assert d.relocator is not None
+    engine = d.context.store._engine
+    page = make_page(3)
+    with KVTierClient(d.grpc_address, "mv", lend_bytes=8 * PAGE) as c:
+        assert c.put([b"p"], [page]) == ["stored"]
+        session = d._shm.get(c._shm.session.id)  # type: ignore[union-attr]
+        real = engine.converter.to_tier
+
+        def slow(*args: object) -> object:
+            time.sleep(0.3)  # between the move's begin and its commit
+            return real(*args)  # type: ignore[arg-type]
+
+        engine.converter.to_tier = slow  # type: ignore[method-assign]
+        mover = threading.Thread(target=lambda: engine.move(PageId("mv", b"p"), 1))
+        mover.start()
+        time.sleep(0.1)
+        assert d.relocator.relocate(session) == 0  # mid-move: left alone
+        mover.join()
+        engine.converter.to_tier = real  # type: ignore[method-assign]
+        assert _in_segment(d, c, [b"p"]) == [True]  # the move committed the lent page
+        assert d.relocator.relocate(session) == 1
+        assert _in_segment(d, c, [b"p"]) == [False]
+        got = c.get([b"p"])[0]
+        assert got is not None and got.tier == "warm" and np.array_equal(got.v, page.v)
+
+
+def test_overlapped_puts_ask_for_copy_out_too(daemon: Daemon) -> None:
+    relocator = daemon.relocator
+    assert relocator is not None
+    big = [make_page(i, shape=(4, 128, 8, 128)) for i in range(3)]  # 2 MiB each
+    with KVTierClient(daemon.grpc_address, "ovl", overlap_copy=True, lend_bytes=4 << 20) as c:
+        for i, page in enumerate(big):  # two fit the lend area; the third is overlapped
+            assert c.put([b"o%d" % i], [page]) == ["stored"]
+        assert wait_for(lambda: relocator.pages_moved >= 2 and relocator.idle())
+        assert _in_segment(daemon, c, [b"o0", b"o1", b"o2"]) == [False] * 3
+
+
+async def test_a_cancelled_lending_put_makes_the_async_client_start_a_new_segment(
+        daemon: Daemon) -> None:
+    import asyncio
+
+    from kvtier_client import AsyncKVTierClient
+
+    async with AsyncKVTierClient(daemon.grpc_address, "cancel", lend_bytes=8 * PAGE) as a:
+        assert await a.put([b"first"], [make_page(1)]) == ["stored"]
+        first = a._shm.session
+        task = asyncio.ensure_future(a.put([b"second"], [make_page(2)]))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert a._shm.session is not first  # the ranges it lent may never come back
+        assert await a.put([b"third"], [make_page(3)]) == ["stored"]

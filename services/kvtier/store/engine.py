@@ -260,14 +260,18 @@ class TierEngine:
         self.forget([ticket.page])
         return True
 
-    def evict(self, pid: PageId, tier: int, reason: EvictionReason) -> bool:
-        """Drop a resident page of ``tier`` from the cache, counted by ``reason``."""
+    def evict(self, pid: PageId, tier: int, reason: EvictionReason,
+              only: Stored | None = None) -> bool:
+        """Drop a resident page of ``tier`` from the cache, counted by ``reason``; with
+        ``only``, just if that is what the tier holds for ``pid``."""
         with self.cond:
             rec = self.index.get(pid)
             if rec is None or rec.state is not PageState.RESIDENT or rec.tier != tier:
                 return False
-            self.index.remove(pid)
             backend = self.memory[tier]
+            if only is not None and (backend is None or backend.get(pid) is not only):
+                return False
+            self.index.remove(pid)
             if backend is not None:
                 backend.pop(pid)
             self.counters[tier].evictions[reason.value] += 1
@@ -332,10 +336,12 @@ class TierEngine:
         return out
 
     def swap_memory(self, pid: PageId, tier: int, old: Page, new: Page) -> bool:
-        """Keep ``new``, a copy of ``old``, if ``old`` is still what ``tier`` holds."""
+        """Keep ``new``, a copy of ``old``, if ``old`` is still what ``tier`` holds and the
+        page is not mid-move (a move would commit its own reference to ``old``)."""
         with self.cond:
-            backend = self.memory[tier]
-            if backend is None or backend.get(pid) is not old:
+            rec, backend = self.index.get(pid), self.memory[tier]
+            if rec is None or rec.state is not PageState.RESIDENT or rec.tier != tier or \
+                    backend is None or backend.get(pid) is not old:
                 return False
             backend.put(pid, new)
             return True

@@ -42,7 +42,7 @@ from kvtier.store.remote_index import discover, resync_remote
 from kvtier.store.results import GetResult, LookupResult, PageInfo, PutOutcome, RawResult
 from kvtier.store.stats import StoreStats, TierStats
 from kvtier.store.tiers import Promoted, Stored
-from kvtier.types import Page, PageId, Precision
+from kvtier.types import EvictionReason, Page, PageId, Precision
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class TierStore:
         for pid, tier, page in e.held_in(namespace, lo, hi):
             new = copy(page)
             if new is None:
-                e.drop_corrupt(pid, tier)
+                e.evict(pid, tier, EvictionReason.CORRUPT, only=page)
             elif e.swap_memory(pid, tier, page, new):
                 moved += 1
         return moved

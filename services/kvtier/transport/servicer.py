@@ -23,7 +23,7 @@ from kvtier.transport.context import DaemonContext
 from kvtier.transport.convert import Header, PutAssembler, byte_view, check_header, chunks
 from kvtier.transport.shm import TOKEN_BYTES, ShmRegistry, ShmSession, align_up
 from kvtier.transport.shm_copy import FILL_TIMEOUT_S, copy_pages, lent_pages
-from kvtier.transport.shm_lend import RANGES_BACK
+from kvtier.transport.shm_lend import RANGES_BACK, ReturnRing
 from kvtier.transport.shm_relocate import Relocator
 from kvtier.types import Namespace, Page, PageId
 from kvtier_proto.v1 import cache_pb2 as pb
@@ -102,6 +102,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
         session_id = ""
         fill = ring_offset = ring_slots = 0
         reclaim = False
+        ring: ReturnRing | None = None
         session: ShmSession | None = None
         pids: list[PageId] = []
         chains: list[int | None] = []
@@ -159,7 +160,8 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
                     raise Aborted("the call ended before its shared-memory bytes were read",
                                   field="shm_session")
                 if ring is not None:  # kept where they lie; no copy
-                    ring.check_room(len(shm_headers))
+                    ring.check_lend([(cast(int, h.shm_offset), 2 * h.nbytes)
+                                     for h in shm_headers])
                     lent[0] = True
                     copied = lent_pages(seg, ring, shm_headers)
                     ring.flush()
@@ -171,8 +173,11 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
                 pages[i] = page
             if reclaim:  # the client's lend area is full
                 self._relocator.submit(session)
-        return self._store.put_checked(pids, cast(list[Page], pages), cast(list[int], chains),
-                                       owned=True)
+        outcomes = self._store.put_checked(pids, cast(list[Page], pages),
+                                           cast(list[int], chains), owned=True)
+        if ring is not None and session is not None and session.ended.is_set():
+            self._relocator.submit(session)  # it ended while this put lent: copy those out
+        return outcomes
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetReply:
         results, inline = self._gather(request, context, unary=True)

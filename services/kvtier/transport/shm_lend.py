@@ -13,7 +13,7 @@ on the range's array appends its offset to the session's return ring::
 ``head`` counts the offsets the daemon appended, ``tail`` those the client took back; an
 offset is written before ``head`` moves (x86-64 keeps stores in order). When the ring is full
 the daemon keeps the offsets and appends them at the next chance. Ranges lent (or handed back)
-and not yet in the ring are bounded by the ring's slots (:meth:`ReturnRing.check_room`), so a
+and not yet in the ring are bounded by the ring's slots (:meth:`ReturnRing.check_lend`), so a
 client that never takes ranges back cannot make the daemon hold ever more of them; the client
 library never lends more ranges than its ring holds.
 
@@ -68,6 +68,7 @@ class ReturnRing:
         self._pending: deque[int] = deque()
         self._head = 0
         self._lent = 0  # ranges lent or handed back so far; _head of them are in the ring
+        self._live: set[int] = set()  # offsets lent and not yet given back
 
     def matches(self, offset: int, slots: int) -> None:
         if (offset, slots) != (self.offset, self.slots):
@@ -81,34 +82,46 @@ class ReturnRing:
         never takes ranges back cannot make the daemon hold more and more."""
         return self._lent - self._head
 
-    def check_room(self, n: int) -> None:
-        """RESOURCE_EXHAUSTED unless ``n`` more ranges keep :meth:`outstanding` within the
-        ring. A well-behaved client never gets it: it lends no more than its ring holds."""
+    def check_lend(self, ranges: list[tuple[int, int]]) -> None:
+        """Refuse to lend ``ranges`` ((offset, length) each) unless all can be: RESOURCE_EXHAUSTED
+        if :meth:`outstanding` would pass the ring's slots (a well-behaved client lends no more
+        than its ring holds), INVALID_ARGUMENT if two overlap or one is lent already (it would
+        come back twice, and the client would write over a page still kept)."""
+        n = len(ranges)
         if self.outstanding() + n > self.slots:
             raise CapacityExhausted(
                 f"{self.outstanding()} lent ranges not yet back in a return ring of "
                 f"{self.slots} slots; {n} more do not fit (take back the returned ones)",
                 field="shm_ring_slots")
+        end = -1
+        for off, length in sorted(ranges):
+            if off < end or off in self._live:
+                raise InvalidArgument(f"shm range at {off} overlaps another lent range",
+                                      field="shm_offset")
+            end = off + length
 
     def lend(self, offset: int, n: int) -> np.ndarray:
         """``n`` bytes at ``offset`` as an array kept as a page; its range comes back when the
         array dies (its pages and every view of them)."""
         arr = np.frombuffer(self._mm, np.uint8, n, offset)
         self._lent += 1
+        self._live.add(offset)
         weakref.finalize(arr, self.give_back, offset)
         return arr
 
     def hand_back(self, offsets: list[int]) -> bool:
         """Return ranges that were never lent (their put failed first), if the ring has room
-        for them under the :meth:`outstanding` bound; False (nothing returned) if not."""
-        if self.outstanding() + len(offsets) > self.slots:
-            return False
+        for them under the :meth:`outstanding` bound and none of them is lent by another put;
+        False (nothing returned) if not."""
+        if self.outstanding() + len(offsets) > self.slots or not self._live.isdisjoint(offsets):
+            return False  # a lent one would come back twice: the client starts a new segment
         self._lent += len(offsets)
         for offset in offsets:
             self.give_back(offset)
         return True
 
     def give_back(self, offset: int) -> None:
+        self._live.discard(offset)  # atomic: safe in a finalizer
         if not self._closed.is_set():
             self._pending.append(offset)
             self.flush()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 
 from kvtier.errors import InvalidArgument
@@ -52,22 +53,38 @@ def owned_copy(page: Page, buffers: BufferPool) -> Page | None:
 
 class Relocator:
     """Copies the pages lent from a session's segment into the daemon's memory, in the
-    background (see the module docstring). Thread-safe; :meth:`submit` never waits."""
+    background (see the module docstring). Thread-safe; :meth:`submit` never waits.
 
-    def __init__(self, store: TierStore, buffers: BufferPool) -> None:
+    A live session is copied out at most once per ``min_interval_s`` (any client may ask on
+    every put, and each job scans the memory tiers). For an ended session the job repeats, a
+    little later, until its segment could be unmapped (a put still in flight, a page mid-move
+    or a reader may hold a lent page for a moment), at most ``ENDED_TRIES`` times.
+    """
+
+    ENDED_TRIES = 20
+    RETRY_S = 0.05
+
+    def __init__(self, store: TierStore, buffers: BufferPool, min_interval_s: float = 0.1) -> None:
         self._store = store
         self._buffers = buffers
+        self._min_interval_s = min_interval_s
         self._lock = threading.Lock()
         self._queue: deque[ShmSession] = deque()
         self._queued: set[str] = set()
+        self._last: dict[str, float] = {}  # live sessions: when their last job ran
         self._thread: threading.Thread | None = None
+        self._closed = False
         self.pages_moved = 0
         self.jobs_done = 0
 
     def submit(self, session: ShmSession) -> None:
         """Copy out the pages ``session``'s client lent (once, if it is queued already)."""
+        now = time.monotonic()
         with self._lock:
-            if session.session_id in self._queued:
+            if self._closed or session.session_id in self._queued:
+                return
+            if not session.ended.is_set() and \
+                    now - self._last.get(session.session_id, -1e9) < self._min_interval_s:
                 return
             self._queued.add(session.session_id)
             self._queue.append(session)
@@ -80,16 +97,30 @@ class Relocator:
         with self._lock:
             return self._thread is None
 
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Take no more jobs and wait for the one in progress (before the store closes)."""
+        with self._lock:
+            self._closed = True
+            self._queue.clear()
+            self._queued.clear()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+
     def _run(self) -> None:
         while True:
             with self._lock:
-                if not self._queue:
+                if not self._queue or self._closed:
                     self._thread = None
                     return
                 session = self._queue.popleft()
                 self._queued.discard(session.session_id)
+                if session.ended.is_set():
+                    self._last.pop(session.session_id, None)
+                else:
+                    self._last[session.session_id] = time.monotonic()
             try:
-                moved = self.relocate(session)
+                moved = self._job(session)
             except Exception:  # noqa: BLE001 - a bug here must not stop later jobs
                 log.exception("copying out the pages lent from shm session %s failed",
                               session.session_id)
@@ -98,6 +129,15 @@ class Relocator:
                 self.pages_moved += moved
                 self.jobs_done += 1
 
+    def _job(self, session: ShmSession) -> int:
+        moved = self.relocate(session)
+        for _ in range(self.ENDED_TRIES if session.ended.is_set() else 0):
+            if session.unmap() or self._closed:
+                break
+            time.sleep(self.RETRY_S)
+            moved += self.relocate(session)
+        return moved
+
     def relocate(self, session: ShmSession) -> int:
         """Copy out now, in this thread; returns how many pages moved."""
         lo = session.base
@@ -105,7 +145,4 @@ class Relocator:
                                           lambda page: owned_copy(page, self._buffers))
         if moved:
             log.debug("shm session %s: %d lent pages copied out", session.session_id, moved)
-        if session.ended.is_set():
-            session.unmap()  # unless a reader still holds a page: then at the next attach
         return moved
-
