@@ -324,16 +324,18 @@ class TierEngine:
 
     # -- relocating ---------------------------------------------------------------------------
 
-    def held_in(self, namespace: str, lo: int, hi: int) -> list[tuple[PageId, int, Page]]:
-        """Host pages of ``namespace`` whose bytes lie at addresses [lo, hi) (lent from a
-        client's segment). Each tier is copied under the lock and filtered outside it."""
-        out: list[tuple[PageId, int, Page]] = []
-        for tier, backend in enumerate(self.memory):
-            with self.cond:
-                items = backend.snapshot() if backend is not None else []
-            out += [(pid, tier, d) for pid, d in items if pid.namespace == namespace and
-                    isinstance(d, Page) and d.k.is_cpu and lo <= d.k.data_ptr() < hi]
-        return out
+    def held_at(self, pid: PageId, lo: int, hi: int) -> tuple[int, Page] | None:
+        """The tier and page of ``pid`` if it is resident in host memory with its bytes at
+        addresses [lo, hi) (lent from a client's segment), else None."""
+        with self.cond:
+            rec = self.index.get(pid)
+            if rec is None or rec.state is not PageState.RESIDENT:
+                return None
+            backend = self.memory[rec.tier]
+            d = backend.get(pid) if backend is not None else None
+        if isinstance(d, Page) and d.k.is_cpu and lo <= d.k.data_ptr() < hi:
+            return rec.tier, d
+        return None
 
     def swap_memory(self, pid: PageId, tier: int, old: Page, new: Page) -> bool:
         """Keep ``new``, a copy of ``old``, if ``old`` is still what ``tier`` holds and the

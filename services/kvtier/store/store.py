@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -158,15 +158,19 @@ class TierStore:
             self._mover.wake()
         return out
 
-    def copy_out_lent(self, namespace: str, lo: int, hi: int,
-                     copy: Callable[[Page], Page | None]) -> int:
-        """Give each page of ``namespace`` whose bytes lie at addresses [lo, hi) (lent from a
+    def copy_out_lent(self, pids: Iterable[PageId], lo: int, hi: int,
+                      copy: Callable[[Page], Page | None]) -> int:
+        """Give each page of ``pids`` whose bytes lie at addresses [lo, hi) (lent from a
         client's segment) memory of its own: ``copy(page)``, or None for a page found corrupt,
-        which is dropped. Returns how many pages moved; pages that moved or died meanwhile are
-        left alone (their lent memory goes back when their last reader lets go)."""
+        which is dropped. Returns how many pages moved; pages gone, moved elsewhere or mid-move
+        meanwhile are left alone (their lent memory goes back when their last reader lets go)."""
         e = self._engine
         moved = 0
-        for pid, tier, page in e.held_in(namespace, lo, hi):
+        for pid in pids:
+            held = e.held_at(pid, lo, hi)
+            if held is None:
+                continue
+            tier, page = held
             new = copy(page)
             if new is None:
                 e.evict(pid, tier, EvictionReason.CORRUPT, only=page)

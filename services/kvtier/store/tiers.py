@@ -145,9 +145,6 @@ class MemoryBackend:
     def pop(self, page: PageId) -> Stored | None:
         return self._data.pop(page, None)
 
-    def snapshot(self) -> list[tuple[PageId, Stored]]:
-        return list(self._data.items())
-
     def __len__(self) -> int:
         return len(self._data)
 

@@ -175,8 +175,12 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
                 self._relocator.submit(session)
         outcomes = self._store.put_checked(pids, cast(list[Page], pages),
                                            cast(list[int], chains), owned=True)
-        if ring is not None and session is not None and session.ended.is_set():
-            self._relocator.submit(session)  # it ended while this put lent: copy those out
+        if ring is not None and session is not None:
+            for i, h in zip(shm_idx, shm_headers):
+                if outcomes[i] is PutOutcome.STORED:
+                    ring.note_stored(cast(int, h.shm_offset), pids[i])
+            if session.ended.is_set():  # it ended while this put lent: copy those out
+                self._relocator.submit(session)
         return outcomes
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetReply:

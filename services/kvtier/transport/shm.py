@@ -42,6 +42,7 @@ import numpy as np
 
 from kvtier.errors import Aborted, CapacityExhausted, Conflict, InvalidArgument, PermissionDenied
 from kvtier.transport.shm_lend import MAX_SLOTS, ReturnRing
+from kvtier.types import PageId
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,10 @@ class ShmSession:
     def lends(self) -> bool:
         """Whether the client has lent pages (it has a return ring)."""
         return self._ring is not None
+
+    def lent_pages(self) -> list[PageId]:
+        """The pages stored from ranges the client lent (see ``ReturnRing.stored``)."""
+        return self._ring.stored() if self._ring is not None else []
 
     def flush_ring(self) -> None:
         """Append the lent ranges that a full return ring could not take before."""

@@ -41,6 +41,7 @@ from collections import deque
 import numpy as np
 
 from kvtier.errors import CapacityExhausted, InvalidArgument
+from kvtier.types import PageId
 
 HEAD_OFFSET = 40
 TAIL_OFFSET = 48
@@ -69,6 +70,7 @@ class ReturnRing:
         self._head = 0
         self._lent = 0  # ranges lent or handed back so far; _head of them are in the ring
         self._live: set[int] = set()  # offsets lent and not yet given back
+        self._stored: dict[int, PageId] = {}  # offset -> the page kept there (for copy-out)
 
     def matches(self, offset: int, slots: int) -> None:
         if (offset, slots) != (self.offset, self.slots):
@@ -120,8 +122,19 @@ class ReturnRing:
             self.give_back(offset)
         return True
 
+    def note_stored(self, offset: int, pid: PageId) -> None:
+        """The page ``pid`` was stored from the range at ``offset``: a copy-out looks there."""
+        self._stored[offset] = pid
+        if offset not in self._live:  # its page died already
+            self._stored.pop(offset, None)
+
+    def stored(self) -> list[PageId]:
+        """The pages kept in lent ranges, oldest first (some may have moved on meanwhile)."""
+        return list(self._stored.copy().values())
+
     def give_back(self, offset: int) -> None:
-        self._live.discard(offset)  # atomic: safe in a finalizer
+        self._live.discard(offset)  # atomic, like the pop: safe in a finalizer
+        self._stored.pop(offset, None)
         if not self._closed.is_set():
             self._pending.append(offset)
             self.flush()

@@ -141,7 +141,7 @@ class Relocator:
     def relocate(self, session: ShmSession) -> int:
         """Copy out now, in this thread; returns how many pages moved."""
         lo = session.base
-        moved = self._store.copy_out_lent(session.namespace, lo, lo + session.size,
+        moved = self._store.copy_out_lent(session.lent_pages(), lo, lo + session.size,
                                           lambda page: owned_copy(page, self._buffers))
         if moved:
             log.debug("shm session %s: %d lent pages copied out", session.session_id, moved)
