@@ -153,12 +153,9 @@ class AsyncKVTierClient:
                               (segment.ring_offset, segment.ring_slots))
             try:
                 lent_reply: pb.PutReply = await self._stub.Put(req, timeout=left)
-            except grpc.RpcError as e:
+            except BaseException as e:  # a cancel too
                 if not ranges_back(e):
                     self._shm.drop()
-                raise
-            except BaseException:  # cancelled: whether the daemon got the ranges is unknown
-                self._shm.drop()
                 raise
             return lent_reply
         plan = plan_in_segment(segment, wire)

@@ -116,11 +116,12 @@ def abandoned(e: grpc.RpcError) -> bool:
     return e.code() in _ABANDONED
 
 
-def ranges_back(e: grpc.RpcError) -> bool:
+def ranges_back(e: BaseException) -> bool:
     """True if the daemon says every range a failed lending put named comes back through the
-    return ring (``kvtier.transport.shm_lend.RANGES_BACK``), so the segment can be kept."""
+    return ring (``kvtier.transport.shm_lend.RANGES_BACK``), so the segment can be kept. Any
+    other end (a cancel, an interrupt, no such promise) leaves that unknown."""
     try:
-        trailing: Any = e.trailing_metadata()
+        trailing: Any = e.trailing_metadata()  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - not a call's error: nothing is known
         return False
     return any(item[0] == shm_mod.RANGES_BACK for item in (trailing or ()))
@@ -277,12 +278,9 @@ class KVTierClient:
                           (segment.ring_offset, segment.ring_slots))
         try:
             reply: pb.PutReply = self._stub.Put(req, timeout=left)
-        except grpc.RpcError as e:
-            if not ranges_back(e):
+        except BaseException as e:
+            if not ranges_back(e):  # the ranges may never come back: a new segment
                 self._shm.drop()
-            raise
-        except BaseException:  # interrupted: whether the daemon got the ranges is unknown
-            self._shm.drop()
             raise
         return reply
 
