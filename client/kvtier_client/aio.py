@@ -25,14 +25,12 @@ from kvtier_client.client import (
     RETRIES,
     CacheStats,
     LookupResult,
-    abandoned,
     cache_stats,
     is_loopback,
     lookup_result,
-    ranges_back,
-    session_lost,
 )
 from kvtier_client.errors import DeadlineExceededError, from_rpc_error
+from kvtier_client.shm import abandoned, ranges_back, session_lost
 from kvtier_client.staging import new_page, release_page
 from kvtier_client.tensors import FetchedPage, Page
 from kvtier_client.wire import (

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import grpc
 
 from kvtier_client import shm as shm_mod
+from kvtier_client.shm import abandoned, ranges_back, session_lost
 from kvtier_client.errors import DeadlineExceededError, KVTierClientError, from_rpc_error
 from kvtier_client.staging import new_page, release_page
 from kvtier_client.tensors import FetchedPage, Page
@@ -105,31 +106,6 @@ def cache_stats(r: pb.StatsReply) -> CacheStats:
 
 def is_loopback(target: str) -> bool:
     return target.startswith(_LOOPBACK)
-
-
-_ABANDONED = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
-
-
-def abandoned(e: grpc.RpcError) -> bool:
-    """True if the call ended on the client's side while the daemon may still be serving it
-    (not UNAVAILABLE: then the call did not reach a handler, or the daemon is stopping)."""
-    return e.code() in _ABANDONED
-
-
-def ranges_back(e: BaseException) -> bool:
-    """True if the daemon says every range a failed lending put named comes back through the
-    return ring (``kvtier.transport.shm_lend.RANGES_BACK``), so the segment can be kept. Any
-    other end (a cancel, an interrupt, no such promise) leaves that unknown."""
-    try:
-        trailing: Any = e.trailing_metadata()  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - not a call's error: nothing is known
-        return False
-    return any(item[0] == shm_mod.RANGES_BACK for item in (trailing or ()))
-
-
-def session_lost(e: grpc.RpcError) -> bool:
-    """True if the daemon no longer knows the client's shm session (transfers go inline)."""
-    return bool(e.code() == grpc.StatusCode.FAILED_PRECONDITION)
 
 
 class KVTierClient:

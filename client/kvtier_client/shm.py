@@ -20,6 +20,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 
 from kvtier_client.staging import StagingArea
@@ -249,3 +250,30 @@ class SessionSlot:
         if self.session is not None:
             self.session.close()
             self.session = None
+
+
+# -- what a failed call means for the session -------------------------------------------
+
+_ABANDONED = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+
+
+def abandoned(e: grpc.RpcError) -> bool:
+    """True if the call ended on the client's side while the daemon may still be serving it
+    (not UNAVAILABLE: then the call did not reach a handler, or the daemon is stopping)."""
+    return e.code() in _ABANDONED
+
+
+def ranges_back(e: BaseException) -> bool:
+    """True if the daemon says every range a failed lending put named comes back through the
+    return ring (``kvtier.transport.shm_lend.RANGES_BACK``), so the segment can be kept. Any
+    other end (a cancel, an interrupt, no such promise) leaves that unknown."""
+    try:
+        trailing: Any = e.trailing_metadata()  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - not a call's error: nothing is known
+        return False
+    return any(item[0] == RANGES_BACK for item in (trailing or ()))
+
+
+def session_lost(e: grpc.RpcError) -> bool:
+    """True if the daemon no longer knows the client's shm session (transfers go inline)."""
+    return bool(e.code() == grpc.StatusCode.FAILED_PRECONDITION)

@@ -56,9 +56,10 @@ class Relocator:
     background (see the module docstring). Thread-safe; :meth:`submit` never waits.
 
     A live session is copied out at most once per ``min_interval_s`` (any client may ask on
-    every put, and each job scans the memory tiers). For an ended session the job repeats, a
-    little later, until its segment could be unmapped (a put still in flight, a page mid-move
-    or a reader may hold a lent page for a moment), at most ``ENDED_TRIES`` times.
+    every put, and each job looks up every page the session lent). For an ended session the
+    job repeats, a little later, until its segment could be unmapped (a put still in flight, a
+    page mid-move or a reader may hold a lent page for a moment), at most ``ENDED_TRIES``
+    times.
     """
 
     ENDED_TRIES = 20
