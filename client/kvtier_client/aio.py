@@ -36,6 +36,7 @@ from kvtier_client.tensors import FetchedPage, Page
 from kvtier_client.wire import (
     DEFAULT_CHUNK_BYTES,
     GetAssembler,
+    Placement,
     WirePage,
     attach_request,
     copy_in,
@@ -44,7 +45,7 @@ from kvtier_client.wire import (
     get_request,
     inline_bytes,
     lend_in_segment,
-    overlapped,
+    overlaps,
     plan_in_segment,
     put_request,
     put_requests,
@@ -62,7 +63,7 @@ class AsyncKVTierClient:
     def __init__(self, target: str, namespace: str = "default", *, timeout_s: float = 30.0,
                  shared_memory: bool | str = "auto", shm_bytes: int = 256 << 20,
                  staging_bytes: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 overlap_copy: bool = False, lend_bytes: int | None = None) -> None:
+                 overlap_copy: bool | None = None, lend_bytes: int | None = None) -> None:
         self.target = target
         self.namespace = namespace
         self.timeout_s = timeout_s
@@ -147,9 +148,13 @@ class AsyncKVTierClient:
         lent = lend_in_segment(segment, wire)
         if lent is not None:  # as KVTierClient._lend
             fill = session.next_fill()
-            req = put_request(ns, wire, session.id, copy_in(segment, lent, fill), fill,
+            overlap = overlaps(self.overlap_copy, True, lent, wire, self.chunk_bytes)
+            offsets = lent.offsets if overlap else copy_in(segment, lent, fill)
+            req = put_request(ns, wire, session.id, offsets, fill,
                               (segment.ring_offset, segment.ring_slots))
             try:
+                if overlap:
+                    return await self._overlapped(segment, lent, fill, req, left)
                 lent_reply: pb.PutReply = await self._stub.Put(req, timeout=left)
             except BaseException as e:  # a cancel too
                 if not ranges_back(e):
@@ -158,13 +163,18 @@ class AsyncKVTierClient:
             return lent_reply
         plan = plan_in_segment(segment, wire)
         fill = session.next_fill()
-        if not (self.overlap_copy and overlapped(plan, wire, self.chunk_bytes)):
+        if not overlaps(self.overlap_copy, False, plan, wire, self.chunk_bytes):
             offsets = copy_in(segment, plan, fill)
             return await self._send_put(ns, wire, left, session.id, offsets, fill,
                                         segment.wants_reclaim())
+        return await self._overlapped(segment, plan, fill, put_request(
+            ns, wire, session.id, plan.offsets, fill, shm_reclaim=segment.wants_reclaim()), left)
+
+    async def _overlapped(self, segment: shm_mod.Segment, plan: Placement, fill: int,
+                          req: pb.PutRequest, left: float) -> pb.PutReply:
+        """The unary Put ``req``, its bytes copied here once the call went out."""
         segment.start_fill(fill)
-        call = self._stub.Put(put_request(ns, wire, session.id, plan.offsets, fill,
-                                          shm_reclaim=segment.wants_reclaim()), timeout=left)
+        call = self._stub.Put(req, timeout=left)
         await asyncio.sleep(0)  # lets the call's task send the request
         try:
             fill_segment(segment, plan, fill)

@@ -1,11 +1,15 @@
 """Copying put pages out of a segment: the daemon's own memory, checked there, and the fill
-protocol (bytes written while the call is in flight) with its failure modes."""
+protocol (bytes written while the call is in flight) with its failure modes, which lent pages
+(kept where they lie) follow too."""
 
 from __future__ import annotations
 
+import gc
 import mmap
+import struct
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -13,11 +17,29 @@ import pytest
 from kvtier.errors import Aborted, Conflict, InvalidArgument
 from kvtier.store.buffers import BufferPool
 from kvtier.transport.convert import Header
-from kvtier.transport.shm_copy import FILL_OFFSET, copy_pages
+from kvtier.transport.shm_copy import FILL_OFFSET, copy_pages, lent_pages
+from kvtier.transport.shm_lend import HEAD_OFFSET, ReturnRing
+from kvtier.types import Page
 
 SHAPE = (2, 64, 2, 64)  # float16: 32 KiB per tensor
 N = 2 * int(np.prod(SHAPE))
 BASE = 64
+RING = 1 << 19  # a return ring for lent pages, past the pages
+
+
+def _copied(mm: mmap.mmap, seg: memoryview, headers: list[Header], fill: int,
+            ended: threading.Event | None = None, **kw: float) -> list[Page]:
+    return copy_pages(seg, headers, fill, ended or threading.Event(), BufferPool(), **kw)
+
+
+def _lent(mm: mmap.mmap, seg: memoryview, headers: list[Header], fill: int,
+          ended: threading.Event | None = None, **kw: float) -> list[Page]:
+    ring = ReturnRing(mm, RING, 16, threading.Event())
+    return lent_pages(seg, ring, headers, fill, ended or threading.Event(), **kw)
+
+
+READS = pytest.mark.parametrize("read", [_copied, _lent], ids=["copied", "lent"])
+Read = Callable[..., list[Page]]
 
 
 def _segment() -> tuple[mmap.mmap, memoryview]:
@@ -52,7 +74,8 @@ def test_pages_are_copies_that_later_writes_do_not_reach() -> None:
     assert pages[0].k.is_contiguous() and pages[1].v.is_contiguous()
 
 
-def test_follows_a_writer_that_publishes_progress() -> None:
+@READS
+def test_follows_a_writer_that_publishes_progress(read: Read) -> None:
     mm, seg = _segment()
     src = _source(3, seed=1)
     words = np.frombuffer(mm, np.uint64, 2, FILL_OFFSET)
@@ -67,7 +90,7 @@ def test_follows_a_writer_that_publishes_progress() -> None:
 
     t = threading.Thread(target=write)
     t.start()
-    pages = copy_pages(seg, _headers(3), 7, threading.Event(), BufferPool())
+    pages = read(mm, seg, _headers(3), 7)
     t.join()
     _check(pages, src)
 
@@ -102,15 +125,21 @@ def test_number_changed_after_the_last_byte_aborts() -> None:
     t.join()
 
 
-def test_bytes_that_never_come_abort_after_the_timeout() -> None:
+@READS
+def test_bytes_that_never_come_abort_after_the_timeout(read: Read) -> None:
     mm, seg = _segment()
     words = np.frombuffer(mm, np.uint64, 2, FILL_OFFSET)
     words[1], words[0] = 1003, 7
     t0 = time.monotonic()
     with pytest.raises(Aborted) as info:
-        copy_pages(seg, _headers(1), 7, threading.Event(), BufferPool(), timeout_s=0.2)
+        read(mm, seg, _headers(1), 7, timeout_s=0.2)
     assert 0.2 <= time.monotonic() - t0 < 5
     assert "wrote 1000 of the put's 65536" in info.value.message  # rounded down to 8 bytes
+    if read is _lent:  # the range was lent: it comes back once nothing holds its array
+        del info
+        gc.collect()
+        assert struct.unpack_from("<Q", mm, HEAD_OFFSET) == (1,)
+        assert struct.unpack_from("<Q", mm, RING) == (BASE,)
 
 
 def test_session_end_stops_the_wait() -> None:
@@ -125,8 +154,9 @@ def test_session_end_stops_the_wait() -> None:
     assert time.monotonic() - t0 < 5 and info.value.field == "shm_session"
 
 
+@READS
 @pytest.mark.parametrize("fill", [0, 7])
-def test_nan_in_a_late_piece_is_refused_naming_the_tensor(fill: int) -> None:
+def test_nan_in_a_late_piece_is_refused_naming_the_tensor(read: Read, fill: int) -> None:
     mm, seg = _segment()
     src = _source(1)
     src.view(np.float16)[-3] = np.nan  # in v, near the end
@@ -134,5 +164,5 @@ def test_nan_in_a_late_piece_is_refused_naming_the_tensor(fill: int) -> None:
     words = np.frombuffer(mm, np.uint64, 2, FILL_OFFSET)
     words[1], words[0] = src.nbytes + 999, 7  # a count beyond the stream is clipped
     with pytest.raises(InvalidArgument) as info:
-        copy_pages(seg, _headers(1), fill, threading.Event(), BufferPool())
+        read(mm, seg, _headers(1), fill)
     assert info.value.field == "v" and "NaN" in info.value.message

@@ -304,3 +304,87 @@ def test_ended_sessions_holding_lent_pages_count_against_the_limit() -> None:
         reg.close_all()
         for s in segs:
             s.close()
+
+
+def _big_pages(count: int, seed: int) -> list[Page]:
+    rng = np.random.default_rng(seed)  # 512 KiB each: past the overlap threshold
+    return [Page(rng.standard_normal((4, 128, 4, 64)).astype(np.float16),
+                 rng.standard_normal((4, 128, 4, 64)).astype(np.float16))
+            for _ in range(count)]
+
+
+def _spy_fills(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The fill numbers of the puts whose bytes the client copied while the call was out."""
+    import kvtier_client.aio as aio_mod
+    import kvtier_client.shm as shm_client
+    import kvtier_client.wire as wire_mod
+
+    if not shm_client.OVERLAP_SAFE:
+        pytest.skip("overlapped puts are x86-64 only")
+    fills: list[int] = []
+    real = wire_mod.fill_segment
+
+    def spy(segment: object, plan: object, fill: int, *args: object) -> None:
+        fills.append(fill)
+        real(segment, plan, fill, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(wire_mod, "fill_segment", spy)  # what the sync client's copier runs
+    monkeypatch.setattr(aio_mod, "fill_segment", spy)  # what the asyncio client runs
+    return fills
+
+
+def test_large_lending_puts_copy_while_the_call_is_in_flight(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default a lending put of >= 256 KiB starts its call first and the daemon checks each
+    part where it lies as the client writes it; the page is kept there, whole. A NaN in the
+    last part is still refused, the segment kept, and the range comes back."""
+    from kvtier_client import InvalidArgumentError
+
+    fills = _spy_fills(monkeypatch)
+    store = daemon.context.store
+    big = _big_pages(3, seed=11)
+    with KVTierClient(daemon.grpc_address, "lend", lend_bytes=8 * MiB) as c:
+        assert c.put([b"b0"], [big[0]]) == ["stored"]
+        assert c.put([b"b1", b"b2"], [big[1], big[2]]) == ["stored"] * 2
+        c.put([b"small"], [make_page(1)])  # 16 KiB: copied before the call
+        assert fills == [1, 2]
+        session = c._shm.session
+        assert session is not None and session.segment.lend is not None
+        lend = session.segment.lend
+        lo, hi = _daemon_range(daemon, c)
+        for key, page in zip((b"b0", b"b1", b"b2"), big):
+            raw = store.get_raw("lend", [key])[0]
+            assert raw is not None and lo <= _addr(raw.k) < hi  # lent, not copied
+            del raw
+            got = c.get([key])[0]
+            assert got is not None and np.array_equal(got.k, page.k) \
+                and np.array_equal(got.v, page.v)
+        held = lend.used_bytes
+        bad = Page(big[0].k.copy(), big[0].v.copy())
+        bad.v[3, 127, 3, 63] = np.nan  # in the last piece the client writes
+        with pytest.raises(InvalidArgumentError, match="v holds NaN or Inf"):
+            c.put([b"bad"], [bad])
+        assert fills == [1, 2, 4] and c._shm.session is session
+        assert store.page_info("lend", b"bad") is None
+        assert wait_for(lambda: (session.segment.take_back(), lend.used_bytes)[1] == held)
+        assert c.put([b"after"], [big[2]]) == ["stored"] and c._shm.session is session
+    with KVTierClient(daemon.grpc_address, "lend-b", lend_bytes=8 * MiB,
+                      overlap_copy=False) as plain:  # copied before the call, still lent
+        assert plain.put([b"b0"], [big[0]]) == ["stored"]
+        got = plain.get([b"b0"])[0]
+        assert got is not None and np.array_equal(got.v, big[0].v)
+    assert fills == [1, 2, 4, 5]
+
+
+async def test_large_async_lending_puts_copy_while_the_call_is_in_flight(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvtier_client import AsyncKVTierClient
+
+    fills = _spy_fills(monkeypatch)
+    big = _big_pages(2, seed=12)
+    async with AsyncKVTierClient(daemon.grpc_address, "lend-aio", lend_bytes=4 * MiB) as a:
+        assert await a.put([b"b0", b"b1"], big) == ["stored"] * 2
+        assert fills == [1]
+        got = await a.get([b"b0", b"b1"])
+        assert all(g is not None and np.array_equal(g.k, p.k) and np.array_equal(g.v, p.v)
+                   for g, p in zip(got, big))

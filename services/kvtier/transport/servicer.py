@@ -155,6 +155,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
         if session is not None:
             left = context.time_remaining()
             ring = session.ring(ring_offset, ring_slots) if ring_slots else None
+            wait_s = FILL_TIMEOUT_S if left is None else min(left, FILL_TIMEOUT_S)
             with session.use(namespace) as seg:
                 if not context.is_active():  # the client gave up: its segment is not ours
                     raise Aborted("the call ended before its shared-memory bytes were read",
@@ -163,10 +164,9 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
                     ring.check_lend([(cast(int, h.shm_offset), 2 * h.nbytes)
                                      for h in shm_headers])
                     lent[0] = True
-                    copied = lent_pages(seg, ring, shm_headers)
+                    copied = lent_pages(seg, ring, shm_headers, fill, session.ended, wait_s)
                     ring.flush()
                 else:
-                    wait_s = FILL_TIMEOUT_S if left is None else min(left, FILL_TIMEOUT_S)
                     copied = copy_pages(seg, shm_headers, fill, session.ended,
                                         self._ctx.buffers, wait_s)
             for i, page in zip(shm_idx, copied):

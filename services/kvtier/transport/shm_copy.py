@@ -14,9 +14,11 @@ in the segment's fill words how much of that stream is written::
     16                 24                       32
     | fill number (u64) | bytes written (u64)   |
 
-The daemon copies each part as soon as it is written, so the client's copy and the daemon's
-overlap instead of adding up. The client uses this only on x86-64, whose stores become visible
-in program order: a count seen by the daemon implies the bytes before it are visible too.
+The daemon copies each part as soon as it is written (:func:`follow_fill`), so the client's
+copy and the daemon's overlap instead of adding up; for lent pages it checks each part where it
+lies, and the client's copy hides behind the start of the call. The client uses this only on
+x86-64, whose stores become visible in program order: a count seen by the daemon implies the
+bytes before it are visible too.
 
 The fill number is also the segment's generation: a client sets it before it writes a put's
 bytes (overlapped or not), and the daemon checks it before and after its copy. So a daemon
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import numpy as np
@@ -59,37 +61,51 @@ def copy_pages(seg: memoryview, headers: Sequence[Header], fill: int, ended: thr
     src = np.frombuffer(seg, np.uint8)
     bufs = [buffers.take(2 * h.nbytes) for h in headers]
     dsts = [buf.numpy() for buf in bufs]  # a page's k then v, as in the segment
+
+    def copy(i: int, a: int, b: int) -> None:
+        off = cast(int, headers[i].shm_offset)
+        dsts[i][a:b] = src[off + a:off + b]
+        _check(dsts[i], a, b, headers[i])
+
+    follow_fill(seg, [d.size for d in dsts], fill, ended, timeout_s, copy)
+    return [page_of_buffer(h, buf) for h, buf in zip(headers, bufs)]
+
+
+def lent_pages(seg: memoryview, ring: ReturnRing, headers: Sequence[Header], fill: int,
+               ended: threading.Event, timeout_s: float = FILL_TIMEOUT_S) -> list[Page]:
+    """The pages of ``headers`` where they lie in the segment, lent (see
+    :mod:`kvtier.transport.shm_lend`) and checked for NaN/Inf there, each part as soon as the
+    client wrote it (``fill``, as for :func:`copy_pages`). ``seg`` is in use (the session
+    cannot close meanwhile); every range goes back through ``ring`` when its page dies, also
+    when this raises."""
+    arrays = [ring.lend(cast(int, h.shm_offset), 2 * h.nbytes) for h in headers]
+    # all are lent first: on an error all come back
+    follow_fill(seg, [a.size for a in arrays], fill, ended, timeout_s,
+                lambda i, a, b: _check(arrays[i], a, b, headers[i]))
+    return [page_of_buffer(h, torch.from_numpy(arr)) for h, arr in zip(headers, arrays)]
+
+
+def follow_fill(seg: memoryview, sizes: Sequence[int], fill: int, ended: threading.Event,
+                timeout_s: float, step: Callable[[int, int, int], None]) -> None:
+    """Call ``step(i, a, b)`` for bytes ``[a, b)`` of page ``i`` (``sizes[i]`` bytes, k then
+    v) over the batch's stream, in order, each part once the client has written it: at once
+    for ``fill`` 0, else as the fill words say; then check that they still name ``fill``."""
     words = np.frombuffer(seg, np.uint64, 2, FILL_OFFSET) if fill else None
     deadline = time.monotonic() + timeout_s
-    total = sum(d.size for d in dsts)
-    done, start, i = 0, 0, 0  # stream bytes copied; where page i starts in the stream
+    total = sum(sizes)
+    done, start, i = 0, 0, 0  # stream bytes done; where page i starts in the stream
     while done < total:
         ready = (total if words is None
                  else _wait(words, fill, done, total, ended, deadline, timeout_s))
         while done < ready:
-            h, dst = headers[i], dsts[i]
-            a, b = done - start, min(ready - start, dst.size)
-            off = cast(int, h.shm_offset)
-            dst[a:b] = src[off + a:off + b]
-            _check(dst, a, b, h)
+            a, b = done - start, min(ready - start, sizes[i])
+            step(i, a, b)
             done = start + b
-            if b == dst.size:
+            if b == sizes[i]:
                 start, i = done, i + 1
     if words is not None and int(words[0]) != fill:
-        raise Aborted("the client reused its segment while the daemon copied this put's bytes",
+        raise Aborted("the client reused its segment while the daemon read this put's bytes",
                       field="shm_fill")
-    return [page_of_buffer(h, buf) for h, buf in zip(headers, bufs)]
-
-
-def lent_pages(seg: memoryview, ring: ReturnRing, headers: Sequence[Header]) -> list[Page]:
-    """The pages of ``headers`` where they lie in the segment, lent (see
-    :mod:`kvtier.transport.shm_lend`) and checked for NaN/Inf there. ``seg`` is in use (the
-    session cannot close meanwhile); every range goes back through ``ring`` when its page dies,
-    also when this raises."""
-    arrays = [ring.lend(cast(int, h.shm_offset), 2 * h.nbytes) for h in headers]
-    for h, arr in zip(headers, arrays):  # all are lent first: on an error all come back
-        _check(arr, 0, arr.size, h)
-    return [page_of_buffer(h, torch.from_numpy(arr)) for h, arr in zip(headers, arrays)]
 
 
 def _check(dst: np.ndarray, a: int, b: int, h: Header) -> None:
