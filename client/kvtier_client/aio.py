@@ -129,7 +129,8 @@ class AsyncKVTierClient:
                 session = await self._session(ns)
                 if session is not None:
                     try:
-                        return await self._put_shm(session, ns, wire, left)
+                        with session.put_guard():
+                            return await self._put_shm(session, ns, wire, left)
                     except grpc.RpcError as e:
                         if not session_lost(e):
                             self._retire_if_abandoned(e)

@@ -205,7 +205,8 @@ class KVTierClient:
                 session = self._session(ns)
                 if session is not None:
                     try:
-                        return self._put_shm(session, ns, wire, left)
+                        with session.put_guard():
+                            return self._put_shm(session, ns, wire, left)
                     except grpc.RpcError as e:
                         if not session_lost(e):
                             self._retire_if_abandoned(e)
@@ -287,10 +288,9 @@ class KVTierClient:
         """A page to fill in place and put without a client copy (see
         :mod:`kvtier_client.staging`); needs ``staging_bytes``. ``k`` and ``v`` are numpy
         arrays in the shared-memory segment, or ordinary arrays where there is no session or
-        no room. Once ``put`` returned the daemon holds its own copy: refill the page for the
-        next key, or give its slot back with :meth:`release_page`. After a put of it that
-        failed on its deadline (or was cancelled) release it instead: the daemon may still
-        read it late."""
+        no room. Once ``put`` returned or raised, refill the page for the next key (the
+        daemon holds its own copy, or stores nothing for a put that raised), or give its slot
+        back with :meth:`release_page`."""
         with self._shm_lock:
             session = self._session(namespace or self.namespace)
             return new_page(session.segment if session is not None else None,

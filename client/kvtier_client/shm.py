@@ -17,6 +17,8 @@ import mmap
 import os
 import platform
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +184,27 @@ class Session:
         self._fills += 1
         return self._fills
 
+    def void_fill(self) -> None:
+        """End the segment's last put for any handler still reading it: the daemon checks the
+        fill number after reading a put's bytes, finds another one and answers ABORTED, so
+        bytes written from now on (a staged page refilled after its put failed on a deadline)
+        are never stored under that put's keys."""
+        try:
+            self.segment.start_fill(self.next_fill())
+        except ValueError:  # unmapped already: nothing of it can be written again
+            pass
+
+    @contextmanager
+    def put_guard(self) -> Iterator[None]:
+        """Around a put through this session: if it raises, :meth:`void_fill`."""
+        try:
+            yield
+        except BaseException:
+            self.void_fill()
+            raise
+
     def close(self) -> None:
+        self.void_fill()
         self.call.cancel()
         self.segment.close()
 

@@ -16,10 +16,11 @@ Segment layout with a staging area (``staging_bytes`` at the client)::
 The daemon cannot tell staging slots from the request area; it reads a put page at the offset
 the client names and writes get replies only into ``[64, request_end)``.
 
-A staged page is the caller's memory: the put generation that protects the request area
-(``kvtier.transport.shm_copy``) does not cover it. After a put of a staged page that ended
-with DEADLINE_EXCEEDED or CANCELLED the daemon may still read the page late, so release it
-rather than refill it.
+A staged page is the caller's memory, refilled at will between puts. A put that raised (a
+deadline, a cancel) may still be read late by the daemon; the client then moves the segment's
+fill number on (``Session.void_fill``) before it raises, and the daemon, which checks that
+number after reading a put's bytes (``kvtier.transport.shm_copy``), stores nothing for such a
+put, so a page refilled afterwards is never stored under the failed put's keys.
 """
 
 from __future__ import annotations

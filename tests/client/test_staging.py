@@ -118,3 +118,77 @@ async def test_async_client_stages_pages_too(daemon: Daemon) -> None:
         assert await c.put([b"a"], [page]) == ["stored"]
         assert same((await c.get([b"a"]))[0], page)
         await c.release_page(page)
+
+
+def test_a_staged_page_refilled_after_an_abandoned_put_is_never_stored_late(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon reads a staged put late (queued, slow); the client's deadline passed and
+    the worker refilled the page. The late put must store nothing: the refilled bytes are not
+    the page its key names. (The client marks the segment it leaves behind as reused.)"""
+    import threading
+    import time
+
+    import kvtier.transport.servicer as servicer_mod
+    from kvtier_client import DeadlineExceededError
+
+    real = servicer_mod.copy_pages
+    done = threading.Event()
+
+    def late(*args: object, **kw: object) -> object:
+        time.sleep(0.6)  # the client times out and the worker refills meanwhile
+        try:
+            return real(*args, **kw)  # type: ignore[arg-type]
+        finally:
+            done.set()
+
+    with KVTierClient(daemon.grpc_address, "t", shm_bytes=1 << 20,
+                      staging_bytes=256 << 10) as c:
+        page = fill(c.staged_page(SHAPE), 1)
+        monkeypatch.setattr(servicer_mod, "copy_pages", late)
+        with pytest.raises(DeadlineExceededError):
+            c.put([b"old"], [page], timeout_s=0.2)
+        fill(page, 2)  # the worker reuses the page for its next chunk
+        assert done.wait(5)
+        monkeypatch.undo()
+        time.sleep(0.1)  # the late handler's store, had it gone on
+        assert daemon.context.store.page_info("t", b"old") is None
+        assert c.put([b"new"], [page]) == ["stored"]
+        assert same(c.get([b"new"])[0], page) and c.get([b"old"]) == [None]
+
+
+async def test_an_async_staged_put_cancelled_by_its_task_is_never_stored_late(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above with the asyncio client, whose put is cancelled by its task (no gRPC error)."""
+    import asyncio
+    import threading
+    import time
+
+    import kvtier.transport.servicer as servicer_mod
+
+    real = servicer_mod.copy_pages
+    started, done = threading.Event(), threading.Event()
+
+    def late(*args: object, **kw: object) -> object:
+        started.set()
+        time.sleep(0.6)
+        try:
+            return real(*args, **kw)  # type: ignore[arg-type]
+        finally:
+            done.set()
+
+    async with AsyncKVTierClient(daemon.grpc_address, "t", shm_bytes=1 << 20,
+                                 staging_bytes=256 << 10) as a:
+        page = fill(await a.staged_page(SHAPE), 1)
+        monkeypatch.setattr(servicer_mod, "copy_pages", late)
+        task = asyncio.create_task(a.put([b"old"], [page]))
+        assert await asyncio.to_thread(started.wait, 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        fill(page, 2)
+        assert await asyncio.to_thread(done.wait, 5)
+        monkeypatch.undo()
+        await asyncio.sleep(0.1)
+        assert daemon.context.store.page_info("t", b"old") is None
+        assert await a.put([b"new"], [page]) == ["stored"]
+        assert same((await a.get([b"new"]))[0], page)

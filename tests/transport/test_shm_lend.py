@@ -373,7 +373,7 @@ def test_large_lending_puts_copy_while_the_call_is_in_flight(
         assert plain.put([b"b0"], [big[0]]) == ["stored"]
         got = plain.get([b"b0"])[0]
         assert got is not None and np.array_equal(got.v, big[0].v)
-    assert fills == [1, 2, 4, 5]
+    assert fills == [1, 2, 4, 6]  # the failed "bad" (4) voided 5
 
 
 async def test_large_async_lending_puts_copy_while_the_call_is_in_flight(
