@@ -1,4 +1,6 @@
-"""The tier engine: places pages, moves them between tiers, makes room, evicts.
+"""The tier engine: the tier stack's state (page index, memory backends, counters) under one
+lock, and what works on it: making room, evicting, reading, deleting. New pages are placed by
+:mod:`kvtier.store.placement`, moved between tiers by :mod:`kvtier.store.moves`.
 
 Locking: one condition variable (``cond``) guards the page index, the memory backends and the
 counters. Every step that costs time — copying to the device, encoding, decoding, transcoding,
@@ -19,36 +21,27 @@ Nothing here logs per page.
 
 from __future__ import annotations
 
-import enum
 import logging
 import threading
 import time
 from collections.abc import Sequence
 
 from kvtier.config import Settings
-from kvtier.errors import BackendUnavailable, CorruptPage
-from kvtier.store.index import MoveTicket, PageIndex, PageState
+from kvtier.errors import BackendUnavailable
+from kvtier.store import moves
+from kvtier.store.index import PageIndex, PageState
+from kvtier.store.moves import MoveResult
 from kvtier.store.policy import LRUPolicy, PageMeta, Policy
-from kvtier.store.redis_tier import RedisTier, RemoteMeta
+from kvtier.store.redis_tier import RedisTier
 from kvtier.store.stats import CodecClock, TierCounters, TierStats
 from kvtier.store.tiers import (
-    Converter, MemoryBackend, Stored, TierLimits, TierSpec, blob_of, build_specs,
-    resolve_device, stored_size,
+    Converter, MemoryBackend, Stored, TierLimits, TierSpec, build_specs, resolve_device,
 )
 from kvtier.types import EvictionReason, Medium, Page, PageId, Precision
 
 log = logging.getLogger(__name__)
 
 WAIT_SLICE_S = 0.02
-
-
-class MoveResult(enum.Enum):
-    MOVED = "moved"
-    BUSY = "busy"  # absent from the index, mid-move, or already in the target tier
-    GONE = "gone"  # vanished from its backend (deleted elsewhere, corrupt): dropped
-    NO_ROOM = "no_room"
-    TOO_BIG = "too_big"  # larger than the whole target tier
-    DOWN = "down"  # Redis was needed and is down
 
 
 class TierEngine:
@@ -166,99 +159,9 @@ class TierEngine:
     # -- moving -------------------------------------------------------------------------------
 
     def move(self, pid: PageId, dst: int) -> MoveResult:
-        """Move one page to tier ``dst`` (up or down): prepare, copy, commit."""
-        with self.cond:
-            ticket = self.index.begin_move(pid, dst)
-            if ticket is None:
-                return MoveResult.BUSY
-            src_backend = self.memory[ticket.src]
-            data: Stored | None = src_backend.get(pid) if src_backend is not None else None
-            rec = self.index.get(pid)
-            nbytes = rec.nbytes if rec is not None else 0
-            chain = rec.chain_position if rec is not None else 0
-            precision = rec.precision if rec is not None else Precision.FULL
-            src_token = rec.remote_token if rec is not None else None
-        size = 0
-        reserved = False
-        token: str | None = None
-        try:
-            if not self.tier_up(dst):
-                raise BackendUnavailable("redis tier is down", field="redis")
-            if data is None:
-                got = self.redis_or_raise().read(pid)
-                if got is None:
-                    self._drop(ticket, None)
-                    return MoveResult.GONE
-                data = got[0]
-            try:
-                new, prec = self.converter.to_tier(data, self.specs[dst])
-            except CorruptPage:  # includes NonFinitePage: a lent page its client changed
-                if self._drop(ticket, EvictionReason.CORRUPT) and src_token is not None:
-                    self.redis_delete_quietly([(pid, src_token)])
-                return MoveResult.GONE
-            size = stored_size(new)
-            if size > self.limits[dst].capacity_bytes:
-                self._abort(ticket, 0)
-                return MoveResult.TOO_BIG
-            if not self.reserve(dst, size):
-                self._abort(ticket, 0)
-                return MoveResult.NO_ROOM
-            reserved = True
-            if dst == self.redis_tier:
-                token = self.redis_or_raise().write(
-                    pid, blob_of(new), RemoteMeta(min(precision, prec), nbytes, size, chain))
-        except BackendUnavailable:
-            self._abort(ticket, size if reserved else 0)
-            return MoveResult.DOWN
-        except BaseException:
-            self._abort(ticket, size if reserved else 0)
-            raise
-        with self.cond:
-            ok = self.index.commit_move(ticket, size, prec, token)
-            if ok:
-                dst_backend = self.memory[dst]
-                if dst_backend is not None:
-                    dst_backend.put(pid, new)
-                if src_backend is not None:
-                    src_backend.pop(pid)
-                if dst > ticket.src:
-                    self.counters[ticket.src].demotions += 1
-                else:
-                    self.counters[dst].promotions += 1
-                    # a promotion announces a use: stamp it now, or the page would be the
-                    # freshest victim of the very make-room that follows
-                    self.index.touch(pid, time.time(), count=False)
-            else:
-                self.index.release(dst, size)
-            self.cond.notify_all()
-        if ok and src_token is not None:
-            self.redis_delete_quietly([(pid, src_token)])
-        elif not ok and token is not None:
-            self.redis_delete_quietly([(pid, token)])  # the page was deleted meanwhile
-        return MoveResult.MOVED if ok else MoveResult.GONE
-
-    def _abort(self, ticket: MoveTicket, size: int) -> None:
-        with self.cond:
-            if size:
-                self.index.release(ticket.dst, size)
-            self.index.abort_move(ticket)
-            self.cond.notify_all()
-
-    def _drop(self, ticket: MoveTicket, reason: EvictionReason | None) -> bool:
-        """The source bytes are gone or corrupt: the page leaves the cache (never served)."""
-        with self.cond:
-            rec = self.index.get(ticket.page)
-            if rec is None or rec.version != ticket.version:
-                return False
-            self.index.remove(ticket.page)
-            backend = self.memory[ticket.src]
-            if backend is not None:
-                backend.pop(ticket.page)
-            if reason is not None:
-                self.counters[ticket.src].evictions[reason.value] += 1
-            self.cond.notify_all()
-        self.forget([ticket.page])
-        return True
+        """Move one page to tier ``dst`` (up or down): prepare, copy, commit
+        (:func:`kvtier.store.moves.move`)."""
+        return moves.move(self, pid, dst)
 
     def evict(self, pid: PageId, tier: int, reason: EvictionReason,
               only: Stored | None = None) -> bool:

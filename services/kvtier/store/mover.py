@@ -19,7 +19,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from kvtier.store.engine import WAIT_SLICE_S, MoveResult, TierEngine
+from kvtier.store.engine import WAIT_SLICE_S, TierEngine
+from kvtier.store.moves import MoveResult
 from kvtier.store.index import PageState
 from kvtier.types import PageId
 

@@ -34,7 +34,8 @@ from kvtier.config import Settings
 from kvtier.errors import CorruptPage, InvalidArgument, UnknownTier
 from kvtier.pages import check_key, check_keys, check_namespace, dtype_name, make_page
 from kvtier.store.access_log import AccessLog
-from kvtier.store.engine import MoveResult, TierEngine
+from kvtier.store.engine import TierEngine
+from kvtier.store.moves import MoveResult
 from kvtier.store.mover import Mover, prefetch_pass, rebalance_tier, relocate
 from kvtier.store.placement import check_fits, choose_tier, place
 from kvtier.store.policy import AccessEvent, AccessKind, LRUPolicy, Policy
