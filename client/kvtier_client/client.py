@@ -116,7 +116,9 @@ class KVTierClient:
     as it is written. x86-64 only; ignored elsewhere. The default (None) does so for puts
     that lend their pages (below), whose copy then hides behind the call's start (about 8%
     faster for 2 MiB pages on a 2-core host), but not for puts the daemon copies, where the
-    two copies compete for the same cores and it measured no faster (see the README).
+    two copies compete for the same cores and it measured no faster (see the README). The
+    copier thread needs the GIL between pieces: in a process whose other threads hold it for
+    long stretches (long C calls) an overlapped put waits for each piece, so turn it off there.
 
     ``lend_bytes``: a lend area of that size in the segment (default: a quarter of the
     segment, at most 64 MiB; 0: none). A put whose pages fit there lends them: the daemon keeps
@@ -289,8 +291,9 @@ class KVTierClient:
         :mod:`kvtier_client.staging`); needs ``staging_bytes``. ``k`` and ``v`` are numpy
         arrays in the shared-memory segment, or ordinary arrays where there is no session or
         no room. Once ``put`` returned or raised, refill the page for the next key (the
-        daemon holds its own copy, or stores nothing for a put that raised), or give its slot
-        back with :meth:`release_page`."""
+        daemon holds its own copy, or stores nothing for a put that raised; off x86-64,
+        release a page whose put raised instead), or give its slot back with
+        :meth:`release_page`."""
         with self._shm_lock:
             session = self._session(namespace or self.namespace)
             return new_page(session.segment if session is not None else None,

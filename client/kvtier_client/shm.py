@@ -17,6 +17,7 @@ import mmap
 import os
 import platform
 import secrets
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +44,7 @@ OVERLAP_SAFE = platform.machine().lower() in ("x86_64", "amd64")
 """Whether this host may start a put's call before its copy (``overlap_copy``): only where
 stores become visible to the daemon in program order (x86-64)."""
 SHM_DIR = Path("/dev/shm")
+_FENCE = threading.Lock()
 
 
 def align_up(n: int) -> int:
@@ -138,11 +140,16 @@ class Segment:
         return np.frombuffer(self._mm, np.uint64, 2, FILL_OFFSET)
 
     def start_fill(self, fill: int) -> None:
-        """Announce the put ``fill`` with nothing written yet (before its call starts)."""
+        """Announce the put ``fill`` with nothing written yet (before its call starts), and
+        fence: what this thread writes next (a page copy, a refilled staged page, which may
+        use non-temporal stores that x86-64 does not keep in order with earlier stores)
+        becomes visible only after the new number."""
         words = self.fill_words()
         words[1] = 0
         words[0] = fill
         del words
+        with _FENCE:  # a locked instruction: a full barrier on x86-64
+            pass
 
     def staged_offset(self, data: memoryview) -> int | None:
         """Where ``data`` starts in the staging area, or None if it lies elsewhere."""

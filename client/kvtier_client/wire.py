@@ -261,11 +261,18 @@ class Filler:
         self._thread: threading.Thread | None = None
 
     def start(self, segment: shm_mod.Segment, plan: Placement, fill: int) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="kvtier-shm-fill",
-                                            daemon=True)
-            self._thread.start()
+        """Have the copier fill ``plan``; where no thread can be started (a thread limit),
+        fill it here and now, before the caller's call, as a put that does not overlap."""
         self._done.clear()
+        if self._thread is None:
+            thread = threading.Thread(target=self._run, name="kvtier-shm-fill", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:
+                self._done.set()
+                fill_segment(segment, plan, fill)
+                return
+            self._thread = thread
         self._jobs.put((segment, plan, fill))
 
     def wait(self, quiet: bool = False) -> None:

@@ -388,3 +388,57 @@ async def test_large_async_lending_puts_copy_while_the_call_is_in_flight(
         got = await a.get([b"b0", b"b1"])
         assert all(g is not None and np.array_equal(g.k, p.k) and np.array_equal(g.v, p.v)
                    for g, p in zip(got, big))
+
+
+def test_a_client_stalled_mid_fill_gets_its_put_stored_within_its_deadline(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon waits for an overlapped put's bytes as long as the call's deadline, not a
+    fixed while: a client paused mid-copy (its GIL held elsewhere, a full GC) is late, not
+    refused."""
+    import time
+
+    import kvtier.transport.servicer as servicer_mod
+    import kvtier_client.wire as wire_mod
+
+    fills = _spy_fills(monkeypatch)
+    spy = wire_mod.fill_segment
+
+    def stalled(*args: object) -> None:
+        time.sleep(0.5)
+        spy(*args)
+
+    monkeypatch.setattr(wire_mod, "fill_segment", stalled)
+    monkeypatch.setattr(servicer_mod, "FILL_TIMEOUT_S", 0.2)  # only for calls without one
+    big = _big_pages(1, seed=13)[0]
+    with KVTierClient(daemon.grpc_address, "lend", lend_bytes=8 * MiB) as c:
+        assert c.put([b"late"], [big], timeout_s=10) == ["stored"] and fills == [1]
+        got = c.get([b"late"])[0]
+        assert got is not None and np.array_equal(got.v, big.v)
+
+
+def test_without_a_copier_thread_an_overlapped_put_copies_first(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where no thread can be started (a thread limit), the put copies before its call
+    instead of failing, and the next put tries for the copier again."""
+    import threading
+
+    fills = _spy_fills(monkeypatch)
+    real_start = threading.Thread.start
+    refused: list[str] = []
+
+    def start(self: threading.Thread) -> None:
+        if self.name == "kvtier-shm-fill" and not refused:
+            refused.append(self.name)
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    big = _big_pages(2, seed=14)
+    with KVTierClient(daemon.grpc_address, "lend", lend_bytes=8 * MiB) as c:
+        assert c.put([b"a"], [big[0]], timeout_s=5) == ["stored"] and refused
+        assert c.put([b"b"], [big[1]], timeout_s=5) == ["stored"]
+        assert fills == [1, 2]
+        assert any(t.name == "kvtier-shm-fill" for t in threading.enumerate())
+        got = c.get([b"a", b"b"])
+        assert all(g is not None and np.array_equal(g.k, p.k) and np.array_equal(g.v, p.v)
+                   for g, p in zip(got, big))

@@ -155,7 +155,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
         if session is not None:
             left = context.time_remaining()
             ring = session.ring(ring_offset, ring_slots) if ring_slots else None
-            wait_s = FILL_TIMEOUT_S if left is None else min(left, FILL_TIMEOUT_S)
+            wait_s = FILL_TIMEOUT_S if left is None else left  # the bytes may come late
             with session.use(namespace) as seg:
                 if not context.is_active():  # the client gave up: its segment is not ours
                     raise Aborted("the call ended before its shared-memory bytes were read",

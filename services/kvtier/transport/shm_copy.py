@@ -24,8 +24,11 @@ The fill number is also the segment's generation: a client sets it before it wri
 bytes (overlapped or not), and the daemon checks it before and after its copy. So a daemon
 still busy with a put the client gave up on (deadline, cancel) notices that the client reused
 the segment, and that put is ABORTED and stores nothing, instead of storing the next put's
-bytes under its keys. If the bytes do not arrive within the call's deadline (at most
-``FILL_TIMEOUT_S``) the put is ABORTED; if the session ends meanwhile, FAILED_PRECONDITION.
+bytes under its keys. If the bytes do not arrive within the call's deadline (``FILL_TIMEOUT_S``
+for a call without one) the put is ABORTED; if the session ends meanwhile,
+FAILED_PRECONDITION. The wait is the call's own deadline, not shorter: a client stalled for a
+while (a long call holding its GIL, a full garbage collection) gets its put stored late, as it
+would have with its bytes copied before the call, rather than an error.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from kvtier.transport.shm_lend import ReturnRing
 from kvtier.types import Page
 
 FILL_OFFSET = 16
-FILL_TIMEOUT_S = 2.0
+FILL_TIMEOUT_S = 30.0  # how long a put without a deadline waits for its bytes
 _SPINS = 64  # polls before the waiting thread starts yielding the GIL
 _YIELDS = 4000  # then sleep(0) polls before it sleeps 100 us between polls
 
