@@ -107,6 +107,7 @@ class Settings(BaseSettings):
 
     max_page_bytes: int = Field(default=256 * MiB, gt=0)
     host_buffer_pool_bytes: int = Field(default=64 * MiB, ge=0)  # kvtier.store.buffers
+    host_buffer_reserve_bytes: int = Field(default=32 * MiB, ge=0)  # faulted in ahead of use
     max_key_bytes: int = Field(default=1024, ge=1, le=65536)
     max_batch: int = Field(default=4096, ge=1)
     mover_interval_s: float = Field(default=0.05, gt=0)
@@ -134,6 +135,15 @@ class Settings(BaseSettings):
         if tiers[0].medium is Medium.REDIS:
             raise ValueError("the first tier must be in memory")
         return tiers
+
+    @model_validator(mode="after")
+    def _buffer_reserve(self) -> Settings:
+        if self.host_buffer_reserve_bytes > self.host_buffer_pool_bytes:
+            raise ValueError(
+                f"host_buffer_reserve_bytes ({self.host_buffer_reserve_bytes}) must not exceed "
+                f"host_buffer_pool_bytes ({self.host_buffer_pool_bytes}): the reserve is kept "
+                f"in the pool")
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -136,7 +136,7 @@ class Daemon:
         store = TierStore(s, policy)
         store.start()
         try:
-            buffers = BufferPool(s.host_buffer_pool_bytes)
+            buffers = BufferPool(s.host_buffer_pool_bytes, s.host_buffer_reserve_bytes)
             ctx = DaemonContext(settings=s, store=store, buffers=buffers,
                                 relocator=Relocator(store, buffers))
             server, port = make_grpc_server(ctx, s.grpc_host, s.grpc_port, shm=self._shm,
@@ -188,6 +188,7 @@ class Daemon:
                 n = ctx.store.drain()
                 log.info("drained %d memory-tier pages to the redis tier", n)
             ctx.store.close()
+            ctx.buffers.close()
             ctx.store.policy.close()
             ctx.health.set(Readiness.STOPPED)
             self._stopped.set()

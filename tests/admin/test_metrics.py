@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -141,6 +143,24 @@ def test_buffer_pool_metrics_follow_the_pool(quiet: Admin) -> None:
     assert value(m, "kvtier_buffer_pool_free_bytes") == 0
     del again
     assert value(scrape(quiet), "kvtier_buffer_pool_free_bytes") == 4096
+
+
+def test_buffers_faulted_in_ahead_are_counted(quiet: Admin) -> None:
+    from kvtier.admin.metrics import DaemonMetrics
+    from kvtier.store.buffers import BufferPool
+
+    ctx = quiet.context
+    pool = BufferPool(1 << 20, reserve_bytes=1 << 18)
+    metrics = DaemonMetrics(ctx.store, ctx.rpc_stats, ctx.started_at, pool)
+    assert "kvtier_buffer_pool_prefaulted_bytes_total 0.0" in metrics.render().decode()
+    buf = pool.take(1 << 16)
+    deadline = time.monotonic() + 5
+    while pool.prefaulted_bytes < 1 << 18 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert f"kvtier_buffer_pool_prefaulted_bytes_total {float(1 << 18)}" in \
+        metrics.render().decode()
+    pool.close()
+    del buf
 
 
 def test_lent_pages_copied_out_are_counted(quiet: Admin) -> None:

@@ -113,3 +113,54 @@ def test_threads_never_hold_the_same_memory() -> None:
     assert errors == []
     assert pool.hits > 0
     assert pool.free_bytes <= 8 * N
+
+
+def _wait_for(cond: object, timeout_s: float = 5.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():  # type: ignore[operator]
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_a_reserve_is_faulted_in_ahead_and_refilled_as_puts_take_it() -> None:
+    """A growing cache has no dead pages to reuse: the reserve thread keeps buffers of the
+    size puts ask for ready, so the next takes are hits, and tops the reserve up again."""
+    pool = BufferPool(8 * N, reserve_bytes=4 * N)
+    first = pool.take(N)  # a miss: the thread starts and fills the reserve
+    assert _wait_for(lambda: pool.free_bytes == 4 * N)
+    assert pool.prefaulted_bytes == 4 * N and (pool.hits, pool.misses) == (0, 1)
+    kept = [pool.take(N) for _ in range(2)]
+    assert (pool.hits, pool.misses) == (2, 1)
+    assert _wait_for(lambda: pool.free_bytes == 4 * N)  # topped up again
+    assert pool.prefaulted_bytes == 6 * N
+    assert len({t.data_ptr() for t in (first, *kept)}) == 3
+    threads = [t for t in threading.enumerate() if t.name == "kvtier-buffer-reserve"]
+    assert threads
+    pool.close()
+    assert _wait_for(lambda: not any(t.is_alive() for t in threads))
+    del first, kept
+    gc.collect()
+    assert pool.free_bytes <= 8 * N  # returns still respect the bound
+
+
+def test_no_reserve_no_thread_and_the_reserve_fits_the_pool() -> None:
+    pool = BufferPool(8 * N)
+    buf = pool.take(N)
+    assert pool.free_bytes == 0 and pool.prefaulted_bytes == 0 and pool._thread is None
+    del buf
+    with pytest.raises(ValueError, match="reserve_bytes must be within 0..65536"):
+        BufferPool(N, reserve_bytes=2 * N)
+
+
+def test_the_settings_refuse_a_reserve_larger_than_the_pool() -> None:
+    from pydantic import ValidationError
+
+    from kvtier.config import Settings
+
+    with pytest.raises(ValidationError, match="host_buffer_reserve_bytes .* must not exceed"):
+        Settings(host_buffer_pool_bytes=1 << 20, host_buffer_reserve_bytes=2 << 20)
+    assert Settings(host_buffer_pool_bytes=0, host_buffer_reserve_bytes=0)

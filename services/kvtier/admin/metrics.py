@@ -267,6 +267,11 @@ class StoreCollector(Collector):
         takes.add_metric(["hit"], pool.hits)
         takes.add_metric(["miss"], pool.misses)
         yield takes
+        ahead = CounterMetricFamily("kvtier_buffer_pool_prefaulted_bytes",
+                                    "Page buffer bytes faulted in ahead of use by the reserve "
+                                    "thread (KVTIER_HOST_BUFFER_RESERVE_BYTES).")
+        ahead.add_metric([], pool.prefaulted_bytes)
+        yield ahead
 
     def _rpc(self) -> Iterable[Metric]:
         received = CounterMetricFamily(

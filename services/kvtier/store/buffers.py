@@ -16,6 +16,14 @@ hands them out again. A buffer goes back when the last view of it is gone: :meth
 returns ``torch.from_numpy`` of a fresh ndarray view of the buffer. torch keeps that ndarray
 alive as long as any tensor shares the storage (the page's k and v are such views, and so is
 ``tensor.numpy()`` of them), and a finalizer on the ndarray returns the buffer.
+
+A cache that grows has no dead pages to reuse: every page kept needs fresh memory, and on the
+development VM touching fresh memory runs at 1.2-1.3 GiB/s (about 1.6 ms per 2 MiB, huge
+pages or not), in the put's own copy. With ``reserve_bytes`` a background thread keeps that
+many bytes of buffers, of the size puts last asked for, faulted in ahead of use, so the
+faults happen beside the puts rather than in them: 256 puts of distinct 2 MiB pages went
+from 0.66-0.72 to 0.97-1.00 GB/s with a 32 MiB reserve. The reserve counts against
+``max_free_bytes``; with pages dying as fast as they come it is the pool's own buffers.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import weakref
 
 import numpy as np
 import torch
+
+_OS_PAGE = 4096
 
 
 class BufferPool:
@@ -37,15 +47,24 @@ class BufferPool:
     taken it lets the buffer go instead of keeping it.
     """
 
-    def __init__(self, max_free_bytes: int = 64 << 20) -> None:
+    def __init__(self, max_free_bytes: int = 64 << 20, reserve_bytes: int = 0) -> None:
         if max_free_bytes < 0:
             raise ValueError(f"max_free_bytes must be >= 0, got {max_free_bytes}")
+        if not 0 <= reserve_bytes <= max_free_bytes:
+            raise ValueError(f"reserve_bytes must be within 0..{max_free_bytes}, got "
+                             f"{reserve_bytes}")
         self.max_free_bytes = max_free_bytes
+        self.reserve_bytes = reserve_bytes
         self._lock = threading.Lock()
         self._free: dict[int, list[np.ndarray]] = {}
         self._free_bytes = 0
         self.hits = 0
         self.misses = 0
+        self.prefaulted_bytes = 0  # made ahead of use by the reserve thread
+        self._wanted = 0  # the size the last take that left the pool under the reserve asked for
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None
 
     @property
     def free_bytes(self) -> int:
@@ -70,11 +89,53 @@ class BufferPool:
                 self.misses += 1
                 if self._free_bytes + nbytes > self.max_free_bytes:
                     self._drop_other(nbytes)
+            if self._free_bytes + nbytes <= self.reserve_bytes and not self._closed:
+                self._wanted = nbytes
+                self._refill()
         if base is None:
             base = np.empty(nbytes, np.uint8)
         arr = base.view()  # a new array object whose lifetime tracks every view made from it
         weakref.finalize(arr, self._give, base)
         return torch.from_numpy(arr)
+
+    def close(self) -> None:
+        """End the reserve thread; buffers already kept stay usable."""
+        self._closed = True
+        self._wake.set()
+
+    def _refill(self) -> None:
+        """Under the lock: have the reserve thread top the pool up (started on first need)."""
+        if self._thread is None:
+            thread = threading.Thread(target=self._keep_reserve, name="kvtier-buffer-reserve",
+                                      daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # no thread to be had: puts fault their own memory in
+                self.reserve_bytes = 0
+                return
+            self._thread = thread
+        self._wake.set()
+
+    def _keep_reserve(self) -> None:
+        """Fault buffers of the wanted size in and keep them until ``reserve_bytes`` are free."""
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while not self._closed:
+                with self._lock:
+                    n = self._wanted
+                    if not n or self._free_bytes + n > self.reserve_bytes:
+                        break
+                base = np.empty(n, np.uint8)
+                base[::_OS_PAGE] = 0  # one write per page faults it in
+                with self._lock:
+                    if self._free_bytes + n > self.max_free_bytes:
+                        break
+                    self._free.setdefault(n, []).append(base)
+                    self._free_bytes += n
+                    self.prefaulted_bytes += n
+            if self._closed:
+                return
 
     def _drop_other(self, nbytes: int) -> None:
         """Under the lock: let go one kept buffer of the size holding the most bytes."""
