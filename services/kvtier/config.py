@@ -107,7 +107,8 @@ class Settings(BaseSettings):
 
     max_page_bytes: int = Field(default=256 * MiB, gt=0)
     host_buffer_pool_bytes: int = Field(default=64 * MiB, ge=0)  # kvtier.store.buffers
-    host_buffer_reserve_bytes: int = Field(default=32 * MiB, ge=0)  # faulted in ahead of use
+    # of the pool, kept faulted in ahead of use while the cache grows; None: min(32 MiB, pool/2)
+    host_buffer_reserve_bytes: int | None = Field(default=None, ge=0)
     max_key_bytes: int = Field(default=1024, ge=1, le=65536)
     max_batch: int = Field(default=4096, ge=1)
     mover_interval_s: float = Field(default=0.05, gt=0)
@@ -138,12 +139,20 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _buffer_reserve(self) -> Settings:
-        if self.host_buffer_reserve_bytes > self.host_buffer_pool_bytes:
+        reserve = self.host_buffer_reserve_bytes
+        if reserve is not None and reserve > self.host_buffer_pool_bytes // 2:
             raise ValueError(
-                f"host_buffer_reserve_bytes ({self.host_buffer_reserve_bytes}) must not exceed "
+                f"host_buffer_reserve_bytes ({reserve}) must not exceed half of "
                 f"host_buffer_pool_bytes ({self.host_buffer_pool_bytes}): the reserve is kept "
-                f"in the pool")
+                f"in the pool, beside the buffers that come back")
         return self
+
+    @property
+    def buffer_reserve_bytes(self) -> int:
+        """``host_buffer_reserve_bytes``, or its default: min(32 MiB, half the pool)."""
+        if self.host_buffer_reserve_bytes is not None:
+            return self.host_buffer_reserve_bytes
+        return min(32 * MiB, self.host_buffer_pool_bytes // 2)
 
     @classmethod
     def settings_customise_sources(

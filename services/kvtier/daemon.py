@@ -136,7 +136,7 @@ class Daemon:
         store = TierStore(s, policy)
         store.start()
         try:
-            buffers = BufferPool(s.host_buffer_pool_bytes, s.host_buffer_reserve_bytes)
+            buffers = BufferPool(s.host_buffer_pool_bytes, s.buffer_reserve_bytes)
             ctx = DaemonContext(settings=s, store=store, buffers=buffers,
                                 relocator=Relocator(store, buffers))
             server, port = make_grpc_server(ctx, s.grpc_host, s.grpc_port, shm=self._shm,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -116,8 +117,6 @@ def test_threads_never_hold_the_same_memory() -> None:
 
 
 def _wait_for(cond: object, timeout_s: float = 5.0) -> bool:
-    import time
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if cond():  # type: ignore[operator]
@@ -152,15 +151,45 @@ def test_no_reserve_no_thread_and_the_reserve_fits_the_pool() -> None:
     buf = pool.take(N)
     assert pool.free_bytes == 0 and pool.prefaulted_bytes == 0 and pool._thread is None
     del buf
-    with pytest.raises(ValueError, match="reserve_bytes must be within 0..65536"):
-        BufferPool(N, reserve_bytes=2 * N)
+    with pytest.raises(ValueError, match=r"reserve_bytes must be within 0..32768 \(half"):
+        BufferPool(N, reserve_bytes=N)
 
 
-def test_the_settings_refuse_a_reserve_larger_than_the_pool() -> None:
+def test_the_settings_refuse_a_reserve_over_half_the_pool_and_default_to_half() -> None:
     from pydantic import ValidationError
 
     from kvtier.config import Settings
 
-    with pytest.raises(ValidationError, match="host_buffer_reserve_bytes .* must not exceed"):
-        Settings(host_buffer_pool_bytes=1 << 20, host_buffer_reserve_bytes=2 << 20)
-    assert Settings(host_buffer_pool_bytes=0, host_buffer_reserve_bytes=0)
+    with pytest.raises(ValidationError, match="host_buffer_reserve_bytes .* must not exceed half"):
+        Settings(host_buffer_pool_bytes=1 << 20, host_buffer_reserve_bytes=1 << 20)
+    assert Settings(host_buffer_pool_bytes=0).buffer_reserve_bytes == 0
+    assert Settings(host_buffer_pool_bytes=16 << 20).buffer_reserve_bytes == 8 << 20
+    assert Settings().buffer_reserve_bytes == 32 << 20
+
+
+def test_buffers_coming_back_stop_the_reserve_so_nothing_is_faulted_in_for_nothing() -> None:
+    """Pages that die in batches (the mover demotes every pass) come back to the pool: the
+    reserve thread must not top up with fresh memory that the returning batch then finds no
+    room for."""
+    pool = BufferPool(32 * N, reserve_bytes=16 * N)
+    for cycle in range(4):
+        held = [pool.take(N) for _ in range(24)]
+        time.sleep(0.05)  # the reserve thread's chance to run
+        if cycle == 0:
+            assert _wait_for(lambda: pool.prefaulted_bytes > 0)  # growing: it did
+            first = pool.prefaulted_bytes
+        del held
+        gc.collect()
+    assert pool.prefaulted_bytes == first  # after the first batch came back: never again
+    pool.close()
+
+
+def test_a_pool_dropped_without_close_takes_its_reserve_thread_along() -> None:
+    pool = BufferPool(8 * N, reserve_bytes=4 * N)
+    buf = pool.take(N)
+    assert _wait_for(lambda: pool.free_bytes == 4 * N)
+    thread = pool._thread
+    assert thread is not None and thread.is_alive()
+    del pool, buf
+    gc.collect()
+    assert _wait_for(lambda: not thread.is_alive())

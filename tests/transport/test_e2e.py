@@ -45,11 +45,14 @@ def test_a_put_after_a_delete_reuses_the_deleted_pages_buffer(daemon: Daemon, sh
 
 
 def test_the_buffer_pool_size_is_the_configured_one(make_daemon: DaemonFactory) -> None:
-    assert make_daemon(host_buffer_pool_bytes=0,
-                       host_buffer_reserve_bytes=0).context.buffers.max_free_bytes == 0
+    pool = make_daemon(host_buffer_pool_bytes=0).context.buffers  # off, and its reserve too
+    assert (pool.max_free_bytes, pool.reserve_bytes) == (0, 0)
+    pool = make_daemon(host_buffer_pool_bytes=1 << 20).context.buffers
+    assert (pool.max_free_bytes, pool.reserve_bytes) == (1 << 20, 1 << 19)  # half by default
     pool = make_daemon(host_buffer_pool_bytes=1 << 20,
-                       host_buffer_reserve_bytes=1 << 19).context.buffers
-    assert (pool.max_free_bytes, pool.reserve_bytes) == (1 << 20, 1 << 19)
+                       host_buffer_reserve_bytes=1 << 18).context.buffers
+    assert pool.reserve_bytes == 1 << 18
+    assert make_daemon().context.buffers.reserve_bytes == 32 << 20
 
 
 def test_namespaces_are_isolated(client: KVTierClient) -> None:

@@ -19,11 +19,14 @@ alive as long as any tensor shares the storage (the page's k and v are such view
 
 A cache that grows has no dead pages to reuse: every page kept needs fresh memory, and on the
 development VM touching fresh memory runs at 1.2-1.3 GiB/s (about 1.6 ms per 2 MiB, huge
-pages or not), in the put's own copy. With ``reserve_bytes`` a background thread keeps that
-many bytes of buffers, of the size puts last asked for, faulted in ahead of use, so the
-faults happen beside the puts rather than in them: 256 puts of distinct 2 MiB pages went
-from 0.66-0.72 to 0.97-1.00 GB/s with a 32 MiB reserve. The reserve counts against
-``max_free_bytes``; with pages dying as fast as they come it is the pool's own buffers.
+pages or not), in the put's own copy. With ``reserve_bytes``, while the cache grows (a take
+found no buffer of its size, and none came back since), a background thread keeps that many
+bytes of buffers of the size missed last faulted in ahead of use, so the faults happen beside
+the puts rather than in them: 256 puts of distinct 2 MiB pages went from 0.66-0.72 to
+0.94-1.05 GB/s with a 32 MiB reserve. It stops as soon as a buffer comes back, so a cache
+whose pages die as fast as they come (or in batches, as the mover demotes) reuses those and
+faults nothing in for nothing. The reserve counts against ``max_free_bytes``, and is at
+most half of it, so buffers coming back find room beside it.
 """
 
 from __future__ import annotations
@@ -50,9 +53,9 @@ class BufferPool:
     def __init__(self, max_free_bytes: int = 64 << 20, reserve_bytes: int = 0) -> None:
         if max_free_bytes < 0:
             raise ValueError(f"max_free_bytes must be >= 0, got {max_free_bytes}")
-        if not 0 <= reserve_bytes <= max_free_bytes:
-            raise ValueError(f"reserve_bytes must be within 0..{max_free_bytes}, got "
-                             f"{reserve_bytes}")
+        if not 0 <= reserve_bytes <= max_free_bytes // 2:  # room for returns beside it
+            raise ValueError(f"reserve_bytes must be within 0..{max_free_bytes // 2} (half "
+                             f"the pool), got {reserve_bytes}")
         self.max_free_bytes = max_free_bytes
         self.reserve_bytes = reserve_bytes
         self._lock = threading.Lock()
@@ -61,10 +64,15 @@ class BufferPool:
         self.hits = 0
         self.misses = 0
         self.prefaulted_bytes = 0  # made ahead of use by the reserve thread
-        self._wanted = 0  # the size the last take that left the pool under the reserve asked for
-        self._wake = threading.Event()
+        # The reserve: while the cache grows (a miss, and no buffer came back since), keep
+        # reserve_bytes of buffers of the size missed last faulted in. The thread holds only
+        # a weak reference to the pool, so a pool nobody closed still goes, and its thread.
+        self._wanted = 0
+        self._growing = False
         self._closed = False
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        weakref.finalize(self, self._wake.set)
 
     @property
     def free_bytes(self) -> int:
@@ -89,8 +97,9 @@ class BufferPool:
                 self.misses += 1
                 if self._free_bytes + nbytes > self.max_free_bytes:
                     self._drop_other(nbytes)
-            if self._free_bytes + nbytes <= self.reserve_bytes and not self._closed:
-                self._wanted = nbytes
+                if self.reserve_bytes:
+                    self._growing, self._wanted = True, nbytes
+            if self._growing and not self._closed:
                 self._refill()
         if base is None:
             base = np.empty(nbytes, np.uint8)
@@ -104,38 +113,37 @@ class BufferPool:
         self._wake.set()
 
     def _refill(self) -> None:
-        """Under the lock: have the reserve thread top the pool up (started on first need)."""
+        """Under the lock: have the reserve thread top the reserve up (started on first need)."""
         if self._thread is None:
-            thread = threading.Thread(target=self._keep_reserve, name="kvtier-buffer-reserve",
-                                      daemon=True)
+            thread = threading.Thread(target=_keep_reserve, args=(weakref.ref(self), self._wake),
+                                      name="kvtier-buffer-reserve", daemon=True)
             try:
                 thread.start()
             except RuntimeError:  # no thread to be had: puts fault their own memory in
-                self.reserve_bytes = 0
+                self.reserve_bytes, self._growing = 0, False
                 return
             self._thread = thread
         self._wake.set()
 
-    def _keep_reserve(self) -> None:
-        """Fault buffers of the wanted size in and keep them until ``reserve_bytes`` are free."""
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            while not self._closed:
-                with self._lock:
-                    n = self._wanted
-                    if not n or self._free_bytes + n > self.reserve_bytes:
-                        break
-                base = np.empty(n, np.uint8)
-                base[::_OS_PAGE] = 0  # one write per page faults it in
-                with self._lock:
-                    if self._free_bytes + n > self.max_free_bytes:
-                        break
-                    self._free.setdefault(n, []).append(base)
-                    self._free_bytes += n
-                    self.prefaulted_bytes += n
-            if self._closed:
-                return
+    def _reserve_one(self) -> bool:
+        """Fault one buffer of the wanted size in and keep it, if the reserve wants one; False
+        when it is full, the cache stopped growing or the pool is closed."""
+        with self._lock:
+            n = self._wanted
+            have = len(self._free.get(n, ())) * n
+            if self._closed or not self._growing or have + n > self.reserve_bytes:
+                return False
+        base = np.empty(n, np.uint8)
+        base[::_OS_PAGE] = 0  # one write per page faults it in
+        with self._lock:
+            if self._free_bytes + n > self.max_free_bytes:
+                self._drop_other(n)
+            if self._free_bytes + n > self.max_free_bytes or not self._growing:
+                return False
+            self._free.setdefault(n, []).append(base)
+            self._free_bytes += n
+            self.prefaulted_bytes += n
+        return True
 
     def _drop_other(self, nbytes: int) -> None:
         """Under the lock: let go one kept buffer of the size holding the most bytes."""
@@ -149,6 +157,7 @@ class BufferPool:
             del self._free[size]
 
     def _give(self, base: np.ndarray) -> None:
+        self._growing = False  # buffers come back: the cache is not (only) growing
         if not self._lock.acquire(blocking=False):
             return  # see the class docs: a finalizer never waits
         try:
@@ -158,3 +167,20 @@ class BufferPool:
                 self._free_bytes += n
         finally:
             self._lock.release()
+
+
+def _keep_reserve(ref: weakref.ReferenceType[BufferPool], wake: threading.Event) -> None:
+    """The reserve thread: tops the reserve up whenever woken, until its pool is closed or
+    gone. A buffer it cannot allocate (MemoryError) ends the top-up until the next miss."""
+    while True:
+        wake.wait()
+        wake.clear()
+        pool = ref()
+        if pool is None or pool._closed:
+            return
+        try:
+            while pool._reserve_one():
+                pass
+        except MemoryError:
+            pool._growing = False
+        del pool
