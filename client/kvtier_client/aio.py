@@ -45,7 +45,7 @@ from kvtier_client.wire import (
     get_request,
     inline_bytes,
     lend_in_segment,
-    overlaps,
+    overlapped,
     plan_in_segment,
     put_request,
     put_requests,
@@ -63,7 +63,7 @@ class AsyncKVTierClient:
     def __init__(self, target: str, namespace: str = "default", *, timeout_s: float = 30.0,
                  shared_memory: bool | str = "auto", shm_bytes: int = 256 << 20,
                  staging_bytes: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 overlap_copy: bool | None = None, lend_bytes: int | None = None) -> None:
+                 overlap_copy: bool = True, lend_bytes: int | None = None) -> None:
         self.target = target
         self.namespace = namespace
         self.timeout_s = timeout_s
@@ -149,7 +149,7 @@ class AsyncKVTierClient:
         lent = lend_in_segment(segment, wire)
         if lent is not None:  # as KVTierClient._lend
             fill = session.next_fill()
-            overlap = overlaps(self.overlap_copy, True, lent, wire, self.chunk_bytes)
+            overlap = self.overlap_copy and overlapped(lent, wire, self.chunk_bytes)
             offsets = lent.offsets if overlap else copy_in(segment, lent, fill)
             req = put_request(ns, wire, session.id, offsets, fill,
                               (segment.ring_offset, segment.ring_slots))
@@ -164,7 +164,7 @@ class AsyncKVTierClient:
             return lent_reply
         plan = plan_in_segment(segment, wire)
         fill = session.next_fill()
-        if not overlaps(self.overlap_copy, False, plan, wire, self.chunk_bytes):
+        if not (self.overlap_copy and overlapped(plan, wire, self.chunk_bytes)):
             offsets = copy_in(segment, plan, fill)
             return await self._send_put(ns, wire, left, session.id, offsets, fill,
                                         segment.wants_reclaim())

@@ -197,13 +197,10 @@ def lend_in_segment(segment: shm_mod.Segment, pages: Sequence[WirePage]) -> Plac
     return Placement(offsets, parts)
 
 
-def overlaps(wanted: bool | None, lending: bool, plan: Placement, pages: Sequence[WirePage],
-             chunk_bytes: int) -> bool:
-    """Whether a put placed by ``plan`` starts its call before the copy (``shm_fill``): as the
-    client's ``overlap_copy`` says (None: for lending puts only, see ``KVTierClient``), and
-    only if it can: one unary message, at least ``OVERLAP_MIN_BYTES`` to copy, on x86-64."""
-    return (bool(lending if wanted is None else wanted) and shm_mod.OVERLAP_SAFE
-            and plan.copy_bytes >= shm_mod.OVERLAP_MIN_BYTES
+def overlapped(plan: Placement, pages: Sequence[WirePage], chunk_bytes: int) -> bool:
+    """Whether a put placed by ``plan`` can start its call before the copy (``shm_fill``):
+    one unary message, at least ``OVERLAP_MIN_BYTES`` to copy, on x86-64."""
+    return (shm_mod.OVERLAP_SAFE and plan.copy_bytes >= shm_mod.OVERLAP_MIN_BYTES
             and inline_bytes(pages, plan.offsets) <= chunk_bytes)
 
 
@@ -391,5 +388,5 @@ class GetAssembler:
 __all__ = [
     "DEFAULT_CHUNK_BYTES", "Filler", "GetAssembler", "WirePage", "attach_request",
     "copy_in", "deferred_request", "fill_segment", "get_request", "lend_in_segment",
-    "nbytes_of", "overlaps", "plan_in_segment", "put_requests", "wire_pages",
+    "nbytes_of", "overlapped", "plan_in_segment", "put_requests", "wire_pages",
 ]

@@ -109,9 +109,9 @@ def test_daemon_stop_ends_sessions_and_client_falls_back(daemon: Daemon) -> None
 
 def test_large_puts_copy_while_the_call_is_in_flight(daemon: Daemon,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """With overlap_copy, a put of >= 256 KiB starts its call first and fills the segment
-    behind it (shm_fill); what the daemon keeps is its own copy, unaffected by the client's
-    next writes. Without it (the default) the bytes are in place before the call."""
+    """By default a put of >= 256 KiB starts its call first and fills the segment behind it
+    (shm_fill); what the daemon keeps is its own copy, unaffected by the client's next
+    writes. With overlap_copy=False the bytes are in place before the call."""
     import kvtier_client.wire as wire_mod
 
     if not shm_client.OVERLAP_SAFE:
@@ -128,7 +128,7 @@ def test_large_puts_copy_while_the_call_is_in_flight(daemon: Daemon,
     rng = np.random.default_rng(5)
     big = [Page(rng.standard_normal((4, 256, 8, 64)).astype(np.float16),
                 rng.standard_normal((4, 256, 8, 64)).astype(np.float16)) for _ in range(3)]
-    with KVTierClient(daemon.grpc_address, "tenant-a", overlap_copy=True, lend_bytes=0) as c:
+    with KVTierClient(daemon.grpc_address, "tenant-a", lend_bytes=0) as c:
         assert c.put([b"big0"], [big[0]]) == ["stored"]
         assert c.put([b"big1", b"big2", b"small"], [big[1], big[2], make_page(3)]) == \
             ["stored"] * 3
@@ -148,7 +148,8 @@ def test_large_puts_copy_while_the_call_is_in_flight(daemon: Daemon,
             c.put([b"bad"], [bad])
         assert daemon.context.store.page_info("tenant-a", b"bad") is None
         assert c.put([b"after"], [big[2]]) == ["stored"]  # the session still works
-    with KVTierClient(daemon.grpc_address, "tenant-b", lend_bytes=0) as plain:
+    with KVTierClient(daemon.grpc_address, "tenant-b", lend_bytes=0,
+                      overlap_copy=False) as plain:
         assert plain.put([b"big0"], [big[0]]) == ["stored"] and plain.uses_shared_memory
         got = plain.get([b"big0"])[0]
         assert got is not None and np.array_equal(got.v, big[0].v)
