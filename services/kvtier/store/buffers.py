@@ -26,8 +26,7 @@ of use, so the faults happen beside the puts rather than in them: 256 puts of di
 pages went from 0.59-0.72 to 0.76-1.17 GB/s with a 32 MiB reserve. It stops as soon as a
 buffer comes back, so a cache whose pages die as fast as they come (or in batches, as the
 mover demotes) reuses those and faults nothing in for nothing. The reserve counts against
-``max_free_bytes``, and is at
-most half of it, so buffers coming back find room beside it.
+``max_free_bytes``, and is at most half of it, so buffers coming back find room beside it.
 """
 
 from __future__ import annotations
