@@ -202,7 +202,7 @@ def test_selection_kernel_takes_the_stable_sorts_first_moves_among_ties() -> Non
     the earlier move included (gains drawn from a few values, so most of them tie)."""
     import numpy as np
 
-    from kvtier.codecs import alloc_select
+    from kvtier.codecs import alloc_kernels
 
     if not fused.available():
         pytest.skip("numba kernels unavailable")
@@ -212,7 +212,7 @@ def test_selection_kernel_takes_the_stable_sorts_first_moves_among_ties() -> Non
         want_sorted = np.argsort(-gains, kind="stable")
         for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
             order = np.arange(n)
-            alloc_select._select(gains, order, k)
+            alloc_kernels._select(gains, order, k)
             assert sorted(order.tolist()) == list(range(n))
             assert set(order[:k].tolist()) == set(want_sorted[:k].tolist()), (n, levels, k)
 
@@ -251,7 +251,7 @@ def test_candidate_moves_hold_the_stable_sorts_first_moves() -> None:
     are zero or spread widely."""
     import numpy as np
 
-    from kvtier.codecs import alloc_select
+    from kvtier.codecs import alloc_kernels
 
     if not fused.available():
         pytest.skip("numba kernels unavailable")
@@ -263,7 +263,7 @@ def test_candidate_moves_hold_the_stable_sorts_first_moves() -> None:
             want = np.argsort(-gains, kind="stable")
             for k in sorted({0, 1, n, 2 * n, 3 * n - 1, gains.size}):
                 order = np.empty(gains.size, np.int64)
-                m = alloc_select._candidates(gains, n, k, order)
+                m = alloc_kernels._candidates(gains, n, k, order)
                 assert m >= k and set(want[:k].tolist()) <= set(order[:m].tolist())
-                alloc_select._select(gains, order[:m], k)
+                alloc_kernels._select(gains, order[:m], k)
                 assert set(order[:k].tolist()) == set(want[:k].tolist()), (n, k)

@@ -13,8 +13,7 @@ API (what the store, transport and eval layers call)::
 
 Submodules: ``blob`` (header and checksum), ``layout`` (payload sections), ``grid`` (scales
 and minima), ``pack`` (int4 and 12-bit packing), ``reference`` (pure torch, any device),
-``fused`` (numba CPU kernels), ``alloc``, ``alloc_select`` and ``alloc_kernels`` (int4a),
-``codec`` (the API).
+``fused`` (numba CPU kernels), ``alloc`` and ``alloc_kernels`` (int4a), ``codec`` (the API).
 """
 
 from kvtier.codecs import alloc, fused

@@ -39,8 +39,7 @@ is as long as int4's). Every (layer, head) spends exactly that, so the blob's si
 its header alone; the decoder checks the map's widths and its sum per layer before using it.
 The allocation runs in float64; on CUDA a near-tie may resolve differently than on the CPU
 (both blobs are valid). The allocation and the code maps run as numba kernels on the CPU
-(:mod:`kvtier.codecs.alloc_select`, :mod:`kvtier.codecs.alloc_kernels`) and as the torch code
-here on any device.
+(:mod:`kvtier.codecs.alloc_kernels`) and as the torch code here on any device.
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from kvtier.codecs import alloc_kernels, alloc_select, fused, grid
+from kvtier.codecs import alloc_kernels, fused, grid
 from kvtier.codecs.blob import HEADER_SIZE
 from kvtier.codecs.layout import DTYPE_KINDS, Layout, make_layout
 from kvtier.codecs.pack import pack_int4, unpack_int4, unpack_m12
@@ -363,7 +362,7 @@ def _allocate_kernel(payload8: torch.Tensor, lay8: Layout, budget: int) -> torch
         raw = _section(payload8, lay8, "oraw").view(TORCH_DTYPES[lay8.dtype])
         opeak = raw.reshape(L, Tq, H, n_out).double().abs().amax(1).reshape(-1).numpy()
     out = np.empty(L * lay8.Ck, np.uint8)
-    alloc_select.allocate_keys(
+    alloc_kernels.allocate_keys(
         _section(payload8, lay8, "kb").numpy(), _section(payload8, lay8, "km").numpy(),
         e0.astype(np.int64), _MANT, L, lay8.nk, lay8.Gk, Tq, H, D, n_out, oidx, opeak, _DROP,
         budget, out)
