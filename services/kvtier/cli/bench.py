@@ -14,6 +14,8 @@ from typing import Any
 BENCH_MODULES: tuple[str, ...] = (
     "kvtier.bench.codecs",
     "kvtier.bench.transfer",
+    "kvtier.bench.ttft",
+    "kvtier.bench.chat",
 )
 
 
