@@ -12,12 +12,12 @@ PKG = ROOT / "services" / "kvtier"
 
 # Lower number = lower layer. A module may import its own layer or any lower-numbered one.
 LAYERS: dict[str, int] = {
-    "types": 0, "errors": 0, "config": 0, "pages": 0, "finite": 0, "child": 0,
+    "types": 0, "errors": 0, "config": 0, "pages": 0, "finite": 0,
     "codecs": 1,
     "store": 2,
     "policy": 3,
     "transport": 4, "admin": 4,
-    "daemon": 5, "eval": 5, "bench": 5, "cli": 5,
+    "daemon": 5, "eval": 5, "bench": 5, "cli": 5, "procs": 5,
 }
 
 

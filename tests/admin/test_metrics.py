@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvtier.cli.redis_proc import RedisProcess
+from kvtier.procs.redis import RedisProcess
 from kvtier.store.policy import LRUPolicy, PageMeta, PolicyStatus
 from kvtier.transport.stats import RpcSample
 from kvtier.types import EvictionReason

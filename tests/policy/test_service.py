@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 
-from kvtier.cli.redis_proc import free_port
+from kvtier.procs.redis import free_port
 from kvtier.policy.live import LearnedPolicy
 from kvtier.policy.remote import RemotePolicy
 from kvtier.policy.service import make_metrics_server, make_policy_server

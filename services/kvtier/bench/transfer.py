@@ -43,7 +43,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from kvtier.cli.redis_proc import RedisProcess, free_port
+from kvtier.procs.redis import RedisProcess, free_port
 
 PATHS = ("grpc_get", "grpc_put", "grpc_inline_get", "grpc_inline_put", "redis_get",
          "redis_set", "socket", "grpc_batch_get", "grpc_batch_put", "redis_pipeline_get",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from kvtier.child import ChildProcess, free_port
+from kvtier.procs.child import ChildProcess, free_port
 
 
 class RedisProcess(ChildProcess):

@@ -6,9 +6,9 @@ agree). The config is written as JSON, which Prometheus reads as YAML, so no YAM
 needed at run time.
 
 :class:`PrometheusProcess` runs Debian's ``prometheus`` binary as a child process on a free
-loopback port with its TSDB in a temporary directory,  (a
-:class:`kvtier.child.ChildProcess`, like ``kvtier.cli.redis_proc.RedisProcess``). :class:`LocalMonitoring` is
-what ``kvtier up --monitoring`` uses: the scrape config pointed at the local ports, one
+loopback port with its TSDB in a temporary directory (a :class:`kvtier.procs.child.ChildProcess`,
+like :class:`kvtier.procs.redis.RedisProcess`). :class:`LocalMonitoring` is what
+``kvtier up --monitoring`` uses: the scrape config pointed at the local ports, one
 Prometheus started once the daemon's HTTP port is known, and where to look printed.
 """
 
@@ -21,7 +21,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
-from kvtier.child import ChildProcess
+from kvtier.procs.child import ChildProcess
 from kvtier.config import Settings
 
 DAEMON_JOB = "kvtier-daemon"
