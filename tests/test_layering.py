@@ -17,7 +17,7 @@ LAYERS: dict[str, int] = {
     "store": 2,
     "policy": 3,
     "transport": 4, "admin": 4,
-    "daemon": 5, "eval": 5, "bench": 5, "cli": 5, "procs": 5,
+    "daemon": 5, "lab": 5, "cli": 5, "procs": 5,
 }
 
 

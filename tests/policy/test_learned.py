@@ -11,8 +11,8 @@ from kvtier.policy.features import N_FEATURES, BlockHistory
 from kvtier.policy.density import ReuseDensity
 from kvtier.policy.learned import LearnedCore
 from kvtier.policy.predictor import Predictor, resolve_device
-from kvtier.policy.runner import run_policy
-from kvtier.policy.sim import simulate
+from kvtier.lab.replay.runner import run_policy
+from kvtier.lab.replay.sim import simulate
 
 from .helpers import make_trace
 

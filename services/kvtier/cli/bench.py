@@ -12,8 +12,8 @@ import importlib
 from typing import Any
 
 BENCH_MODULES: tuple[str, ...] = (
-    "kvtier.bench.codecs",
-    "kvtier.bench.transfer",
+    "kvtier.lab.bench.codecs",
+    "kvtier.lab.bench.transfer",
 )
 
 

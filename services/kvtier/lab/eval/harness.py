@@ -3,7 +3,7 @@
 The token sequence is cut into pages of ``page_tokens``. Page ``i`` is scored by one forward
 pass over its tokens with the cache of pages ``0..i-1``; before that pass, every earlier page
 has gone through the variant's transform for the tier its age puts it in (see
-:class:`kvtier.eval.variant.Variant`). The reference run does the same with the pages stored as
+:class:`kvtier.lab.eval.variant.Variant`). The reference run does the same with the pages stored as
 put, so a variant is compared with the unquantized run on exactly the same tokens. All variants
 advance in lockstep, one page at a time, so reference logits never need to be kept for the
 whole sequence (8,192 x 49,152 floats would be 1.6 GB).
@@ -25,9 +25,9 @@ import torch
 from tqdm import tqdm
 
 from kvtier.errors import InvalidArgument
-from kvtier.eval.metrics import Accumulator, Scores
-from kvtier.eval.transforms import Identity, Roundtrip
-from kvtier.eval.variant import Variant, uniform
+from kvtier.lab.eval.metrics import Accumulator, Scores
+from kvtier.lab.eval.transforms import Identity, Roundtrip
+from kvtier.lab.eval.variant import Variant, uniform
 from kvtier.types import Page
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ from kvtier.policy.baselines import ARCCore, LFUCore, LRUCore, S3FIFOCore
 from kvtier.policy.core import ReplacementCore
 from kvtier.policy.density import DensityCache, ReuseDensity
 from kvtier.policy.learned import HORIZON_PER_SLOT, LearnedCore
-from kvtier.policy.sim import CoreFactory, Progress, SimResult, simulate, simulate_belady
-from kvtier.policy.trace import Trace
+from kvtier.lab.replay.sim import CoreFactory, Progress, SimResult, simulate, simulate_belady
+from kvtier.lab.replay.trace import Trace
 
 BASELINES: dict[str, type[ReplacementCore]] = {
     "lru": LRUCore, "lfu": LFUCore, "arc": ARCCore, "s3fifo": S3FIFOCore,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvtier.policy.live import LearnedPolicy
-from kvtier.policy.trace import Trace
+from kvtier.lab.replay.trace import Trace
 from kvtier.store.policy import AccessEvent, AccessKind, PageMeta
 from kvtier.types import Namespace, PageId, PageKey
 

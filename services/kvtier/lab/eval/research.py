@@ -22,14 +22,14 @@ from dataclasses import dataclass
 import torch
 
 from kvtier.errors import InvalidArgument
-from kvtier.eval.quant import (
+from kvtier.lab.eval.quant import (
     HEADER_BYTES,
     QuantSpec,
     quantize_keys,
     quantize_page,
     quantize_values,
 )
-from kvtier.eval.transforms import Roundtrip
+from kvtier.lab.eval.transforms import Roundtrip
 from kvtier.types import Page
 
 _NO_SINKS = 1 << 30  # a start position past any sink window

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kvtier.config import CodecConfig
-from kvtier.eval.quant import QuantSpec, quantize_page
+from kvtier.lab.eval.quant import QuantSpec, quantize_page
 from kvtier.types import Codec, Page
 
 
@@ -61,7 +61,7 @@ class CodecTransform:
 
 @dataclass(frozen=True, slots=True)
 class QuantTransform:
-    """The evaluation's prototype quantizer (:mod:`kvtier.eval.quant`) with one setting."""
+    """The evaluation's prototype quantizer (:mod:`kvtier.lab.eval.quant`) with one setting."""
 
     spec: QuantSpec
     name: str

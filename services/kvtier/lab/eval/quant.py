@@ -4,7 +4,7 @@ This is a prototype of what a tier codec does, written so each protection can be
 and its effect measured (the ablation). It works on whole pages ``[layers, tokens, heads, dim]``
 and reports the bytes the page would occupy with all metadata counted, so settings can be
 compared at equal bits per element. The tier stack's real codecs live in :mod:`kvtier.codecs`;
-the evaluation runs those too, through :class:`kvtier.eval.transforms.CodecTransform`.
+the evaluation runs those too, through :class:`kvtier.lab.eval.transforms.CodecTransform`.
 
 Scheme (asymmetric, min/max per group, ``q = round((x - min) / scale)``):
 

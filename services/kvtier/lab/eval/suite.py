@@ -14,12 +14,12 @@ from typing import Any
 import torch
 
 from kvtier.errors import InvalidArgument
-from kvtier.eval.catalog import Catalog, ablation, research
-from kvtier.eval.harness import QualityReport, page_from_cache, run_quality
-from kvtier.eval.passkey import PasskeyResult, run_passkey
-from kvtier.eval.report import markdown_table, to_json
-from kvtier.eval.research import pca_basis
-from kvtier.eval.variant import Variant
+from kvtier.lab.eval.catalog import Catalog, ablation, research
+from kvtier.lab.eval.harness import QualityReport, page_from_cache, run_quality
+from kvtier.lab.eval.passkey import PasskeyResult, run_passkey
+from kvtier.lab.eval.report import markdown_table, to_json
+from kvtier.lab.eval.research import pca_basis
+from kvtier.lab.eval.variant import Variant
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from kvtier.eval.quant import (
+from kvtier.lab.eval.quant import (
     FULL_BITS,
     HEADER_BYTES,
     QuantSpec,
@@ -29,7 +29,7 @@ from kvtier.eval.quant import (
     sink_mask,
     quantize_values,
 )
-from kvtier.eval.transforms import Roundtrip
+from kvtier.lab.eval.transforms import Roundtrip
 from kvtier.types import Page
 
 

@@ -10,7 +10,7 @@ Codec names:
 * ``int4q``: the evaluation's calibrated prototype (:data:`INT4Q`): key bits 2..8 allocated
   by calibrated query energy x key range (groups of 128 tokens), values per token after a
   Hadamard rotation, 4 sink tokens in full precision. Needs ``q_energy`` (see
-  :func:`kvtier.eval.allocate.query_energy`).
+  :func:`kvtier.lab.eval.allocate.query_energy`).
 * ``int4r``: the best uniform setting without calibration (:data:`INT4R`): keys per channel
   with one outlier channel, values rotated, 4 sinks.
 * ``fp8``: float8 e4m3 (research, the 8-bit alternative).
@@ -27,22 +27,22 @@ import torch
 
 from kvtier.config import CodecConfig
 from kvtier.errors import InvalidArgument
-from kvtier.eval.allocate import AllocTransform
-from kvtier.eval.quant import QuantSpec
-from kvtier.eval.research import (
+from kvtier.lab.eval.allocate import AllocTransform
+from kvtier.lab.eval.quant import QuantSpec
+from kvtier.lab.eval.research import (
     Fp8Transform,
     GearTransform,
     HaarTransform,
     PcaVTransform,
 )
-from kvtier.eval.transforms import (
+from kvtier.lab.eval.transforms import (
     CodecTransform,
     Identity,
     PageTransform,
     QuantTransform,
     codecs_available,
 )
-from kvtier.eval.variant import Variant, uniform
+from kvtier.lab.eval.variant import Variant, uniform
 from kvtier.types import Codec
 
 DEFAULT_CODECS = ("none", "int8", "int4", "int4a", "mixed", "mixed:0.10:0.30")
@@ -51,7 +51,7 @@ INT4R = QuantSpec(bits=4, sink_tokens=4, outlier_channels=1, rotate_v=True)
 """The best uncalibrated 4-bit setting of the ablation."""
 
 INT4Q = QuantSpec(bits=4, sink_tokens=4, rotate_v=True, k_group=128)
-"""The calibrated 4-bit prototype: with :class:`~kvtier.eval.allocate.AllocTransform` key bits."""
+"""The calibrated 4-bit prototype: with :class:`~kvtier.lab.eval.allocate.AllocTransform` key bits."""
 
 
 @dataclass(frozen=True, slots=True)

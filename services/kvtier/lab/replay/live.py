@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from kvtier.errors import InvalidArgument
-from kvtier.policy.trace import Trace, TraceRequest
+from kvtier.lab.replay.trace import Trace, TraceRequest
 from kvtier_client import KVTierClient, Page
 
 TOKENS_PER_BLOCK = 512

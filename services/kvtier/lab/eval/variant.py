@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvtier.errors import InvalidArgument
-from kvtier.eval.transforms import PageTransform
+from kvtier.lab.eval.transforms import PageTransform
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from kvtier.policy.sim import SimResult
+from kvtier.lab.replay.sim import SimResult
 
 
 @dataclass(frozen=True, slots=True)

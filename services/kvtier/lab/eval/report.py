@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from kvtier.eval.harness import QualityReport, VariantResult
-from kvtier.eval.passkey import PasskeyResult
+from kvtier.lab.eval.harness import QualityReport, VariantResult
+from kvtier.lab.eval.passkey import PasskeyResult
 
 
 def markdown_table(results: Sequence[VariantResult], title: str) -> str:

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvtier.errors import InvalidArgument
-from kvtier.policy.belady import belady_hits
+from kvtier.lab.replay.belady import belady_hits
 from kvtier.policy.core import Key, ReplacementCore
-from kvtier.policy.trace import Trace, TraceRequest
+from kvtier.lab.replay.trace import Trace, TraceRequest
 
 CoreFactory = Callable[[int], ReplacementCore]
 Progress = Callable[[Iterator[TraceRequest]], Iterator[TraceRequest]]

@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from kvtier.errors import InvalidArgument
-from kvtier.eval.harness import page_from_cache, write_page
-from kvtier.eval.transforms import PageTransform
+from kvtier.lab.eval.harness import page_from_cache, write_page
+from kvtier.lab.eval.transforms import PageTransform
 
 INSTRUCTION = (
     "There is an important piece of information hidden inside a lot of irrelevant text. "
