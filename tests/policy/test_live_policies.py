@@ -7,7 +7,7 @@ import pytest
 from kvtier.config import PolicyConfig
 from kvtier.errors import InvalidArgument
 from kvtier.policy.adapter import ARCPolicy, S3FIFOPolicy
-from kvtier.policy.live import LearnedPolicy
+from kvtier.policy.learned.policy import LearnedPolicy
 from kvtier.policy.registry import make_policy, policy_names
 from kvtier.store.policy import AccessKind, LFUPolicy, LRUPolicy
 

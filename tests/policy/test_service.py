@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from kvtier.procs.redis import free_port
-from kvtier.policy.live import LearnedPolicy
+from kvtier.policy.learned.policy import LearnedPolicy
 from kvtier.policy.remote import RemotePolicy
 from kvtier.policy.service import make_metrics_server, make_policy_server
 from kvtier.store.policy import AccessKind, LRUPolicy

@@ -1,7 +1,7 @@
 """Build the configured live policy by name. The daemon and replay get their policies here.
 
 Names: ``lru``, ``lfu`` (the store's fallbacks), ``arc``, ``s3fifo`` (queue-structured
-baselines), ``learned`` (the temporal importance predictor). With ``PolicyConfig.address`` set
+classic cores), ``learned`` (the temporal importance predictor). With ``PolicyConfig.address`` set
 the named policy runs in a ``kvtier policy`` service and the daemon gets a
 :class:`~kvtier.policy.remote.RemotePolicy` client of it. Belady's MIN needs the future and is
 deliberately not here: it exists only in replay reports.
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from kvtier.config import PolicyConfig
 from kvtier.errors import InvalidArgument
 from kvtier.policy.adapter import ARCPolicy, S3FIFOPolicy
-from kvtier.policy.live import LearnedPolicy
+from kvtier.policy.learned.policy import LearnedPolicy
 from kvtier.store.policy import LFUPolicy, LRUPolicy, Policy
 
 _FACTORIES: dict[str, Callable[[PolicyConfig], Policy]] = {

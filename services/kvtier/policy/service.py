@@ -25,7 +25,7 @@ from prometheus_client.registry import Collector
 
 from kvtier.errors import KVTierError, status_for
 from kvtier.policy.convert import access_from_msg, meta_from_msg
-from kvtier.policy.live import LearnedPolicy
+from kvtier.policy.learned.policy import LearnedPolicy
 from kvtier.store.policy import Policy
 from kvtier_proto.v1 import policy_pb2, policy_pb2_grpc
 

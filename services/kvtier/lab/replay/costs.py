@@ -1,6 +1,6 @@
 """What the learned policy costs: decision latency and online-learning CPU share.
 
-``kvtier replay TRACE --costs`` feeds the trace to a :class:`~kvtier.policy.live.LearnedPolicy`
+``kvtier replay TRACE --costs`` feeds the trace to a :class:`~kvtier.policy.learned.policy.LearnedPolicy`
 as the store would (one GET event per block, chain positions set), measuring the process CPU
 time of everything it does to learn (features, labels, inference, AdamW steps), and compares it
 with the trace's own duration: the share of one core it needs at the real-time rate. Then it
@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kvtier.policy.live import LearnedPolicy
+from kvtier.policy.learned.policy import LearnedPolicy
 from kvtier.lab.replay.trace import Trace
 from kvtier.store.policy import AccessEvent, AccessKind, PageMeta
 from kvtier.types import Namespace, PageId, PageKey

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kvtier.errors import InvalidArgument
-from kvtier.policy.baselines import ARCCore, LFUCore, LRUCore, S3FIFOCore
+from kvtier.policy.classic import ARCCore, LFUCore, LRUCore, S3FIFOCore
 from kvtier.policy.core import ReplacementCore
-from kvtier.policy.density import DensityCache, ReuseDensity
-from kvtier.policy.learned import HORIZON_PER_SLOT, LearnedCore
+from kvtier.policy.learned.density import DensityCache, ReuseDensity
+from kvtier.policy.learned.model import HORIZON_PER_SLOT, LearnedCore
 from kvtier.lab.replay.sim import CoreFactory, Progress, SimResult, simulate, simulate_belady
 from kvtier.lab.replay.trace import Trace
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kvtier.policy.features import N_FEATURES
+from kvtier.policy.learned.features import N_FEATURES
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,10 +1,10 @@
 """The learned policy's models and the replacement core the simulator runs.
 
-:class:`LearnedModel` turns each request into features (:mod:`kvtier.policy.features`), asks
+:class:`LearnedModel` turns each request into features (:mod:`kvtier.policy.learned.features`), asks
 the torch predictor for every block's time to next access, and hands the labels the stream
 supplies back to it; the live policy uses it for prefetching and reports its loss and accuracy.
 
-Admission and eviction follow the online reuse density (:mod:`kvtier.policy.density`): on
+Admission and eviction follow the online reuse density (:mod:`kvtier.policy.learned.density`): on
 the conversation trace it beat the predictor's single expected gap per block by about 2 points of
 hit ratio at 1% of the blocks (0.3-0.7 at 5-10%), because the hazard of a conversation's return
 is not monotone in age.
@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 
-from kvtier.policy.baselines import LRUCore
+from kvtier.policy.classic import LRUCore
 from kvtier.policy.core import Key, ReplacementCore
-from kvtier.policy.density import DensityCache, ReuseDensity
-from kvtier.policy.features import BlockHistory
-from kvtier.policy.predictor import Predictor
+from kvtier.policy.learned.density import DensityCache, ReuseDensity
+from kvtier.policy.learned.features import BlockHistory
+from kvtier.policy.learned.predictor import Predictor
 
 
 HORIZON_PER_SLOT = 8

@@ -4,7 +4,7 @@ Access events arrive in batches from the store, possibly interleaving requests; 
 events with consecutive chain positions in one namespace is treated as one request's chain (a
 worker reads or writes a chain in order). A GET miss followed by the PUT of the same page is one
 access, not two. Victims and scores follow the online reuse density
-(:mod:`kvtier.policy.density`, as in replay): a page's score is the hits per slot its class is
+(:mod:`kvtier.policy.learned.density`, as in replay): a page's score is the hits per slot its class is
 expected to earn from its current age on, and the lowest leave first. Admission keeps a page in
 the tier when its class earns at least the average page's density at age 0. Prefetching follows
 the torch predictor's expected next access, whose loss and accuracy the status reports.
@@ -21,8 +21,8 @@ import threading
 from collections.abc import Sequence
 
 from kvtier.policy.adapter import DATA_ACCESSES
-from kvtier.policy.density import BINS_PER_OCTAVE, ReuseDensity
-from kvtier.policy.learned import LearnedModel
+from kvtier.policy.learned.density import BINS_PER_OCTAVE, ReuseDensity
+from kvtier.policy.learned.model import LearnedModel
 from kvtier.store.policy import AccessEvent, AccessKind, PageMeta, Policy, PolicyStatus
 from kvtier.types import PageId
 
