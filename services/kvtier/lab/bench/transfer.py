@@ -4,7 +4,7 @@ In one run, for ``--page-mib`` (default 2) MiB float16 pages in the ``hot`` tier
 
 - ``grpc_get`` / ``grpc_put``: :class:`kvtier_client.KVTierClient` with its default transport
   (the same-host shared-memory path when the daemon is local, puts lending their pages to the
-  daemon, which keeps them where they lie: ``kvtier.transport.shm_lend``; calls stay on gRPC);
+  daemon, which keeps them where they lie: ``kvtier.transport.shm.lend``; calls stay on gRPC);
 - ``grpc_inline_get`` / ``grpc_inline_put``: the same client with shared memory off (page bytes
   in chunked gRPC streams), the path a remote worker gets;
 - ``redis_get`` / ``redis_set``: redis-py GET / SET of the same bytes (what users compare with);

@@ -51,7 +51,8 @@ INT4R = QuantSpec(bits=4, sink_tokens=4, outlier_channels=1, rotate_v=True)
 """The best uncalibrated 4-bit setting of the ablation."""
 
 INT4Q = QuantSpec(bits=4, sink_tokens=4, rotate_v=True, k_group=128)
-"""The calibrated 4-bit prototype: with :class:`~kvtier.lab.eval.allocate.AllocTransform` key bits."""
+"""The calibrated 4-bit prototype: with :class:`~kvtier.lab.eval.allocate.AllocTransform` key
+bits."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,10 +1,11 @@
 """What the learned policy costs: decision latency and online-learning CPU share.
 
-``kvtier replay TRACE --costs`` feeds the trace to a :class:`~kvtier.policy.learned.policy.LearnedPolicy`
-as the store would (one GET event per block, chain positions set), measuring the process CPU
-time of everything it does to learn (features, labels, inference, AdamW steps), and compares it
-with the trace's own duration: the share of one core it needs at the real-time rate. Then it
-times ``victims()`` over ``candidates`` pages drawn from recently seen blocks.
+``kvtier replay TRACE --costs`` feeds the trace to a
+:class:`~kvtier.policy.learned.policy.LearnedPolicy` as the store would (one GET event per
+block, chain positions set), measuring the process CPU time of everything it does to learn
+(features, labels, inference, AdamW steps), and compares it with the trace's own duration: the
+share of one core it needs at the real-time rate. Then it times ``victims()`` over
+``candidates`` pages drawn from recently seen blocks.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kvtier.policy.learned.policy import LearnedPolicy
 from kvtier.lab.replay.trace import Trace
+from kvtier.policy.learned.policy import LearnedPolicy
 from kvtier.store.policy import AccessEvent, AccessKind, PageMeta
 from kvtier.types import Namespace, PageId, PageKey
 

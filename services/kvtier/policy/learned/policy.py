@@ -4,10 +4,10 @@ Access events arrive in batches from the store, possibly interleaving requests; 
 events with consecutive chain positions in one namespace is treated as one request's chain (a
 worker reads or writes a chain in order). A GET miss followed by the PUT of the same page is one
 access, not two. Victims and scores follow the online reuse density
-(:mod:`kvtier.policy.learned.density`, as in replay): a page's score is the hits per slot its class is
-expected to earn from its current age on, and the lowest leave first. Admission keeps a page in
-the tier when its class earns at least the average page's density at age 0. Prefetching follows
-the torch predictor's expected next access, whose loss and accuracy the status reports.
+(:mod:`kvtier.policy.learned.density`, as in replay): a page's score is the hits per slot its
+class is expected to earn from its current age on, and the lowest leave first. Admission keeps a
+page in the tier when its class earns at least the average page's density at age 0. Prefetching
+follows the torch predictor's expected next access, whose loss and accuracy the status reports.
 
 Falls back to LRU, and says so in :meth:`status`, until enough reuse labels have arrived. Pages
 whose latest access the policy has not seen yet (its events are still queued: the policy is

@@ -1,7 +1,7 @@
 """Copying a put's pages out of a client's shared-memory segment into memory the daemon owns.
 
 A put names where each page's k and v lie in the session's segment (``shm_offset``). Unless
-the client lends them (:func:`lent_pages`, :mod:`kvtier.transport.shm_lend`) the daemon keeps
+the client lends them (:func:`lent_pages`, :mod:`kvtier.transport.shm.lend`) the daemon keeps
 no view of that memory: each page is copied once into a buffer (from the daemon's
 :class:`~kvtier.store.buffers.BufferPool`: memory already faulted in) that the store then
 adopts (``TierStore.put_checked(owned=True)``), and the NaN/Inf check runs on that copy, so what was
@@ -44,8 +44,8 @@ import torch
 from kvtier.errors import Aborted, Conflict, InvalidArgument
 from kvtier.finite import check_finite
 from kvtier.store.buffers import BufferPool
-from kvtier.transport.convert import Header, page_of_buffer
-from kvtier.transport.shm_lend import ReturnRing
+from kvtier.transport.cache.convert import Header, page_of_buffer
+from kvtier.transport.shm.lend import ReturnRing
 from kvtier.types import Page
 
 FILL_OFFSET = 16
@@ -77,7 +77,7 @@ def copy_pages(seg: memoryview, headers: Sequence[Header], fill: int, ended: thr
 def lent_pages(seg: memoryview, ring: ReturnRing, headers: Sequence[Header], fill: int,
                ended: threading.Event, timeout_s: float = FILL_TIMEOUT_S) -> list[Page]:
     """The pages of ``headers`` where they lie in the segment, lent (see
-    :mod:`kvtier.transport.shm_lend`) and checked for NaN/Inf there, each part as soon as the
+    :mod:`kvtier.transport.shm.lend`) and checked for NaN/Inf there, each part as soon as the
     client wrote it (``fill``, as for :func:`copy_pages`). ``seg`` is in use (the session
     cannot close meanwhile); every range goes back through ``ring`` when its page dies, also
     when this raises."""

@@ -1,6 +1,6 @@
 """Copying lent pages out of a client's segment, so its ranges come back while the pages stay.
 
-A lent page (:mod:`kvtier.transport.shm_lend`) keeps its range of the client's lend area for as
+A lent page (:mod:`kvtier.transport.shm.lend`) keeps its range of the client's lend area for as
 long as it stays in a memory tier uncompressed. Two things call for the daemon to give such pages
 memory of their own instead, after which their ranges go back through the return ring:
 
@@ -28,7 +28,7 @@ from kvtier.finite import check_finite
 from kvtier.pages import dtype_name
 from kvtier.store.buffers import BufferPool
 from kvtier.store.store import TierStore
-from kvtier.transport.shm import ShmSession
+from kvtier.transport.shm.session import ShmSession
 from kvtier.types import Page
 
 log = logging.getLogger(__name__)

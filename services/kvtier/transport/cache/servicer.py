@@ -3,7 +3,7 @@
 Errors are raised as :mod:`kvtier.errors` classes and mapped to status codes by the one
 interceptor (:mod:`kvtier.transport.interceptor`); nothing here aborts calls itself. Misses are
 ``found = false``. Page bytes go inline (chunked streams) or through a same-host shared-memory
-session (:mod:`kvtier.transport.shm`).
+session (:mod:`kvtier.transport.shm.session`).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import grpc
 from kvtier.errors import Aborted, InvalidArgument, KVTierError, UnknownTier
 from kvtier.pages import check_keys, check_namespace
 from kvtier.store.results import PutOutcome
+from kvtier.transport.cache.convert import Header, PutAssembler, byte_view, check_header, chunks
 from kvtier.transport.context import DaemonContext
-from kvtier.transport.convert import Header, PutAssembler, byte_view, check_header, chunks
-from kvtier.transport.shm import TOKEN_BYTES, ShmRegistry, ShmSession, align_up
-from kvtier.transport.shm_copy import FILL_TIMEOUT_S, copy_pages, lent_pages
-from kvtier.transport.shm_lend import RANGES_BACK, ReturnRing
-from kvtier.transport.shm_relocate import Relocator
+from kvtier.transport.shm.copy import FILL_TIMEOUT_S, copy_pages, lent_pages
+from kvtier.transport.shm.lend import RANGES_BACK, ReturnRing
+from kvtier.transport.shm.relocate import Relocator
+from kvtier.transport.shm.session import TOKEN_BYTES, ShmRegistry, ShmSession, align_up
 from kvtier.types import Namespace, Page, PageId
 from kvtier_proto.v1 import cache_pb2 as pb
 from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc

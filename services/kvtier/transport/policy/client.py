@@ -20,8 +20,10 @@ from collections.abc import Sequence
 
 import grpc
 
-from kvtier.policy.convert import access_to_msg, meta_to_msg
+from kvtier.config import PolicyConfig
+from kvtier.policy.registry import make_local_policy, policy_names
 from kvtier.store.policy import AccessEvent, LRUPolicy, PageMeta, Policy, PolicyStatus
+from kvtier.transport.policy.convert import access_to_msg, meta_to_msg
 from kvtier.types import PageId
 from kvtier_proto.v1 import policy_pb2, policy_pb2_grpc
 
@@ -188,3 +190,17 @@ class RemotePolicy(Policy):
         self._stop.set()
         self._sender.join(timeout=2.0)
         self._channel.close()
+
+
+def make_policy(config: PolicyConfig) -> Policy:
+    """The live policy for ``config``: embedded (:func:`~kvtier.policy.registry.make_local_policy`),
+    or a :class:`RemotePolicy` of the service at ``config.address``.
+
+    InvalidArgument naming the known policies for an unknown name.
+    """
+    if config.name not in policy_names():
+        make_local_policy(config)  # raises with the list of names
+    if config.address:
+        return RemotePolicy(config.address, configured=config.name,
+                            timeout_s=config.timeout_s, queue_size=config.queue_size)
+    return make_local_policy(config)

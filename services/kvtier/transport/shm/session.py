@@ -7,7 +7,7 @@ that both sides map the same memory, i.e. share a host) and answers a session id
 unlinks the path, so no other process can open the segment afterwards and nothing is left in
 /dev/shm whatever happens to either process. The session lives as long as the ``AttachShm``
 call stays open: a client that disconnects or dies ends the call and the daemon unmaps, or,
-while pages the client lent (:mod:`kvtier.transport.shm_lend`) are still kept, unmaps when the
+while pages the client lent (:mod:`kvtier.transport.shm.lend`) are still kept, unmaps when the
 last of them is gone.
 
 Security: a session is bound to one namespace. Gets through a session only ever copy pages of
@@ -21,7 +21,7 @@ Segment layout (offsets chosen by the client per call; the daemon checks bounds)
                                                        |  ring, staging slots (client's)
 
 The fill words number each put and let one start before its bytes are all written (see
-:mod:`kvtier.transport.shm_copy`). The daemon reads a put's bytes and copies them into its own
+:mod:`kvtier.transport.shm.copy`). The daemon reads a put's bytes and copies them into its own
 memory, or keeps them where they lie when the client lends them; it writes only where a get
 asked it to, and into the return ring and its head word.
 """
@@ -41,7 +41,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from kvtier.errors import Aborted, CapacityExhausted, Conflict, InvalidArgument, PermissionDenied
-from kvtier.transport.shm_lend import MAX_SLOTS, ReturnRing
+from kvtier.transport.shm.lend import MAX_SLOTS, ReturnRing
 from kvtier.types import PageId
 
 log = logging.getLogger(__name__)

@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 from concurrent import futures
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvtier.errors import ConfigError
+from kvtier.transport.cache.servicer import CacheServicer
 from kvtier.transport.context import DaemonContext, Readiness
 from kvtier.transport.interceptor import ErrorInterceptor
-from kvtier.transport.servicer import CacheServicer
-from kvtier.transport.shm import ShmRegistry
-from kvtier.transport.shm_relocate import Relocator
+from kvtier.transport.shm.relocate import Relocator
+from kvtier.transport.shm.session import ShmRegistry
 from kvtier_proto.v1 import cache_pb2, cache_pb2_grpc
 
 log = logging.getLogger(__name__)

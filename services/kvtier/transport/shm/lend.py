@@ -26,7 +26,7 @@ The trade: a client that writes to a range it lent changes its own page in the h
 namespace only; the session is bound to it). A page made non-finite that way is dropped as
 corrupt when it is demoted. When the client's lend area is full (``shm_reclaim``) or its session
 ends, the daemon copies the pages still lent into its own memory
-(:mod:`kvtier.transport.shm_relocate`), so ranges come back and an ended session's segment is
+(:mod:`kvtier.transport.shm.relocate`), so ranges come back and an ended session's segment is
 unmapped soon after, not when the last of those pages leaves the hot tier.
 """
 

@@ -1,8 +1,8 @@
 """The policy service: gRPC ``kvtier.v1.PolicyService`` and Prometheus ``/metrics``.
 
 It hosts one live :class:`~kvtier.store.policy.Policy` (the learned predictor by default) for
-daemons that run it out of process; the daemon side is :mod:`kvtier.policy.remote`. Factories
-return ``(server, port)`` so tests bind port 0. Errors map through the one table in
+daemons that run it out of process; the daemon side is :mod:`kvtier.transport.policy.client`.
+Factories return ``(server, port)`` so tests bind port 0. Errors map through the one table in
 :mod:`kvtier.errors`; anything unexpected is INTERNAL with a logged traceback.
 """
 
@@ -24,9 +24,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kvtier.errors import KVTierError, status_for
-from kvtier.policy.convert import access_from_msg, meta_from_msg
 from kvtier.policy.learned.policy import LearnedPolicy
 from kvtier.store.policy import Policy
+from kvtier.transport.policy.convert import access_from_msg, meta_from_msg
 from kvtier_proto.v1 import policy_pb2, policy_pb2_grpc
 
 log = logging.getLogger(__name__)
