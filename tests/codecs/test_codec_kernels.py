@@ -8,11 +8,12 @@ import torch
 from codec_helpers import DTYPES, make_kv
 from numba import njit
 
-from kvtier.codecs import decode, encode, fused, reference, transcode, warmup
+from kvtier.codecs import decode, encode, torch_reference, transcode, warmup
 from kvtier.codecs.blob import HEADER_SIZE, read_header
+from kvtier.codecs.cpu import backend as cpu
+from kvtier.codecs.cpu.intrinsics import bits_to_f32
+from kvtier.codecs.cpu.rows import R17
 from kvtier.codecs.layout import layout_for_encode, layout_of
-from kvtier.codecs.intrinsics import bits_to_f32
-from kvtier.codecs.rowops import R17
 from kvtier.config import CodecConfig
 from kvtier.types import Codec, Page
 
@@ -27,7 +28,7 @@ SHAPES = [
 
 def _payload_ref(page: Page, codec: Codec, params: CodecConfig, dtype: str) -> bytes:
     lay = layout_for_encode(codec, dtype, page.shape, page.start_position, params)
-    return bytes(reference.encode_payload(page, lay).numpy().tobytes())
+    return bytes(torch_reference.encode_payload(page, lay).numpy().tobytes())
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -35,13 +36,13 @@ def _payload_ref(page: Page, codec: Codec, params: CodecConfig, dtype: str) -> b
 @pytest.mark.parametrize("codec", [Codec.NONE, Codec.INT8, Codec.INT4])  # int4a: via int8
 def test_kernels_match_torch_oracle(dtype: str, shape: tuple[int, int, int, int], start: int,
                                     codec: Codec) -> None:
-    assert fused.available()
+    assert cpu.available()
     params = CodecConfig(group_size=64)
     page = make_kv(shape, DTYPES[dtype], start=start, seed=sum(shape))
     blob = encode(page, codec, params)  # CPU tensors: the fused kernels
     assert blob[HEADER_SIZE:] == _payload_ref(page, codec, params, dtype)
     lay = layout_of(read_header(blob))
-    rk, rv = reference.decode_payload(
+    rk, rv = torch_reference.decode_payload(
         torch.frombuffer(bytearray(blob[HEADER_SIZE:]), dtype=torch.uint8), lay)
     got = decode(blob).page
     assert torch.equal(got.k, rk) and torch.equal(got.v, rv)
@@ -65,7 +66,7 @@ def test_large_pages_match_oracle(dtype: str, codec: Codec) -> None:
     blob = encode(page, codec, params)
     assert blob[HEADER_SIZE:] == _payload_ref(page, codec, params, dtype)
     lay = layout_of(read_header(blob))
-    rk, rv = reference.decode_payload(
+    rk, rv = torch_reference.decode_payload(
         torch.frombuffer(bytearray(blob[HEADER_SIZE:]), dtype=torch.uint8), lay)
     got = decode(blob).page
     assert torch.equal(got.k, rk) and torch.equal(got.v, rv)
@@ -75,7 +76,7 @@ def test_kernel_transcode_matches_torch_transcode(monkeypatch: pytest.MonkeyPatc
     page = make_kv((2, 65, 3, 24), start=0)  # odd C' (3 * 23): int4 rows end in a half byte
     b8 = encode(page, Codec.INT8, CodecConfig())
     fast = transcode(b8, Codec.INT4, CodecConfig())
-    monkeypatch.setattr(fused, "available", lambda: False)
+    monkeypatch.setattr(cpu, "available", lambda: False)
     slow = transcode(b8, Codec.INT4, CodecConfig())
     assert fast == slow
     assert decode(fast).page.k.dtype == torch.float16

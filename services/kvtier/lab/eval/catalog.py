@@ -6,7 +6,7 @@ Codec names:
   the configured :class:`~kvtier.config.CodecConfig`; bits come from the blob lengths. ``int4a``
   is the protected 4-bit codec of the cold tiers: key bits allocated per channel (2, 4 or 8,
   4 on average) by each channel's quantization step, on the int8 grid (see
-  :mod:`kvtier.codecs.alloc`).
+  :mod:`kvtier.codecs.int4a`).
 * ``int4q``: the evaluation's calibrated prototype (:data:`INT4Q`): key bits 2..8 allocated
   by calibrated query energy x key range (groups of 128 tokens), values per token after a
   Hadamard rotation, 4 sink tokens in full precision. Needs ``q_energy`` (see

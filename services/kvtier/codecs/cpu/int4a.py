@@ -1,6 +1,6 @@
 """numba kernels for int4a on the CPU: the key bit allocation and the code maps (the torch code
-in :mod:`kvtier.codecs.alloc` is the reference and the device path; the tests and
-:func:`kvtier.codecs.alloc.self_test` hold both to the same bytes).
+in :mod:`kvtier.codecs.int4a` is the reference and the device path; the tests and
+:func:`kvtier.codecs.int4a.self_test` hold both to the same bytes).
 
 Arrays are flat uint8. ``bits`` is ``[L, C']``; K codes are ``[L, T', C']`` int8 codes on one
 side and rows of ``rb`` bytes on the other (channel ``c``'s code at bit ``sum(bits[:c])`` of its
@@ -14,14 +14,14 @@ import math
 import numpy as np
 from numba import njit
 
-from kvtier.codecs.kernels import int8_to_int4_rows
-from kvtier.codecs.intrinsics import bits_to_f32, f16_to_f32
-from kvtier.codecs.rowops import INLINE, JIT
+from kvtier.codecs.cpu.int8_int4 import int8_to_int4_rows
+from kvtier.codecs.cpu.intrinsics import bits_to_f32, f16_to_f32
+from kvtier.codecs.cpu.rows import INLINE, JIT
 
 
 def _tables() -> tuple[np.ndarray, np.ndarray]:
     """``TO_B[b, q8]``: the ``b``-bit code of an int8 code; ``TO_8[b, q]``: the int8 code of a
-    ``b``-bit code (the integer maps of :mod:`kvtier.codecs.alloc`, as lookup tables)."""
+    ``b``-bit code (the integer maps of :mod:`kvtier.codecs.int4a`, as lookup tables)."""
     to_b = np.zeros((9, 256), np.uint8)
     to_8 = np.zeros((9, 256), np.uint8)
     q = np.arange(256, dtype=np.int64)
@@ -232,7 +232,7 @@ def _candidates(gains, n, k, order):  # type: ignore[no-untyped-def]
 def allocate_keys(  # type: ignore[no-untyped-def]
         kb, km, e0, mant, L, nk, Gk, Tq, H, D, n_out, oidx, opeak, drop, budget, out):
     """Bits of every quantized K channel (``out`` ``[L, C']``), the same numbers as
-    :func:`kvtier.codecs.alloc.key_weights` then :func:`~kvtier.codecs.alloc.allocate` (same
+    :func:`kvtier.codecs.int4a.key_weights` then :func:`~kvtier.codecs.int4a.allocate` (same
     float64 operations in the same order, the same stable sort)."""
     Dk = D - n_out
     C = H * Dk

@@ -2,7 +2,7 @@
 
 Each function maps a page to its payload bytes (a uint8 tensor on the page's device, laid out
 as :mod:`kvtier.codecs.blob` describes) or back. The numba kernels in
-:mod:`kvtier.codecs.fused` must produce the same bytes and the same decoded tensors bit for
+:mod:`kvtier.codecs.cpu.backend` must produce the same bytes and the same decoded tensors bit for
 bit; the tests hold them to it.
 """
 

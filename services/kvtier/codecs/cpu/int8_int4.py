@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from kvtier.codecs.rowops import (
+from kvtier.codecs.cpu.rows import (
     JIT, bounds_row, choose, copy, dequant_store, dequant_store_group, get_codes, get_m12,
     group_bounds, load_row, prefetch_share, put_codes, put_m12, quantize_flat, quantize_row,
     share_size, table,

@@ -1,5 +1,5 @@
-"""Row-level numba helpers for the fused kernels: conversions, the grid, code packing
-(the LLVM intrinsics they build on are in :mod:`kvtier.codecs.intrinsics`).
+"""Row-level numba helpers for the CPU kernels: conversions, the grid, code packing
+(the LLVM intrinsics they build on are in :mod:`kvtier.codecs.cpu.intrinsics`).
 
 Every helper works on 0-based slices: numba then knows indices are not negative, skips its
 wrap-around handling and LLVM vectorizes the loops (AVX2 here, F16C for float16).
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from kvtier.codecs.intrinsics import (
+from kvtier.codecs.cpu.intrinsics import (
     bits_to_f32, bits_to_f64, f16_to_f32, f32_to_bits, f32_to_f16, lrint, minmax8, prefetch,
 )
 

@@ -1,10 +1,10 @@
-"""The CPU fast path: blob sections as numpy views, handed to the numba layer kernels.
+"""The CPU backend of the codecs: blob sections as numpy views, handed to the numba kernels.
 
-The unfused torch code (:mod:`kvtier.codecs.reference`) walks the page about ten times
+The unfused torch code (:mod:`kvtier.codecs.torch_reference`) walks the page about ten times
 (cast to float32, abs, amax, amin, gather, divide, round, clamp, cast, pack ...), each pass a
 trip to memory. These kernels work a layer at a time: the layer is read once, converted to
 float32 into a scratch block that stays in cache, and every later step reads the scratch.
-(:mod:`kvtier.codecs.kernels`; row helpers in :mod:`kvtier.codecs.rowops`.)
+(:mod:`kvtier.codecs.cpu.int8_int4`; row helpers in :mod:`kvtier.codecs.cpu.rows`.)
 The arithmetic is the reference's step for step (float64 grid selection; float32 multiply
 then subtract, round-half-even; float32 -> float16 and -> bfloat16 round-to-nearest-even),
 so blobs and decoded tensors agree with the torch oracle bit for bit; the tests check it.
@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from kvtier.codecs import kernels
 from kvtier.codecs.blob import HEADER_SIZE
+from kvtier.codecs.cpu import int8_int4 as kernels
 from kvtier.codecs.grid import MANTISSAS
 from kvtier.codecs.layout import Layout
-from kvtier.codecs.reference import TORCH_DTYPES
+from kvtier.codecs.torch_reference import TORCH_DTYPES
 from kvtier.errors import CorruptPage
 from kvtier.types import Codec, Page
 
@@ -137,8 +137,9 @@ def warmup() -> float:
     self-test encodes and decodes small pages with the kernels and with the torch oracle and
     raises RuntimeError if they disagree by a single byte: numba's on-disk cache is keyed on
     the file that defines a kernel only, so a stale cache after an upgrade that changed
-    ``rowops.py`` or ``intrinsics.py`` alone would otherwise go unnoticed. Compiled kernels live as long as the
-    process, so the work is done once per process (a memo, like numba's own dispatch cache).
+    ``rows.py`` or ``intrinsics.py`` alone would otherwise go unnoticed. Compiled kernels live
+    as long as the process, so the work is done once per process (a memo, like numba's own
+    dispatch cache).
     """
     if _self_test.cache_info().currsize:
         return 0.0
@@ -155,7 +156,7 @@ def _self_test() -> bool:
     from kvtier.codecs.codec import encode as encode_blob
     from kvtier.codecs.codec import transcode
     from kvtier.codecs.layout import layout_for_encode
-    from kvtier.codecs.reference import decode_payload, encode_payload
+    from kvtier.codecs.torch_reference import decode_payload, encode_payload
     from kvtier.config import CodecConfig
 
     g = torch.Generator().manual_seed(0)

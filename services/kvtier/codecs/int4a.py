@@ -39,7 +39,7 @@ is as long as int4's). Every (layer, head) spends exactly that, so the blob's si
 its header alone; the decoder checks the map's widths and its sum per layer before using it.
 The allocation runs in float64; on CUDA a near-tie may resolve differently than on the CPU
 (both blobs are valid). The allocation and the code maps run as numba kernels on the CPU
-(:mod:`kvtier.codecs.alloc_kernels`) and as the torch code here on any device.
+(:mod:`kvtier.codecs.cpu.int4a`) and as the torch code here on any device.
 """
 
 from __future__ import annotations
@@ -50,11 +50,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from kvtier.codecs import alloc_kernels, fused, grid
+from kvtier.codecs import grid
 from kvtier.codecs.blob import HEADER_SIZE
+from kvtier.codecs.cpu import backend as cpu
+from kvtier.codecs.cpu import int4a as kernels
 from kvtier.codecs.layout import DTYPE_KINDS, Layout, make_layout
 from kvtier.codecs.pack import pack_int4, unpack_int4, unpack_m12
-from kvtier.codecs.reference import TORCH_DTYPES
+from kvtier.codecs.torch_reference import TORCH_DTYPES
 from kvtier.errors import CorruptPage
 from kvtier.types import Codec
 
@@ -334,9 +336,9 @@ def from_int8_blob(blob8: Blob, lay8: Layout, key_bits: float) -> tuple[bytearra
     header is not read), through one numba kernel: the CPU path of :func:`from_int8`."""
     plan = _plan_from8(lay8, key_bits)
     buf = bytearray(HEADER_SIZE + plan.lay.payload_nbytes)
-    alloc_kernels.int4a_from_int8(_readonly(blob8), np.frombuffer(buf, dtype=np.uint8),
+    kernels.int4a_from_int8(_readonly(blob8), np.frombuffer(buf, dtype=np.uint8),
                                   plan.spans, plan.sec, plan.geo, _MANT, _DROP,
-                                  alloc_kernels.TO_B)
+                                  kernels.TO_B)
     return buf, plan.lay
 
 
@@ -346,8 +348,8 @@ def to_int8_blob(blob: Blob, lay: Layout) -> tuple[bytearray, Layout]:
     bit map (as :func:`read_bits`)."""
     plan = _plan_to8(lay)
     buf = bytearray(HEADER_SIZE + plan.lay.payload_nbytes)
-    if alloc_kernels.int4a_to_int8(_readonly(blob), np.frombuffer(buf, dtype=np.uint8),
-                                   plan.spans, plan.sec, plan.geo, alloc_kernels.TO_8):
+    if kernels.int4a_to_int8(_readonly(blob), np.frombuffer(buf, dtype=np.uint8),
+                                   plan.spans, plan.sec, plan.geo, kernels.TO_8):
         raise _bad_map(lay)
     return buf, plan.lay
 
@@ -362,7 +364,7 @@ def _allocate_kernel(payload8: torch.Tensor, lay8: Layout, budget: int) -> torch
         raw = _section(payload8, lay8, "oraw").view(TORCH_DTYPES[lay8.dtype])
         opeak = raw.reshape(L, Tq, H, n_out).double().abs().amax(1).reshape(-1).numpy()
     out = np.empty(L * lay8.Ck, np.uint8)
-    alloc_kernels.allocate_keys(
+    kernels.allocate_keys(
         _section(payload8, lay8, "kb").numpy(), _section(payload8, lay8, "km").numpy(),
         e0.astype(np.int64), _MANT, L, lay8.nk, lay8.Gk, Tq, H, D, n_out, oidx, opeak, _DROP,
         budget, out)
@@ -371,7 +373,7 @@ def _allocate_kernel(payload8: torch.Tensor, lay8: Layout, budget: int) -> torch
 
 def _fast(t: torch.Tensor) -> bool:
     """Whether the numba kernels take the code maps (CPU tensors, kernels available)."""
-    return t.device.type == "cpu" and fused.available()
+    return t.device.type == "cpu" and cpu.available()
 
 
 
