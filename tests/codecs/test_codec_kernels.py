@@ -1,6 +1,8 @@
-"""The fused CPU kernels agree with the pure-torch oracle bit for bit (bytes and tensors)."""
+"""The CPU kernels agree with the pure-torch oracle bit for bit (bytes and tensors)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,3 +115,26 @@ def test_int4_reciprocal_matches_division_for_every_float32_in_range() -> None:
     low = int(np.array([3.0], np.float32).view(np.uint32)[0]) + 1
     assert _count_r17_mismatches(0, top, 1.0) == 0
     assert _count_r17_mismatches(0, low, -1.0) == 0
+
+
+def test_a_change_to_any_kernel_source_drops_every_cached_kernel(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """numba checks a cached kernel against its own file only; the package's stamp covers the
+    helpers it inlines from other files too."""
+    import kvtier.codecs.cpu as cpu_pkg
+
+    (tmp_path / "rows.py").write_text("x = 1\n")
+    (tmp_path / "int8_int4.py").write_text("y = 2\n")
+    cache = tmp_path / "__pycache__"
+    cache.mkdir()
+    monkeypatch.setattr(cpu_pkg, "_HERE", tmp_path)
+    kernel = cache / "int8_int4.encode_page-1.py311.nbi"
+    kernel.write_bytes(b"compiled")
+    cpu_pkg._drop_stale_kernels()  # no stamp yet: nothing known about what compiled it
+    assert not kernel.exists()
+    kernel.write_bytes(b"compiled")
+    cpu_pkg._drop_stale_kernels()
+    assert kernel.exists()  # same sources: kept
+    (tmp_path / "rows.py").write_text("x = 3\n")  # a helper the kernel inlines changed
+    cpu_pkg._drop_stale_kernels()
+    assert not kernel.exists()

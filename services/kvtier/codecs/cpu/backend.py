@@ -135,10 +135,9 @@ def warmup() -> float:
 
     The daemon calls this at start so that JIT compilation never lands in a request. The
     self-test encodes and decodes small pages with the kernels and with the torch oracle and
-    raises RuntimeError if they disagree by a single byte: numba's on-disk cache is keyed on
-    the file that defines a kernel only, so a stale cache after an upgrade that changed
-    ``rows.py`` or ``intrinsics.py`` alone would otherwise go unnoticed. Compiled kernels live
-    as long as the process, so the work is done once per process (a memo, like numba's own
+    raises RuntimeError if they disagree by a single byte (a stale on-disk cache that
+    :mod:`kvtier.codecs.cpu` did not catch, a miscompiled kernel). Compiled kernels live as
+    long as the process, so the work is done once per process (a memo, like numba's own
     dispatch cache).
     """
     if _self_test.cache_info().currsize:
@@ -175,7 +174,7 @@ def _self_test() -> bool:
                     or not torch.equal(got.v, want[1])):
                 raise RuntimeError(
                     "codec kernels disagree with the torch oracle (a stale numba cache? delete "
-                    "kvtier/codecs/__pycache__/*.nbi and *.nbc)")
+                    "kvtier/codecs/cpu/__pycache__/*.nbi and *.nbc)")
         decode_blob(bytearray(blob))
         decode_blob(transcode(encode_blob(page, Codec.INT8, params), Codec.INT4, params))
     return True
