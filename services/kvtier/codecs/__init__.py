@@ -17,18 +17,8 @@ scales and minima; ``pack``: int4 and 12-bit packing), one module per codec that
 the numba kernels), and ``codec`` (the API).
 """
 
-from kvtier.codecs import int4a
 from kvtier.codecs.blob import BlobHeader, read_header
-from kvtier.codecs.codec import Decoded, decode, encode, transcode
-from kvtier.codecs.cpu import backend
-
-
-def warmup() -> float:
-    """Compile (or load from numba's cache) and self-test every CPU kernel; returns the
-    seconds the page kernels took (0.0 when this process already did)."""
-    took = backend.warmup()
-    int4a.self_test()
-    return took
+from kvtier.codecs.codec import Decoded, decode, encode, transcode, warmup
 
 
 __all__ = ["BlobHeader", "Decoded", "decode", "encode", "read_header", "transcode", "warmup"]

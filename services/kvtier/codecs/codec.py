@@ -10,7 +10,9 @@ uses the same two paths.
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -237,3 +239,47 @@ def transcode(blob: Blob, target: Codec, params: CodecConfig) -> bytes:
             buf[doff:doff + dn] = q4.contiguous().numpy().tobytes()
     return blobfmt.seal(buf)
 
+
+def warmup() -> float:
+    """Compile every CPU kernel now (or load it from numba's cache) and self-test it; returns the
+    seconds it took (0.0 when this process already did).
+
+    The daemon calls this at start so that JIT compilation never lands in a request. The
+    self-test encodes and decodes small pages with the kernels and with the torch oracle and
+    raises RuntimeError if they disagree by a single byte (a stale on-disk cache that
+    :mod:`kvtier.codecs.cpu` did not catch, a miscompiled kernel). Compiled kernels live as
+    long as the process, so the work is done once per process (a memo, like numba's own
+    dispatch cache).
+    """
+    if _self_test.cache_info().currsize:
+        return 0.0
+    t0 = time.perf_counter()
+    _self_test()
+    took = time.perf_counter() - t0
+    log.info("codec kernels ready and self-tested in %.2f s", took)
+    return took
+
+
+@functools.cache
+def _self_test() -> bool:
+    g = torch.Generator().manual_seed(0)
+    params = CodecConfig()
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        page = Page(k=(3 * torch.randn(2, 9, 2, 16, generator=g)).to(dtype),
+                    v=torch.randn(2, 9, 2, 16, generator=g).to(dtype), start_position=1)
+        for codec in (Codec.INT8, Codec.INT4):
+            blob = encode(page, codec, params)
+            lay = layout_for_encode(codec, str(dtype).removeprefix("torch."), page.shape,
+                                    page.start_position, params)
+            payload = torch_reference.encode_payload(page, lay)
+            got = decode(blob).page
+            want = torch_reference.decode_payload(payload, lay)
+            if (blob[HEADER_SIZE:] != payload.numpy().tobytes() or not torch.equal(got.k, want[0])
+                    or not torch.equal(got.v, want[1])):
+                raise RuntimeError(
+                    "codec kernels disagree with the torch oracle (a stale numba cache? delete "
+                    "kvtier/codecs/cpu/__pycache__/*.nbi and *.nbc)")
+        decode(bytearray(blob))
+        decode(transcode(encode(page, Codec.INT8, params), Codec.INT4, params))
+    int4a.self_test()
+    return True

@@ -15,22 +15,18 @@ two words), which keeps one compiled specialization per kernel. Kernels release 
 work. (Splitting a page's K and V over two threads was measured on the shared 2-core box and
 lost: 0.78 -> 0.92 ms per 2 MiB encode; numba's prange pool is not safe to enter from many
 request threads at once either.)
-:func:`warmup` compiles them (or loads them from numba's on-disk cache) and self-tests them,
-so the first real request does not pay for compilation.
+:func:`kvtier.codecs.warmup` compiles them (or loads them from numba's on-disk cache) and
+self-tests them, so the first real request does not pay for compilation.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import time
 from typing import Any
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from kvtier.codecs.blob import HEADER_SIZE
 from kvtier.codecs.cpu import int8_int4 as kernels
 from kvtier.codecs.grid import MANTISSAS
 from kvtier.codecs.layout import Layout
@@ -38,7 +34,6 @@ from kvtier.codecs.torch_reference import TORCH_DTYPES
 from kvtier.errors import CorruptPage
 from kvtier.types import Codec, Page
 
-log = logging.getLogger(__name__)
 
 _MANT = np.array(MANTISSAS, dtype=np.float64)
 _U16 = NDArray[np.uint16]
@@ -128,53 +123,3 @@ def int8_rows_to_int4(src: memoryview, width: int, dst: memoryview) -> None:
     rows = a.size // width if width else 0
     kernels.int8_to_int4_rows(a, rows, width, np.frombuffer(dst, dtype=np.uint8))
 
-
-def warmup() -> float:
-    """Compile every kernel now (or load it from numba's cache) and self-test it; returns the
-    seconds it took (0.0 when this process already did).
-
-    The daemon calls this at start so that JIT compilation never lands in a request. The
-    self-test encodes and decodes small pages with the kernels and with the torch oracle and
-    raises RuntimeError if they disagree by a single byte (a stale on-disk cache that
-    :mod:`kvtier.codecs.cpu` did not catch, a miscompiled kernel). Compiled kernels live as
-    long as the process, so the work is done once per process (a memo, like numba's own
-    dispatch cache).
-    """
-    if _self_test.cache_info().currsize:
-        return 0.0
-    t0 = time.perf_counter()
-    _self_test()
-    took = time.perf_counter() - t0
-    log.info("codec kernels ready and self-tested in %.2f s", took)
-    return took
-
-
-@functools.cache
-def _self_test() -> bool:
-    from kvtier.codecs.codec import decode as decode_blob
-    from kvtier.codecs.codec import encode as encode_blob
-    from kvtier.codecs.codec import transcode
-    from kvtier.codecs.layout import layout_for_encode
-    from kvtier.codecs.torch_reference import decode_payload, encode_payload
-    from kvtier.config import CodecConfig
-
-    g = torch.Generator().manual_seed(0)
-    params = CodecConfig()
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        page = Page(k=(3 * torch.randn(2, 9, 2, 16, generator=g)).to(dtype),
-                    v=torch.randn(2, 9, 2, 16, generator=g).to(dtype), start_position=1)
-        for codec in (Codec.INT8, Codec.INT4):
-            blob = encode_blob(page, codec, params)
-            lay = layout_for_encode(codec, str(dtype).removeprefix("torch."), page.shape,
-                                    page.start_position, params)
-            payload = encode_payload(page, lay)
-            got = decode_blob(blob).page
-            want = decode_payload(payload, lay)
-            if (blob[HEADER_SIZE:] != payload.numpy().tobytes() or not torch.equal(got.k, want[0])
-                    or not torch.equal(got.v, want[1])):
-                raise RuntimeError(
-                    "codec kernels disagree with the torch oracle (a stale numba cache? delete "
-                    "kvtier/codecs/cpu/__pycache__/*.nbi and *.nbc)")
-        decode_blob(bytearray(blob))
-        decode_blob(transcode(encode_blob(page, Codec.INT8, params), Codec.INT4, params))
-    return True
