@@ -7,9 +7,8 @@ import torch
 from codec_helpers import DTYPES, error_bound, make_kv, ulp
 
 from kvtier.codecs import blob as blobfmt
-from kvtier.codecs import decode, encode, int4a, read_header, torch_reference, transcode
+from kvtier.codecs import codec, decode, encode, int4a, read_header, torch_reference, transcode
 from kvtier.codecs.blob import HEADER_SIZE
-from kvtier.codecs.cpu import backend as cpu
 from kvtier.codecs.layout import layout_of
 from kvtier.config import CodecConfig
 from kvtier.errors import CorruptPage, InvalidArgument
@@ -149,7 +148,7 @@ def test_torch_path_gives_the_same_bytes_and_tensors(monkeypatch: pytest.MonkeyP
     page = _wide_channels((2, 70, 3, 24), seed=11, start=1)  # odd C': rows end in a half byte
     fast = encode(page, Codec.INT4A, P)
     dec = decode(fast).page
-    monkeypatch.setattr(cpu, "available", lambda: False)
+    monkeypatch.setattr(codec, "_kernels_run_on", lambda device: False)  # the CUDA path
     assert encode(page, Codec.INT4A, P) == fast
     slow = decode(fast).page
     assert torch.equal(dec.k, slow.k) and torch.equal(dec.v, slow.v)
@@ -205,8 +204,6 @@ def test_selection_kernel_takes_the_stable_sorts_first_moves_among_ties() -> Non
 
     from kvtier.codecs.cpu import int4a as kernels
 
-    if not cpu.available():
-        pytest.skip("numba kernels unavailable")
     rng = np.random.default_rng(3)
     for n, levels in ((1, 1), (2, 1), (3, 2), (7, 3), (64, 4), (762, 5), (762, 1000)):
         gains = rng.integers(0, levels, n).astype(np.float64)
@@ -231,8 +228,6 @@ def test_whole_blob_kernels_match_the_torch_code(dtype: str, shape: tuple[int, i
     every page dtype (the outliers' peaks are read from the raw values)."""
     from kvtier.codecs.layout import layout_for_encode
 
-    if not cpu.available():
-        pytest.skip("numba kernels unavailable")
     page = _wide_channels(shape, seed=sum(shape), start=start)
     page = Page(k=page.k.to(DTYPES[dtype]), v=page.v.to(DTYPES[dtype]), start_position=start)
     lay8 = layout_for_encode(Codec.INT8, dtype, page.shape, start, params)
@@ -254,8 +249,6 @@ def test_candidate_moves_hold_the_stable_sorts_first_moves() -> None:
 
     from kvtier.codecs.cpu import int4a as kernels
 
-    if not cpu.available():
-        pytest.skip("numba kernels unavailable")
     rng = np.random.default_rng(5)
     for n in (1, 2, 5, 127):
         for weights in (rng.integers(0, 3, n).astype(np.float64), rng.random(n) * 0.1 + 1.0,

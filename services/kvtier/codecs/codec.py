@@ -24,7 +24,6 @@ from kvtier.codecs.cpu import backend as cpu
 from kvtier.codecs.layout import (
     Layout, check_indices, layout_for_encode, layout_of, make_layout,
 )
-from kvtier.codecs.pack import pack_int4
 from kvtier.config import CodecConfig
 from kvtier.errors import CorruptPage, InvalidArgument
 from kvtier.pages import dtype_name
@@ -90,7 +89,7 @@ def encode(page: Page, codec: Codec, params: CodecConfig, *,
     prec = _CODEC_PRECISION[codec]
     if precision is not None:
         prec = min(prec, Precision(precision))
-    kernels = k.is_cpu and cpu.available()  # device.type builds a str: 0.3 us
+    kernels = _kernels_run_on(device)
     if codec is Codec.INT4A:
         lay8 = layout_for_encode(Codec.INT8, dtype, shape, start, params)
         h8 = _header(Codec.INT8, page, lay8, params, prec)
@@ -109,6 +108,13 @@ def encode(page: Page, codec: Codec, params: CodecConfig, *,
         buf = blobfmt.pack_header(_header(codec, page, lay, params, prec))
         buf.extend(torch_reference.encode_payload(page, lay).cpu().numpy().tobytes())
     return blobfmt.seal(buf)
+
+
+def _kernels_run_on(device: torch.device) -> bool:
+    """Whether the numba kernels do the work for tensors on ``device``: on the CPU they do;
+    on an accelerator the torch reference runs on the device itself. Blobs are host bytes, so
+    ``transcode`` always runs the kernels."""
+    return device.type == "cpu"
 
 
 def _header(codec: Codec, page: Page, lay: Layout, params: CodecConfig,
@@ -160,7 +166,7 @@ def decode(blob: Blob, device: torch.device | None = None) -> Decoded:
     try:
         if lay.codec is Codec.INT4A:
             k, v = _decode_int4a(blob, lay, dev)
-        elif (dev is _CPU or dev.type == "cpu") and cpu.available():
+        elif _kernels_run_on(dev):
             k, v = cpu.decode(mv, lay)  # checks the indices it uses itself
         else:
             check_indices(blob, lay)
@@ -175,7 +181,7 @@ def _decode_int4a(blob: Blob, lay: Layout, dev: torch.device) -> tuple[torch.Ten
                                                                           torch.Tensor]:
     """K and V of a verified int4a blob, through the int8 payload it expands to."""
     check_indices(blob, lay)
-    if dev.type == "cpu" and cpu.available():
+    if _kernels_run_on(dev):
         buf8, lay8 = int4a.to_int8_blob(blob, lay)
         return cpu.decode(memoryview(buf8), lay8)
     payload = torch.frombuffer(bytearray(memoryview(blob)[HEADER_SIZE:]), dtype=torch.uint8)
@@ -209,10 +215,7 @@ def transcode(blob: Blob, target: Codec, params: CodecConfig) -> bytes:
         return encode(page, target, params, precision=h.precision)
     src = _layout_checked(h)
     if target is Codec.INT4A:
-        if cpu.available():
-            return _int4a_seal(int4a.from_int8_blob(blob, src, params.key_bits), h)
-        payload8 = torch.frombuffer(bytearray(memoryview(blob)[HEADER_SIZE:]), dtype=torch.uint8)
-        return _int4a_blob(h, payload8, src, params)
+        return _int4a_seal(int4a.from_int8_blob(blob, src, params.key_bits), h)
     dst = make_layout(Codec.INT4, h.dtype, h.shape, h.sink_tokens, h.outliers, h.group_size)
     header = BlobHeader(
         codec=Codec.INT4, dtype=h.dtype, shape=h.shape, start_position=h.start_position,
@@ -230,13 +233,7 @@ def transcode(blob: Blob, target: Codec, params: CodecConfig) -> bytes:
     for name, width in (("kq", src.Ck), ("vq", src.HD)):
         off, n = src.section(name)
         doff, dn = dst.section(name)
-        if cpu.available():
-            cpu.int8_rows_to_int4(mv[off:off + n], width, memoryview(buf)[doff:doff + dn])
-        else:
-            q8 = torch.frombuffer(bytearray(mv[off:off + n]), dtype=torch.uint8) if n else \
-                torch.zeros(0, dtype=torch.uint8)
-            q4 = pack_int4(torch_reference.int8_to_int4(q8.reshape(-1, width)))
-            buf[doff:doff + dn] = q4.contiguous().numpy().tobytes()
+        cpu.int8_rows_to_int4(mv[off:off + n], width, memoryview(buf)[doff:doff + dn])
     return blobfmt.seal(buf)
 
 

@@ -52,7 +52,6 @@ import torch
 
 from kvtier.codecs import grid
 from kvtier.codecs.blob import HEADER_SIZE
-from kvtier.codecs.cpu import backend as cpu
 from kvtier.codecs.cpu import int4a as kernels
 from kvtier.codecs.layout import DTYPE_KINDS, Layout, make_layout
 from kvtier.codecs.pack import pack_int4, unpack_int4, unpack_m12
@@ -372,8 +371,8 @@ def _allocate_kernel(payload8: torch.Tensor, lay8: Layout, budget: int) -> torch
 
 
 def _fast(t: torch.Tensor) -> bool:
-    """Whether the numba kernels take the code maps (CPU tensors, kernels available)."""
-    return t.device.type == "cpu" and cpu.available()
+    """Whether the numba kernels take the code maps (CPU tensors)."""
+    return t.device.type == "cpu"
 
 
 

@@ -39,11 +39,6 @@ _MANT = np.array(MANTISSAS, dtype=np.float64)
 _U16 = NDArray[np.uint16]
 
 
-def available() -> bool:
-    """The kernels run here (numba imported); callers fall back to torch otherwise."""
-    return True
-
-
 # --- the Python side ------------------------------------------------------------------------
 
 # numpy has float16 and float32 but no bfloat16: those two take the cheaper numpy-side views
