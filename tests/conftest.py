@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvtier.cli.redis_proc import RedisProcess
+from kvtier.procs.redis import RedisProcess
 
 
 @pytest.fixture(scope="session")

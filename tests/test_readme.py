@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from kvtier.cli.redis_proc import free_port
+from kvtier.procs.redis import free_port
 from kvtier.config import Settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"

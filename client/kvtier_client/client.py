@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 import grpc
 
 from kvtier_client import shm as shm_mod
-from kvtier_client.shm import abandoned, ranges_back, session_lost
 from kvtier_client.errors import DeadlineExceededError, KVTierClientError, from_rpc_error
+from kvtier_client.shm import abandoned, ranges_back, session_lost
 from kvtier_client.staging import new_page, release_page
 from kvtier_client.tensors import FetchedPage, Page
 from kvtier_client.wire import (
@@ -122,7 +122,7 @@ class KVTierClient:
     ``lend_bytes``: a lend area of that size in the segment (default: a quarter of the
     segment, at most 64 MiB; 0: none). A put whose pages fit there lends them: the daemon keeps
     the pages where they lie, with no copy of its own, and hands each range back (see
-    ``kvtier.transport.shm_lend``) when the page leaves the hot tier or is deleted. Only this
+    ``kvtier.transport.shm.lend``) when the page leaves the hot tier or is deleted. Only this
     library writes the area. While it is full a put copies as usual and asks the daemon to
     copy the lent pages out in the background, after which puts lend again. The area and its
     return ring (512 KiB) come out of the request area, which bounds how many bytes one get

@@ -19,7 +19,7 @@ the client names and writes get replies only into ``[64, request_end)``.
 A staged page is the caller's memory, refilled at will between puts. A put that raised (a
 deadline, a cancel) may still be read late by the daemon; the client then moves the segment's
 fill number on (``Session.void_fill``, with a fence) before it raises, and the daemon, which
-checks that number after reading a put's bytes (``kvtier.transport.shm_copy``), stores nothing
+checks that number after reading a put's bytes (``kvtier.transport.shm.copy``), stores nothing
 for such a put, so a page refilled afterwards is never stored under the failed put's keys.
 That rests on stores becoming visible in order (x86-64, ``OVERLAP_SAFE``); on other hosts,
 release a page whose put raised rather than refill it.

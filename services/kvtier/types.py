@@ -43,7 +43,7 @@ class Codec(str, enum.Enum):
     NONE = "none"
     INT8 = "int8"
     INT4 = "int4"
-    INT4A = "int4a"  # 4 bits on average, key bits allocated per channel (kvtier.codecs.alloc)
+    INT4A = "int4a"  # 4 bits on average, key bits allocated per channel (kvtier.codecs.int4a)
 
     @property
     def bits(self) -> int:

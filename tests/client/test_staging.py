@@ -128,7 +128,7 @@ def test_a_staged_page_refilled_after_an_abandoned_put_is_never_stored_late(
     import threading
     import time
 
-    import kvtier.transport.servicer as servicer_mod
+    import kvtier.transport.cache.servicer as servicer_mod
     from kvtier_client import DeadlineExceededError
 
     real = servicer_mod.copy_pages
@@ -163,7 +163,7 @@ async def test_an_async_staged_put_cancelled_by_its_task_is_never_stored_late(
     import threading
     import time
 
-    import kvtier.transport.servicer as servicer_mod
+    import kvtier.transport.cache.servicer as servicer_mod
 
     real = servicer_mod.copy_pages
     started, done = threading.Event(), threading.Event()

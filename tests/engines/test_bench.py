@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_llama import VOCAB, make_tiny_model
 
-from kvtier.bench import chat, ttft
+from kvtier.lab.bench import chat, ttft
 
 
 @pytest.fixture()

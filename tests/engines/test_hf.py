@@ -13,7 +13,7 @@ import pytest
 import torch
 from tiny_llama import make_tiny_model
 
-from kvtier.cli.redis_proc import free_port
+from kvtier.procs.redis import free_port
 from kvtier.daemon import Daemon
 from kvtier_client import AsyncKVTierClient, KVTierClient, Page
 from kvtier_client.engines.hf import (

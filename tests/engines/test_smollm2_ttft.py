@@ -10,7 +10,7 @@ import argparse
 
 import pytest
 
-from kvtier.bench import ttft
+from kvtier.lab.bench import ttft
 
 pytestmark = pytest.mark.slow
 

@@ -206,7 +206,7 @@ def test_a_put_the_client_gave_up_on_never_stores_the_next_puts_bytes(
     import threading
     import time
 
-    import kvtier.transport.servicer as servicer_mod
+    import kvtier.transport.cache.servicer as servicer_mod
 
     real = servicer_mod.copy_pages
     first = threading.Event()

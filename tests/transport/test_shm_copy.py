@@ -16,9 +16,9 @@ import pytest
 
 from kvtier.errors import Aborted, Conflict, InvalidArgument
 from kvtier.store.buffers import BufferPool
-from kvtier.transport.convert import Header
-from kvtier.transport.shm_copy import FILL_OFFSET, copy_pages, lent_pages
-from kvtier.transport.shm_lend import HEAD_OFFSET, ReturnRing
+from kvtier.transport.cache.convert import Header
+from kvtier.transport.shm.copy import FILL_OFFSET, copy_pages, lent_pages
+from kvtier.transport.shm.lend import HEAD_OFFSET, ReturnRing
 from kvtier.types import Page
 
 SHAPE = (2, 64, 2, 64)  # float16: 32 KiB per tensor

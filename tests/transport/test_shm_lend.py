@@ -146,7 +146,7 @@ def test_ranges_the_ring_has_no_room_for_wait_and_bound_further_lending() -> Non
     import threading
 
     from kvtier.errors import CapacityExhausted
-    from kvtier.transport.shm_lend import HEAD_OFFSET, TAIL_OFFSET, ReturnRing
+    from kvtier.transport.shm.lend import HEAD_OFFSET, TAIL_OFFSET, ReturnRing
 
     mm = mmap.mmap(-1, 1 << 16)
     ring = ReturnRing(mm, 4096, 2, threading.Event())
@@ -198,7 +198,7 @@ def test_a_finalizer_never_waits_for_the_ring() -> None:
     import struct
     import threading
 
-    from kvtier.transport.shm_lend import HEAD_OFFSET, ReturnRing
+    from kvtier.transport.shm.lend import HEAD_OFFSET, ReturnRing
 
     mm = mmap.mmap(-1, 1 << 16)
     ring = ReturnRing(mm, 4096, 8, threading.Event())
@@ -285,7 +285,7 @@ def test_ended_sessions_holding_lent_pages_count_against_the_limit() -> None:
     import gc
 
     from kvtier.errors import CapacityExhausted
-    from kvtier.transport.shm import ShmRegistry
+    from kvtier.transport.shm.session import ShmRegistry
     from kvtier_client.shm import Segment
 
     reg = ShmRegistry(max_sessions=2)
@@ -397,7 +397,7 @@ def test_a_client_stalled_mid_fill_gets_its_put_stored_within_its_deadline(
     refused."""
     import time
 
-    import kvtier.transport.servicer as servicer_mod
+    import kvtier.transport.cache.servicer as servicer_mod
     import kvtier_client.wire as wire_mod
 
     fills = _spy_fills(monkeypatch)

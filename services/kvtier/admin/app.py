@@ -64,8 +64,9 @@ from kvtier.errors import (
     status_for,
 )
 from kvtier.pages import check_key, check_namespace
-from kvtier.policy.registry import make_policy, policy_names
+from kvtier.policy.registry import policy_names
 from kvtier.transport.context import DaemonContext, Readiness
+from kvtier.transport.policy.client import make_policy
 from kvtier.types import Medium
 
 log = logging.getLogger(__name__)

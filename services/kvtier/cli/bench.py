@@ -12,10 +12,10 @@ import importlib
 from typing import Any
 
 BENCH_MODULES: tuple[str, ...] = (
-    "kvtier.bench.codecs",
-    "kvtier.bench.transfer",
-    "kvtier.bench.ttft",
-    "kvtier.bench.chat",
+    "kvtier.lab.bench.codecs",
+    "kvtier.lab.bench.transfer",
+    "kvtier.lab.bench.ttft",
+    "kvtier.lab.bench.chat",
 )
 
 

@@ -62,10 +62,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from kvtier.eval.allocate import query_energy
-    from kvtier.eval.catalog import DEFAULT_CODECS, Catalog
-    from kvtier.eval.model import calibration_ids, load_model, pick_device, read_text, tokenize
-    from kvtier.eval.suite import Options, evaluate
+    from kvtier.lab.eval.allocate import query_energy
+    from kvtier.lab.eval.catalog import DEFAULT_CODECS, Catalog
+    from kvtier.lab.eval.model import calibration_ids, load_model, pick_device, read_text, tokenize
+    from kvtier.lab.eval.suite import Options, evaluate
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -33,7 +33,7 @@ Payload of a quantized blob (``T' = tokens - S`` quantized tokens, ``C' = kv_hea
     vq     codes[L, T', H*D]            V codes, row per token
 
 An int4a blob adds the key bit map before ``kq`` and packs ``kq`` by it (see
-:mod:`kvtier.codecs.alloc`). A ``none`` blob's payload is K then V as put. See
+:mod:`kvtier.codecs.int4a`). A ``none`` blob's payload is K then V as put. See
 :mod:`kvtier.codecs.grid` for what the scale codes and ``m12`` mean and
 :mod:`kvtier.codecs.pack` for the int4 and m12 byte layouts.
 The checksum covers the header too, so a flipped bit anywhere is caught.

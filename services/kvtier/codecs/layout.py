@@ -20,7 +20,6 @@ from kvtier.config import CodecConfig
 from kvtier.errors import CorruptPage
 from kvtier.types import Codec
 
-
 QUANTIZED_SECTIONS = ("oidx", "exps", "sink", "oraw", "kb", "km", "vb", "vm", "kq", "vq")
 DTYPE_KINDS = {"float16": 0, "bfloat16": 1, "float32": 2}
 
@@ -162,7 +161,7 @@ def make_layout(codec: Codec, dtype: str, shape: tuple[int, int, int, int], S: i
     lay = Layout(codec, dtype, L, T, H, D, S, n_out, group_size, tuple(sections),
                  pos - HEADER_SIZE, key_bits)
     if codec not in (Codec.INT8, Codec.INT4):
-        return lay  # the page kernels handle int8 and int4; int4a goes through int8 (alloc)
+        return lay  # the page kernels handle int8 and int4; int4a goes through int8 (int4a.py)
     offsets = lay.offsets
     bounds = np.array([x for name in QUANTIZED_SECTIONS
                        for x in (offsets[name][0], offsets[name][0] + offsets[name][1])],

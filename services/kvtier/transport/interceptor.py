@@ -7,7 +7,7 @@ INTERNAL and a generic message, and the daemon keeps serving. Each finished call
 :class:`kvtier.transport.stats.RpcSample` (method, status, latency, message bytes in/out).
 
 Authentication is a separate seam: an auth interceptor goes before this one in the list given
-to :func:`kvtier.transport.server.make_grpc_server` and aborts with UNAUTHENTICATED /
+to :func:`kvtier.transport.cache.server.make_grpc_server` and aborts with UNAUTHENTICATED /
 PERMISSION_DENIED itself; this interceptor passes such aborts through untouched.
 """
 
