@@ -251,9 +251,11 @@ def test_generate_matches_plain_generate_and_puts_after_the_first_token(
     kv.flush()
     assert torch.equal(first, plain)
     assert kv.saves.stored == 6
+    assert kv.last_restore is not None and kv.last_restore.restored_tokens == 0
     again = kv.generate(ids, max_new_tokens=13, do_sample=False, save_generated=True)
     kv.flush()
     assert torch.equal(again, plain)
+    assert kv.last_restore is not None and kv.last_restore.restored_tokens == 96
     assert kv.saves.stored == 6 + 1  # 112 tokens cached: one more full page
     longer = torch.cat([plain, prompt(13, 20)], dim=1)  # the next turn of the conversation
     assert kv.restore(longer).restored_tokens == 112

@@ -442,6 +442,7 @@ class KVTierConnector:
         self._core = _Core(model, namespace or client.namespace, page_tokens, page_dtype,
                            model_id, accept, strict)
         self.saves = SaveStats()
+        self.last_restore: RestoreInfo | None = None  # of the last generate()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtier-put")
         self._pending: list[concurrent.futures.Future[int]] = []
 
@@ -526,6 +527,7 @@ class KVTierConnector:
         new = int(generate_kwargs.get("max_new_tokens") or 256)
         tokens = self._core.token_list(input_ids)
         cache = self.restore(input_ids, capacity=len(tokens) + new + 1)
+        self.last_restore = cache.restore
         out = model.generate(input_ids, **{self._core.kwarg: cache}, **generate_kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         self.save(cache, sequences[0].tolist() if save_generated else None)
@@ -566,6 +568,7 @@ class AsyncKVTierConnector:
         self._core = _Core(model, namespace or client.namespace, page_tokens, page_dtype,
                            model_id, accept, strict)
         self.saves = SaveStats()
+        self.last_restore: RestoreInfo | None = None  # of the last generate()
         self._loop = asyncio.get_running_loop()
         self._pending: set[asyncio.Task[int]] = set()
 
@@ -648,6 +651,7 @@ class AsyncKVTierConnector:
         new = int(generate_kwargs.get("max_new_tokens") or 256)
         tokens = self._core.token_list(input_ids)
         cache = await self.restore(input_ids, capacity=len(tokens) + new + 1)
+        self.last_restore = cache.restore
         out = await asyncio.to_thread(model.generate, input_ids,
                                       **{self._core.kwarg: cache}, **generate_kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
