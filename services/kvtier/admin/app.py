@@ -209,9 +209,10 @@ def create_app(context: DaemonContext, metrics: DaemonMetrics | None = None) -> 
 
     @app.get("/readyz", tags=["health"])
     def readyz() -> JSONResponse:
-        """Readiness: 200 while the daemon serves. Redis down or the policy in fallback is
-        reported (``degraded``) but keeps the daemon ready: the data path answers misses for
-        Redis-only pages and the memory tiers keep serving."""
+        """Readiness: 200 while the daemon serves. Redis down (or, with a cluster, some
+        shards down: ``redis`` is ``degraded`` and ``redis_shards`` says which) or the policy
+        in fallback is reported (``degraded``) but keeps the daemon ready: the data path
+        answers misses for the pages it cannot reach and the memory tiers keep serving."""
         state = context.health.state
         checks: dict[str, Any] = {"state": state.value}
         ready = state is Readiness.SERVING
@@ -227,8 +228,15 @@ def create_app(context: DaemonContext, metrics: DaemonMetrics | None = None) -> 
                 t.medium == Medium.REDIS for t in stats.tiers
             )
             checks["redis"] = ("up" if stats.redis_up else "down") if has_redis else "none"
+            health = store.redis_health() if has_redis else None
+            if health is not None:
+                checks["redis"] = health[0].state  # up, degraded (some shards down), down
+                if health[0].cluster:
+                    checks["redis_shards"] = [
+                        {"node": s.node, "slots": s.slots, "up": s.up} for s in health[0].shards]
+                    checks["redis_unavailable_slots"] = health[0].slots_down
             checks["policy"] = jsonable(stats.policy)
-            checks["degraded"] = (has_redis and not stats.redis_up) or bool(
+            checks["degraded"] = (has_redis and checks["redis"] != "up") or bool(
                 stats.policy.fallback_active
             )
         checks["status"] = "ready" if ready else "not ready"

@@ -179,7 +179,9 @@ class TierEngine:
                 backend.pop(pid)
             self.counters[tier].evictions[reason.value] += 1
             self.cond.notify_all()
-        if rec.remote_token is not None:
+        if rec.remote_token is not None and reason is EvictionReason.CORRUPT:
+            # the shared tier is a cache of its own (kvtier.store.remote_index): leaving this
+            # daemon's view, a page stays there for the others; only a corrupt copy goes
             self.redis_delete_quietly([(pid, rec.remote_token)])
         self.forget([pid])
         return True
@@ -254,9 +256,9 @@ class TierEngine:
     # -- deleting -----------------------------------------------------------------------------
 
     def delete(self, pids: Sequence[PageId]) -> int:
-        """Remove pages from every tier (Redis too, even if this index did not know them)."""
+        """Remove pages from every tier, and from the shared Redis tier whoever wrote them
+        (a delete that cannot reach its shard now is sent later: see redis_tier)."""
         removed: list[PageId] = []
-        tokens: list[tuple[PageId, str]] = []
         with self.cond:
             for pid in pids:
                 rec = self.index.remove(pid)
@@ -267,19 +269,14 @@ class TierEngine:
                     if backend is not None:
                         backend.pop(pid)
                     self.counters[rec.tier].evictions[EvictionReason.DELETED.value] += 1
-                if rec.remote_token is not None:
-                    tokens.append((pid, rec.remote_token))
                 removed.append(pid)
             self.cond.notify_all()
         known = set(removed)
         extra = 0
-        if self.redis is not None and self.redis.up:
-            unknown = [p for p in dict.fromkeys(pids) if p not in known]
-            try:
-                self.redis.delete_if(tokens)
-                extra = self.redis.delete(unknown)
-            except BackendUnavailable:
-                pass
+        if self.redis is not None:
+            # the shared copy goes whatever its token: a page this daemon promoted left it
+            # there, and another daemon may have written the key since
+            extra = len(self.redis.delete(list(dict.fromkeys(pids))) - known)
         self.forget(removed)
         return len(removed) + extra
 

@@ -1,8 +1,8 @@
 """Moving a page between tiers: prepare, copy, commit.
 
 The three steps and the lock held in each are in :mod:`kvtier.store.engine`'s docstring. A move
-never fails half-way: it either commits (the page is in the target tier, the source's bytes
-and any Redis copy it left are released) or leaves the page where it was (``_abort``), unless
+never fails half-way: it either commits (the page is in the target tier, the source's memory
+is released; a Redis copy stays, as the shared tier keeps what it has) or leaves the page where it was (``_abort``), unless
 the source's bytes turned out to be gone or corrupt, when the page leaves the cache
 (``_drop``) and is never served.
 """
@@ -98,9 +98,9 @@ def move(e: TierEngine, pid: PageId, dst: int) -> MoveResult:
         else:
             e.index.release(dst, size)
         e.cond.notify_all()
-    if ok and src_token is not None:
-        e.redis_delete_quietly([(pid, src_token)])
-    elif not ok and token is not None:
+    # a page promoted out of the Redis tier leaves its copy there: the shared tier is a cache
+    # of its own, and other daemons read it (kvtier.store.remote_index)
+    if not ok and token is not None:
         e.redis_delete_quietly([(pid, token)])  # the page was deleted meanwhile
     return MoveResult.MOVED if ok else MoveResult.GONE
 

@@ -39,7 +39,9 @@ from kvtier.store.moves import MoveResult
 from kvtier.store.mover import Mover, prefetch_pass, rebalance_tier, relocate
 from kvtier.store.placement import check_fits, choose_tier, place
 from kvtier.store.policy import AccessEvent, AccessKind, LRUPolicy, Policy
-from kvtier.store.remote_index import discover, resync_remote
+from kvtier.store.redis_tier import DeleteCounters
+from kvtier.store.redis_shards import RedisHealth, ShardCounters
+from kvtier.store.remote_index import discover, fetch, refresh, resync_remote
 from kvtier.store.results import GetResult, LookupResult, PageInfo, PutOutcome, RawResult
 from kvtier.store.stats import StoreStats, TierStats
 from kvtier.store.tiers import Promoted, Stored
@@ -101,6 +103,13 @@ class TierStore:
     def redis_up(self) -> bool:
         redis = self._engine.redis
         return redis is None or redis.up
+
+    def redis_health(self) -> tuple[RedisHealth, ShardCounters, DeleteCounters] | None:
+        """The shared tier's health per shard and its counters; None without a Redis tier."""
+        redis = self._engine.redis
+        if redis is None or self._engine.redis_tier is None:
+            return None
+        return redis.health(), redis.shards.counters(), redis.delete_counters()
 
     # -- data path ----------------------------------------------------------------------------
 
@@ -210,10 +219,12 @@ class TierStore:
               copy_tensors: bool = True) -> list[tuple[Page, int, Precision] | None]:
         s, e = self.settings, self._engine
         pids = check_keys(namespace, keys, s.max_key_bytes, s.max_batch)
-        self._discover(pids)
+        shared = fetch(e, pids, time.time())  # every key not in memory: one round trip
         out: list[tuple[Page, int, Precision] | None] = []
         for pid in pids:
-            got = e.read(pid)
+            pre = shared.get(pid)
+            got = e.read(pid) if pre is None or e.redis_tier is None else (
+                pre[0], e.redis_tier, pre[1])
             if got is None:
                 out.append(None)
                 continue
@@ -263,11 +274,13 @@ class TierStore:
         """Which tier holds each key (None = absent or unreachable) and the present prefix."""
         s, e = self.settings, self._engine
         pids = check_keys(namespace, keys, s.max_key_bytes, s.max_batch)
-        self._discover(pids)
         now = time.time()
+        shared = refresh(e, pids, now)  # every key not in memory: one round trip
         with e.cond:
             idx = [e.index.visible_tier(p) for p in pids]
-            tiers = [None if t is None or not e.tier_up(t) else e.names[t] for t in idx]
+            tiers = [None if t is None or not e.tier_up(t) or (
+                         t == e.redis_tier and not shared.get(p, True)) else e.names[t]
+                     for p, t in zip(pids, idx, strict=True)]
             events = [AccessEvent(p, e.index.next_seq(), now, AccessKind.LOOKUP, t, 0, i)
                       for i, (p, t) in enumerate(zip(pids, tiers, strict=True))]
         self._events.extend(events)
@@ -379,8 +392,10 @@ class TierStore:
                 e.policy.record(events)
             except Exception:
                 log.exception("policy %s failed in record()", e.policy.name)
-        if e.redis is not None and not e.redis.up and e.redis.probe():
-            resync_remote(e)
+        if e.redis is not None:
+            was_up = e.redis.up
+            if e.redis.probe() and not was_up:  # no network unless something is down
+                resync_remote(e)
         for t in range(len(e.specs)):
             rebalance_tier(e, t)
         prefetch_pass(e, PREFETCH_PER_PASS)

@@ -1,0 +1,150 @@
+"""Stores over a real Redis Cluster: slots, redirects, scripts, and one shard failing alone."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from kvtier.procs.redis_cluster import RedisCluster, key_slot
+from kvtier.store.store import TierStore
+
+from .helpers import NS, int4_close, key, make_page, settings, wait_until
+
+
+@pytest.fixture()
+def stores() -> Iterator[list[TierStore]]:
+    made: list[TierStore] = []
+    yield made
+    for s in made:
+        s.close()
+
+
+def start(made: list[TierStore], url: str, mover: bool = False, **kw: object) -> TierStore:
+    store = TierStore(settings(url, **kw))  # type: ignore[arg-type]
+    made.append(store)
+    store.start(mover=mover)
+    return store
+
+
+def share(store: TierStore, n: int, first: int = 0) -> list[bytes]:
+    keys = [key(i) for i in range(first, first + n)]
+    store.put(NS, [(k, make_page(first + i)) for i, k in enumerate(keys)])
+    assert store.demote(NS, keys, "remote") == [True] * n
+    return keys
+
+
+def rkey(k: bytes) -> str:
+    return f"kvc:{NS}:{{{k.hex()}}}"
+
+
+def test_pages_spread_over_every_shard_and_any_store_reads_them(
+        cluster: RedisCluster, cluster_url: str, stores: list[TierStore]) -> None:
+    a = start(stores, cluster_url)
+    b = start(stores, cluster_url)  # attached before a wrote anything
+    assert a.redis_health() is not None and a.redis_health()[0].cluster  # type: ignore[index]
+    keys = share(a, 30)
+    per_node = [redis.Redis(host=n.host, port=n.port).dbsize() for n in cluster.primary_nodes()]
+    assert len(per_node) == 3 and all(n > 0 for n in per_node) and sum(per_node) == 30
+    assert b.lookup(NS, keys).prefix_length == 30  # one round trip, no scan
+    for i, got in enumerate(b.get(NS, keys)):
+        assert got is not None and got.tier == "remote"
+        assert int4_close(got.page.k, make_page(i).k) and int4_close(got.page.v, make_page(i).v)
+    c = start(stores, cluster_url)  # the start-up scan covers every primary
+    assert c.stats().tiers[1].pages == 30
+
+
+def test_promoting_copies_and_a_delete_removes_everywhere(
+        cluster_url: str, stores: list[TierStore]) -> None:
+    a = start(stores, cluster_url)
+    b = start(stores, cluster_url)
+    keys = share(a, 6)
+    assert b.promote(NS, keys, "hot") == [True] * 6
+    assert b.lookup(NS, keys).tiers == ["hot"] * 6
+    assert a.lookup(NS, keys).tiers == ["remote"] * 6  # the shared copies stayed
+    # a's own copies come back after it forgot them: the view re-adopts its own writes
+    assert a.promote(NS, keys[:1], "hot") == [True]
+    assert a.delete(NS, keys[1:2]) == 1  # removes b's target page everywhere ...
+    assert a.lookup(NS, keys[1:2]).tiers == [None]
+    assert b.lookup(NS, keys[1:2]).tiers == ["hot"]  # ... but b's private memory copy
+    fresh = start(stores, cluster_url)
+    assert fresh.get(NS, keys[1:2]) == [None]
+    assert all(g is not None for g in fresh.get(NS, keys[2:]))
+
+
+def test_moved_and_ask_are_followed(cluster: RedisCluster, cluster_url: str,
+                                    stores: list[TierStore]) -> None:
+    a = start(stores, cluster_url)
+    keys = share(a, 2)
+    src = cluster.primary_of(rkey(keys[0]))
+    dst = next(n for n in cluster.primary_nodes() if n.name != src.name)
+    s_cli, d_cli = redis.Redis(host=src.host, port=src.port), redis.Redis(host=dst.host,
+                                                                           port=dst.port)
+    slot = key_slot(rkey(keys[0]))
+    src_id, dst_id = (c.execute_command("CLUSTER", "MYID").decode() for c in (s_cli, d_cli))
+    d_cli.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+    s_cli.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+    s_cli.execute_command("MIGRATE", dst.host, dst.port, "", 0, 5000, "KEYS", rkey(keys[0]))
+    got = a.get(NS, keys[:1])[0]  # mid-migration: the source answers ASK
+    assert got is not None and int4_close(got.page.k, make_page(0).k)
+    for c in (s_cli, d_cli):
+        c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+    wait_until(lambda: cluster.primary_of(rkey(keys[0])).name == dst.name, what="slot moved")
+    got = a.get(NS, keys[:1])[0]  # the slot moved for good: MOVED, and the map is patched
+    assert got is not None and int4_close(got.page.k, make_page(0).k)
+    health = a.redis_health()
+    assert health is not None
+    counters = health[1]
+    assert counters.ask >= 1 and counters.moved >= 1 and counters.unavailable == 0
+    assert a.delete(NS, keys[:1]) == 1 and d_cli.exists(rkey(keys[0])) == 0
+    s_cli.close()
+    d_cli.close()
+
+
+def test_scripts_are_loaded_where_a_node_lost_them(cluster: RedisCluster, cluster_url: str,
+                                                   stores: list[TierStore]) -> None:
+    a = start(stores, cluster_url)
+    share(a, 6)  # the write script is loaded on every primary now
+    for n in cluster.primary_nodes():
+        redis.Redis(host=n.host, port=n.port).script_flush()
+    keys = share(a, 6, first=6)  # NOSCRIPT on every node: loaded and sent again
+    health = a.redis_health()
+    assert health is not None
+    assert health[1].script_loads >= 3 and health[2].failures == 0
+    assert a.lookup(NS, keys).prefix_length == 6
+
+
+def test_one_dead_shard_misses_only_its_slots_and_serves_after_failover(
+        cluster: RedisCluster, cluster_url: str, stores: list[TierStore]) -> None:
+    a = start(stores, cluster_url, mover=True)
+    keys = share(a, 30)
+    for n in cluster.primary_nodes():  # every write reached the replicas
+        redis.Redis(host=n.host, port=n.port).execute_command("WAIT", 1, 2000)
+    victim = cluster.primary_of(rkey(keys[0]))
+    on_victim = {k for k in keys if cluster.primary_of(rkey(k)).name == victim.name}
+    fresh = start(stores, cluster_url)  # a view with nothing in memory
+    victim.kill()
+    t0 = time.monotonic()
+    got = fresh.get(NS, keys)
+    assert time.monotonic() - t0 < 1.0  # refused at once: no hang
+    for k, g in zip(keys, got, strict=True):
+        assert (g is None) == (k in on_victim), k
+    t0 = time.monotonic()
+    assert [t is None for t in fresh.lookup(NS, keys).tiers] == [k in on_victim for k in keys]
+    assert time.monotonic() - t0 < 0.2  # the dead shard is not asked again
+    health = fresh.redis_health()
+    assert health is not None and health[0].degraded and 5000 < health[0].slots_down < 6000
+    cluster.wait_failover(victim)
+    fresh.start(mover=True)  # its mover refreshes the slot map while a shard is down
+    wait_until(lambda: fresh.lookup(NS, keys).prefix_length == 30, what="served after failover")
+    health = fresh.redis_health()
+    assert health is not None and health[0].state == "up"
+    assert all(g is not None for g in fresh.get(NS, keys))
+    # and writes to every slot work again, with no restart: a, which had not met the dead
+    # node, fails its first write there at once and its mover then finds the new primary
+    more = [key(i) for i in range(100, 130)]
+    a.put(NS, [(k, make_page(i)) for i, k in enumerate(more)])
+    wait_until(lambda: all(a.demote(NS, more, "remote")), what="writes after failover")
+    assert fresh.lookup(NS, more).prefix_length == 30
