@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from kvtier.procs.redis_cluster import RedisCluster, key_slot
+from kvtier.store.results import PutOutcome
 from kvtier.store.store import TierStore
 
 from .helpers import NS, int4_close, key, make_page, settings, wait_until
@@ -44,7 +45,8 @@ def test_pages_spread_over_every_shard_and_any_store_reads_them(
         cluster: RedisCluster, cluster_url: str, stores: list[TierStore]) -> None:
     a = start(stores, cluster_url)
     b = start(stores, cluster_url)  # attached before a wrote anything
-    assert a.redis_health() is not None and a.redis_health()[0].cluster  # type: ignore[index]
+    status = a.redis_status()
+    assert status is not None and status.health.cluster
     keys = share(a, 30)
     per_node = [redis.Redis(host=n.host, port=n.port).dbsize() for n in cluster.primary_nodes()]
     assert len(per_node) == 3 and all(n > 0 for n in per_node) and sum(per_node) == 30
@@ -94,9 +96,9 @@ def test_moved_and_ask_are_followed(cluster: RedisCluster, cluster_url: str,
     wait_until(lambda: cluster.primary_of(rkey(keys[0])).name == dst.name, what="slot moved")
     got = a.get(NS, keys[:1])[0]  # the slot moved for good: MOVED, and the map is patched
     assert got is not None and int4_close(got.page.k, make_page(0).k)
-    health = a.redis_health()
-    assert health is not None
-    counters = health[1]
+    status = a.redis_status()
+    assert status is not None
+    counters = status.shards
     assert counters.ask >= 1 and counters.moved >= 1 and counters.unavailable == 0
     assert a.delete(NS, keys[:1]) == 1 and d_cli.exists(rkey(keys[0])) == 0
     s_cli.close()
@@ -110,9 +112,9 @@ def test_scripts_are_loaded_where_a_node_lost_them(cluster: RedisCluster, cluste
     for n in cluster.primary_nodes():
         redis.Redis(host=n.host, port=n.port).script_flush()
     keys = share(a, 6, first=6)  # NOSCRIPT on every node: loaded and sent again
-    health = a.redis_health()
-    assert health is not None
-    assert health[1].script_loads >= 3 and health[2].failures == 0
+    status = a.redis_status()
+    assert status is not None
+    assert status.shards.script_loads >= 3 and status.deletes.failures == 0
     assert a.lookup(NS, keys).prefix_length == 6
 
 
@@ -134,13 +136,14 @@ def test_one_dead_shard_misses_only_its_slots_and_serves_after_failover(
     t0 = time.monotonic()
     assert [t is None for t in fresh.lookup(NS, keys).tiers] == [k in on_victim for k in keys]
     assert time.monotonic() - t0 < 0.2  # the dead shard is not asked again
-    health = fresh.redis_health()
-    assert health is not None and health[0].degraded and 5000 < health[0].slots_down < 6000
+    status = fresh.redis_status()
+    assert status is not None and status.health.degraded
+    assert 5000 < status.health.slots_down < 6000
     cluster.wait_failover(victim)
     fresh.start(mover=True)  # its mover refreshes the slot map while a shard is down
     wait_until(lambda: fresh.lookup(NS, keys).prefix_length == 30, what="served after failover")
-    health = fresh.redis_health()
-    assert health is not None and health[0].state == "up"
+    status = fresh.redis_status()
+    assert status is not None and status.health.state == "up"
     assert all(g is not None for g in fresh.get(NS, keys))
     # and writes to every slot work again, with no restart: a, which had not met the dead
     # node, fails its first write there at once and its mover then finds the new primary
@@ -148,3 +151,25 @@ def test_one_dead_shard_misses_only_its_slots_and_serves_after_failover(
     a.put(NS, [(k, make_page(i)) for i, k in enumerate(more)])
     wait_until(lambda: all(a.demote(NS, more, "remote")), what="writes after failover")
     assert fresh.lookup(NS, more).prefix_length == 30
+
+
+def test_shared_puts_reach_the_other_daemons_while_hot_here(
+        cluster_url: str, stores: list[TierStore]) -> None:
+    a = start(stores, cluster_url, mover=True, share_puts=True)
+    b = start(stores, cluster_url, mover=True, share_puts=True)
+    c = start(stores, cluster_url, mover=True, share_puts=True)  # knows nothing yet
+    keys = [key(i) for i in range(12)]
+    a.put(NS, [(k, make_page(i)) for i, k in enumerate(keys)])
+    wait_until(lambda: b.lookup(NS, keys).prefix_length == 12, what="pages shared")
+    assert a.lookup(NS, keys).tiers == ["hot"] * 12  # a keeps them where they were put
+    got = b.get(NS, keys)
+    assert all(g is not None and g.tier == "remote" for g in got)
+    assert b.put(NS, [(keys[0], make_page(0))]) == [PutOutcome.EXISTS]  # b knows it now
+    c.put(NS, [(k, make_page(i)) for i, k in enumerate(keys)])  # the same pages, put on c
+    wait_until(lambda: c.redis_status().sharing.present == 12,  # type: ignore[union-attr]
+               what="c found them shared already")
+    assert c.redis_status().sharing.shared == 0  # type: ignore[union-attr]
+    assert a.delete(NS, keys[:3]) == 3
+    assert c.lookup(NS, keys[:3]).tiers == ["hot"] * 3  # c's own puts stay in its memory
+    fresh = start(stores, cluster_url)
+    assert fresh.lookup(NS, keys).tiers == [None] * 3 + ["remote"] * 9

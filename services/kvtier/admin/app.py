@@ -228,13 +228,14 @@ def create_app(context: DaemonContext, metrics: DaemonMetrics | None = None) -> 
                 t.medium == Medium.REDIS for t in stats.tiers
             )
             checks["redis"] = ("up" if stats.redis_up else "down") if has_redis else "none"
-            health = store.redis_health() if has_redis else None
-            if health is not None:
-                checks["redis"] = health[0].state  # up, degraded (some shards down), down
-                if health[0].cluster:
+            status = store.redis_status() if has_redis else None
+            if status is not None:
+                health = status.health
+                checks["redis"] = health.state  # up, degraded (some shards down), down
+                if health.cluster:
                     checks["redis_shards"] = [
-                        {"node": s.node, "slots": s.slots, "up": s.up} for s in health[0].shards]
-                    checks["redis_unavailable_slots"] = health[0].slots_down
+                        {"node": s.node, "slots": s.slots, "up": s.up} for s in health.shards]
+                    checks["redis_unavailable_slots"] = health.slots_down
             checks["policy"] = jsonable(stats.policy)
             checks["degraded"] = (has_redis and checks["redis"] != "up") or bool(
                 stats.policy.fallback_active

@@ -46,6 +46,7 @@ kvtier_redis_node_failures_total       counter    (nodes marked down)
 kvtier_redis_delete_failures_total     counter    (deletes that failed; kept, retried)
 kvtier_redis_pending_deletes           gauge      (deletes waiting for their shard)
 kvtier_redis_dropped_deletes_total     counter    (pending deletes dropped: queue full)
+kvtier_redis_shared_pages_total        counter    result (shared, present, dropped, failed)
 kvtier_policy_info                     gauge      policy, active (always 1)
 kvtier_policy_fallback_active          gauge
 kvtier_policy_events_dropped_total     counter
@@ -227,10 +228,10 @@ class StoreCollector(Collector):
         up = GaugeMetricFamily("kvtier_redis_up", "1 when the Redis tier answers, else 0.")
         up.add_metric([], 1.0 if stats.redis_up else 0.0)
         yield up
-        got = self._store.redis_health()
-        if got is None:
+        status = self._store.redis_status()
+        if status is None:
             return
-        health, counters, deletes = got
+        health, counters, deletes = status.health, status.shards, status.deletes
         shards = GaugeMetricFamily(
             "kvtier_redis_shards", "Redis primaries serving slots, by whether they answer.",
             labels=["state"])
@@ -265,6 +266,14 @@ class StoreCollector(Collector):
             family = kind(name, text)
             family.add_metric([], number)
             yield family
+        if status.sharing is not None:
+            shared = CounterMetricFamily(
+                "kvtier_redis_shared_pages",
+                "New pages offered to the shared tier (share_puts), by what became of them.",
+                labels=["result"])
+            for result in ("shared", "present", "dropped", "failed"):
+                shared.add_metric([result], getattr(status.sharing, result))
+            yield shared
 
     @staticmethod
     def _policy(stats: Any) -> Iterable[Metric]:

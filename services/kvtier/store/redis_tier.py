@@ -190,20 +190,37 @@ class RedisTier:
     def write(self, page: PageId, blob: bytes, meta: RemoteMeta) -> str:
         """Store (replace) a page; returns the new write token. BackendUnavailable if its
         shard cannot take it (down, or out of memory with no eviction policy)."""
+        got = self.write_many([(page, blob, meta)])[0]
+        if isinstance(got, BackendUnavailable):
+            raise got
+        return got
+
+    def write_many(self, items: Sequence[tuple[PageId, bytes, RemoteMeta]]
+                   ) -> list[str | BackendUnavailable]:
+        """Store (replace) pages in one round trip; per page its new write token, or the
+        error (not raised) that kept it out."""
+        if not items:
+            return []
         self._check_up()
-        token = f"{self.writer_id}-{secrets.token_hex(6)}"
-        key = self.key(page)
-        reply = self.shards.run([Command.evalsha(
-            _WRITE, key, blob, int(meta.precision), meta.nbytes, meta.stored_bytes,
-            meta.chain_position, token, self._ttl_ms)])[0]
-        if reply is UNAVAILABLE:
-            raise BackendUnavailable(f"the redis shard of {key} is unavailable", field="redis")
-        if isinstance(reply, OutOfMemoryError):
-            raise BackendUnavailable(f"redis is full (maxmemory without eviction): {reply}",
-                                     field="redis")
-        if isinstance(reply, ResponseError):
-            raise BackendUnavailable(f"redis refused a page write: {reply}", field="redis")
-        return token
+        tokens = [f"{self.writer_id}-{secrets.token_hex(6)}" for _ in items]
+        replies = self.shards.run([
+            Command.evalsha(_WRITE, self.key(page), blob, int(meta.precision), meta.nbytes,
+                            meta.stored_bytes, meta.chain_position, token, self._ttl_ms)
+            for (page, blob, meta), token in zip(items, tokens, strict=True)])
+        out: list[str | BackendUnavailable] = []
+        for (page, _, _), token, reply in zip(items, tokens, replies, strict=True):
+            if reply is UNAVAILABLE:
+                out.append(BackendUnavailable(
+                    f"the redis shard of {self.key(page)} is unavailable", field="redis"))
+            elif isinstance(reply, OutOfMemoryError):
+                out.append(BackendUnavailable(
+                    f"redis is full (maxmemory without eviction): {reply}", field="redis"))
+            elif isinstance(reply, ResponseError):
+                out.append(BackendUnavailable(f"redis refused a page write: {reply}",
+                                              field="redis"))
+            else:
+                out.append(token)
+        return out
 
     def fetch(self, pages: Sequence[PageId], *,
               blobs: bool) -> list[Found | None | Unavailable]:

@@ -21,8 +21,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from typing import TYPE_CHECKING
+
 from kvtier.store.policy import PolicyStatus
 from kvtier.types import EvictionReason
+
+if TYPE_CHECKING:
+    from kvtier.store.redis_shards import RedisHealth, ShardCounters
+    from kvtier.store.redis_tier import DeleteCounters
+    from kvtier.store.sharing import ShareCounters
 
 
 @dataclass(slots=True)
@@ -68,6 +75,17 @@ class StoreStats:
     puts: int
     puts_stored: int
     access_events_dropped: int
+
+
+@dataclass(frozen=True, slots=True)
+class RedisStatus:
+    """The shared Redis tier: health per shard, what its batches met, its deletes, and the
+    sharing of new pages (None unless ``share_puts``)."""
+
+    health: RedisHealth
+    shards: ShardCounters
+    deletes: DeleteCounters
+    sharing: ShareCounters | None
 
 
 class CodecClock:

@@ -39,11 +39,10 @@ from kvtier.store.moves import MoveResult
 from kvtier.store.mover import Mover, prefetch_pass, rebalance_tier, relocate
 from kvtier.store.placement import check_fits, choose_tier, place
 from kvtier.store.policy import AccessEvent, AccessKind, LRUPolicy, Policy
-from kvtier.store.redis_tier import DeleteCounters
-from kvtier.store.redis_shards import RedisHealth, ShardCounters
 from kvtier.store.remote_index import discover, fetch, refresh, resync_remote
 from kvtier.store.results import GetResult, LookupResult, PageInfo, PutOutcome, RawResult
-from kvtier.store.stats import StoreStats, TierStats
+from kvtier.store.sharing import Sharer
+from kvtier.store.stats import RedisStatus, StoreStats, TierStats
 from kvtier.store.tiers import Promoted, Stored
 from kvtier.types import EvictionReason, Page, PageId, Precision
 
@@ -61,6 +60,8 @@ class TierStore:
         self._events = AccessLog(settings.policy.queue_size)
         self._mover: Mover | None = None
         self._gets = self._get_hits = self._puts = self._puts_stored = 0
+        self._sharer = Sharer() if (settings.redis.share_puts
+                                    and self._engine.redis is not None) else None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -104,12 +105,14 @@ class TierStore:
         redis = self._engine.redis
         return redis is None or redis.up
 
-    def redis_health(self) -> tuple[RedisHealth, ShardCounters, DeleteCounters] | None:
+    def redis_status(self) -> RedisStatus | None:
         """The shared tier's health per shard and its counters; None without a Redis tier."""
         redis = self._engine.redis
         if redis is None or self._engine.redis_tier is None:
             return None
-        return redis.health(), redis.shards.counters(), redis.delete_counters()
+        sharing = self._sharer.counters() if self._sharer is not None else None
+        return RedisStatus(redis.health(), redis.shards.counters(), redis.delete_counters(),
+                           sharing)
 
     # -- data path ----------------------------------------------------------------------------
 
@@ -152,6 +155,9 @@ class TierStore:
         for pid, page, chain, t in zip(pids, pages, chains, targets, strict=True):
             stored = place(e, pid, page, t, chain, time.time(), owned)
             out.append(PutOutcome.STORED if stored else PutOutcome.EXISTS)
+        if self._sharer is not None:
+            self._sharer.offer([p for p, o in zip(pids, out, strict=True)
+                                if o is PutOutcome.STORED])
         with e.cond:
             self._puts += len(out)
             self._puts_stored += sum(o is PutOutcome.STORED for o in out)
@@ -383,8 +389,9 @@ class TierStore:
         return moved
 
     def rebalance(self) -> None:
-        """One mover pass: deliver access events, probe Redis, demote past high watermarks,
-        then promote the policy's prefetch picks into spare room of the top tier."""
+        """One mover pass: deliver access events, probe Redis, share new pages (with
+        ``share_puts``), demote past high watermarks, then promote the policy's prefetch picks
+        into spare room of the top tier."""
         e = self._engine
         events = self._events.drain()
         if events:
@@ -396,6 +403,8 @@ class TierStore:
             was_up = e.redis.up
             if e.redis.probe() and not was_up:  # no network unless something is down
                 resync_remote(e)
+            if self._sharer is not None:
+                self._sharer.run(e)
         for t in range(len(e.specs)):
             rebalance_tier(e, t)
         prefetch_pass(e, PREFETCH_PER_PASS)
