@@ -10,7 +10,7 @@ plain cluster commands (no ``redis-cli`` needed)::
     replicas          CLUSTER REPLICATE      once they know their primary
     wait              cluster_state:ok on every node, every replica's link up
 
-A node can be killed (:meth:`ClusterNode.kill`, SIGKILL, as a crash) and started again on the
+A node can be killed (``kill``: SIGKILL, as a crash) and started again on the
 same port with the same ``nodes.conf``: it rejoins, as a replica of whoever took its slots over.
 ``cluster-node-timeout`` (``node_timeout_ms``) is how long the cluster waits before a replica
 takes a silent primary's slots over; the default here is short (local processes, tests).
@@ -64,13 +64,6 @@ class ClusterNode(RedisProcess):
             args += ["--maxmemory", str(self.maxmemory), "--maxmemory-policy", "allkeys-lru"]
         return args
 
-    def kill(self) -> None:
-        """SIGKILL (a crash: no shutdown, no save); ``start`` brings it back on its port."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-        self.proc = None
-
     def pause(self) -> None:
         """SIGSTOP: the node hangs (accepts connections, answers nothing)."""
         if self.proc is not None:
@@ -79,10 +72,6 @@ class ClusterNode(RedisProcess):
     def resume(self) -> None:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGCONT)
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
 
 @dataclass(frozen=True, slots=True)
