@@ -36,10 +36,9 @@ class ClusterNode(RedisProcess):
 
     def __init__(self, port: int | None = None, host: str = "127.0.0.1",
                  binary: str | None = None, node_timeout_ms: int = 1000,
-                 maxmemory: int | None = None) -> None:
-        super().__init__(port, host, binary)
+                 maxmemory: int | str | None = None) -> None:
+        super().__init__(port, host, binary, maxmemory=maxmemory)
         self.node_timeout_ms = node_timeout_ms
-        self.maxmemory = maxmemory
         self.bus_port = free_port(host)  # not port + 10000, which may not exist or be free
 
     @property
@@ -60,8 +59,6 @@ class ClusterNode(RedisProcess):
             "--cluster-require-full-coverage", "no",
             "--repl-diskless-sync-delay", "0",  # a new replica syncs at once
         ]
-        if self.maxmemory is not None:
-            args += ["--maxmemory", str(self.maxmemory), "--maxmemory-policy", "allkeys-lru"]
         return args
 
     def pause(self) -> None:
@@ -90,7 +87,7 @@ class RedisCluster:
     """A local Redis Cluster: ``primaries`` primaries with ``replicas`` replicas each."""
 
     def __init__(self, primaries: int = 3, replicas: int = 1, host: str = "127.0.0.1",
-                 node_timeout_ms: int = 1000, maxmemory: int | None = None,
+                 node_timeout_ms: int = 1000, maxmemory: int | str | None = None,
                  binary: str | None = None) -> None:
         if primaries < 1 or replicas < 0:
             raise ValueError(f"need >= 1 primary and >= 0 replicas, got {primaries}, {replicas}")
