@@ -139,12 +139,21 @@ def test_one_dead_shard_misses_only_its_slots_and_serves_after_failover(
     status = fresh.redis_status()
     assert status is not None and status.health.degraded
     assert 5000 < status.health.slots_down < 6000
+    doomed = sorted(on_victim)[:2]  # deleted while their shard is down: kept, sent later
+    assert fresh.delete(NS, doomed) == 2  # its view had them (start-up scan)
+    status = fresh.redis_status()
+    assert status is not None and (status.deletes.failures, status.deletes.pending) == (2, 2)
     cluster.wait_failover(victim)
     fresh.start(mover=True)  # its mover refreshes the slot map while a shard is down
-    wait_until(lambda: fresh.lookup(NS, keys).prefix_length == 30, what="served after failover")
+    kept = [k for k in keys if k not in doomed]
+    wait_until(lambda: fresh.lookup(NS, kept).prefix_length == 28, what="served after failover")
     status = fresh.redis_status()
     assert status is not None and status.health.state == "up"
-    assert all(g is not None for g in fresh.get(NS, keys))
+    assert all(g is not None for g in fresh.get(NS, kept))
+    wait_until(lambda: fresh.redis_status().deletes.pending == 0,  # type: ignore[union-attr]
+               what="pending deletes sent")
+    assert fresh.lookup(NS, doomed).tiers == [None, None]  # gone from the shared tier ...
+    assert a.lookup(NS, doomed).tiers == [None, None]  # ... and from a's view of it
     # and writes to every slot work again, with no restart: a, which had not met the dead
     # node, fails its first write there at once and its mover then finds the new primary
     more = [key(i) for i in range(100, 130)]
@@ -173,3 +182,45 @@ def test_shared_puts_reach_the_other_daemons_while_hot_here(
     assert c.lookup(NS, keys[:3]).tiers == ["hot"] * 3  # c's own puts stay in its memory
     fresh = start(stores, cluster_url)
     assert fresh.lookup(NS, keys).tiers == [None] * 3 + ["remote"] * 9
+
+
+def test_capacity_is_enforced_by_redis_once_for_the_cluster(
+        cluster: RedisCluster, cluster_url: str, stores: list[TierStore]) -> None:
+    import torch
+
+    from kvtier.types import Page
+
+    def big(i: int) -> Page:  # 64 KiB as put, about 17 KiB in the Redis tier
+        g = torch.Generator().manual_seed(i)
+        return Page(k=torch.randn((1, 256, 1, 64), generator=g).half(),
+                    v=torch.randn((1, 256, 1, 64), generator=g).half(), start_position=64)
+
+    primaries = [redis.Redis(host=n.host, port=n.port) for n in cluster.primary_nodes()]
+    limits = [int(c.info("memory")["used_memory"]) + (2 << 20) for c in primaries]
+    try:
+        for c, limit in zip(primaries, limits, strict=True):
+            c.config_set("maxmemory", limit)
+            c.config_set("maxmemory-policy", "allkeys-lru")
+        a = start(stores, cluster_url, hot_pages=1 << 16)  # 16 MiB: puts stay until demoted
+        b = start(stores, cluster_url, remote_pages=8)  # a tiny view
+        keys = [key(i) for i in range(1200)]  # about 20 MiB: over three times the cluster
+        for lo in range(0, len(keys), 100):
+            chunk = keys[lo:lo + 100]
+            a.put(NS, [(k, big(lo + i)) for i, k in enumerate(chunk)])
+            assert a.demote(NS, chunk, "remote") == [True] * len(chunk)  # no write refused
+            b.rebalance()  # b's view of what it reads stays tiny ...
+            assert b.lookup(NS, chunk[-5:]).prefix_length == 5  # ... the newest are there
+        evicted = sum(int(c.info("stats")["evicted_keys"]) for c in primaries)
+        held = sum(int(c.dbsize()) for c in primaries)
+        assert evicted > 0 and held + evicted == len(keys)  # Redis evicted, nobody deleted
+        for c, limit in zip(primaries, limits, strict=True):  # evicted before each write:
+            mem = c.info("memory")  # over by one page at most, replication buffers aside
+            assert int(mem["used_memory"]) - int(mem["mem_not_counted_for_evict"]) <= (
+                limit + (64 << 10))
+        status = a.redis_status()
+        assert status is not None and status.deletes.failures == 0
+        assert b.stats().tiers[1].pages <= 8
+    finally:
+        for c in primaries:
+            c.config_set("maxmemory", 0)
+            c.close()

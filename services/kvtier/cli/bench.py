@@ -16,6 +16,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "kvtier.lab.bench.transfer",
     "kvtier.lab.bench.ttft",
     "kvtier.lab.bench.chat",
+    "kvtier.lab.bench.shared",
 )
 
 

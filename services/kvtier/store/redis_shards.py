@@ -246,6 +246,28 @@ class Shards:
             self._single = redis.Redis.from_url(self.url, health_check_interval=0,
                                                 **self._kwargs())
             self._single.ping()
+        self._check_servers()
+
+    def _check_servers(self) -> None:
+        """Warn about server settings the shared tier relies on (CONFIG may be refused, as
+        managed Redis services do: then nothing is said)."""
+        for name, client in self.primaries():
+            try:
+                got: dict[str, str] = {}
+                for param in ("maxmemory", "maxmemory-policy", "cluster-require-full-coverage"):
+                    got.update({str(k): str(v) for k, v in client.config_get(param).items()})
+            except RedisError:
+                continue
+            if got.get("maxmemory", "0") == "0":
+                log.warning("redis %s has no maxmemory: the shared tier grows until the "
+                            "machine runs out of memory (set maxmemory and allkeys-lru)", name)
+            elif not got.get("maxmemory-policy", "").startswith("allkeys-") and not (
+                    self.config.ttl_s and got.get("maxmemory-policy", "").startswith("volatile-")):
+                log.warning("redis %s evicts by %s: when full, page writes fail; allkeys-lru "
+                            "keeps the shared tier a cache", name, got.get("maxmemory-policy"))
+            if self._cluster_mode and got.get("cluster-require-full-coverage") == "yes":
+                log.warning("redis %s has cluster-require-full-coverage yes: one failed shard "
+                            "stops every shard while it fails over", name)
 
     def probe(self, *, force: bool = False) -> bool:
         """Bring the tier up to date with Redis; True if it is up afterwards.
@@ -348,8 +370,9 @@ class Shards:
             return None  # the slot is served by no node
         return node.name, cl.get_redis_connection(node)
 
-    def run(self, commands: Sequence[Command]) -> list[Any]:
-        """Each command's reply, in order: a value, a ResponseError, or UNAVAILABLE."""
+    def run(self, commands: Sequence[Command], *, count: bool = True) -> list[Any]:
+        """Each command's reply, in order: a value, a ResponseError, or UNAVAILABLE (counted
+        in ``unavailable`` unless ``count`` is False: a retry of what was counted already)."""
         replies: list[Any] = [UNAVAILABLE] * len(commands)
         todo = list(range(len(commands)))
         ask: dict[int, str] = {}
@@ -388,7 +411,7 @@ class Shards:
                     else:
                         replies[i] = reply
             todo.sort()
-        unavailable = sum(r is UNAVAILABLE for r in replies)
+        unavailable = sum(r is UNAVAILABLE for r in replies) if count else 0
         if unavailable:
             with self._lock:
                 self._unavailable += unavailable

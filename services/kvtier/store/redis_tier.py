@@ -46,7 +46,7 @@ Failure model: every call has socket timeouts; batches go through
 shard fails only the keys in its slots. A key whose shard is unavailable is a miss for reads and
 :class:`~kvtier.errors.BackendUnavailable` for writes. With every shard down (or a single Redis
 down) no call touches the network; :meth:`RedisTier.probe` (run by the store's mover) brings the
-tier back and retries pending deletes.
+tier back and retries pending deletes (at most once per ``retry_interval_s``).
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ import collections
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -129,6 +130,7 @@ class RedisTier:
         self._pending: collections.deque[tuple[PageId, str | None]] = collections.deque()
         self._delete_failures = 0
         self._deletes_dropped = 0
+        self._last_retry = float("-inf")
 
     # -- state --------------------------------------------------------------------------------
 
@@ -145,7 +147,9 @@ class RedisTier:
         once per ``retry_interval_s`` unless ``force``; no network when all is well), then send
         the deletes that waited for their shard. True if the tier is up."""
         up = self.shards.probe(force=force)
-        if up and self._pending:
+        now = time.monotonic()
+        if up and self._pending and now - self._last_retry >= self.config.retry_interval_s:
+            self._last_retry = now
             self._retry_pending()
         return up
 
@@ -312,7 +316,8 @@ class RedisTier:
         commands = [Command(self.key(p), ("DEL", self.key(p))) if token is None
                     else Command.evalsha(_DELETE_IF, self.key(p), token)
                     for p, token in items]
-        still = [item for item, reply in zip(items, self.shards.run(commands), strict=True)
+        replies = self.shards.run(commands, count=False)
+        still = [item for item, reply in zip(items, replies, strict=True)
                  if not isinstance(reply, int)]
         if still:
             with self._lock:

@@ -25,7 +25,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kvtier.errors import CorruptPage
+from kvtier.errors import BackendUnavailable, CorruptPage
 from kvtier.store.index import PageState
 from kvtier.store.redis_tier import Found, RemoteMeta
 from kvtier.store.tiers import Stored, blob_of
@@ -87,7 +87,12 @@ class Sharer:
                 batch = [self._queue.popleft() for _ in range(min(self._batch, len(self._queue)))]
             if not batch:
                 return done
-            written, failed = self._share(engine, batch)
+            try:
+                written, failed = self._share(engine, batch)
+            except BackendUnavailable:  # the tier went down meanwhile
+                written, failed = 0, len(batch)
+                with self._lock:
+                    self._failed += failed
             done += written
             if failed:
                 return done  # a shard is down: the rest waits for the next pass
