@@ -11,7 +11,6 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import pytest
 import redis
 
@@ -22,16 +21,10 @@ from kvtier.store.store import TierStore
 from kvtier_client import KVTierClient, Page
 
 from .helpers import wait_until
+from .load import Load, close_enough, kv
 
-SHAPE = (2, 16, 2, 64)  # float16: 16 KiB a page
-PAGE = 2 * 2 * 16 * 2 * 64
+PAGE = 2 * 2 * 16 * 2 * 64  # bytes of a page (load.SHAPE, float16)
 DEADLINE_S = 2.0  # what a worker would give a call; every call must answer within it
-
-
-def kv(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal(SHAPE).astype(np.float16),
-            rng.standard_normal(SHAPE).astype(np.float16))
 
 
 def config(url: str) -> dict[str, Any]:
@@ -71,12 +64,6 @@ def ready(d: DaemonProcess) -> dict[str, Any]:
             return body
     except OSError:
         return {}
-
-
-def close_enough(got: Any, want: np.ndarray) -> bool:
-    w = want.astype(np.float32)
-    span = float(w.max() - w.min())
-    return bool(np.abs(got.astype(np.float32) - w).max() <= span / 15 * 0.51 + 1e-2)
 
 
 def put_shared(d: DaemonProcess, ns: str, keys: list[bytes], seeds: list[int]) -> None:
@@ -132,48 +119,10 @@ def test_primary_killed_under_load_fails_over(
         wait_until(lambda: cb.lookup(keys).prefix_length == 48, what="shared")
     for n in cluster.primary_nodes():  # the replicas have every page before the crash
         redis.Redis(host=n.host, port=n.port).execute_command("WAIT", 1, 2000)
-    want = dict(zip(keys, seeds, strict=True))
-    stop = threading.Event()
-    latencies: list[float] = []
-    misses: list[int] = []
-    errors: list[BaseException] = []
-
-    def reader(d: DaemonProcess, offset: int) -> None:
-        rng = np.random.default_rng(offset)
-        with KVTierClient(d.address, "fo", timeout_s=DEADLINE_S) as c:
-            while not stop.is_set():
-                batch = [keys[int(i)] for i in rng.choice(len(keys), 8, replace=False)]
-                t0 = time.monotonic()
-                try:
-                    got = c.get(batch)
-                except Exception as e:  # noqa: BLE001 - any error fails the test
-                    errors.append(e)
-                    return
-                latencies.append(time.monotonic() - t0)
-                misses.append(sum(g is None for g in got))
-                for k, g in zip(batch, got, strict=True):
-                    if g is not None and not (close_enough(g.k, kv(want[k])[0])
-                                              and close_enough(g.v, kv(want[k])[1])):
-                        errors.append(AssertionError(f"wrong data for {k!r} from {g.tier}"))
-
-    def writer() -> None:
-        i = 0
-        with KVTierClient(a.address, "fo-new", timeout_s=DEADLINE_S) as c:
-            while not stop.is_set():
-                t0 = time.monotonic()
-                try:
-                    c.put([b"new-%d" % i], [Page(*kv(1000 + i), start_position=64)])
-                except Exception as e:  # noqa: BLE001
-                    errors.append(e)
-                    return
-                latencies.append(time.monotonic() - t0)
-                i += 1
-
-    threads = [threading.Thread(target=reader, args=(b, 1)),
-               threading.Thread(target=reader, args=(b, 2)),
-               threading.Thread(target=writer)]
-    for t in threads:
-        t.start()
+    load = Load(DEADLINE_S)
+    load.reader(b.address, "fo", dict(zip(keys, seeds, strict=True)), 1)
+    load.reader(b.address, "fo", dict(zip(keys, seeds, strict=True)), 2)
+    load.writer(a.address, "fo-new", 1000)
     try:
         time.sleep(0.5)
         victim = cluster.primary_of(f"kvd:fo:{{{keys[0].hex()}}}")
@@ -186,12 +135,9 @@ def test_primary_killed_under_load_fails_over(
         wait_until(lambda: ready(b).get("redis") == "up", what="b healthy again")
         time.sleep(0.5)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
-    assert not errors, errors[:3]
-    assert latencies and max(latencies) < DEADLINE_S, max(latencies)
-    assert sum(misses) > 0  # the dead shard's keys were misses for a while
+        load.stop()
+    load.check()
+    assert sum(load.misses) > 0  # the dead shard's keys were misses for a while
     with KVTierClient(b.address, "fo") as cb:  # and every page is served again, no restart
         wait_until(lambda: all(g is not None for g in cb.get(keys)), what="served again")
 

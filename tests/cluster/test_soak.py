@@ -6,16 +6,16 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
 import pytest
 import redis
 
 from kvtier.procs.daemon import DaemonProcess
 from kvtier.procs.redis_cluster import RedisCluster
-from kvtier_client import KVTierClient, Page
+from kvtier_client import KVTierClient
 
 from .helpers import wait_until
-from .test_daemons import DEADLINE_S, close_enough, config, kv, put_shared
+from .load import Load
+from .test_daemons import DEADLINE_S, config, put_shared
 
 pytestmark = pytest.mark.slow
 
@@ -32,43 +32,12 @@ def test_every_primary_killed_in_turn_under_load(cluster: RedisCluster, cluster_
         put_shared(a, "soak", keys, list(range(96)))
         with KVTierClient(b.address, "soak") as cb:
             wait_until(lambda: cb.lookup(keys).prefix_length == 96, what="shared")
-        stop = threading.Event()
-        latencies: list[float] = []
-        errors: list[BaseException] = []
-
-        def reader(d: DaemonProcess, seed: int) -> None:
-            rng = np.random.default_rng(seed)
-            with KVTierClient(d.address, "soak", timeout_s=DEADLINE_S) as c:
-                while not stop.is_set():
-                    idx = [int(i) for i in rng.choice(len(keys), 8, replace=False)]
-                    t0 = time.monotonic()
-                    try:
-                        got = c.get([keys[i] for i in idx])
-                    except Exception as e:  # noqa: BLE001 - any error fails the test
-                        errors.append(e)
-                        return
-                    latencies.append(time.monotonic() - t0)
-                    for i, g in zip(idx, got, strict=True):
-                        if g is not None and not close_enough(g.k, kv(i)[0]):
-                            errors.append(AssertionError(f"wrong data for {keys[i]!r}"))
-
-        def writer(d: DaemonProcess, ns: str) -> None:
-            i = 0
-            with KVTierClient(d.address, ns, timeout_s=DEADLINE_S) as c:
-                while not stop.is_set():
-                    t0 = time.monotonic()
-                    try:
-                        c.put([b"w-%d" % i], [Page(*kv(5000 + i), start_position=64)])
-                    except Exception as e:  # noqa: BLE001
-                        errors.append(e)
-                        return
-                    latencies.append(time.monotonic() - t0)
-                    i += 1
-
-        load = [threading.Thread(target=reader, args=(d, s)) for s, d in enumerate((a, b, b))]
-        load += [threading.Thread(target=writer, args=(d, f"w{n}")) for n, d in enumerate((a, b))]
-        for t in load:
-            t.start()
+        load = Load(DEADLINE_S)
+        seeds = dict(zip(keys, range(96), strict=True))
+        for n, d in enumerate((a, b, b)):
+            load.reader(d.address, "soak", seeds, n)
+        for n, d in enumerate((a, b)):
+            load.writer(d.address, f"w{n}", 5000)
         try:
             for victim in list(cluster.primary_nodes()):
                 time.sleep(3)
@@ -80,11 +49,8 @@ def test_every_primary_killed_in_turn_under_load(cluster: RedisCluster, cluster_
                 for n in cluster.primary_nodes():
                     redis.Redis(host=n.host, port=n.port).execute_command("WAIT", 1, 2000)
         finally:
-            stop.set()
-            for t in load:
-                t.join(30)
-        assert not errors, errors[:3]
-        assert latencies and max(latencies) < DEADLINE_S
+            load.stop()
+        load.check()
         with KVTierClient(b.address, "soak") as cb:  # replicated before each kill: all back
             wait_until(lambda: sum(g is not None for g in cb.get(keys)) >= 90,
                        what="served again")
