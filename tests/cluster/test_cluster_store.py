@@ -224,3 +224,26 @@ def test_capacity_is_enforced_by_redis_once_for_the_cluster(
         for c in primaries:
             c.config_set("maxmemory", 0)
             c.close()
+
+
+def test_a_hung_primary_costs_one_timeout_and_comes_back_by_itself(
+        cluster: RedisCluster, cluster_url: str, stores: list[TierStore]) -> None:
+    a = start(stores, cluster_url, mover=True)
+    keys = share(a, 30)
+    victim = cluster.primary_of(rkey(keys[0]))
+    on_victim = {k for k in keys if cluster.primary_of(rkey(k)).name == victim.name}
+    victim.pause()  # accepts connections, answers nothing (shorter than the node timeout)
+    try:
+        t0 = time.monotonic()
+        got = a.get(NS, keys)
+        assert time.monotonic() - t0 < 1.0  # one socket timeout (0.3 s), not a hang
+        assert [g is None for g in got] == [k in on_victim for k in keys]
+        t0 = time.monotonic()
+        assert a.lookup(NS, keys).prefix_length == 0  # keys[0] is on the hung shard
+        assert time.monotonic() - t0 < 0.1  # marked down: not asked again
+    finally:
+        victim.resume()
+    wait_until(lambda: a.lookup(NS, keys).prefix_length == 30, what="the node answers again")
+    status = a.redis_status()
+    assert status is not None and status.health.state == "up"
+    assert status.shards.node_failures == 1
