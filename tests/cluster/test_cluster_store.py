@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
 
 from kvtier.procs.redis_cluster import RedisCluster, key_slot
+from kvtier.store.redis_shards import Shards
 from kvtier.store.results import PutOutcome
 from kvtier.store.store import TierStore
 
@@ -50,10 +52,21 @@ def test_pages_spread_over_every_shard_and_any_store_reads_them(
     keys = share(a, 30)
     per_node = [redis.Redis(host=n.host, port=n.port).dbsize() for n in cluster.primary_nodes()]
     assert len(per_node) == 3 and all(n > 0 for n in per_node) and sum(per_node) == 30
-    assert b.lookup(NS, keys).prefix_length == 30  # one round trip, no scan
-    for i, got in enumerate(b.get(NS, keys)):
-        assert got is not None and got.tier == "remote"
-        assert int4_close(got.page.k, make_page(i).k) and int4_close(got.page.v, make_page(i).v)
+    exchanges: list[int] = []
+    real = Shards._exchange
+
+    def counted(self: Shards, groups: dict[str, Any], *args: Any) -> Any:
+        exchanges.append(len(groups))
+        return real(self, groups, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Shards, "_exchange", counted)
+        assert b.lookup(NS, keys).prefix_length == 30
+        got = b.get(NS, keys)
+    assert exchanges == [3, 3]  # one round trip each: one pipeline per shard, all at once
+    for i, g in enumerate(got):
+        assert g is not None and g.tier == "remote"
+        assert int4_close(g.page.k, make_page(i).k) and int4_close(g.page.v, make_page(i).v)
     c = start(stores, cluster_url)  # the start-up scan covers every primary
     assert c.stats().tiers[1].pages == 30
 
