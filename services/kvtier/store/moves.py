@@ -2,9 +2,9 @@
 
 The three steps and the lock held in each are in :mod:`kvtier.store.engine`'s docstring. A move
 never fails half-way: it either commits (the page is in the target tier, the source's memory
-is released; a Redis copy stays, as the shared tier keeps what it has) or leaves the page where it was (``_abort``), unless
-the source's bytes turned out to be gone or corrupt, when the page leaves the cache
-(``_drop``) and is never served.
+is released; a Redis copy stays, as the shared tier keeps what it has) or leaves the page where
+it was (``_abort``), unless the source's bytes turned out to be gone or corrupt, when the page
+leaves the cache (``_drop``) and is never served.
 """
 
 from __future__ import annotations

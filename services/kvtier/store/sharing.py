@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 QUEUE_PAGES = 4096
 BATCH_PAGES = 32
+BATCHES_PER_PASS = 8  # so that a long queue does not hold the mover's demotions back
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +77,10 @@ class Sharer:
             return ShareCounters(self._shared, self._present, self._dropped, self._failed)
 
     def run(self, engine: TierEngine) -> int:
-        """Share queued pages until the queue is empty or Redis stops taking them; returns the
-        number written."""
+        """Share queued pages, at most ``BATCHES_PER_PASS`` batches, until the queue is empty
+        or Redis stops taking them; returns the number written."""
         done = 0
-        while True:
+        for _ in range(BATCHES_PER_PASS):
             redis = engine.redis
             if redis is None or engine.redis_tier is None or not redis.up:
                 return done
@@ -96,6 +97,7 @@ class Sharer:
             done += written
             if failed:
                 return done  # a shard is down: the rest waits for the next pass
+        return done
 
     def _share(self, engine: TierEngine, batch: list[PageId]) -> tuple[int, int]:
         redis, t = engine.redis, engine.redis_tier

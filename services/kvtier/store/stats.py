@@ -20,7 +20,6 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-
 from typing import TYPE_CHECKING
 
 from kvtier.store.policy import PolicyStatus
