@@ -1,5 +1,5 @@
 """A real Redis Cluster (3 primaries, 3 replicas, private redis-server processes on free ports)
-shared by the tests of a module, brought back to health and flushed before each test."""
+shared by the cluster tests, brought back to health and flushed before each test."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import redis
 from kvtier.procs.redis_cluster import RedisCluster
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster() -> Iterator[RedisCluster]:
     with RedisCluster(primaries=3, replicas=1, node_timeout_ms=1000) as c:
         yield c
