@@ -13,13 +13,9 @@ import torch
 
 from kvtier.errors import InvalidArgument, PageTooLarge
 from kvtier.finite import check_finite
-from kvtier.types import SUPPORTED_DTYPES, Namespace, Page, PageId, PageKey
+from kvtier.types import DTYPES, SUPPORTED_DTYPES, Namespace, Page, PageId, PageKey
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-}
+_TORCH: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPES}
 _NAMESPACE_MAX = 128
 
 
@@ -39,7 +35,7 @@ def _check_tensor_finite(t: torch.Tensor, name: str) -> None:
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype for a wire dtype name, or InvalidArgument naming the supported ones."""
     try:
-        return _DTYPES[name]
+        return _TORCH[name]
     except KeyError:
         raise InvalidArgument(
             f"dtype {name!r} is not supported; use one of {', '.join(SUPPORTED_DTYPES)}",
@@ -48,7 +44,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    for name, dt in _DTYPES.items():
+    for name, dt in _TORCH.items():
         if dt == dtype:
             return name
     raise InvalidArgument(
