@@ -17,9 +17,9 @@ from typing import cast
 import grpc
 
 from kvtier.errors import Aborted, InvalidArgument, KVTierError, UnknownTier
-from kvtier.pages import check_keys, check_namespace
+from kvtier.pages import PageHeader, check_keys, check_namespace
 from kvtier.store.results import PutOutcome
-from kvtier.transport.cache.convert import Header, PutAssembler, byte_view, check_header, chunks
+from kvtier.transport.cache.convert import PutAssembler, byte_view, check_header, chunks
 from kvtier.transport.context import DaemonContext
 from kvtier.transport.shm.copy import FILL_TIMEOUT_S, copy_pages, lent_pages
 from kvtier.transport.shm.lend import RANGES_BACK, ReturnRing
@@ -109,7 +109,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
         pages: list[Page | None] = []
         inline_idx: list[int] = []
         shm_idx: list[int] = []
-        shm_headers: list[Header] = []
+        shm_headers: list[PageHeader] = []
         assembler = PutAssembler(self._settings, self._ctx.buffers)
         for req in requests:
             if namespace is None:
