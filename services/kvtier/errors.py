@@ -50,10 +50,6 @@ class NotFound(KVTierError):
     http_status = 404
 
 
-class UnknownTierName(NotFound):
-    """An admin route naming a tier that does not exist (REST: 404, not 400)."""
-
-
 class CapacityExhausted(KVTierError):
     """Capacity that cannot be freed (e.g. a page larger than a whole tier)."""
 

@@ -236,16 +236,16 @@ def test_a_call_the_client_gave_up_on_leaves_its_segment_behind(
     import time
 
     store = daemon.context.store
-    real = store.get_raw
+    real = store.get_raw_checked
     slow = {"left": 1}
 
-    def late_get_raw(*args: object) -> object:
+    def late_get_raw_checked(*args: object) -> object:
         if slow["left"]:
             slow["left"] -= 1
             time.sleep(0.6)
         return real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(store, "get_raw", late_get_raw)
+    monkeypatch.setattr(store, "get_raw_checked", late_get_raw_checked)
     with KVTierClient(daemon.grpc_address, "tenant-a") as c:
         c.put([b"a"], [make_page(1)])
         first = c._shm.session

@@ -2,8 +2,11 @@
 
 Thread-safe; async callers use ``asyncio.to_thread``. Every call names its namespace; keys are
 validated with :mod:`kvtier.pages` and bad input raises :class:`~kvtier.errors.InvalidArgument`
-(or a subclass) naming the field. A miss is a normal answer (``None``), not an error. Every
-access is queued for the policy and delivered by the mover thread, off the data path.
+(or a subclass) naming the field. A transport that validated a call's keys itself (it has to,
+before it touches a shared-memory segment) calls the ``*_checked`` forms with the
+:class:`~kvtier.types.PageId` list it got, so no key is checked twice. A miss is a normal answer
+(``None``), not an error. Every access is queued for the policy and delivered by the mover
+thread, off the data path.
 
 Semantics worth knowing:
 
@@ -104,11 +107,26 @@ class TierStore:
 
     # -- data path ----------------------------------------------------------------------------
 
+    def check_keys(self, namespace: str, keys: Sequence[bytes]) -> list[PageId]:
+        """The page ids of a call's keys: InvalidArgument for a bad namespace, key or batch."""
+        s = self.settings
+        return check_keys(namespace, keys, s.max_key_bytes, s.max_batch)
+
+    def tier_index(self, name: str) -> int:
+        """The position of tier ``name`` in the stack; :class:`~kvtier.errors.UnknownTier`
+        naming the tiers there are otherwise (the one unknown-tier error)."""
+        try:
+            return self._engine.names.index(name)
+        except ValueError:
+            raise UnknownTier(
+                f"unknown tier {name!r}; tiers are {', '.join(self._engine.names)}",
+                field="tier") from None
+
     def put(self, namespace: str, items: Sequence[tuple[bytes, Page]],
             chain_positions: Sequence[int] | None = None) -> list[PutOutcome]:
         """Store pages; per key STORED or EXISTS. ``chain_positions`` default to 0, 1, 2, ..."""
         s = self.settings
-        pids = check_keys(namespace, [k for k, _ in items], s.max_key_bytes, s.max_batch)
+        pids = self.check_keys(namespace, [k for k, _ in items])
         if chain_positions is not None and len(chain_positions) != len(items):
             raise InvalidArgument(
                 f"{len(chain_positions)} chain positions for {len(items)} pages",
@@ -181,7 +199,7 @@ class TierStore:
 
     def get(self, namespace: str, keys: Sequence[bytes]) -> list[GetResult | None]:
         """Each page on the host from whatever tier holds it, or None for a miss."""
-        found = self._read(namespace, keys, AccessKind.GET)
+        found = self._read(self.check_keys(namespace, keys), AccessKind.GET)
         out: list[GetResult | None] = []
         for item in found:
             if item is None:
@@ -193,7 +211,11 @@ class TierStore:
 
     def get_raw(self, namespace: str, keys: Sequence[bytes]) -> list[RawResult | None]:
         """Like :meth:`get` as raw bytes; host-memory hot pages are served without a copy."""
-        found = self._read(namespace, keys, AccessKind.GET, copy_tensors=False)
+        return self.get_raw_checked(self.check_keys(namespace, keys))
+
+    def get_raw_checked(self, pids: Sequence[PageId]) -> list[RawResult | None]:
+        """:meth:`get_raw` of ids from :meth:`check_keys`."""
+        found = self._read(pids, AccessKind.GET, copy_tensors=False)
         out: list[RawResult | None] = []
         for item in found:
             if item is None:
@@ -206,10 +228,9 @@ class TierStore:
                 v=_bytes_view(page.v), tier=self._engine.names[tier], precision=precision))
         return out
 
-    def _read(self, namespace: str, keys: Sequence[bytes], kind: AccessKind,
+    def _read(self, pids: Sequence[PageId], kind: AccessKind,
               copy_tensors: bool = True) -> list[tuple[Page, int, Precision] | None]:
-        s, e = self.settings, self._engine
-        pids = check_keys(namespace, keys, s.max_key_bytes, s.max_batch)
+        e = self._engine
         self._discover(pids)
         out: list[tuple[Page, int, Precision] | None] = []
         for pid in pids:
@@ -251,7 +272,7 @@ class TierStore:
             return data
         return self._engine.converter.to_host(data)
 
-    def _discover(self, pids: list[PageId]) -> None:
+    def _discover(self, pids: Sequence[PageId]) -> None:
         e = self._engine
         if e.redis is None or not e.redis.up:
             return
@@ -261,8 +282,11 @@ class TierStore:
 
     def lookup(self, namespace: str, keys: Sequence[bytes]) -> LookupResult:
         """Which tier holds each key (None = absent or unreachable) and the present prefix."""
-        s, e = self.settings, self._engine
-        pids = check_keys(namespace, keys, s.max_key_bytes, s.max_batch)
+        return self.lookup_checked(self.check_keys(namespace, keys))
+
+    def lookup_checked(self, pids: Sequence[PageId]) -> LookupResult:
+        """:meth:`lookup` of ids from :meth:`check_keys`."""
+        e = self._engine
         self._discover(pids)
         now = time.time()
         with e.cond:
@@ -278,17 +302,20 @@ class TierStore:
 
     def promote(self, namespace: str, keys: Sequence[bytes], tier: str) -> list[bool]:
         """Move pages up to ``tier`` (decoding; precision stays). True if now at/above it."""
-        return self._relocate(namespace, keys, tier, upward=True)
+        target = self.tier_index(tier)
+        return self._relocate(self.check_keys(namespace, keys), target, upward=True)
+
+    def promote_checked(self, pids: Sequence[PageId], tier: str) -> list[bool]:
+        """:meth:`promote` of ids from :meth:`check_keys`."""
+        return self._relocate(pids, self.tier_index(tier), upward=True)
 
     def demote(self, namespace: str, keys: Sequence[bytes], tier: str) -> list[bool]:
         """Admin: move pages down to ``tier``. True if now there; False if absent or below."""
-        return self._relocate(namespace, keys, tier, upward=False)
+        target = self.tier_index(tier)
+        return self._relocate(self.check_keys(namespace, keys), target, upward=False)
 
-    def _relocate(self, namespace: str, keys: Sequence[bytes], tier: str,
-                  *, upward: bool) -> list[bool]:
-        s, e = self.settings, self._engine
-        target = self._tier_index(tier)
-        pids = check_keys(namespace, keys, s.max_key_bytes, s.max_batch)
+    def _relocate(self, pids: Sequence[PageId], target: int, *, upward: bool) -> list[bool]:
+        e = self._engine
         self._discover(pids)
         out = [relocate(e, pid, target, upward=upward) for pid in pids]
         if upward:
@@ -305,8 +332,11 @@ class TierStore:
 
     def delete(self, namespace: str, keys: Sequence[bytes]) -> int:
         """Remove pages from every tier; the number removed."""
-        s = self.settings
-        return self._engine.delete(check_keys(namespace, keys, s.max_key_bytes, s.max_batch))
+        return self.delete_checked(self.check_keys(namespace, keys))
+
+    def delete_checked(self, pids: Sequence[PageId]) -> int:
+        """:meth:`delete` of ids from :meth:`check_keys`."""
+        return self._engine.delete(pids)
 
     # -- admin --------------------------------------------------------------------------------
 
@@ -348,7 +378,7 @@ class TierStore:
                         low_watermark: float | None = None) -> TierStats:
         """Change a tier's capacity or watermarks; a shrink pushes pages down right away."""
         e = self._engine
-        t = self._tier_index(name)
+        t = self.tier_index(name)
         with e.cond:
             e.limits[t] = e.limits[t].replace(capacity_bytes, high_watermark, low_watermark)
         e.make_room(t, 0)
@@ -384,14 +414,6 @@ class TierStore:
         for t in range(len(e.specs)):
             rebalance_tier(e, t)
         prefetch_pass(e, PREFETCH_PER_PASS)
-
-    def _tier_index(self, name: str) -> int:
-        try:
-            return self._engine.names.index(name)
-        except ValueError:
-            raise UnknownTier(
-                f"unknown tier {name!r}; tiers are {', '.join(self._engine.names)}",
-                field="tier") from None
 
 
 def _bytes_view(t: torch.Tensor) -> memoryview:
