@@ -61,6 +61,7 @@ from kvtier.errors import (
     KVTierError,
     NotFound,
     UnknownTier,
+    is_internal,
     status_for,
 )
 from kvtier.pages import check_key, check_namespace
@@ -98,8 +99,9 @@ async def _handle_error(request: Request, exc: Exception) -> JSONResponse:
             headers=dict(exc.headers or {}),
         )
     grpc_code, status, message = status_for(exc)
-    field = exc.field if isinstance(exc, KVTierError) else None
-    if not isinstance(exc, KVTierError):
+    internal = is_internal(exc)
+    field = exc.field if isinstance(exc, KVTierError) and not internal else None
+    if internal:
         log.error(
             "%s %s failed unexpectedly", request.method, request.url.path, exc_info=exc
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
-from kvtier.errors import CapacityExhausted, Conflict
+from kvtier.errors import CapacityExhausted, InternalError
 from kvtier.store.engine import TierEngine
 from kvtier.store.policy import PageMeta
 from kvtier.store.tiers import Stored, adoptable, own_copy, stored_size
@@ -56,7 +56,7 @@ def place(engine: TierEngine, pid: PageId, page: Page, tier: int, chain_position
     spec, cap = engine.specs[tier], engine.limits[tier].capacity_bytes
     backend = engine.memory[tier]
     if backend is None:
-        raise Conflict(f"pages are placed in memory tiers, not in {spec.name!r}", field="tier")
+        raise InternalError(f"pages are placed in memory tiers, not in {spec.name!r}", field="tier")
     check_fits(engine, page, tier)
     with engine.cond:
         version = engine.index.begin_place(pid, tier, page.nbytes, chain_position, now)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from kvtier.errors import KVTierError, status_for
+from kvtier.errors import is_internal, status_for
 from kvtier.transport.stats import RpcSample, RpcStats
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,12 @@ class _Call:
         if already is not None:  # an abort by the handler or an inner interceptor
             self.finish(already)
             raise exc
-        if isinstance(exc, KVTierError):
-            code, _http, message = status_for(exc)
-            log.debug("%s -> %s: %s", self.method, code, message)
-        else:
-            code, _http, message = status_for(exc)
+        code, _http, message = status_for(exc)
+        if is_internal(exc):
             log.error("%s failed unexpectedly; answering INTERNAL", self.method, exc_info=exc)
             message = f"internal error in {self.method} ({type(exc).__name__}); see daemon log"
+        else:
+            log.debug("%s -> %s: %s", self.method, code, message)
         self.finish(code)
         context.abort(grpc.StatusCode[code], message)
 
