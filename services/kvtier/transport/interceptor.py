@@ -1,10 +1,11 @@
 """The one gRPC server interceptor: applies the error table and records per-call statistics.
 
-Every handler runs inside :class:`ErrorInterceptor`. A :class:`kvtier.errors.KVTierError`
-ends the call with the status ``kvtier.errors.status_for`` names and its message (the message
-names the bad field); anything else is logged with its traceback and ends the call with
-INTERNAL and a generic message, and the daemon keeps serving. Each finished call becomes one
-:class:`kvtier.transport.stats.RpcSample` (method, status, latency, message bytes in/out).
+Every handler of both services (cache and policy) runs inside :class:`ErrorInterceptor`. A
+:class:`kvtier.errors.KVTierError` ends the call with the status ``kvtier.errors.status_for``
+names and its message (the message names the bad field); anything else, InternalError included,
+is logged with its traceback and ends the call with INTERNAL and a generic message, and the
+daemon keeps serving. Each finished call becomes one :class:`kvtier.transport.stats.RpcSample`
+(method, status, latency, message bytes in/out).
 
 Authentication is a separate seam: an auth interceptor goes before this one in the list given
 to :func:`kvtier.transport.cache.server.make_grpc_server` and aborts with UNAUTHENTICATED /
