@@ -202,6 +202,34 @@ def test_no_import_cycles() -> None:
     assert not cycles, f"import cycles: {cycles}"
 
 
+def test_no_import_cycles_through_type_checking_imports() -> None:
+    """Reported apart: a cycle that only annotations close still ties two files together."""
+    cycles = _cycles(_graph(typing_too=True))
+    assert not cycles, f"import cycles through TYPE_CHECKING imports: {cycles}"
+
+
+def _store_lock_name() -> str:
+    """The attribute ``store/engine.py`` keeps the store's lock in."""
+    tree = ast.parse((PKG / "store" / "engine.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and \
+                "Condition" in ast.unparse(node.value.func):
+            (target,) = node.targets
+            assert isinstance(target, ast.Attribute)
+            return target.attr
+    raise AssertionError("store/engine.py holds no threading.Condition")
+
+
+def test_only_the_engine_names_the_store_lock() -> None:
+    """The engine owns the store's state: everyone else calls its transactions."""
+    lock = _store_lock_name()
+    bad = [name for name, path in _own_modules()
+           if name != "kvtier.store.engine"
+           and any(isinstance(n, ast.Attribute) and n.attr == lock
+                   for n in ast.walk(ast.parse(path.read_text())))]
+    assert not bad, f"{bad} name the store's lock ({lock}); call the engine's transactions"
+
+
 def test_client_import_stays_light() -> None:
     code = (
         "import sys, kvtier_client\n"
