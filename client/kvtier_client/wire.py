@@ -15,6 +15,7 @@ from typing import Any, cast
 import numpy as np
 
 from kvtier_client import shm as shm_mod
+from kvtier_client.shm_layout import ALIGN, DATA_OFFSET, align_up
 from kvtier_client.tensors import FetchedPage, Page, WireTensor, from_wire, nbytes_of, to_wire
 from kvtier_proto.v1 import cache_pb2 as pb
 
@@ -145,7 +146,7 @@ def plan_in_segment(segment: shm_mod.Segment, pages: Sequence[WirePage]) -> Plac
     """
     offsets: list[int | None] = []
     parts: list[tuple[int, memoryview | int]] = []
-    cursor = shm_mod.DATA_OFFSET
+    cursor = DATA_OFFSET
     for p in pages:
         kn, vn = p.k.data.nbytes, p.v.data.nbytes
         staged = segment.staged_offset(p.k.data)
@@ -158,7 +159,7 @@ def plan_in_segment(segment: shm_mod.Segment, pages: Sequence[WirePage]) -> Plac
             continue
         offsets.append(cursor)
         parts += [(cursor, p.k.data), (cursor + kn, p.v.data)]
-        cursor = shm_mod.align_up(cursor + kn + vn)
+        cursor = align_up(cursor + kn + vn)
     return Placement(offsets, parts)
 
 
@@ -171,7 +172,7 @@ def lend_in_segment(segment: shm_mod.Segment, pages: Sequence[WirePage]) -> Plac
     if lend is None or not shm_mod.OVERLAP_SAFE:  # the return ring needs ordered stores
         return None
     segment.take_back()
-    need = sum(-(-(p.k.data.nbytes + p.v.data.nbytes) // shm_mod.ALIGN) * shm_mod.ALIGN
+    need = sum(-(-(p.k.data.nbytes + p.v.data.nbytes) // ALIGN) * ALIGN
                for p in pages)
     # "full" (worth asking the daemon to copy lent pages out) only for a batch that an empty
     # area could take
@@ -306,7 +307,7 @@ def get_request(namespace: str, keys: Sequence[bytes], chunk_bytes: int,
     req = pb.GetRequest(namespace=namespace, keys=list(keys), chunk_bytes=chunk_bytes)
     if session is not None:
         req.shm_session = session.id
-        req.shm_offset = shm_mod.DATA_OFFSET
+        req.shm_offset = DATA_OFFSET
         req.shm_capacity = session.segment.capacity
     return req
 

@@ -17,9 +17,10 @@ import pytest
 from kvtier.errors import Aborted, Conflict, InvalidArgument
 from kvtier.pages import PageHeader
 from kvtier.store.buffers import BufferPool
-from kvtier.transport.shm.copy import FILL_OFFSET, copy_pages, lent_pages
-from kvtier.transport.shm.lend import HEAD_OFFSET, ReturnRing
+from kvtier.transport.shm.copy import copy_pages, lent_pages
+from kvtier.transport.shm.lend import ReturnRing
 from kvtier.types import Page
+from kvtier_client.shm_layout import FILL_OFFSET, RING_HEAD_OFFSET
 
 SHAPE = (2, 64, 2, 64)  # float16: 32 KiB per tensor
 N = 2 * int(np.prod(SHAPE))
@@ -138,7 +139,7 @@ def test_bytes_that_never_come_abort_after_the_timeout(read: Read) -> None:
     if read is _lent:  # the range was lent: it comes back once nothing holds its array
         del info
         gc.collect()
-        assert struct.unpack_from("<Q", mm, HEAD_OFFSET) == (1,)
+        assert struct.unpack_from("<Q", mm, RING_HEAD_OFFSET) == (1,)
         assert struct.unpack_from("<Q", mm, RING) == (BASE,)
 
 

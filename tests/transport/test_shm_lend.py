@@ -146,7 +146,8 @@ def test_ranges_the_ring_has_no_room_for_wait_and_bound_further_lending() -> Non
     import threading
 
     from kvtier.errors import CapacityExhausted
-    from kvtier.transport.shm.lend import HEAD_OFFSET, TAIL_OFFSET, ReturnRing
+    from kvtier.transport.shm.lend import ReturnRing
+    from kvtier_client.shm_layout import RING_HEAD_OFFSET, RING_TAIL_OFFSET
 
     mm = mmap.mmap(-1, 1 << 16)
     ring = ReturnRing(mm, 4096, 2, threading.Event())
@@ -155,16 +156,16 @@ def test_ranges_the_ring_has_no_room_for_wait_and_bound_further_lending() -> Non
     with pytest.raises(CapacityExhausted, match="return ring of 2 slots"):
         ring.check_lend([(9000, 64)])
     del arrays  # both come back; the ring is full now (the client took nothing back)
-    assert struct.unpack_from("<Q", mm, HEAD_OFFSET)[0] == 2
+    assert struct.unpack_from("<Q", mm, RING_HEAD_OFFSET)[0] == 2
     arrays = [ring.lend(8192 + 64 * i, 64) for i in range(2)]
     del arrays  # these wait in the daemon
-    assert struct.unpack_from("<Q", mm, HEAD_OFFSET)[0] == 2 and ring.outstanding() == 2
+    assert struct.unpack_from("<Q", mm, RING_HEAD_OFFSET)[0] == 2 and ring.outstanding() == 2
     with pytest.raises(CapacityExhausted):
         ring.check_lend([(9000, 64)])
     assert not ring.hand_back([8192])
-    struct.pack_into("<Q", mm, TAIL_OFFSET, 2)  # the client takes the first two back
+    struct.pack_into("<Q", mm, RING_TAIL_OFFSET, 2)  # the client takes the first two back
     ring.flush()
-    assert struct.unpack_from("<Q", mm, HEAD_OFFSET)[0] == 4 and ring.outstanding() == 0
+    assert struct.unpack_from("<Q", mm, RING_HEAD_OFFSET)[0] == 4 and ring.outstanding() == 0
 
 
 async def test_the_async_client_lends_too(daemon: Daemon) -> None:
@@ -198,16 +199,17 @@ def test_a_finalizer_never_waits_for_the_ring() -> None:
     import struct
     import threading
 
-    from kvtier.transport.shm.lend import HEAD_OFFSET, ReturnRing
+    from kvtier.transport.shm.lend import ReturnRing
+    from kvtier_client.shm_layout import RING_HEAD_OFFSET
 
     mm = mmap.mmap(-1, 1 << 16)
     ring = ReturnRing(mm, 4096, 8, threading.Event())
     ring._lock.acquire()  # a flush in progress on this thread
     ring.give_back(640)  # returns at once
-    assert struct.unpack_from("<Q", mm, HEAD_OFFSET)[0] == 0
+    assert struct.unpack_from("<Q", mm, RING_HEAD_OFFSET)[0] == 0
     ring._lock.release()
     ring.flush()
-    assert struct.unpack_from("<Q", mm, HEAD_OFFSET)[0] == 1
+    assert struct.unpack_from("<Q", mm, RING_HEAD_OFFSET)[0] == 1
     assert struct.unpack_from("<Q", mm, 4096)[0] == 640
 
 

@@ -22,10 +22,11 @@ from kvtier.store.results import PutOutcome
 from kvtier.transport.cache.convert import PutAssembler, byte_view, check_header, chunks
 from kvtier.transport.context import DaemonContext
 from kvtier.transport.shm.copy import FILL_TIMEOUT_S, copy_pages, lent_pages
-from kvtier.transport.shm.lend import RANGES_BACK, ReturnRing
+from kvtier.transport.shm.lend import ReturnRing
 from kvtier.transport.shm.relocate import Relocator
-from kvtier.transport.shm.session import TOKEN_BYTES, ShmRegistry, ShmSession, align_up
+from kvtier.transport.shm.session import ShmRegistry, ShmSession
 from kvtier.types import Namespace, Page, PageId
+from kvtier_client.shm_layout import RANGES_BACK, TOKEN_BYTES, align_up
 from kvtier_proto.v1 import cache_pb2 as pb
 from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
 

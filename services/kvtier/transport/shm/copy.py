@@ -47,8 +47,8 @@ from kvtier.pages import PageHeader, page_of_buffer
 from kvtier.store.buffers import BufferPool
 from kvtier.transport.shm.lend import ReturnRing
 from kvtier.types import Page
+from kvtier_client.shm_layout import FILL_OFFSET
 
-FILL_OFFSET = 16
 FILL_TIMEOUT_S = 30.0  # how long a put without a deadline waits for its bytes
 _SPINS = 64  # polls before the waiting thread starts yielding the GIL
 _YIELDS = 4000  # then sleep(0) polls before it sleeps 100 us between polls
