@@ -97,6 +97,16 @@ class KVTierLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # transformer
         self.device = kbuf.device
         self.is_initialized = True
 
+    def reset(self) -> None:
+        """Drop the contents (transformers before 5.18 zeroed them in place, which a layer
+        that appends after its length would then keep as tokens)."""
+        self.keys = self.values = None
+        self._kbuf = self._vbuf = None
+        self._length = 0
+        self.is_initialized = False
+        if hasattr(self, "cumulative_length"):
+            self.cumulative_length = 0
+
     def _owns_views(self) -> bool:
         """True while ``keys``/``values`` are views ``update`` left; shorter views of the same
         buffers (``crop``) are taken as they are, anything else is adopted by
