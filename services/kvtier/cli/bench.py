@@ -14,6 +14,8 @@ from typing import Any
 BENCH_MODULES: tuple[str, ...] = (
     "kvtier.lab.bench.codecs",
     "kvtier.lab.bench.transfer",
+    "kvtier.lab.bench.ttft",
+    "kvtier.lab.bench.chat",
 )
 
 

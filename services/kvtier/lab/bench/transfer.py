@@ -39,6 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -67,14 +68,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+@dataclass(frozen=True, slots=True)
+class DaemonChild:
+    """A running ``kvtier serve`` child: its gRPC address and HTTP base URL."""
+
+    grpc: str
+    http: str
+
+
 @contextmanager
-def daemon_process(redis_url: str) -> Iterator[str]:
-    """A ``kvtier serve`` child on free ports; yields its gRPC address."""
-    port = free_port()
-    env = dict(os.environ, KVTIER_GRPC_PORT=str(port), KVTIER_HTTP_PORT=str(free_port()),
-               KVTIER_REDIS__URL=redis_url)
+def daemon_child(redis_url: str | None, env: dict[str, str] | None = None
+                 ) -> Iterator[DaemonChild]:
+    """A ``kvtier serve`` child on free ports with ``env`` over the current environment
+    (``KVTIER_*`` settings); stopped on exit."""
+    port, http = free_port(), free_port()
+    child_env = dict(os.environ, KVTIER_GRPC_PORT=str(port), KVTIER_HTTP_PORT=str(http))
+    if redis_url is not None:
+        child_env["KVTIER_REDIS__URL"] = redis_url
+    child_env.update(env or {})
     proc = subprocess.Popen([sys.executable, "-m", "kvtier.cli", "--log-level", "WARNING",
-                             "serve", "--grace", "1"], env=env, stdout=subprocess.PIPE,
+                             "serve", "--grace", "1"], env=child_env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout is not None
@@ -84,7 +97,7 @@ def daemon_process(redis_url: str) -> Iterator[str]:
         else:
             raise RuntimeError(f"daemon exited with {proc.wait()} before it was ready")
         threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
-        yield f"127.0.0.1:{port}"
+        yield DaemonChild(f"127.0.0.1:{port}", f"http://127.0.0.1:{http}")
     finally:
         proc.terminate()
         try:
@@ -92,6 +105,13 @@ def daemon_process(redis_url: str) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextmanager
+def daemon_process(redis_url: str) -> Iterator[str]:
+    """A ``kvtier serve`` child on free ports; yields its gRPC address."""
+    with daemon_child(redis_url) as child:
+        yield child.grpc
 
 
 def _rate(nbytes: int, fn: Callable[[], object]) -> float:
