@@ -35,9 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from kvtier_client.tensors import Page
+from kvtier_client.tensors import WIRE_DTYPES, Page
 
-_NUMPY: dict[str, np.dtype[Any]] = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 
 
 class StagingArea:
@@ -94,10 +93,11 @@ class StagingArea:
 
 
 def page_dtype(dtype: str) -> np.dtype[Any]:
-    try:
-        return _NUMPY[dtype]
-    except KeyError:
-        raise ValueError(f"staged pages are float16 or float32, not {dtype!r}") from None
+    """The numpy dtype of a staged page: float16 or float32 (numpy has no bfloat16)."""
+    np_dtype = WIRE_DTYPES.get(dtype)
+    if np_dtype is None:
+        raise ValueError(f"staged pages are float16 or float32, not {dtype!r}")
+    return np_dtype
 
 
 def new_page(segment: Any, shape: tuple[int, ...], dtype: str, start_position: int) -> Page:

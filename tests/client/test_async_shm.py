@@ -1,4 +1,4 @@
-"""The asyncio client's same-host shared-memory path: same semantics and fallbacks as the sync one."""
+"""The asyncio client's same-host shared-memory path: the sync one's semantics and fallbacks."""
 
 from __future__ import annotations
 

@@ -187,7 +187,7 @@ def test_buffers_coming_back_stop_the_reserve_so_nothing_is_faulted_in_for_nothi
 def test_a_pool_dropped_without_close_takes_its_reserve_thread_along() -> None:
     pool = BufferPool(8 * N, reserve_bytes=4 * N)
     buf = pool.take(N)
-    assert _wait_for(lambda: pool.free_bytes == 4 * N)
+    assert _wait_for(lambda: pool.free_bytes == 4 * N)  # noqa: F821 - called before the del
     thread = pool._thread
     assert thread is not None and thread.is_alive()
     del pool, buf

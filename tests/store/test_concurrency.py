@@ -2,9 +2,10 @@
 
 Each worker owns its keys, so it knows what must be there: a page it put and did not delete
 must always be found (never lost), and every read must be the page it put — bit-exact at full
-precision, within the codec's bound otherwise (half an int4/int8 step of the page's range, plus the 1/34
-step that int8 -> int4 demotion on the codes may add, plus fp16 rounding; never torn, never another page's data). After
-the run every page sits in exactly one tier and the byte accounting adds up.
+precision, within the codec's bound otherwise (half an int4/int8 step of the page's range, plus
+the 1/34 step that int8 -> int4 demotion on the codes may add, plus fp16 rounding; never torn,
+never another page's data). After the run every page sits in exactly one tier and the byte
+accounting adds up.
 """
 
 from __future__ import annotations

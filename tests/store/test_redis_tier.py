@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 
+import pytest
 import redis
 import torch
 
@@ -189,3 +191,16 @@ def test_remote_overflow_evicts_by_capacity(make_store: StoreFactory, redis_url:
     remote = store.stats().tiers[1]
     assert (remote.pages, remote.evictions["capacity"]) == (1, 4)
     assert store.lookup(NS, [key(i) for i in range(5)]).tiers == [None] * 4 + ["remote"]
+
+
+def test_a_redis_that_does_not_answer_is_logged_once(make_store: StoreFactory,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Not only /readyz: the log says the Redis tier is unreachable, once per outage."""
+    settings = make_settings(stack(), "redis://127.0.0.1:1/0")
+    with caplog.at_level(logging.WARNING, logger="kvtier.store.redis_tier"):
+        store = make_store(settings, start=True, mover=False)
+        assert not store.redis_up
+        time.sleep(1.1)  # past the retry interval: the mover's pass probes again
+        store.rebalance()
+    said = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(said) == 1 and "redis://127.0.0.1:1/0" in said[0], said

@@ -14,9 +14,6 @@ import sys
 import time
 from typing import Any
 
-import torch
-
-from kvtier.config import load_settings
 from kvtier.errors import KVTierError
 from kvtier.types import SUPPORTED_DTYPES
 
@@ -64,6 +61,9 @@ def _run(args: argparse.Namespace) -> int:
     from kvtier.lab.eval.allocate import query_energy
     from kvtier.lab.eval.catalog import DEFAULT_CODECS, Catalog
     from kvtier.lab.eval.model import calibration_ids, load_model, pick_device, read_text, tokenize
+    import torch
+
+    from kvtier.config import load_settings
     from kvtier.lab.eval.suite import Options, evaluate
     from kvtier.pages import torch_dtype
 

@@ -13,11 +13,9 @@ is the squared step of ``b`` bits in int8 steps, and the weight is page-local, n
 the squared int8 scales of the channel's groups (``n_g`` tokens each: its error at a given
 width), times the squared peak of the key's rotary pair (``c' = c +- head_dim / 2``; RoPE
 mixes the pair by position), a proxy for the query energy the daemon never sees: the channels
-where keys are large are those where queries are large. (Measured on SmolLM2 at 4,096 tokens
-with the evaluation's prototype quantizer: KL 0.00118 with this weight, 0.00122 with the pair's
-mean energy ``E[k_c^2 + k_c'^2]`` instead of the peak, 0.00137 with the channel's own energy,
-0.00180 with the step alone, and 0.00113 with query energy calibrated on the model.) Values are
-int4 on the int8 grid, as in the int4 codec.
+where keys are large are those where queries are large (``docs/quality.md`` compares it with
+other weights, calibrated query energy included). Values are int4 on the int8 grid, as in the
+int4 codec.
 
 The codes are integer functions of the int8 codes: ``q_b = round(q8 (2^b - 1) / 255)`` and back
 ``q8' = round(q_b 255 / (2^b - 1))`` (neither has ties), exact for 2, 4 and 8 bits and within

@@ -69,7 +69,7 @@ def encode_payload(page: Page, lay: Layout) -> torch.Tensor:
         put("kraw", k)
         put("vraw", v)
         return out
-    L, T, H, D, S, Tq = lay.L, lay.T, lay.H, lay.D, lay.S, lay.Tq
+    L, H, D, S, Tq = lay.L, lay.H, lay.D, lay.S, lay.Tq
     put("sink", torch.stack((k[:, :S], v[:, :S])))
     if Tq == 0:
         return out

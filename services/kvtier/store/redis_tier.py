@@ -87,6 +87,7 @@ class RedisTier:
         self.writer_id = secrets.token_hex(4)
         self._lock = threading.Lock()
         self._up = False
+        self._down_reported = False  # the outage was logged (once per outage)
         self._last_probe = float("-inf")
 
     # -- state --------------------------------------------------------------------------------
@@ -99,6 +100,7 @@ class RedisTier:
         with self._lock:
             was_up, self._up = self._up, False
             self._last_probe = time.monotonic()
+            self._down_reported |= was_up
         if was_up:
             log.warning("redis tier at %s is down: %s", self.url, err)
         return BackendUnavailable(f"redis at {self.url} is unavailable: {err}", field="redis")
@@ -120,10 +122,17 @@ class RedisTier:
             self._last_probe = now
         try:
             self._client.ping()
-        except redis.RedisError:
+        except redis.RedisError as e:
+            with self._lock:
+                report, self._down_reported = not self._down_reported, True
+            if report:
+                log.warning("redis tier at %s is unreachable (%s); its pages are misses and "
+                            "demotions into it wait until it answers (retrying every %g s)",
+                            self.url, e, self.config.retry_interval_s)
             return False
         with self._lock:
             self._up = True
+            self._down_reported = False
         log.info("redis tier at %s is up", self.url)
         return True
 

@@ -11,10 +11,8 @@ so blobs and decoded tensors agree with the torch oracle bit for bit; the tests 
 
 Page tensors are handled as flat ``uint16`` words whatever their dtype (a float32 element is
 two words), which keeps one compiled specialization per kernel. Kernels release the GIL
-(``nogil``), so threads encoding different pages run in parallel; a page is one thread's
-work. (Splitting a page's K and V over two threads was measured on the shared 2-core box and
-lost: 0.78 -> 0.92 ms per 2 MiB encode; numba's prange pool is not safe to enter from many
-request threads at once either.)
+(``nogil``), so threads encoding different pages run in parallel; a page is one thread's work
+(numba's prange pool is not safe to enter from many request threads at once).
 :func:`kvtier.codecs.warmup` compiles them (or loads them from numba's on-disk cache) and
 self-tests them, so the first real request does not pay for compilation.
 """

@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 
 from kvtier.policy.learned.policy import LearnedPolicy
 from kvtier.store.policy import Policy
+from kvtier.transport.bind import bind_port
 from kvtier.transport.interceptor import ErrorInterceptor
 from kvtier.transport.policy.convert import access_from_msg, meta_from_msg
 from kvtier.transport.stats import RpcStats
@@ -114,10 +115,7 @@ def make_policy_server(policy: Policy, host: str = "127.0.0.1", port: int = 0,
     for name in ("", SERVICE_NAME):
         checker.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot bind the policy service to {host}:{port}")
-    return server, bound, servicer
+    return server, bind_port(server, host, port, "policy_grpc_port"), servicer
 
 
 class _Collector(Collector):
