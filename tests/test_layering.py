@@ -136,13 +136,28 @@ def test_imports_go_one_way() -> None:
     assert not bad, "\n".join(bad)
 
 
+SHARED_WITH_THE_CLIENT = "kvtier_client.shm_layout"  # the segment layout both sides read
+
+
 def test_the_server_imports_the_client_package_only_in_the_lab() -> None:
     """The daemon must not depend on what inference workers import; the lab drives daemons
-    the way workers do, so it may."""
+    the way workers do, so it may. One exception: the transport reads the shared-memory
+    segment's layout from the one module that defines it for both sides."""
     bad = [f"{name} imports {imp.module}" for name, path in _own_modules()
            for imp in _imports(path)
-           if imp.module.split(".")[0] == "kvtier_client" and not name.startswith("kvtier.lab.")]
+           if imp.module.split(".")[0] == "kvtier_client" and not name.startswith("kvtier.lab.")
+           and not (imp.module == SHARED_WITH_THE_CLIENT
+                    and name.startswith("kvtier.transport."))]
     assert not bad, "\n".join(bad)
+
+
+def test_the_shared_segment_layout_imports_nothing() -> None:
+    """Both sides import it, so it may depend on neither (nor on anything heavy)."""
+    path = ROOT / "client" / Path(*SHARED_WITH_THE_CLIENT.split(".")).with_suffix(".py")
+    tree = ast.parse(path.read_text())
+    imports = [ast.unparse(n) for n in ast.walk(tree)
+               if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert imports == ["from __future__ import annotations"], imports
 
 
 def test_only_the_transports_import_the_generated_protocol_code() -> None:
@@ -200,6 +215,34 @@ def test_no_import_cycles() -> None:
     """Between any files of ``kvtier``, lazy imports inside functions included."""
     cycles = _cycles(_graph(typing_too=False))
     assert not cycles, f"import cycles: {cycles}"
+
+
+def test_no_import_cycles_through_type_checking_imports() -> None:
+    """Reported apart: a cycle that only annotations close still ties two files together."""
+    cycles = _cycles(_graph(typing_too=True))
+    assert not cycles, f"import cycles through TYPE_CHECKING imports: {cycles}"
+
+
+def _store_lock_name() -> str:
+    """The attribute ``store/engine.py`` keeps the store's lock in."""
+    tree = ast.parse((PKG / "store" / "engine.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and \
+                "Condition" in ast.unparse(node.value.func):
+            (target,) = node.targets
+            assert isinstance(target, ast.Attribute)
+            return target.attr
+    raise AssertionError("store/engine.py holds no threading.Condition")
+
+
+def test_only_the_engine_names_the_store_lock() -> None:
+    """The engine owns the store's state: everyone else calls its transactions."""
+    lock = _store_lock_name()
+    bad = [name for name, path in _own_modules()
+           if name != "kvtier.store.engine"
+           and any(isinstance(n, ast.Attribute) and n.attr == lock
+                   for n in ast.walk(ast.parse(path.read_text())))]
+    assert not bad, f"{bad} name the store's lock ({lock}); call the engine's transactions"
 
 
 def test_client_import_stays_light() -> None:

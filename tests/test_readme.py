@@ -1,5 +1,5 @@
-"""The README's quickstart and engine example run verbatim against `kvtier up`; its config
-table is complete."""
+"""The README's quickstart and engine example run verbatim against `kvtier up`; the
+configuration page's table is complete."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from kvtier.procs.redis import free_port
 from kvtier.config import Settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+CONFIG_DOC = README.parent / "docs" / "configuration.md"  # the settings table lives there
 
 
 def _snippet(heading: str) -> str:
@@ -60,9 +61,31 @@ def _env_names(model: type[BaseModel], prefix: str = "KVTIER_") -> list[str]:
 
 
 def test_config_table_lists_every_setting() -> None:
-    table = README.read_text().split("## Configuration", 1)[1]
+    table = CONFIG_DOC.read_text().split("## Configuration", 1)[1]
     missing = [n for n in _env_names(Settings) if f"`{n}`" not in table]
-    assert not missing, f"add these settings to the README's config table: {missing}"
+    assert not missing, f"add these settings to the config table of {CONFIG_DOC.name}: {missing}"
+
+
+def _anchors(page: Path) -> set[str]:
+    """The anchors of a Markdown page's headings, as GitHub makes them."""
+    return {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.*)$", page.read_text(), re.M)}
+
+
+def test_the_readme_and_the_docs_point_at_pages_that_exist() -> None:
+    """The README is the front page and docs/ the rest: every page and section they point at
+    is there."""
+    pages = [README, README.parent / "CHANGELOG.md", *sorted((README.parent / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for link in re.findall(r"\]\(([^)]+)\)", page.read_text()):
+            if link.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = link.partition("#")
+            target = page.parent / path if path else page
+            if not target.exists() or (anchor and anchor not in _anchors(target)):
+                broken.append(f"{page.name}: {link}")
+    assert not broken, broken
 
 
 def test_quickstart_runs_verbatim_against_kvtier_up(tmp_path: Path) -> None:

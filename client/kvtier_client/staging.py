@@ -7,14 +7,15 @@ the segment's staging area, and ``put`` of such a page sends only its offset, wi
 copy. Without a session (shared memory off, remote daemon, full staging area) the arrays are
 ordinary ones and ``put`` works as always.
 
-Segment layout with a staging area (``staging_bytes`` at the client)::
+The client's areas of the segment (after the fixed words of :mod:`kvtier_client.shm_layout`),
+with a staging area (``staging_bytes`` at the client)::
 
-    0      16      32     40..56      64                 request_end                            size
-    | token | fill  |      | ring head, | request area: put | lend area | return | staging slots: |
-    |       | words |      | tail       | copies, replies   | (opt.)    | ring   | k|v per page   |
+    DATA_OFFSET              request_end                                              size
+    | request area: put      | lend area | return | staging slots:                      |
+    | copies, get replies    | (opt.)    | ring   | k|v per page                         |
 
 The daemon cannot tell staging slots from the request area; it reads a put page at the offset
-the client names and writes get replies only into ``[64, request_end)``.
+the client names and writes get replies only into ``[DATA_OFFSET, request_end)``.
 
 A staged page is the caller's memory, refilled at will between puts. A put that raised (a
 deadline, a cancel) may still be read late by the daemon; the client then moves the segment's
@@ -34,9 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from kvtier_client.tensors import Page
+from kvtier_client.tensors import WIRE_DTYPES, Page
 
-_NUMPY: dict[str, np.dtype[Any]] = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 
 
 class StagingArea:
@@ -93,10 +93,11 @@ class StagingArea:
 
 
 def page_dtype(dtype: str) -> np.dtype[Any]:
-    try:
-        return _NUMPY[dtype]
-    except KeyError:
-        raise ValueError(f"staged pages are float16 or float32, not {dtype!r}") from None
+    """The numpy dtype of a staged page: float16 or float32 (numpy has no bfloat16)."""
+    np_dtype = WIRE_DTYPES.get(dtype)
+    if np_dtype is None:
+        raise ValueError(f"staged pages are float16 or float32, not {dtype!r}")
+    return np_dtype
 
 
 def new_page(segment: Any, shape: tuple[int, ...], dtype: str, start_position: int) -> Page:

@@ -15,10 +15,12 @@ from typing import Any, Union
 
 import numpy as np
 
+# The client's one dtype table (the daemon's is kvtier.types.DTYPES): the numpy dtype that holds
+# each wire dtype's values (numpy has no bfloat16), and each one's item size.
 WIRE_DTYPES: dict[str, np.dtype[Any] | None] = {
-    "float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "bfloat16": None,  # numpy has no bf16
+    "float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "bfloat16": None,
 }
-_ELEM = {"float16": 2, "bfloat16": 2, "float32": 4}
+_ELEM = {name: 2 if dt is None else dt.itemsize for name, dt in WIRE_DTYPES.items()}
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,8 @@ def test_scrape_config_points_at_the_local_ports() -> None:
     s = Settings(http_host="0.0.0.0", policy={"address": "127.0.0.1:50052"},
                  policy_http_port=18081)
     assert LocalMonitoring(s).config(18080) == scrape_config(
-        ["127.0.0.1:18080"], ["127.0.0.1:18081"], interval_s=5.0
+        ["127.0.0.1:18080"], ["127.0.0.1:18081"], interval_s=5.0,
+        rule_files=["kvtier-alerts.yml"],
     )
     embedded = LocalMonitoring(Settings(http_host="127.0.0.2"), interval_s=0.25).config(9)
     assert embedded["scrape_configs"] == [{
@@ -115,6 +116,9 @@ def test_up_monitoring_scrapes_the_daemon(up_processes: list[Up]) -> None:
         time.sleep(0.5)
     assert samples, "Prometheus never scraped the daemon"
     assert _query(url, "kvtier_tier_capacity_bytes"), "kvtier metrics reached Prometheus"
+    with urllib.request.urlopen(f"{url}/api/v1/rules?type=alert", timeout=5) as r:
+        groups = json.loads(r.read())["data"]["groups"]
+    assert sum(len(g["rules"]) for g in groups) >= 5, "the alert rules are loaded"
     assert up.stop() == 0
     with pytest.raises((urllib.error.URLError, OSError)):
         urllib.request.urlopen(f"{url}/-/ready", timeout=2)

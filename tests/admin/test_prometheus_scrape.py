@@ -1,11 +1,11 @@
 """A real Prometheus (Debian's binary) scrapes a running daemon; the dashboard's queries answer.
 
 The daemon runs in-process (gRPC and HTTP on free ports, a real redis-server) beside a policy
-service, a client drives traffic over gRPC while Prometheus scrapes both every 0.5 s, then every PromQL expression of
-deploy/grafana/dashboards/kvtier.json goes through Prometheus's HTTP query API and must return
-a non-empty result, and every alerting rule of deploy/kvtier-alerts.yml evaluates without
-error. ``$__rate_interval`` is Grafana's; it becomes a window that holds enough
-scrapes here.
+service, a client drives traffic over gRPC while Prometheus scrapes both every 0.5 s, then every
+PromQL expression of deploy/grafana/dashboards/kvtier.json goes through Prometheus's HTTP query
+API and must return a non-empty result, and every alerting rule of deploy/kvtier-alerts.yml
+evaluates without error. ``$__rate_interval`` is Grafana's; it becomes a window that holds
+enough scrapes here.
 """
 
 from __future__ import annotations

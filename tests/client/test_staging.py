@@ -7,7 +7,7 @@ import pytest
 
 from kvtier.daemon import Daemon
 from kvtier_client import AsyncKVTierClient, KVTierClient, Page
-from kvtier_client.shm import DATA_OFFSET
+from kvtier_client.shm_layout import DATA_OFFSET
 from kvtier_client.staging import StagingArea
 
 SHAPE = (2, 16, 2, 64)  # float16: 8 KiB per tensor

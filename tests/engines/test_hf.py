@@ -15,7 +15,7 @@ from tiny_llama import make_tiny_model
 
 from kvtier.procs.redis import free_port
 from kvtier.daemon import Daemon
-from kvtier_client import AsyncKVTierClient, KVTierClient, Page
+from kvtier_client import AsyncKVTierClient, KVTierClient, LookupResult, Page
 from kvtier_client.engines.hf import (
     AsyncKVTierConnector,
     KVTierConnector,
@@ -347,3 +347,31 @@ def test_beam_search_over_a_restored_cache(model: Any, client: KVTierClient) -> 
                          **kv.cache_kwargs(cache))
     plain = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False)
     assert torch.equal(out, plain)
+
+
+def test_a_restore_fetched_in_several_gets(model: Any, client: KVTierClient,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pages come in batches (the build of one overlaps the get of the next); a miss in a
+    later batch still ends the run exactly there."""
+    from kvtier_client.engines import hf
+
+    kv = KVTierConnector(model, client, page_tokens=PAGE, strict=True)
+    monkeypatch.setattr(hf, "FETCH_BYTES", 2 * 2 * 2 * PAGE * 2 * 16 * 2)  # two pages a get
+    ids = prompt(18)
+    seed_pages(kv, model, ids)
+    keys = kv.layout.keys(ids[0].tolist(), NS)
+    assert len(kv._core.batches(keys)) == 3  # noqa: SLF001
+    cache = kv.restore(ids)
+    assert cache.restored_tokens == 96
+    got = last_logits(model, ids[:, 96:], **kv.cache_kwargs(cache))
+    assert torch.allclose(got, fp16_reference(model, ids, 96), atol=1e-4, rtol=1e-4)
+    assert client.delete([keys[3]]) == 1
+    assert kv.restore(ids).restored_tokens == 48
+    # gone between lookup and get: the lookup still counts six pages
+    real = client.lookup
+    monkeypatch.setattr(client, "lookup", lambda k, **kw: LookupResult(
+        6, real(k, **kw).tiers))
+    cache = kv.restore(ids)
+    assert cache.restored_tokens == 48
+    got = last_logits(model, ids[:, 48:], **kv.cache_kwargs(cache))
+    assert kl(last_logits(model, ids), got) < 1e-4

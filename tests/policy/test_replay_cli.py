@@ -122,3 +122,23 @@ def test_costs_reports_decision_and_learning_figures(trace_file: Path,
     assert out["candidates"] == 64 and out["accesses"] == load_trace(trace_file).accesses
     assert 0 < out["decision_us_min"] <= out["decision_us_p50"] <= out["decision_us_p99"]
     assert out["learn_cpu_s"] > 0 and out["core_share"] > 0
+
+
+def test_the_shipped_trace_is_the_documented_one(capsys: pytest.CaptureFixture[str]) -> None:
+    """The conversation trace the docs replay ships with kvtier (xz), byte for byte the
+    Mooncake file its SOURCE.md names."""
+    import hashlib
+    import lzma
+    import re
+
+    import kvtier.lab.replay
+
+    here = Path(kvtier.lab.replay.__file__).parent / "traces"
+    shipped = here / "conversation_trace.jsonl.xz"
+    want = re.search(r"sha256\s+`([0-9a-f]{64})`", (here / "SOURCE.md").read_text())
+    assert want is not None
+    assert hashlib.sha256(lzma.decompress(shipped.read_bytes())).hexdigest() == want.group(1)
+    trace = load_trace(shipped)
+    assert (trace.name, len(trace.requests)) == ("conversation_trace.jsonl", 12031)
+    out = _run(capsys, str(shipped), "--limit", "300", "--policy", "lru", "--json")
+    assert out["trace"] == "conversation_trace.jsonl" and out["accesses"]

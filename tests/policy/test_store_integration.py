@@ -42,7 +42,7 @@ def test_store_runs_with_the_policy(make: type[Policy]) -> None:
     store.start()
     try:
         keys = [b"k%03d" % i for i in range(24)]
-        for rnd in range(3):
+        for _round in range(3):
             for i in range(0, 24, 4):
                 chain = keys[i:i + 4]
                 got = store.get("ns", chain)

@@ -17,7 +17,7 @@ N = 1 << 16
 
 
 def _page_views(buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """k and v the way the daemon makes them (kvtier.transport.cache.convert.page_of_buffer)."""
+    """k and v the way the daemon makes them (kvtier.pages.page_of_buffer)."""
     k, v = buf.view(torch.float16).view(2, -1).unbind(0)
     return k, v
 
@@ -187,7 +187,7 @@ def test_buffers_coming_back_stop_the_reserve_so_nothing_is_faulted_in_for_nothi
 def test_a_pool_dropped_without_close_takes_its_reserve_thread_along() -> None:
     pool = BufferPool(8 * N, reserve_bytes=4 * N)
     buf = pool.take(N)
-    assert _wait_for(lambda: pool.free_bytes == 4 * N)
+    assert _wait_for(lambda: pool.free_bytes == 4 * N)  # noqa: F821 - called before the del
     thread = pool._thread
     assert thread is not None and thread.is_alive()
     del pool, buf

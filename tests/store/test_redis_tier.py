@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 
+import pytest
 import redis
 import torch
 
@@ -204,3 +206,16 @@ def test_a_full_view_forgets_entries_and_never_deletes_shared_pages(
     assert store.lookup(NS, [key(i) for i in range(5)]).tiers == ["remote"] * 5
     got = store.get(NS, [key(0)])[0]
     assert got is not None and got.tier == "remote"
+
+
+def test_a_redis_that_does_not_answer_is_logged_once(make_store: StoreFactory,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Not only /readyz: the log says the Redis tier is unreachable, once per outage."""
+    settings = make_settings(stack(), "redis://127.0.0.1:1/0")
+    with caplog.at_level(logging.WARNING, logger="kvtier.store.redis_shards"):
+        store = make_store(settings, start=True, mover=False)
+        assert not store.redis_up
+        time.sleep(1.1)  # past the retry interval: the mover's pass probes again
+        store.rebalance()
+    said = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(said) == 1 and "redis://127.0.0.1:1/0" in said[0], said

@@ -32,3 +32,23 @@ def test_bad_config_file_is_named(tmp_path: Path) -> None:
     assert "low_watermark (0.6) must be below high_watermark (0.5)" in res.stderr
     res = _serve({}, "--config", str(tmp_path / "missing.json"))
     assert res.returncode == 2 and "cannot read config file" in res.stderr
+
+
+def test_the_example_config_loads_and_shows_every_setting() -> None:
+    """deploy/kvtier.example.json: a config file a user can start from, naming every setting."""
+    from pydantic import BaseModel
+
+    from kvtier.config import Settings, load_settings
+
+    path = Path(__file__).resolve().parents[2] / "deploy" / "kvtier.example.json"
+    settings = load_settings(path)
+    assert settings.redis.url and settings.policy.name == "learned"
+
+    def names(model: type[BaseModel]) -> set[str]:
+        return set(model.model_fields)
+
+    data = json.loads(path.read_text())
+    assert set(data) == names(Settings)
+    for key in ("codec", "redis", "policy"):
+        field = Settings.model_fields[key].annotation
+        assert isinstance(field, type) and set(data[key]) == names(field), key

@@ -44,6 +44,7 @@ import asyncio
 import concurrent.futures
 import inspect
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -68,6 +69,7 @@ from kvtier_client.tensors import FetchedPage, Page
 log = logging.getLogger(__name__)
 
 _MIN_CAPACITY = 256  # tokens a fresh layer buffer holds before it first grows
+FETCH_BYTES = 16 << 20  # bytes per get of a restore (see _Core.batches)
 
 
 class KVTierLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # transformers' hook
@@ -94,6 +96,16 @@ class KVTierLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # transformer
         self.values = vbuf[:, :, :length]
         self.device = kbuf.device
         self.is_initialized = True
+
+    def reset(self) -> None:
+        """Drop the contents (transformers before 5.18 zeroed them in place, which a layer
+        that appends after its length would then keep as tokens)."""
+        self.keys = self.values = None
+        self._kbuf = self._vbuf = None
+        self._length = 0
+        self.is_initialized = False
+        if hasattr(self, "cumulative_length"):
+            self.cumulative_length = 0
 
     def _owns_views(self) -> bool:
         """True while ``keys``/``values`` are views ``update`` left; shorter views of the same
@@ -333,41 +345,16 @@ class _Core:
         keys = self.layout.keys(tokens[:n * self.layout.page_tokens], self.namespace) if n else []
         return cache, keys
 
-    def finish(self, cache: KVTierCache, pages: Sequence[FetchedPage | None], capacity: int,
-               lookup_s: float, get_s: float) -> KVTierCache:
-        """Check the fetched run of pages and write it into ``cache``. A page gone between
-        lookup and get ends the run there; one that does not fit raises LayoutMismatch."""
-        t0 = time.perf_counter()
-        run: list[FetchedPage] = []
-        for i, page in enumerate(pages):
-            if page is None:
-                break
-            self.layout.check(i, page.shape, page.dtype, page.start_position)
-            run.append(page)
-        if run:
-            self._build(cache, run, capacity)
-        info = cache.restore
-        info.lookup_s, info.get_s, info.build_s = lookup_s, get_s, time.perf_counter() - t0
-        return cache
-
-    def _build(self, cache: KVTierCache, pages: Sequence[FetchedPage], capacity: int) -> None:
-        """Write ``pages`` into fresh layer buffers of room ``capacity`` tokens."""
+    def batches(self, keys: Sequence[bytes]) -> list[list[bytes]]:
+        """``keys`` cut into the gets of a restore: about ``FETCH_BYTES`` each, so the cache
+        build of one batch overlaps the transfer (and the daemon's decode) of the next."""
         lay = self.layout
-        tokens = len(pages) * lay.page_tokens
-        cap = max(capacity, tokens + 1)
-        # One buffer per layer and tensor: buffers this size come from memory the process
-        # already touched, where one tensor for all layers would be fresh pages every time.
-        shape = (1, lay.kv_heads, cap, lay.head_dim)
-        kbufs = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in cache.layers]
-        vbufs = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in cache.layers]
-        write_pages([b[0] for b in kbufs], [b[0] for b in vbufs], [(p.k, p.v) for p in pages])
-        for layer, kbuf, vbuf in zip(cache.layers, kbufs, vbufs):
-            assert isinstance(layer, KVTierLayer)
-            layer.adopt(kbuf, vbuf, tokens)
-        cache.restore.restored_tokens = tokens
-        cache.restore.tiers = tuple(p.tier for p in pages)
-        cache.restore.precisions = tuple(p.precision for p in pages)
-        cache.saved_tokens = tokens  # restored pages need no put
+        page_bytes = 2 * math.prod(lay.page_shape) * torch_dtype(lay.dtype).itemsize
+        n = max(1, FETCH_BYTES // page_bytes)
+        return [list(keys[i:i + n]) for i in range(0, len(keys), n)]
+
+    def start(self, cache: KVTierCache, found: int, capacity: int) -> Build:
+        return Build(self, cache, found, capacity)
 
     def failed(self, cache: KVTierCache, error: BaseException) -> KVTierCache:
         """An empty cache for the prompt after ``error`` (raised instead when strict)."""
@@ -399,6 +386,63 @@ class _Core:
         ks, vs = cache.layer_views()
         cache.saved_tokens = last * lay.page_tokens
         return SavePlan(keys[first:last], range(first, last), lay, ks, vs)
+
+
+class Build:
+    """One restore being written into a cache: buffers with room for the pages found, filled
+    batch by batch as the gets arrive, committed to the cache's layers at the end."""
+
+    def __init__(self, core: _Core, cache: KVTierCache, found: int, capacity: int) -> None:
+        lay = core.layout
+        self._core, self._cache = core, cache
+        self._busy = 0.0  # seconds spent writing pages
+        cap = max(capacity, found * lay.page_tokens + 1)
+        # One buffer per layer and tensor: buffers this size come from memory the process
+        # already touched, where one tensor for all layers would be fresh pages every time.
+        shape = (1, lay.kv_heads, cap, lay.head_dim)
+        dev, dtype = core.device, core.dtype
+        self._kbufs = [torch.empty(shape, dtype=dtype, device=dev) for _ in cache.layers]
+        self._vbufs = [torch.empty(shape, dtype=dtype, device=dev) for _ in cache.layers]
+        self._pages: list[FetchedPage] = []
+        self.ended = False  # a miss ended the run
+
+    def add(self, pages: Sequence[FetchedPage | None]) -> bool:
+        """Check the next pages of the run and write them; False once the run has ended (a
+        page gone between lookup and get ends it there). LayoutMismatch on a page that does
+        not fit the model."""
+        t0 = time.perf_counter()
+        lay = self._core.layout
+        run: list[FetchedPage] = []
+        for page in pages:
+            if page is None:
+                self.ended = True
+                break
+            lay.check(len(self._pages) + len(run), page.shape, page.dtype, page.start_position)
+            run.append(page)
+        write_pages([b[0] for b in self._kbufs], [b[0] for b in self._vbufs],
+                    [(p.k, p.v) for p in run], first_token=len(self._pages) * lay.page_tokens)
+        self._pages += run
+        self._busy += time.perf_counter() - t0
+        return not self.ended
+
+    def commit(self, lookup_s: float, elapsed_s: float) -> KVTierCache:
+        """The cache holding the run written so far, with the restore's figures: of the
+        ``elapsed_s`` since the lookup, ``build_s`` is the time spent writing pages and
+        ``get_s`` the rest (waiting for gets)."""
+        cache, pages = self._cache, self._pages
+        tokens = len(pages) * self._core.layout.page_tokens
+        if pages:
+            for layer, kbuf, vbuf in zip(cache.layers, self._kbufs, self._vbufs):
+                assert isinstance(layer, KVTierLayer)
+                layer.adopt(kbuf, vbuf, tokens)
+        info = cache.restore
+        info.restored_tokens = tokens
+        info.tiers = tuple(p.tier for p in pages)
+        info.precisions = tuple(p.precision for p in pages)
+        info.lookup_s, info.build_s = lookup_s, self._busy
+        info.get_s = max(0.0, elapsed_s - self._busy)
+        cache.saved_tokens = tokens  # restored pages need no put
+        return cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,6 +488,8 @@ class KVTierConnector:
         self.saves = SaveStats()
         self.last_restore: RestoreInfo | None = None  # of the last generate()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtier-put")
+        # gets of a restore run here, one after another, while the caller builds the cache
+        self._fetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtier-get")
         self._pending: list[concurrent.futures.Future[int]] = []
 
     @property
@@ -472,10 +518,20 @@ class KVTierConnector:
             found = self.client.lookup(keys, namespace=core.namespace,
                                        timeout_s=self.timeout_s).prefix_length
             t1 = time.perf_counter()
-            pages = self.client.get(keys[:found], namespace=core.namespace,
-                                    timeout_s=self.timeout_s, as_torch=True) if found else []
-            return core.finish(cache, pages, capacity or len(cache.token_ids) + 256, t1 - t0,
-                               time.perf_counter() - t1)
+            if not found:
+                return cache
+            gets = [self._fetcher.submit(self.client.get, batch, namespace=core.namespace,
+                                         timeout_s=self.timeout_s, as_torch=True)
+                    for batch in core.batches(keys[:found])]
+            build = core.start(cache, found, capacity or len(cache.token_ids) + 256)
+            try:
+                for get in gets:
+                    if not build.add(get.result()):
+                        break
+            finally:
+                for get in gets:
+                    get.cancel()
+            return build.commit(t1 - t0, time.perf_counter() - t1)
         except (KVTierClientError, ValueError) as e:
             return core.failed(cache, e)
 
@@ -539,8 +595,9 @@ class KVTierConnector:
         self._pending = [f for f in self._pending if not f.done()]
 
     def close(self) -> None:
-        """Finish pending puts and stop the put thread (the client stays open)."""
+        """Finish pending puts and stop the connector's threads (the client stays open)."""
         self._pool.shutdown(wait=True)
+        self._fetcher.shutdown(wait=True)
 
     def __enter__(self) -> KVTierConnector:
         return self
@@ -591,11 +648,20 @@ class AsyncKVTierConnector:
             found = (await self.client.lookup(keys, namespace=core.namespace,
                                               timeout_s=self.timeout_s)).prefix_length
             t1 = time.perf_counter()
-            pages = await self.client.get(keys[:found], namespace=core.namespace,
-                                          timeout_s=self.timeout_s,
-                                          as_torch=True) if found else []
-            return core.finish(cache, pages, capacity or len(cache.token_ids) + 256, t1 - t0,
-                               time.perf_counter() - t1)
+            if not found:
+                return cache
+            gets = [asyncio.ensure_future(self.client.get(
+                batch, namespace=core.namespace, timeout_s=self.timeout_s, as_torch=True))
+                for batch in core.batches(keys[:found])]
+            build = core.start(cache, found, capacity or len(cache.token_ids) + 256)
+            try:
+                for get in gets:
+                    if not await asyncio.to_thread(build.add, await get):
+                        break
+            finally:
+                for get in gets:
+                    get.cancel()
+            return build.commit(t1 - t0, time.perf_counter() - t1)
         except (KVTierClientError, ValueError) as e:
             return core.failed(cache, e)
 

@@ -13,9 +13,6 @@ import signal
 import threading
 from typing import Any
 
-from kvtier.config import PolicyConfig, load_settings
-from kvtier.policy.registry import make_local_policy
-from kvtier.transport.policy.service import make_metrics_server, make_policy_server
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +23,18 @@ def register(sub: Any) -> None:
     p.add_argument("--policy", default=None, help="policy to host (default: settings, or "
                                                    "learned when settings say lru)")
     p.add_argument("--host", default=None, help="bind address (default: settings.grpc_host)")
-    p.add_argument("--grpc-port", type=int, default=None)
-    p.add_argument("--http-port", type=int, default=None)
+    p.add_argument("--grpc-port", type=int, default=None,
+                   help="gRPC port (default: settings.policy_grpc_port; 0: any free port)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="HTTP /metrics port (default: settings.policy_http_port; 0: any free)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvtier.config import PolicyConfig, load_settings
+    from kvtier.policy.registry import make_local_policy
+    from kvtier.transport.policy.service import make_metrics_server, make_policy_server
+
     settings = load_settings(args.config)
     name = args.policy or (settings.policy.name if settings.policy.name != "lru" else "learned")
     policy = make_local_policy(PolicyConfig(name=name))

@@ -14,15 +14,14 @@ import argparse
 import json
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kvtier.config import MiB, TierConfig, load_settings
 from kvtier.errors import InvalidArgument
-from kvtier.lab.replay.compare import format_table, rows_for
-from kvtier.lab.replay.runner import SIM_POLICIES, run_policy
-from kvtier.lab.replay.sim import Progress, capacity_blocks, split_capacity
-from kvtier.lab.replay.trace import Trace, TraceRequest, load_trace
-from kvtier.types import Medium
+from kvtier.lab.replay import SIM_POLICIES
+
+if TYPE_CHECKING:
+    from kvtier.lab.replay.sim import Progress
+    from kvtier.lab.replay.trace import Trace, TraceRequest
 
 
 def register(sub: Any) -> None:
@@ -32,11 +31,13 @@ def register(sub: Any) -> None:
     p.add_argument("--capacity", default="0.05",
                    help="cache size: fraction of distinct blocks (<1) or block count; a "
                         "comma-separated list with --compare (default 0.05)")
-    p.add_argument("--policy", default="learned", choices=SIM_POLICIES)
+    p.add_argument("--policy", default="learned", choices=SIM_POLICIES,
+                   help="the policy to replay (default learned; belady: the offline bound)")
     p.add_argument("--tiers", action="store_true", help="simulate the tier stack")
     p.add_argument("--compare", action="store_true", help="all policies, with 95%% CIs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the learned policy, the bootstrap and live page contents")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
     p.add_argument("--device", default="cpu", help="torch device for the predictor")
@@ -48,7 +49,8 @@ def register(sub: Any) -> None:
                    help="daemon host:port (live; default: start one); several, comma-separated, "
                         "split the requests among daemons that share a Redis tier")
     p.add_argument("--page-bytes", type=int, default=16384, help="live page payload size")
-    p.add_argument("--namespace", default="replay")
+    p.add_argument("--namespace", default="replay",
+                   help="namespace of the live replay's keys (default replay)")
     p.set_defaults(func=run)
 
 
@@ -74,12 +76,17 @@ def _capacities(text: str) -> list[float]:
 
 
 def _tier_weights(args: argparse.Namespace) -> list[tuple[str, int]]:
+    from kvtier.config import load_settings
+
     settings = load_settings(args.config)
     return [(t.name, t.capacity_bytes) for t in settings.tiers]
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
+    from kvtier.lab.replay.sim import capacity_blocks
+    from kvtier.lab.replay.trace import Trace, load_trace
 
     torch.set_num_threads(1)  # a tiny MLP: one thread is fastest and deterministic
     try:
@@ -106,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _single(args: argparse.Namespace, trace: Trace, cap: int) -> dict[str, Any]:
+    from kvtier.lab.replay.runner import run_policy
+    from kvtier.lab.replay.sim import split_capacity
+
     tiers = split_capacity(cap, _tier_weights(args)) if args.tiers else None
     r = run_policy(trace, args.policy, cap, tiers=tiers, seed=args.seed, device=args.device,
                    progress=_progress(args.policy, len(trace.requests)))
@@ -121,6 +131,10 @@ def _single(args: argparse.Namespace, trace: Trace, cap: int) -> dict[str, Any]:
 
 
 def _compare(args: argparse.Namespace, trace: Trace, caps: list[int]) -> dict[str, Any]:
+    from kvtier.lab.replay.compare import format_table, rows_for
+    from kvtier.lab.replay.runner import run_policy
+    from kvtier.lab.replay.sim import split_capacity
+
     tables = []
     distinct = trace.distinct_blocks()
     for cap in caps:
@@ -141,7 +155,10 @@ def _compare(args: argparse.Namespace, trace: Trace, caps: list[int]) -> dict[st
 
 
 def _live(args: argparse.Namespace, trace: Trace, cap: int) -> dict[str, Any]:
+    from kvtier.config import MiB, TierConfig, load_settings
     from kvtier.lab.replay.live import replay_live
+    from kvtier.lab.replay.sim import split_capacity
+    from kvtier.types import Medium
 
     progress = _progress("live", len(trace.requests))
     if args.target:

@@ -13,15 +13,18 @@ import logging
 import signal
 import threading
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kvtier.config import Settings, load_settings
+if TYPE_CHECKING:
+    from kvtier.config import Settings
 
 log = logging.getLogger(__name__)
 
 
 def add_daemon_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="JSON settings file (KVTIER_* environment variables win)")
+    p.add_argument("--config", metavar="FILE",
+                   help="JSON settings file (KVTIER_* environment variables win); "
+                        "deploy/kvtier.example.json shows every setting")
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds in-flight calls get to finish on shutdown (default 10)")
     p.add_argument("--drain", action="store_true",
@@ -78,5 +81,7 @@ def run_daemon(settings: Settings, grace_s: float, drain: bool,
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvtier.config import load_settings
+
     settings = load_settings(args.config)
     return run_daemon(settings, args.grace, args.drain)

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kvtier.procs.redis import RedisProcess
 from kvtier.cli.serve import add_daemon_options, run_daemon
-from kvtier.config import Settings, load_settings
 from kvtier.errors import ConfigError
+from kvtier.procs.redis import RedisProcess
+
+if TYPE_CHECKING:
+    from kvtier.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ def embedded_defaults(settings: Settings) -> Settings:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvtier.config import load_settings
+
     settings = embedded_defaults(load_settings(args.config))
     if not getattr(args, "monitoring", False):
         return _run(settings, args, None)

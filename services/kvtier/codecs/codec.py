@@ -19,8 +19,9 @@ import torch
 
 from kvtier.codecs import blob as blobfmt
 from kvtier.codecs import int4a, torch_reference
-from kvtier.codecs.blob import HEADER_SIZE, BlobHeader, read_header, verify
+from kvtier.codecs.blob import HEADER_SIZE, BlobHeader, verify
 from kvtier.codecs.cpu import backend as cpu
+from kvtier.codecs.cpu import kernels_cached
 from kvtier.codecs.layout import (
     Layout, check_indices, layout_for_encode, layout_of, make_layout,
 )
@@ -250,6 +251,8 @@ def warmup() -> float:
     """
     if _self_test.cache_info().currsize:
         return 0.0
+    if not kernels_cached():
+        log.info("compiling the codec kernels for this machine (once; about 20 s on 2 cores)")
     t0 = time.perf_counter()
     _self_test()
     took = time.perf_counter() - t0

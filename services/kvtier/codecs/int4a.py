@@ -13,11 +13,9 @@ is the squared step of ``b`` bits in int8 steps, and the weight is page-local, n
 the squared int8 scales of the channel's groups (``n_g`` tokens each: its error at a given
 width), times the squared peak of the key's rotary pair (``c' = c +- head_dim / 2``; RoPE
 mixes the pair by position), a proxy for the query energy the daemon never sees: the channels
-where keys are large are those where queries are large. (Measured on SmolLM2 at 4,096 tokens
-with the evaluation's prototype quantizer: KL 0.00118 with this weight, 0.00122 with the pair's
-mean energy ``E[k_c^2 + k_c'^2]`` instead of the peak, 0.00137 with the channel's own energy,
-0.00180 with the step alone, and 0.00113 with query energy calibrated on the model.) Values are
-int4 on the int8 grid, as in the int4 codec.
+where keys are large are those where queries are large (``docs/quality.md`` compares it with
+other weights, calibrated query energy included). Values are int4 on the int8 grid, as in the
+int4 codec.
 
 The codes are integer functions of the int8 codes: ``q_b = round(q8 (2^b - 1) / 255)`` and back
 ``q8' = round(q_b 255 / (2^b - 1))`` (neither has ties), exact for 2, 4 and 8 bits and within
@@ -53,11 +51,11 @@ import torch
 from kvtier.codecs import grid
 from kvtier.codecs.blob import HEADER_SIZE
 from kvtier.codecs.cpu import int4a as kernels
-from kvtier.codecs.layout import DTYPE_KINDS, Layout, make_layout
+from kvtier.codecs.layout import Layout, make_layout
 from kvtier.codecs.pack import pack_int4, unpack_int4, unpack_m12
-from kvtier.codecs.torch_reference import TORCH_DTYPES
 from kvtier.errors import CorruptPage
-from kvtier.types import Codec
+from kvtier.pages import torch_dtype
+from kvtier.types import DTYPES, Codec
 
 Blob = bytes | bytearray | memoryview
 
@@ -180,7 +178,7 @@ def key_weights(payload8: torch.Tensor, lay8: Layout) -> torch.Tensor:
     kidx = _kept(oidx.to(torch.int64), H, D)
     peak.scatter_(1, kidx, reach)
     if lay8.n_out:
-        raw = _section(payload8, lay8, "oraw").view(TORCH_DTYPES[lay8.dtype])
+        raw = _section(payload8, lay8, "oraw").view(torch_dtype(lay8.dtype))
         o_peak = raw.reshape(L, Tq, H, lay8.n_out).double().abs().amax(1)
         flat = oidx.to(torch.int64) + (torch.arange(H, device=s.device) * D)[None, :, None]
         peak.scatter_(1, flat.reshape(L, -1), o_peak.reshape(L, -1))
@@ -310,7 +308,7 @@ def _plan_from8(lay8: Layout, key_bits: float) -> _Plan:
     o8, o = lay8.offsets, lay.offsets
     sec = [o8[n][0] for n in ("exps", "oidx", "oraw", "kb", "km", "kq", "vq")] + \
         [o[n][0] for n in ("kbits", "kq", "vq")]
-    geo = [lay.L, lay.Tq, lay.H, lay.D, lay.n_out, lay.nk, lay.Gk, DTYPE_KINDS[lay.dtype],
+    geo = [lay.L, lay.Tq, lay.H, lay.D, lay.n_out, lay.nk, lay.Gk, DTYPES[lay.dtype].code,
            lay.key_bits, lay.kq_row_bytes]
     return _Plan(lay, _spans(lay8, lay), _frozen(sec, (-1,)), _frozen(geo, (-1,)))
 
@@ -360,7 +358,7 @@ def _allocate_kernel(payload8: torch.Tensor, lay8: Layout, budget: int) -> torch
     oidx = _section(payload8, lay8, "oidx").view(torch.int16).numpy().astype(np.int64)
     opeak = np.zeros(L * H * n_out)
     if n_out:
-        raw = _section(payload8, lay8, "oraw").view(TORCH_DTYPES[lay8.dtype])
+        raw = _section(payload8, lay8, "oraw").view(torch_dtype(lay8.dtype))
         opeak = raw.reshape(L, Tq, H, n_out).double().abs().amax(1).reshape(-1).numpy()
     out = np.empty(L * lay8.Ck, np.uint8)
     kernels.allocate_keys(

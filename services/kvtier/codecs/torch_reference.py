@@ -15,9 +15,8 @@ from kvtier.codecs import grid
 from kvtier.codecs.blob import HEADER_SIZE
 from kvtier.codecs.layout import Layout
 from kvtier.codecs.pack import pack_int4, pack_m12, unpack_int4, unpack_m12
+from kvtier.pages import torch_dtype
 from kvtier.types import Codec, Page
-
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def _bits(lay: Layout) -> int:
@@ -70,7 +69,7 @@ def encode_payload(page: Page, lay: Layout) -> torch.Tensor:
         put("kraw", k)
         put("vraw", v)
         return out
-    L, T, H, D, S, Tq = lay.L, lay.T, lay.H, lay.D, lay.S, lay.Tq
+    L, H, D, S, Tq = lay.L, lay.H, lay.D, lay.S, lay.Tq
     put("sink", torch.stack((k[:, :S], v[:, :S])))
     if Tq == 0:
         return out
@@ -107,7 +106,7 @@ def encode_payload(page: Page, lay: Layout) -> torch.Tensor:
 
 def decode_payload(payload: torch.Tensor, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V (page dtype, on ``payload``'s device) from payload bytes under ``lay``."""
-    dt = TORCH_DTYPES[lay.dtype]
+    dt = torch_dtype(lay.dtype)
     L, T, H, D, S, Tq = lay.L, lay.T, lay.H, lay.D, lay.S, lay.Tq
 
     def get(name: str) -> torch.Tensor:

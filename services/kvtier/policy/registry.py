@@ -11,19 +11,28 @@ deliberately not here: it exists only in replay reports.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from kvtier.config import PolicyConfig
 from kvtier.errors import InvalidArgument
 from kvtier.policy.adapter import ARCPolicy, S3FIFOPolicy
-from kvtier.policy.learned.policy import LearnedPolicy
 from kvtier.store.policy import LFUPolicy, LRUPolicy, Policy
+
+if TYPE_CHECKING:
+    from kvtier.config import PolicyConfig
+
+
+def _learned() -> Policy:
+    from kvtier.policy.learned.policy import LearnedPolicy  # torch: only when it is chosen
+
+    return LearnedPolicy()
+
 
 _FACTORIES: dict[str, Callable[[PolicyConfig], Policy]] = {
     "lru": lambda _cfg: LRUPolicy(),
     "lfu": lambda _cfg: LFUPolicy(),
     "arc": lambda _cfg: ARCPolicy(),
     "s3fifo": lambda _cfg: S3FIFOPolicy(),
-    "learned": lambda _cfg: LearnedPolicy(),
+    "learned": lambda _cfg: _learned(),
 }
 
 

@@ -8,8 +8,9 @@ needed at run time.
 :class:`PrometheusProcess` runs Debian's ``prometheus`` binary as a child process on a free
 loopback port with its TSDB in a temporary directory (a :class:`kvtier.procs.child.ChildProcess`,
 like :class:`kvtier.procs.redis.RedisProcess`). :class:`LocalMonitoring` is what
-``kvtier up --monitoring`` uses: the scrape config pointed at the local ports, one
-Prometheus started once the daemon's HTTP port is known, and where to look printed.
+``kvtier up --monitoring`` uses: the scrape config pointed at the local ports, kvtier's alert
+rules (:func:`alert_rules`, the file ``deploy/kvtier-alerts.yml`` links to), one Prometheus
+started once the daemon's HTTP port is known, and where to look printed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import json
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from importlib import resources
 from typing import Any
 
 from kvtier.procs.child import ChildProcess
@@ -26,6 +28,12 @@ from kvtier.config import Settings
 
 DAEMON_JOB = "kvtier-daemon"
 POLICY_JOB = "kvtier-policy"
+ALERT_RULES = "kvtier-alerts.yml"  # shipped beside this module; deploy/ links to it
+
+
+def alert_rules() -> str:
+    """kvtier's alerting rules (Prometheus rule file YAML)."""
+    return resources.files("kvtier.procs").joinpath(ALERT_RULES).read_text()
 
 
 def _duration(seconds: float) -> str:
@@ -68,10 +76,14 @@ class PrometheusProcess(ChildProcess):
     stop_timeout_s = 10.0
 
     def __init__(self, config: dict[str, Any], port: int | None = None,
-                 host: str = "127.0.0.1", binary: str | None = None) -> None:
+                 host: str = "127.0.0.1", binary: str | None = None,
+                 files: Mapping[str, str] | None = None) -> None:
+        """``files``: written beside the config (rule files it names, relative to it)."""
         super().__init__(port, host, binary)
         self.config_path = self.workdir / "prometheus.yml"
         self.config_path.write_text(json.dumps(config, indent=2))
+        for name, text in (files or {}).items():
+            (self.workdir / name).write_text(text)
 
     @property
     def url(self) -> str:
@@ -121,7 +133,8 @@ class LocalMonitoring:
         if s.policy.address:
             policy_host = s.policy.address.rsplit(":", 1)[0]
             policy = [f"{_loopback_for(policy_host)}:{s.policy_http_port}"]
-        return scrape_config([daemon], policy, interval_s=self.interval_s)
+        return scrape_config([daemon], policy, interval_s=self.interval_s,
+                             rule_files=[ALERT_RULES])
 
     def start(self, http_port: int | None) -> PrometheusProcess | None:
         if http_port is None:
@@ -130,7 +143,8 @@ class LocalMonitoring:
         config = self.config(http_port)
         try:
             port = self.preferred_port if _port_free("127.0.0.1", self.preferred_port) else None
-            self.process = PrometheusProcess(config, port=port).start()
+            self.process = PrometheusProcess(config, port=port,
+                                             files={ALERT_RULES: alert_rules()}).start()
         except (FileNotFoundError, RuntimeError, TimeoutError) as e:
             print(f"kvtier: monitoring not started: {e}", flush=True)
             return None

@@ -5,11 +5,9 @@ A put's pages are copied into memory the daemon owns (``kvtier.transport.shm.cop
 Fresh memory costs a page fault per 4 KiB page the first time it is written, and memory glibc
 got back from a page that died, typically in another thread than the next put's (the mover, a
 delete), is often handed back to the kernel or not reused by that thread, even with the daemon's
-``mallopt`` settings (``kvtier.daemon.configure_allocator``). Measured on the 2-core development
-machine: allocating and filling a 2 MiB buffer in a thread took 270-330 us (95 faults on
-average), against 61-76 us for the same copy into a buffer written before; a daemon under
-``bench transfer`` counted 0-64 faults per 2 MiB put in steady state and 500-1000 in its first
-rounds. Redis keeps its freed memory (jemalloc), so it hardly pays this on SET.
+``mallopt`` settings (``kvtier.daemon.configure_allocator``): a copy into fresh memory takes
+several times as long as into a buffer written before. Redis keeps its freed memory (jemalloc),
+so it hardly pays this on SET; this pool is how the daemon does the same.
 
 :class:`BufferPool` keeps the buffers of pages that died, by exact size, up to a byte bound, and
 hands them out again. A buffer goes back when the last view of it is gone: :meth:`BufferPool.take`
@@ -17,14 +15,12 @@ returns ``torch.from_numpy`` of a fresh ndarray view of the buffer. torch keeps 
 alive as long as any tensor shares the storage (the page's k and v are such views, and so is
 ``tensor.numpy()`` of them), and a finalizer on the ndarray returns the buffer.
 
-A cache that grows has no dead pages to reuse: every page kept needs fresh memory, and on the
-development VM touching fresh memory runs at 1.2-1.3 GiB/s (about 1.6 ms per 2 MiB, huge
-pages or not), in the put's own copy. With ``reserve_bytes``, while the cache grows (a take
-found no buffer of its size, and none came back since, nor in the 0.25 s before), a
-background thread keeps that many bytes of buffers of the size missed last faulted in ahead
-of use, so the faults happen beside the puts rather than in them: 256 puts of distinct 2 MiB
-pages went from 0.59-0.72 to 0.76-1.17 GB/s with a 32 MiB reserve. It stops as soon as a
-buffer comes back, so a cache whose pages die as fast as they come (or in batches, as the
+A cache that grows has no dead pages to reuse: every page kept needs fresh memory, faulted in
+by the put's own copy. With ``reserve_bytes``, while the cache grows (a take found no buffer of
+its size, and none came back since, nor in the 0.25 s before), a background thread keeps that
+many bytes of buffers of the size missed last faulted in ahead of use, so the faults happen
+beside the puts rather than in them (``docs/benchmarks.md`` has the figures). It stops as soon
+as a buffer comes back, so a cache whose pages die as fast as they come (or in batches, as the
 mover demotes) reuses those and faults nothing in for nothing. The reserve counts against
 ``max_free_bytes``, and is at most half of it, so buffers coming back find room beside it.
 """

@@ -153,6 +153,7 @@ class Shards:
         self._cluster: redis.RedisCluster | None = None
         self._down: dict[str, float] = {}  # node -> when it was marked down
         self._up = False
+        self._down_reported = False  # the outage was logged (once per outage)
         self._last_probe = float("-inf")
         self._refresh_wanted = False
         self._noted_single_moved = False
@@ -206,6 +207,7 @@ class Shards:
                 self._up = False
             else:
                 self._up = self._any_primary_up()
+            self._down_reported |= not self._up
         log.warning("redis node %s is down: %s", node, err)
 
     def _any_primary_up(self) -> bool:
@@ -292,14 +294,21 @@ class Shards:
         except RedisError as e:
             with self._lock:
                 self._up = False
+                report, self._down_reported = not self._down_reported, True
             if was_up:
                 log.warning("redis tier at %s is down: %s", self.url, e)
+            elif report:
+                log.warning("redis tier at %s is unreachable (%s); its pages are misses and "
+                            "demotions into it wait until it answers (retrying every %g s)",
+                            self.url, e, self.config.retry_interval_s)
             return False
         self._ping_down_nodes()
         with self._lock:
             self._up = self._any_primary_up() if self._cluster is not None else (
                 self._url_node not in self._down)
             up = self._up
+            if up:
+                self._down_reported = False
         if up and not was_up:
             log.info("redis tier at %s is up (%s)", self.url,
                      "cluster" if self._cluster is not None else "single server")
@@ -459,7 +468,7 @@ class Shards:
                     with self._lock:
                         self._loads += len(scripts)
                 sent.append((node, pool, conn, idx, len(scripts)))
-            for node, pool, conn, idx, preamble in sent:
+            for node, _pool, conn, idx, preamble in sent:
                 try:
                     for _ in range(preamble):
                         self._read(conn)

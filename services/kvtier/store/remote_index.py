@@ -25,61 +25,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from kvtier.errors import BackendUnavailable
-from kvtier.store.index import PageState
+from kvtier.store.engine import TierEngine
 from kvtier.store.redis_shards import UNAVAILABLE, Unavailable
-from kvtier.store.redis_tier import Found, RemoteMeta
-from kvtier.types import EvictionReason, PageId, Precision
-
-if TYPE_CHECKING:
-    from kvtier.store.engine import TierEngine
-
-
-def _outside_memory(engine: TierEngine, pids: Sequence[PageId]
-                    ) -> tuple[list[PageId], dict[PageId, int]]:
-    """The keys to ask Redis about: those the index does not know, and those resident in the
-    Redis tier (with the version of their entry)."""
-    ask: list[PageId] = []
-    known: dict[PageId, int] = {}
-    with engine.cond:
-        for pid in dict.fromkeys(pids):
-            rec = engine.index.get(pid)
-            if rec is None:
-                ask.append(pid)
-            elif rec.tier == engine.redis_tier and rec.state is PageState.RESIDENT:
-                ask.append(pid)
-                known[pid] = rec.version
-    return ask, known
+from kvtier.store.redis_tier import Found
+from kvtier.types import PageId, Precision
 
 
 def _settle(engine: TierEngine, ask: Sequence[PageId], known: dict[PageId, int],
             got: Sequence[object], now: float) -> None:
     """Adopt what Redis has that the view lacks; forget entries whose key is gone."""
-    t = engine.redis_tier
-    assert t is not None
-    lost = []
-    with engine.cond:
-        for pid, g in zip(ask, got, strict=True):
-            if isinstance(g, Found) and pid not in known:
-                _adopt(engine, pid, g.meta, now)
-            elif g is None and pid in known:
-                rec = engine.index.get(pid)
-                if (rec is not None and rec.version == known[pid] and rec.tier == t
-                        and rec.state is PageState.RESIDENT):
-                    engine.index.remove(pid)
-                    lost.append(pid)
-        if lost:
-            engine.cond.notify_all()
-    engine.forget(lost)
-
-
-def _adopt(engine: TierEngine, pid: PageId, meta: RemoteMeta, now: float) -> bool:
-    """Index a page found in Redis (call with ``engine.cond`` held); False if known."""
-    assert engine.redis_tier is not None
-    return engine.index.add_resident(pid, engine.redis_tier, meta.nbytes, meta.stored_bytes,
-                                     meta.precision, meta.chain_position, now, meta.token)
+    engine.adopt_remote(((pid, g.meta) for pid, g in zip(ask, got, strict=True)
+                         if isinstance(g, Found) and pid not in known), now)
+    engine.forget(engine.drop_remote_unchanged(
+        (pid, known[pid]) for pid, g in zip(ask, got, strict=True)
+        if g is None and pid in known))
 
 
 def _ask(engine: TierEngine, pids: Sequence[PageId], now: float,
@@ -89,7 +50,7 @@ def _ask(engine: TierEngine, pids: Sequence[PageId], now: float,
     redis = engine.redis
     if redis is None or engine.redis_tier is None or not redis.up or not pids:
         return []
-    ask, known = _outside_memory(engine, pids)
+    ask, known = engine.ask_redis(pids)
     if not ask:
         return []
     try:
@@ -120,18 +81,15 @@ def discover(engine: TierEngine, pids: Sequence[PageId], now: float) -> None:
     redis = engine.redis
     if redis is None or engine.redis_tier is None or not redis.up or not pids:
         return
-    with engine.cond:
-        unknown = [p for p in dict.fromkeys(pids) if engine.index.get(p) is None]
+    unknown = engine.unknown(dict.fromkeys(pids))
     if not unknown:
         return
     try:
         got = redis.fetch(unknown, blobs=False)
     except BackendUnavailable:
         return
-    with engine.cond:
-        for pid, g in zip(unknown, got, strict=True):
-            if isinstance(g, Found):
-                _adopt(engine, pid, g.meta, now)
+    engine.adopt_remote(((pid, g.meta) for pid, g in zip(unknown, got, strict=True)
+                         if isinstance(g, Found)), now)
 
 
 def resync_remote(engine: TierEngine) -> int:
@@ -146,28 +104,18 @@ def resync_remote(engine: TierEngine) -> int:
     t = engine.redis_tier
     if redis is None or t is None or not redis.up:
         return 0
-    with engine.cond:
-        start_version = engine.index.version
+    start_version = engine.version()
     seen: set[PageId] = set()
     added = 0
     now = time.time()
     try:
         for pid, meta in redis.scan():
             seen.add(pid)
-            with engine.cond:
-                if engine.index.used(t) + meta.stored_bytes > engine.limits[t].high_bytes:
-                    return added
-                added += _adopt(engine, pid, meta, now)
+            adopted = engine.adopt_if_room(pid, meta, now)
+            if adopted is None:
+                return added
+            added += adopted
     except BackendUnavailable:
         return added
-    lost = []
-    with engine.cond:
-        for pid in engine.index.pages_in(t):
-            rec = engine.index.get(pid)
-            if (rec is not None and pid not in seen and rec.version < start_version
-                    and rec.state is PageState.RESIDENT):
-                engine.index.remove(pid)
-                engine.counters[t].evictions[EvictionReason.REMOTE_DOWN.value] += 1
-                lost.append(pid)
-    engine.forget(lost)
+    engine.forget(engine.drop_vanished_remote(seen, start_version))
     return added

@@ -22,31 +22,18 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 from kvtier.errors import BackendUnavailable, CorruptPage
-from kvtier.store.index import PageState
+from kvtier.store.engine import TierEngine
 from kvtier.store.redis_tier import Found, RemoteMeta
-from kvtier.store.tiers import Stored, blob_of
+from kvtier.store.stats import ShareCounters
+from kvtier.store.tiers import blob_of
 from kvtier.types import PageId
-
-if TYPE_CHECKING:
-    from kvtier.store.engine import TierEngine
 
 log = logging.getLogger(__name__)
 
 QUEUE_PAGES = 4096
 BATCH_PAGES = 32
 BATCHES_PER_PASS = 8  # so that a long queue does not hold the mover's demotions back
-
-
-@dataclass(frozen=True, slots=True)
-class ShareCounters:
-    shared: int  # pages written to the shared tier
-    present: int  # pages found there already (another daemon shared them)
-    dropped: int  # pages pushed out of a full queue
-    failed: int  # writes that failed (shard down, Redis full)
 
 
 class Sharer:
@@ -102,37 +89,28 @@ class Sharer:
     def _share(self, engine: TierEngine, batch: list[PageId]) -> tuple[int, int]:
         redis, t = engine.redis, engine.redis_tier
         assert redis is not None and t is not None
-        picked: list[tuple[PageId, Stored, RemoteMeta]] = []
-        with engine.cond:
-            for pid in dict.fromkeys(batch):
-                rec = engine.index.get(pid)
-                backend = engine.memory[rec.tier] if rec is not None else None
-                data = backend.get(pid) if backend is not None else None
-                if rec is None or rec.state is PageState.PLACING or data is None:
-                    continue
-                picked.append((pid, data, RemoteMeta(rec.precision, rec.nbytes, 0,
-                                                     rec.chain_position)))
+        picked = engine.in_memory(batch)
         if not picked:
             return 0, 0
-        there = redis.fetch([p for p, _, _ in picked], blobs=False)
+        there = redis.fetch([h.page for h in picked], blobs=False)
         todo = []
         present = 0
-        for (pid, data, meta), got in zip(picked, there, strict=True):
+        for held, got in zip(picked, there, strict=True):
             if isinstance(got, Found):
                 present += 1
                 continue
             try:
-                stored, prec = engine.converter.to_tier(data, engine.specs[t])
+                stored, prec = engine.converter.to_tier(held.data, engine.specs[t])
             except CorruptPage:
                 continue  # a lent page its client changed: the demotion will drop it
             blob = blob_of(stored)
-            todo.append((pid, blob, RemoteMeta(min(meta.precision, prec), meta.nbytes,
-                                                len(blob), meta.chain_position)))
+            todo.append((held.page, blob, RemoteMeta(min(held.precision, prec), held.nbytes,
+                                                     len(blob), held.chain_position)))
         results = redis.write_many(todo) if todo else []
         tokens = [(pid, r) for (pid, _, _), r in zip(todo, results, strict=True)
                   if isinstance(r, str)]
-        with engine.cond:
-            gone = [(pid, tok) for pid, tok in tokens if engine.index.get(pid) is None]
+        unknown = set(engine.unknown(pid for pid, _ in tokens))
+        gone = [(pid, tok) for pid, tok in tokens if pid in unknown]
         if gone:
             redis.delete_if(gone)  # deleted while its copy was written
         failed = len(results) - len(tokens)

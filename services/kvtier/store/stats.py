@@ -28,7 +28,6 @@ from kvtier.types import EvictionReason
 if TYPE_CHECKING:
     from kvtier.store.redis_shards import RedisHealth, ShardCounters
     from kvtier.store.redis_tier import DeleteCounters
-    from kvtier.store.sharing import ShareCounters
 
 
 @dataclass(slots=True)
@@ -74,6 +73,16 @@ class StoreStats:
     puts: int
     puts_stored: int
     access_events_dropped: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShareCounters:
+    """What the sharing of new pages did (:mod:`kvtier.store.sharing`)."""
+
+    shared: int  # pages written to the shared tier
+    present: int  # pages found there already (another daemon shared them)
+    dropped: int  # pages pushed out of a full queue
+    failed: int  # writes that failed (shard down, Redis full)
 
 
 @dataclass(frozen=True, slots=True)

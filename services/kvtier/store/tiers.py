@@ -146,6 +146,9 @@ class MemoryBackend:
     def pop(self, page: PageId) -> Stored | None:
         return self._data.pop(page, None)
 
+    def copy(self) -> dict[PageId, Stored]:
+        return dict(self._data)
+
     def __len__(self) -> int:
         return len(self._data)
 

@@ -48,4 +48,9 @@ def _drop_stale_kernels() -> None:
         pass
 
 
+def kernels_cached() -> bool:
+    """Whether compiled kernels wait in the cache here (else the first warmup compiles them)."""
+    return any((_HERE / "__pycache__").glob("*.nbi"))
+
+
 _drop_stale_kernels()

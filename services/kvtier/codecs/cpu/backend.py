@@ -11,17 +11,14 @@ so blobs and decoded tensors agree with the torch oracle bit for bit; the tests 
 
 Page tensors are handled as flat ``uint16`` words whatever their dtype (a float32 element is
 two words), which keeps one compiled specialization per kernel. Kernels release the GIL
-(``nogil``), so threads encoding different pages run in parallel; a page is one thread's
-work. (Splitting a page's K and V over two threads was measured on the shared 2-core box and
-lost: 0.78 -> 0.92 ms per 2 MiB encode; numba's prange pool is not safe to enter from many
-request threads at once either.)
+(``nogil``), so threads encoding different pages run in parallel; a page is one thread's work
+(numba's prange pool is not safe to enter from many request threads at once).
 :func:`kvtier.codecs.warmup` compiles them (or loads them from numba's on-disk cache) and
 self-tests them, so the first real request does not pay for compilation.
 """
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 import torch
@@ -30,9 +27,9 @@ from numpy.typing import NDArray
 from kvtier.codecs.cpu import int8_int4 as kernels
 from kvtier.codecs.grid import MANTISSAS
 from kvtier.codecs.layout import Layout
-from kvtier.codecs.torch_reference import TORCH_DTYPES
 from kvtier.errors import CorruptPage
-from kvtier.types import Codec, Page
+from kvtier.pages import torch_dtype
+from kvtier.types import DTYPES, Codec, Page
 
 
 _MANT = np.array(MANTISSAS, dtype=np.float64)
@@ -42,7 +39,7 @@ _U16 = NDArray[np.uint16]
 # --- the Python side ------------------------------------------------------------------------
 
 # numpy has float16 and float32 but no bfloat16: those two take the cheaper numpy-side views
-_NUMPY_DTYPES: dict[str, type[np.floating[Any]]] = {"float16": np.float16, "float32": np.float32}
+_NUMPY_DTYPES = {d.name: np.dtype(d.numpy) for d in DTYPES.values() if d.numpy is not None}
 
 
 def _words(t: torch.Tensor) -> _U16:
@@ -104,7 +101,7 @@ def _new_kv(lay: Layout) -> tuple[_U16, torch.Tensor, torch.Tensor]:
     shape = (2, lay.L, lay.T, lay.H, lay.D)
     np_dtype = _NUMPY_DTYPES.get(lay.dtype)
     if np_dtype is None:  # bfloat16
-        kv = torch.empty(shape, dtype=TORCH_DTYPES[lay.dtype])
+        kv = torch.empty(shape, dtype=torch_dtype(lay.dtype))
         k, v = kv.unbind(0)
         return _words(kv), k, v
     a = np.empty(shape, dtype=np_dtype)

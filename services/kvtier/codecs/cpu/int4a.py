@@ -313,7 +313,7 @@ def _i16(src, pos):  # type: ignore[no-untyped-def]
 
 @njit(**INLINE)
 def _raw(src, pos, kind):  # type: ignore[no-untyped-def]
-    """The float64 value of the page-dtype element at byte ``pos`` (kind as DTYPE_KINDS)."""
+    """The float64 value of the page-dtype element at byte ``pos`` (kind: ``DType.code``)."""
     if kind == 0:
         return np.float64(f16_to_f32(np.uint16(src[pos]) | (np.uint16(src[pos + 1]) << 8)))
     if kind == 1:

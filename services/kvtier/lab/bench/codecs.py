@@ -24,8 +24,9 @@ torch copy, which runs on other threads too, is always timed by the wall clock.
 ``--threads N`` (default 1) runs memcpy and every codec and direction alike on N Python
 threads at once, each working through its own disjoint, contiguous share of the working
 set's pages (memcpy into a buffer of its own); a barrier starts them together, and a pass's
-throughput is all its bytes over the wall-clock time of the slowest thread. The numba kernels and ``numpy.copyto`` release the GIL, so the
-threads truly overlap, except for the Python around each codec call. N = 2 on the 2-core
+throughput is all its bytes over the wall-clock time of the slowest thread. The numba kernels
+and ``numpy.copyto`` release the GIL, so the threads truly overlap, except for the Python
+around each codec call. N = 2 on the 2-core
 box is the like-for-like comparison with torch's two-core ``copy_``; N = 1 with the
 one-thread copy. N > 1 takes the wall clock only: a thread's CPU clock does not run while
 it waits for the GIL, which at 64 KiB pages is much of the time (there, two threads' memcpy
@@ -48,6 +49,7 @@ import torch
 
 from kvtier.codecs import decode, encode, warmup
 from kvtier.config import CodecConfig
+from kvtier.lab.bench import progress
 from kvtier.types import Codec, Page
 
 MiB = 1 << 20
@@ -136,7 +138,9 @@ def _time(fns: Sequence[Callable[[int], object]], n: int, nbytes: int, repeat: i
 
 
 def bench_size(shape: tuple[int, int, int, int], total_bytes: int, repeat: int,
-               params: CodecConfig, clock: str = "wall", threads: int = 1) -> dict[str, Any]:
+               params: CodecConfig, clock: str = "wall", threads: int = 1,
+               step: Callable[[], object] = lambda: None) -> dict[str, Any]:
+    """The figures of one page size; ``step()`` after memcpy and after each codec."""
     pages = working_set(shape, total_bytes)
     n = len(pages)
     page_bytes = pages[0].nbytes
@@ -165,11 +169,18 @@ def bench_size(shape: tuple[int, int, int, int], total_bytes: int, repeat: int,
     out["memcpy_gbps"] = round(memcpy.best_gbps, 3)
     out["memcpy_spread"] = memcpy.as_dict()
     out["memcpy_torch_gbps"] = round(_time([torch_copy], n, nbytes, repeat).best_gbps, 3)
+    step()
     for codec in CODECS:
         blobs = [encode(p, codec, params) for p in pages]
-        enc = _time([lambda i: encode(pages[i], codec, params)] * threads, n, nbytes, repeat,
-                    tick)
-        dec = _time([lambda i: decode(blobs[i])] * threads, n, nbytes, repeat, tick)
+
+        def encode_one(i: int, c: Codec = codec) -> object:
+            return encode(pages[i], c, params)
+
+        def decode_one(i: int, b: list[bytes] = blobs) -> object:
+            return decode(b[i])
+
+        enc = _time([encode_one] * threads, n, nbytes, repeat, tick)
+        dec = _time([decode_one] * threads, n, nbytes, repeat, tick)
         ratio = nbytes / sum(len(b) for b in blobs)
         del blobs
         out[codec.value] = {
@@ -181,6 +192,7 @@ def bench_size(shape: tuple[int, int, int, int], total_bytes: int, repeat: int,
             "encode_spread": enc.as_dict(),
             "decode_spread": dec.as_dict(),
         }
+        step()
     return out
 
 
@@ -200,8 +212,10 @@ def run(sizes: list[str], total_mib: int, repeat: int, params: CodecConfig,
     if (problem := _refusal(clock, threads)) is not None:
         raise ValueError(problem)
     warmup()
-    per = {s: bench_size(SHAPES[s], total_mib * MiB, repeat, params, clock, threads)
-           for s in sizes}
+    with progress(len(sizes) * (1 + len(CODECS)), "bench codecs") as bar:
+        per = {s: bench_size(SHAPES[s], total_mib * MiB, repeat, params, clock, threads,
+                             bar.update)
+               for s in sizes}
     head = per[sizes[-1]]
     return {
         "memcpy_gbps": head["memcpy_gbps"],
@@ -256,13 +270,16 @@ def main(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("codecs", help="encode/decode throughput of int8/int4/int4a vs memcpy")
+    p = subparsers.add_parser("codecs",
+                              help="encode/decode throughput of int8/int4/int4a vs memcpy")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--repeat", type=int, default=3, help="passes per figure (best is kept)")
     p.add_argument("--working-set-mib", type=int, default=256,
                    help="bytes of distinct pages per size (>= 256 to defeat caches)")
-    p.add_argument("--sizes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--group-size", type=int, default=CodecConfig().group_size)
+    p.add_argument("--sizes", nargs="+", default=list(SHAPES), choices=list(SHAPES),
+                   help="page sizes to measure (default: all)")
+    p.add_argument("--group-size", type=int, default=CodecConfig().group_size,
+                   help="quantization group size (default: the codec setting's)")
     p.add_argument("--clock", choices=list(CLOCKS), default="wall",
                    help="wall clock, or the thread's CPU clock (steadier on a loaded box)")
     p.add_argument("--threads", type=int, default=1,

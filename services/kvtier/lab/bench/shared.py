@@ -46,8 +46,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch", type=int, default=8, help="pages per get call")
     p.add_argument("--clients", type=int, default=2, help="client threads at once")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
-    p.add_argument("--primaries", type=int, default=3)
-    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--primaries", type=int, default=3,
+                   help="primaries of the local Redis Cluster")
+    p.add_argument("--replicas", type=int, default=1, help="replicas of each primary")
     p.add_argument("--codec", default="none", choices=["none", "int8", "int4", "int4a"],
                    help="the Redis tier's codec (none: the tier's own cost, no encoding)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -44,6 +44,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from kvtier.lab.bench import progress
 from kvtier.procs.redis import RedisProcess, free_port
 
 PATHS = ("grpc_get", "grpc_put", "grpc_inline_get", "grpc_inline_put", "redis_get",
@@ -272,14 +273,17 @@ def measure(target: str, redis_url: str, page_mib: float = 2.0, pages: int = 16,
         lambda rnd: samples["socket"].append(socket_gbps(page_bytes, pages)),
         lambda rnd: loop.run_until_complete(aio_round(rnd)),
     ]
+    bar = progress(rounds * len(steps), "bench transfer")
     try:
         for rnd in range(rounds):
             for i in range(len(steps)):
                 steps[(i + rnd) % len(steps)](rnd)
+                bar.update()
         shm_used = fast.uses_shared_memory and aio.uses_shared_memory
         for page in staged:
             fast.release_page(page)
     finally:
+        bar.close()
         loop.run_until_complete(aio.close())
         _close_loop(loop)
         fast.close()

@@ -99,8 +99,8 @@ class QuantSpec:
         k_axis = tokens if self.k_per_channel else dim
         if self.k_group < 2 or k_axis % self.k_group:
             raise InvalidArgument(
-                f"k_group {self.k_group} must divide the {'tokens' if self.k_per_channel else 'dim'}"
-                f" axis of {k_axis}", field="k_group")
+                f"k_group {self.k_group} must divide the "
+                f"{'tokens' if self.k_per_channel else 'dim'} axis of {k_axis}", field="k_group")
         if not 0 <= self.outlier_channels < dim:
             raise InvalidArgument(f"outlier_channels must be 0..{dim - 1}, got "
                                   f"{self.outlier_channels}", field="outlier_channels")

@@ -24,7 +24,7 @@ import numpy as np
 
 from kvtier.errors import InvalidArgument
 from kvtier.lab.replay.trace import Trace, TraceRequest
-from kvtier_client import KVTierClient, Page
+from kvtier_client import DeadlineExceededError, KVTierClient, Page, UnavailableError
 
 TOKENS_PER_BLOCK = 512
 HEAD_DIM = 64
@@ -76,6 +76,8 @@ def replay_live(trace: Trace, target: str | Sequence[str], *, namespace: str = "
                 seed: int = 0, salt: str = "",
                 progress: Callable[[Iterator[TraceRequest]], Iterator[TraceRequest]] | None = None,
                 timeout_s: float = 30.0) -> LiveResult:
+    """Replay ``trace`` against the daemon at ``target`` the way a worker would (see the module
+    docstring); InvalidArgument (field ``target``) if no daemon answers there."""
     tokens = page_tokens(page_bytes)
     rng = np.random.default_rng(seed)
     k = rng.standard_normal((1, tokens, 1, HEAD_DIM)).astype(np.float16)
@@ -97,6 +99,12 @@ def replay_live(trace: Trace, target: str | Sequence[str], *, namespace: str = "
     with ExitStack() as stack:
         clients = [stack.enter_context(KVTierClient(t, namespace=namespace, timeout_s=timeout_s))
                    for t in targets]
+        for t, client in zip(targets, clients, strict=True):
+            try:
+                client.stats(timeout_s=min(timeout_s, 5.0))
+            except (UnavailableError, DeadlineExceededError) as e:
+                raise InvalidArgument(f"no kvtier daemon answers at {t} ({e.code}: "
+                                      f"{e.message})", field="target") from None
         for req in it:
             d = int(route.integers(len(clients))) if len(clients) > 1 else 0
             client = clients[d]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kvtier.errors import InvalidArgument
+from kvtier.lab.replay import SIM_POLICIES
 from kvtier.policy.classic import ARCCore, LFUCore, LRUCore, S3FIFOCore
 from kvtier.policy.core import ReplacementCore
 from kvtier.policy.learned.density import DensityCache, ReuseDensity
@@ -20,7 +21,6 @@ from kvtier.lab.replay.trace import Trace
 BASELINES: dict[str, type[ReplacementCore]] = {
     "lru": LRUCore, "lfu": LFUCore, "arc": ARCCore, "s3fifo": S3FIFOCore,
 }
-SIM_POLICIES: tuple[str, ...] = ("lru", "lfu", "arc", "s3fifo", "learned", "belady")
 
 
 def learned_factory(total_slots: int, *, seed: int) -> CoreFactory:

@@ -9,10 +9,13 @@ hand-edited trace fails loudly instead of silently replaying something else.
 
 from __future__ import annotations
 
+import gzip
 import json
+import lzma
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from kvtier.errors import InvalidArgument
 
@@ -103,13 +106,26 @@ def iter_requests(lines: Sequence[str] | Iterator[str], name: str = "trace"
 
 
 def load_trace(path: str | Path) -> Trace:
-    """Read a whole trace file. InvalidArgument (field ``trace``) if it cannot be read."""
+    """Read a whole trace file, plain or compressed (``.xz``, ``.gz``). InvalidArgument (field
+    ``trace``) if it cannot be read."""
     p = Path(path)
+    compressed = p.suffix in (".xz", ".gz")
+    name = p.name.removesuffix(p.suffix) if compressed else p.name
     try:
-        with p.open() as f:
-            requests = tuple(iter_requests(f, name=p.name))
-    except OSError as e:
-        raise InvalidArgument(f"cannot read {p}: {e.strerror}", field="trace") from None
+        with _open_text(p) as f:
+            requests = tuple(iter_requests(f, name=name))
+    except OSError as e:  # a corrupt .gz too
+        raise InvalidArgument(f"cannot read {p}: {e.strerror or e}", field="trace") from None
+    except (lzma.LZMAError, EOFError) as e:  # a corrupt or cut .xz
+        raise InvalidArgument(f"cannot read {p}: {e}", field="trace") from None
     if not requests:
         raise InvalidArgument(f"{p} holds no requests", field="trace")
-    return Trace(name=p.name, requests=requests)
+    return Trace(name=name, requests=requests)
+
+
+def _open_text(p: Path) -> TextIO:
+    if p.suffix == ".xz":
+        return lzma.open(p, "rt")
+    if p.suffix == ".gz":
+        return gzip.open(p, "rt")
+    return p.open()

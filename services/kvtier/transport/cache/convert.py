@@ -9,81 +9,30 @@ rebuilds pages from the chunks, copying each page's bytes once where a page lies
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from kvtier.config import Settings
-from kvtier.errors import InvalidArgument, PageTooLarge
+from kvtier.errors import InvalidArgument
 from kvtier.finite import check_finite
-from kvtier.pages import check_key, torch_dtype
+from kvtier import pages
+from kvtier.pages import PageHeader, page_of_buffer
 from kvtier.store.buffers import BufferPool
-from kvtier.types import Page, PageKey
+from kvtier.types import Page
 from kvtier_proto.v1 import cache_pb2 as pb
 
-_ELEM = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+def check_header(h: pb.PageHeader, settings: Settings) -> PageHeader:
+    """Validate one wire header (:func:`kvtier.pages.check_header`)."""
+    return pages.check_header(
+        h.key, h.dtype, h.shape, h.start_position, h.k_len, h.v_len,
+        max_key_bytes=settings.max_key_bytes, max_page_bytes=settings.max_page_bytes,
+        v_dtype=h.v_dtype, v_shape=h.v_shape,
+        chain_position=h.chain_position if h.HasField("chain_position") else None,
+        shm_offset=h.shm_offset if h.HasField("shm_offset") else None)
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
-    """A checked page header: everything but the bytes."""
-
-    key: PageKey
-    dtype: str
-    shape: tuple[int, ...]
-    start_position: int
-    nbytes: int  # of k; v has the same
-    chain_position: int | None
-    shm_offset: int | None
-
-
-def check_header(h: pb.PageHeader, settings: Settings) -> Header:
-    """Validate one header; InvalidArgument naming the field otherwise."""
-    key = check_key(h.key, settings.max_key_bytes)
-    dtype = h.dtype
-    elem = _ELEM.get(dtype)
-    if elem is None:
-        torch_dtype(dtype)  # raises naming the supported dtypes
-        raise AssertionError(f"dtype {dtype!r} is supported but has no element size")
-    shape = tuple(h.shape)  # protobuf ints
-    if len(shape) != 4 or min(shape) <= 0:
-        raise InvalidArgument(
-            f"shape must be 4 positive sizes [layers, tokens, kv_heads, head_dim], got "
-            f"{list(shape)}", field="shape"
-        )
-    if h.v_dtype and h.v_dtype != dtype:
-        torch_dtype(h.v_dtype)
-        raise InvalidArgument(
-            f"k and v dtypes differ: k {dtype} vs v {h.v_dtype}", field="v.dtype"
-        )
-    if h.v_shape and tuple(h.v_shape) != shape:
-        raise InvalidArgument(
-            f"k and v shapes differ: k {list(shape)} vs v {list(h.v_shape)}", field="v.shape"
-        )
-    start = h.start_position
-    if start < 0:
-        raise InvalidArgument(f"start_position must be >= 0, got {start}", field="start_position")
-    want = elem * shape[0] * shape[1] * shape[2] * shape[3]
-    if 2 * want > settings.max_page_bytes:
-        raise PageTooLarge(
-            f"page is {2 * want} bytes (k+v), above the maximum page size of "
-            f"{settings.max_page_bytes} bytes", field="page"
-        )
-    if h.k_len != want or h.v_len != want:
-        name, got = ("k", h.k_len) if h.k_len != want else ("v", h.v_len)
-        raise InvalidArgument(
-            f"{name} has {got} bytes but dtype {dtype} x shape {list(shape)} needs {want}",
-            field=f"{name}.data",
-        )
-    chain = h.chain_position if h.HasField("chain_position") else None
-    if chain is not None and chain < 0:
-        raise InvalidArgument(f"chain_position must be >= 0, got {chain}", field="chain_position")
-    shm = h.shm_offset if h.HasField("shm_offset") else None
-    return Header(key, dtype, shape, start, want, chain, shm)
-
-
-def build_page(h: Header, k: bytes | memoryview, v: bytes | memoryview,
+def build_page(h: PageHeader, k: bytes | memoryview, v: bytes | memoryview,
                buffers: BufferPool) -> Page:
     """The page of ``h`` from its bytes, copied once into a buffer of ``buffers`` that the page
     owns and checked there for NaN/Inf.
@@ -102,23 +51,17 @@ def build_page(h: Header, k: bytes | memoryview, v: bytes | memoryview,
     return page_of_buffer(h, buf)
 
 
-def page_of_buffer(h: Header, buf: torch.Tensor) -> Page:
-    """The page of ``h`` viewing ``buf``: ``2 * h.nbytes`` uint8, k's bytes then v's."""
-    k, v = buf.view(torch_dtype(h.dtype)).view(2, *h.shape).unbind(0)
-    return Page(k, v, h.start_position)
-
-
 class PutAssembler:
     """Rebuilds the pages of an inline Put byte stream, chunk by chunk."""
 
     def __init__(self, settings: Settings, buffers: BufferPool) -> None:
         self._settings = settings
         self._buffers = buffers
-        self._pending: list[Header] = []  # headers whose bytes have not fully arrived
+        self._pending: list[PageHeader] = []  # headers whose bytes have not fully arrived
         self._buf = bytearray()  # bytes of the first pending page received so far
-        self.pages: list[tuple[Header, Page]] = []
+        self.pages: list[tuple[PageHeader, Page]] = []
 
-    def add_headers(self, headers: Sequence[Header]) -> None:
+    def add_headers(self, headers: Sequence[PageHeader]) -> None:
         self._pending.extend(headers)
 
     def feed(self, data: bytes) -> None:
@@ -145,7 +88,7 @@ class PutAssembler:
                 self._complete(h, buf[:h.nbytes], buf[h.nbytes:])
                 self._buf = bytearray()
 
-    def _complete(self, h: Header, k: memoryview, v: memoryview) -> None:
+    def _complete(self, h: PageHeader, k: memoryview, v: memoryview) -> None:
         self._pending.pop(0)
         self.pages.append((h, build_page(h, k, v, self._buffers)))
 

@@ -18,8 +18,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvtier.errors import ConfigError
 from kvtier.transport.cache.servicer import CacheServicer
+from kvtier.transport.bind import bind_port
 from kvtier.transport.context import DaemonContext, Readiness
 from kvtier.transport.interceptor import ErrorInterceptor
 from kvtier.transport.shm.relocate import Relocator
@@ -77,8 +77,6 @@ def make_grpc_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise ConfigError(f"cannot bind gRPC to {host}:{port} (in use or not permitted)",
-                          field="grpc_port")
+    bound = bind_port(server, host, port, "grpc_port")
     return server, bound
+

@@ -11,21 +11,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import cast
 
 import grpc
 
-from kvtier.errors import Aborted, InvalidArgument, KVTierError, UnknownTier
-from kvtier.pages import check_keys, check_namespace
+from kvtier.errors import Aborted, InvalidArgument, KVTierError
+from kvtier.pages import PageHeader, check_namespace
 from kvtier.store.results import PutOutcome
-from kvtier.transport.cache.convert import Header, PutAssembler, byte_view, check_header, chunks
+from kvtier.transport.cache.convert import PutAssembler, byte_view, check_header, chunks
 from kvtier.transport.context import DaemonContext
 from kvtier.transport.shm.copy import FILL_TIMEOUT_S, copy_pages, lent_pages
-from kvtier.transport.shm.lend import RANGES_BACK, ReturnRing
+from kvtier.transport.shm.lend import ReturnRing
 from kvtier.transport.shm.relocate import Relocator
-from kvtier.transport.shm.session import TOKEN_BYTES, ShmRegistry, ShmSession, align_up
+from kvtier.transport.shm.session import ShmRegistry, ShmSession
 from kvtier.types import Namespace, Page, PageId
+from kvtier_client.shm_layout import RANGES_BACK, TOKEN_BYTES, align_up
 from kvtier_proto.v1 import cache_pb2 as pb
 from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
 
@@ -46,13 +47,6 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
         self._settings = ctx.settings
         self._shm = shm
         self._relocator = relocator
-
-    # -- helpers ---------------------------------------------------------------------------
-
-    def _keys(self, namespace: str, keys: Sequence[bytes]) -> list[bytes]:
-        ids = check_keys(namespace, list(keys), self._settings.max_key_bytes,
-                         self._settings.max_batch)
-        return [pid.key for pid in ids]
 
     # -- data path -------------------------------------------------------------------------
 
@@ -109,7 +103,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
         pages: list[Page | None] = []
         inline_idx: list[int] = []
         shm_idx: list[int] = []
-        shm_headers: list[Header] = []
+        shm_headers: list[PageHeader] = []
         assembler = PutAssembler(self._settings, self._ctx.buffers)
         for req in requests:
             if namespace is None:
@@ -211,13 +205,13 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
 
         ``unary``: inline bytes are capped at ``chunk_bytes``; pages beyond are ``deferred``.
         """
-        keys = self._keys(request.namespace, request.keys)
+        pids = self._store.check_keys(request.namespace, request.keys)
         budget = self._chunk(request) if unary else None
         session = self._shm.get(request.shm_session) if request.shm_session else None
         if session is not None:  # refuse before reading anything
             session.check_owner(request.namespace)
             session.check_range(request.shm_offset, request.shm_capacity, "shm_capacity")
-        raws = self._store.get_raw(request.namespace, keys)
+        raws = self._store.get_raw_checked(pids)
         results: list[pb.PageResult] = []
         inline: list[memoryview] = []
         inline_bytes = 0
@@ -255,26 +249,19 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
 
     def Lookup(self, request: pb.LookupRequest,
                context: grpc.ServicerContext) -> pb.LookupReply:
-        keys = self._keys(request.namespace, request.keys)
-        res = self._store.lookup(request.namespace, keys)
+        res = self._store.lookup_checked(self._store.check_keys(request.namespace, request.keys))
         return pb.LookupReply(prefix_length=res.prefix_length,
                               tiers=[t or "" for t in res.tiers])
 
     def Promote(self, request: pb.PromoteRequest,
                 context: grpc.ServicerContext) -> pb.PromoteReply:
-        keys = self._keys(request.namespace, request.keys)
-        names = tuple(self._store.tier_names)
-        if request.tier not in names:
-            raise UnknownTier(
-                f"unknown tier {request.tier!r}; tiers are {', '.join(names)}", field="tier"
-            )
-        return pb.PromoteReply(promoted=self._store.promote(request.namespace, keys,
-                                                            request.tier))
+        pids = self._store.check_keys(request.namespace, request.keys)
+        return pb.PromoteReply(promoted=self._store.promote_checked(pids, request.tier))
 
     def Delete(self, request: pb.DeleteRequest,
                context: grpc.ServicerContext) -> pb.DeleteReply:
-        keys = self._keys(request.namespace, request.keys)
-        return pb.DeleteReply(deleted=self._store.delete(request.namespace, keys))
+        pids = self._store.check_keys(request.namespace, request.keys)
+        return pb.DeleteReply(deleted=self._store.delete_checked(pids))
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsReply:
         if request.namespace:

@@ -3,7 +3,9 @@
 It hosts one live :class:`~kvtier.store.policy.Policy` (the learned predictor by default) for
 daemons that run it out of process; the daemon side is :mod:`kvtier.transport.policy.client`.
 Factories return ``(server, port)`` so tests bind port 0. Errors map through the one table in
-:mod:`kvtier.errors`; anything unexpected is INTERNAL with a logged traceback.
+:mod:`kvtier.errors` by the cache service's own interceptor
+(:class:`~kvtier.transport.interceptor.ErrorInterceptor`); anything unexpected is INTERNAL with a
+logged traceback.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
@@ -23,14 +25,15 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kvtier.errors import KVTierError, status_for
 from kvtier.policy.learned.policy import LearnedPolicy
 from kvtier.store.policy import Policy
+from kvtier.transport.bind import bind_port
+from kvtier.transport.interceptor import ErrorInterceptor
 from kvtier.transport.policy.convert import access_from_msg, meta_from_msg
+from kvtier.transport.stats import RpcStats
 from kvtier_proto.v1 import policy_pb2, policy_pb2_grpc
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
 
 
@@ -57,40 +60,25 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):  # type: ignore[mis
         self.events = 0
         self.events_dropped = 0
 
-    def _guard(self, context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
-        try:
-            return fn()
-        except KVTierError as e:
-            code, _, msg = status_for(e)
-            context.abort(getattr(grpc.StatusCode, code), msg)
-        except Exception:
-            log.exception("policy service call failed")
-            context.abort(grpc.StatusCode.INTERNAL, "internal error")
-        raise AssertionError("unreachable")  # context.abort raises
-
     def ReportAccesses(self, request_iterator: Iterator[policy_pb2.AccessBatch],
                        context: grpc.ServicerContext) -> policy_pb2.ReportAck:
-        def run() -> policy_pb2.ReportAck:
-            accepted = 0
-            for batch in request_iterator:
-                events = [access_from_msg(m) for m in batch.accesses]
-                with self._lock:
-                    self.policy.record(events)
-                    self.events += len(events)
-                    self.events_dropped += batch.dropped
-                accepted += len(events)
-            return policy_pb2.ReportAck(accepted=accepted)
-        return self._guard(context, run)
+        accepted = 0
+        for batch in request_iterator:
+            events = [access_from_msg(m) for m in batch.accesses]
+            with self._lock:
+                self.policy.record(events)
+                self.events += len(events)
+                self.events_dropped += batch.dropped
+            accepted += len(events)
+        return policy_pb2.ReportAck(accepted=accepted)
 
     def Score(self, request: policy_pb2.ScoreRequest,
               context: grpc.ServicerContext) -> policy_pb2.ScoreReply:
-        def run() -> policy_pb2.ScoreReply:
-            metas = [meta_from_msg(m) for m in request.pages]
-            with self._lock:
-                scores = self.policy.score(metas)
-                admit = [self.policy.admit(m, request.tier or m.tier) for m in metas]
-            return policy_pb2.ScoreReply(scores=scores, admit=admit)
-        return self._guard(context, run)
+        metas = [meta_from_msg(m) for m in request.pages]
+        with self._lock:
+            scores = self.policy.score(metas)
+            admit = [self.policy.admit(m, request.tier or m.tier) for m in metas]
+        return policy_pb2.ScoreReply(scores=scores, admit=admit)
 
     def Status(self, request: policy_pb2.PolicyStatusRequest,
                context: grpc.ServicerContext) -> policy_pb2.PolicyStatusReply:
@@ -119,17 +107,15 @@ def make_policy_server(policy: Policy, host: str = "127.0.0.1", port: int = 0,
     """A gRPC server (not yet started) hosting ``policy``, plus ``grpc.health.v1`` (SERVING
     for "" and ``kvtier.v1.PolicyService``); port 0 picks a free port."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
-                                                    thread_name_prefix="kvtier-policy"))
+                                                    thread_name_prefix="kvtier-policy"),
+                         interceptors=[ErrorInterceptor(RpcStats())])
     servicer = PolicyServicer(policy)
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, server)
     checker = health.HealthServicer()
     for name in ("", SERVICE_NAME):
         checker.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot bind the policy service to {host}:{port}")
-    return server, bound, servicer
+    return server, bind_port(server, host, port, "policy_grpc_port"), servicer
 
 
 class _Collector(Collector):

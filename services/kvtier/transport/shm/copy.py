@@ -43,18 +43,18 @@ import torch
 
 from kvtier.errors import Aborted, Conflict, InvalidArgument
 from kvtier.finite import check_finite
+from kvtier.pages import PageHeader, page_of_buffer
 from kvtier.store.buffers import BufferPool
-from kvtier.transport.cache.convert import Header, page_of_buffer
 from kvtier.transport.shm.lend import ReturnRing
 from kvtier.types import Page
+from kvtier_client.shm_layout import FILL_OFFSET
 
-FILL_OFFSET = 16
 FILL_TIMEOUT_S = 30.0  # how long a put without a deadline waits for its bytes
 _SPINS = 64  # polls before the waiting thread starts yielding the GIL
 _YIELDS = 4000  # then sleep(0) polls before it sleeps 100 us between polls
 
 
-def copy_pages(seg: memoryview, headers: Sequence[Header], fill: int, ended: threading.Event,
+def copy_pages(seg: memoryview, headers: Sequence[PageHeader], fill: int, ended: threading.Event,
                buffers: BufferPool, timeout_s: float = FILL_TIMEOUT_S) -> list[Page]:
     """The pages of ``headers`` (each with its checked ``shm_offset``), copied out of ``seg``.
 
@@ -74,7 +74,7 @@ def copy_pages(seg: memoryview, headers: Sequence[Header], fill: int, ended: thr
     return [page_of_buffer(h, buf) for h, buf in zip(headers, bufs)]
 
 
-def lent_pages(seg: memoryview, ring: ReturnRing, headers: Sequence[Header], fill: int,
+def lent_pages(seg: memoryview, ring: ReturnRing, headers: Sequence[PageHeader], fill: int,
                ended: threading.Event, timeout_s: float = FILL_TIMEOUT_S) -> list[Page]:
     """The pages of ``headers`` where they lie in the segment, lent (see
     :mod:`kvtier.transport.shm.lend`) and checked for NaN/Inf there, each part as soon as the
@@ -111,7 +111,7 @@ def follow_fill(seg: memoryview, sizes: Sequence[int], fill: int, ended: threadi
                       field="shm_fill")
 
 
-def _check(dst: np.ndarray, a: int, b: int, h: Header) -> None:
+def _check(dst: np.ndarray, a: int, b: int, h: PageHeader) -> None:
     """NaN/Inf check of ``dst[a:b]`` (a page's k then v); the error names k or v."""
     try:
         check_finite(dst[a:b].data, h.dtype, "k")

@@ -7,7 +7,7 @@ nothing more. Each range comes back to the client once the daemon no longer uses
 left the hot tier, was deleted, or was not stored at all), while the session lasts: a finalizer
 on the range's array appends its offset to the session's return ring::
 
-    40          48          ring offset
+    40          48          ring offset      (kvtier_client.shm_layout)
     | head u64  | tail u64  | ... | slots x u64 offsets (written by the daemon) |
 
 ``head`` counts the offsets the daemon appended, ``tail`` those the client took back; an
@@ -42,14 +42,8 @@ import numpy as np
 
 from kvtier.errors import CapacityExhausted, InvalidArgument
 from kvtier.types import PageId
+from kvtier_client.shm_layout import RING_HEAD_OFFSET, RING_TAIL_OFFSET
 
-HEAD_OFFSET = 40
-TAIL_OFFSET = 48
-MAX_SLOTS = 1 << 20
-RANGES_BACK = "kvtier-ranges-back"
-"""Trailing metadata of a failed lending put: every range it named comes back through the
-ring (lent ones when their arrays die, the others at once), so the client keeps its segment.
-Without it the client cannot tell, and starts a new segment."""
 
 
 class ReturnRing:
@@ -147,12 +141,12 @@ class ReturnRing:
             if self._closed.is_set():
                 self._pending.clear()
                 return
-            (tail,) = struct.unpack_from("<Q", self._mm, TAIL_OFFSET)
+            (tail,) = struct.unpack_from("<Q", self._mm, RING_TAIL_OFFSET)
             while self._pending and self._head - tail < self.slots:
                 at = self.offset + 8 * (self._head % self.slots)
                 struct.pack_into("<Q", self._mm, at, self._pending.popleft())
                 self._head += 1
-            struct.pack_into("<Q", self._mm, HEAD_OFFSET, self._head)
+            struct.pack_into("<Q", self._mm, RING_HEAD_OFFSET, self._head)
         except ValueError:  # the segment was unmapped meanwhile: nobody to tell
             self._pending.clear()
         finally:

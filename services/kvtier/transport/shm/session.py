@@ -14,16 +14,12 @@ Security: a session is bound to one namespace. Gets through a session only ever 
 that namespace into that client's own segment, and a request naming the session from another
 namespace is refused with PERMISSION_DENIED, so a client can only read its namespace's pages.
 
-Segment layout (offsets chosen by the client per call; the daemon checks bounds)::
-
-    0        16            32      40          56   64                                  size
-    | token  | fill words  |       | ring head | tail |  request area, lend area, return
-                                                       |  ring, staging slots (client's)
-
-The fill words number each put and let one start before its bytes are all written (see
-:mod:`kvtier.transport.shm.copy`). The daemon reads a put's bytes and copies them into its own
-memory, or keeps them where they lie when the client lends them; it writes only where a get
-asked it to, and into the return ring and its head word.
+The segment's layout is :mod:`kvtier_client.shm_layout`, one definition for both sides (offsets
+chosen by the client per call; the daemon checks bounds). Its fill words number each put and
+let one start before its bytes are all written (see :mod:`kvtier.transport.shm.copy`). The
+daemon reads a put's bytes and copies them into its own memory, or keeps them where they lie
+when the client lends them; it writes only where a get asked it to, and into the return ring
+and its head word.
 """
 
 from __future__ import annotations
@@ -41,22 +37,16 @@ from contextlib import contextmanager
 import numpy as np
 
 from kvtier.errors import Aborted, CapacityExhausted, Conflict, InvalidArgument, PermissionDenied
-from kvtier.transport.shm.lend import MAX_SLOTS, ReturnRing
+from kvtier.transport.shm.lend import ReturnRing
 from kvtier.types import PageId
+from kvtier_client.shm_layout import AREA_START, MAX_RING_SLOTS, TOKEN_BYTES
 
 log = logging.getLogger(__name__)
 
-TOKEN_BYTES = 16
-AREA_START = 32  # after the token and the fill words
 BUSY_WAIT_S = 5.0  # longest a call waits for another call on the same session
-ALIGN = 64
 _PATH = re.compile(r"^/dev/shm/kvtier-[0-9a-f]{32}$")
 _MIN_SIZE = 1 << 16
 _MAX_SIZE = 1 << 36
-
-
-def align_up(n: int) -> int:
-    return (n + ALIGN - 1) & ~(ALIGN - 1)
 
 
 class ShmSession:
@@ -121,8 +111,8 @@ class ShmSession:
 
     def ring(self, offset: int, slots: int) -> ReturnRing:
         """The session's return ring for lent pages (set by its first lending put)."""
-        if not 1 <= slots <= MAX_SLOTS:
-            raise InvalidArgument(f"shm_ring_slots must be within 1..{MAX_SLOTS}, got {slots}",
+        if not 1 <= slots <= MAX_RING_SLOTS:
+            raise InvalidArgument(f"shm_ring_slots must be within 1..{MAX_RING_SLOTS}, got {slots}",
                                   field="shm_ring_slots")
         self.check_range(offset, 8 * slots, "shm_ring_offset")
         with self._ring_lock:

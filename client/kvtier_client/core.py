@@ -1,25 +1,115 @@
-"""Building requests and decoding replies, shared by the sync and the async client.
+"""The client core: every call planned and read back here, without any I/O of its own.
 
-Inline page bytes form one byte stream per batch (page 0 k, page 0 v, page 1 k, ...) cut into
-``chunk_bytes`` pieces over the stream's messages; see ``proto/kvtier_proto/v1/cache.proto``.
+:class:`~kvtier_client.client.KVTierClient` and :class:`~kvtier_client.aio.AsyncKVTierClient`
+are thin drivers over this module: they make the gRPC calls it plans (blocking, or awaited on an
+event loop) and hand what comes back to it. Everything else is decided here, once for both:
+
+- the requests: pages as wire tensors and headers; a put as one message or a chunked stream
+  (:func:`plan_put`); a get as one message, then a stream for the pages it deferred
+  (:class:`GetCollector`); lookup, promote, delete and stats;
+- the shared-memory choice: whether a put lends its pages, copies them into the request area
+  before its call or while the call is in flight (``shm_fill``), and where a get's pages land;
+- the retry rule (:class:`Attempts`) and what a failed call means for the session
+  (:func:`put_failed`, :func:`call_failed`): keep it, start a new one, or go inline;
+- the replies: pages out of Get replies and the segment, outcomes, lookup and stats results.
+
+Planning a put prepares the segment (ranges of the lend area, the fill number, the bytes that go
+before the call); the copy that runs while a call is in flight is :func:`fill_segment`, which
+the drivers run beside their call. Inline page bytes form one byte stream per batch (page 0 k,
+page 0 v, page 1 k, ...) cut into ``chunk_bytes`` pieces over the stream's messages; see
+``proto/kvtier_proto/v1/cache.proto``.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+import grpc
 import numpy as np
 
 from kvtier_client import shm as shm_mod
+from kvtier_client.errors import DeadlineExceededError, from_rpc_error
+from kvtier_client.shm import abandoned, ranges_back, session_lost
+from kvtier_client.shm_layout import ALIGN, DATA_OFFSET, align_up
 from kvtier_client.tensors import FetchedPage, Page, WireTensor, from_wire, nbytes_of, to_wire
 from kvtier_proto.v1 import cache_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 4 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+]
+RETRIES = 3
+BACKOFF_S = 0.05
+_LOOPBACK = ("127.", "localhost", "[::1]", "::1", "unix:")
 
+
+# -- the session --------------------------------------------------------------------------------
+
+def wants_shared_memory(shared_memory: bool | str, target: str) -> bool:
+    """``shared_memory`` True, or ``"auto"`` and a loopback ``target``."""
+    return shared_memory is True or (shared_memory == "auto" and target.startswith(_LOOPBACK))
+
+
+def attach_request(namespace: str, segment: shm_mod.Segment) -> pb.AttachShmRequest:
+    """The ``AttachShm`` call that maps a new ``segment`` in the daemon for ``namespace``."""
+    return pb.AttachShmRequest(namespace=namespace, path=segment.path, size=segment.size,
+                               token=segment.token)
+
+
+def call_failed(slot: shm_mod.SessionSlot, exc: grpc.RpcError) -> bool:
+    """What a call through the session that failed with ``exc`` means for it; True: make it
+    again inline (the daemon no longer knows the session). A call the daemon may still be
+    serving may still read or write the segment: a new one next time."""
+    if session_lost(exc):
+        slot.drop()
+        return True
+    if abandoned(exc):
+        slot.drop()
+    return False
+
+
+# -- the retry rule -----------------------------------------------------------------------------
+
+class Attempts:
+    """The retry rule of one call, within its deadline (``timeout_s`` from now).
+
+    Only idempotent calls (put - per key -, get, lookup, promote, stats) are retried, only on
+    UNAVAILABLE, at most ``RETRIES`` attempts in all, each after ``BACKOFF_S`` times the
+    attempts so far, and only while the deadline leaves that much time. Errors come out as
+    :mod:`kvtier_client.errors` classes.
+    """
+
+    def __init__(self, method: str, timeout_s: float, idempotent: bool) -> None:
+        self.method = method
+        self.idempotent = idempotent
+        self.deadline = time.monotonic() + timeout_s
+        self.attempt = 0
+
+    def start(self) -> float:
+        """Begin the next attempt: the seconds it may take (DeadlineExceededError if none)."""
+        self.attempt += 1
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceededError("deadline exceeded before the call could be retried",
+                                        method=self.method)
+        return left
+
+    def failed(self, e: grpc.RpcError) -> float:
+        """The attempt failed with ``e``: the seconds to wait before the next one, or the typed
+        error raised when the rule allows no other."""
+        err = from_rpc_error(e, self.method)
+        wait = BACKOFF_S * self.attempt
+        if (self.idempotent and err.code == "UNAVAILABLE" and self.attempt < RETRIES
+                and self.deadline - time.monotonic() > wait):
+            return wait
+        raise err from None
+
+
+# -- puts ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
 class WirePage:
@@ -145,7 +235,7 @@ def plan_in_segment(segment: shm_mod.Segment, pages: Sequence[WirePage]) -> Plac
     """
     offsets: list[int | None] = []
     parts: list[tuple[int, memoryview | int]] = []
-    cursor = shm_mod.DATA_OFFSET
+    cursor = DATA_OFFSET
     for p in pages:
         kn, vn = p.k.data.nbytes, p.v.data.nbytes
         staged = segment.staged_offset(p.k.data)
@@ -158,7 +248,7 @@ def plan_in_segment(segment: shm_mod.Segment, pages: Sequence[WirePage]) -> Plac
             continue
         offsets.append(cursor)
         parts += [(cursor, p.k.data), (cursor + kn, p.v.data)]
-        cursor = shm_mod.align_up(cursor + kn + vn)
+        cursor = align_up(cursor + kn + vn)
     return Placement(offsets, parts)
 
 
@@ -171,7 +261,7 @@ def lend_in_segment(segment: shm_mod.Segment, pages: Sequence[WirePage]) -> Plac
     if lend is None or not shm_mod.OVERLAP_SAFE:  # the return ring needs ordered stores
         return None
     segment.take_back()
-    need = sum(-(-(p.k.data.nbytes + p.v.data.nbytes) // shm_mod.ALIGN) * shm_mod.ALIGN
+    need = sum(-(-(p.k.data.nbytes + p.v.data.nbytes) // ALIGN) * ALIGN
                for p in pages)
     # "full" (worth asking the daemon to copy lent pages out) only for a batch that an empty
     # area could take
@@ -246,59 +336,92 @@ def fill_segment(segment: shm_mod.Segment, plan: Placement, fill: int,
     del words
 
 
-class Filler:
-    """A client's copier thread: fills the segment for an overlapped put while the calling
-    thread makes the (blocking) call, which is cheaper than an asynchronous call here."""
+@dataclass(frozen=True, slots=True)
+class PutPlan:
+    """How one put goes out: one ``Put`` message (``request``) or the ``PutStream`` of
+    :meth:`stream`; with ``overlap``, the bytes to copy into the segment (:func:`fill_segment`,
+    fill number ``fill``) while the unary call is in flight; ``lending``: the daemon keeps the
+    pages where they lie in the segment's lend area."""
 
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[shm_mod.Segment, Placement, int] | None] = \
-            queue.SimpleQueue()
-        self._done = threading.Event()
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
+    namespace: str
+    pages: Sequence[WirePage]
+    chunk_bytes: int
+    request: pb.PutRequest | None
+    session_id: str = ""
+    offsets: Sequence[int | None] | None = None
+    fill: int = 0
+    reclaim: bool = False
+    segment: shm_mod.Segment | None = None
+    overlap: Placement | None = None
+    lending: bool = False
 
-    def start(self, segment: shm_mod.Segment, plan: Placement, fill: int) -> None:
-        """Have the copier fill ``plan``; where no thread can be started (a thread limit),
-        fill it here and now, before the caller's call, as a put that does not overlap."""
-        self._done.clear()
-        if self._thread is None:
-            thread = threading.Thread(target=self._run, name="kvtier-shm-fill", daemon=True)
-            try:
-                thread.start()
-            except RuntimeError:
-                self._done.set()
-                fill_segment(segment, plan, fill)
-                return
-            self._thread = thread
-        self._jobs.put((segment, plan, fill))
-
-    def wait(self, quiet: bool = False) -> None:
-        """Until the started fill ended; raises what it raised unless ``quiet``."""
-        self._done.wait()
-        error, self._error = self._error, None
-        if error is not None and not quiet:
-            raise error
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            try:
-                fill_segment(*job)
-            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
-                self._error = e
-            finally:
-                del job
-                self._done.set()
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self._jobs.put(None)
-            self._thread = None
+    def stream(self) -> Iterator[pb.PutRequest]:
+        return put_requests(self.namespace, self.pages, self.chunk_bytes, self.session_id,
+                            self.offsets, self.fill, self.reclaim)
 
 
-def attach_request(namespace: str, segment: shm_mod.Segment) -> pb.AttachShmRequest:
-    return pb.AttachShmRequest(namespace=namespace, path=segment.path, size=segment.size,
-                               token=segment.token)
+def plan_put(namespace: str, pages: Sequence[WirePage], session: shm_mod.Session | None,
+             chunk_bytes: int, overlap_copy: bool) -> PutPlan:
+    """Plan a put (inline without ``session``) and prepare the segment for it.
 
+    Through the segment, pages that fit the lend area are lent; the others go to the request
+    area, copied there by the daemon, and what does not fit goes inline in the same call. A put
+    with at least ``OVERLAP_MIN_BYTES`` to copy in one unary message starts its call first and
+    copies while it is in flight (``overlap_copy``, x86-64 only); any other put has its bytes in
+    place before its call.
+    """
+    if session is None:
+        return _inline_plan(namespace, pages, chunk_bytes)
+    segment = session.segment
+    lent = lend_in_segment(segment, pages)
+    if lent is not None:
+        fill = session.next_fill()
+        overlap = overlap_copy and overlapped(lent, pages, chunk_bytes)
+        offsets = lent.offsets if overlap else copy_in(segment, lent, fill)
+        req = put_request(namespace, pages, session.id, offsets, fill,
+                          (segment.ring_offset, segment.ring_slots))
+        return PutPlan(namespace, pages, chunk_bytes, req, session.id, offsets, fill,
+                       segment=segment, overlap=lent if overlap else None, lending=True)
+    placed = plan_in_segment(segment, pages)
+    fill = session.next_fill()
+    if not (overlap_copy and overlapped(placed, pages, chunk_bytes)):
+        offsets = copy_in(segment, placed, fill)
+        return _inline_plan(namespace, pages, chunk_bytes, session.id, offsets, fill,
+                            segment.wants_reclaim())
+    req = put_request(namespace, pages, session.id, placed.offsets, fill,
+                      shm_reclaim=segment.wants_reclaim())
+    return PutPlan(namespace, pages, chunk_bytes, req, session.id, placed.offsets, fill,
+                   segment=segment, overlap=placed)
+
+
+def _inline_plan(namespace: str, pages: Sequence[WirePage], chunk_bytes: int,
+                 session_id: str = "", offsets: Sequence[int | None] | None = None,
+                 fill: int = 0, reclaim: bool = False) -> PutPlan:
+    """One Put message when the inline bytes fit one chunk, else the chunked PutStream."""
+    req = None
+    if inline_bytes(pages, offsets) <= chunk_bytes:
+        req = put_request(namespace, pages, session_id, offsets, fill, shm_reclaim=reclaim)
+    return PutPlan(namespace, pages, chunk_bytes, req, session_id, offsets, fill, reclaim)
+
+
+def put_failed(slot: shm_mod.SessionSlot, plan: PutPlan | None, exc: BaseException) -> bool:
+    """What a put that raised ``exc`` means for the session; True: send it again inline.
+
+    A lending put whose ranges the daemon does not promise back (``RANGES_BACK``) leaves the
+    segment unusable: a new one next time. A call the daemon may still be serving (deadline,
+    cancel) may still touch the segment: a new one too. A session the daemon no longer knows
+    is dropped and the put goes inline.
+    """
+    if plan is not None and plan.lending and not ranges_back(exc):
+        slot.drop()
+    return isinstance(exc, grpc.RpcError) and call_failed(slot, exc)
+
+
+def put_outcomes(reply: pb.PutReply) -> list[str]:
+    return ["stored" if o == pb.PUT_OUTCOME_STORED else "exists" for o in reply.outcomes]
+
+
+# -- gets ---------------------------------------------------------------------------------------
 
 def get_request(namespace: str, keys: Sequence[bytes], chunk_bytes: int,
                 session: shm_mod.Session | None = None) -> pb.GetRequest:
@@ -306,7 +429,7 @@ def get_request(namespace: str, keys: Sequence[bytes], chunk_bytes: int,
     req = pb.GetRequest(namespace=namespace, keys=list(keys), chunk_bytes=chunk_bytes)
     if session is not None:
         req.shm_session = session.id
-        req.shm_offset = shm_mod.DATA_OFFSET
+        req.shm_offset = DATA_OFFSET
         req.shm_capacity = session.segment.capacity
     return req
 
@@ -385,8 +508,116 @@ class GetAssembler:
         return out
 
 
+class GetCollector:
+    """One get: the unary ``Get`` reply first (:meth:`first`), then, for the pages too big for
+    it, the ``GetStream`` of the request :meth:`first` returns, within what is left of the
+    call's ``left`` seconds (:meth:`time_left`). Pages placed in the segment are copied out as
+    soon as a reply is complete, before the segment is used again."""
+
+    def __init__(self, req: pb.GetRequest, left: float, as_torch: bool | str,
+                 segment: memoryview | None) -> None:
+        self._req = req
+        self._deadline = time.monotonic() + left
+        self._as_torch = as_torch
+        self._segment = segment
+        self._out: list[FetchedPage | None] = []
+        self._deferred: list[int] = []
+        self._rest: GetAssembler | None = None
+
+    def first(self, reply: pb.GetReply) -> pb.GetRequest | None:
+        asm = GetAssembler(len(self._req.keys), self._as_torch, self._segment)
+        asm.feed(reply)
+        self._out = asm.result()
+        self._deferred = asm.deferred
+        if not self._deferred:
+            return None
+        self._rest = GetAssembler(len(self._deferred), self._as_torch, self._segment)
+        return deferred_request(self._req, self._deferred)
+
+    def time_left(self) -> float:
+        return self._deadline - time.monotonic()
+
+    def more(self, reply: pb.GetReply) -> None:
+        assert self._rest is not None
+        self._rest.feed(reply)
+
+    def result(self) -> list[FetchedPage | None]:
+        if self._rest is not None:
+            for i, page in zip(self._deferred, self._rest.result()):
+                self._out[i] = page
+        return self._out
+
+
+# -- lookup, promote, delete, stats -------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    prefix_length: int
+    tiers: tuple[str | None, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TierStats:
+    name: str
+    medium: str
+    codec: str
+    capacity_bytes: int
+    high_watermark: float
+    low_watermark: float
+    pages: int
+    bytes: int
+    hits: int
+    misses: int
+    demotions: int
+    promotions: int
+    evictions: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    tiers: tuple[TierStats, ...]
+    redis_up: bool
+    gets: int
+    puts: int
+    policy: str
+    uptime_s: float
+
+
+def lookup_request(namespace: str, keys: Sequence[bytes]) -> pb.LookupRequest:
+    return pb.LookupRequest(namespace=namespace, keys=list(keys))
+
+
+def lookup_result(r: pb.LookupReply) -> LookupResult:
+    return LookupResult(r.prefix_length, tuple(t or None for t in r.tiers))
+
+
+def promote_request(namespace: str, keys: Sequence[bytes], tier: str) -> pb.PromoteRequest:
+    return pb.PromoteRequest(namespace=namespace, keys=list(keys), tier=tier)
+
+
+def delete_request(namespace: str, keys: Sequence[bytes]) -> pb.DeleteRequest:
+    return pb.DeleteRequest(namespace=namespace, keys=list(keys))
+
+
+def stats_request(namespace: str) -> pb.StatsRequest:
+    return pb.StatsRequest(namespace=namespace)
+
+
+def cache_stats(r: pb.StatsReply) -> CacheStats:
+    return CacheStats(
+        tiers=tuple(TierStats(t.name, t.medium, t.codec, t.capacity_bytes, t.high_watermark,
+                              t.low_watermark, t.pages, t.bytes, t.hits, t.misses, t.demotions,
+                              t.promotions, dict(t.evictions)) for t in r.tiers),
+        redis_up=r.redis_up, gets=r.gets, puts=r.puts, policy=r.policy, uptime_s=r.uptime_s,
+    )
+
+
 __all__ = [
-    "DEFAULT_CHUNK_BYTES", "Filler", "GetAssembler", "WirePage", "attach_request",
-    "copy_in", "deferred_request", "fill_segment", "get_request", "lend_in_segment",
-    "nbytes_of", "overlapped", "plan_in_segment", "put_requests", "wire_pages",
+    "BACKOFF_S", "CHANNEL_OPTIONS", "DEFAULT_CHUNK_BYTES", "RETRIES", "Attempts", "CacheStats",
+    "GetAssembler", "GetCollector", "LookupResult", "Placement", "PutPlan", "TierStats",
+    "WirePage", "attach_request", "cache_stats", "call_failed", "copy_in", "deferred_request",
+    "delete_request", "fill_segment", "get_request", "lend_in_segment",
+    "lookup_request", "lookup_result", "nbytes_of", "overlapped", "plan_in_segment",
+    "plan_put", "promote_request", "put_failed", "put_outcomes", "put_request",
+    "put_requests", "stats_request", "wants_shared_memory", "wire_pages",
 ]
