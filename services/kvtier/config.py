@@ -71,10 +71,17 @@ class RedisConfig(BaseModel):
     model_config = {"frozen": True, "extra": "forbid"}
 
     url: str | None = None  # None: no Redis tier backend configured (``kvtier up`` spawns one)
+    # a Redis Cluster (the url names any node); None: ask the server (INFO cluster) at connect
+    cluster: bool | None = None
     prefix: str = Field(default="kvtier", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     socket_timeout_s: float = Field(default=0.5, gt=0)
     connect_timeout_s: float = Field(default=0.5, gt=0)
     retry_interval_s: float = Field(default=1.0, gt=0)
+    # expire a shared page this long after its last write (None: only Redis' maxmemory evicts)
+    ttl_s: float | None = Field(default=None, gt=0)
+    # write each new page to the shared tier too, in the background, so other daemons find it
+    # before it is demoted there (see kvtier.store.sharing)
+    share_puts: bool = False
 
 
 class PolicyConfig(BaseModel):

@@ -234,7 +234,7 @@ def test_every_label_is_bounded(quiet: Admin) -> None:
     quiet.store.get(NS, keys)
     quiet.context.rpc_stats.record(RpcSample("Get", "OK", 0.001, 1, 1))
     allowed = {"tier", "reason", "op", "codec", "method", "code", "outcome", "policy",
-               "active", "result", "le"}
+               "active", "result", "le", "state", "kind"}
     for name, labels in scrape(quiet):
         if name.startswith("kvtier_"):
             assert {k for k, _ in labels} <= allowed, name

@@ -52,6 +52,23 @@ TESTS: list[dict[str, Any]] = [
             alert("KVTierDaemonDown", "5m", []),
         ],
     },
+    {  # A shard of the Redis Cluster fails over in seconds (quiet), then one stays down.
+        "interval": "1m",
+        "input_series": [
+            {"series": f"kvtier_redis_unavailable_slots{{{D}}}",
+             "values": "0 5461 0 0 5461 5461 5461 5461"},
+            {"series": f"kvtier_redis_up{{{D}}}", "values": "1 1 1 1 1 1 1 1"},
+        ],
+        "alert_rule_test": [
+            alert("KVTierRedisShardDown", "2m", []),
+            alert("KVTierRedisShardDown", "5m", []),  # pending: not yet down for 2m
+            alert("KVTierRedisShardDown", "7m", [firing(
+                "warning", "5461 Redis Cluster slots unavailable from d:8080",
+                "Pages in those slots answer as misses, the other shards serve. A failover "
+                "takes seconds; slots down this long have no replica to take over.", **LABELS)]),
+            alert("KVTierRedisDown", "7m", []),
+        ],
+    },
     {  # The daemon stops answering.
         "interval": "1m",
         "input_series": [{"series": f"up{{{D}}}", "values": "1 0 0 0"}],

@@ -51,11 +51,18 @@ def test_remote_roundtrip_and_key_layout(make_store: StoreFactory, redis_url: st
     assert store.lookup(NS, [key(1), key(0)]).tiers == ["hot", "remote"]
     remote = store.stats().tiers[2]
     assert (remote.pages, remote.bytes, remote.up) == (1, len(fields[b"b"]), True)
-    # promotion brings it back up and leaves no copy behind in Redis
+    # promotion copies it up and leaves the shared copy for the other daemons
     assert store.promote(NS, [key(0)], "hot") == [True]
-    assert client.keys("kvt:*") == []
+    assert client.keys("kvt:*") == [rkey]
+    assert store.lookup(NS, [key(0)]).tiers == ["hot"]
     assert store.demote(NS, [key(0)], "remote") == [True]
     assert store.delete(NS, [key(0)]) == 1 and client.keys("kvt:*") == []
+    # a delete removes the shared copy of a page held in memory too
+    assert store.promote(NS, [key(1)], "hot") == [True]
+    assert store.demote(NS, [key(1)], "remote") == [True]
+    assert store.promote(NS, [key(1)], "hot") == [True]
+    assert len(client.keys("kvt:*")) == 1
+    assert store.delete(NS, [key(1)]) == 1 and client.keys("kvt:*") == []
     client.close()
 
 
@@ -93,7 +100,10 @@ def test_shared_redis_and_a_key_deleted_elsewhere(make_store: StoreFactory,
     assert a.get(NS, [key(0)]) == [None]
     assert a.lookup(NS, [key(0)]).tiers == [None]
     assert a.promote(NS, [key(1)], "hot") == [True]
-    assert b.get(NS, [key(1)]) == [None]  # a took it up: b's entry is stale and becomes a miss
+    got = b.get(NS, [key(1)])[0]  # a copied it up: the shared copy stays for b
+    assert got is not None and got.tier == "remote"
+    # a key another daemon deleted vanishes from lookups too (no stale "remote")
+    assert b.lookup(NS, [key(0), key(1)]).tiers == [None, "remote"]
 
 
 def test_redis_stopped_then_restarted(make_store: StoreFactory,
@@ -173,7 +183,8 @@ def test_corrupt_or_foreign_keys_are_never_served(make_store: StoreFactory,
     client.close()
 
 
-def test_remote_overflow_evicts_by_capacity(make_store: StoreFactory, redis_url: str) -> None:
+def test_a_full_view_forgets_entries_and_never_deletes_shared_pages(
+        make_store: StoreFactory, redis_url: str) -> None:
     b4 = len(encode(make_page(0), Codec.INT4, CodecConfig()))
     settings = make_settings([
         tier("hot", Medium.DEVICE, Codec.NONE, 8 * PAGE_BYTES),
@@ -182,22 +193,26 @@ def test_remote_overflow_evicts_by_capacity(make_store: StoreFactory, redis_url:
     store = make_store(settings, start=True, mover=False)
     store.put(NS, [(key(i), make_page(i)) for i in range(5)])
     assert store.demote(NS, [key(i) for i in range(5)], "remote") == [True] * 5
-    remote = store.stats().tiers[1]
+    remote = store.stats().tiers[1]  # the daemon's view of the shared tier is full ...
     assert (remote.pages, remote.bytes, remote.evictions["capacity"]) == (2, 2 * b4, 3)
     client = redis.Redis.from_url(redis_url)
-    assert len(client.keys("kvt:*")) == remote.pages
-    client.close()
-    store.rebalance()  # past 90%: the mover trims the last tier to 50% by evicting
+    assert len(client.keys("kvt:*")) == 5  # ... and Redis keeps every page
+    store.rebalance()  # past 90%: the mover trims the view to 50%
     remote = store.stats().tiers[1]
     assert (remote.pages, remote.evictions["capacity"]) == (1, 4)
-    assert store.lookup(NS, [key(i) for i in range(5)]).tiers == [None] * 4 + ["remote"]
+    assert len(client.keys("kvt:*")) == 5
+    client.close()
+    # lookups and gets ask Redis about what the view does not hold
+    assert store.lookup(NS, [key(i) for i in range(5)]).tiers == ["remote"] * 5
+    got = store.get(NS, [key(0)])[0]
+    assert got is not None and got.tier == "remote"
 
 
 def test_a_redis_that_does_not_answer_is_logged_once(make_store: StoreFactory,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     """Not only /readyz: the log says the Redis tier is unreachable, once per outage."""
     settings = make_settings(stack(), "redis://127.0.0.1:1/0")
-    with caplog.at_level(logging.WARNING, logger="kvtier.store.redis_tier"):
+    with caplog.at_level(logging.WARNING, logger="kvtier.store.redis_shards"):
         store = make_store(settings, start=True, mover=False)
         assert not store.redis_up
         time.sleep(1.1)  # past the retry interval: the mover's pass probes again

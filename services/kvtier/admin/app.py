@@ -204,9 +204,10 @@ def create_app(context: DaemonContext, metrics: DaemonMetrics | None = None) -> 
 
     @app.get("/readyz", tags=["health"])
     def readyz() -> JSONResponse:
-        """Readiness: 200 while the daemon serves. Redis down or the policy in fallback is
-        reported (``degraded``) but keeps the daemon ready: the data path answers misses for
-        Redis-only pages and the memory tiers keep serving."""
+        """Readiness: 200 while the daemon serves. Redis down (or, with a cluster, some
+        shards down: ``redis`` is ``degraded`` and ``redis_shards`` says which) or the policy
+        in fallback is reported (``degraded``) but keeps the daemon ready: the data path
+        answers misses for the pages it cannot reach and the memory tiers keep serving."""
         state = context.health.state
         checks: dict[str, Any] = {"state": state.value}
         ready = state is Readiness.SERVING
@@ -222,8 +223,16 @@ def create_app(context: DaemonContext, metrics: DaemonMetrics | None = None) -> 
                 t.medium == Medium.REDIS for t in stats.tiers
             )
             checks["redis"] = ("up" if stats.redis_up else "down") if has_redis else "none"
+            status = store.redis_status() if has_redis else None
+            if status is not None:
+                health = status.health
+                checks["redis"] = health.state  # up, degraded (some shards down), down
+                if health.cluster:
+                    checks["redis_shards"] = [
+                        {"node": s.node, "slots": s.slots, "up": s.up} for s in health.shards]
+                    checks["redis_unavailable_slots"] = health.slots_down
             checks["policy"] = jsonable(stats.policy)
-            checks["degraded"] = (has_redis and not stats.redis_up) or bool(
+            checks["degraded"] = (has_redis and checks["redis"] != "up") or bool(
                 stats.policy.fallback_active
             )
         checks["status"] = "ready" if ready else "not ready"

@@ -37,6 +37,16 @@ kvtier_put_keys_total                  counter    outcome (stored, exists)
 kvtier_codec_seconds_total             counter    op, codec
 kvtier_codec_calls_total               counter    op, codec
 kvtier_redis_up                        gauge      (1 up, 0 down; absent without a Redis tier)
+kvtier_redis_shards                    gauge      state (up, down): primaries serving slots
+kvtier_redis_unavailable_slots         gauge      (slots answering misses: shard down)
+kvtier_redis_unavailable_keys_total    counter    (commands not sent: shard down)
+kvtier_redis_redirects_total           counter    kind (moved, ask)
+kvtier_redis_script_loads_total        counter    (NOSCRIPT answered by loading)
+kvtier_redis_node_failures_total       counter    (nodes marked down)
+kvtier_redis_delete_failures_total     counter    (deletes that failed; kept, retried)
+kvtier_redis_pending_deletes           gauge      (deletes waiting for their shard)
+kvtier_redis_dropped_deletes_total     counter    (pending deletes dropped: queue full)
+kvtier_redis_shared_pages_total        counter    result (shared, present, dropped, failed)
 kvtier_policy_info                     gauge      policy, active (always 1)
 kvtier_policy_fallback_active          gauge
 kvtier_policy_events_dropped_total     counter
@@ -218,6 +228,52 @@ class StoreCollector(Collector):
         up = GaugeMetricFamily("kvtier_redis_up", "1 when the Redis tier answers, else 0.")
         up.add_metric([], 1.0 if stats.redis_up else 0.0)
         yield up
+        status = self._store.redis_status()
+        if status is None:
+            return
+        health, counters, deletes = status.health, status.shards, status.deletes
+        shards = GaugeMetricFamily(
+            "kvtier_redis_shards", "Redis primaries serving slots, by whether they answer.",
+            labels=["state"])
+        shards.add_metric(["up"], sum(s.up for s in health.shards))
+        shards.add_metric(["down"], sum(not s.up for s in health.shards))
+        slots = GaugeMetricFamily(
+            "kvtier_redis_unavailable_slots",
+            "Cluster slots whose keys answer as misses now (primary down or slot unserved).")
+        slots.add_metric([], health.slots_down)
+        redirects = CounterMetricFamily(
+            "kvtier_redis_redirects", "MOVED and ASK answers followed.", labels=["kind"])
+        redirects.add_metric(["moved"], counters.moved)
+        redirects.add_metric(["ask"], counters.ask)
+        yield from (shards, slots, redirects)
+        for kind, name, text, number in (
+            (CounterMetricFamily, "kvtier_redis_unavailable_keys",
+             "Shared-tier commands not sent because their shard was down or timed out.",
+             counters.unavailable),
+            (CounterMetricFamily, "kvtier_redis_script_loads",
+             "Scripts loaded on a node that answered NOSCRIPT.", counters.script_loads),
+            (CounterMetricFamily, "kvtier_redis_node_failures",
+             "Redis nodes marked down (connection error, timeout).", counters.node_failures),
+            (CounterMetricFamily, "kvtier_redis_delete_failures",
+             "Shared-tier deletes that failed (kept and sent again once their shard answers).",
+             deletes.failures),
+            (GaugeMetricFamily, "kvtier_redis_pending_deletes",
+             "Shared-tier deletes waiting for their shard.", deletes.pending),
+            (CounterMetricFamily, "kvtier_redis_dropped_deletes",
+             "Pending shared-tier deletes dropped from a full queue (never sent).",
+             deletes.dropped),
+        ):
+            family = kind(name, text)
+            family.add_metric([], number)
+            yield family
+        if status.sharing is not None:
+            shared = CounterMetricFamily(
+                "kvtier_redis_shared_pages",
+                "New pages offered to the shared tier (share_puts), by what became of them.",
+                labels=["result"])
+            for result in ("shared", "present", "dropped", "failed"):
+                shared.add_metric([result], getattr(status.sharing, result))
+            yield shared
 
     @staticmethod
     def _policy(stats: Any) -> Iterable[Metric]:

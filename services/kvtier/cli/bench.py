@@ -20,12 +20,14 @@ BENCH_MODULES: tuple[str, ...] = (
     "kvtier.lab.bench.transfer",
     "kvtier.lab.bench.ttft",
     "kvtier.lab.bench.chat",
+    "kvtier.lab.bench.shared",
 )
 BENCH_HELP: dict[str, str] = {
     "codecs": "encode/decode throughput of int8/int4/int4a vs memcpy",
     "transfer": "client page throughput vs redis-py and a socket",
     "ttft": "time to first token of SmolLM2 with its prompt prefix served by kvtier",
     "chat": "multi-turn chat replay through SmolLM2 with and without kvtier",
+    "shared": "shared Redis tier through a daemon: Redis Cluster vs one Redis",
 }
 
 

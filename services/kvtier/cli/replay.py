@@ -45,7 +45,9 @@ def register(sub: Any) -> None:
     p.add_argument("--costs", action="store_true",
                    help="measure the learned policy's decision latency and learning CPU share")
     p.add_argument("--live", action="store_true", help="replay against a daemon")
-    p.add_argument("--target", default=None, help="daemon host:port (live; default: start one)")
+    p.add_argument("--target", default=None,
+                   help="daemon host:port (live; default: start one); several, comma-separated, "
+                        "split the requests among daemons that share a Redis tier")
     p.add_argument("--page-bytes", type=int, default=16384, help="live page payload size")
     p.add_argument("--namespace", default="replay",
                    help="namespace of the live replay's keys (default replay)")
@@ -160,8 +162,9 @@ def _live(args: argparse.Namespace, trace: Trace, cap: int) -> dict[str, Any]:
 
     progress = _progress("live", len(trace.requests))
     if args.target:
-        r = replay_live(trace, args.target, namespace=args.namespace,
-                        page_bytes=args.page_bytes, seed=args.seed, progress=progress)
+        r = replay_live(trace, [t for t in args.target.split(",") if t],
+                        namespace=args.namespace, page_bytes=args.page_bytes, seed=args.seed,
+                        progress=progress)
     else:
         from kvtier.daemon import Daemon
 
@@ -183,6 +186,10 @@ def _live(args: argparse.Namespace, trace: Trace, cap: int) -> dict[str, Any]:
               f"{100 * r.hit_ratio:.2f}%, present {r.present}, tiers {r.tiers}")
         print(f"  bytes put {r.bytes_put}, got {r.bytes_got}; get latency ms {r.get_ms}; "
               f"{r.seconds:.1f}s")
+        if r.daemons > 1:
+            print(f"  {r.daemons} daemons: {r.cross_hits} hits on a daemon that never put "
+                  f"the block = {100 * r.cross_hits / max(1, r.accesses):.2f}% of accesses, "
+                  f"{100 * r.cross_hits / max(1, r.hits):.1f}% of hits")
     return {"trace": trace.name, "seed": args.seed, "capacity_blocks": cap, **r.to_json()}
 
 

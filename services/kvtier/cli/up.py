@@ -4,6 +4,10 @@ When no Redis URL is configured (``KVTIER_REDIS__URL`` or the config file), a pr
 ``redis-server`` from PATH is started on a free port (a clear message if there is none) and
 stopped with the daemon. Endpoints are printed; Ctrl-C / SIGTERM stops everything.
 
+``--redis-cluster N`` starts a local Redis Cluster of N primaries (``--redis-replicas`` each)
+instead, runs the daemon on it with new pages shared as they are put, and prints the command
+that starts a second daemon on the same cluster (``docs/cluster.md``).
+
 Unless a policy is configured, the daemon runs the learned predictor embedded in its own
 process (:func:`embedded_defaults`); it decides by LRU until trained and says so in its stats.
 """
@@ -30,6 +34,14 @@ def register(sub: Any) -> None:
     p.add_argument("--monitoring", action="store_true",
                    help="also start a local Prometheus (Debian's prometheus, when installed) "
                    "scraping the daemon, and print where to look")
+    p.add_argument("--redis-cluster", type=int, default=0, metavar="N",
+                   help="start a local Redis Cluster of N primaries (with --redis-replicas "
+                   "replicas each) instead of one redis-server, and print how to start a "
+                   "second daemon on it (see docs/cluster.md)")
+    p.add_argument("--redis-replicas", type=int, default=1, metavar="R",
+                   help="replicas per primary with --redis-cluster (default 1)")
+    p.add_argument("--redis-maxmemory", default=None, metavar="BYTES",
+                   help="maxmemory of each local Redis node (allkeys-lru eviction), e.g. 256mb")
     p.set_defaults(func=run)
 
 
@@ -60,8 +72,10 @@ def _run(settings: Settings, args: argparse.Namespace, on_started: Any) -> int:
     if settings.redis.url is not None:
         print(f"kvtier: Redis {settings.redis.url} (configured)", flush=True)
         return run_daemon(settings, args.grace, args.drain, on_started)
+    if getattr(args, "redis_cluster", 0):
+        return _run_cluster(settings, args, on_started)
     try:
-        redis = RedisProcess()
+        redis = RedisProcess(maxmemory=getattr(args, "redis_maxmemory", None))
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     with redis:
@@ -69,4 +83,43 @@ def _run(settings: Settings, args: argparse.Namespace, on_started: Any) -> int:
               f"{redis.proc.pid if redis.proc else '?'})", flush=True)
         redis_cfg = settings.redis.model_copy(update={"url": redis.url})
         settings = settings.model_copy(update={"redis": redis_cfg})
+        return run_daemon(settings, args.grace, args.drain, on_started)
+
+
+def cluster_settings(settings: Settings, url: str) -> Settings:
+    """Settings of a daemon on a local cluster: cluster mode, and new pages shared as they are
+    put unless the operator said otherwise (a page put on one daemon is read on the next)."""
+    update: dict[str, Any] = {"url": url, "cluster": True}
+    if "share_puts" not in settings.redis.model_fields_set:
+        update["share_puts"] = True
+    return settings.model_copy(update={"redis": settings.redis.model_copy(update=update)})
+
+
+def second_daemon_command(settings: Settings) -> str:
+    """The command that starts another daemon on the same cluster, ports beside this one's."""
+    r = settings.redis
+    env = [f"KVTIER_REDIS__URL={r.url}", "KVTIER_REDIS__CLUSTER=true",
+           f"KVTIER_REDIS__SHARE_PUTS={'true' if r.share_puts else 'false'}",
+           f"KVTIER_GRPC_PORT={settings.grpc_port + 10}",
+           f"KVTIER_HTTP_PORT={settings.http_port + 10}"]
+    return " ".join(env) + " kvtier serve"
+
+
+def _run_cluster(settings: Settings, args: argparse.Namespace, on_started: Any) -> int:
+    from kvtier.procs.redis_cluster import RedisCluster
+
+    if args.redis_cluster < 1 or args.redis_replicas < 0:
+        raise ConfigError("--redis-cluster needs N >= 1 primaries, --redis-replicas R >= 0")
+    try:
+        cluster = RedisCluster(args.redis_cluster, args.redis_replicas,
+                               maxmemory=args.redis_maxmemory)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    with cluster:
+        settings = cluster_settings(settings, cluster.url)
+        print(f"kvtier: Redis Cluster {cluster.url} ({args.redis_cluster} primaries, "
+              f"{args.redis_replicas} replica(s) each: "
+              f"{', '.join(n.name for n in cluster.nodes)})", flush=True)
+        print(f"kvtier: a second daemon on this cluster: {second_daemon_command(settings)}",
+              flush=True)
         return run_daemon(settings, args.grace, args.drain, on_started)

@@ -51,13 +51,17 @@ class ChildProcess(abc.ABC):
     def ready(self) -> bool:
         """True once the server answers; may raise OSError while it is still starting."""
 
+    def env(self) -> dict[str, str] | None:
+        """The child's environment (None: this process's)."""
+        return None
+
     def start(self, timeout_s: float = 10.0) -> Self:
         """Start (if not running) and wait until ready; raise with the log tail otherwise."""
         if self.proc is not None and self.proc.poll() is None:
             return self
         with open(self.log_path, "ab") as log_file:
             self.proc = subprocess.Popen(self.argv(), stdout=log_file,
-                                         stderr=subprocess.STDOUT)
+                                         stderr=subprocess.STDOUT, env=self.env())
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -90,6 +94,17 @@ class ChildProcess(abc.ABC):
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL (a crash: no shutdown, nothing flushed); ``start`` runs it again."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def close(self) -> None:
         self.stop()

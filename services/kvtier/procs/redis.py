@@ -15,17 +15,22 @@ class RedisProcess(ChildProcess):
                     "KVTIER_REDIS__URL")
 
     def __init__(self, port: int | None = None, host: str = "127.0.0.1",
-                 binary: str | None = None, data_dir: str | None = None) -> None:
+                 binary: str | None = None, data_dir: str | None = None,
+                 maxmemory: int | str | None = None) -> None:
         super().__init__(port, host, binary)
         self.data_dir = data_dir or str(self.workdir)
+        self.maxmemory = maxmemory  # with allkeys-lru: Redis evicts, the cache never fills
 
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
     def argv(self) -> list[str]:
-        return [self.binary, "--port", str(self.port), "--bind", self.host, "--save", "",
+        args = [self.binary, "--port", str(self.port), "--bind", self.host, "--save", "",
                 "--appendonly", "no", "--dir", self.data_dir, "--protected-mode", "no"]
+        if self.maxmemory is not None:
+            args += ["--maxmemory", str(self.maxmemory), "--maxmemory-policy", "allkeys-lru"]
+        return args
 
     def ready(self) -> bool:
         with socket.create_connection((self.host, self.port), timeout=0.2) as s:

@@ -80,6 +80,18 @@ class ReadRef:
 
 
 @dataclass(frozen=True, slots=True)
+class HeldPage:
+    """A page whose bytes a memory tier holds: its stored form and what a copy of it in the
+    Redis tier records (for sharing it, :mod:`kvtier.store.sharing`)."""
+
+    page: PageId
+    data: Stored
+    precision: Precision
+    nbytes: int
+    chain_position: int
+
+
+@dataclass(frozen=True, slots=True)
 class PageView:
     """One page's record as a reader may see it (admin page info)."""
 
@@ -361,11 +373,10 @@ class TierEngine:
             self._state_lock.notify_all()
         return True, rec.remote_token
 
-    def delete(self, pids: Sequence[PageId]) -> tuple[list[PageId], list[tuple[PageId, str]]]:
-        """Remove pages in any state from every tier: the ones removed, and the Redis copies
-        (with their write tokens) to delete."""
+    def delete(self, pids: Sequence[PageId]) -> list[PageId]:
+        """Remove pages in any state from every tier of this index; the ones removed (their
+        shared Redis copies are deleted by key, whoever wrote them: see transfer)."""
         removed: list[PageId] = []
-        tokens: list[tuple[PageId, str]] = []
         with self._state_lock:
             for pid in pids:
                 rec = self._index.remove(pid)
@@ -376,11 +387,9 @@ class TierEngine:
                     if backend is not None:
                         backend.pop(pid)
                     self._counters[rec.tier].evictions[EvictionReason.DELETED.value] += 1
-                if rec.remote_token is not None:
-                    tokens.append((pid, rec.remote_token))
                 removed.append(pid)
             self._state_lock.notify_all()
-        return removed, tokens
+        return removed
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -406,6 +415,22 @@ class TierEngine:
                 self._state_lock.notify_all()
                 return True
         return False
+
+    def in_memory(self, pids: Iterable[PageId]) -> list[HeldPage]:
+        """The pages of ``pids`` whose bytes a memory tier holds (resident or mid-move; not
+        absent, being placed, or only in the Redis tier): their stored form and metadata."""
+        out = []
+        with self._state_lock:
+            for pid in dict.fromkeys(pids):
+                rec = self._index.get(pid)
+                if rec is None or rec.state is PageState.PLACING:
+                    continue
+                backend = self._memory[rec.tier]
+                data = backend.get(pid) if backend is not None else None
+                if data is not None:
+                    out.append(HeldPage(pid, data, rec.precision, rec.nbytes,
+                                        rec.chain_position))
+        return out
 
     def residence(self, pid: PageId) -> tuple[int, bool] | None:
         """The tier of ``pid`` and whether it is resident (not placing or moving); None if
@@ -464,6 +489,22 @@ class TierEngine:
         with self._state_lock:
             return self._index.version
 
+    def ask_redis(self, pids: Iterable[PageId]) -> tuple[list[PageId], dict[PageId, int]]:
+        """The keys of ``pids`` to ask Redis about: those this index does not know, and those
+        resident in the Redis tier (also in the map, with the version of their entry, for
+        :meth:`drop_remote_unchanged`). Pages in memory, or mid-move, are not asked about."""
+        ask: list[PageId] = []
+        known: dict[PageId, int] = {}
+        with self._state_lock:
+            for pid in dict.fromkeys(pids):
+                rec = self._index.get(pid)
+                if rec is None:
+                    ask.append(pid)
+                elif rec.tier == self.redis_tier and rec.state is PageState.RESIDENT:
+                    ask.append(pid)
+                    known[pid] = rec.version
+        return ask, known
+
     def adopt_remote(self, found: Iterable[tuple[PageId, RemoteMeta]], now: float) -> int:
         """Index pages found in the Redis tier that this index does not know; how many."""
         assert self.redis_tier is not None
@@ -474,6 +515,35 @@ class TierEngine:
                                                   meta.stored_bytes, meta.precision,
                                                   meta.chain_position, now, meta.token)
         return added
+
+    def adopt_if_room(self, pid: PageId, meta: RemoteMeta, now: float) -> bool | None:
+        """Index one page a scan found in the Redis tier, unless the tier's view would pass
+        its high watermark (None: full, stop adopting); whether it was added (False: known)."""
+        t = self.redis_tier
+        assert t is not None
+        with self._state_lock:
+            if self._index.used(t) + meta.stored_bytes > self._limits[t].high_bytes:
+                return None
+            return self._index.add_resident(pid, t, meta.nbytes, meta.stored_bytes,
+                                            meta.precision, meta.chain_position, now,
+                                            meta.token)
+
+    def drop_remote_unchanged(self, gone: Iterable[tuple[PageId, int]]) -> list[PageId]:
+        """Forget pages whose Redis key turned out gone, each if it is still resident in the
+        Redis tier at the version given (an entry adopted or moved meanwhile stays); the pages
+        forgotten."""
+        t = self.redis_tier
+        lost = []
+        with self._state_lock:
+            for pid, version in gone:
+                rec = self._index.get(pid)
+                if (rec is not None and rec.version == version and rec.tier == t
+                        and rec.state is PageState.RESIDENT):
+                    self._index.remove(pid)
+                    lost.append(pid)
+            if lost:
+                self._state_lock.notify_all()
+        return lost
 
     def drop_vanished_remote(self, seen: set[PageId], since: int) -> list[PageId]:
         """Forget the Redis tier's resident pages, indexed before version ``since``, that a

@@ -20,9 +20,14 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from kvtier.store.policy import PolicyStatus
 from kvtier.types import EvictionReason
+
+if TYPE_CHECKING:
+    from kvtier.store.redis_shards import RedisHealth, ShardCounters
+    from kvtier.store.redis_tier import DeleteCounters
 
 
 @dataclass(slots=True)
@@ -68,6 +73,27 @@ class StoreStats:
     puts: int
     puts_stored: int
     access_events_dropped: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShareCounters:
+    """What the sharing of new pages did (:mod:`kvtier.store.sharing`)."""
+
+    shared: int  # pages written to the shared tier
+    present: int  # pages found there already (another daemon shared them)
+    dropped: int  # pages pushed out of a full queue
+    failed: int  # writes that failed (shard down, Redis full)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisStatus:
+    """The shared Redis tier: health per shard, what its batches met, its deletes, and the
+    sharing of new pages (None unless ``share_puts``)."""
+
+    health: RedisHealth
+    shards: ShardCounters
+    deletes: DeleteCounters
+    sharing: ShareCounters | None
 
 
 class CodecClock:

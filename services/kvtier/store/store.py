@@ -41,9 +41,10 @@ from kvtier.store.access_log import AccessLog
 from kvtier.store.engine import TierEngine
 from kvtier.store.mover import Mover, prefetch_pass, rebalance_tier, relocate
 from kvtier.store.policy import AccessEvent, AccessKind, LRUPolicy, Policy
-from kvtier.store.remote_index import discover, resync_remote
+from kvtier.store.remote_index import discover, fetch, refresh, resync_remote
 from kvtier.store.results import GetResult, LookupResult, PageInfo, PutOutcome, RawResult
-from kvtier.store.stats import StoreStats, TierStats
+from kvtier.store.sharing import Sharer
+from kvtier.store.stats import RedisStatus, StoreStats, TierStats
 from kvtier.types import Page, PageId, Precision
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class TierStore:
         self._engine = TierEngine(settings, policy or LRUPolicy())
         self._events = AccessLog(settings.policy.queue_size)
         self._mover: Mover | None = None
+        self._sharer = Sharer() if (settings.redis.share_puts
+                                    and self._engine.redis is not None) else None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -101,6 +104,15 @@ class TierStore:
     def redis_up(self) -> bool:
         redis = self._engine.redis
         return redis is None or redis.up
+
+    def redis_status(self) -> RedisStatus | None:
+        """The shared tier's health per shard and its counters; None without a Redis tier."""
+        redis = self._engine.redis
+        if redis is None or self._engine.redis_tier is None:
+            return None
+        sharing = self._sharer.counters() if self._sharer is not None else None
+        return RedisStatus(redis.health(), redis.shards.counters(), redis.delete_counters(),
+                           sharing)
 
     # -- data path ----------------------------------------------------------------------------
 
@@ -158,6 +170,9 @@ class TierStore:
         for pid, page, chain, t in zip(pids, pages, chains, targets, strict=True):
             stored = transfer.place(e, pid, page, t, chain, time.time(), owned)
             out.append(PutOutcome.STORED if stored else PutOutcome.EXISTS)
+        if self._sharer is not None:
+            self._sharer.offer([p for p, o in zip(pids, out, strict=True)
+                                if o is PutOutcome.STORED])
         seen = e.count_puts(pids, sum(o is PutOutcome.STORED for o in out))
         self._events.extend(
             AccessEvent(pid, seq, now, AccessKind.PUT, tier, page.nbytes, chain)
@@ -208,8 +223,8 @@ class TierStore:
     def _read(self, pids: Sequence[PageId], kind: AccessKind,
               copy_tensors: bool = True) -> list[tuple[Page, int, Precision] | None]:
         e = self._engine
-        self._discover(pids)
-        out = [transfer.read_page(e, pid, copy_tensors) for pid in pids]
+        shared = fetch(e, pids, time.time())  # every key not in memory: one round trip
+        out = [transfer.read_page(e, pid, copy_tensors, shared.get(pid)) for pid in pids]
         now = time.time()
         hits = [None if item is None else item[1] for item in out]
         seqs = e.count_gets(pids, hits, now)
@@ -236,9 +251,11 @@ class TierStore:
     def lookup_checked(self, pids: Sequence[PageId]) -> LookupResult:
         """:meth:`lookup` of ids from :meth:`check_keys`."""
         e = self._engine
-        self._discover(pids)
         now = time.time()
-        seen = e.lookup(pids)
+        shared = refresh(e, pids, now)  # every key not in memory: one round trip
+        remote = None if e.redis_tier is None else e.names[e.redis_tier]
+        seen = [(seq, None if t == remote and not shared.get(p, True) else t)
+                for p, (seq, t) in zip(pids, e.lookup(pids), strict=True)]
         tiers = [t for _, t in seen]
         self._events.extend(AccessEvent(p, seq, now, AccessKind.LOOKUP, t, 0, i)
                             for i, (p, (seq, t)) in enumerate(zip(pids, seen, strict=True)))
@@ -330,8 +347,9 @@ class TierStore:
         return transfer.drain(self._engine)
 
     def rebalance(self) -> None:
-        """One mover pass: deliver access events, probe Redis, demote past high watermarks,
-        then promote the policy's prefetch picks into spare room of the top tier."""
+        """One mover pass: deliver access events, probe Redis, share new pages (with
+        ``share_puts``), demote past high watermarks, then promote the policy's prefetch picks
+        into spare room of the top tier."""
         e = self._engine
         events = self._events.drain()
         if events:
@@ -339,8 +357,12 @@ class TierStore:
                 e.policy.record(events)
             except Exception:
                 log.exception("policy %s failed in record()", e.policy.name)
-        if e.redis is not None and not e.redis.up and e.redis.probe():
-            resync_remote(e)
+        if e.redis is not None:
+            was_up = e.redis.up
+            if e.redis.probe() and not was_up:  # no network unless something is down
+                resync_remote(e)
+            if self._sharer is not None:
+                self._sharer.run(e)
         for t in range(len(e.specs)):
             rebalance_tier(e, t)
         prefetch_pass(e, PREFETCH_PER_PASS)

@@ -8,13 +8,14 @@ each between two transactions of the engine (:mod:`kvtier.store.engine`), never 
   tiers have room. A page larger than the whole tier is CapacityExhausted.
 - :func:`move` moves one page to another tier, up or down: begin, convert, reserve, (write to
   Redis), commit. It never fails half-way: it either commits (the page is in the target tier,
-  the source's bytes and any Redis copy it left are released) or leaves the page where it was,
-  unless the source's bytes turned out to be gone or corrupt, when the page leaves the cache
-  and is never served.
+  the source's memory is released; a Redis copy stays, as the shared tier keeps what it has)
+  or leaves the page where it was, unless the source's bytes turned out to be gone or corrupt,
+  when the page leaves the cache and is never served.
 - :func:`read_page` hands a reader a private host copy (decoded if need be), fetching Redis
-  pages outside the lock; :func:`delete` and :func:`evict` clean up Redis copies after their
-  transaction; :func:`copy_out_lent` gives pages lent from a client's segment memory of their
-  own; :func:`drain` writes the memory tiers to Redis.
+  pages outside the lock; :func:`delete` removes pages from the shared Redis tier too, and
+  :func:`evict` a corrupt copy there, after their transaction (the shared tier is a cache of
+  its own: see :mod:`kvtier.store.remote_index`); :func:`copy_out_lent` gives pages lent from
+  a client's segment memory of their own; :func:`drain` writes the memory tiers to Redis.
 
 When to move (watermarks, prefetch) is :mod:`kvtier.store.mover`'s decision, not this module's.
 """
@@ -207,9 +208,9 @@ def move(e: TierEngine, pid: PageId, dst: int) -> MoveResult:
         e.abort_move(m, size if reserved else 0)
         raise
     ok = e.commit_move(m, new, size, prec, token)
-    if ok and m.src_token is not None:
-        redis_delete_quietly(e, [(pid, m.src_token)])
-    elif not ok and token is not None:
+    # a page promoted out of the Redis tier leaves its copy there: the shared tier is a cache
+    # of its own, and other daemons read it (kvtier.store.remote_index)
+    if not ok and token is not None:
         redis_delete_quietly(e, [(pid, token)])  # the page was deleted meanwhile
     return MoveResult.MOVED if ok else MoveResult.GONE
 
@@ -231,24 +232,24 @@ def evict(e: TierEngine, pid: PageId, tier: int, reason: EvictionReason,
     evicted, token = e.evict(pid, tier, reason, only)
     if not evicted:
         return False
-    if token is not None:
+    if token is not None and reason is EvictionReason.CORRUPT:
+        # the shared tier is a cache of its own (kvtier.store.remote_index): leaving this
+        # daemon's view, a page stays there for the others; only a corrupt copy goes
         redis_delete_quietly(e, [(pid, token)])
     e.forget([pid])
     return True
 
 
 def delete(e: TierEngine, pids: Sequence[PageId]) -> int:
-    """Remove pages from every tier (Redis too, even if this index did not know them)."""
-    removed, tokens = e.delete(pids)
+    """Remove pages from every tier, and from the shared Redis tier whoever wrote them
+    (a delete that cannot reach its shard now is sent later: see redis_tier)."""
+    removed = e.delete(pids)
     known = set(removed)
     extra = 0
-    if e.redis is not None and e.redis.up:
-        unknown = [p for p in dict.fromkeys(pids) if p not in known]
-        try:
-            e.redis.delete_if(tokens)
-            extra = e.redis.delete(unknown)
-        except BackendUnavailable:
-            pass
+    if e.redis is not None:
+        # the shared copy goes whatever its token: a page this daemon promoted left it
+        # there, and another daemon may have written the key since
+        extra = len(e.redis.delete(list(dict.fromkeys(pids))) - known)
     e.forget(removed)
     return len(removed) + extra
 
@@ -281,13 +282,16 @@ def read(e: TierEngine, pid: PageId) -> tuple[Stored, int, Precision] | None:
     return None
 
 
-def read_page(e: TierEngine, pid: PageId,
-              copy_tensors: bool = True) -> tuple[Page, int, Precision] | None:
+def read_page(e: TierEngine, pid: PageId, copy_tensors: bool = True,
+              fetched: tuple[bytes, Precision] | None = None,
+              ) -> tuple[Page, int, Precision] | None:
     """The page itself on the host, its tier and precision; None for a miss (a corrupt blob
     is evicted and answers as a miss). Decoded pages are fresh memory; an uncompressed host
     page is a private copy unless ``copy_tensors`` is False (then the stored tensors, which
-    are never written in place)."""
-    got = read(e, pid)
+    are never written in place). ``fetched``: its blob and precision, fetched from the Redis
+    tier already (:func:`kvtier.store.remote_index.fetch`), served as the Redis tier's."""
+    got = read(e, pid) if fetched is None or e.redis_tier is None else (
+        fetched[0], e.redis_tier, fetched[1])
     if got is None:
         return None
     data, tier, precision = got

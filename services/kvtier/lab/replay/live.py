@@ -4,13 +4,19 @@ Per request: ``lookup`` the chain, ``get`` the present prefix (that is what a wo
 ``put`` the blocks after it that are not stored yet, with page payloads of a configurable size.
 Blocks map to keys ``<trace-salt>:<id>`` in one namespace, so two runs do not collide unless
 asked to. It reports prefix hits per serving tier, bytes moved, and get latency percentiles.
+
+With several targets (daemons on one shared Redis tier) each request goes to one of them,
+drawn at random (seeded), so the requests of a conversation land on either, as behind a
+load balancer; a hit on a daemon that never put the block is a cross-daemon hit
+(``cross_hits``): what sharing the last tier buys.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +42,8 @@ class LiveResult:
     bytes_got: int
     get_ms: dict[str, float]
     seconds: float
+    daemons: int = 1
+    cross_hits: int = 0  # hits on a daemon that never put the block
 
     @property
     def hit_ratio(self) -> float:
@@ -48,7 +56,10 @@ class LiveResult:
             "hit_ratio": round(self.hit_ratio, 6), "present": self.present,
             "tiers": dict(self.tiers), "bytes_put": self.bytes_put,
             "bytes_got": self.bytes_got, "get_latency_ms": self.get_ms,
-            "seconds": round(self.seconds, 3),
+            "seconds": round(self.seconds, 3), "daemons": self.daemons,
+            "cross_daemon_hits": self.cross_hits,
+            "cross_daemon_hit_ratio": round(self.cross_hits / self.accesses, 6)
+            if self.accesses else 0.0,
         }
 
 
@@ -60,7 +71,8 @@ def page_tokens(page_bytes: int) -> int:
     return page_bytes // (2 * 2 * HEAD_DIM)
 
 
-def replay_live(trace: Trace, target: str, *, namespace: str = "replay", page_bytes: int = 16384,
+def replay_live(trace: Trace, target: str | Sequence[str], *, namespace: str = "replay",
+                page_bytes: int = 16384,
                 seed: int = 0, salt: str = "",
                 progress: Callable[[Iterator[TraceRequest]], Iterator[TraceRequest]] | None = None,
                 timeout_s: float = 30.0) -> LiveResult:
@@ -79,14 +91,23 @@ def replay_live(trace: Trace, target: str, *, namespace: str = "replay", page_by
         it = progress(it)
     prefix = f"{salt or trace.name}:".encode()
     policy = ""
+    targets = [target] if isinstance(target, str) else list(target)
+    route = np.random.default_rng(seed + 1)
+    put_by: dict[int, set[int]] = {}  # block -> the daemons that put it
+    cross = 0
     t0 = time.perf_counter()
-    with KVTierClient(target, namespace=namespace, timeout_s=timeout_s) as client:
-        try:
-            client.stats(timeout_s=min(timeout_s, 5.0))
-        except (UnavailableError, DeadlineExceededError) as e:
-            raise InvalidArgument(f"no kvtier daemon answers at {target} ({e.code}: "
-                                  f"{e.message})", field="target") from None
+    with ExitStack() as stack:
+        clients = [stack.enter_context(KVTierClient(t, namespace=namespace, timeout_s=timeout_s))
+                   for t in targets]
+        for t, client in zip(targets, clients, strict=True):
+            try:
+                client.stats(timeout_s=min(timeout_s, 5.0))
+            except (UnavailableError, DeadlineExceededError) as e:
+                raise InvalidArgument(f"no kvtier daemon answers at {t} ({e.code}: "
+                                      f"{e.message})", field="target") from None
         for req in it:
+            d = int(route.integers(len(clients))) if len(clients) > 1 else 0
+            client = clients[d]
             keys = [prefix + str(b).encode() for b in req.blocks]
             accesses += len(keys)
             found = client.lookup(keys)
@@ -96,10 +117,11 @@ def replay_live(trace: Trace, target: str, *, namespace: str = "replay", page_by
                 g0 = time.perf_counter()
                 pages = client.get(keys[:n])
                 lat.append((time.perf_counter() - g0) * 1000.0)
-                for p in pages:
+                for b, p in zip(req.blocks, pages, strict=False):
                     if p is None:
                         break
                     hits += 1
+                    cross += d not in put_by.get(b, (d,))
                     tiers[p.tier] += 1
                     bytes_got += nbytes
             todo = [i for i in range(n, len(keys)) if found.tiers[i] is None]
@@ -108,10 +130,12 @@ def replay_live(trace: Trace, target: str, *, namespace: str = "replay", page_by
                            [Page(k, v, start_position=TOKENS_PER_BLOCK * i, chain_position=i)
                             for i in todo])
                 bytes_put += nbytes * len(todo)
-        policy = client.stats().policy
+                for i in todo:
+                    put_by.setdefault(req.blocks[i], set()).add(d)
+        policy = clients[0].stats().policy
     pct = {}
     if lat:
         arr = np.asarray(lat)
         pct = {f"p{q}": round(float(np.percentile(arr, q)), 3) for q in (50, 95, 99)}
     return LiveResult(policy, len(trace.requests), accesses, hits, present, dict(tiers),
-                      bytes_put, bytes_got, pct, time.perf_counter() - t0)
+                      bytes_put, bytes_got, pct, time.perf_counter() - t0, len(targets), cross)
