@@ -2,8 +2,9 @@
 
 Pure functions of their arguments, safe to call from many threads at once. CPU pages go
 through the fused numba kernels of :mod:`kvtier.codecs.fused`; pages on an accelerator go
-through the pure-torch code of :mod:`kvtier.codecs.reference` on the device, which is also the
-oracle the kernels are tested against. Both produce the same bytes. int4a is built from the
+through :mod:`kvtier.codecs.device`: the Triton kernels on a CUDA device where Triton runs,
+else the pure-torch code of :mod:`kvtier.codecs.reference` on the device, which is also the
+oracle the kernels are tested against. All produce the same bytes. int4a is built from the
 int8 payload of the page and decoded through an int8 payload (:mod:`kvtier.codecs.alloc`), so it
 uses the same two paths.
 """
@@ -17,6 +18,7 @@ import torch
 
 from kvtier.codecs import blob as blobfmt
 from kvtier.codecs import alloc, fused, reference
+from kvtier.codecs import device as accel
 from kvtier.codecs.blob import HEADER_SIZE, BlobHeader, read_header, verify
 from kvtier.codecs.layout import (
     Layout, check_indices, layout_for_encode, layout_of, make_layout,
@@ -95,6 +97,10 @@ def encode(page: Page, codec: Codec, params: CodecConfig, *,
             buf8 = bytearray(HEADER_SIZE + lay8.payload_nbytes)
             fused.encode_into(page, lay8, buf8)
             return _int4a_seal(alloc.from_int8_blob(buf8, lay8, params.key_bits), h8)
+        if accel.available(device):
+            payload, lay4a = accel.int4a_payload(page, lay8, params.key_bits)
+            return _int4a_seal((bytearray(HEADER_SIZE) + payload.cpu().numpy().tobytes(), lay4a),
+                               h8)
         return _int4a_blob(h8, reference.encode_payload(page, lay8), lay8, params)
     lay = layout_for_encode(codec, dtype, shape, start, params)
     if kernels:  # header packed in place: no BlobHeader per page
@@ -104,7 +110,7 @@ def encode(page: Page, codec: Codec, params: CodecConfig, *,
         fused.encode_into(page, lay, buf)
     else:
         buf = blobfmt.pack_header(_header(codec, page, lay, params, prec))
-        buf.extend(reference.encode_payload(page, lay).cpu().numpy().tobytes())
+        buf.extend(accel.encode_payload(page, lay).cpu().numpy().tobytes())
     return blobfmt.seal(buf)
 
 
@@ -162,7 +168,7 @@ def decode(blob: Blob, device: torch.device | None = None) -> Decoded:
         else:
             check_indices(blob, lay)
             payload = torch.frombuffer(bytearray(mv[HEADER_SIZE:]), dtype=torch.uint8)
-            k, v = reference.decode_payload(payload.to(dev), lay)
+            k, v = accel.decode_payload(payload.to(dev), lay)
     except (RuntimeError, ValueError, IndexError) as e:  # a verified blob that does not parse
         raise CorruptPage(f"blob does not decode: {e}", field="blob") from e
     return Decoded(Page(k=k, v=v, start_position=h.start_position), h.codec, h.precision)
@@ -176,6 +182,9 @@ def _decode_int4a(blob: Blob, lay: Layout, dev: torch.device) -> tuple[torch.Ten
         buf8, lay8 = alloc.to_int8_blob(blob, lay)
         return fused.decode(memoryview(buf8), lay8)
     payload = torch.frombuffer(bytearray(memoryview(blob)[HEADER_SIZE:]), dtype=torch.uint8)
+    if accel.available(dev):
+        accel.check_payload(blob, lay)
+        return accel.decode_payload(payload.to(dev), lay)
     payload8, lay8 = alloc.to_int8(payload.to(dev), lay)
     return reference.decode_payload(payload8, lay8)
 

@@ -1,0 +1,219 @@
+"""Host side of the device codec kernels: layouts to kernel arguments, scratch, launches.
+
+Every function takes and returns device tensors (uint8 payloads laid out as
+:mod:`kvtier.codecs.blob` describes, without the 64-byte header) and works on one page or a
+batch of pages of one layout: ``k``/``v`` of ``[L, T, H, D]`` or ``[N, L, T, H, D]``,
+payloads of ``[P]`` or ``[N, P]``. Launches go to the current CUDA stream and are not waited
+for; callers synchronize when they hand the results to the host.
+
+Importing this module imports Triton; :mod:`kvtier.codecs.device` imports it only once a
+device page asks for it. Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors
+(that is how the CPU tests hold them to the CPU kernels' bytes).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from kvtier.codecs.blob import HEADER_SIZE
+from kvtier.codecs.cuda import decode as dk
+from kvtier.codecs.cuda import encode as ek
+from kvtier.codecs.cuda import transcode as tk
+from kvtier.codecs.grid import MANTISSAS
+from kvtier.codecs.layout import DTYPE_KINDS, Layout
+from kvtier.types import Codec
+
+# the squared step drops of int4a's key bit moves b -> b+1 (kvtier.codecs.alloc._DROP)
+_DROP = tuple((255.0 / ((1 << b) - 1)) ** 2 - (255.0 / ((1 << (b + 1)) - 1)) ** 2
+              for b in range(2, 8))
+# launch options of every kernel: fp fusion off (see kvtier.codecs.cuda.numerics)
+_OPTS = {"num_warps": 4, "enable_fp_fusion": False}
+BT = 8  # token rows per tile
+BC = 256  # channels (or bytes) per tile
+COPY_BLOCK = 1024
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=16)
+def _table(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale table's mantissas and int4a's step drops (float64) on ``device``."""
+    return (torch.tensor(MANTISSAS, dtype=torch.float64, device=device),
+            torch.tensor(_DROP, dtype=torch.float64, device=device))
+
+
+def _off(lay: Layout, name: str) -> int:
+    """Payload offset of a section (blob offset less the header)."""
+    return lay.section(name)[0] - HEADER_SIZE
+
+
+def _elements(t: torch.Tensor) -> torch.Tensor:
+    """A page tensor as the kernels read it: bfloat16 as its int16 bits."""
+    return t.view(torch.int16) if t.dtype is torch.bfloat16 else t
+
+
+def _batched(t: torch.Tensor, lay: Layout) -> torch.Tensor:
+    shape = (lay.L, lay.T, lay.H, lay.D)
+    if tuple(t.shape) == shape:
+        t = t.unsqueeze(0)
+    if tuple(t.shape[1:]) != shape:
+        raise ValueError(f"tensor of shape {list(t.shape)} does not match layout {shape}")
+    return t
+
+
+def _payloads(p: torch.Tensor, lay: Layout) -> torch.Tensor:
+    p = p.unsqueeze(0) if p.dim() == 1 else p
+    if p.dim() != 2 or p.shape[1] != lay.payload_nbytes or p.dtype != torch.uint8:
+        raise ValueError(f"payload of shape {list(p.shape)} ({p.dtype}) does not match a "
+                         f"layout of {lay.payload_nbytes} bytes")
+    return p
+
+
+def _kept(D: int, n_out: int) -> int:
+    return D - n_out
+
+
+def encode(k: torch.Tensor, v: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """Payloads (uint8 ``[P]`` or ``[N, P]``) of int8 or int4 pages ``k``/``v``
+    (contiguous, on one device, dtype as ``lay``)."""
+    if lay.codec not in (Codec.INT8, Codec.INT4):
+        raise ValueError(f"device encode takes int8 and int4 layouts, not {lay.codec.value}")
+    single = k.dim() == 4
+    kb, vb = _batched(k, lay), _batched(v, lay)
+    N = kb.shape[0]
+    dev = kb.device
+    out = torch.zeros(N, lay.payload_nbytes, dtype=torch.uint8, device=dev)
+    L, T, S, H, D, n_out = lay.L, lay.T, lay.S, lay.H, lay.D, lay.n_out
+    Tq, HD, Ck = lay.Tq, lay.HD, lay.Ck
+    nk = lay.nk if Tq else 0
+    nv = lay.nv
+    stride = max(2 * nk * HD + HD + 2 * nk * Ck, 2 * Tq * nv, Ck + H * n_out, 1)
+    scr_f = torch.empty(N * L * 2, stride, dtype=torch.float32, device=dev)
+    scr_i = torch.empty(N * L * 2, stride, dtype=torch.int32, device=dev)
+    nk_all, nv_all = L * nk * Ck, L * Tq * nv
+    m = torch.empty(N, max(1, nk_all + nv_all), dtype=torch.int32, device=dev)
+    mant, _ = _table(dev)
+    page_stride = L * T * HD
+    ek.encode_page[(N * L, 2)](
+        _elements(kb), _elements(vb), page_stride, out, lay.payload_nbytes, scr_f, scr_i,
+        stride, m, m.shape[1], mant,
+        _off(lay, "oidx"), _off(lay, "exps"), _off(lay, "sink"), _off(lay, "oraw"),
+        _off(lay, "kb"), _off(lay, "vb"), _off(lay, "kq"), _off(lay, "vq"),
+        L, T, S, H, D, n_out, lay.Gk, nk, lay.Gv, nv,
+        KIND=DTYPE_KINDS[lay.dtype], BITS=lay.codec.bits, DP=_pow2(D),
+        GB=min(_pow2(lay.Gv), BC), BT=BT, BC=BC, **_OPTS)
+    pairs = (max(nk_all, nv_all) + 1) // 2
+    if Tq and pairs:
+        ek.pack_m12[(N, -(-pairs // COPY_BLOCK), 2)](
+            m, m.shape[1], out, lay.payload_nbytes, _off(lay, "km"), _off(lay, "vm"),
+            nk_all, nv_all, BLOCK=COPY_BLOCK, **_OPTS)
+    return out[0] if single else out
+
+
+def decode(payload: torch.Tensor, lay: Layout, k_out: torch.Tensor | None = None,
+           v_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of int8, int4 or int4a payloads (``[P]`` or ``[N, P]``), written into
+    ``k_out``/``v_out`` when given (contiguous, the page dtype, on the payload's device),
+    else into new tensors. The payload must have passed the host checks
+    (:func:`kvtier.codecs.layout.check_indices`, and for int4a the key bit map's).
+    """
+    from kvtier.codecs.reference import TORCH_DTYPES
+
+    single = payload.dim() == 1
+    pb = _payloads(payload, lay)
+    N = pb.shape[0]
+    dev = pb.device
+    dt = TORCH_DTYPES[lay.dtype]
+    shape = (N, lay.L, lay.T, lay.H, lay.D)
+    k = torch.empty(shape, dtype=dt, device=dev) if k_out is None else k_out.view(shape)
+    v = torch.empty(shape, dtype=dt, device=dev) if v_out is None else v_out.view(shape)
+    if lay.codec is Codec.NONE:
+        k.view(N, -1).view(torch.uint8).copy_(pb[:, :pb.shape[1] // 2])
+        v.view(N, -1).view(torch.uint8).copy_(pb[:, pb.shape[1] // 2:])
+        return (k[0], v[0]) if single else (k, v)
+    L, T, S, H, D, n_out = lay.L, lay.T, lay.S, lay.H, lay.D, lay.n_out
+    Tq, Ck = lay.Tq, lay.Ck
+    kbits = 0 if lay.codec is Codec.INT4A else lay.codec.bits
+    stride = max(3 * Ck + H * n_out, 1)
+    scr_i = torch.empty(N * L, stride, dtype=torch.int32, device=dev)
+    mant, _ = _table(dev)
+    o_kbits = _off(lay, "kbits") if lay.codec is Codec.INT4A else 0
+    dk.decode_page[(N * L, 2)](
+        pb, lay.payload_nbytes, _elements(k), _elements(v), L * T * lay.HD, scr_i, stride, mant,
+        _off(lay, "oidx"), _off(lay, "exps"), _off(lay, "sink"), _off(lay, "oraw"),
+        _off(lay, "kb"), _off(lay, "km"), _off(lay, "vb"), _off(lay, "vm"), o_kbits,
+        _off(lay, "kq"), _off(lay, "vq"),
+        L, T, S, H, D, n_out, lay.Gk if Tq else 1, lay.nk if Tq else 0, lay.Gv, lay.nv,
+        lay.kq_row_bytes,
+        KIND=DTYPE_KINDS[lay.dtype], KBITS=kbits, VBITS=8 if lay.codec is Codec.INT8 else 4,
+        DP=_pow2(D), BT=BT, BC=BC, **_OPTS)
+    return (k[0], v[0]) if single else (k, v)
+
+
+def int4_from_int8(payload8: torch.Tensor, lay8: Layout, lay4: Layout) -> torch.Tensor:
+    """int4 payloads of the pages whose int8 payloads are given: the codes
+    ``round(q8 / 17)`` on the same grid, every other section copied."""
+    single = payload8.dim() == 1
+    src = _payloads(payload8, lay8)
+    N = src.shape[0]
+    out = torch.zeros(N, lay4.payload_nbytes, dtype=torch.uint8, device=src.device)
+    spans = _spans_tensor(lay8, lay4, src.device)
+    tk.int4_from_int8[(N * lay8.L, 3)](
+        src, lay8.payload_nbytes, out, lay4.payload_nbytes, spans, spans.shape[0],
+        _off(lay8, "kq"), _off(lay8, "vq"), _off(lay4, "kq"), _off(lay4, "vq"),
+        lay8.L, lay8.Tq, lay8.Ck, lay8.HD, BT=BT, BC=BC, BLOCK=COPY_BLOCK, **_OPTS)
+    return out[0] if single else out
+
+
+def int4a_from_int8(payload8: torch.Tensor, lay8: Layout, lay: Layout) -> torch.Tensor:
+    """int4a payloads (layout ``lay``, its key bit budget set) of the pages whose int8
+    payloads are given: the same bytes as :func:`kvtier.codecs.alloc.from_int8`."""
+    single = payload8.dim() == 1
+    src = _payloads(payload8, lay8)
+    N = src.shape[0]
+    dev = src.device
+    out = torch.zeros(N, lay.payload_nbytes, dtype=torch.uint8, device=dev)
+    spans = _spans_tensor(lay8, lay, dev)
+    L, H, D, n_out, Ck, HD = lay.L, lay.H, lay.D, lay.n_out, lay.Ck, lay.HD
+    rb = lay.kq_row_bytes
+    stride = max(4 * Ck + H * n_out + rb + 8, 1)
+    scr_i = torch.empty(N * L, stride, dtype=torch.int32, device=dev)
+    scr_d = torch.empty(N * L, max(HD + Ck, 1), dtype=torch.float64, device=dev)
+    mant, drop = _table(dev)
+    tk.int4a_from_int8[(N * L, 3)](
+        src, lay8.payload_nbytes, out, lay.payload_nbytes, spans, spans.shape[0],
+        scr_i, stride, scr_d, scr_d.shape[1], mant, drop,
+        _off(lay8, "exps"), _off(lay8, "oidx"), _off(lay8, "oraw"), _off(lay8, "kb"),
+        _off(lay8, "km"), _off(lay8, "kq"), _off(lay8, "vq"),
+        _off(lay, "kbits"), _off(lay, "kq"), _off(lay, "vq"),
+        L, lay.Tq, H, D, n_out, lay.nk if lay.Tq else 0, lay.Gk if lay.Tq else 1,
+        lay.key_bits, rb,
+        KIND=DTYPE_KINDS[lay.dtype], DP=_pow2(D), DKP=_pow2(_kept(D, n_out)),
+        BT=BT, BC=BC, BLOCK=COPY_BLOCK, **_OPTS)
+    return out[0] if single else out
+
+
+@functools.lru_cache(maxsize=256)
+def _spans_list(src: Layout, dst: Layout) -> tuple[tuple[int, int, int], ...]:
+    """The sections both layouts hold but the codes, as (source, destination, bytes) payload
+    offsets, runs without padding between them merged."""
+    rows: list[list[int]] = []
+    for name, off, n in dst.sections:
+        if name in ("kq", "vq", "kbits") or not n:
+            continue
+        a = src.section(name)[0] - HEADER_SIZE
+        b = off - HEADER_SIZE
+        if rows and rows[-1][0] + rows[-1][2] == a and rows[-1][1] + rows[-1][2] == b:
+            rows[-1][2] += n
+        else:
+            rows.append([a, b, n])
+    return tuple((a, b, n) for a, b, n in rows)
+
+
+def _spans_tensor(src: Layout, dst: Layout, device: torch.device) -> torch.Tensor:
+    rows = _spans_list(src, dst) or ((0, 0, 0),)
+    return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 3)

@@ -1,0 +1,118 @@
+"""The device codec kernels (Triton) hold the CPU kernels' bytes, run here in Triton's
+interpreter on CPU tensors (``tests/conftest.py`` turns it on without a CUDA device); on a
+GPU the same checks run on the device (``tests/gpu``).
+
+The interpreter checks the kernels' logic (indexing, masks, packing, the grid, the bit
+allocation) with numpy arithmetic; what only the device can show (its rounding without fused
+multiply-adds, float64 division, the barriers between phases) is left to ``tests/gpu``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from codec_helpers import DTYPES, make_kv
+
+from kvtier.codecs import decode, encode, read_header, transcode
+from kvtier.codecs import device as accel
+from kvtier.codecs.blob import HEADER_SIZE
+from kvtier.codecs.layout import layout_for_encode, layout_of
+from kvtier.config import CodecConfig
+from kvtier.errors import CorruptPage
+from kvtier.types import Codec, Page
+
+triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="runs the kernels in Triton's interpreter (CPU only; tests/gpu runs them on CUDA)")
+
+P = CodecConfig()
+SHAPES = [
+    ((2, 37, 2, 32), 0),   # sinks, a short last K group, one outlier a head
+    ((1, 64, 3, 24), 9),   # H*D = 72: a short last V group; odd C' = 3*23
+    ((3, 5, 1, 8), 64),    # tokens < group: K groups clipped to 5 tokens
+    ((2, 20, 2, 15), 1),   # odd head_dim: no rotary pairs, odd row widths
+    ((1, 3, 2, 8), 0),     # every token a sink
+]
+
+
+def _launch():  # type: ignore[no-untyped-def]
+    from kvtier.codecs.cuda import launch
+    return launch
+
+
+def _payload(blob: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(blob[HEADER_SIZE:]), dtype=torch.uint8)
+
+
+def _wide(page: Page) -> Page:
+    """K with channels 40x and 12x wider than the rest (int4a gives them more bits)."""
+    k = page.k.float().clone()
+    k[..., 5 % k.shape[-1]] *= 40
+    k[..., 6 % k.shape[-1]] *= 12
+    return Page(k=k.to(page.k.dtype), v=page.v, start_position=page.start_position)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape,start", SHAPES)
+def test_kernels_give_the_cpu_bytes(dtype: str, shape: tuple[int, int, int, int],
+                                    start: int) -> None:
+    launch = _launch()
+    page = _wide(make_kv(shape, DTYPES[dtype], start=start, seed=11))
+    for codec in (Codec.INT8, Codec.INT4):
+        lay = layout_for_encode(codec, dtype, shape, start, P)
+        want = encode(page, codec, P)
+        assert launch.encode(page.k, page.v, lay).numpy().tobytes() == want[HEADER_SIZE:]
+    b8 = encode(page, Codec.INT8, P)
+    lay8 = layout_of(read_header(b8))
+    for target, fn in ((Codec.INT4, accel.int4_from_int8),
+                       (Codec.INT4A, lambda p, lay: accel.int4a_from_int8(p, lay, P.key_bits))):
+        want = transcode(b8, target, P)
+        got, lay = fn(_payload(b8), lay8)  # type: ignore[operator]
+        assert got.numpy().tobytes() == want[HEADER_SIZE:], target
+        assert lay == layout_of(read_header(want))
+    for codec in (Codec.INT8, Codec.INT4, Codec.INT4A):
+        blob = encode(page, codec, P)
+        k, v = launch.decode(_payload(blob), layout_of(read_header(blob)))
+        cpu = decode(blob).page
+        assert torch.equal(k, cpu.k) and torch.equal(v, cpu.v), codec
+
+
+def test_a_batch_is_its_pages() -> None:
+    launch = _launch()
+    pages = [make_kv((2, 20, 2, 16), torch.bfloat16, start=2, seed=s) for s in range(3)]
+    lay = layout_for_encode(Codec.INT4, "bfloat16", (2, 20, 2, 16), 2, P)
+    k = torch.stack([p.k for p in pages])
+    v = torch.stack([p.v for p in pages])
+    out = launch.encode(k, v, lay)
+    assert out.shape == (3, lay.payload_nbytes)
+    for i, p in enumerate(pages):
+        assert out[i].numpy().tobytes() == encode(p, Codec.INT4, P)[HEADER_SIZE:]
+    kk, vv = torch.empty_like(k), torch.empty_like(v)
+    launch.decode(out, lay, kk, vv)
+    for i, p in enumerate(pages):
+        want = decode(encode(p, Codec.INT4, P)).page
+        assert torch.equal(kk[i], want.k) and torch.equal(vv[i], want.v)
+
+
+def test_device_blob_seals_to_the_blob_encode_gives() -> None:
+    page = make_kv((2, 24, 2, 16), torch.float16, start=0, seed=2)
+    for codec in (Codec.NONE, Codec.INT8, Codec.INT4, Codec.INT4A):
+        dblob = accel.encode_on_device(page, codec, P)
+        assert accel.seal(dblob, dblob.payload.numpy().tobytes()) == encode(page, codec, P)
+
+
+def test_check_payload_refuses_a_forged_bit_map() -> None:
+    blob = bytearray(encode(make_kv((1, 40, 2, 16), start=0), Codec.INT4A, P))
+    lay = layout_of(read_header(blob))
+    accel.check_payload(blob, lay)
+    off, _ = lay.section("kbits")
+    blob[off] = 0xFF  # two channels of 15 bits
+    with pytest.raises(CorruptPage, match="bit map"):
+        accel.check_payload(blob, lay)
+
+
+def test_cpu_pages_never_take_the_kernels() -> None:
+    assert not accel.available(torch.device("cpu"))
