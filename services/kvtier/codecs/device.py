@@ -54,7 +54,7 @@ def _launch() -> ModuleType | None:
 def available(device: torch.device) -> bool:
     """Whether pages on ``device`` go through the Triton kernels (a CUDA device, Triton
     importable); the torch reference serves them otherwise."""
-    return device.type == "cuda" and _launch() is not None
+    return device.type == "cuda" and torch.cuda.is_available() and _launch() is not None
 
 
 def encode_payload(page: Page, lay: Layout) -> torch.Tensor:

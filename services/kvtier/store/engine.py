@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 from kvtier.config import Settings
 from kvtier.errors import BackendUnavailable
-from kvtier.store import moves
+from kvtier.store import device_transfer, moves
 from kvtier.store.index import PageIndex, PageState
 from kvtier.store.moves import MoveResult
 from kvtier.store.policy import LRUPolicy, PageMeta, Policy
@@ -68,6 +68,9 @@ class TierEngine:
         self.counters = [TierCounters() for _ in self.specs]
         self.clock = CodecClock()
         self.converter = Converter(settings.codec, self.clock)
+        self.transfer = device_transfer.for_engine(self, settings.device_pool_bytes)
+        if self.transfer is not None:
+            self.converter.device_moves = self.transfer.to_tier
         self.policy: Policy = policy
         self.room_timeout_s = room_timeout_s
         self._fallback = LRUPolicy()

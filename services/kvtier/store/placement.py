@@ -67,7 +67,11 @@ def place(engine: TierEngine, pid: PageId, page: Page, tier: int, chain_position
     try:
         data: Stored
         if spec.device is not None:
-            data = page if owned and adoptable(page, spec.device) else own_copy(page, spec.device)
+            if engine.transfer is not None and engine.transfer.tier == tier:
+                data = engine.transfer.admit(page)  # a copy in the device pool
+            else:
+                data = page if owned and adoptable(page, spec.device) else \
+                    own_copy(page, spec.device)
             prec = Precision.FULL
         else:
             data, prec = engine.converter.to_tier(page, spec)

@@ -247,9 +247,22 @@ class TierStore:
     def _to_page(self, data: Stored, copy_tensors: bool) -> Page:
         if isinstance(data, Promoted):
             data = data.page
-        if isinstance(data, Page) and not copy_tensors and data.k.device.type == "cpu":
+        if isinstance(data, Page) and not copy_tensors and data.k.device.type == "cpu" and \
+                not self._pooled(data):
             return data
         return self._engine.converter.to_host(data)
+
+    def _pooled(self, page: Page) -> bool:
+        """Whether ``page`` lives in the device pool: a view of it handed out would not keep
+        its block (a pool in host memory, as tests configure it, is the case that matters)."""
+        transfer = self._engine.transfer
+        return transfer is not None and transfer.pool.holds(page.k)
+
+    def device_transfer_stats(self) -> dict[str, int]:
+        """Bytes and pages the device tier's transfers moved, and its pool's use ({} without
+        a device pool)."""
+        transfer = self._engine.transfer
+        return {} if transfer is None else transfer.stats().as_dict()
 
     def _discover(self, pids: list[PageId]) -> None:
         e = self._engine

@@ -39,6 +39,12 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def _lanes(n: int) -> int:
+    """Vector width for ``n`` lanes (a head's channels): at least 128, so that every head of
+    up to 128 channels shares one compiled kernel (compiling costs seconds)."""
+    return max(128, _pow2(n))
+
+
 @functools.lru_cache(maxsize=16)
 def _table(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The scale table's mantissas and int4a's step drops (float64) on ``device``."""
@@ -104,8 +110,8 @@ def encode(k: torch.Tensor, v: torch.Tensor, lay: Layout) -> torch.Tensor:
         _off(lay, "oidx"), _off(lay, "exps"), _off(lay, "sink"), _off(lay, "oraw"),
         _off(lay, "kb"), _off(lay, "vb"), _off(lay, "kq"), _off(lay, "vq"),
         L, T, S, H, D, n_out, lay.Gk, nk, lay.Gv, nv,
-        KIND=DTYPE_KINDS[lay.dtype], BITS=lay.codec.bits, DP=_pow2(D),
-        GB=min(_pow2(lay.Gv), BC), BT=BT, BC=BC, **_OPTS)
+        KIND=DTYPE_KINDS[lay.dtype], BITS=lay.codec.bits, DP=_lanes(D),
+        GB=max(64, min(_pow2(lay.Gv), BC)), BT=BT, BC=BC, **_OPTS)
     pairs = (max(nk_all, nv_all) + 1) // 2
     if Tq and pairs:
         ek.pack_m12[(N, -(-pairs // COPY_BLOCK), 2)](
@@ -150,7 +156,7 @@ def decode(payload: torch.Tensor, lay: Layout, k_out: torch.Tensor | None = None
         L, T, S, H, D, n_out, lay.Gk if Tq else 1, lay.nk if Tq else 0, lay.Gv, lay.nv,
         lay.kq_row_bytes,
         KIND=DTYPE_KINDS[lay.dtype], KBITS=kbits, VBITS=8 if lay.codec is Codec.INT8 else 4,
-        DP=_pow2(D), BT=BT, BC=BC, **_OPTS)
+        DP=_lanes(D), BT=BT, BC=BC, **_OPTS)
     return (k[0], v[0]) if single else (k, v)
 
 
@@ -192,7 +198,7 @@ def int4a_from_int8(payload8: torch.Tensor, lay8: Layout, lay: Layout) -> torch.
         _off(lay, "kbits"), _off(lay, "kq"), _off(lay, "vq"),
         L, lay.Tq, H, D, n_out, lay.nk if lay.Tq else 0, lay.Gk if lay.Tq else 1,
         lay.key_bits, rb,
-        KIND=DTYPE_KINDS[lay.dtype], DP=_pow2(D), DKP=_pow2(_kept(D, n_out)),
+        KIND=DTYPE_KINDS[lay.dtype], DP=_lanes(D), DKP=_lanes(_kept(D, n_out)),
         BT=BT, BC=BC, BLOCK=COPY_BLOCK, **_OPTS)
     return out[0] if single else out
 
