@@ -13,6 +13,7 @@ from typing import Any
 
 BENCH_MODULES: tuple[str, ...] = (
     "kvtier.bench.codecs",
+    "kvtier.bench.gpu",
     "kvtier.bench.transfer",
 )
 
