@@ -116,3 +116,18 @@ def test_check_payload_refuses_a_forged_bit_map() -> None:
 
 def test_cpu_pages_never_take_the_kernels() -> None:
     assert not accel.available(torch.device("cpu"))
+
+
+def test_kernels_compile_for_the_device_without_fma() -> None:
+    """Every kernel variant compiles for sm_90 here (Triton's LLVM and ptxas, no GPU), and its
+    PTX holds no fused multiply-add and no approximate division (see kernel_build.py)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("kernel_build.py")
+    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("\n") == 3 * 6 + 2, run.stdout

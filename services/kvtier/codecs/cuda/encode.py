@@ -167,14 +167,14 @@ def _encode_k(x0, out, sf, si, m_out, mant_ptr, exps, o_oidx,  # type: ignore[no
         for t0 in range(0, Tq, BT):
             rows = t0 + tl.arange(0, BT)
             rm = rows < Tq
-            g = rows // Gk
+            tg = rows // Gk
             for p0 in range(0, Ck, BC):
                 p = p0 + tl.arange(0, BC)
                 pm = p < Ck
                 m2 = rm[:, None] & pm[None, :]
                 c = tl.load(kch + p, mask=pm, other=0)
                 x = load_f32(x0 + rows[:, None] * HD + c[None, :], m2, KIND)
-                gp = g[:, None] * Ck + p[None, :]
+                gp = tg[:, None] * Ck + p[None, :]
                 q = code_of(x, tl.load(kinv + gp, mask=m2, other=1.0),
                             tl.load(kmf + gp, mask=m2, other=0.0), 8)
                 tl.store(kq + rows[:, None] * Ck + p[None, :], q.to(tl.uint8), mask=m2)
@@ -184,7 +184,7 @@ def _encode_k(x0, out, sf, si, m_out, mant_ptr, exps, o_oidx,  # type: ignore[no
         for t0 in range(0, Tq, BT):
             rows = t0 + tl.arange(0, BT)
             rm = rows < Tq
-            g = rows // Gk
+            tg = rows // Gk
             for j0 in range(0, rb, BC):
                 j = j0 + tl.arange(0, BC)
                 p_lo = 2 * j
@@ -195,8 +195,8 @@ def _encode_k(x0, out, sf, si, m_out, mant_ptr, exps, o_oidx,  # type: ignore[no
                 c_hi = tl.load(kch + p_hi, mask=p_hi < Ck, other=0)
                 x_lo = load_f32(x0 + rows[:, None] * HD + c_lo[None, :], m_lo, KIND)
                 x_hi = load_f32(x0 + rows[:, None] * HD + c_hi[None, :], m_hi, KIND)
-                g_lo = g[:, None] * Ck + p_lo[None, :]
-                g_hi = g[:, None] * Ck + p_hi[None, :]
+                g_lo = tg[:, None] * Ck + p_lo[None, :]
+                g_hi = tg[:, None] * Ck + p_hi[None, :]
                 q_lo = code_of(x_lo, tl.load(kinv + g_lo, mask=m_lo, other=1.0),
                                tl.load(kmf + g_lo, mask=m_lo, other=0.0), 4)
                 q_hi = code_of(x_hi, tl.load(kinv + g_hi, mask=m_hi, other=1.0),

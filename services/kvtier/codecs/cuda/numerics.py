@@ -26,8 +26,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-RINT_MAGIC = 12582912.0  # 1.5 * 2**23: y + it - it rounds float32 y half to even
-R17 = 0.05882352963089943  # float32(1) / float32(17), exactly (a float32 value)
+# globals a kernel reads must be Triton constexprs
+RINT_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: y + it - it rounds float32 y half to even
+R17 = tl.constexpr(0.05882352963089943)  # float32(1) / float32(17), exactly (a float32 value)
 
 
 @triton.jit
