@@ -165,6 +165,17 @@ class DevicePool:
         v._kvtier_block = block  # type: ignore[attr-defined]  # noqa: SLF001
         return k, v
 
+    def offset_of(self, t: torch.Tensor) -> int:
+        """Byte offset of ``t``'s first element from the pool's start (``t`` in the pool)."""
+        if not self.holds(t):
+            raise ValueError("tensor is not in the pool")
+        return t.data_ptr() - self._lo
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The pool's whole buffer (uint8): what a CUDA IPC handle exports."""
+        return self._buf
+
     def holds(self, t: torch.Tensor) -> bool:
         """Whether ``t``'s memory lies in this pool."""
         return t.device == self.device and self._lo <= t.data_ptr() < self._hi

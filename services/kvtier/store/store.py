@@ -34,6 +34,7 @@ from kvtier.config import Settings
 from kvtier.errors import CorruptPage, InvalidArgument, UnknownTier
 from kvtier.pages import check_key, check_keys, check_namespace, dtype_name, make_page
 from kvtier.store.access_log import AccessLog
+from kvtier.store.device_pool import DevicePool
 from kvtier.store.engine import TierEngine
 from kvtier.store.moves import MoveResult
 from kvtier.store.mover import Mover, prefetch_pass, rebalance_tier, relocate
@@ -206,8 +207,17 @@ class TierStore:
                 v=_bytes_view(page.v), tier=self._engine.names[tier], precision=precision))
         return out
 
+    def get_device(self, namespace: str, keys: Sequence[bytes]) -> list[GetResult | None]:
+        """Like :meth:`get` for a worker that copies pages device to device (CUDA IPC): a page
+        in the device pool comes back as the tier holds it (no copy; never write it); any other
+        page is None here, a miss of this path, to be read with :meth:`get`."""
+        found = self._read(namespace, keys, AccessKind.GET, device=True)
+        names = self._engine.names
+        return [None if f is None else GetResult(f[0], names[f[1]], f[2]) for f in found]
+
     def _read(self, namespace: str, keys: Sequence[bytes], kind: AccessKind,
-              copy_tensors: bool = True) -> list[tuple[Page, int, Precision] | None]:
+              copy_tensors: bool = True,
+              device: bool = False) -> list[tuple[Page, int, Precision] | None]:
         s, e = self.settings, self._engine
         pids = check_keys(namespace, keys, s.max_key_bytes, s.max_batch)
         self._discover(pids)
@@ -219,12 +229,12 @@ class TierStore:
                 continue
             data, tier, precision = got
             try:
-                page = self._to_page(data, copy_tensors)
+                page = self._device_page(data) if device else self._to_page(data, copy_tensors)
             except CorruptPage:
                 e.drop_corrupt(pid, tier)
                 out.append(None)
                 continue
-            out.append((page, tier, precision))
+            out.append(None if page is None else (page, tier, precision))
         now = time.time()
         events = []
         with e.cond:
@@ -251,6 +261,24 @@ class TierStore:
                 not self._pooled(data):
             return data
         return self._engine.converter.to_host(data)
+
+    def _device_page(self, data: Stored) -> Page | None:
+        if isinstance(data, Promoted):
+            data = data.page
+        return data if isinstance(data, Page) and self._pooled(data) else None
+
+    @property
+    def device_pool(self) -> DevicePool | None:
+        """The device tier's pool (None without one)."""
+        transfer = self._engine.transfer
+        return None if transfer is None else transfer.pool
+
+    def make_device_room(self, nbytes: int) -> bool:
+        """Push pages out of the device tier until its pool has a free extent of ``nbytes``;
+        False when that cannot be done (no pool, or nothing left to push within the room
+        timeout)."""
+        transfer = self._engine.transfer
+        return transfer is not None and transfer.room is not None and transfer.room(nbytes)
 
     def _pooled(self, page: Page) -> bool:
         """Whether ``page`` lives in the device pool: a view of it handed out would not keep
