@@ -12,9 +12,9 @@
 OUT="${OUT:-./device-check-out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-T_SMOKE="${T_SMOKE:-60}"    # the first kernel compilations happen here
-T_TESTS="${T_TESTS:-140}"
-T_BENCH="${T_BENCH:-80}"
+T_SMOKE="${T_SMOKE:-45}"    # the first kernel compilations happen here
+T_TESTS="${T_TESTS:-130}"
+T_BENCH="${T_BENCH:-100}"
 export PYTHONDONTWRITEBYTECODE=1
 unset TRITON_INTERPRET
 start=$(date +%s)
@@ -70,7 +70,7 @@ echo "smoke exit: ${PIPESTATUS[0]}"
 step "pytest -m gpu"
 timeout "$T_TESTS" "$PY" -m pytest -q -m gpu -p no:cacheprovider --timeout 120 \
   --continue-on-collection-errors -rfE --junitxml="$OUT/pytest-junit.xml" \
-  tests/gpu/test_gpu_codecs.py tests/gpu/test_gpu_store.py \
+  tests/gpu/test_gpu_codecs.py tests/gpu/test_gpu_store.py tests/gpu/test_gpu_ipc.py \
   tests/codecs/test_codec_roundtrip.py tests/store/test_device.py \
   tests/policy/test_learned.py tests/client/test_client.py \
   > "$OUT/pytest.log" 2>&1
@@ -140,6 +140,7 @@ for size, fig in res.get("d2h", {}).items():
               for c in ("int8", "int4", "int4a") if c in fig]
     print(f"d2h {size}: " + "; ".join(parts))
 print("store:", json.dumps(res.get("store")))
+print("ipc:", json.dumps(res.get("ipc")))
 print("targets:")
 for t in res.get("targets", []):
     print(f"  {'MET ' if t['met'] else 'MISS'} {t['target']}: {t['value']}"

@@ -16,6 +16,9 @@ from kvtier.config import CodecConfig
 from kvtier.errors import CorruptPage
 from kvtier.types import Codec, Page
 
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
 P = CodecConfig()
 CUDA = torch.device("cuda")
 SHAPES = [

@@ -17,6 +17,9 @@ from kvtier.store.store import TierStore
 from kvtier.store.tiers import Promoted
 from kvtier.types import Codec, Medium, Page, Precision
 
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
 NS = "gpu"
 SHAPE = (8, 64, 8, 128)  # 2 MiB of fp16 K + V
 PAGE_BYTES = 2 * 8 * 64 * 8 * 128 * 2

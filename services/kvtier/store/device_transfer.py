@@ -34,7 +34,7 @@ import torch
 
 from kvtier.codecs import decode as decode_blob
 from kvtier.codecs import device as accel
-from kvtier.codecs.blob import HEADER_SIZE, verify
+from kvtier.codecs.blob import HEADER_SIZE, read_header, verify
 from kvtier.codecs.layout import layout_of
 from kvtier.config import CodecConfig
 from kvtier.errors import CapacityExhausted, CorruptPage
@@ -125,7 +125,7 @@ class DeviceTransfer:
             if isinstance(data, Page):
                 return self.admit(data), Precision.FULL
             if isinstance(data, Promoted):
-                prec = Precision.of_codec(verify(data.blob).codec)
+                prec = Precision.of_codec(read_header(data.blob).codec)
                 return Promoted(self.admit(data.page), data.blob), prec
             page, prec = self.from_blob(data)
             return (page if prec is Precision.FULL else Promoted(page, data)), prec
