@@ -64,6 +64,8 @@ for codec in (Codec.INT8, Codec.INT4, Codec.INT4A):
               f"({time.perf_counter() - t0:.1f} s with compilation)")
     except Exception as e:
         print(f"{codec.value:6} FAILED: {type(e).__name__}: {e}")
+print("kernels still on:", accel.available(dev), "turned off because:", accel._off)
+print("self test:", accel.self_test(dev))
 EOF
 echo "smoke exit: ${PIPESTATUS[0]}"
 

@@ -130,3 +130,10 @@ def test_device_blob_and_seal() -> None:
         assert d.payload.is_cuda
         blob = accel.seal(d, d.payload.cpu().numpy().tobytes())
         assert blob == encode(page, codec, P)
+
+
+def test_the_kernels_self_test_and_never_turned_off() -> None:
+    """Runs last in this module: no kernel raised or disagreed with the CPU kernels above
+    (either turns the kernels off and the torch reference serves, slower)."""
+    assert accel.self_test(CUDA)
+    assert accel._off == []  # noqa: SLF001

@@ -15,6 +15,10 @@ Both paths give the bytes of the CPU kernels (the tests hold them to it). The ke
 for any other device, the pure-torch reference runs there (:mod:`kvtier.codecs.reference`,
 :mod:`kvtier.codecs.alloc`). Work is queued on the current CUDA stream; nothing here
 synchronizes except where it hands bytes to the host.
+
+The kernels are turned off for the rest of the process, with an error logged, when one of
+them raises (a Triton that cannot compile or launch here) or when :func:`self_test` finds them
+disagreeing with the CPU kernels by one byte: the torch reference is slower but right.
 """
 
 from __future__ import annotations
@@ -51,20 +55,62 @@ def _launch() -> ModuleType | None:
     return launch
 
 
+_off: list[str] = []  # why the kernels were turned off, if they were
+
+
 def available(device: torch.device) -> bool:
     """Whether pages on ``device`` go through the Triton kernels (a CUDA device, Triton
-    importable); the torch reference serves them otherwise."""
-    return device.type == "cuda" and torch.cuda.is_available() and _launch() is not None
+    importable, the kernels not turned off); the torch reference serves them otherwise."""
+    return (device.type == "cuda" and not _off and torch.cuda.is_available()
+            and _launch() is not None)
+
+
+def _turn_off(why: str, exc: BaseException | None = None) -> None:
+    if not _off:
+        log.error("device codec kernels turned off (%s); CUDA pages use the torch codec", why,
+                  exc_info=exc)
+    _off.append(why)
+
+
+@functools.cache
+def self_test(device: torch.device) -> bool:
+    """Encode and decode small float16 and bfloat16 pages with every codec through the
+    kernels on ``device`` and check the bytes and tensors against the CPU kernels; turns the
+    kernels off on a mismatch. Compiles the kernels it runs (seconds, once per machine: Triton
+    caches them). True when the kernels serve ``device``. Memoized: once per process."""
+    if not available(device):
+        return False
+    from kvtier.codecs.codec import decode, encode
+
+    params = CodecConfig()
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16):
+        k = torch.randn(2, 40, 2, 32, generator=g)
+        k[..., 5] *= 30
+        page = Page(k=k.to(dtype), v=torch.randn(2, 40, 2, 32, generator=g).to(dtype),
+                    start_position=1)
+        on_dev = Page(k=page.k.to(device), v=page.v.to(device), start_position=1)
+        for codec in (Codec.INT8, Codec.INT4, Codec.INT4A):
+            want = encode(page, codec, params)
+            back = decode(want, device).page
+            cpu = decode(want).page
+            if encode(on_dev, codec, params) != want or not (
+                    torch.equal(back.k.cpu(), cpu.k) and torch.equal(back.v.cpu(), cpu.v)):
+                _turn_off(f"{codec.value} {dtype} disagrees with the CPU kernels")
+                return False
+    return available(device)
 
 
 def encode_payload(page: Page, lay: Layout) -> torch.Tensor:
     """The payload (uint8, on the page's device) of an int8, int4 or ``none`` page."""
     k, v = page.k, page.v
-    if lay.codec is not Codec.NONE and available(k.device):
-        launch = _launch()
-        assert launch is not None
-        out: torch.Tensor = launch.encode(k.contiguous(), v.contiguous(), lay)
-        return out
+    launch = _launch() if lay.codec is not Codec.NONE and available(k.device) else None
+    if launch is not None:
+        try:
+            out: torch.Tensor = launch.encode(k.contiguous(), v.contiguous(), lay)
+            return out
+        except Exception as e:  # a Triton that cannot compile or launch here
+            _turn_off("encode raised", e)
     return reference.encode_payload(page, lay)
 
 
@@ -79,11 +125,14 @@ def int4a_from_int8(payload8: torch.Tensor, lay8: Layout,
                     key_bits: float) -> tuple[torch.Tensor, Layout]:
     """int8 payload (on a device) -> int4a payload and layout, on the same device."""
     launch = _launch() if available(payload8.device) else None
-    if launch is None:
-        return alloc.from_int8(payload8, lay8, key_bits, kernels=False)
-    lay = alloc.int4a_layout(lay8, key_bits)
-    out: torch.Tensor = launch.int4a_from_int8(payload8, lay8, lay)
-    return out, lay
+    if launch is not None:
+        lay = alloc.int4a_layout(lay8, key_bits)
+        try:
+            out: torch.Tensor = launch.int4a_from_int8(payload8, lay8, lay)
+            return out, lay
+        except Exception as e:
+            _turn_off("int4a transcode raised", e)
+    return alloc.from_int8(payload8, lay8, key_bits, kernels=False)
 
 
 def int4_from_int8(payload8: torch.Tensor, lay8: Layout) -> tuple[torch.Tensor, Layout]:
@@ -92,8 +141,11 @@ def int4_from_int8(payload8: torch.Tensor, lay8: Layout) -> tuple[torch.Tensor, 
                        lay8.n_out, lay8.group_size)
     launch = _launch() if available(payload8.device) else None
     if launch is not None:
-        out: torch.Tensor = launch.int4_from_int8(payload8, lay8, lay4)
-        return out, lay4
+        try:
+            out: torch.Tensor = launch.int4_from_int8(payload8, lay8, lay4)
+            return out, lay4
+        except Exception as e:
+            _turn_off("int4 transcode raised", e)
     from kvtier.codecs.pack import pack_int4
 
     out = torch.zeros(lay4.payload_nbytes, dtype=torch.uint8, device=payload8.device)
@@ -173,8 +225,11 @@ def decode_payload(payload: torch.Tensor, lay: Layout, k_out: torch.Tensor | Non
     ``k_out``/``v_out`` when given (contiguous, page dtype and shape, same device)."""
     launch = _launch() if available(payload.device) else None
     if launch is not None:
-        k, v = launch.decode(payload, lay, k_out, v_out)
-        return k, v
+        try:
+            k, v = launch.decode(payload, lay, k_out, v_out)
+            return k, v
+        except Exception as e:
+            _turn_off("decode raised", e)
     if lay.codec is Codec.INT4A:
         payload, lay = alloc.to_int8(payload, lay, kernels=False)
     try:

@@ -116,6 +116,11 @@ class DeviceTransfer:
         self._d2h = [0, 0]
         self._h2d = [0, 0]
 
+    def warmup(self) -> None:
+        """Compile and self-test the device kernels now (a CUDA pool), not in a request."""
+        if self.cuda:
+            accel.self_test(self.device)
+
     # -- the converter's hook -------------------------------------------------------------
 
     def to_tier(self, data: Stored, spec: TierSpec) -> tuple[Stored, Precision] | None:

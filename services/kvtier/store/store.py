@@ -69,6 +69,8 @@ class TierStore:
         compilation never lands inside a put or a demotion."""
         warmup()
         finite.warmup()
+        if self._engine.transfer is not None:
+            self._engine.transfer.warmup()  # the device kernels, compiled and self-tested
         redis = self._engine.redis
         if redis is not None and redis.probe(force=True):
             added = resync_remote(self._engine)
