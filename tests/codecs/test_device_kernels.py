@@ -80,6 +80,43 @@ def test_kernels_give_the_cpu_bytes(dtype: str, shape: tuple[int, int, int, int]
         assert torch.equal(k, cpu.k) and torch.equal(v, cpu.v), codec
 
 
+class _GarbageTorch:
+    """torch, but ``empty`` hands out memory full of garbage (NaN, 0xAB...): every byte of a
+    payload and every scratch value a kernel reads must have been written by the kernels."""
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*shape: object, dtype: torch.dtype = torch.float32, **kw: object) -> torch.Tensor:
+        t = torch.empty(*shape, dtype=dtype, **kw)  # type: ignore[call-overload]
+        return t.fill_(float("nan") if dtype.is_floating_point else 0x5B if dtype != torch.uint8
+                       else 0xAB)
+
+
+def test_every_byte_is_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    launch = _launch()
+    monkeypatch.setattr(launch, "torch", _GarbageTorch())
+    launch._gap_index.cache_clear()  # noqa: SLF001
+    for shape, start in ((2, 37, 2, 32), 0), ((1, 3, 2, 8), 0), ((2, 20, 2, 15), 1):
+        page = _wide(make_kv(shape, torch.bfloat16, start=start, seed=5))
+        for codec in (Codec.INT8, Codec.INT4):
+            lay = layout_for_encode(codec, "bfloat16", shape, start, P)
+            got = launch.encode(page.k, page.v, lay)
+            assert got.numpy().tobytes() == encode(page, codec, P)[HEADER_SIZE:], (shape, codec)
+        b8 = encode(page, Codec.INT8, P)
+        lay8 = layout_of(read_header(b8))
+        got, _ = accel.int4a_from_int8(_payload(b8), lay8, P.key_bits)
+        assert got.numpy().tobytes() == transcode(b8, Codec.INT4A, P)[HEADER_SIZE:], shape
+        got, _ = accel.int4_from_int8(_payload(b8), lay8)
+        assert got.numpy().tobytes() == transcode(b8, Codec.INT4, P)[HEADER_SIZE:], shape
+        for blob in (b8, encode(page, Codec.INT4A, P)):
+            k, v = launch.decode(_payload(blob), layout_of(read_header(blob)))
+            cpu = decode(blob).page
+            assert torch.equal(k, cpu.k) and torch.equal(v, cpu.v)
+    launch._gap_index.cache_clear()  # noqa: SLF001
+
+
 def test_a_batch_is_its_pages() -> None:
     launch = _launch()
     pages = [make_kv((2, 20, 2, 16), torch.bfloat16, start=2, seed=s) for s in range(3)]

@@ -83,6 +83,37 @@ def _kept(D: int, n_out: int) -> int:
     return D - n_out
 
 
+@functools.lru_cache(maxsize=256)
+def _unwritten(lay: Layout, written_exps: bool) -> tuple[int, ...]:
+    """Payload offsets the kernels do not write: the alignment gaps between sections, and the
+    ``exps`` section when the encoder skips it (every token a sink). They must be zero."""
+    out: list[int] = []
+    pos = 0  # payload offset up to which every byte is written or listed
+    for name, off, n in lay.sections:  # in payload order
+        if not n or (name == "exps" and not written_exps):
+            continue
+        out += range(pos, off - HEADER_SIZE)
+        pos = off - HEADER_SIZE + n
+    out += range(pos, lay.payload_nbytes)
+    return tuple(out)
+
+
+def new_payloads(n: int, lay: Layout, device: torch.device,
+                 written_exps: bool = True) -> torch.Tensor:
+    """``[n, P]`` uint8 payloads for the kernels to fill: uninitialised but for the bytes they
+    do not write, which are zeroed (a memset of the whole would write half a page more)."""
+    out = torch.empty(n, lay.payload_nbytes, dtype=torch.uint8, device=device)
+    gaps = _unwritten(lay, written_exps)
+    if gaps:
+        out[:, _gap_index(lay, written_exps, device)] = 0
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _gap_index(lay: Layout, written_exps: bool, device: torch.device) -> torch.Tensor:
+    return torch.tensor(_unwritten(lay, written_exps), dtype=torch.int64, device=device)
+
+
 def encode(k: torch.Tensor, v: torch.Tensor, lay: Layout) -> torch.Tensor:
     """Payloads (uint8 ``[P]`` or ``[N, P]``) of int8 or int4 pages ``k``/``v``
     (contiguous, on one device, dtype as ``lay``)."""
@@ -92,7 +123,7 @@ def encode(k: torch.Tensor, v: torch.Tensor, lay: Layout) -> torch.Tensor:
     kb, vb = _batched(k, lay), _batched(v, lay)
     N = kb.shape[0]
     dev = kb.device
-    out = torch.zeros(N, lay.payload_nbytes, dtype=torch.uint8, device=dev)
+    out = new_payloads(N, lay, dev, written_exps=lay.Tq > 0)
     L, T, S, H, D, n_out = lay.L, lay.T, lay.S, lay.H, lay.D, lay.n_out
     Tq, HD, Ck = lay.Tq, lay.HD, lay.Ck
     nk = lay.nk if Tq else 0
@@ -166,7 +197,7 @@ def int4_from_int8(payload8: torch.Tensor, lay8: Layout, lay4: Layout) -> torch.
     single = payload8.dim() == 1
     src = _payloads(payload8, lay8)
     N = src.shape[0]
-    out = torch.zeros(N, lay4.payload_nbytes, dtype=torch.uint8, device=src.device)
+    out = new_payloads(N, lay4, src.device)
     spans = _spans_tensor(lay8, lay4, src.device)
     tk.int4_from_int8[(N * lay8.L, 3)](
         src, lay8.payload_nbytes, out, lay4.payload_nbytes, spans, spans.shape[0],
@@ -182,7 +213,7 @@ def int4a_from_int8(payload8: torch.Tensor, lay8: Layout, lay: Layout) -> torch.
     src = _payloads(payload8, lay8)
     N = src.shape[0]
     dev = src.device
-    out = torch.zeros(N, lay.payload_nbytes, dtype=torch.uint8, device=dev)
+    out = new_payloads(N, lay, dev)
     spans = _spans_tensor(lay8, lay, dev)
     L, H, D, n_out, Ck, HD = lay.L, lay.H, lay.D, lay.n_out, lay.Ck, lay.HD
     rb = lay.kq_row_bytes
