@@ -57,10 +57,12 @@ def main() -> None:
             build(dk.decode_page, {"src_ptr": "*u8", "k_ptr": page, "v_ptr": page,
                                    "scr_i": "*i32", "mant_ptr": "*fp64"},
                   {"KIND": kind, "KBITS": kbits, "VBITS": vbits, "DP": lanes, **blocks})
-        build(tk.int4a_from_int8, {"src_ptr": "*u8", "out_ptr": "*u8", "spans": "*i64",
-                                   "scr_i": "*i32", "scr_d": "*fp64", "mant_ptr": "*fp64",
-                                   "drop_ptr": "*fp64"},
-              {"KIND": kind, "DP": lanes, "DKP": lanes, "BLOCK": launch.COPY_BLOCK, **blocks})
+        build(tk.int4a_bits, {"src_ptr": "*u8", "bits_ptr": "*i32", "scr_d": "*fp64",
+                              "mant_ptr": "*fp64", "drop_ptr": "*fp64"},
+              {"KIND": kind, "DP": lanes, "BT": launch.BT})
+    build(tk.int4a_from_int8, {"src_ptr": "*u8", "out_ptr": "*u8", "spans": "*i64",
+                               "bits_ptr": "*i32", "scr_i": "*i32"},
+          {"BLOCK": launch.COPY_BLOCK, **blocks})
     build(tk.int4_from_int8, {"src_ptr": "*u8", "out_ptr": "*u8", "spans": "*i64"},
           {"BLOCK": launch.COPY_BLOCK, **blocks})
     build(ek.pack_m12, {"m_ptr": "*i32", "out_ptr": "*u8"}, {"BLOCK": launch.COPY_BLOCK})

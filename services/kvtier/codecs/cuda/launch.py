@@ -208,28 +208,32 @@ def int4_from_int8(payload8: torch.Tensor, lay8: Layout, lay4: Layout) -> torch.
 
 def int4a_from_int8(payload8: torch.Tensor, lay8: Layout, lay: Layout) -> torch.Tensor:
     """int4a payloads (layout ``lay``, its key bit budget set) of the pages whose int8
-    payloads are given: the same bytes as :func:`kvtier.codecs.alloc.from_int8`."""
+    payloads are given: the same bytes as :func:`kvtier.codecs.alloc.from_int8`. Two
+    launches: the key bits of every head, then the payloads."""
     single = payload8.dim() == 1
     src = _payloads(payload8, lay8)
     N = src.shape[0]
     dev = src.device
     out = new_payloads(N, lay, dev)
     spans = _spans_tensor(lay8, lay, dev)
-    L, H, D, n_out, Ck, HD = lay.L, lay.H, lay.D, lay.n_out, lay.Ck, lay.HD
+    L, H, D, n_out, Ck = lay.L, lay.H, lay.D, lay.n_out, lay.Ck
     rb = lay.kq_row_bytes
-    stride = max(4 * Ck + H * n_out + rb + 8, 1)
-    scr_i = torch.empty(N * L, stride, dtype=torch.int32, device=dev)
-    scr_d = torch.empty(N * L, max(HD + Ck, 1), dtype=torch.float64, device=dev)
+    lanes = _lanes(D)
+    bits = torch.empty(N * L, max(Ck, 1), dtype=torch.int32, device=dev)
+    scr_d = torch.empty(N * L * H, lanes, dtype=torch.float64, device=dev)
+    scr_i = torch.empty(N * L, Ck + rb + 8, dtype=torch.int32, device=dev)
     mant, drop = _table(dev)
+    tk.int4a_bits[(N * L, H)](
+        src, lay8.payload_nbytes, bits, bits.shape[1], scr_d, mant, drop,
+        _off(lay8, "exps"), _off(lay8, "oidx"), _off(lay8, "oraw"), _off(lay8, "kb"),
+        _off(lay8, "km"), L, lay.Tq, H, D, n_out, lay.nk if lay.Tq else 0,
+        lay.Gk if lay.Tq else 1, lay.key_bits,
+        KIND=DTYPE_KINDS[lay.dtype], DP=lanes, BT=BT, **_OPTS)
     tk.int4a_from_int8[(N * L, 3)](
         src, lay8.payload_nbytes, out, lay.payload_nbytes, spans, spans.shape[0],
-        scr_i, stride, scr_d, scr_d.shape[1], mant, drop,
-        _off(lay8, "exps"), _off(lay8, "oidx"), _off(lay8, "oraw"), _off(lay8, "kb"),
-        _off(lay8, "km"), _off(lay8, "kq"), _off(lay8, "vq"),
-        _off(lay, "kbits"), _off(lay, "kq"), _off(lay, "vq"),
-        L, lay.Tq, H, D, n_out, lay.nk if lay.Tq else 0, lay.Gk if lay.Tq else 1,
-        lay.key_bits, rb,
-        KIND=DTYPE_KINDS[lay.dtype], DP=_lanes(D), DKP=_lanes(_kept(D, n_out)),
+        bits, bits.shape[1], scr_i, scr_i.shape[1],
+        _off(lay8, "kq"), _off(lay8, "vq"), _off(lay, "kbits"), _off(lay, "kq"),
+        _off(lay, "vq"), L, lay.Tq, H, D, n_out, rb,
         BT=BT, BC=BC, BLOCK=COPY_BLOCK, **_OPTS)
     return out[0] if single else out
 

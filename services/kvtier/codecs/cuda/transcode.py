@@ -7,14 +7,15 @@ its V codes (``round(q8 / 17)``, two a byte), part 2 copies the layer's share of
 both payloads hold (grid, sinks, outliers: ``spans`` rows of source offset, destination
 offset, bytes).
 
-int4a's part 0 allocates the key bits of each (layer, head) as
-:func:`kvtier.codecs.alloc.allocate` does: the channel weights from the grid alone (float64,
-the same operations in the same order), then the ``budget - 2 D'`` moves of largest gain,
-ties to the earlier move. Where the host sorts, the kernel finds the k-th largest gain by
-bisection on its bits (gains are >= 0, so their int64 bits order as they do) and takes the
-moves above it, then the first of those equal to it in move order: the same set. The codes
-are packed byte by byte: each byte of a token row gathers the (at most five) codes that
-overlap it, the first being the one holding the byte's first bit.
+int4a takes two launches. :func:`int4a_bits` allocates the key bits of each (page, layer,
+head), one program each, as :func:`kvtier.codecs.alloc.allocate` does: the channel weights from
+the grid alone (float64, the same operations in the same order), then the ``budget - 2 D'``
+moves of largest gain, ties to the earlier move. Where the host sorts, the kernel finds the
+k-th largest gain by bisection on its bits (gains are >= 0, so their int64 bits order as they
+do) and takes the moves above it, then the first of those equal to it in move order: the same
+set. :func:`int4a_from_int8`'s part 0 then writes the bit map and packs the codes byte by
+byte: each byte of a token row gathers the (at most five) codes that overlap it, the first
+being the one holding the byte's first bit.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kvtier.codecs.cuda.numerics import kept_map, load_f32, m12_at, page_ptr, scale_f64
+from kvtier.codecs.cuda.numerics import load_f32, m12_at, page_ptr, scale_f64
 
-GEOMETRY = ["src_stride", "out_stride", "nspans", "scr_stride", "d_stride", "L", "Tq", "H",
+GEOMETRY = ["src_stride", "out_stride", "bits_stride", "nspans", "scr_stride", "L", "Tq", "H",
             "D", "n_out", "nk", "Gk", "budget", "rb", "Ck", "HD"]
 
 
@@ -87,14 +88,102 @@ def int4_from_int8(src_ptr, src_stride, out_ptr, out_stride,  # type: ignore[no-
 
 
 @triton.jit(do_not_specialize=GEOMETRY)
+def int4a_bits(src_ptr, src_stride, bits_ptr, bits_stride,  # type: ignore[no-untyped-def]
+               scr_d, mant_ptr, drop_ptr, o_exps, o_oidx, o_oraw, o_kb, o_km,
+               L, Tq, H, D, n_out, nk, Gk, budget,
+               KIND: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr):
+    """The key bits of head ``program_id(1)`` of layer ``program_id(0) % L`` of int8 payload
+    ``program_id(0) // L`` (int32, into ``bits_ptr``: ``[pages * L, C']``); nothing when every
+    token is a sink. A head's allocation needs nothing of the other heads (a rotary pair lies
+    within a head), so each gets a program: the selection is a sequence of reductions, and
+    many short programs finish sooner than one long one per layer."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    n = (pid // L).to(tl.int64)
+    layer = pid % L
+    if Tq > 0:
+        src = src_ptr + n * src_stride
+        Dk = D - n_out
+        Ck = H * Dk
+        e0 = tl.load((src + o_exps).to(tl.pointer_type(tl.int16)) + 2 * layer).to(tl.int32)
+        # lanes are the head's channels d; kept ones are the quantized channels, in order
+        d = tl.arange(0, DP)
+        dm = d < D
+        oidx = (src + o_oidx).to(tl.pointer_type(tl.int16)) + (layer * H + h) * n_out
+        taken = tl.zeros([DP], tl.int32)
+        for j in range(0, n_out):
+            taken = tl.where(d == tl.load(oidx + j).to(tl.int32), 1, taken)
+        before = tl.cumsum(taken, axis=0)  # outliers up to and including d
+        kept = dm & (taken == 0)
+        p = h * Dk + d - before  # the kept position of lane d
+        # each kept channel's squared steps (group by group, as the host adds) and reach
+        kb = src + o_kb + layer * nk * Ck
+        acc = tl.zeros([DP], tl.float64)
+        reach = tl.zeros([DP], tl.float64)
+        for g in range(0, nk):
+            s = scale_f64(tl.load(kb + g * Ck + p, mask=kept, other=0).to(tl.int32), e0,
+                          mant_ptr)
+            m = m12_at(src + o_km, layer * nk * Ck + g * Ck + p, kept).to(tl.float64)
+            ng = tl.where(g == nk - 1, Tq - g * Gk, Gk).to(tl.float64)
+            acc = acc + (s * s) * ng
+            reach = tl.maximum(reach, tl.maximum(tl.abs(m * s), tl.abs((m + 255.0) * s)))
+        # outlier channels: their largest |value| over the tokens
+        HO = H * n_out
+        oraw = page_ptr(src + o_oraw, KIND) + layer * Tq * HO + h * n_out
+        outl = taken == 1
+        big = tl.zeros([DP], tl.float64)
+        for t0 in range(0, Tq, BT):
+            rows = t0 + tl.arange(0, BT)
+            m2 = (rows < Tq)[:, None] & outl[None, :]
+            x = load_f32(oraw + rows[:, None] * HO + (before - 1)[None, :], m2, KIND)
+            big = tl.maximum(big, tl.max(tl.where(m2, tl.abs(x.to(tl.float64)), 0.0), axis=0))
+        peak = tl.where(outl, big, tl.where(kept, reach, 0.0))
+        if D % 2 == 0:  # a rotary pair shares its peak: through scratch, lane to lane
+            sd = scr_d + (pid.to(tl.int64) * H + h) * DP
+            tl.store(sd + d, peak, mask=dm)
+            tl.debug_barrier()
+            half = D // 2
+            partner = tl.where(d < half, d + half, d - half)
+            peak = tl.maximum(peak, tl.load(sd + partner, mask=dm, other=0.0))
+        w = acc * (peak * peak)
+        # the budget - 2 D' moves of largest gain (w_c times the step drop of its k-th bit),
+        # ties to the earlier move (k, then c): the take-th largest gain by bisection on its
+        # bits, stopping once exactly `take` gains lie at or above the probe
+        kk = tl.arange(0, 8)
+        moves = kk < 6
+        drop = tl.load(drop_ptr + kk, mask=moves, other=0.0)
+        valid = moves[:, None] & kept[None, :]
+        gains = w[None, :] * drop[:, None]
+        gb = tl.where(valid, gains.to(tl.int64, bitcast=True), -1)
+        take = budget - 2 * Dk
+        top = 0x7FFFFFFFFFFFFFFF
+        lo = tl.full([], 0, tl.int64)
+        hi = tl.full([], top, tl.int64)
+        while lo < hi:
+            span = hi - lo
+            mid = lo + (span >> 1) + (span & 1)
+            cnt = tl.sum(tl.sum(tl.where(gb >= mid, 1, 0), axis=1), axis=0)
+            least = tl.min(tl.min(tl.where(gb >= mid, gb, top), axis=1), axis=0)
+            exact = cnt == take  # the take-th largest is the least of those >= mid
+            lo = tl.where(exact, least, tl.where(cnt >= take, mid, lo))
+            hi = tl.where(exact, least, tl.where(cnt >= take, hi, mid - 1))
+        above = gb > lo
+        need = take - tl.sum(tl.sum(above.to(tl.int32), axis=1), axis=0)
+        eq = (gb == lo).to(tl.int32)
+        row_eq = tl.sum(eq, axis=1)
+        rank = (tl.cumsum(row_eq, axis=0) - row_eq)[:, None] + tl.cumsum(eq, axis=1) - eq
+        chosen = above | ((eq == 1) & (rank < need))
+        tl.store(bits_ptr + pid.to(tl.int64) * bits_stride + p,
+                 2 + tl.sum(chosen.to(tl.int32), axis=0), mask=kept)
+
+
+@triton.jit(do_not_specialize=GEOMETRY)
 def int4a_from_int8(src_ptr, src_stride, out_ptr, out_stride,  # type: ignore[no-untyped-def]
-                    spans, nspans, scr_i, scr_stride, scr_d, d_stride, mant_ptr, drop_ptr,
-                    o_exps, o_oidx, o_oraw, o_kb, o_km, o_kq8, o_vq8, o_kbits, o_kq, o_vq,
-                    L, Tq, H, D, n_out, nk, Gk, budget, rb,
-                    KIND: tl.constexpr, DP: tl.constexpr, DKP: tl.constexpr,
+                    spans, nspans, bits_ptr, bits_stride, scr_i, scr_stride,
+                    o_kq8, o_vq8, o_kbits, o_kq, o_vq, L, Tq, H, D, n_out, rb,
                     BT: tl.constexpr, BC: tl.constexpr, BLOCK: tl.constexpr):
-    """int8 payloads -> int4a payloads (see the module docstring); ``budget`` is the key
-    bits a head spends per token, ``rb`` the bytes of a K row."""
+    """int8 payloads -> int4a payloads (see the module docstring), with the key bits
+    :func:`int4a_bits` chose; ``rb`` is the bytes of a K row."""
     pid = tl.program_id(0)
     part = tl.program_id(1)
     n = (pid // L).to(tl.int64)
@@ -104,11 +193,9 @@ def int4a_from_int8(src_ptr, src_stride, out_ptr, out_stride,  # type: ignore[no
     HD = H * D
     if part == 0:
         if Tq > 0:
-            _allocate_and_pack(src, out, scr_i + pid.to(tl.int64) * scr_stride,
-                               scr_d + pid.to(tl.int64) * d_stride, mant_ptr, drop_ptr,
-                               o_exps, o_oidx, o_oraw, o_kb, o_km, o_kq8, o_kbits, o_kq,
-                               layer, Tq, H, D, n_out, nk, Gk, budget, rb,
-                               KIND, DP, DKP, BT, BC)
+            _pack_keys(src, out, bits_ptr + pid.to(tl.int64) * bits_stride,
+                       scr_i + pid.to(tl.int64) * scr_stride, o_kq8, o_kbits, o_kq,
+                       layer, Tq, H, D, n_out, rb, BT, BC)
     elif part == 1:
         _requant_rows(src + o_vq8 + layer * Tq * HD, out + o_vq + layer * Tq * ((HD + 1) // 2),
                       Tq, HD, BT, BC)
@@ -117,100 +204,12 @@ def int4a_from_int8(src_ptr, src_stride, out_ptr, out_stride,  # type: ignore[no
 
 
 @triton.jit
-def _allocate_and_pack(src, out, si, sd, mant_ptr, drop_ptr,  # type: ignore[no-untyped-def]
-                       o_exps, o_oidx, o_oraw, o_kb, o_km, o_kq8, o_kbits, o_kq,
-                       layer, Tq, H, D, n_out, nk, Gk, budget, rb,
-                       KIND: tl.constexpr, DP: tl.constexpr, DKP: tl.constexpr,
-                       BT: tl.constexpr, BC: tl.constexpr):
-    HD = H * D
-    Dk = D - n_out
-    Ck = H * Dk
-    HO = H * n_out
-    # scratch: int32 [C'] kept position -> channel, [H n_out] outlier channels, [C'] bits,
-    # [C'] bit offset in the row, [rb] first code of each row byte; float64 [HD] peak |K|,
-    # [C'] sum of squared steps
-    kch = si
-    och = si + Ck
-    bits = och + HO
-    off = bits + Ck
+def _pack_keys(src, out, bits, si, o_kq8, o_kbits, o_kq,  # type: ignore[no-untyped-def]
+               layer, Tq, H, D, n_out, rb, BT: tl.constexpr, BC: tl.constexpr):
+    Ck = H * (D - n_out)
+    # scratch: int32 [C'] bit offset in the row, [rb] first code of each row byte
+    off = si
     first = off + Ck
-    peak = sd
-    step2 = sd + HD
-    e0 = tl.load((src + o_exps).to(tl.pointer_type(tl.int16)) + 2 * layer).to(tl.int32)
-    kept_map((src + o_oidx).to(tl.pointer_type(tl.int16)) + layer * H * n_out, kch, och,
-             H, D, n_out, DP)
-    tl.debug_barrier()
-    # each kept channel's squared steps (group by group, as the host adds) and reach
-    kb = src + o_kb + layer * nk * Ck
-    for p0 in range(0, Ck, BC):
-        p = p0 + tl.arange(0, BC)
-        pm = p < Ck
-        c = tl.load(kch + p, mask=pm, other=0)
-        acc = tl.zeros([BC], tl.float64)
-        reach = tl.zeros([BC], tl.float64)
-        for g in range(0, nk):
-            s = scale_f64(tl.load(kb + g * Ck + p, mask=pm, other=0).to(tl.int32), e0, mant_ptr)
-            m = m12_at(src + o_km, layer * nk * Ck + g * Ck + p, pm).to(tl.float64)
-            ng = tl.where(g == nk - 1, Tq - g * Gk, Gk).to(tl.float64)
-            acc = acc + (s * s) * ng
-            r = tl.maximum(tl.abs(m * s), tl.abs((m + 255.0) * s))
-            reach = tl.maximum(reach, r)
-        tl.store(step2 + p, acc, mask=pm)
-        tl.store(peak + c, reach, mask=pm)
-    # outlier channels: their largest |value| over the tokens
-    oraw = page_ptr(src + o_oraw, KIND) + layer * Tq * HO
-    for o0 in range(0, HO, BC):
-        o = o0 + tl.arange(0, BC)
-        om = o < HO
-        c = tl.load(och + o, mask=om, other=0)
-        big = tl.zeros([BC], tl.float64)
-        for t0 in range(0, Tq, BT):
-            rows = t0 + tl.arange(0, BT)
-            m2 = (rows < Tq)[:, None] & om[None, :]
-            x = load_f32(oraw + rows[:, None] * HO + o[None, :], m2, KIND).to(tl.float64)
-            big = tl.maximum(big, tl.max(tl.where(m2, tl.abs(x), 0.0), axis=0))
-        tl.store(peak + c, big, mask=om)
-    tl.debug_barrier()
-    if D % 2 == 0:  # a rotary pair shares its peak
-        half = D // 2
-        for c0 in range(0, HD, BC):
-            c = c0 + tl.arange(0, BC)
-            lane = (c < HD) & (c % D < half)
-            both = tl.maximum(tl.load(peak + c, mask=lane, other=0.0),
-                              tl.load(peak + c + half, mask=lane, other=0.0))
-            tl.store(peak + c, both, mask=lane)
-            tl.store(peak + c + half, both, mask=lane)
-        tl.debug_barrier()
-    # the bits of each head's channels
-    kk = tl.arange(0, 8)
-    moves = kk < 6
-    drop = tl.load(drop_ptr + kk, mask=moves, other=0.0)
-    ci = tl.arange(0, DKP)
-    cm = ci < Dk
-    take = budget - 2 * Dk
-    for h in range(0, H):
-        p = h * Dk + ci
-        pk = tl.load(peak + tl.load(kch + p, mask=cm, other=0), mask=cm, other=0.0)
-        w = tl.load(step2 + p, mask=cm, other=0.0) * (pk * pk)
-        gains = w[None, :] * drop[:, None]
-        gb = tl.where(moves[:, None] & cm[None, :], gains.to(tl.int64, bitcast=True), -1)
-        lo = tl.full([], 0, tl.int64)
-        hi = tl.full([], 0x7FFFFFFFFFFFFFFF, tl.int64)
-        for _ in range(0, 64):  # the largest v with at least `take` gains >= v
-            span = hi - lo
-            mid = lo + (span >> 1) + (span & 1)
-            cnt = tl.sum(tl.sum(tl.where(gb >= mid, 1, 0), axis=1), axis=0)
-            ok = cnt >= take
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
-        above = gb > lo
-        need = take - tl.sum(tl.sum(above.to(tl.int32), axis=1), axis=0)
-        eq = (gb == lo).to(tl.int32)
-        row_eq = tl.sum(eq, axis=1)
-        rank = (tl.cumsum(row_eq, axis=0) - row_eq)[:, None] + tl.cumsum(eq, axis=1) - eq
-        taken = above | ((eq == 1) & (rank < need))
-        tl.store(bits + p, 2 + tl.sum(taken.to(tl.int32), axis=0), mask=cm)
-    tl.debug_barrier()
     # the bit map, each channel's offset in a row and each row byte's first code
     cb = (Ck + 1) // 2
     for j0 in range(0, cb, BC):
