@@ -52,7 +52,8 @@ def main() -> None:
             build(ek.encode_page, {"k_ptr": page, "v_ptr": page, "out_ptr": "*u8",
                                    "scr_f": "*fp32", "scr_i": "*i32", "m_ptr": "*i32",
                                    "mant_ptr": "*fp64"},
-                  {"KIND": kind, "BITS": bits, "DP": lanes, "GB": 64, **blocks})
+                  {"KIND": kind, "BITS": bits, "DP": lanes, "GB": 64, "VT": launch.VT,
+                   **blocks})
         for kbits, vbits in ((8, 8), (4, 4), (0, 4)):
             build(dk.decode_page, {"src_ptr": "*u8", "k_ptr": page, "v_ptr": page,
                                    "scr_i": "*i32", "mant_ptr": "*fp64"},

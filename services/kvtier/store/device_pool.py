@@ -133,9 +133,10 @@ class DevicePool:
     """One preallocated buffer of ``nbytes`` on ``device``; pages are views into it."""
 
     def __init__(self, nbytes: int, device: torch.device) -> None:
-        self.device = device
         self.allocator = BlockAllocator(nbytes)
         self._buf = torch.empty(self.allocator.capacity, dtype=torch.uint8, device=device)
+        # as tensors name it: "cuda:0", never "cuda" (torch.device("cuda") != "cuda:0")
+        self.device = self._buf.device
         self._lo = self._buf.data_ptr()
         self._hi = self._lo + self.allocator.capacity
 

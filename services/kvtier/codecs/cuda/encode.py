@@ -41,7 +41,7 @@ def encode_page(k_ptr, v_ptr, page_stride, out_ptr, out_stride,  # type: ignore[
                 o_oidx, o_exps, o_sink, o_oraw, o_kb, o_vb, o_kq, o_vq,
                 L, T, S, H, D, n_out, Gk, nk, Gv, nv,
                 KIND: tl.constexpr, BITS: tl.constexpr, DP: tl.constexpr,
-                GB: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+                GB: tl.constexpr, VT: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """Encode layer ``program_id(0) % L`` of page ``program_id(0) // L``: K when
     ``program_id(1)`` is 0, V when 1.
 
@@ -75,7 +75,7 @@ def encode_page(k_ptr, v_ptr, page_stride, out_ptr, out_stride,  # type: ignore[
         else:
             m_out = m_ptr + n * m_stride + L * nk * Ck + layer * Tq * nv
             _encode_v(x0, out, scr_f + prog, m_out, mant_ptr, exps, o_vb, o_vq, layer, Tq,
-                      HD, Gv, nv, KIND, BITS, GB, BT, BC)
+                      HD, Gv, nv, KIND, BITS, GB, VT, BT, BC)
 
 
 @triton.jit
@@ -213,19 +213,20 @@ def _encode_k(x0, out, sf, si, m_out, mant_ptr, exps, o_oidx,  # type: ignore[no
 def _encode_v(x0, out, sf, m_out, mant_ptr, exps, o_vb, o_vq,  # type: ignore[no-untyped-def]
               layer, Tq, HD, Gv, nv,
               KIND: tl.constexpr, BITS: tl.constexpr, GB: tl.constexpr,
-              BT: tl.constexpr, BC: tl.constexpr):
+              VT: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     # scratch: float32 [T', nv] minima then 1/s, [T', nv] maxima then m (in place)
     vlo = sf
     vhi = sf + Tq * nv
-    # 1 bounds of every (token, group), and the layer's largest need
+    # 1 bounds of every (token, group), and the layer's largest need; VT token rows a tile
+    # (a group is narrow: more rows keep as many bytes in flight as the other phases)
     top = tl.full([], 0, tl.int64)
-    for t0 in range(0, Tq, BT):
-        rows = t0 + tl.arange(0, BT)
+    for t0 in range(0, Tq, VT):
+        rows = t0 + tl.arange(0, VT)
         rm = rows < Tq
         for g in range(0, nv):
             c_hi = tl.minimum(g * Gv + Gv, HD)
-            lo = tl.full([BT], float("inf"), tl.float32)
-            hi = tl.full([BT], float("-inf"), tl.float32)
+            lo = tl.full([VT], float("inf"), tl.float32)
+            hi = tl.full([VT], float("-inf"), tl.float32)
             for c0 in range(g * Gv, c_hi, GB):
                 cols = c0 + tl.arange(0, GB)
                 m2 = rm[:, None] & (cols < c_hi)[None, :]

@@ -31,6 +31,7 @@ _DROP = tuple((255.0 / ((1 << b) - 1)) ** 2 - (255.0 / ((1 << (b + 1)) - 1)) ** 
 # launch options of every kernel: fp fusion off (see kvtier.codecs.cuda.numerics)
 _OPTS = {"num_warps": 4, "enable_fp_fusion": False}
 BT = 8  # token rows per tile
+VT = 32  # token rows per tile of V's group bounds (groups of 64 channels: 2048 values a tile)
 BC = 256  # channels (or bytes) per tile
 COPY_BLOCK = 1024
 
@@ -142,7 +143,7 @@ def encode(k: torch.Tensor, v: torch.Tensor, lay: Layout) -> torch.Tensor:
         _off(lay, "kb"), _off(lay, "vb"), _off(lay, "kq"), _off(lay, "vq"),
         L, T, S, H, D, n_out, lay.Gk, nk, lay.Gv, nv,
         KIND=DTYPE_KINDS[lay.dtype], BITS=lay.codec.bits, DP=_lanes(D),
-        GB=max(64, min(_pow2(lay.Gv), BC)), BT=BT, BC=BC, **_OPTS)
+        GB=max(64, min(_pow2(lay.Gv), BC)), VT=VT, BT=BT, BC=BC, **_OPTS)
     pairs = (max(nk_all, nv_all) + 1) // 2
     if Tq and pairs:
         ek.pack_m12[(N, -(-pairs // COPY_BLOCK), 2)](
