@@ -184,3 +184,25 @@ def test_ties_in_the_key_bit_allocation(fill: str) -> None:
         got, _ = accel.int4a_from_int8(_payload(b8), layout_of(read_header(b8)),
                                        params.key_bits)
         assert got.numpy().tobytes() == encode(page, Codec.INT4A, params)[HEADER_SIZE:]
+
+
+def test_no_kernel_specializes_on_an_integer_argument() -> None:
+    """Triton compiles a variant per pattern of integer arguments that are 1 or divisible by
+    16 unless told not to: with offsets that change with the page shape, that would be a
+    compilation (seconds) per new shape on the device."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os; os.environ.pop('TRITON_INTERPRET', None)\n"
+        "from kvtier.codecs.cuda import encode as e, decode as d, transcode as t\n"
+        "for fn in (e.encode_page, e.pack_m12, d.decode_page, t.int4_from_int8,\n"
+        "           t.int4a_bits, t.int4a_from_int8):\n"
+        "    loose = [p.name for p in fn.params if not p.is_constexpr and not p.do_not_specialize\n"
+        "             and not p.name.endswith('ptr') and p.name not in\n"
+        "             ('scr_f', 'scr_i', 'scr_d', 'spans')]\n"
+        "    assert not loose, (fn.__name__, loose)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]

@@ -22,9 +22,10 @@ from kvtier.codecs.cuda.numerics import (
     copy_bytes, kept_map, m12_at, move_outliers, scale_f32, store_f32,
 )
 
-GEOMETRY = ["src_stride", "page_stride", "scr_stride", "o_oidx", "o_exps", "o_sink", "o_oraw",
-            "o_kb", "o_km", "o_vb", "o_vm", "o_kbits", "o_kq", "o_vq", "L", "T", "S", "H",
-            "D", "n_out", "Gk", "nk", "Gv", "nv", "krb"]
+GEOMETRY = [  # every integer argument (see kvtier.codecs.cuda.encode.GEOMETRY)
+    "src_stride", "page_stride", "scr_stride", "o_oidx", "o_exps", "o_sink", "o_oraw", "o_kb",
+    "o_km", "o_vb", "o_vm", "o_kbits", "o_kq", "o_vq", "L", "T", "S", "H", "D", "n_out", "Gk",
+    "nk", "Gv", "nv", "krb"]
 
 
 @triton.jit(do_not_specialize=GEOMETRY)

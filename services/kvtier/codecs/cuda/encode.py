@@ -31,8 +31,11 @@ from kvtier.codecs.cuda.numerics import (
     scale_code, scale_f64,
 )
 
-GEOMETRY = ["page_stride", "out_stride", "scr_stride", "m_stride", "L", "T", "S", "H", "D",
-            "n_out", "Gk", "nk", "Gv", "nv"]
+# every integer argument: Triton would otherwise compile a variant per pattern of which are
+# 1 or divisible by 16 (seconds each, and layouts differ page shape to page shape)
+GEOMETRY = ["page_stride", "out_stride", "scr_stride", "m_stride", "o_oidx", "o_exps", "o_sink",
+            "o_oraw", "o_kb", "o_vb", "o_kq", "o_vq", "L", "T", "S", "H", "D", "n_out", "Gk",
+            "nk", "Gv", "nv"]
 
 
 @triton.jit(do_not_specialize=GEOMETRY)

@@ -25,8 +25,11 @@ import triton.language as tl
 
 from kvtier.codecs.cuda.numerics import load_f32, m12_at, page_ptr, scale_f64
 
-GEOMETRY = ["src_stride", "out_stride", "bits_stride", "nspans", "scr_stride", "L", "Tq", "H",
-            "D", "n_out", "nk", "Gk", "budget", "rb", "Ck", "HD"]
+GEOMETRY = [  # every integer argument (see kvtier.codecs.cuda.encode.GEOMETRY)
+    "src_stride", "out_stride", "bits_stride", "nspans", "scr_stride", "o8_kq", "o8_vq",
+    "o4_kq", "o4_vq", "o_exps", "o_oidx", "o_oraw", "o_kb", "o_km", "o_kq8", "o_vq8",
+    "o_kbits", "o_kq", "o_vq", "L", "Tq", "H", "D", "n_out", "nk", "Gk", "budget", "rb", "Ck",
+    "HD"]
 
 
 @triton.jit
