@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from kvtier.cli.redis_proc import RedisProcess
+from kvtier.procs.redis import RedisProcess
 
 
 def _triton_on_cpu() -> None:

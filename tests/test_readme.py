@@ -1,4 +1,5 @@
-"""The README's quickstart runs verbatim against `kvtier up`; its config table is complete."""
+"""The README's quickstart and engine example run verbatim against `kvtier up`; its config
+table is complete."""
 
 from __future__ import annotations
 
@@ -12,18 +13,39 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from kvtier.cli.redis_proc import free_port
+from kvtier.procs.redis import free_port
 from kvtier.config import Settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def _quickstart() -> str:
-    text = README.read_text()
-    section = text.split("## Quickstart", 1)[1]
+def _snippet(heading: str) -> str:
+    """The first python block of the README section whose heading starts with ``heading``."""
+    section = README.read_text().split(heading, 1)[1]
     match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "README has no python block in its Quickstart section"
+    assert match, f"README has no python block in its {heading} section"
     return match.group(1)
+
+
+def _up(env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+    """``kvtier up`` started with ``env``; returns it and its banner once it is ready."""
+    up = subprocess.Popen([sys.executable, "-m", "kvtier.cli", "up", "--grace", "2"], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert up.stdout is not None
+    banner = []
+    for line in up.stdout:
+        banner.append(line)
+        if line.startswith("kvtier: ready"):
+            break
+    text = "".join(banner)
+    assert up.poll() is None, text
+    return up, text
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
+    env.update(KVTIER_GRPC_PORT=str(free_port()), KVTIER_HTTP_PORT=str(free_port()))
+    return env
 
 
 def _env_names(model: type[BaseModel], prefix: str = "KVTIER_") -> list[str]:
@@ -44,25 +66,14 @@ def test_config_table_lists_every_setting() -> None:
 
 
 def test_quickstart_runs_verbatim_against_kvtier_up(tmp_path: Path) -> None:
-    grpc_port, http_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
-    env.update(KVTIER_GRPC_PORT=str(grpc_port), KVTIER_HTTP_PORT=str(http_port))
-    up = subprocess.Popen([sys.executable, "-m", "kvtier.cli", "up", "--grace", "2"], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = _env()
+    up, text = _up(env)
     try:
-        assert up.stdout is not None
-        banner = []
-        for line in up.stdout:
-            banner.append(line)
-            if line.startswith("kvtier: ready"):
-                break
-        text = "".join(banner)
-        assert up.poll() is None, text
-        assert f"gRPC  127.0.0.1:{grpc_port}" in text
+        assert f"gRPC  127.0.0.1:{env['KVTIER_GRPC_PORT']}" in text
         redis_url = re.search(r"Redis (redis://[\d.]+:(\d+)/0) \(private", text)
         assert redis_url, text
         script = tmp_path / "quickstart.py"
-        script.write_text(_quickstart())
+        script.write_text(_snippet("## Quickstart"))
         run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
                              text=True, timeout=120)
         assert run.returncode == 0, run.stdout + run.stderr
@@ -82,6 +93,29 @@ def test_quickstart_runs_verbatim_against_kvtier_up(tmp_path: Path) -> None:
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+def test_engine_example_runs_verbatim_against_kvtier_up(tmp_path: Path) -> None:
+    """The transformers example: the second prompt restores the shared system prompt."""
+    env = _env()
+    up, _ = _up(env)
+    try:
+        script = tmp_path / "engine.py"
+        script.write_text(_snippet("## Engine integration"))
+        run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr
+        first, second = run.stdout.splitlines()[-2:]
+        assert re.fullmatch(r"0 of \d+ prompt tokens restored", first), first
+        restored, total = map(int, re.findall(r"\d+", second))
+        assert restored == 640 and restored < total, second
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            up.communicate()
 
 
 def test_up_without_redis_server_says_so() -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from kvtier.cli.up import embedded_defaults
 from kvtier.config import load_settings
-from kvtier.policy.registry import make_policy
+from kvtier.transport.policy.client import make_policy
 
 
 def test_up_embeds_the_learned_policy_by_default(monkeypatch: pytest.MonkeyPatch) -> None:

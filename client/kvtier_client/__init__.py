@@ -10,7 +10,8 @@ Importing it pulls in neither torch nor fastapi nor the server package ``kvtier`
 """
 
 from kvtier_client.aio import AsyncKVTierClient
-from kvtier_client.client import CacheStats, KVTierClient, LookupResult, TierStats
+from kvtier_client.client import KVTierClient
+from kvtier_client.core import CacheStats, LookupResult, TierStats
 from kvtier_client.errors import (
     AbortedError,
     DeadlineExceededError,

@@ -1,4 +1,5 @@
-"""The client side of the same-host shared-memory path (see ``kvtier.transport.shm``).
+"""The client side of the same-host shared-memory path (the segment's layout is
+:mod:`kvtier_client.shm_layout`; the daemon's side is ``kvtier.transport.shm``).
 
 :class:`Segment` creates ``/dev/shm/kvtier-<32 hex>`` with mode 0600, writes a random token at
 its start and maps it. After the daemon attached it (``AttachShm``) the client unlinks the path:
@@ -26,18 +27,15 @@ from typing import Any
 import grpc
 import numpy as np
 
+from kvtier_client.shm_layout import (
+    ALIGN, DATA_OFFSET, FILL_OFFSET, RANGES_BACK, RING_HEAD_OFFSET, TOKEN_BYTES,
+)
 from kvtier_client.staging import StagingArea
 
 log = logging.getLogger(__name__)
 
-TOKEN_BYTES = 16
-FILL_OFFSET = 16  # fill words: u64 fill number, u64 bytes written (kvtier.transport.shm_copy)
-RING_HEAD_OFFSET = 40  # u64 ranges handed back (daemon), then u64 taken back (client)
 RING_SLOTS = 1 << 16
 DEFAULT_LEND_BYTES = 64 << 20
-RANGES_BACK = "kvtier-ranges-back"  # trailing metadata: a failed lending put's ranges come back
-DATA_OFFSET = 64
-ALIGN = 64
 FILL_CHUNK = 256 << 10
 OVERLAP_MIN_BYTES = 256 << 10
 OVERLAP_SAFE = platform.machine().lower() in ("x86_64", "amd64")
@@ -47,10 +45,6 @@ SHM_DIR = Path("/dev/shm")
 _FENCE = threading.Lock()
 
 
-def align_up(n: int) -> int:
-    return (n + ALIGN - 1) & ~(ALIGN - 1)
-
-
 def available() -> bool:
     return SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK)
 
@@ -58,7 +52,7 @@ def available() -> bool:
 class Segment:
     """A client-owned shared-memory segment of ``size`` bytes; the top ``staging_bytes`` hold
     staging slots (see :mod:`kvtier_client.staging`); below them, with ``lend_bytes``, the
-    return ring and the lend area (see ``kvtier.transport.shm_lend``); the rest is the request
+    return ring and the lend area (see ``kvtier.transport.shm.lend``); the rest is the request
     area."""
 
     def __init__(self, size: int, staging_bytes: int = 0, lend_bytes: int = 0) -> None:
@@ -294,7 +288,7 @@ def abandoned(e: grpc.RpcError) -> bool:
 
 def ranges_back(e: BaseException) -> bool:
     """True if the daemon says every range a failed lending put named comes back through the
-    return ring (``kvtier.transport.shm_lend.RANGES_BACK``), so the segment can be kept. Any
+    return ring (:data:`kvtier_client.shm_layout.RANGES_BACK`), so the segment can be kept. Any
     other end (a cancel, an interrupt, no such promise) leaves that unknown."""
     try:
         trailing: Any = e.trailing_metadata()  # type: ignore[attr-defined]

@@ -7,19 +7,20 @@ the segment's staging area, and ``put`` of such a page sends only its offset, wi
 copy. Without a session (shared memory off, remote daemon, full staging area) the arrays are
 ordinary ones and ``put`` works as always.
 
-Segment layout with a staging area (``staging_bytes`` at the client)::
+The client's areas of the segment (after the fixed words of :mod:`kvtier_client.shm_layout`),
+with a staging area (``staging_bytes`` at the client)::
 
-    0      16      32     40..56      64                 request_end                            size
-    | token | fill  |      | ring head, | request area: put | lend area | return | staging slots: |
-    |       | words |      | tail       | copies, replies   | (opt.)    | ring   | k|v per page   |
+    DATA_OFFSET              request_end                                              size
+    | request area: put      | lend area | return | staging slots:                      |
+    | copies, get replies    | (opt.)    | ring   | k|v per page                         |
 
 The daemon cannot tell staging slots from the request area; it reads a put page at the offset
-the client names and writes get replies only into ``[64, request_end)``.
+the client names and writes get replies only into ``[DATA_OFFSET, request_end)``.
 
 A staged page is the caller's memory, refilled at will between puts. A put that raised (a
 deadline, a cancel) may still be read late by the daemon; the client then moves the segment's
 fill number on (``Session.void_fill``, with a fence) before it raises, and the daemon, which
-checks that number after reading a put's bytes (``kvtier.transport.shm_copy``), stores nothing
+checks that number after reading a put's bytes (``kvtier.transport.shm.copy``), stores nothing
 for such a put, so a page refilled afterwards is never stored under the failed put's keys.
 That rests on stores becoming visible in order (x86-64, ``OVERLAP_SAFE``); on other hosts,
 release a page whose put raised rather than refill it.

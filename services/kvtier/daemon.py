@@ -32,14 +32,14 @@ from typing import Any
 import grpc
 
 from kvtier.config import Settings
-from kvtier.policy.registry import make_policy
 from kvtier.store.buffers import BufferPool
 from kvtier.store.policy import Policy
 from kvtier.store.store import TierStore
+from kvtier.transport.cache.server import make_grpc_server
 from kvtier.transport.context import DaemonContext, HttpServer, Readiness, StartHttp
-from kvtier.transport.server import make_grpc_server
-from kvtier.transport.shm import ShmRegistry
-from kvtier.transport.shm_relocate import Relocator
+from kvtier.transport.policy.client import make_policy
+from kvtier.transport.shm.relocate import Relocator
+from kvtier.transport.shm.session import ShmRegistry
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,10 @@
 """The one error hierarchy of kvtier, and the one table that maps it to gRPC and HTTP.
 
 Every error the core raises is a :class:`KVTierError`. Each class names its gRPC status code
-(by name, so this module does not import grpc) and its HTTP status. The gRPC interceptor and the
-FastAPI exception handler both read :func:`status_for`; nothing else maps errors. Anything that
-is not a ``KVTierError`` becomes INTERNAL / 500 with a logged traceback.
+(by name, so this module does not import grpc) and its HTTP status. The gRPC interceptors and
+the FastAPI exception handler all read :func:`status_for`; nothing else maps errors. Anything
+that is not a ``KVTierError``, and an :class:`InternalError` (a broken invariant), becomes
+INTERNAL / 500 with a generic message and a logged traceback (:func:`is_internal`).
 
 A cache miss is not an error: ``get`` answers ``found = false``.
 """
@@ -48,10 +49,6 @@ class NotFound(KVTierError):
 
     grpc_code = "NOT_FOUND"
     http_status = 404
-
-
-class UnknownTierName(NotFound):
-    """An admin route naming a tier that does not exist (REST: 404, not 400)."""
 
 
 class CapacityExhausted(KVTierError):
@@ -108,6 +105,11 @@ class BackendUnavailable(KVTierError):
     http_status = 503
 
 
+class InternalError(KVTierError):
+    """An invariant of kvtier's own state broke (a bug, not the caller's doing): the call fails
+    with INTERNAL / 500 and the traceback is logged, as for any unexpected exception."""
+
+
 class ConfigError(KVTierError):
     """Invalid configuration, reported at start with what is wrong."""
 
@@ -115,8 +117,14 @@ class ConfigError(KVTierError):
     http_status = 500
 
 
+def is_internal(exc: BaseException) -> bool:
+    """True for what is kvtier's own fault: log its traceback, tell the caller nothing more."""
+    return not isinstance(exc, KVTierError) or isinstance(exc, InternalError)
+
+
 def status_for(exc: BaseException) -> tuple[str, int, str]:
     """The one table: ``(grpc_code_name, http_status, message)`` for any exception."""
-    if isinstance(exc, KVTierError):
-        return exc.grpc_code, exc.http_status, str(exc)
-    return "INTERNAL", 500, "internal error"
+    if is_internal(exc):
+        return "INTERNAL", 500, "internal error"
+    assert isinstance(exc, KVTierError)
+    return exc.grpc_code, exc.http_status, str(exc)

@@ -14,15 +14,22 @@ import numba
 import numpy as np
 
 from kvtier.errors import InvalidArgument
+from kvtier.types import DTYPES, DType
 
-# dtype -> (per-lane exponent mask, per-lane lowest exponent bit, per-lane top bit) as u64
-_LANES = {
-    "float16": (0x7C00_7C00_7C00_7C00, 0x0400_0400_0400_0400, 0x8000_8000_8000_8000),
-    "bfloat16": (0x7F80_7F80_7F80_7F80, 0x0080_0080_0080_0080, 0x8000_8000_8000_8000),
-    "float32": (0x7F800000_7F800000, 0x00800000_00800000, 0x80000000_80000000),
-}
-_TAIL = {"float16": (np.uint16, 0x7C00), "bfloat16": (np.uint16, 0x7F80),
-         "float32": (np.uint32, 0x7F800000)}
+
+def _lanes(d: DType) -> tuple[int, int, int]:
+    """The exponent mask, the lowest exponent bit and the top bit of every lane of a 64-bit
+    word of ``d`` values."""
+    bits = 8 * d.itemsize
+    lowest = d.exponent & -d.exponent
+    spread = [sum(x << (bits * i) for i in range(64 // bits))
+              for x in (d.exponent, lowest, 1 << (bits - 1))]
+    return spread[0], spread[1], spread[2]
+
+
+_LANES = {name: _lanes(d) for name, d in DTYPES.items()}
+_TAIL = {name: (np.dtype(np.uint16 if d.itemsize == 2 else np.uint32), d.exponent)
+         for name, d in DTYPES.items()}
 
 
 @numba.njit(cache=True, nogil=True)

@@ -1,5 +1,9 @@
 """Building and validating pages: every way in (gRPC, REST, library) goes through here.
 
+A page arrives either as tensors (:func:`make_page`) or as a header and its raw bytes
+(:func:`check_header`, then :func:`page_of_buffer` over the bytes once they are the daemon's);
+keys and namespaces are checked by :func:`check_keys`, once per call.
+
 Decision on non-finite values: pages holding NaN or Inf are **rejected** with INVALID_ARGUMENT.
 A NaN in a key or value cache is always an upstream bug, and min/max quantization of a group
 that holds one would silently turn the whole group into garbage.
@@ -8,18 +12,15 @@ that holds one would silently turn the whole group into garbage.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from kvtier.errors import InvalidArgument, PageTooLarge
 from kvtier.finite import check_finite
-from kvtier.types import SUPPORTED_DTYPES, Namespace, Page, PageId, PageKey
+from kvtier.types import DTYPES, SUPPORTED_DTYPES, Namespace, Page, PageId, PageKey
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-}
+_TORCH: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPES}
 _NAMESPACE_MAX = 128
 
 
@@ -39,7 +40,7 @@ def _check_tensor_finite(t: torch.Tensor, name: str) -> None:
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype for a wire dtype name, or InvalidArgument naming the supported ones."""
     try:
-        return _DTYPES[name]
+        return _TORCH[name]
     except KeyError:
         raise InvalidArgument(
             f"dtype {name!r} is not supported; use one of {', '.join(SUPPORTED_DTYPES)}",
@@ -48,7 +49,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    for name, dt in _DTYPES.items():
+    for name, dt in _TORCH.items():
         if dt == dtype:
             return name
     raise InvalidArgument(
@@ -147,39 +148,69 @@ def make_page(
     return page
 
 
-def page_from_bytes(
-    k_bytes: bytes | memoryview,
-    v_bytes: bytes | memoryview,
-    dtype: str,
-    shape: Sequence[int],
-    start_position: int,
-    *,
-    max_page_bytes: int | None = None,
-) -> Page:
-    """Build a page from wire bytes (raw little-endian tensor data, never pickle)."""
-    dt = torch_dtype(dtype)
-    shape = [int(s) for s in shape]
-    if len(shape) != 4 or any(s <= 0 for s in shape):
+@dataclass(frozen=True, slots=True)
+class PageHeader:
+    """A checked page header: everything about a page but its bytes."""
+
+    key: PageKey
+    dtype: str
+    shape: tuple[int, ...]
+    start_position: int
+    nbytes: int  # of k; v has the same
+    chain_position: int | None
+    shm_offset: int | None  # where k then v lie in the client's shared-memory segment
+
+
+def check_header(key: bytes, dtype: str, shape: Sequence[int], start_position: int,
+                 k_len: int, v_len: int, *, max_key_bytes: int, max_page_bytes: int,
+                 v_dtype: str = "", v_shape: Sequence[int] = (),
+                 chain_position: int | None = None,
+                 shm_offset: int | None = None) -> PageHeader:
+    """Validate what a wire header says about a page before any of its bytes are read:
+    InvalidArgument (PageTooLarge above ``max_page_bytes``) naming the field otherwise.
+    ``v_dtype`` and ``v_shape``, when given, must be k's."""
+    checked = check_key(key, max_key_bytes)
+    d = DTYPES.get(dtype)
+    if d is None:
+        torch_dtype(dtype)  # raises naming the supported dtypes
+        raise AssertionError(f"dtype {dtype!r} is supported but not in the dtype table")
+    dims = tuple(shape)
+    if len(dims) != 4 or min(dims) <= 0:
         raise InvalidArgument(
-            f"shape must be 4 positive sizes [layers, tokens, kv_heads, head_dim], got {shape}",
-            field="shape",
+            f"shape must be 4 positive sizes [layers, tokens, kv_heads, head_dim], got "
+            f"{list(dims)}", field="shape"
         )
-    elem = torch.empty((), dtype=dt).element_size()
-    want = elem
-    for s in shape:
-        want *= s
-    if max_page_bytes is not None and 2 * want > max_page_bytes:
+    if v_dtype and v_dtype != dtype:
+        torch_dtype(v_dtype)
+        raise InvalidArgument(
+            f"k and v dtypes differ: k {dtype} vs v {v_dtype}", field="v.dtype"
+        )
+    if v_shape and tuple(v_shape) != dims:
+        raise InvalidArgument(
+            f"k and v shapes differ: k {list(dims)} vs v {list(v_shape)}", field="v.shape"
+        )
+    if start_position < 0:
+        raise InvalidArgument(f"start_position must be >= 0, got {start_position}",
+                              field="start_position")
+    want = d.itemsize * dims[0] * dims[1] * dims[2] * dims[3]
+    if 2 * want > max_page_bytes:
         raise PageTooLarge(
             f"page is {2 * want} bytes (k+v), above the maximum page size of "
-            f"{max_page_bytes} bytes",
-            field="page",
+            f"{max_page_bytes} bytes", field="page"
         )
-    for name, b in (("k", k_bytes), ("v", v_bytes)):
-        if len(b) != want:
-            raise InvalidArgument(
-                f"{name} has {len(b)} bytes but dtype {dtype} x shape {shape} needs {want}",
-                field=f"{name}.data",
-            )
-    k = torch.frombuffer(bytearray(k_bytes), dtype=dt).reshape(shape)
-    v = torch.frombuffer(bytearray(v_bytes), dtype=dt).reshape(shape)
-    return make_page(k, v, start_position, max_page_bytes=max_page_bytes)
+    if k_len != want or v_len != want:
+        name, got = ("k", k_len) if k_len != want else ("v", v_len)
+        raise InvalidArgument(
+            f"{name} has {got} bytes but dtype {dtype} x shape {list(dims)} needs {want}",
+            field=f"{name}.data",
+        )
+    if chain_position is not None and chain_position < 0:
+        raise InvalidArgument(f"chain_position must be >= 0, got {chain_position}",
+                              field="chain_position")
+    return PageHeader(checked, dtype, dims, start_position, want, chain_position, shm_offset)
+
+
+def page_of_buffer(h: PageHeader, buf: torch.Tensor) -> Page:
+    """The page of ``h`` viewing ``buf``: ``2 * h.nbytes`` uint8, k's bytes then v's."""
+    k, v = buf.view(torch_dtype(h.dtype)).view(2, *h.shape).unbind(0)
+    return Page(k, v, h.start_position)

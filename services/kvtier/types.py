@@ -43,7 +43,7 @@ class Codec(str, enum.Enum):
     NONE = "none"
     INT8 = "int8"
     INT4 = "int4"
-    INT4A = "int4a"  # 4 bits on average, key bits allocated per channel (kvtier.codecs.alloc)
+    INT4A = "int4a"  # 4 bits on average, key bits allocated per channel (kvtier.codecs.int4a)
 
     @property
     def bits(self) -> int:
@@ -76,7 +76,30 @@ class Medium(str, enum.Enum):
     REDIS = "redis"
 
 
-SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
+@dataclass(frozen=True, slots=True)
+class DType:
+    """A dtype a page may have: the one table every layer reads (wire name, sizes, codes).
+
+    ``code`` is its number in a blob header (:mod:`kvtier.codecs.blob`; a stored byte, never
+    renumbered) and in the CPU kernels' arguments. ``numpy`` names the numpy dtype that holds
+    its values, None for bfloat16 (numpy has none). ``exponent`` masks its exponent bits in one
+    element: all ones is NaN or Inf. The torch dtype has the same name
+    (:func:`kvtier.pages.torch_dtype`).
+    """
+
+    name: str
+    itemsize: int
+    code: int
+    numpy: str | None
+    exponent: int
+
+
+DTYPES: dict[str, DType] = {d.name: d for d in (
+    DType("float16", 2, 0, "<f2", 0x7C00),
+    DType("bfloat16", 2, 1, None, 0x7F80),
+    DType("float32", 4, 2, "<f4", 0x7F80_0000),
+)}
+SUPPORTED_DTYPES = tuple(DTYPES)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
-
 from collections.abc import Callable, Sequence
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvtier.cli.redis_proc import RedisProcess
+from kvtier.procs.redis import RedisProcess
 from kvtier.store.policy import LRUPolicy, PageMeta, PolicyStatus
 from kvtier.transport.stats import RpcSample
 from kvtier.types import EvictionReason
@@ -165,7 +164,7 @@ def test_buffers_faulted_in_ahead_are_counted(quiet: Admin) -> None:
 
 def test_lent_pages_copied_out_are_counted(quiet: Admin) -> None:
     from kvtier.admin.metrics import DaemonMetrics
-    from kvtier.transport.shm_relocate import Relocator
+    from kvtier.transport.shm.relocate import Relocator
 
     ctx = quiet.context
     assert not [k for k in scrape(quiet) if k[0].startswith("kvtier_shm_")]  # no relocator

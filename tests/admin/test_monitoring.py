@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.admin.prometheus import DAEMON_JOB, LocalMonitoring, scrape_config
-from kvtier.cli.redis_proc import free_port
+from kvtier.procs.prometheus import DAEMON_JOB, LocalMonitoring, scrape_config
+from kvtier.procs.redis import free_port
 from kvtier.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvtier.admin.prometheus import DAEMON_JOB, POLICY_JOB, PrometheusProcess, scrape_config
 from kvtier.admin.server import start_http
 from kvtier.daemon import Daemon
-from kvtier.policy.service import make_metrics_server, make_policy_server
+from kvtier.procs.prometheus import DAEMON_JOB, POLICY_JOB, PrometheusProcess, scrape_config
 from kvtier.store.policy import LRUPolicy, PageMeta, PolicyStatus
+from kvtier.transport.policy.service import make_metrics_server, make_policy_server
 from kvtier_client import KVTierClient, Page
 
 from .conftest import PAGE_SHAPE, make_settings

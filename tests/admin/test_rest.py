@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from kvtier.admin.server import serve_http
-from kvtier.cli.redis_proc import RedisProcess
+from kvtier.procs.redis import RedisProcess
 from kvtier.errors import ConfigError
 from kvtier.store.policy import LRUPolicy, PolicyStatus
 from kvtier.store.store import TierStore

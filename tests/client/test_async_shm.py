@@ -50,18 +50,18 @@ async def test_local_async_client_uses_shm_and_leaves_nothing_behind(daemon: Dae
 
 async def test_large_async_puts_copy_while_the_call_is_in_flight(
         daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
-    import kvtier_client.aio as aio_mod
+    import kvtier_client.core as core
 
     if not shm_mod.OVERLAP_SAFE:
         pytest.skip("overlapped puts are x86-64 only")
     fills: list[int] = []
-    real = aio_mod.fill_segment
+    real = core.fill_segment
 
     def spy(segment: Any, plan: Any, fill: int, chunk: int = shm_mod.FILL_CHUNK) -> None:
         fills.append(fill)
         real(segment, plan, fill, chunk)
 
-    monkeypatch.setattr(aio_mod, "fill_segment", spy)
+    monkeypatch.setattr(core, "fill_segment", spy)
     big = [make_page(i, (4, 256, 8, 64)) for i in range(3)]
     async with AsyncKVTierClient(daemon.grpc_address, "tenant-a", overlap_copy=True,
                                  lend_bytes=0) as a:

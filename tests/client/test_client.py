@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from kvtier.cli.redis_proc import free_port
+from kvtier.procs.redis import free_port
 from kvtier.daemon import Daemon
 from kvtier_client import (
     AsyncKVTierClient,

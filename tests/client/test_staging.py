@@ -7,7 +7,7 @@ import pytest
 
 from kvtier.daemon import Daemon
 from kvtier_client import AsyncKVTierClient, KVTierClient, Page
-from kvtier_client.shm import DATA_OFFSET
+from kvtier_client.shm_layout import DATA_OFFSET
 from kvtier_client.staging import StagingArea
 
 SHAPE = (2, 16, 2, 64)  # float16: 8 KiB per tensor
@@ -128,7 +128,7 @@ def test_a_staged_page_refilled_after_an_abandoned_put_is_never_stored_late(
     import threading
     import time
 
-    import kvtier.transport.servicer as servicer_mod
+    import kvtier.transport.cache.servicer as servicer_mod
     from kvtier_client import DeadlineExceededError
 
     real = servicer_mod.copy_pages
@@ -163,7 +163,7 @@ async def test_an_async_staged_put_cancelled_by_its_task_is_never_stored_late(
     import threading
     import time
 
-    import kvtier.transport.servicer as servicer_mod
+    import kvtier.transport.cache.servicer as servicer_mod
 
     real = servicer_mod.copy_pages
     started, done = threading.Event(), threading.Event()

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from kvtier.bench import codecs as bench
+from kvtier.lab.bench import codecs as bench
 from kvtier.config import CodecConfig
 
 

@@ -69,7 +69,7 @@ def test_forged_blob_with_valid_checksum_is_rejected(section: str, value: int, k
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import struct
 
-    from kvtier.codecs import fused
+    from kvtier.codecs import codec
     from kvtier.codecs.layout import layout_of
 
     blob = encode(make_kv((2, 16, 2, 32), start=9), Codec.INT8, P)
@@ -77,6 +77,6 @@ def test_forged_blob_with_valid_checksum_is_rejected(section: str, value: int, k
     bad = bytearray(blob)
     struct.pack_into("<h", bad, off, value)
     if not kernels:
-        monkeypatch.setattr(fused, "available", lambda: False)
+        monkeypatch.setattr(codec, "_kernels_run_on", lambda device: False)  # the CUDA path
     with pytest.raises(CorruptPage):
         decode(_reseal(bad))

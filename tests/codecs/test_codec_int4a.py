@@ -6,8 +6,8 @@ import pytest
 import torch
 from codec_helpers import DTYPES, error_bound, make_kv, ulp
 
-from kvtier.codecs import alloc, blob as blobfmt, decode, encode, fused, read_header, reference
-from kvtier.codecs import transcode
+from kvtier.codecs import blob as blobfmt
+from kvtier.codecs import codec, decode, encode, int4a, read_header, torch_reference, transcode
 from kvtier.codecs.blob import HEADER_SIZE
 from kvtier.codecs.layout import layout_of
 from kvtier.config import CodecConfig
@@ -30,23 +30,23 @@ def _wide_channels(shape: tuple[int, int, int, int], seed: int = 0, start: int =
 def _bits(blob: bytes) -> torch.Tensor:
     lay = layout_of(read_header(blob))
     payload = torch.frombuffer(bytearray(blob[HEADER_SIZE:]), dtype=torch.uint8)
-    return alloc.read_bits(payload, lay).reshape(lay.L, lay.H, lay.D - lay.n_out)
+    return int4a.read_bits(payload, lay).reshape(lay.L, lay.H, lay.D - lay.n_out)
 
 
 def test_allocate_spends_exactly_four_bits_and_favours_wide_channels() -> None:
     g = torch.Generator().manual_seed(3)
     w = torch.rand(5, 7, 63, generator=g, dtype=torch.float64) ** 6 * 1e4
-    bits = alloc.allocate(w, 4 * 63)
+    bits = int4a.allocate(w, 4 * 63)
     assert set(bits.unique().tolist()) <= set(range(2, 9))
     assert bool((bits.to(torch.int64).sum(-1) == 4 * 63).all())
     # a wider channel never gets fewer bits than a narrower one of the same row
     order = w.argsort(-1)
     assert bool((bits.gather(-1, order).diff(dim=-1) >= 0).all())
     assert bool((bits == 8).any()) and bool((bits == 2).any())
-    flat = alloc.allocate(torch.ones(2, 10, dtype=torch.float64), 40)
+    flat = int4a.allocate(torch.ones(2, 10, dtype=torch.float64), 40)
     assert bool((flat == 4).all())  # equal channels: int4
     for budget in (2 * 63, 5 * 63 + 1, 8 * 63):
-        assert bool((alloc.allocate(w, budget).to(torch.int64).sum(-1) == budget).all())
+        assert bool((int4a.allocate(w, budget).to(torch.int64).sum(-1) == budget).all())
 
 
 def test_key_bits_sets_the_budget_and_the_header_says_it() -> None:
@@ -107,7 +107,7 @@ def test_roundtrip_within_the_bound_of_each_channels_bits(dtype: str,
     if lay.Tq:
         bits = _bits(blob).to(torch.int64)
         kept = torch.ones(L, H, D, dtype=torch.bool)
-        kept.scatter_(-1, reference.outlier_channels(page.k[:, S:].float(), lay.n_out), False)
+        kept.scatter_(-1, torch_reference.outlier_channels(page.k[:, S:].float(), lay.n_out), False)
         # |error| <= (255 / (2^b - 1) / 2 + 1) s: the b-bit step, then half an int8 step
         steps[kept] = 255.0 / (2.0 ** bits.reshape(-1).double() - 1) + 2
         assert torch.equal(got.k[:, S:][~kept[:, None].expand(L, T - S, H, D)],
@@ -148,7 +148,7 @@ def test_torch_path_gives_the_same_bytes_and_tensors(monkeypatch: pytest.MonkeyP
     page = _wide_channels((2, 70, 3, 24), seed=11, start=1)  # odd C': rows end in a half byte
     fast = encode(page, Codec.INT4A, P)
     dec = decode(fast).page
-    monkeypatch.setattr(fused, "available", lambda: False)
+    monkeypatch.setattr(codec, "_kernels_run_on", lambda device: False)  # the CUDA path
     assert encode(page, Codec.INT4A, P) == fast
     slow = decode(fast).page
     assert torch.equal(dec.k, slow.k) and torch.equal(dec.v, slow.v)
@@ -174,7 +174,7 @@ def test_pages_of_only_sinks_roundtrip_exactly() -> None:
 
 
 def test_kernels_self_test_passes() -> None:
-    assert alloc.self_test()
+    assert int4a.self_test()
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -191,10 +191,10 @@ def test_allocation_kernel_matches_the_torch_rule(dtype: str, shape: tuple[int, 
     page = _wide_channels(shape, seed=sum(shape), start=start)
     page = Page(k=page.k.to(DTYPES[dtype]), v=page.v.to(DTYPES[dtype]), start_position=start)
     lay8 = layout_for_encode(Codec.INT8, dtype, page.shape, start, params)
-    payload8 = reference.encode_payload(page, lay8)
-    budget = alloc.head_budget(4.0, lay8.D - lay8.n_out)
-    want = alloc.allocate(alloc.key_weights(payload8, lay8), budget).reshape(lay8.L, -1)
-    assert torch.equal(alloc._allocate_kernel(payload8, lay8, budget), want)
+    payload8 = torch_reference.encode_payload(page, lay8)
+    budget = int4a.head_budget(4.0, lay8.D - lay8.n_out)
+    want = int4a.allocate(int4a.key_weights(payload8, lay8), budget).reshape(lay8.L, -1)
+    assert torch.equal(int4a._allocate_kernel(payload8, lay8, budget), want)
 
 
 def test_selection_kernel_takes_the_stable_sorts_first_moves_among_ties() -> None:
@@ -202,17 +202,15 @@ def test_selection_kernel_takes_the_stable_sorts_first_moves_among_ties() -> Non
     the earlier move included (gains drawn from a few values, so most of them tie)."""
     import numpy as np
 
-    from kvtier.codecs import alloc_kernels
+    from kvtier.codecs.cpu import int4a as kernels
 
-    if not fused.available():
-        pytest.skip("numba kernels unavailable")
     rng = np.random.default_rng(3)
     for n, levels in ((1, 1), (2, 1), (3, 2), (7, 3), (64, 4), (762, 5), (762, 1000)):
         gains = rng.integers(0, levels, n).astype(np.float64)
         want_sorted = np.argsort(-gains, kind="stable")
         for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
             order = np.arange(n)
-            alloc_kernels._select(gains, order, k)
+            kernels._select(gains, order, k)
             assert sorted(order.tolist()) == list(range(n))
             assert set(order[:k].tolist()) == set(want_sorted[:k].tolist()), (n, levels, k)
 
@@ -230,18 +228,16 @@ def test_whole_blob_kernels_match_the_torch_code(dtype: str, shape: tuple[int, i
     every page dtype (the outliers' peaks are read from the raw values)."""
     from kvtier.codecs.layout import layout_for_encode
 
-    if not fused.available():
-        pytest.skip("numba kernels unavailable")
     page = _wide_channels(shape, seed=sum(shape), start=start)
     page = Page(k=page.k.to(DTYPES[dtype]), v=page.v.to(DTYPES[dtype]), start_position=start)
     lay8 = layout_for_encode(Codec.INT8, dtype, page.shape, start, params)
-    payload8 = reference.encode_payload(page, lay8)
-    slow, lay = alloc.from_int8(payload8, lay8, params.key_bits, kernels=False)
-    buf, lay_k = alloc.from_int8_blob(bytes(HEADER_SIZE) + payload8.numpy().tobytes(), lay8,
+    payload8 = torch_reference.encode_payload(page, lay8)
+    slow, lay = int4a.from_int8(payload8, lay8, params.key_bits, kernels=False)
+    buf, lay_k = int4a.from_int8_blob(bytes(HEADER_SIZE) + payload8.numpy().tobytes(), lay8,
                                       params.key_bits)
     assert lay_k == lay and bytes(buf[HEADER_SIZE:]) == slow.numpy().tobytes()
-    back, lay8_k = alloc.to_int8_blob(bytes(buf), lay)
-    want, lay8_t = alloc.to_int8(slow, lay, kernels=False)
+    back, lay8_k = int4a.to_int8_blob(bytes(buf), lay)
+    want, lay8_t = int4a.to_int8(slow, lay, kernels=False)
     assert lay8_k == lay8_t and bytes(back[HEADER_SIZE:]) == want.numpy().tobytes()
 
 
@@ -251,19 +247,17 @@ def test_candidate_moves_hold_the_stable_sorts_first_moves() -> None:
     are zero or spread widely."""
     import numpy as np
 
-    from kvtier.codecs import alloc_kernels
+    from kvtier.codecs.cpu import int4a as kernels
 
-    if not fused.available():
-        pytest.skip("numba kernels unavailable")
     rng = np.random.default_rng(5)
     for n in (1, 2, 5, 127):
         for weights in (rng.integers(0, 3, n).astype(np.float64), rng.random(n) * 0.1 + 1.0,
                         np.exp(rng.normal(0.0, 4.0, n)), np.zeros(n)):
-            gains = (weights[None, :] * alloc._DROP[:, None]).reshape(-1)
+            gains = (weights[None, :] * int4a._DROP[:, None]).reshape(-1)
             want = np.argsort(-gains, kind="stable")
             for k in sorted({0, 1, n, 2 * n, 3 * n - 1, gains.size}):
                 order = np.empty(gains.size, np.int64)
-                m = alloc_kernels._candidates(gains, n, k, order)
+                m = kernels._candidates(gains, n, k, order)
                 assert m >= k and set(want[:k].tolist()) <= set(order[:m].tolist())
-                alloc_kernels._select(gains, order[:m], k)
+                kernels._select(gains, order[:m], k)
                 assert set(order[:k].tolist()) == set(want[:k].tolist()), (n, k)

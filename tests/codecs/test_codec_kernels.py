@@ -1,6 +1,8 @@
-"""The fused CPU kernels agree with the pure-torch oracle bit for bit (bytes and tensors)."""
+"""The CPU kernels agree with the pure-torch oracle bit for bit (bytes and tensors)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,11 +10,11 @@ import torch
 from codec_helpers import DTYPES, make_kv
 from numba import njit
 
-from kvtier.codecs import decode, encode, fused, reference, transcode, warmup
+from kvtier.codecs import decode, encode, torch_reference, transcode, warmup
 from kvtier.codecs.blob import HEADER_SIZE, read_header
+from kvtier.codecs.cpu.intrinsics import bits_to_f32
+from kvtier.codecs.cpu.rows import R17
 from kvtier.codecs.layout import layout_for_encode, layout_of
-from kvtier.codecs.intrinsics import bits_to_f32
-from kvtier.codecs.rowops import R17
 from kvtier.config import CodecConfig
 from kvtier.types import Codec, Page
 
@@ -27,7 +29,7 @@ SHAPES = [
 
 def _payload_ref(page: Page, codec: Codec, params: CodecConfig, dtype: str) -> bytes:
     lay = layout_for_encode(codec, dtype, page.shape, page.start_position, params)
-    return bytes(reference.encode_payload(page, lay).numpy().tobytes())
+    return bytes(torch_reference.encode_payload(page, lay).numpy().tobytes())
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -35,13 +37,12 @@ def _payload_ref(page: Page, codec: Codec, params: CodecConfig, dtype: str) -> b
 @pytest.mark.parametrize("codec", [Codec.NONE, Codec.INT8, Codec.INT4])  # int4a: via int8
 def test_kernels_match_torch_oracle(dtype: str, shape: tuple[int, int, int, int], start: int,
                                     codec: Codec) -> None:
-    assert fused.available()
     params = CodecConfig(group_size=64)
     page = make_kv(shape, DTYPES[dtype], start=start, seed=sum(shape))
-    blob = encode(page, codec, params)  # CPU tensors: the fused kernels
+    blob = encode(page, codec, params)  # CPU tensors: the numba kernels
     assert blob[HEADER_SIZE:] == _payload_ref(page, codec, params, dtype)
     lay = layout_of(read_header(blob))
-    rk, rv = reference.decode_payload(
+    rk, rv = torch_reference.decode_payload(
         torch.frombuffer(bytearray(blob[HEADER_SIZE:]), dtype=torch.uint8), lay)
     got = decode(blob).page
     assert torch.equal(got.k, rk) and torch.equal(got.v, rv)
@@ -65,19 +66,27 @@ def test_large_pages_match_oracle(dtype: str, codec: Codec) -> None:
     blob = encode(page, codec, params)
     assert blob[HEADER_SIZE:] == _payload_ref(page, codec, params, dtype)
     lay = layout_of(read_header(blob))
-    rk, rv = reference.decode_payload(
+    rk, rv = torch_reference.decode_payload(
         torch.frombuffer(bytearray(blob[HEADER_SIZE:]), dtype=torch.uint8), lay)
     got = decode(blob).page
     assert torch.equal(got.k, rk) and torch.equal(got.v, rv)
 
 
-def test_kernel_transcode_matches_torch_transcode(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kernel_transcode_matches_torch_transcode() -> None:
+    """transcode's int8 -> int4 rows are the torch reference's rule (``round(q8 / 17)``, then
+    packed), half-byte row ends included."""
+    from kvtier.codecs.pack import pack_int4
+
     page = make_kv((2, 65, 3, 24), start=0)  # odd C' (3 * 23): int4 rows end in a half byte
     b8 = encode(page, Codec.INT8, CodecConfig())
     fast = transcode(b8, Codec.INT4, CodecConfig())
-    monkeypatch.setattr(fused, "available", lambda: False)
-    slow = transcode(b8, Codec.INT4, CodecConfig())
-    assert fast == slow
+    src, dst = layout_of(read_header(b8)), layout_of(read_header(fast))
+    for name, width in (("kq", src.Ck), ("vq", src.HD)):
+        off, n = src.section(name)
+        q8 = torch.frombuffer(bytearray(b8[off:off + n]), dtype=torch.uint8)
+        slow = pack_int4(torch_reference.int8_to_int4(q8.reshape(-1, width))).numpy().tobytes()
+        doff, dn = dst.section(name)
+        assert fast[doff:doff + dn] == slow
     assert decode(fast).page.k.dtype == torch.float16
 
 
@@ -112,3 +121,26 @@ def test_int4_reciprocal_matches_division_for_every_float32_in_range() -> None:
     low = int(np.array([3.0], np.float32).view(np.uint32)[0]) + 1
     assert _count_r17_mismatches(0, top, 1.0) == 0
     assert _count_r17_mismatches(0, low, -1.0) == 0
+
+
+def test_a_change_to_any_kernel_source_drops_every_cached_kernel(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """numba checks a cached kernel against its own file only; the package's stamp covers the
+    helpers it inlines from other files too."""
+    import kvtier.codecs.cpu as cpu_pkg
+
+    (tmp_path / "rows.py").write_text("x = 1\n")
+    (tmp_path / "int8_int4.py").write_text("y = 2\n")
+    cache = tmp_path / "__pycache__"
+    cache.mkdir()
+    monkeypatch.setattr(cpu_pkg, "_HERE", tmp_path)
+    kernel = cache / "int8_int4.encode_page-1.py311.nbi"
+    kernel.write_bytes(b"compiled")
+    cpu_pkg._drop_stale_kernels()  # no stamp yet: nothing known about what compiled it
+    assert not kernel.exists()
+    kernel.write_bytes(b"compiled")
+    cpu_pkg._drop_stale_kernels()
+    assert kernel.exists()  # same sources: kept
+    (tmp_path / "rows.py").write_text("x = 3\n")  # a helper the kernel inlines changed
+    cpu_pkg._drop_stale_kernels()
+    assert not kernel.exists()

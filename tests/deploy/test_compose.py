@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kvtier.admin.prometheus import DAEMON_JOB, POLICY_JOB, scrape_config
+from kvtier.procs.prometheus import DAEMON_JOB, POLICY_JOB, scrape_config
 from kvtier.cli import build_parser
 from kvtier.config import Settings
 

@@ -19,10 +19,10 @@ import yaml
 
 from kvtier.admin.server import serve_http
 from kvtier.config import Settings
-from kvtier.policy.service import make_policy_server
 from kvtier.store.policy import LRUPolicy
 from kvtier.store.store import TierStore
 from kvtier.transport.context import DaemonContext, Readiness
+from kvtier.transport.policy.service import make_policy_server
 
 ROOT = Path(__file__).resolve().parents[2]
 

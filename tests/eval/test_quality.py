@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from kvtier.errors import InvalidArgument
-from kvtier.eval.catalog import INT4R, Catalog
-from kvtier.eval.harness import run_quality
-from kvtier.eval.quant import QuantSpec
-from kvtier.eval.transforms import Identity, QuantTransform, codecs_available
-from kvtier.eval.variant import Variant, uniform
+from kvtier.lab.eval.catalog import INT4R, Catalog
+from kvtier.lab.eval.harness import run_quality
+from kvtier.lab.eval.quant import QuantSpec
+from kvtier.lab.eval.transforms import Identity, QuantTransform, codecs_available
+from kvtier.lab.eval.variant import Variant, uniform
 
 PAGE = 32
 
@@ -80,8 +80,8 @@ def test_real_codecs_change_the_output(tiny_model: Any, tiny_ids: torch.Tensor) 
 def test_int4a_goes_through_the_tier_codec(tiny_model: Any, tiny_ids: torch.Tensor) -> None:
     from kvtier.codecs import decode, encode
     from kvtier.config import CodecConfig
-    from kvtier.eval.harness import page_from_cache
-    from kvtier.eval.transforms import CodecTransform
+    from kvtier.lab.eval.harness import page_from_cache
+    from kvtier.lab.eval.transforms import CodecTransform
     from kvtier.types import Codec
 
     params = CodecConfig(group_size=16)
@@ -167,8 +167,8 @@ def test_int4q_is_calibrated_and_spends_the_int4_budget(tiny_model: Any,
     # none); test_quant pins the weighted error, the SmolLM2 tables the model-level effect.
     from dataclasses import replace
 
-    from kvtier.eval.allocate import AllocTransform, query_energy
-    from kvtier.eval.catalog import INT4Q
+    from kvtier.lab.eval.allocate import AllocTransform, query_energy
+    from kvtier.lab.eval.catalog import INT4Q
 
     with pytest.raises(InvalidArgument) as e:
         Catalog().variant("int4q")
@@ -187,8 +187,8 @@ def test_int4q_is_calibrated_and_spends_the_int4_budget(tiny_model: Any,
 
 
 def test_ablation_has_the_tier_codecs_settings() -> None:
-    from kvtier.eval.catalog import ablation
-    from kvtier.eval.transforms import CodecTransform
+    from kvtier.lab.eval.catalog import ablation
+    from kvtier.lab.eval.transforms import CodecTransform
     from kvtier.types import Codec
 
     rows = {v.name: v.tiers[0] for v in ablation(None)}

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kvtier.errors import InvalidArgument
-from kvtier.eval.quant import QuantSpec, hadamard, quantize_page
-from kvtier.eval.research import (
+from kvtier.lab.eval.quant import QuantSpec, hadamard, quantize_page
+from kvtier.lab.eval.research import (
     Fp8Transform,
     GearTransform,
     HaarTransform,
@@ -115,7 +115,7 @@ def test_research_transforms_round_trip_close() -> None:
 
 
 def test_allocation_spends_the_budget_where_the_weight_is() -> None:
-    from kvtier.eval.allocate import allocate
+    from kvtier.lab.eval.allocate import allocate
 
     w = torch.tensor([[100.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
     b = allocate(w, 4.0, 2, 8)
@@ -126,7 +126,7 @@ def test_allocation_spends_the_budget_where_the_weight_is() -> None:
 
 
 def test_calibrated_allocation_beats_uniform_bits_on_weighted_error() -> None:
-    from kvtier.eval.allocate import AllocTransform
+    from kvtier.lab.eval.allocate import AllocTransform
 
     p = _page()
     energy = torch.ones(2, 2, 16)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtier.eval.catalog import Catalog
-from kvtier.eval.harness import run_quality
+from kvtier.lab.eval.catalog import Catalog
+from kvtier.lab.eval.harness import run_quality
 
 pytestmark = pytest.mark.slow
 
 
 def test_int8_and_int4a_meet_the_targets() -> None:
-    from kvtier.eval.model import default_text, load_model, tokenize
+    from kvtier.lab.eval.model import default_text, load_model, tokenize
 
     torch.set_num_threads(1)
     model, tokenizer = load_model(torch.device("cpu"))

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from kvtier.errors import InvalidArgument
-from kvtier.eval.passkey import build_trial, run_passkey
-from kvtier.eval.suite import Options, evaluate
-from kvtier.eval.transforms import Identity, PageTransform, QuantTransform
-from kvtier.eval.quant import QuantSpec
+from kvtier.lab.eval.passkey import build_trial, run_passkey
+from kvtier.lab.eval.suite import Options, evaluate
+from kvtier.lab.eval.transforms import Identity, PageTransform, QuantTransform
+from kvtier.lab.eval.quant import QuantSpec
 
 from .conftest import CharTokenizer
 
@@ -46,7 +46,7 @@ def test_passkey_is_the_same_for_equal_transforms(tiny_model: Any) -> None:
 
 def test_evaluate_gives_the_json_keys(tiny_model: Any, tiny_ids: torch.Tensor) -> None:
     from kvtier.config import CodecConfig
-    from kvtier.eval.catalog import Catalog
+    from kvtier.lab.eval.catalog import Catalog
 
     opts = Options(codecs=("none", "int8", "int4", "mixed"), page_tokens=64, passkey_trials=2,
                    passkey_tokens=512, passkey_codecs=("int4",), batch=2, progress=False)

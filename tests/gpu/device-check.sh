@@ -52,6 +52,7 @@ timeout "$T_SMOKE" "$PY" - <<'EOF' 2>&1 | tee "$OUT/smoke.log"
 import time, torch
 from kvtier.codecs import decode, encode
 from kvtier.codecs import device as accel
+from kvtier.codecs.codec import device_self_test
 from kvtier.config import CodecConfig
 from kvtier.types import Codec, Page
 dev = torch.device("cuda")
@@ -73,7 +74,7 @@ for codec in (Codec.INT8, Codec.INT4, Codec.INT4A):
     except Exception as e:
         print(f"{codec.value:6} FAILED: {type(e).__name__}: {e}")
 print("kernels still on:", accel.available(dev), "turned off because:", accel._off)
-print("self test:", accel.self_test(dev))
+print("self test:", device_self_test(dev))
 EOF
 echo "smoke exit: ${PIPESTATUS[0]}"
 

@@ -10,6 +10,7 @@ from codec_helpers import DTYPES, make_kv
 
 from kvtier.codecs import decode, encode, read_header, transcode
 from kvtier.codecs import device as accel
+from kvtier.codecs.codec import device_self_test
 from kvtier.codecs.blob import HEADER_SIZE
 from kvtier.codecs.layout import layout_for_encode, layout_of
 from kvtier.config import CodecConfig
@@ -135,5 +136,5 @@ def test_device_blob_and_seal() -> None:
 def test_the_kernels_self_test_and_never_turned_off() -> None:
     """Runs last in this module: no kernel raised or disagreed with the CPU kernels above
     (either turns the kernels off and the torch reference serves, slower)."""
-    assert accel.self_test(CUDA)
+    assert device_self_test(CUDA)
     assert accel._off == []  # noqa: SLF001

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from kvtier.bench import ipc_worker
+from kvtier.lab.bench import ipc_worker
 from kvtier.config import Settings, TierConfig
 from kvtier.daemon import Daemon
 from kvtier.types import Codec, Medium, Page
@@ -36,7 +36,7 @@ def test_a_worker_gets_and_puts_pages_device_to_device() -> None:
             k, v = ipc_worker.page(i, "cuda")
             store.put("ipc", [(ipc_worker.key(i), Page(k=k, v=v, start_position=0))])
         run = subprocess.run(
-            [sys.executable, "-m", "kvtier.bench.ipc_worker", daemon.grpc_address, "ipc", "4",
+            [sys.executable, "-m", "kvtier.lab.bench.ipc_worker", daemon.grpc_address, "ipc", "4",
              "1"], capture_output=True, text=True, timeout=90, env=dict(os.environ))
         res = json.loads(run.stdout.strip().splitlines()[-1])
         assert res["ok"], (res, run.stderr[-2000:])

@@ -47,15 +47,13 @@ def store() -> Iterator[TierStore]:
 
 
 def _held(s: TierStore, tier: int) -> list[object]:
-    e = s._engine  # noqa: SLF001
-    with e.cond:
-        backend = e.memory[tier]
-        assert backend is not None
-        return [backend.get(pid) for pid in e.index.pages_in(tier)]
+    snap = s._engine.snapshot()[tier]  # noqa: SLF001
+    assert snap.held is not None
+    return [snap.held[pid] for pid in snap.pages]
 
 
 def test_pages_live_in_the_pool_with_no_allocation_per_page(store: TierStore) -> None:
-    transfer = store._engine.transfer  # noqa: SLF001
+    transfer = store._engine.device_transfer  # noqa: SLF001
     assert transfer is not None and transfer.pool.capacity_bytes >= 16 * PAGE_BYTES
     pages = [make_kv(SHAPE, torch.float16, start=0, seed=i) for i in range(8)]
     torch.cuda.synchronize()

@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvtier.policy.trace import Trace, TraceRequest
+from kvtier.lab.replay.trace import Trace, TraceRequest
 from kvtier.store.policy import AccessEvent, AccessKind, PageMeta
 from kvtier.types import Namespace, PageId, PageKey
 

@@ -9,10 +9,10 @@ import random
 import pytest
 
 from kvtier.errors import InvalidArgument
-from kvtier.policy.baselines import ARCCore, LFUCore, LRUCore, S3FIFOCore
-from kvtier.policy.belady import belady_hits
-from kvtier.policy.runner import run_policy
-from kvtier.policy.sim import capacity_blocks, split_capacity
+from kvtier.policy.classic import ARCCore, LFUCore, LRUCore, S3FIFOCore
+from kvtier.lab.replay.belady import belady_hits
+from kvtier.lab.replay.runner import run_policy
+from kvtier.lab.replay.sim import capacity_blocks, split_capacity
 
 from .helpers import make_trace, singles
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from kvtier.policy.density import ChainClasses, ReuseDensity, age_bin
+from kvtier.policy.learned.density import ChainClasses, ReuseDensity, age_bin
 
 
 def test_classes_use_chain_structure_not_ids() -> None:

@@ -7,12 +7,12 @@ import random
 import pytest
 import torch
 
-from kvtier.policy.features import N_FEATURES, BlockHistory
-from kvtier.policy.density import ReuseDensity
-from kvtier.policy.learned import LearnedCore
-from kvtier.policy.predictor import Predictor, resolve_device
-from kvtier.policy.runner import run_policy
-from kvtier.policy.sim import simulate
+from kvtier.policy.learned.features import N_FEATURES, BlockHistory
+from kvtier.policy.learned.density import ReuseDensity
+from kvtier.policy.learned.model import LearnedCore
+from kvtier.policy.learned.predictor import Predictor, resolve_device
+from kvtier.lab.replay.runner import run_policy
+from kvtier.lab.replay.sim import simulate
 
 from .helpers import make_trace
 
@@ -102,6 +102,6 @@ def test_predictor_runs_on_cuda() -> None:
     assert len(p.predict([[0.0] * N_FEATURES] * 3)) == 3
 
 
-from kvtier.policy.features import FEATURE_NAMES  # noqa: E402
+from kvtier.policy.learned.features import FEATURE_NAMES  # noqa: E402
 
 FEATURE_INDEX = {n: i for i, n in enumerate(FEATURE_NAMES)}

@@ -7,9 +7,10 @@ import pytest
 from kvtier.config import PolicyConfig
 from kvtier.errors import InvalidArgument
 from kvtier.policy.adapter import ARCPolicy, S3FIFOPolicy
-from kvtier.policy.live import LearnedPolicy
-from kvtier.policy.registry import make_policy, policy_names
+from kvtier.policy.learned.policy import LearnedPolicy
+from kvtier.policy.registry import policy_names
 from kvtier.store.policy import AccessKind, LFUPolicy, LRUPolicy
+from kvtier.transport.policy.client import make_policy
 
 from .helpers import event, meta, pid
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvtier.cli import main
-from kvtier.policy.trace import load_trace
+from kvtier.lab.replay.trace import load_trace
 
 from .helpers import make_trace, write_trace
 

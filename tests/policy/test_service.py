@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 
-from kvtier.cli.redis_proc import free_port
-from kvtier.policy.live import LearnedPolicy
-from kvtier.policy.remote import RemotePolicy
-from kvtier.policy.service import make_metrics_server, make_policy_server
+from kvtier.policy.learned.policy import LearnedPolicy
+from kvtier.procs.redis import free_port
 from kvtier.store.policy import AccessKind, LRUPolicy
+from kvtier.transport.policy.client import RemotePolicy
+from kvtier.transport.policy.service import make_metrics_server, make_policy_server
 from kvtier_proto.v1 import policy_pb2, policy_pb2_grpc
 
 from .helpers import event, meta

@@ -9,7 +9,7 @@ import torch
 
 from kvtier.config import CodecConfig, RedisConfig, Settings, TierConfig
 from kvtier.policy.adapter import ARCPolicy, S3FIFOPolicy
-from kvtier.policy.live import LearnedPolicy
+from kvtier.policy.learned.policy import LearnedPolicy
 from kvtier.store.policy import Policy
 from kvtier.store.store import TierStore
 from kvtier.types import Codec, Medium, Page

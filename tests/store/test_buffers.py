@@ -17,7 +17,7 @@ N = 1 << 16
 
 
 def _page_views(buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """k and v the way the daemon makes them (kvtier.transport.convert.page_of_buffer)."""
+    """k and v the way the daemon makes them (kvtier.pages.page_of_buffer)."""
     k, v = buf.view(torch.float16).view(2, -1).unbind(0)
     return k, v
 

@@ -116,30 +116,29 @@ def assert_settled(store: TierStore, redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     remote_keys = {k.decode() for k in client.scan_iter(match="kvt:*")}
     client.close()
-    with e.cond:
-        for t in range(len(e.specs)):
-            assert e.index.reserved(t) == 0
-            members = set(e.index.pages_in(t))
-            backend = e.memory[t]
-            if backend is not None:
-                assert len(backend) == len(members)
-                total = 0
-                for pid in members:
-                    data = backend.get(pid)
-                    assert data is not None
-                    total += stored_size(data)
-                    others = [u for u in range(len(e.specs))
-                              if u != t and e.memory[u] is not None
-                              and e.memory[u].get(pid) is not None]  # type: ignore[union-attr]
-                    assert not others, f"{pid} is in tiers {t} and {others}"
-                    assert e.redis is not None and e.redis.key(pid) not in remote_keys
-                assert total == e.index.used(t)
-            else:
-                assert e.redis is not None
-                assert {e.redis.key(p) for p in members} == remote_keys
-        for pid in list(e.index.pages_in(0)):
-            rec = e.index.get(pid)
-            assert rec is not None and rec.state.value == "resident"
+    tiers = e.snapshot()  # one consistent picture of every tier
+    for t, contents in enumerate(tiers):
+        assert contents.reserved == 0
+        members = set(contents.pages)
+        backend = contents.held
+        if backend is not None:
+            assert len(backend) == len(members)
+            total = 0
+            for pid in members:
+                data = backend.get(pid)
+                assert data is not None
+                total += stored_size(data)
+                others = [u for u in range(len(tiers))
+                          if u != t and tiers[u].held is not None
+                          and tiers[u].held.get(pid) is not None]  # type: ignore[union-attr]
+                assert not others, f"{pid} is in tiers {t} and {others}"
+                assert e.redis is not None and e.redis.key(pid) not in remote_keys
+            assert total == contents.used
+        else:
+            assert e.redis is not None
+            assert {e.redis.key(p) for p in members} == remote_keys
+    for pid in tiers[0].pages:
+        assert tiers[0].states[pid].value == "resident"
 
 
 def test_threads_and_asyncio_with_the_mover(make_store: StoreFactory, redis_url: str) -> None:

@@ -37,8 +37,8 @@ def test_hot_tier_on_cuda(make_store: StoreFactory) -> None:
     page = make_page(1)
     store.put(NS, [(key(0), page), (key(1), make_page(2))])
     engine = store._engine  # noqa: SLF001
-    with engine.cond:
-        held = engine.memory[0].get(engine.index.pages_in(0)[0])  # type: ignore[union-attr]
+    hot = engine.snapshot()[0]
+    held = hot.held[hot.pages[0]]  # type: ignore[index]
     assert isinstance(held, Page) and held.k.device.type == "cuda"
     got = store.get(NS, [key(0)])[0]
     assert got is not None and got.page.k.device.type == "cpu"
@@ -47,8 +47,8 @@ def test_hot_tier_on_cuda(make_store: StoreFactory) -> None:
     assert raw is not None and bytes(raw.k) == page.k.view(torch.uint8).numpy().tobytes()
     assert store.demote(NS, [key(1)], "cold") == [True]
     assert store.promote(NS, [key(1)], "hot") == [True]
-    with engine.cond:
-        back = engine.memory[0].get(engine.index.pages_in(0)[-1])  # type: ignore[union-attr]
+    hot = engine.snapshot()[0]
+    back = hot.held[hot.pages[-1]]  # type: ignore[index]
     assert isinstance(back, Promoted) and back.page.k.device.type == "cuda"
     again = store.get(NS, [key(1)])[0]
     assert again is not None and again.precision is Precision.INT4 and again.tier == "hot"

@@ -10,7 +10,8 @@ import torch
 
 from kvtier.errors import CapacityExhausted
 from kvtier.store.device_pool import ALIGN, BlockAllocator, DevicePool
-from kvtier.store.tiers import Promoted
+from kvtier.store.store import TierStore
+from kvtier.store.tiers import Promoted, Stored
 from kvtier.types import Codec, Medium, Page, Precision
 
 from .helpers import PAGE_BYTES, StoreFactory, key, make_page, make_settings, tier
@@ -82,6 +83,13 @@ def test_a_block_is_free_when_both_tensors_are_gone() -> None:
     assert pages[-1] is None and all(p is not None for p in pages[:4])
 
 
+def _held(store: TierStore, tier: int) -> list[Stored]:
+    """What ``tier`` holds, in the index's order of its pages."""
+    snap = store._engine.snapshot()[tier]  # noqa: SLF001
+    assert snap.held is not None
+    return [snap.held[pid] for pid in snap.pages]
+
+
 def _pooled_store(make_store: StoreFactory, hot_pages: int, pool_pages: int):  # type: ignore[no-untyped-def]
     settings = make_settings([
         tier("hot", Medium.DEVICE, Codec.NONE, hot_pages * PAGE_BYTES),
@@ -93,13 +101,11 @@ def _pooled_store(make_store: StoreFactory, hot_pages: int, pool_pages: int):  #
 
 def test_hot_pages_live_in_the_pool_and_leave_it(make_store: StoreFactory) -> None:
     store = _pooled_store(make_store, hot_pages=8, pool_pages=8)
-    transfer = store._engine.transfer  # noqa: SLF001
+    transfer = store._engine.device_transfer  # noqa: SLF001
     assert transfer is not None
     pages = [make_page(i) for i in range(3)]
     store.put(NS, [(key(i), p) for i, p in enumerate(pages)])
-    engine = store._engine  # noqa: SLF001
-    with engine.cond:
-        held = [engine.memory[0].get(pid) for pid in engine.index.pages_in(0)]  # type: ignore[union-attr]
+    held = _held(store, 0)
     assert all(isinstance(h, Page) and transfer.pool.holds(h.k) for h in held)
     assert not any(h.k is p.k for h, p in zip(held, pages))  # a put never aliases the caller
     del held
@@ -110,8 +116,7 @@ def test_hot_pages_live_in_the_pool_and_leave_it(make_store: StoreFactory) -> No
     gc.collect()
     assert store.device_transfer_stats()["pool_used_bytes"] == 2 * BLOCK
     assert store.promote(NS, [key(1)], "hot") == [True]
-    with engine.cond:
-        back = engine.memory[0].get(engine.index.pages_in(0)[-1])  # type: ignore[union-attr]
+    back = _held(store, 0)[-1]
     assert isinstance(back, Promoted) and transfer.pool.holds(back.page.k)
     got = store.get(NS, [key(1)])[0]
     assert got is not None and got.precision is Precision.INT4 and got.tier == "hot"
@@ -147,9 +152,7 @@ def test_a_page_larger_than_the_pool_is_refused(make_store: StoreFactory) -> Non
 def test_a_reader_keeps_its_block_while_the_page_moves(make_store: StoreFactory) -> None:
     store = _pooled_store(make_store, hot_pages=8, pool_pages=8)
     store.put(NS, [(key(0), make_page(0))])
-    engine = store._engine  # noqa: SLF001
-    with engine.cond:
-        reader = engine.memory[0].get(engine.index.pages_in(0)[0])  # type: ignore[union-attr]
+    reader = _held(store, 0)[0]
     assert isinstance(reader, Page)
     snapshot = reader.k.clone()
     assert store.demote(NS, [key(0)], "warm") == [True]
@@ -167,7 +170,7 @@ def test_no_pool_on_a_cpu_device_unless_configured(make_store: StoreFactory) -> 
     settings = make_settings([tier("hot", Medium.DEVICE, Codec.NONE, 8 * PAGE_BYTES),
                               tier("warm", Medium.HOST, Codec.INT8, 8 * PAGE_BYTES)])
     store = make_store(settings.model_copy(update={"device": "cpu"}))
-    assert store._engine.transfer is None  # noqa: SLF001
+    assert store._engine.device_transfer is None  # noqa: SLF001
     assert store.device_transfer_stats() == {}
 
 
@@ -180,7 +183,7 @@ def test_the_device_path_on_a_host_pool(make_store: StoreFactory) -> None:
 
     pages = [make_page(i, shape=(2, 24, 2, 16), start_position=0) for i in range(2)]
     small = _pooled_store(make_store, hot_pages=64, pool_pages=64)
-    transfer = small._engine.transfer  # noqa: SLF001
+    transfer = small._engine.device_transfer  # noqa: SLF001
     assert transfer is not None
     transfer.cuda = True  # route as for a device page
     small.put(NS, [(key(i), p) for i, p in enumerate(pages)])
@@ -188,10 +191,7 @@ def test_the_device_path_on_a_host_pool(make_store: StoreFactory) -> None:
     st = small.device_transfer_stats()
     blob = encode(pages[0], Codec.INT4A, CodecConfig())
     assert st["d2h_bytes"] == len(blob) and st["d2h_pages"] == 1
-    engine = small._engine  # noqa: SLF001
-    with engine.cond:
-        held = engine.memory[2].get(engine.index.pages_in(2)[0])  # type: ignore[union-attr]
-    assert held == blob
+    assert _held(small, 2)[0] == blob
     assert small.promote(NS, [key(0)], "hot") == [True]
     up = small.device_transfer_stats()
     assert up["h2d_bytes"] - st["h2d_bytes"] == len(blob)

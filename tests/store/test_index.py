@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvtier.errors import Conflict
+from kvtier.errors import InternalError
 from kvtier.store.index import PageIndex, PageState
 from kvtier.types import Namespace, PageId, PageKey, Precision
 
@@ -44,7 +44,7 @@ def test_reserve_respects_capacity_and_release() -> None:
     assert index.reserve(0, 400, capacity=1000)
     index.release(0, 400)
     assert index.reserved(0) == 600
-    with pytest.raises(Conflict, match="size"):
+    with pytest.raises(InternalError, match="size"):
         index.release(0, 601)
 
 
@@ -89,14 +89,14 @@ def test_commit_without_reservation_or_wrong_target_is_a_conflict() -> None:
     place(index, pid(1))
     ticket = index.begin_move(pid(1), 1)
     assert ticket is not None
-    with pytest.raises(Conflict, match="reservation"):
+    with pytest.raises(InternalError, match="reservation"):
         index.commit_move(ticket, 10, Precision.INT8)
     index.abort_move(ticket)
     rec = index.get(pid(1))
     assert rec is not None and rec.state is PageState.RESIDENT
     forged = type(ticket)(page=ticket.page, src=0, dst=2, version=ticket.version)
     assert index.begin_move(pid(1), 1) is not None
-    with pytest.raises(Conflict, match="state"):
+    with pytest.raises(InternalError, match="state"):
         index.commit_move(forged, 0, Precision.INT4)
 
 

@@ -8,7 +8,7 @@ import time
 import redis
 import torch
 
-from kvtier.cli.redis_proc import RedisProcess
+from kvtier.procs.redis import RedisProcess
 from kvtier.codecs import encode
 from kvtier.config import CodecConfig, TierConfig
 from kvtier.types import Codec, Medium, Precision

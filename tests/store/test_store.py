@@ -90,7 +90,8 @@ def test_get_raw_serves_hot_pages_without_a_copy(make_store: StoreFactory) -> No
     assert (r1.tier, r1.precision, r1.dtype) == ("cold", Precision.INT4, "float16")
     assert len(r1.k) == len(r1.v) == PAGE_BYTES // 2
     if not torch.cuda.is_available():  # host hot tier: a view of the stored tensor itself
-        stored = store._engine.memory[0].get(store._engine.index.pages_in(0)[0])  # noqa: SLF001
+        hot = store._engine.snapshot()[0]  # noqa: SLF001
+        stored = hot.held[hot.pages[0]]  # type: ignore[index]
         assert isinstance(stored, Page)
         assert r0.k.obj is not None
 

@@ -10,7 +10,7 @@ from kvtier.config import Settings
 from kvtier.errors import InvalidArgument
 from kvtier.finite import check_finite
 from kvtier.store.buffers import BufferPool
-from kvtier.transport.convert import PutAssembler, check_header, chunks
+from kvtier.transport.cache.convert import PutAssembler, check_header, chunks
 from kvtier_proto.v1 import cache_pb2 as pb
 
 

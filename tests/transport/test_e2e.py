@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from kvtier.cli.redis_proc import RedisProcess
+from kvtier.procs.redis import RedisProcess
 from kvtier.daemon import Daemon
 from kvtier_client import KVTierClient, prefix_keys
 

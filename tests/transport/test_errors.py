@@ -112,6 +112,23 @@ def test_unexpected_error_is_internal_logged_and_daemon_keeps_serving(
     assert totals[("Stats", "INTERNAL")].calls == 1
 
 
+def test_a_broken_invariant_is_internal_not_the_callers_conflict(
+        daemon: Daemon, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvtier.errors import InternalError as BrokenInvariant
+
+    def broken(*_args: object) -> None:
+        raise BrokenInvariant("committing 10 bytes to tier 0 without a reservation", field="size")
+
+    monkeypatch.setattr(daemon.context.store, "delete_checked", broken)
+    with KVTierClient(daemon.grpc_address, "boom") as c:
+        with caplog.at_level(logging.ERROR, logger="kvtier.transport.interceptor"):
+            with pytest.raises(InternalError) as info:
+                c.delete([b"k"])
+        assert info.value.code == "INTERNAL" and "reservation" not in info.value.message
+    assert any("Delete failed unexpectedly" in r.getMessage() and r.exc_info is not None
+               for r in caplog.records)
+
+
 def test_client_errors_are_typed_with_code_and_message() -> None:
     err = InvalidArgumentError("key: key is empty", method="Get")
     assert isinstance(err, KVTierClientError)

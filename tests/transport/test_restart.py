@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvtier.cli.redis_proc import RedisProcess, free_port
+from kvtier.procs.redis import RedisProcess, free_port
 from kvtier.daemon import Daemon
 from kvtier_client import KVTierClient
 

@@ -112,19 +112,19 @@ def test_large_puts_copy_while_the_call_is_in_flight(daemon: Daemon,
     """By default a put of >= 256 KiB starts its call first and fills the segment behind it
     (shm_fill); what the daemon keeps is its own copy, unaffected by the client's next
     writes. With overlap_copy=False the bytes are in place before the call."""
-    import kvtier_client.wire as wire_mod
+    import kvtier_client.core as core
 
     if not shm_client.OVERLAP_SAFE:
         pytest.skip("overlapped puts are x86-64 only")
     fills: list[int] = []
-    real = wire_mod.fill_segment
+    real = core.fill_segment
 
     def spy(segment: Segment, plan: object, fill: int,
             chunk: int = shm_client.FILL_CHUNK) -> None:
         fills.append(fill)
         real(segment, plan, fill, chunk)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(wire_mod, "fill_segment", spy)  # what the client's copier runs
+    monkeypatch.setattr(core, "fill_segment", spy)  # what the client's copier runs
     rng = np.random.default_rng(5)
     big = [Page(rng.standard_normal((4, 256, 8, 64)).astype(np.float16),
                 rng.standard_normal((4, 256, 8, 64)).astype(np.float16)) for _ in range(3)]
@@ -162,7 +162,7 @@ def test_an_overlapped_put_reports_the_calls_error_and_its_copier_ends_with_the_
     import gc
     import threading
 
-    import kvtier_client.wire as wire_mod
+    import kvtier_client.core as core
 
     if not shm_client.OVERLAP_SAFE:
         pytest.skip("overlapped puts are x86-64 only")
@@ -170,7 +170,7 @@ def test_an_overlapped_put_reports_the_calls_error_and_its_copier_ends_with_the_
     def broken_fill(*args: object, **kw: object) -> None:
         raise RuntimeError("copier failed")
 
-    monkeypatch.setattr(wire_mod, "fill_segment", broken_fill)
+    monkeypatch.setattr(core, "fill_segment", broken_fill)
     rng = np.random.default_rng(8)
     big = Page(rng.standard_normal((4, 256, 8, 64)).astype(np.float16),
                rng.standard_normal((4, 256, 8, 64)).astype(np.float16))
@@ -180,7 +180,7 @@ def test_an_overlapped_put_reports_the_calls_error_and_its_copier_ends_with_the_
     with pytest.raises((AbortedError, DeadlineExceededError)):
         c.put([b"x"], [big], timeout_s=0.3)
     monkeypatch.undo()
-    monkeypatch.setattr(wire_mod, "fill_segment", _fill_then_fail(wire_mod.fill_segment))
+    monkeypatch.setattr(core, "fill_segment", _fill_then_fail(core.fill_segment))
     with pytest.raises(RuntimeError, match="copier failed"):  # the call succeeded, so the
         c.put([b"y"], [big], timeout_s=5)  # copier's error is the one raised
     monkeypatch.undo()
@@ -206,7 +206,7 @@ def test_a_put_the_client_gave_up_on_never_stores_the_next_puts_bytes(
     import threading
     import time
 
-    import kvtier.transport.servicer as servicer_mod
+    import kvtier.transport.cache.servicer as servicer_mod
 
     real = servicer_mod.copy_pages
     first = threading.Event()
@@ -236,16 +236,16 @@ def test_a_call_the_client_gave_up_on_leaves_its_segment_behind(
     import time
 
     store = daemon.context.store
-    real = store.get_raw
+    real = store.get_raw_checked
     slow = {"left": 1}
 
-    def late_get_raw(*args: object) -> object:
+    def late_get_raw_checked(*args: object) -> object:
         if slow["left"]:
             slow["left"] -= 1
             time.sleep(0.6)
         return real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(store, "get_raw", late_get_raw)
+    monkeypatch.setattr(store, "get_raw_checked", late_get_raw_checked)
     with KVTierClient(daemon.grpc_address, "tenant-a") as c:
         c.put([b"a"], [make_page(1)])
         first = c._shm.session

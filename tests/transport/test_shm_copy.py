@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 from kvtier.errors import Aborted, Conflict, InvalidArgument
+from kvtier.pages import PageHeader
 from kvtier.store.buffers import BufferPool
-from kvtier.transport.convert import Header
-from kvtier.transport.shm_copy import FILL_OFFSET, copy_pages, lent_pages
-from kvtier.transport.shm_lend import HEAD_OFFSET, ReturnRing
+from kvtier.transport.shm.copy import copy_pages, lent_pages
+from kvtier.transport.shm.lend import ReturnRing
 from kvtier.types import Page
+from kvtier_client.shm_layout import FILL_OFFSET, RING_HEAD_OFFSET
 
 SHAPE = (2, 64, 2, 64)  # float16: 32 KiB per tensor
 N = 2 * int(np.prod(SHAPE))
@@ -27,12 +28,12 @@ BASE = 64
 RING = 1 << 19  # a return ring for lent pages, past the pages
 
 
-def _copied(mm: mmap.mmap, seg: memoryview, headers: list[Header], fill: int,
+def _copied(mm: mmap.mmap, seg: memoryview, headers: list[PageHeader], fill: int,
             ended: threading.Event | None = None, **kw: float) -> list[Page]:
     return copy_pages(seg, headers, fill, ended or threading.Event(), BufferPool(), **kw)
 
 
-def _lent(mm: mmap.mmap, seg: memoryview, headers: list[Header], fill: int,
+def _lent(mm: mmap.mmap, seg: memoryview, headers: list[PageHeader], fill: int,
           ended: threading.Event | None = None, **kw: float) -> list[Page]:
     ring = ReturnRing(mm, RING, 16, threading.Event())
     return lent_pages(seg, ring, headers, fill, ended or threading.Event(), **kw)
@@ -47,8 +48,8 @@ def _segment() -> tuple[mmap.mmap, memoryview]:
     return mm, memoryview(mm)
 
 
-def _headers(count: int) -> list[Header]:
-    return [Header(b"k%d" % i, "float16", SHAPE, 0, N, None, BASE + i * 2 * N)
+def _headers(count: int) -> list[PageHeader]:
+    return [PageHeader(b"k%d" % i, "float16", SHAPE, 0, N, None, BASE + i * 2 * N)
             for i in range(count)]
 
 
@@ -138,7 +139,7 @@ def test_bytes_that_never_come_abort_after_the_timeout(read: Read) -> None:
     if read is _lent:  # the range was lent: it comes back once nothing holds its array
         del info
         gc.collect()
-        assert struct.unpack_from("<Q", mm, HEAD_OFFSET) == (1,)
+        assert struct.unpack_from("<Q", mm, RING_HEAD_OFFSET) == (1,)
         assert struct.unpack_from("<Q", mm, RING) == (BASE,)
 
 

@@ -88,7 +88,7 @@ def test_a_lent_page_made_non_finite_by_its_client_is_dropped_on_demotion(
 def test_lending_is_refused_with_a_clear_error_for_a_bad_ring(daemon: Daemon) -> None:
     import grpc
 
-    from kvtier_client.wire import put_request, wire_pages
+    from kvtier_client.core import put_request, wire_pages
     from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
 
     with KVTierClient(daemon.grpc_address, "lend", lend_bytes=1 * MiB) as c:
@@ -146,7 +146,8 @@ def test_ranges_the_ring_has_no_room_for_wait_and_bound_further_lending() -> Non
     import threading
 
     from kvtier.errors import CapacityExhausted
-    from kvtier.transport.shm_lend import HEAD_OFFSET, TAIL_OFFSET, ReturnRing
+    from kvtier.transport.shm.lend import ReturnRing
+    from kvtier_client.shm_layout import RING_HEAD_OFFSET, RING_TAIL_OFFSET
 
     mm = mmap.mmap(-1, 1 << 16)
     ring = ReturnRing(mm, 4096, 2, threading.Event())
@@ -155,16 +156,16 @@ def test_ranges_the_ring_has_no_room_for_wait_and_bound_further_lending() -> Non
     with pytest.raises(CapacityExhausted, match="return ring of 2 slots"):
         ring.check_lend([(9000, 64)])
     del arrays  # both come back; the ring is full now (the client took nothing back)
-    assert struct.unpack_from("<Q", mm, HEAD_OFFSET)[0] == 2
+    assert struct.unpack_from("<Q", mm, RING_HEAD_OFFSET)[0] == 2
     arrays = [ring.lend(8192 + 64 * i, 64) for i in range(2)]
     del arrays  # these wait in the daemon
-    assert struct.unpack_from("<Q", mm, HEAD_OFFSET)[0] == 2 and ring.outstanding() == 2
+    assert struct.unpack_from("<Q", mm, RING_HEAD_OFFSET)[0] == 2 and ring.outstanding() == 2
     with pytest.raises(CapacityExhausted):
         ring.check_lend([(9000, 64)])
     assert not ring.hand_back([8192])
-    struct.pack_into("<Q", mm, TAIL_OFFSET, 2)  # the client takes the first two back
+    struct.pack_into("<Q", mm, RING_TAIL_OFFSET, 2)  # the client takes the first two back
     ring.flush()
-    assert struct.unpack_from("<Q", mm, HEAD_OFFSET)[0] == 4 and ring.outstanding() == 0
+    assert struct.unpack_from("<Q", mm, RING_HEAD_OFFSET)[0] == 4 and ring.outstanding() == 0
 
 
 async def test_the_async_client_lends_too(daemon: Daemon) -> None:
@@ -198,16 +199,17 @@ def test_a_finalizer_never_waits_for_the_ring() -> None:
     import struct
     import threading
 
-    from kvtier.transport.shm_lend import HEAD_OFFSET, ReturnRing
+    from kvtier.transport.shm.lend import ReturnRing
+    from kvtier_client.shm_layout import RING_HEAD_OFFSET
 
     mm = mmap.mmap(-1, 1 << 16)
     ring = ReturnRing(mm, 4096, 8, threading.Event())
     ring._lock.acquire()  # a flush in progress on this thread
     ring.give_back(640)  # returns at once
-    assert struct.unpack_from("<Q", mm, HEAD_OFFSET)[0] == 0
+    assert struct.unpack_from("<Q", mm, RING_HEAD_OFFSET)[0] == 0
     ring._lock.release()
     ring.flush()
-    assert struct.unpack_from("<Q", mm, HEAD_OFFSET)[0] == 1
+    assert struct.unpack_from("<Q", mm, RING_HEAD_OFFSET)[0] == 1
     assert struct.unpack_from("<Q", mm, 4096)[0] == 640
 
 
@@ -246,7 +248,7 @@ def test_without_a_usable_ring_nothing_is_promised_and_lending_is_bounded(
     import grpc
 
     from kvtier_client import shm as shm_client
-    from kvtier_client.wire import put_request, wire_pages
+    from kvtier_client.core import put_request, wire_pages
     from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
 
     monkeypatch.setattr(shm_client, "RING_SLOTS", 4)
@@ -285,7 +287,7 @@ def test_ended_sessions_holding_lent_pages_count_against_the_limit() -> None:
     import gc
 
     from kvtier.errors import CapacityExhausted
-    from kvtier.transport.shm import ShmRegistry
+    from kvtier.transport.shm.session import ShmRegistry
     from kvtier_client.shm import Segment
 
     reg = ShmRegistry(max_sessions=2)
@@ -315,21 +317,19 @@ def _big_pages(count: int, seed: int) -> list[Page]:
 
 def _spy_fills(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The fill numbers of the puts whose bytes the client copied while the call was out."""
-    import kvtier_client.aio as aio_mod
+    import kvtier_client.core as core
     import kvtier_client.shm as shm_client
-    import kvtier_client.wire as wire_mod
 
     if not shm_client.OVERLAP_SAFE:
         pytest.skip("overlapped puts are x86-64 only")
     fills: list[int] = []
-    real = wire_mod.fill_segment
+    real = core.fill_segment
 
     def spy(segment: object, plan: object, fill: int, *args: object) -> None:
         fills.append(fill)
         real(segment, plan, fill, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(wire_mod, "fill_segment", spy)  # what the sync client's copier runs
-    monkeypatch.setattr(aio_mod, "fill_segment", spy)  # what the asyncio client runs
+    monkeypatch.setattr(core, "fill_segment", spy)  # what the copier and the asyncio client run
     return fills
 
 
@@ -397,17 +397,17 @@ def test_a_client_stalled_mid_fill_gets_its_put_stored_within_its_deadline(
     refused."""
     import time
 
-    import kvtier.transport.servicer as servicer_mod
-    import kvtier_client.wire as wire_mod
+    import kvtier.transport.cache.servicer as servicer_mod
+    import kvtier_client.core as core
 
     fills = _spy_fills(monkeypatch)
-    spy = wire_mod.fill_segment
+    spy = core.fill_segment
 
     def stalled(*args: object) -> None:
         time.sleep(0.5)
         spy(*args)
 
-    monkeypatch.setattr(wire_mod, "fill_segment", stalled)
+    monkeypatch.setattr(core, "fill_segment", stalled)
     monkeypatch.setattr(servicer_mod, "FILL_TIMEOUT_S", 0.2)  # only for calls without one
     big = _big_pages(1, seed=13)[0]
     with KVTierClient(daemon.grpc_address, "lend", lend_bytes=8 * MiB) as c:

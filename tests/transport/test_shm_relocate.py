@@ -126,6 +126,7 @@ def test_a_page_mid_move_is_left_to_the_move_and_copied_out_after(
     import time
 
     from kvtier.config import MiB, TierConfig
+    from kvtier.store import transfer
     from kvtier.types import Codec, Medium, PageId
 
     tiers = [TierConfig(name="hot", medium=Medium.DEVICE, codec=Codec.NONE, capacity_bytes=MiB),
@@ -144,7 +145,7 @@ def test_a_page_mid_move_is_left_to_the_move_and_copied_out_after(
             return real(*args)  # type: ignore[arg-type]
 
         engine.converter.to_tier = slow  # type: ignore[method-assign]
-        mover = threading.Thread(target=lambda: engine.move(PageId("mv", b"p"), 1))
+        mover = threading.Thread(target=lambda: transfer.move(engine, PageId("mv", b"p"), 1))
         mover.start()
         time.sleep(0.1)
         assert d.relocator.relocate(session) == 0  # mid-move: left alone

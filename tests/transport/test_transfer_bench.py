@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvtier.bench.transfer import PATHS, measure
+from kvtier.lab.bench.transfer import PATHS, measure
 from kvtier.daemon import Daemon
 
 from .conftest import wait_for

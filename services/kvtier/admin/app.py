@@ -60,12 +60,14 @@ from kvtier.errors import (
     InvalidArgument,
     KVTierError,
     NotFound,
-    UnknownTierName,
+    UnknownTier,
+    is_internal,
     status_for,
 )
 from kvtier.pages import check_key, check_namespace
-from kvtier.policy.registry import make_policy, policy_names
+from kvtier.policy.registry import policy_names
 from kvtier.transport.context import DaemonContext, Readiness
+from kvtier.transport.policy.client import make_policy
 from kvtier.types import Medium
 
 log = logging.getLogger(__name__)
@@ -97,8 +99,9 @@ async def _handle_error(request: Request, exc: Exception) -> JSONResponse:
             headers=dict(exc.headers or {}),
         )
     grpc_code, status, message = status_for(exc)
-    field = exc.field if isinstance(exc, KVTierError) else None
-    if not isinstance(exc, KVTierError):
+    internal = is_internal(exc)
+    field = exc.field if isinstance(exc, KVTierError) and not internal else None
+    if internal:
         log.error(
             "%s %s failed unexpectedly", request.method, request.url.path, exc_info=exc
         )
@@ -182,18 +185,11 @@ def create_app(context: DaemonContext, metrics: DaemonMetrics | None = None) -> 
         return namespace, check_key(key, settings.max_key_bytes)
 
     def tier_index(name: str) -> int:
-        names = list(store.tier_names)
-        if name not in names:
-            raise UnknownTierName(
-                f"no tier named {name!r}; tiers: {', '.join(names)}", field="name"
-            )
-        return names.index(name)
-
-    def body_tier_index(name: str) -> int:
+        """A tier named in the path is a resource: 404 when there is none."""
         try:
-            return tier_index(name)
-        except UnknownTierName as e:
-            raise InvalidArgument(e.message, field="tier") from None
+            return store.tier_index(name)
+        except UnknownTier as e:
+            raise NotFound(e.message, field="name") from None
 
     def existing_page(namespace: str, key: bytes) -> Any:
         info = store.page_info(namespace, key)
@@ -277,7 +273,7 @@ def create_app(context: DaemonContext, metrics: DaemonMetrics | None = None) -> 
     def move(namespace: str, key_hex: str, body: MoveRequest, op: Callable[..., list[bool]],
              upward: bool) -> dict[str, Any]:
         ns, key = page_id(namespace, key_hex)
-        target = body_tier_index(body.tier)
+        target = store.tier_index(body.tier)
         current = tier_index(existing_page(ns, key).tier)
         if not upward and target < current:
             raise Conflict(

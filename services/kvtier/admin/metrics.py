@@ -67,7 +67,7 @@ from kvtier.types import EvictionReason, Medium, Outcome
 if TYPE_CHECKING:
     from kvtier.store.buffers import BufferPool
     from kvtier.store.store import TierStore
-    from kvtier.transport.shm_relocate import Relocator
+    from kvtier.transport.shm.relocate import Relocator
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,11 @@ import importlib
 from typing import Any
 
 BENCH_MODULES: tuple[str, ...] = (
-    "kvtier.bench.codecs",
-    "kvtier.bench.gpu",
-    "kvtier.bench.transfer",
+    "kvtier.lab.bench.codecs",
+    "kvtier.lab.bench.gpu",
+    "kvtier.lab.bench.transfer",
+    "kvtier.lab.bench.ttft",
+    "kvtier.lab.bench.chat",
 )
 
 

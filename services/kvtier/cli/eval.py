@@ -18,10 +18,9 @@ import torch
 
 from kvtier.config import load_settings
 from kvtier.errors import KVTierError
+from kvtier.types import SUPPORTED_DTYPES
 
 log = logging.getLogger(__name__)
-
-_KV_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def register(subparsers: Any) -> None:
@@ -41,7 +40,7 @@ def register(subparsers: Any) -> None:
                    help="passkey trials (0 skips it; default 20)")
     q.add_argument("--passkey-tokens", type=int, default=1024,
                    help="passkey context length in tokens (default 1024)")
-    q.add_argument("--kv-dtype", choices=sorted(_KV_DTYPES), default="float16",
+    q.add_argument("--kv-dtype", choices=SUPPORTED_DTYPES, default="float16",
                    help="dtype pages are stored in, as put by the worker (default float16)")
     q.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
     q.add_argument("--threads", type=int, default=1,
@@ -62,10 +61,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from kvtier.eval.allocate import query_energy
-    from kvtier.eval.catalog import DEFAULT_CODECS, Catalog
-    from kvtier.eval.model import calibration_ids, load_model, pick_device, read_text, tokenize
-    from kvtier.eval.suite import Options, evaluate
+    from kvtier.lab.eval.allocate import query_energy
+    from kvtier.lab.eval.catalog import DEFAULT_CODECS, Catalog
+    from kvtier.lab.eval.model import calibration_ids, load_model, pick_device, read_text, tokenize
+    from kvtier.lab.eval.suite import Options, evaluate
+    from kvtier.pages import torch_dtype
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -74,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
     opts = Options(
         codecs=tuple(args.codecs or DEFAULT_CODECS),
         page_tokens=args.page_tokens,
-        kv_dtype=_KV_DTYPES[args.kv_dtype],
+        kv_dtype=torch_dtype(args.kv_dtype),
         ablation=args.ablation,
         research=args.research,
         passkey_trials=args.passkey_trials,

@@ -15,7 +15,7 @@ from typing import Any
 
 from kvtier.config import PolicyConfig, load_settings
 from kvtier.policy.registry import make_local_policy
-from kvtier.policy.service import make_metrics_server, make_policy_server
+from kvtier.transport.policy.service import make_metrics_server, make_policy_server
 
 log = logging.getLogger(__name__)
 

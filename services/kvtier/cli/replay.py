@@ -18,10 +18,10 @@ from typing import Any
 
 from kvtier.config import MiB, TierConfig, load_settings
 from kvtier.errors import InvalidArgument
-from kvtier.policy.compare import format_table, rows_for
-from kvtier.policy.runner import SIM_POLICIES, run_policy
-from kvtier.policy.sim import Progress, capacity_blocks, split_capacity
-from kvtier.policy.trace import Trace, TraceRequest, load_trace
+from kvtier.lab.replay.compare import format_table, rows_for
+from kvtier.lab.replay.runner import SIM_POLICIES, run_policy
+from kvtier.lab.replay.sim import Progress, capacity_blocks, split_capacity
+from kvtier.lab.replay.trace import Trace, TraceRequest, load_trace
 from kvtier.types import Medium
 
 
@@ -139,7 +139,7 @@ def _compare(args: argparse.Namespace, trace: Trace, caps: list[int]) -> dict[st
 
 
 def _live(args: argparse.Namespace, trace: Trace, cap: int) -> dict[str, Any]:
-    from kvtier.policy.live_replay import replay_live
+    from kvtier.lab.replay.live import replay_live
 
     progress = _progress("live", len(trace.requests))
     if args.target:
@@ -170,7 +170,7 @@ def _live(args: argparse.Namespace, trace: Trace, cap: int) -> dict[str, Any]:
 
 
 def _costs(args: argparse.Namespace, trace: Trace) -> dict[str, Any]:
-    from kvtier.policy.costs import measure_costs
+    from kvtier.lab.replay.costs import measure_costs
 
     c = measure_costs(trace, seed=args.seed, device=args.device)
     if not args.json:

@@ -14,7 +14,7 @@ import argparse
 import logging
 from typing import Any
 
-from kvtier.cli.redis_proc import RedisProcess
+from kvtier.procs.redis import RedisProcess
 from kvtier.cli.serve import add_daemon_options, run_daemon
 from kvtier.config import Settings, load_settings
 from kvtier.errors import ConfigError
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     settings = embedded_defaults(load_settings(args.config))
     if not getattr(args, "monitoring", False):
         return _run(settings, args, None)
-    from kvtier.admin.prometheus import LocalMonitoring
+    from kvtier.procs.prometheus import LocalMonitoring
 
     monitoring = LocalMonitoring(settings)
     try:

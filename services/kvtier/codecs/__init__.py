@@ -11,22 +11,14 @@ API (what the store, transport and eval layers call)::
     warmup()                                   compile and self-test the CPU kernels now (call
                                                at start)
 
-Submodules: ``blob`` (header and checksum), ``layout`` (payload sections), ``grid`` (scales
-and minima), ``pack`` (int4 and 12-bit packing), ``reference`` (pure torch, any device),
-``fused`` (numba CPU kernels), ``alloc`` and ``alloc_kernels`` (int4a), ``codec`` (the API).
+Submodules: the format (``blob``: header and checksum; ``layout``: payload sections; ``grid``:
+scales and minima; ``pack``: int4 and 12-bit packing), one module per codec that needs its own
+(``int4a``), the backends (``torch_reference``: pure torch, any device, the oracle; ``cpu``:
+the numba kernels), and ``codec`` (the API).
 """
 
-from kvtier.codecs import alloc, fused
 from kvtier.codecs.blob import BlobHeader, read_header
-from kvtier.codecs.codec import Decoded, decode, encode, transcode
-
-
-def warmup() -> float:
-    """Compile (or load from numba's cache) and self-test every CPU kernel; returns the
-    seconds the page kernels took (0.0 when this process already did)."""
-    took = fused.warmup()
-    alloc.self_test()
-    return took
+from kvtier.codecs.codec import Decoded, decode, encode, transcode, warmup
 
 
 __all__ = ["BlobHeader", "Decoded", "decode", "encode", "read_header", "transcode", "warmup"]

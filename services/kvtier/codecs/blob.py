@@ -6,7 +6,7 @@ Header (little-endian)::
          0     4  magic  b"KVTC"
          4     1  version (1)
          5     1  codec            0 none, 1 int8, 2 int4, 3 int4a
-         6     1  dtype            0 float16, 1 bfloat16, 2 float32
+         6     1  dtype            0 float16, 1 bfloat16, 2 float32 (``DType.code``)
          7     1  precision        16/8/4: the lowest precision the page has passed through
          8    16  layers, tokens, kv_heads, head_dim   (u32 each)
         24     8  start_position   (u64)
@@ -33,7 +33,7 @@ Payload of a quantized blob (``T' = tokens - S`` quantized tokens, ``C' = kv_hea
     vq     codes[L, T', H*D]            V codes, row per token
 
 An int4a blob adds the key bit map before ``kq`` and packs ``kq`` by it (see
-:mod:`kvtier.codecs.alloc`). A ``none`` blob's payload is K then V as put. See
+:mod:`kvtier.codecs.int4a`). A ``none`` blob's payload is K then V as put. See
 :mod:`kvtier.codecs.grid` for what the scale codes and ``m12`` mean and
 :mod:`kvtier.codecs.pack` for the int4 and m12 byte layouts.
 The checksum covers the header too, so a flipped bit anywhere is caught.
@@ -47,7 +47,7 @@ from typing import NamedTuple
 import xxhash
 
 from kvtier.errors import CorruptPage
-from kvtier.types import Codec, Precision
+from kvtier.types import DTYPES, Codec, Precision
 
 MAGIC = b"KVTC"
 VERSION = 1
@@ -58,10 +58,9 @@ _CHECKSUM = struct.Struct("<Q")  # the last header field
 assert HEADER_SIZE == 64
 
 CODEC_IDS: dict[Codec, int] = {Codec.NONE: 0, Codec.INT8: 1, Codec.INT4: 2, Codec.INT4A: 3}
-DTYPE_IDS: dict[str, int] = {"float16": 0, "bfloat16": 1, "float32": 2}
-DTYPE_SIZES: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4}
 _CODECS = {v: k for k, v in CODEC_IDS.items()}
-_DTYPES = {v: k for k, v in DTYPE_IDS.items()}
+_DTYPE_CODES = {d.name: d.code for d in DTYPES.values()}
+_DTYPE_NAMES = {d.code: d.name for d in DTYPES.values()}
 _PRECISIONS = {int(p): p for p in Precision}
 _BITS = {c: c.bits for c in Codec}
 _LIMIT = 1 << 31  # no dimension of a real page comes near this; beyond it a header is corrupt
@@ -91,7 +90,7 @@ class BlobHeader(NamedTuple):
     def page_nbytes(self) -> int:
         """Bytes of the decoded page (K and V)."""
         L, T, H, D = self.shape
-        return 2 * L * T * H * D * DTYPE_SIZES[self.dtype]
+        return 2 * L * T * H * D * DTYPES[self.dtype].itemsize
 
 
 def checksum(head: bytes | memoryview, payload: bytes | memoryview) -> int:
@@ -117,7 +116,7 @@ def pack_header_into(buf: bytearray, codec: Codec, dtype: str,
     The encoder's per-page path: no BlobHeader is built, the fields go straight into ``buf``.
     """
     L, T, H, D = shape
-    HEADER.pack_into(buf, 0, MAGIC, VERSION, CODEC_IDS[codec], DTYPE_IDS[dtype],
+    HEADER.pack_into(buf, 0, MAGIC, VERSION, CODEC_IDS[codec], _DTYPE_CODES[dtype],
                      int(precision), L, T, H, D, start_position, group_size, sink_tokens,
                      outliers, key_bits, payload_nbytes, checksum)
 
@@ -142,7 +141,7 @@ def read_header(blob: bytes | bytearray | memoryview) -> BlobHeader:
     if version != VERSION:
         raise CorruptPage(f"unknown blob version {version}", field="blob.version")
     codec = _CODECS.get(codec_id)
-    dtype = _DTYPES.get(dtype_id)
+    dtype = _DTYPE_NAMES.get(dtype_id)
     if codec is None:
         raise CorruptPage(f"unknown codec id {codec_id}", field="blob.codec")
     if dtype is None:

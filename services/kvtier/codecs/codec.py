@@ -1,29 +1,31 @@
 """encode / decode / transcode: the codec API the store, transport and eval layers call.
 
 Pure functions of their arguments, safe to call from many threads at once. CPU pages go
-through the fused numba kernels of :mod:`kvtier.codecs.fused`; pages on an accelerator go
-through :mod:`kvtier.codecs.device`: the Triton kernels on a CUDA device where Triton runs,
-else the pure-torch code of :mod:`kvtier.codecs.reference` on the device, which is also the
-oracle the kernels are tested against. All produce the same bytes. int4a is built from the
-int8 payload of the page and decoded through an int8 payload (:mod:`kvtier.codecs.alloc`), so it
+through the numba kernels of :mod:`kvtier.codecs.cpu`; pages on an accelerator go through
+:mod:`kvtier.codecs.device`: the Triton kernels on a CUDA device where Triton runs, else the
+pure-torch code of :mod:`kvtier.codecs.torch_reference` on the device, which is also the oracle
+the kernels are tested against. All produce the same bytes. int4a is built from the int8
+payload of the page and decoded through an int8 payload (:mod:`kvtier.codecs.int4a`), so it
 uses the same two paths.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
 
 from kvtier.codecs import blob as blobfmt
-from kvtier.codecs import alloc, fused, reference
 from kvtier.codecs import device as accel
+from kvtier.codecs import int4a, torch_reference
 from kvtier.codecs.blob import HEADER_SIZE, BlobHeader, read_header, verify
+from kvtier.codecs.cpu import backend as cpu
 from kvtier.codecs.layout import (
     Layout, check_indices, layout_for_encode, layout_of, make_layout,
 )
-from kvtier.codecs.pack import pack_int4
 from kvtier.config import CodecConfig
 from kvtier.errors import CorruptPage, InvalidArgument
 from kvtier.pages import dtype_name
@@ -89,29 +91,36 @@ def encode(page: Page, codec: Codec, params: CodecConfig, *,
     prec = _CODEC_PRECISION[codec]
     if precision is not None:
         prec = min(prec, Precision(precision))
-    kernels = k.is_cpu and fused.available()  # device.type builds a str: 0.3 us
+    kernels = _kernels_run_on(device)
     if codec is Codec.INT4A:
         lay8 = layout_for_encode(Codec.INT8, dtype, shape, start, params)
         h8 = _header(Codec.INT8, page, lay8, params, prec)
         if kernels:
             buf8 = bytearray(HEADER_SIZE + lay8.payload_nbytes)
-            fused.encode_into(page, lay8, buf8)
-            return _int4a_seal(alloc.from_int8_blob(buf8, lay8, params.key_bits), h8)
+            cpu.encode_into(page, lay8, buf8)
+            return _int4a_seal(int4a.from_int8_blob(buf8, lay8, params.key_bits), h8)
         if accel.available(device):
             payload, lay4a = accel.int4a_payload(page, lay8, params.key_bits)
             return _int4a_seal((bytearray(HEADER_SIZE) + payload.cpu().numpy().tobytes(), lay4a),
                                h8)
-        return _int4a_blob(h8, reference.encode_payload(page, lay8), lay8, params)
+        return _int4a_blob(h8, torch_reference.encode_payload(page, lay8), lay8, params)
     lay = layout_for_encode(codec, dtype, shape, start, params)
     if kernels:  # header packed in place: no BlobHeader per page
         buf = bytearray(HEADER_SIZE + lay.payload_nbytes)  # zeroed: padding stays zero
         blobfmt.pack_header_into(buf, codec, dtype, (lay.L, lay.T, lay.H, lay.D), start, prec,
                                  params.group_size, lay.S, lay.n_out, lay.payload_nbytes)
-        fused.encode_into(page, lay, buf)
+        cpu.encode_into(page, lay, buf)
     else:
         buf = blobfmt.pack_header(_header(codec, page, lay, params, prec))
         buf.extend(accel.encode_payload(page, lay).cpu().numpy().tobytes())
     return blobfmt.seal(buf)
+
+
+def _kernels_run_on(device: torch.device) -> bool:
+    """Whether the numba kernels do the work for tensors on ``device``: on the CPU they do;
+    on an accelerator :mod:`kvtier.codecs.device` runs on the device itself. Blobs are host
+    bytes, so ``transcode`` always runs the numba kernels."""
+    return device.type == "cpu"
 
 
 def _header(codec: Codec, page: Page, lay: Layout, params: CodecConfig,
@@ -127,7 +136,7 @@ def _int4a_blob(h8: BlobHeader, payload8: torch.Tensor, lay8: Layout,
                 params: CodecConfig) -> bytes:
     """The sealed int4a blob of the page whose int8 header and payload are given (the torch
     path: any device)."""
-    payload, lay = alloc.from_int8(payload8, lay8, params.key_bits, kernels=False)
+    payload, lay = int4a.from_int8(payload8, lay8, params.key_bits, kernels=False)
     buf = bytearray(HEADER_SIZE)
     buf.extend(payload.cpu().numpy().tobytes())
     return _int4a_seal((buf, lay), h8)
@@ -163,8 +172,8 @@ def decode(blob: Blob, device: torch.device | None = None) -> Decoded:
     try:
         if lay.codec is Codec.INT4A:
             k, v = _decode_int4a(blob, lay, dev)
-        elif (dev is _CPU or dev.type == "cpu") and fused.available():
-            k, v = fused.decode(mv, lay)  # checks the indices it uses itself
+        elif _kernels_run_on(dev):
+            k, v = cpu.decode(mv, lay)  # checks the indices it uses itself
         else:
             check_indices(blob, lay)
             payload = torch.frombuffer(bytearray(mv[HEADER_SIZE:]), dtype=torch.uint8)
@@ -178,15 +187,15 @@ def _decode_int4a(blob: Blob, lay: Layout, dev: torch.device) -> tuple[torch.Ten
                                                                           torch.Tensor]:
     """K and V of a verified int4a blob, through the int8 payload it expands to."""
     check_indices(blob, lay)
-    if dev.type == "cpu" and fused.available():
-        buf8, lay8 = alloc.to_int8_blob(blob, lay)
-        return fused.decode(memoryview(buf8), lay8)
+    if _kernels_run_on(dev):
+        buf8, lay8 = int4a.to_int8_blob(blob, lay)
+        return cpu.decode(memoryview(buf8), lay8)
     payload = torch.frombuffer(bytearray(memoryview(blob)[HEADER_SIZE:]), dtype=torch.uint8)
     if accel.available(dev):
         accel.check_payload(blob, lay)
         return accel.decode_payload(payload.to(dev), lay)
-    payload8, lay8 = alloc.to_int8(payload.to(dev), lay)
-    return reference.decode_payload(payload8, lay8)
+    payload8, lay8 = int4a.to_int8(payload.to(dev), lay)
+    return torch_reference.decode_payload(payload8, lay8)
 
 
 def transcode(blob: Blob, target: Codec, params: CodecConfig) -> bytes:
@@ -215,10 +224,7 @@ def transcode(blob: Blob, target: Codec, params: CodecConfig) -> bytes:
         return encode(page, target, params, precision=h.precision)
     src = _layout_checked(h)
     if target is Codec.INT4A:
-        if fused.available():
-            return _int4a_seal(alloc.from_int8_blob(blob, src, params.key_bits), h)
-        payload8 = torch.frombuffer(bytearray(memoryview(blob)[HEADER_SIZE:]), dtype=torch.uint8)
-        return _int4a_blob(h, payload8, src, params)
+        return _int4a_seal(int4a.from_int8_blob(blob, src, params.key_bits), h)
     dst = make_layout(Codec.INT4, h.dtype, h.shape, h.sink_tokens, h.outliers, h.group_size)
     header = BlobHeader(
         codec=Codec.INT4, dtype=h.dtype, shape=h.shape, start_position=h.start_position,
@@ -236,12 +242,79 @@ def transcode(blob: Blob, target: Codec, params: CodecConfig) -> bytes:
     for name, width in (("kq", src.Ck), ("vq", src.HD)):
         off, n = src.section(name)
         doff, dn = dst.section(name)
-        if fused.available():
-            fused.int8_rows_to_int4(mv[off:off + n], width, memoryview(buf)[doff:doff + dn])
-        else:
-            q8 = torch.frombuffer(bytearray(mv[off:off + n]), dtype=torch.uint8) if n else \
-                torch.zeros(0, dtype=torch.uint8)
-            q4 = pack_int4(reference.int8_to_int4(q8.reshape(-1, width)))
-            buf[doff:doff + dn] = q4.contiguous().numpy().tobytes()
+        cpu.int8_rows_to_int4(mv[off:off + n], width, memoryview(buf)[doff:doff + dn])
     return blobfmt.seal(buf)
+
+
+def warmup() -> float:
+    """Compile every CPU kernel now (or load it from numba's cache) and self-test it; returns the
+    seconds it took (0.0 when this process already did).
+
+    The daemon calls this at start so that JIT compilation never lands in a request. The
+    self-test encodes and decodes small pages with the kernels and with the torch oracle and
+    raises RuntimeError if they disagree by a single byte (a stale on-disk cache that
+    :mod:`kvtier.codecs.cpu` did not catch, a miscompiled kernel). Compiled kernels live as
+    long as the process, so the work is done once per process (a memo, like numba's own
+    dispatch cache).
+    """
+    if _self_test.cache_info().currsize:
+        return 0.0
+    t0 = time.perf_counter()
+    _self_test()
+    took = time.perf_counter() - t0
+    log.info("codec kernels ready and self-tested in %.2f s", took)
+    return took
+
+
+@functools.cache
+def _self_test() -> bool:
+    g = torch.Generator().manual_seed(0)
+    params = CodecConfig()
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        page = Page(k=(3 * torch.randn(2, 9, 2, 16, generator=g)).to(dtype),
+                    v=torch.randn(2, 9, 2, 16, generator=g).to(dtype), start_position=1)
+        for codec in (Codec.INT8, Codec.INT4):
+            blob = encode(page, codec, params)
+            lay = layout_for_encode(codec, str(dtype).removeprefix("torch."), page.shape,
+                                    page.start_position, params)
+            payload = torch_reference.encode_payload(page, lay)
+            got = decode(blob).page
+            want = torch_reference.decode_payload(payload, lay)
+            if (blob[HEADER_SIZE:] != payload.numpy().tobytes() or not torch.equal(got.k, want[0])
+                    or not torch.equal(got.v, want[1])):
+                raise RuntimeError(
+                    "codec kernels disagree with the torch oracle (a stale numba cache? delete "
+                    "kvtier/codecs/cpu/__pycache__/*.nbi and *.nbc)")
+        decode(bytearray(blob))
+        decode(transcode(encode(page, Codec.INT8, params), Codec.INT4, params))
+    int4a.self_test()
+    return True
+
+
+@functools.cache
+def device_self_test(device: torch.device) -> bool:
+    """Encode and decode small float16 and bfloat16 pages with every codec through the
+    device kernels on ``device`` and check the bytes and tensors against the CPU kernels;
+    turns the kernels off on a mismatch (:func:`kvtier.codecs.device.turn_off`). Compiles the
+    kernels it runs (seconds, once per machine: Triton caches them). True when the kernels
+    serve ``device``. Memoized: once per process and device."""
+    if not accel.available(device):
+        return False
+    params = CodecConfig()
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16):
+        k = torch.randn(2, 40, 2, 32, generator=g)
+        k[..., 5] *= 30
+        page = Page(k=k.to(dtype), v=torch.randn(2, 40, 2, 32, generator=g).to(dtype),
+                    start_position=1)
+        on_dev = Page(k=page.k.to(device), v=page.v.to(device), start_position=1)
+        for codec in (Codec.INT8, Codec.INT4, Codec.INT4A):
+            want = encode(page, codec, params)
+            back = decode(want, device).page
+            host = decode(want).page
+            if encode(on_dev, codec, params) != want or not (
+                    torch.equal(back.k.cpu(), host.k) and torch.equal(back.v.cpu(), host.v)):
+                accel.turn_off(f"{codec.value} {dtype} disagrees with the CPU kernels")
+                return False
+    return accel.available(device)
 

@@ -12,13 +12,14 @@ the store's device transfers call to keep the bytes on the device until they are
 
 Both paths give the bytes of the CPU kernels (the tests hold them to it). The kernels
 (:mod:`kvtier.codecs.cuda`) are used for CUDA tensors when Triton imports; otherwise, and
-for any other device, the pure-torch reference runs there (:mod:`kvtier.codecs.reference`,
-:mod:`kvtier.codecs.alloc`). Work is queued on the current CUDA stream; nothing here
-synchronizes except where it hands bytes to the host.
+for any other device, the pure-torch reference runs there
+(:mod:`kvtier.codecs.torch_reference`, :mod:`kvtier.codecs.int4a`). Work is queued on the
+current CUDA stream; nothing here synchronizes except where it hands bytes to the host.
 
 The kernels are turned off for the rest of the process, with an error logged, when one of
-them raises (a Triton that cannot compile or launch here) or when :func:`self_test` finds them
-disagreeing with the CPU kernels by one byte: the torch reference is slower but right.
+them raises (a Triton that cannot compile or launch here) or when the self-test
+(:func:`kvtier.codecs.codec.device_self_test`) finds them disagreeing with the CPU kernels by
+one byte: the torch reference is slower but right.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from types import ModuleType
 
 import torch
 
-from kvtier.codecs import alloc, reference
+from kvtier.codecs import int4a, torch_reference
 from kvtier.codecs import blob as blobfmt
 from kvtier.codecs.blob import HEADER_SIZE
 from kvtier.codecs.layout import Layout, check_indices, layout_for_encode, make_layout
@@ -65,40 +66,13 @@ def available(device: torch.device) -> bool:
             and _launch() is not None)
 
 
-def _turn_off(why: str, exc: BaseException | None = None) -> None:
+def turn_off(why: str, exc: BaseException | None = None) -> None:
+    """Turn the kernels off for the rest of the process (logged once): the torch reference
+    serves CUDA pages from now on."""
     if not _off:
         log.error("device codec kernels turned off (%s); CUDA pages use the torch codec", why,
                   exc_info=exc)
     _off.append(why)
-
-
-@functools.cache
-def self_test(device: torch.device) -> bool:
-    """Encode and decode small float16 and bfloat16 pages with every codec through the
-    kernels on ``device`` and check the bytes and tensors against the CPU kernels; turns the
-    kernels off on a mismatch. Compiles the kernels it runs (seconds, once per machine: Triton
-    caches them). True when the kernels serve ``device``. Memoized: once per process."""
-    if not available(device):
-        return False
-    from kvtier.codecs.codec import decode, encode
-
-    params = CodecConfig()
-    g = torch.Generator().manual_seed(0)
-    for dtype in (torch.float16, torch.bfloat16):
-        k = torch.randn(2, 40, 2, 32, generator=g)
-        k[..., 5] *= 30
-        page = Page(k=k.to(dtype), v=torch.randn(2, 40, 2, 32, generator=g).to(dtype),
-                    start_position=1)
-        on_dev = Page(k=page.k.to(device), v=page.v.to(device), start_position=1)
-        for codec in (Codec.INT8, Codec.INT4, Codec.INT4A):
-            want = encode(page, codec, params)
-            back = decode(want, device).page
-            cpu = decode(want).page
-            if encode(on_dev, codec, params) != want or not (
-                    torch.equal(back.k.cpu(), cpu.k) and torch.equal(back.v.cpu(), cpu.v)):
-                _turn_off(f"{codec.value} {dtype} disagrees with the CPU kernels")
-                return False
-    return available(device)
 
 
 def encode_payload(page: Page, lay: Layout) -> torch.Tensor:
@@ -110,13 +84,13 @@ def encode_payload(page: Page, lay: Layout) -> torch.Tensor:
             out: torch.Tensor = launch.encode(k.contiguous(), v.contiguous(), lay)
             return out
         except Exception as e:  # a Triton that cannot compile or launch here
-            _turn_off("encode raised", e)
-    return reference.encode_payload(page, lay)
+            turn_off("encode raised", e)
+    return torch_reference.encode_payload(page, lay)
 
 
 def int4a_payload(page: Page, lay8: Layout, key_bits: float) -> tuple[torch.Tensor, Layout]:
     """The int4a payload and layout of ``page`` (on its device), built from its int8 payload
-    under ``lay8`` as on the host (:func:`kvtier.codecs.alloc.from_int8`)."""
+    under ``lay8`` as on the host (:func:`kvtier.codecs.int4a.from_int8`)."""
     payload8 = encode_payload(page, lay8)
     return int4a_from_int8(payload8, lay8, key_bits)
 
@@ -126,13 +100,13 @@ def int4a_from_int8(payload8: torch.Tensor, lay8: Layout,
     """int8 payload (on a device) -> int4a payload and layout, on the same device."""
     launch = _launch() if available(payload8.device) else None
     if launch is not None:
-        lay = alloc.int4a_layout(lay8, key_bits)
+        lay = int4a.int4a_layout(lay8, key_bits)
         try:
             out: torch.Tensor = launch.int4a_from_int8(payload8, lay8, lay)
             return out, lay
         except Exception as e:
-            _turn_off("int4a transcode raised", e)
-    return alloc.from_int8(payload8, lay8, key_bits, kernels=False)
+            turn_off("int4a transcode raised", e)
+    return int4a.from_int8(payload8, lay8, key_bits, kernels=False)
 
 
 def int4_from_int8(payload8: torch.Tensor, lay8: Layout) -> tuple[torch.Tensor, Layout]:
@@ -145,7 +119,7 @@ def int4_from_int8(payload8: torch.Tensor, lay8: Layout) -> tuple[torch.Tensor, 
             out: torch.Tensor = launch.int4_from_int8(payload8, lay8, lay4)
             return out, lay4
         except Exception as e:
-            _turn_off("int4 transcode raised", e)
+            turn_off("int4 transcode raised", e)
     from kvtier.codecs.pack import pack_int4
 
     out = torch.zeros(lay4.payload_nbytes, dtype=torch.uint8, device=payload8.device)
@@ -155,7 +129,7 @@ def int4_from_int8(payload8: torch.Tensor, lay8: Layout) -> tuple[torch.Tensor, 
             width = lay8.Ck if name == "kq" else lay8.HD
             q8 = payload8[src_off:src_off + lay8.section(name)[1]].reshape(-1, width)
             out[off - HEADER_SIZE:off - HEADER_SIZE + n] = \
-                pack_int4(reference.int8_to_int4(q8)).reshape(-1)
+                pack_int4(torch_reference.int8_to_int4(q8)).reshape(-1)
         elif n:
             out[off - HEADER_SIZE:off - HEADER_SIZE + n] = payload8[src_off:src_off + n]
     return out, lay4
@@ -215,7 +189,7 @@ def check_payload(blob: Blob, lay: Layout) -> None:
     scale exponents, int4a's key bit map): a checksum stops accidents, not a forged blob."""
     check_indices(blob, lay)
     if lay.codec is Codec.INT4A and lay.Tq:
-        alloc.read_bits(torch.frombuffer(bytearray(memoryview(blob)[HEADER_SIZE:]),
+        int4a.read_bits(torch.frombuffer(bytearray(memoryview(blob)[HEADER_SIZE:]),
                                          dtype=torch.uint8), lay)
 
 
@@ -229,11 +203,11 @@ def decode_payload(payload: torch.Tensor, lay: Layout, k_out: torch.Tensor | Non
             k, v = launch.decode(payload, lay, k_out, v_out)
             return k, v
         except Exception as e:
-            _turn_off("decode raised", e)
+            turn_off("decode raised", e)
     if lay.codec is Codec.INT4A:
-        payload, lay = alloc.to_int8(payload, lay, kernels=False)
+        payload, lay = int4a.to_int8(payload, lay, kernels=False)
     try:
-        k, v = reference.decode_payload(payload, lay)
+        k, v = torch_reference.decode_payload(payload, lay)
     except (RuntimeError, ValueError, IndexError) as e:
         raise CorruptPage(f"blob does not decode: {e}", field="blob") from e
     if k_out is not None and v_out is not None:

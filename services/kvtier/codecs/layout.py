@@ -14,15 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from kvtier.codecs.blob import DTYPE_SIZES, HEADER_SIZE, BlobHeader
+from kvtier.codecs.blob import HEADER_SIZE, BlobHeader
 from kvtier.codecs.grid import E0_MAX, E0_MIN
 from kvtier.config import CodecConfig
 from kvtier.errors import CorruptPage
-from kvtier.types import Codec
-
+from kvtier.types import DTYPES, Codec
 
 QUANTIZED_SECTIONS = ("oidx", "exps", "sink", "oraw", "kb", "km", "vb", "vm", "kq", "vq")
-DTYPE_KINDS = {"float16": 0, "bfloat16": 1, "float32": 2}
 
 
 def _align(n: int) -> int:
@@ -109,7 +107,7 @@ class Layout:
 
     @property
     def esize(self) -> int:
-        return DTYPE_SIZES[self.dtype]
+        return DTYPES[self.dtype].itemsize
 
     def section(self, name: str) -> tuple[int, int]:
         for sec, off, n in self.sections:
@@ -134,7 +132,7 @@ def make_layout(codec: Codec, dtype: str, shape: tuple[int, int, int, int], S: i
                 group_size: int, key_bits: int = 0) -> Layout:
     """The layout of a blob (memoized: a pure function of a few numbers, called per page)."""
     L, T, H, D = shape
-    es = DTYPE_SIZES[dtype]
+    es = DTYPES[dtype].itemsize
     sizes: list[tuple[str, int]]
     if codec is Codec.NONE:
         sizes = [("kraw", L * T * H * D * es), ("vraw", L * T * H * D * es)]
@@ -162,12 +160,12 @@ def make_layout(codec: Codec, dtype: str, shape: tuple[int, int, int, int], S: i
     lay = Layout(codec, dtype, L, T, H, D, S, n_out, group_size, tuple(sections),
                  pos - HEADER_SIZE, key_bits)
     if codec not in (Codec.INT8, Codec.INT4):
-        return lay  # the page kernels handle int8 and int4; int4a goes through int8 (alloc)
+        return lay  # the page kernels handle int8 and int4; int4a goes through int8 (int4a.py)
     offsets = lay.offsets
     bounds = np.array([x for name in QUANTIZED_SECTIONS
                        for x in (offsets[name][0], offsets[name][0] + offsets[name][1])],
                       dtype=np.int64)
-    geo = np.array([DTYPE_KINDS[dtype], L, T, S, H, D, n_out, lay.Gk, lay.Gv, codec.bits],
+    geo = np.array([DTYPES[dtype].code, L, T, S, H, D, n_out, lay.Gk, lay.Gv, codec.bits],
                    dtype=np.int64)
     bounds.flags.writeable = False
     geo.flags.writeable = False

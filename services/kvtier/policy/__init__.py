@@ -1,2 +1,2 @@
-"""Policies beyond the store's LRU/LFU fallbacks: baselines, the learned predictor, the
-policy service, and trace replay."""
+"""Live policies beyond the store's LRU/LFU fallbacks: the classic cores (ARC, S3-FIFO), the
+learned predictor, and the registry that builds the configured one by name."""

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Sequence
 from typing import ClassVar
 
-from kvtier.policy.baselines import ARCCore, S3FIFOCore
+from kvtier.policy.classic import ARCCore, S3FIFOCore
 from kvtier.policy.core import ReplacementCore
 from kvtier.store.policy import AccessEvent, AccessKind, PageMeta, Policy, PolicyStatus
 from kvtier.types import PageId

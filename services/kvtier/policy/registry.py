@@ -1,9 +1,10 @@
-"""Build the configured live policy by name. The daemon and replay get their policies here.
+"""Build a live policy by name, in this process. The daemon, the policy service and replay get
+their policies here.
 
 Names: ``lru``, ``lfu`` (the store's fallbacks), ``arc``, ``s3fifo`` (queue-structured
-baselines), ``learned`` (the temporal importance predictor). With ``PolicyConfig.address`` set
-the named policy runs in a ``kvtier policy`` service and the daemon gets a
-:class:`~kvtier.policy.remote.RemotePolicy` client of it. Belady's MIN needs the future and is
+classic cores), ``learned`` (the temporal importance predictor). A daemon configured with
+``PolicyConfig.address`` asks a ``kvtier policy`` service instead
+(:func:`kvtier.transport.policy.client.make_policy`). Belady's MIN needs the future and is
 deliberately not here: it exists only in replay reports.
 """
 
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from kvtier.config import PolicyConfig
 from kvtier.errors import InvalidArgument
 from kvtier.policy.adapter import ARCPolicy, S3FIFOPolicy
-from kvtier.policy.live import LearnedPolicy
+from kvtier.policy.learned.policy import LearnedPolicy
 from kvtier.store.policy import LFUPolicy, LRUPolicy, Policy
 
 _FACTORIES: dict[str, Callable[[PolicyConfig], Policy]] = {
@@ -40,17 +41,3 @@ def make_local_policy(config: PolicyConfig) -> Policy:
         ) from None
     return factory(config)
 
-
-def make_policy(config: PolicyConfig) -> Policy:
-    """The live policy for ``config``: embedded, or a client of the service at its address.
-
-    InvalidArgument naming the known policies for an unknown name.
-    """
-    if config.name not in _FACTORIES:
-        make_local_policy(config)  # raises with the list of names
-    if config.address:
-        from kvtier.policy.remote import RemotePolicy  # grpc only when a service is used
-
-        return RemotePolicy(config.address, configured=config.name,
-                            timeout_s=config.timeout_s, queue_size=config.queue_size)
-    return make_local_policy(config)

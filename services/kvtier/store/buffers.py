@@ -1,15 +1,15 @@
 """Host buffers for incoming pages, reused rather than handed back to the kernel.
 
-A put's pages are copied into memory the daemon owns (``kvtier.transport.shm_copy``,
-``kvtier.transport.convert.build_page``), and the hot tier adopts that memory as the page. Fresh
-memory costs a page fault per 4 KiB page the first time it is written, and memory glibc got
-back from a page that died, typically in another thread than the next put's (the mover, a
-delete), is often handed back to the kernel or not reused by that thread, even with the
-daemon's ``mallopt`` settings (``kvtier.daemon.configure_allocator``). Measured on the 2-core
-development machine: allocating and filling a 2 MiB buffer in a thread took 270-330 us (95
-faults on average), against 61-76 us for the same copy into a buffer written before; a daemon
-under ``bench transfer`` counted 0-64 faults per 2 MiB put in steady state and 500-1000 in its
-first rounds. Redis keeps its freed memory (jemalloc), so it hardly pays this on SET.
+A put's pages are copied into memory the daemon owns (``kvtier.transport.shm.copy``,
+``kvtier.transport.cache.convert.build_page``), and the hot tier adopts that memory as the page.
+Fresh memory costs a page fault per 4 KiB page the first time it is written, and memory glibc
+got back from a page that died, typically in another thread than the next put's (the mover, a
+delete), is often handed back to the kernel or not reused by that thread, even with the daemon's
+``mallopt`` settings (``kvtier.daemon.configure_allocator``). Measured on the 2-core development
+machine: allocating and filling a 2 MiB buffer in a thread took 270-330 us (95 faults on
+average), against 61-76 us for the same copy into a buffer written before; a daemon under
+``bench transfer`` counted 0-64 faults per 2 MiB put in steady state and 500-1000 in its first
+rounds. Redis keeps its freed memory (jemalloc), so it hardly pays this on SET.
 
 :class:`BufferPool` keeps the buffers of pages that died, by exact size, up to a byte bound, and
 hands them out again. A buffer goes back when the last view of it is gone: :meth:`BufferPool.take`

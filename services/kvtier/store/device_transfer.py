@@ -15,10 +15,10 @@ queued on the current stream), records an event and waits for that event only: o
 pool when the call returns. On a CPU "device" (a pool in host memory, as the tests use) the
 same calls run without streams, through the CPU codecs.
 
-:func:`make_pool_room` is what runs when the pool has no free extent large enough for a new
-page (room by the tier's byte count is not enough: the pool can be fragmented, or a reader
-may still hold a block): the tier's lowest-scored pages are pushed down one at a time until
-the page fits, within the engine's room timeout.
+When the pool has no free extent large enough for a new page (room by the tier's byte count
+is not enough: the pool can be fragmented, or a reader may still hold a block), the transfer
+calls its ``room`` hook, :func:`kvtier.store.transfer.make_pool_room`, which pushes the tier's
+lowest-scored pages down one at a time until the page fits, within the engine's room timeout.
 """
 
 from __future__ import annotations
@@ -27,24 +27,22 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from kvtier.codecs import decode as decode_blob
+from kvtier.codecs.codec import device_self_test
 from kvtier.codecs import device as accel
 from kvtier.codecs.blob import HEADER_SIZE, read_header, verify
 from kvtier.codecs.layout import layout_of
 from kvtier.config import CodecConfig
 from kvtier.errors import CapacityExhausted, CorruptPage
+from kvtier.pages import torch_dtype
 from kvtier.store.device_pool import DevicePool
 from kvtier.store.stats import CodecClock
 from kvtier.store.tiers import Promoted, Stored, TierSpec
-from kvtier.types import Codec, Page, Precision
-
-if TYPE_CHECKING:
-    from kvtier.store.engine import TierEngine
+from kvtier.types import Codec, Medium, Page, Precision
 
 MiB = 1 << 20
 STAGING_KEEP_BYTES = 64 * MiB  # pinned buffers kept for reuse, at most
@@ -111,15 +109,33 @@ class DeviceTransfer:
         if self.cuda:
             self.stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
         self.staging = Staging(pinned=self.cuda)
-        self.room: Callable[[int], bool] | None = None  # make room for n bytes; set by the engine
+        self.room: Callable[[int], bool] | None = None  # make room for n bytes (TierStore sets it)
         self._lock = threading.Lock()
         self._d2h = [0, 0]
         self._h2d = [0, 0]
 
+    @classmethod
+    def for_tiers(cls, specs: list[TierSpec], capacities: list[int], pool_bytes: int | None,
+                  params: CodecConfig, clock: CodecClock) -> DeviceTransfer | None:
+        """The transfers of the device tier (the first tensor tier on the ``device`` medium),
+        with its pool of ``pool_bytes`` (None: the tier's capacity on CUDA, and no pool on a
+        CPU device); None when there is no such tier or no pool."""
+        for tier, spec in enumerate(specs):
+            if spec.medium is Medium.DEVICE and spec.device is not None:
+                break
+        else:
+            return None
+        assert spec.device is not None
+        if pool_bytes is None:
+            pool_bytes = capacities[tier] if spec.device.type == "cuda" else 0
+        if pool_bytes == 0:
+            return None
+        return cls(tier, DevicePool(pool_bytes, spec.device), params, clock)
+
     def warmup(self) -> None:
         """Compile and self-test the device kernels now (a CUDA pool), not in a request."""
         if self.cuda:
-            accel.self_test(self.device)
+            device_self_test(self.device)
 
     # -- the converter's hook -------------------------------------------------------------
 
@@ -184,9 +200,7 @@ class DeviceTransfer:
             raise CorruptPage(f"payload is {h.payload_nbytes} bytes, the header's geometry "
                               f"needs {lay.payload_nbytes}", field="blob.length")
         prec = Precision.of_codec(h.codec)
-        from kvtier.codecs.reference import TORCH_DTYPES
-
-        k, v = self.new_kv(TORCH_DTYPES[h.dtype], h.shape)
+        k, v = self.new_kv(torch_dtype(h.dtype), h.shape)
         if not self.cuda:
             page = decode_blob(blob).page  # the CPU kernels
             k.copy_(page.k)
@@ -261,46 +275,3 @@ class DeviceTransfer:
         with self._lock:
             return TransferStats(self._d2h[0], self._d2h[1], self._h2d[0], self._h2d[1],
                                  st.capacity_bytes, st.used_bytes, st.blocks)
-
-
-def for_engine(e: TierEngine, pool_bytes: int | None) -> DeviceTransfer | None:
-    """The transfers of ``e``'s device tier (the first tensor tier on the ``device``
-    medium), with its pool of ``pool_bytes`` (None: the tier's capacity on CUDA, and no pool
-    on a CPU device); None when there is no such tier or no pool."""
-    from kvtier.types import Medium
-
-    for tier, spec in enumerate(e.specs):
-        if spec.medium is Medium.DEVICE and spec.device is not None:
-            break
-    else:
-        return None
-    assert spec.device is not None
-    if pool_bytes is None:
-        pool_bytes = e.limits[tier].capacity_bytes if spec.device.type == "cuda" else 0
-    if pool_bytes == 0:
-        return None
-    pool = DevicePool(pool_bytes, spec.device)
-    transfer = DeviceTransfer(tier, pool, e.converter.params, e.clock)
-    transfer.room = lambda n: make_pool_room(e, tier, pool, n)
-    return transfer
-
-
-def make_pool_room(e: TierEngine, tier: int, pool: DevicePool, nbytes: int) -> bool:
-    """Push ``tier``'s lowest-scored pages down until ``pool`` has a free extent of
-    ``nbytes``; False when the tier runs out of pages to push or the room timeout passes."""
-    deadline = time.monotonic() + e.room_timeout_s
-    while time.monotonic() < deadline:
-        if pool.stats().largest_free_bytes >= nbytes:
-            return True
-        with e.cond:
-            candidates = e.index.resident_metas(tier, e.names)
-        if not candidates:
-            return False
-        progressed = False
-        for pid in e.victims(candidates):
-            progressed |= e.push_down(pid, tier)
-            if pool.stats().largest_free_bytes >= nbytes:
-                return True
-        if not progressed:
-            time.sleep(0.01)  # every candidate busy in other moves: let them settle
-    return pool.stats().largest_free_bytes >= nbytes

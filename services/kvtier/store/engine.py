@@ -1,38 +1,42 @@
-"""The tier engine: the tier stack's state (page index, memory backends, counters) under one
-lock, and what works on it: making room, evicting, reading, deleting. New pages are placed by
-:mod:`kvtier.store.placement`, moved between tiers by :mod:`kvtier.store.moves`.
+"""The tier engine: the one owner of the store's state and of the lock that guards it.
 
-Locking: one condition variable (``cond``) guards the page index, the memory backends and the
-counters. Every step that costs time — copying to the device, encoding, decoding, transcoding,
-Redis round trips, asking the policy — runs outside it. A move is::
+The state is the page index, the bytes of the memory tiers, the per-tier counters and limits,
+and the store's call totals. Every other module of the store reaches it through the
+transactions here, each of which takes the lock for a few dict operations and returns; no other
+module names the lock (``tests/test_layering.py`` checks it). The work that costs time -
+copying to the device, encoding, decoding, transcoding, Redis round trips, asking the policy -
+runs between transactions, in :mod:`kvtier.store.transfer`. A move is two-phase::
 
-    prepare  (lock)     index.begin_move: RESIDENT -> MOVING; take a reference to the source
-    copy     (no lock)  convert to the target tier's form; reserve room there (making room
-                        by pushing the target's own victims further down if needed); write
-                        it when the target is Redis
-    commit   (lock)     index.commit_move: switch tier, swap the bytes between the backends,
-                        counters; a page deleted meanwhile fails the commit and its copy is
-                        dropped
+    begin_move   (lock)     RESIDENT -> MOVING; hand out the source's stored form and metadata
+    (transfer)   (no lock)  convert to the target tier's form; reserve room there (making room
+                            by pushing the target's own victims further down if needed); write
+                            it when the target is Redis
+    commit_move  (lock)     switch tier, swap the bytes between the backends, count; a page
+                            deleted meanwhile fails the commit and its copy is dropped
+    abort_move   (lock)     the page stays where it was; the reservation goes back
 
-Readers take the stored reference under the lock, so until the commit they read the source and
-after it the target — never a torn page. Stored tensors and blobs are never mutated in place.
-Nothing here logs per page.
+A put is the same with :meth:`TierEngine.begin_place`, :meth:`~TierEngine.commit_place` and
+:meth:`~TierEngine.abort_place`. Readers take the stored reference under the lock
+(:meth:`TierEngine.read_ref`), so until a commit they read the source and after it the target:
+never a torn page. Stored tensors and blobs are never mutated in place. Nothing here logs per
+page.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
 
 from kvtier.config import Settings
-from kvtier.errors import BackendUnavailable
-from kvtier.store import device_transfer, moves
-from kvtier.store.index import PageIndex, PageState
-from kvtier.store.moves import MoveResult
+from kvtier.store.device_transfer import DeviceTransfer
+from kvtier.store.index import MoveTicket, PageIndex, PageState
 from kvtier.store.policy import LRUPolicy, PageMeta, Policy
-from kvtier.store.redis_tier import RedisTier
+from kvtier.store.redis_tier import RedisTier, RemoteMeta
 from kvtier.store.stats import CodecClock, TierCounters, TierStats
 from kvtier.store.tiers import (
     Converter, MemoryBackend, Stored, TierLimits, TierSpec, build_specs, resolve_device,
@@ -44,8 +48,74 @@ log = logging.getLogger(__name__)
 WAIT_SLICE_S = 0.02
 
 
+class Room(enum.Enum):
+    """What :meth:`TierEngine.reserve` found."""
+
+    RESERVED = "reserved"
+    FULL = "full"  # not now: other pages are in the way
+    TOO_BIG = "too_big"  # larger than the whole tier: never
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedMove:
+    """A move begun by :meth:`TierEngine.begin_move`: the ticket, the source's stored form
+    (None: the source is the Redis tier, read outside the lock) and the page's metadata."""
+
+    ticket: MoveTicket
+    data: Stored | None
+    nbytes: int
+    chain_position: int
+    precision: Precision
+    src_token: str | None  # the source's Redis write token, when it is the Redis tier
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRef:
+    """Where a page is for a reader: its stored form (None: in the Redis tier, fetch it), its
+    tier and precision, and the version that a fetch which finds nothing checks against."""
+
+    data: Stored | None
+    tier: int
+    precision: Precision
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class PageView:
+    """One page's record as a reader may see it (admin page info)."""
+
+    state: PageState
+    precision: Precision
+    nbytes: int
+    stored_bytes: int
+    meta: PageMeta
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """The store's call counters."""
+
+    gets: int
+    get_hits: int
+    puts: int
+    puts_stored: int
+
+
+@dataclass(frozen=True, slots=True)
+class TierContents:
+    """A consistent picture of one tier (for checks and debugging, never on the data path):
+    its pages and their states, its bytes committed and in flight, and for a memory tier what
+    it holds."""
+
+    pages: tuple[PageId, ...]
+    states: Mapping[PageId, PageState]
+    used: int
+    reserved: int
+    held: Mapping[PageId, Stored] | None  # None for the Redis tier
+
+
 class TierEngine:
-    """Pages, tiers and moves. Thread-safe; see the module docstring for the lock design."""
+    """Pages, tiers and the one lock; see the module docstring. Thread-safe."""
 
     def __init__(self, settings: Settings, policy: Policy, room_timeout_s: float = 5.0) -> None:
         tiers = list(settings.tiers)
@@ -54,29 +124,35 @@ class TierEngine:
             tiers = tiers[:-1]
         self.specs: list[TierSpec] = build_specs(tiers, resolve_device(settings.device))
         self.names: tuple[str, ...] = tuple(s.name for s in self.specs)
-        self.limits: list[TierLimits] = [TierLimits.of(c) for c in tiers]
-        self.cond = threading.Condition(threading.Lock())
-        self.index = PageIndex(len(self.specs))
-        self.memory: list[MemoryBackend | None] = [
-            None if s.medium is Medium.REDIS else MemoryBackend(s) for s in self.specs
-        ]
         self.redis: RedisTier | None = None
         self.redis_tier: int | None = None
         if self.specs[-1].medium is Medium.REDIS and settings.redis.url is not None:
             self.redis = RedisTier(settings.redis, settings.redis.url)
             self.redis_tier = len(self.specs) - 1
-        self.counters = [TierCounters() for _ in self.specs]
         self.clock = CodecClock()
         self.converter = Converter(settings.codec, self.clock)
-        self.transfer = device_transfer.for_engine(self, settings.device_pool_bytes)
-        if self.transfer is not None:
-            self.converter.device_moves = self.transfer.to_tier
+        # the device tier's pool and the moves into and out of it (None without a pool);
+        # TierStore hands it the way to make room in the pool (kvtier.store.transfer)
+        self.device_transfer: DeviceTransfer | None = DeviceTransfer.for_tiers(
+            self.specs, [c.capacity_bytes for c in tiers], settings.device_pool_bytes,
+            settings.codec, self.clock)
+        if self.device_transfer is not None:
+            self.converter.device_moves = self.device_transfer.to_tier
         self.policy: Policy = policy
         self.room_timeout_s = room_timeout_s
         self._fallback = LRUPolicy()
         self._policy_failed = False
+        # the state, guarded by _state_lock
+        self._state_lock = threading.Condition(threading.Lock())
+        self._limits: list[TierLimits] = [TierLimits.of(c) for c in tiers]
+        self._index = PageIndex(len(self.specs))
+        self._memory: list[MemoryBackend | None] = [
+            None if s.medium is Medium.REDIS else MemoryBackend(s) for s in self.specs
+        ]
+        self._counters = [TierCounters() for _ in self.specs]
+        self._gets = self._get_hits = self._puts = self._puts_stored = 0
 
-    # -- small helpers ------------------------------------------------------------------------
+    # -- what does not change, and the policy (no lock) ---------------------------------------
 
     @property
     def last(self) -> int:
@@ -98,6 +174,7 @@ class TierEngine:
             return self._fallback.victims(candidates, len(candidates))
 
     def forget(self, pages: Sequence[PageId]) -> None:
+        """Tell the policy these pages left the cache."""
         if not pages:
             return
         try:
@@ -105,139 +182,273 @@ class TierEngine:
         except Exception:
             log.exception("policy %s failed in forget()", self.policy.name)
 
-    # -- making room ----------------------------------------------------------------------------
+    # -- limits and room ----------------------------------------------------------------------
 
-    def reserve(self, tier: int, size: int) -> bool:
-        """Reserve ``size`` bytes in ``tier``, pushing its victims down until they fit.
+    def limits(self, tier: int) -> TierLimits:
+        with self._state_lock:
+            return self._limits[tier]
 
-        False when the size exceeds the tier, or when ``room_timeout_s`` passes without this
-        caller managing to move anything (every candidate busy in other moves, none settling).
-        """
-        deadline = time.monotonic() + self.room_timeout_s
-        while True:
-            with self.cond:
-                cap = self.limits[tier].capacity_bytes
-                if size > cap:
-                    return False
-                if self.index.reserve(tier, size, cap):
-                    return True
-            if self.make_room(tier, size):
-                deadline = time.monotonic() + self.room_timeout_s  # progress: keep going
-            elif time.monotonic() >= deadline:
+    def set_limits(self, tier: int, capacity_bytes: int | None, high_watermark: float | None,
+                   low_watermark: float | None) -> None:
+        """Change a tier's limits (validated: InvalidArgument names the bad one)."""
+        with self._state_lock:
+            self._limits[tier] = self._limits[tier].replace(capacity_bytes, high_watermark,
+                                                            low_watermark)
+
+    def reserve(self, tier: int, size: int) -> Room:
+        """Reserve ``size`` bytes of ``tier`` for a put or move in flight, if they fit now."""
+        with self._state_lock:
+            cap = self._limits[tier].capacity_bytes
+            if size > cap:
+                return Room.TOO_BIG
+            return Room.RESERVED if self._index.reserve(tier, size, cap) else Room.FULL
+
+    def fits(self, tier: int, size: int) -> bool:
+        with self._state_lock:
+            return self._index.fits(tier, size, self._limits[tier].capacity_bytes)
+
+    def wait_for_room(self, tier: int, size: int) -> None:
+        """Wait a moment (``WAIT_SLICE_S``) for a commit or removal, unless ``size`` fits."""
+        with self._state_lock:
+            if not self._index.fits(tier, size, self._limits[tier].capacity_bytes):
+                self._state_lock.wait(WAIT_SLICE_S)
+
+    def wait_for_change(self) -> None:
+        """Wait a moment (``WAIT_SLICE_S``) for some page to settle (a commit, an abort)."""
+        with self._state_lock:
+            self._state_lock.wait(WAIT_SLICE_S)
+
+    def candidates(self, tier: int) -> list[PageMeta]:
+        """What the policy may see of the pages of ``tier`` that may be moved now."""
+        with self._state_lock:
+            return self._index.resident_metas(tier, self.names)
+
+    def over_high(self, tier: int) -> list[PageMeta] | None:
+        """:meth:`candidates` if ``tier`` (bytes held and in flight) is past its high
+        watermark, else None."""
+        with self._state_lock:
+            used = self._index.used(tier) + self._index.reserved(tier)
+            if used <= self._limits[tier].high_bytes:
+                return None
+            return self._index.resident_metas(tier, self.names)
+
+    def past_high(self, tiers: Iterable[int]) -> bool:
+        with self._state_lock:
+            return any(self._index.used(t) + self._index.reserved(t) > self._limits[t].high_bytes
+                       for t in tiers)
+
+    def at_or_below_low(self, tier: int) -> bool:
+        with self._state_lock:
+            used = self._index.used(tier) + self._index.reserved(tier)
+            return used <= self._limits[tier].low_bytes
+
+    def prefetch_fits(self, pid: PageId) -> bool | None:
+        """Whether promoting ``pid`` into the top tier keeps it at or below its low watermark;
+        None if the page is absent, busy or already there (skip it)."""
+        with self._state_lock:
+            rec = self._index.get(pid)
+            if rec is None or rec.tier == 0 or rec.state is not PageState.RESIDENT:
+                return None
+            room = self._limits[0].low_bytes - self._index.used(0) - self._index.reserved(0)
+            return rec.nbytes + rec.stored_bytes <= room
+
+    # -- placing a new page -------------------------------------------------------------------
+
+    def begin_place(self, pid: PageId, tier: int, nbytes: int, chain_position: int,
+                    now: float) -> int | None:
+        """Claim ``pid`` for a put into ``tier``; its version, or None if the key exists."""
+        with self._state_lock:
+            return self._index.begin_place(pid, tier, nbytes, chain_position, now)
+
+    def commit_place(self, pid: PageId, version: int, tier: int, data: Stored, size: int,
+                     precision: Precision) -> bool:
+        """Make a placed page visible with its bytes (``size`` reserved in ``tier``); False,
+        and the reservation released, if it was deleted meanwhile."""
+        backend = self._memory[tier]
+        with self._state_lock:
+            ok = self._index.commit_place(pid, version, size, precision)
+            if ok and backend is not None:
+                backend.put(pid, data)
+            elif not ok:
+                self._index.release(tier, size)
+            self._state_lock.notify_all()
+        return ok
+
+    def abort_place(self, pid: PageId, version: int, tier: int, reserved: int) -> None:
+        """Forget a placement that failed, with the ``reserved`` bytes it held in ``tier``."""
+        with self._state_lock:
+            if reserved:
+                self._index.release(tier, reserved)
+            self._index.abort_place(pid, version)
+            self._state_lock.notify_all()
+
+    # -- moving a page ------------------------------------------------------------------------
+
+    def begin_move(self, pid: PageId, dst: int) -> PreparedMove | None:
+        """Prepare moving ``pid`` to tier ``dst``; None if it is absent, busy or there already."""
+        with self._state_lock:
+            ticket = self._index.begin_move(pid, dst)
+            if ticket is None:
+                return None
+            backend = self._memory[ticket.src]
+            data = backend.get(pid) if backend is not None else None
+            rec = self._index.get(pid)
+            if rec is None:
+                return PreparedMove(ticket, data, 0, 0, Precision.FULL, None)
+            return PreparedMove(ticket, data, rec.nbytes, rec.chain_position, rec.precision,
+                                rec.remote_token)
+
+    def commit_move(self, move: PreparedMove, new: Stored, size: int, precision: Precision,
+                    token: str | None) -> bool:
+        """Switch the page to its target in one step (``size`` reserved there, ``token`` its
+        Redis write token when the target is Redis); False, and the reservation released, if
+        the page was deleted meanwhile."""
+        t = move.ticket
+        with self._state_lock:
+            ok = self._index.commit_move(t, size, precision, token)
+            if ok:
+                dst_backend, src_backend = self._memory[t.dst], self._memory[t.src]
+                if dst_backend is not None:
+                    dst_backend.put(t.page, new)
+                if src_backend is not None:
+                    src_backend.pop(t.page)
+                if t.dst > t.src:
+                    self._counters[t.src].demotions += 1
+                else:
+                    self._counters[t.dst].promotions += 1
+                    # a promotion announces a use: stamp it now, or the page would be the
+                    # freshest victim of the very make-room that follows
+                    self._index.touch(t.page, time.time(), count=False)
+            else:
+                self._index.release(t.dst, size)
+            self._state_lock.notify_all()
+        return ok
+
+    def abort_move(self, move: PreparedMove, reserved: int) -> None:
+        """Cancel a move; the page stays resident where it was, ``reserved`` bytes go back."""
+        with self._state_lock:
+            if reserved:
+                self._index.release(move.ticket.dst, reserved)
+            self._index.abort_move(move.ticket)
+            self._state_lock.notify_all()
+
+    def drop_moving(self, move: PreparedMove, reason: EvictionReason | None) -> bool:
+        """The source bytes of a move turned out gone or corrupt: the page leaves the cache
+        (counted by ``reason``). False if it changed meanwhile (nothing dropped)."""
+        t = move.ticket
+        with self._state_lock:
+            rec = self._index.get(t.page)
+            if rec is None or rec.version != t.version:
                 return False
-            with self.cond:
-                if not self.index.fits(tier, size, self.limits[tier].capacity_bytes):
-                    self.cond.wait(WAIT_SLICE_S)
-
-    def make_room(self, tier: int, size: int) -> bool:
-        """Push ``tier``'s lowest-scored pages down (or out) until ``size`` more bytes fit."""
-        with self.cond:
-            candidates = self.index.resident_metas(tier, self.names)
-        progressed = False
-        for pid in self.victims(candidates):
-            with self.cond:
-                if self.index.fits(tier, size, self.limits[tier].capacity_bytes):
-                    return True
-            progressed |= self.push_down(pid, tier)
-        return progressed
-
-    def push_down(self, pid: PageId, tier: int, *, evict_if_down: bool = True) -> bool:
-        """Move a page down from ``tier`` (evicting it from the last tier); True on progress.
-
-        It goes to the next tier, or further down if it can never fit there. With the Redis
-        tier down it is evicted (reason ``remote_down``) only under hard-limit pressure
-        (``evict_if_down``); the watermark mover leaves it waiting instead.
-        """
-        if tier == self.last:
-            return self.evict(pid, tier, EvictionReason.CAPACITY)
-        for dst in range(tier + 1, self.last + 1):
-            result = self.move(pid, dst) if self.tier_up(dst) else MoveResult.DOWN
-            if result is MoveResult.TOO_BIG:
-                continue
-            if result is MoveResult.DOWN:
-                return evict_if_down and self.evict(pid, tier, EvictionReason.REMOTE_DOWN)
-            return result in (MoveResult.MOVED, MoveResult.GONE)
-        return self.evict(pid, tier, EvictionReason.CAPACITY)  # fits in no tier below
-
-    # -- moving -------------------------------------------------------------------------------
-
-    def move(self, pid: PageId, dst: int) -> MoveResult:
-        """Move one page to tier ``dst`` (up or down): prepare, copy, commit
-        (:func:`kvtier.store.moves.move`)."""
-        return moves.move(self, pid, dst)
-
-    def evict(self, pid: PageId, tier: int, reason: EvictionReason,
-              only: Stored | None = None) -> bool:
-        """Drop a resident page of ``tier`` from the cache, counted by ``reason``; with
-        ``only``, just if that is what the tier holds for ``pid``."""
-        with self.cond:
-            rec = self.index.get(pid)
-            if rec is None or rec.state is not PageState.RESIDENT or rec.tier != tier:
-                return False
-            backend = self.memory[tier]
-            if only is not None and (backend is None or backend.get(pid) is not only):
-                return False
-            self.index.remove(pid)
+            self._index.remove(t.page)
+            backend = self._memory[t.src]
             if backend is not None:
-                backend.pop(pid)
-            self.counters[tier].evictions[reason.value] += 1
-            self.cond.notify_all()
-        if rec.remote_token is not None:
-            self.redis_delete_quietly([(pid, rec.remote_token)])
-        self.forget([pid])
+                backend.pop(t.page)
+            if reason is not None:
+                self._counters[t.src].evictions[reason.value] += 1
+            self._state_lock.notify_all()
         return True
 
-    def drop_corrupt(self, pid: PageId, tier: int) -> None:
-        """A read found the stored blob corrupt: evict it so it is never served."""
-        if not self.evict(pid, tier, EvictionReason.CORRUPT):
-            log.warning("corrupt page seen mid-move in tier %s", self.names[tier])
+    # -- removing pages -----------------------------------------------------------------------
+
+    def evict(self, pid: PageId, tier: int, reason: EvictionReason,
+              only: Stored | None = None) -> tuple[bool, str | None]:
+        """Drop a resident page of ``tier``, counted by ``reason``; with ``only``, just if that
+        is what the tier holds for ``pid``. (evicted, its Redis write token to delete)."""
+        with self._state_lock:
+            rec = self._index.get(pid)
+            if rec is None or rec.state is not PageState.RESIDENT or rec.tier != tier:
+                return False, None
+            backend = self._memory[tier]
+            if only is not None and (backend is None or backend.get(pid) is not only):
+                return False, None
+            self._index.remove(pid)
+            if backend is not None:
+                backend.pop(pid)
+            self._counters[tier].evictions[reason.value] += 1
+            self._state_lock.notify_all()
+        return True, rec.remote_token
+
+    def delete(self, pids: Sequence[PageId]) -> tuple[list[PageId], list[tuple[PageId, str]]]:
+        """Remove pages in any state from every tier: the ones removed, and the Redis copies
+        (with their write tokens) to delete."""
+        removed: list[PageId] = []
+        tokens: list[tuple[PageId, str]] = []
+        with self._state_lock:
+            for pid in pids:
+                rec = self._index.remove(pid)
+                if rec is None:
+                    continue
+                if rec.state is not PageState.PLACING:
+                    backend = self._memory[rec.tier]
+                    if backend is not None:
+                        backend.pop(pid)
+                    self._counters[rec.tier].evictions[EvictionReason.DELETED.value] += 1
+                if rec.remote_token is not None:
+                    tokens.append((pid, rec.remote_token))
+                removed.append(pid)
+            self._state_lock.notify_all()
+        return removed, tokens
 
     # -- reading ------------------------------------------------------------------------------
 
-    def read(self, pid: PageId) -> tuple[Stored, int, Precision] | None:
-        """The stored form of a page, its tier and precision; None for a miss.
-
-        Memory tiers hand out their reference under the lock. A Redis page is fetched outside
-        it; if the key is gone because a move committed meanwhile, the read retries against
-        the index; if it is gone for good (deleted by another daemon), the page is forgotten.
-        """
-        for _ in range(4):
-            with self.cond:
-                rec = self.index.get(pid)
-                if rec is None or rec.state is PageState.PLACING:
-                    return None
-                tier, prec, version = rec.tier, rec.precision, rec.version
-                backend = self.memory[tier]
-                if backend is not None:
-                    data = backend.get(pid)
-                    return (data, tier, prec) if data is not None else None
-            if self.redis is None or not self.redis.up:
+    def read_ref(self, pid: PageId) -> ReadRef | None:
+        """A reader's reference to ``pid``; None if absent or still being placed."""
+        with self._state_lock:
+            rec = self._index.get(pid)
+            if rec is None or rec.state is PageState.PLACING:
                 return None
-            try:
-                got = self.redis.read(pid)
-            except BackendUnavailable:
-                return None
-            if got is not None:
-                return got[0], tier, min(prec, got[1].precision)
-            with self.cond:
-                rec = self.index.get(pid)
-                if rec is not None and rec.version == version and rec.tier == tier:
-                    if rec.state is PageState.RESIDENT:
-                        self.index.remove(pid)
-                        self.cond.notify_all()
-                        return None
-        return None
+            backend = self._memory[rec.tier]
+            data = backend.get(pid) if backend is not None else None
+            return ReadRef(data, rec.tier, rec.precision, rec.version)
 
-    # -- relocating ---------------------------------------------------------------------------
+    def drop_if_unchanged(self, pid: PageId, ref: ReadRef) -> bool:
+        """A Redis page that ``ref`` pointed at is gone from Redis: forget it, if it is still
+        resident there at that version (deleted by another daemon). False if it moved or
+        changed meanwhile (read again)."""
+        with self._state_lock:
+            rec = self._index.get(pid)
+            if (rec is not None and rec.version == ref.version and rec.tier == ref.tier
+                    and rec.state is PageState.RESIDENT):
+                self._index.remove(pid)
+                self._state_lock.notify_all()
+                return True
+        return False
+
+    def residence(self, pid: PageId) -> tuple[int, bool] | None:
+        """The tier of ``pid`` and whether it is resident (not placing or moving); None if
+        absent."""
+        with self._state_lock:
+            rec = self._index.get(pid)
+            return None if rec is None else (rec.tier, rec.state is PageState.RESIDENT)
+
+    def unknown(self, pids: Iterable[PageId]) -> list[PageId]:
+        """The pages of ``pids`` this index does not know."""
+        with self._state_lock:
+            return [p for p in pids if self._index.get(p) is None]
+
+    def pages_in(self, tier: int) -> list[PageId]:
+        with self._state_lock:
+            return self._index.pages_in(tier)
+
+    def page_view(self, pid: PageId) -> PageView | None:
+        with self._state_lock:
+            rec = self._index.get(pid)
+            meta = self._index.meta(pid, self.names)
+            if rec is None or meta is None:
+                return None
+            return PageView(rec.state, rec.precision, rec.nbytes, rec.stored_bytes, meta)
+
+    # -- lent memory --------------------------------------------------------------------------
 
     def held_at(self, pid: PageId, lo: int, hi: int) -> tuple[int, Page] | None:
         """The tier and page of ``pid`` if it is resident in host memory with its bytes at
         addresses [lo, hi) (lent from a client's segment), else None."""
-        with self.cond:
-            rec = self.index.get(pid)
+        with self._state_lock:
+            rec = self._index.get(pid)
             if rec is None or rec.state is not PageState.RESIDENT:
                 return None
-            backend = self.memory[rec.tier]
+            backend = self._memory[rec.tier]
             d = backend.get(pid) if backend is not None else None
         if isinstance(d, Page) and d.k.is_cpu and lo <= d.k.data_ptr() < hi:
             return rec.tier, d
@@ -246,71 +457,126 @@ class TierEngine:
     def swap_memory(self, pid: PageId, tier: int, old: Page, new: Page) -> bool:
         """Keep ``new``, a copy of ``old``, if ``old`` is still what ``tier`` holds and the
         page is not mid-move (a move would commit its own reference to ``old``)."""
-        with self.cond:
-            rec, backend = self.index.get(pid), self.memory[tier]
+        with self._state_lock:
+            rec, backend = self._index.get(pid), self._memory[tier]
             if rec is None or rec.state is not PageState.RESIDENT or rec.tier != tier or \
                     backend is None or backend.get(pid) is not old:
                 return False
             backend.put(pid, new)
             return True
 
-    # -- deleting -----------------------------------------------------------------------------
+    # -- the shared Redis tier's index --------------------------------------------------------
 
-    def delete(self, pids: Sequence[PageId]) -> int:
-        """Remove pages from every tier (Redis too, even if this index did not know them)."""
-        removed: list[PageId] = []
-        tokens: list[tuple[PageId, str]] = []
-        with self.cond:
+    def version(self) -> int:
+        """The version the next residence change gets (orders a scan against commits)."""
+        with self._state_lock:
+            return self._index.version
+
+    def adopt_remote(self, found: Iterable[tuple[PageId, RemoteMeta]], now: float) -> int:
+        """Index pages found in the Redis tier that this index does not know; how many."""
+        assert self.redis_tier is not None
+        added = 0
+        with self._state_lock:
+            for pid, meta in found:
+                added += self._index.add_resident(pid, self.redis_tier, meta.nbytes,
+                                                  meta.stored_bytes, meta.precision,
+                                                  meta.chain_position, now, meta.token)
+        return added
+
+    def drop_vanished_remote(self, seen: set[PageId], since: int) -> list[PageId]:
+        """Forget the Redis tier's resident pages, indexed before version ``since``, that a
+        scan did not see (counted as evictions, ``remote_down``); the pages forgotten."""
+        t = self.redis_tier
+        assert t is not None
+        lost = []
+        with self._state_lock:
+            for pid in self._index.pages_in(t):
+                rec = self._index.get(pid)
+                if (rec is not None and pid not in seen and rec.version < since
+                        and rec.state is PageState.RESIDENT):
+                    self._index.remove(pid)
+                    self._counters[t].evictions[EvictionReason.REMOTE_DOWN.value] += 1
+                    lost.append(pid)
+        return lost
+
+    # -- accesses and figures -----------------------------------------------------------------
+
+    def count_puts(self, pids: Sequence[PageId], stored: int) -> list[tuple[int, str | None]]:
+        """Count a put call; per page its access sequence number and the tier it is seen in."""
+        with self._state_lock:
+            self._puts += len(pids)
+            self._puts_stored += stored
+            out = []
             for pid in pids:
-                rec = self.index.remove(pid)
-                if rec is None:
-                    continue
-                if rec.state is not PageState.PLACING:
-                    backend = self.memory[rec.tier]
-                    if backend is not None:
-                        backend.pop(pid)
-                    self.counters[rec.tier].evictions[EvictionReason.DELETED.value] += 1
-                if rec.remote_token is not None:
-                    tokens.append((pid, rec.remote_token))
-                removed.append(pid)
-            self.cond.notify_all()
-        known = set(removed)
-        extra = 0
-        if self.redis is not None and self.redis.up:
-            unknown = [p for p in dict.fromkeys(pids) if p not in known]
-            try:
-                self.redis.delete_if(tokens)
-                extra = self.redis.delete(unknown)
-            except BackendUnavailable:
-                pass
-        self.forget(removed)
-        return len(removed) + extra
+                vt = self._index.visible_tier(pid)
+                out.append((self._index.next_seq(), self.names[vt] if vt is not None else None))
+            return out
 
-    # -- stats --------------------------------------------------------------------------------
+    def count_gets(self, pids: Sequence[PageId], hits: Sequence[int | None],
+                   now: float) -> list[int]:
+        """Count a get call: each page a hit of tier ``hits[i]`` (stamped: recency and count)
+        and a miss of every tier above it, or (None) a miss of every tier. Per page its access
+        sequence number."""
+        n = len(self.specs)
+        with self._state_lock:
+            self._gets += len(pids)
+            seqs = []
+            for pid, hit in zip(pids, hits, strict=True):
+                for t in range(n if hit is None else hit):
+                    self._counters[t].misses += 1
+                seq = None
+                if hit is not None:
+                    self._counters[hit].hits += 1
+                    self._get_hits += 1
+                    seq = self._index.touch(pid, now, count=True)
+                seqs.append(seq or self._index.next_seq())
+            return seqs
+
+    def lookup(self, pids: Sequence[PageId]) -> list[tuple[int, str | None]]:
+        """Per page its access sequence number and the tier that answers for it (None:
+        absent, being placed, or in a tier that is down)."""
+        with self._state_lock:
+            out = []
+            for pid in pids:
+                t = self._index.visible_tier(pid)
+                name = None if t is None or not self.tier_up(t) else self.names[t]
+                out.append((self._index.next_seq(), name))
+            return out
+
+    def touch(self, pids: Sequence[PageId], now: float) -> list[int | None]:
+        """Stamp recency (not the count) of pages announced for use; their sequence numbers
+        (None for a page gone meanwhile)."""
+        with self._state_lock:
+            return [self._index.touch(pid, now, count=False) for pid in pids]
 
     def tier_stats(self, tier: int) -> TierStats:
-        """Snapshot of one tier; call with ``cond`` held."""
-        spec, lim, c = self.specs[tier], self.limits[tier], self.counters[tier]
+        with self._state_lock:
+            return self._tier_stats(tier)
+
+    def stats(self) -> tuple[tuple[TierStats, ...], Totals]:
+        """Every tier's figures and the call totals, in one consistent snapshot."""
+        with self._state_lock:
+            tiers = tuple(self._tier_stats(t) for t in range(len(self.specs)))
+            return tiers, Totals(self._gets, self._get_hits, self._puts, self._puts_stored)
+
+    def _tier_stats(self, tier: int) -> TierStats:
+        spec, lim, c = self.specs[tier], self._limits[tier], self._counters[tier]
         return TierStats(
             name=spec.name, medium=spec.medium.value, codec=spec.codec.value,
             capacity_bytes=lim.capacity_bytes, high_watermark=lim.high_watermark,
-            low_watermark=lim.low_watermark, pages=self.index.page_count(tier),
-            bytes=self.index.used(tier), hits=c.hits, misses=c.misses, demotions=c.demotions,
+            low_watermark=lim.low_watermark, pages=self._index.page_count(tier),
+            bytes=self._index.used(tier), hits=c.hits, misses=c.misses, demotions=c.demotions,
             promotions=c.promotions, evictions=dict(c.evictions), up=self.tier_up(tier),
         )
 
-    # -- redis plumbing -----------------------------------------------------------------------
-
-    def redis_or_raise(self) -> RedisTier:
-        if self.redis is None:
-            raise BackendUnavailable("no redis tier is configured", field="redis")
-        return self.redis
-
-    def redis_delete_quietly(self, items: list[tuple[PageId, str]]) -> None:
-        """Delete Redis copies whose write token is unchanged; an outage just skips it."""
-        if self.redis is None or not self.redis.up:
-            return
-        try:
-            self.redis.delete_if(items)
-        except BackendUnavailable:
-            pass
+    def snapshot(self) -> list[TierContents]:
+        """Every tier's contents at one instant (a copy: checks and debugging only)."""
+        with self._state_lock:
+            out = []
+            for t, backend in enumerate(self._memory):
+                pages = tuple(self._index.pages_in(t))
+                states = {p: rec.state for p in pages if (rec := self._index.get(p)) is not None}
+                held = None if backend is None else MappingProxyType(backend.copy())
+                out.append(TierContents(pages, MappingProxyType(states), self._index.used(t),
+                                        self._index.reserved(t), held))
+            return out

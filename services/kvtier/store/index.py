@@ -20,7 +20,9 @@ A ``PLACING`` page is not visible to readers yet (a put returns only after its c
 ``MOVING`` page is still read from its source tier until the commit switches it over in one
 step, so readers never see a half-moved page. :meth:`PageIndex.remove` works in any state; a
 move or placement whose page was removed meanwhile fails its commit and its bytes are dropped.
-Each residence change bumps a version number, so a stale ticket can never commit.
+Each residence change bumps a version number, so a stale ticket can never commit. A transition
+the index does not allow otherwise (releasing bytes never reserved, committing a move that is not
+under way) is a bug in its caller and raises :class:`~kvtier.errors.InternalError`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from kvtier.errors import Conflict
+from kvtier.errors import InternalError
 from kvtier.store.policy import PageMeta
 from kvtier.types import PageId, Precision
 
@@ -74,7 +76,7 @@ class PageIndex:
 
     def __init__(self, n_tiers: int) -> None:
         if n_tiers < 1:
-            raise Conflict("an index needs at least one tier", field="tiers")
+            raise InternalError("an index needs at least one tier", field="tiers")
         self._records: dict[PageId, PageRecord] = {}
         self._members: list[dict[PageId, None]] = [{} for _ in range(n_tiers)]
         self._used = [0] * n_tiers
@@ -163,7 +165,7 @@ class PageIndex:
     def reserve(self, tier: int, size: int, capacity: int) -> bool:
         """Reserve ``size`` bytes of ``tier`` for a put or move in flight, if they fit."""
         if size < 0:
-            raise Conflict(f"cannot reserve {size} bytes", field="size")
+            raise InternalError(f"cannot reserve {size} bytes", field="size")
         if not self.fits(tier, size, capacity):
             return False
         self._reserved[tier] += size
@@ -172,7 +174,7 @@ class PageIndex:
     def release(self, tier: int, size: int) -> None:
         """Give back a reservation whose put or move did not commit."""
         if size > self._reserved[tier]:
-            raise Conflict(
+            raise InternalError(
                 f"releasing {size} bytes of tier {tier} but only {self._reserved[tier]} reserved",
                 field="size",
             )
@@ -244,7 +246,7 @@ class PageIndex:
         if rec is None or rec.state is not PageState.RESIDENT or rec.tier == dst:
             return None
         if not 0 <= dst < len(self._members):
-            raise Conflict(f"no tier with index {dst}", field="tier")
+            raise InternalError(f"no tier with index {dst}", field="tier")
         rec.state = PageState.MOVING
         rec.move_to = dst
         return MoveTicket(page=page, src=rec.tier, dst=dst, version=rec.version)
@@ -256,13 +258,13 @@ class PageIndex:
         """Switch the page to its destination in one step; its reservation becomes committed.
 
         False if the page was removed meanwhile (the caller releases the reservation and drops
-        the bytes it wrote). A ticket that does not match the page's move raises Conflict.
+        the bytes it wrote). A ticket that does not match the page's move raises InternalError.
         """
         rec = self._records.get(ticket.page)
         if rec is None or rec.version != ticket.version:
             return False
         if rec.state is not PageState.MOVING or rec.move_to != ticket.dst:
-            raise Conflict(
+            raise InternalError(
                 f"page {ticket.page} is {rec.state.value}, not moving to tier {ticket.dst}",
                 field="state",
             )
@@ -310,7 +312,7 @@ class PageIndex:
 
     def _take_reservation(self, tier: int, size: int) -> None:
         if size > self._reserved[tier]:
-            raise Conflict(
+            raise InternalError(
                 f"committing {size} bytes to tier {tier} without a reservation for them",
                 field="size",
             )

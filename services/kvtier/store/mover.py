@@ -1,4 +1,5 @@
-"""The background mover: a thread running the store's rebalance pass, and the pass per tier.
+"""When pages move: the background mover's thread and the rules it applies, never how a page
+moves (that is :mod:`kvtier.store.transfer`).
 
 :func:`rebalance_tier` is the watermark rule: a tier past its high watermark pushes the policy's
 lowest-scored pages one tier down (or out of the last tier, reason ``capacity``) until it is at
@@ -19,9 +20,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from kvtier.store.engine import WAIT_SLICE_S, TierEngine
-from kvtier.store.moves import MoveResult
-from kvtier.store.index import PageState
+from kvtier.store import transfer
+from kvtier.store.engine import TierEngine
+from kvtier.store.transfer import MoveResult
 from kvtier.types import PageId
 
 log = logging.getLogger(__name__)
@@ -71,20 +72,16 @@ class Mover:
 
 def rebalance_tier(engine: TierEngine, tier: int) -> int:
     """If ``tier`` is past its high watermark, push victims down to its low watermark."""
-    with engine.cond:
-        lim = engine.limits[tier]
-        if engine.index.used(tier) + engine.index.reserved(tier) <= lim.high_bytes:
-            return 0
-        candidates = engine.index.resident_metas(tier, engine.names)
+    candidates = engine.over_high(tier)
+    if candidates is None:
+        return 0
     if not engine.tier_up(tier) or (tier != engine.last and not engine.tier_up(tier + 1)):
-        return 0  # wait here for Redis, up to the hard limit (see push_down)
+        return 0  # wait here for Redis, up to the hard limit (see transfer.push_down)
     done = 0
     for pid in engine.victims(candidates):
-        with engine.cond:
-            lim = engine.limits[tier]
-            if engine.index.used(tier) + engine.index.reserved(tier) <= lim.low_bytes:
-                break
-        done += engine.push_down(pid, tier, evict_if_down=False)
+        if engine.at_or_below_low(tier):
+            break
+        done += transfer.push_down(engine, pid, tier, evict_if_down=False)
         if tier != engine.last and not engine.tier_up(tier + 1):
             break
     return done
@@ -103,14 +100,12 @@ def prefetch_pass(engine: TierEngine, limit: int) -> int:
         return 0
     done = 0
     for pid in picks[:limit]:
-        with engine.cond:
-            rec = engine.index.get(pid)
-            if rec is None or rec.tier == 0 or rec.state is not PageState.RESIDENT:
-                continue
-            room = engine.limits[0].low_bytes - engine.index.used(0) - engine.index.reserved(0)
-            if rec.nbytes + rec.stored_bytes > room:
-                break
-        done += engine.move(pid, 0) is MoveResult.MOVED
+        fits = engine.prefetch_fits(pid)
+        if fits is None:
+            continue
+        if not fits:
+            break
+        done += transfer.move(engine, pid, 0) is MoveResult.MOVED
     return done
 
 
@@ -122,22 +117,20 @@ def relocate(engine: TierEngine, pid: PageId, target: int, *, upward: bool) -> b
     """
     deadline = time.monotonic() + engine.room_timeout_s
     while True:
-        with engine.cond:
-            rec = engine.index.get(pid)
-            if rec is None:
-                return False
-            resident = rec.state is PageState.RESIDENT
-            if resident and (rec.tier == target or (upward and rec.tier < target)):
-                return True
-            if resident and not upward and rec.tier > target:
-                return False
+        where = engine.residence(pid)
+        if where is None:
+            return False
+        tier, resident = where
+        if resident and (tier == target or (upward and tier < target)):
+            return True
+        if resident and not upward and tier > target:
+            return False
         if resident:
-            result = engine.move(pid, target)
+            result = transfer.move(engine, pid, target)
             if result is MoveResult.MOVED:
                 return True
             if result is not MoveResult.BUSY:
                 return False
         if time.monotonic() >= deadline:
             return False
-        with engine.cond:
-            engine.cond.wait(WAIT_SLICE_S)
+        engine.wait_for_change()

@@ -8,21 +8,18 @@ daemons wrote, pages they deleted, a Redis that came back empty after a restart.
 - :func:`resync_remote`: at attach and whenever the tier comes back up, a SCAN by prefix
   rebuilds the index (pages survive daemon restarts) and forgets entries whose keys vanished.
 
-A key deleted by someone else between those is simply a miss when read (see the engine).
+A key deleted by someone else between those is simply a miss when read (see
+:func:`kvtier.store.transfer.read`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from kvtier.errors import BackendUnavailable
-from kvtier.store.index import PageState
-from kvtier.types import EvictionReason, PageId
-
-if TYPE_CHECKING:
-    from kvtier.store.engine import TierEngine
+from kvtier.store.engine import TierEngine
+from kvtier.types import PageId
 
 
 def discover(engine: TierEngine, pids: Sequence[PageId], now: float) -> None:
@@ -31,18 +28,15 @@ def discover(engine: TierEngine, pids: Sequence[PageId], now: float) -> None:
     Copies this store wrote itself are skipped: not being in the index means this store
     deleted, evicted or moved them and their cleanup is in flight (see redis_tier).
     """
-    if engine.redis is None or engine.redis_tier is None or not engine.redis.up or not pids:
+    redis = engine.redis
+    if redis is None or engine.redis_tier is None or not redis.up or not pids:
         return
     try:
-        metas = engine.redis.metas(pids)
+        metas = redis.metas(pids)
     except BackendUnavailable:
         return
-    with engine.cond:
-        for pid, meta in zip(pids, metas, strict=True):
-            if meta is not None and not engine.redis.wrote(meta.token):
-                engine.index.add_resident(pid, engine.redis_tier, meta.nbytes,
-                                        meta.stored_bytes, meta.precision,
-                                        meta.chain_position, now, meta.token)
+    engine.adopt_remote(((pid, meta) for pid, meta in zip(pids, metas, strict=True)
+                         if meta is not None and not redis.wrote(meta.token)), now)
 
 
 def resync_remote(engine: TierEngine) -> int:
@@ -50,33 +44,20 @@ def resync_remote(engine: TierEngine) -> int:
 
     Returns the number of pages added. Entries committed after the scan started are kept.
     """
-    if engine.redis is None or engine.redis_tier is None or not engine.redis.up:
+    redis = engine.redis
+    if redis is None or engine.redis_tier is None or not redis.up:
         return 0
-    t = engine.redis_tier
-    with engine.cond:
-        start_version = engine.index.version
+    start_version = engine.version()
     seen: set[PageId] = set()
     added = 0
     now = time.time()
     try:
-        for pid, meta in engine.redis.scan():
+        for pid, meta in redis.scan():
             seen.add(pid)
-            if engine.redis.wrote(meta.token):
+            if redis.wrote(meta.token):
                 continue  # ours and not indexed: a leftover whose cleanup is in flight
-            with engine.cond:
-                added += engine.index.add_resident(pid, t, meta.nbytes, meta.stored_bytes,
-                                                 meta.precision, meta.chain_position, now,
-                                                 meta.token)
+            added += engine.adopt_remote([(pid, meta)], now)
     except BackendUnavailable:
         return added
-    lost = []
-    with engine.cond:
-        for pid in engine.index.pages_in(t):
-            rec = engine.index.get(pid)
-            if (rec is not None and pid not in seen and rec.version < start_version
-                    and rec.state is PageState.RESIDENT):
-                engine.index.remove(pid)
-                engine.counters[t].evictions[EvictionReason.REMOTE_DOWN.value] += 1
-                lost.append(pid)
-    engine.forget(lost)
+    engine.forget(engine.drop_vanished_remote(seen, start_version))
     return added

@@ -2,8 +2,11 @@
 
 Thread-safe; async callers use ``asyncio.to_thread``. Every call names its namespace; keys are
 validated with :mod:`kvtier.pages` and bad input raises :class:`~kvtier.errors.InvalidArgument`
-(or a subclass) naming the field. A miss is a normal answer (``None``), not an error. Every
-access is queued for the policy and delivered by the mover thread, off the data path.
+(or a subclass) naming the field. A transport that validated a call's keys itself (it has to,
+before it touches a shared-memory segment) calls the ``*_checked`` forms with the
+:class:`~kvtier.types.PageId` list it got, so no key is checked twice. A miss is a normal answer
+(``None``), not an error. Every access is queued for the policy and delivered by the mover
+thread, off the data path.
 
 Semantics worth knowing:
 
@@ -25,26 +28,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 
 import torch
 
 from kvtier import finite
 from kvtier.codecs import warmup
 from kvtier.config import Settings
-from kvtier.errors import CorruptPage, InvalidArgument, UnknownTier
+from kvtier.errors import InvalidArgument, UnknownTier
 from kvtier.pages import check_key, check_keys, check_namespace, dtype_name, make_page
+from kvtier.store import transfer
 from kvtier.store.access_log import AccessLog
 from kvtier.store.device_pool import DevicePool
 from kvtier.store.engine import TierEngine
-from kvtier.store.moves import MoveResult
 from kvtier.store.mover import Mover, prefetch_pass, rebalance_tier, relocate
-from kvtier.store.placement import check_fits, choose_tier, place
 from kvtier.store.policy import AccessEvent, AccessKind, LRUPolicy, Policy
 from kvtier.store.remote_index import discover, resync_remote
 from kvtier.store.results import GetResult, LookupResult, PageInfo, PutOutcome, RawResult
 from kvtier.store.stats import StoreStats, TierStats
-from kvtier.store.tiers import Promoted, Stored
-from kvtier.types import EvictionReason, Page, PageId, Precision
+from kvtier.types import Page, PageId, Precision
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +59,10 @@ class TierStore:
     def __init__(self, settings: Settings, policy: Policy | None = None) -> None:
         self.settings = settings
         self._engine = TierEngine(settings, policy or LRUPolicy())
+        if self._engine.device_transfer is not None:
+            self._engine.device_transfer.room = partial(transfer.make_pool_room, self._engine)
         self._events = AccessLog(settings.policy.queue_size)
         self._mover: Mover | None = None
-        self._gets = self._get_hits = self._puts = self._puts_stored = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -69,8 +72,8 @@ class TierStore:
         compilation never lands inside a put or a demotion."""
         warmup()
         finite.warmup()
-        if self._engine.transfer is not None:
-            self._engine.transfer.warmup()  # the device kernels, compiled and self-tested
+        if self._engine.device_transfer is not None:
+            self._engine.device_transfer.warmup()  # the device kernels, compiled, self-tested
         redis = self._engine.redis
         if redis is not None and redis.probe(force=True):
             added = resync_remote(self._engine)
@@ -107,11 +110,26 @@ class TierStore:
 
     # -- data path ----------------------------------------------------------------------------
 
+    def check_keys(self, namespace: str, keys: Sequence[bytes]) -> list[PageId]:
+        """The page ids of a call's keys: InvalidArgument for a bad namespace, key or batch."""
+        s = self.settings
+        return check_keys(namespace, keys, s.max_key_bytes, s.max_batch)
+
+    def tier_index(self, name: str) -> int:
+        """The position of tier ``name`` in the stack; :class:`~kvtier.errors.UnknownTier`
+        naming the tiers there are otherwise (the one unknown-tier error)."""
+        try:
+            return self._engine.names.index(name)
+        except ValueError:
+            raise UnknownTier(
+                f"unknown tier {name!r}; tiers are {', '.join(self._engine.names)}",
+                field="tier") from None
+
     def put(self, namespace: str, items: Sequence[tuple[bytes, Page]],
             chain_positions: Sequence[int] | None = None) -> list[PutOutcome]:
         """Store pages; per key STORED or EXISTS. ``chain_positions`` default to 0, 1, 2, ..."""
         s = self.settings
-        pids = check_keys(namespace, [k for k, _ in items], s.max_key_bytes, s.max_batch)
+        pids = self.check_keys(namespace, [k for k, _ in items])
         if chain_positions is not None and len(chain_positions) != len(items):
             raise InvalidArgument(
                 f"{len(chain_positions)} chain positions for {len(items)} pages",
@@ -137,28 +155,20 @@ class TierStore:
         ``owned``: the pages' memory is the store's from now on (nobody else holds or writes
         it), so a tier on the same device keeps it as it is instead of copying it."""
         e = self._engine
-        targets = [choose_tier(e, pid, page, chain)
+        targets = [transfer.choose_tier(e, pid, page, chain)
                    for pid, page, chain in zip(pids, pages, chains, strict=True)]
         for page, t in zip(pages, targets, strict=True):  # fail the batch before storing any
-            check_fits(e, page, t)
+            transfer.check_fits(e, page, t)
         out = []
         now = time.time()
         for pid, page, chain, t in zip(pids, pages, chains, targets, strict=True):
-            stored = place(e, pid, page, t, chain, time.time(), owned)
+            stored = transfer.place(e, pid, page, t, chain, time.time(), owned)
             out.append(PutOutcome.STORED if stored else PutOutcome.EXISTS)
-        with e.cond:
-            self._puts += len(out)
-            self._puts_stored += sum(o is PutOutcome.STORED for o in out)
-            events = [
-                AccessEvent(pid, e.index.next_seq(), now, AccessKind.PUT,
-                            e.names[vt] if (vt := e.index.visible_tier(pid)) is not None else None,
-                            page.nbytes, chain)
-                for pid, page, chain in zip(pids, pages, chains, strict=True)
-            ]
-            past_high = any(e.index.used(t) + e.index.reserved(t) > e.limits[t].high_bytes
-                            for t in set(targets))
-        self._events.extend(events)
-        if past_high and self._mover is not None:
+        seen = e.count_puts(pids, sum(o is PutOutcome.STORED for o in out))
+        self._events.extend(
+            AccessEvent(pid, seq, now, AccessKind.PUT, tier, page.nbytes, chain)
+            for (seq, tier), pid, page, chain in zip(seen, pids, pages, chains, strict=True))
+        if self._mover is not None and e.past_high(set(targets)):
             self._mover.wake()
         return out
 
@@ -168,23 +178,11 @@ class TierStore:
         client's segment) memory of its own: ``copy(page)``, or None for a page found corrupt,
         which is dropped. Returns how many pages moved; pages gone, moved elsewhere or mid-move
         meanwhile are left alone (their lent memory goes back when their last reader lets go)."""
-        e = self._engine
-        moved = 0
-        for pid in pids:
-            held = e.held_at(pid, lo, hi)
-            if held is None:
-                continue
-            tier, page = held
-            new = copy(page)
-            if new is None:
-                e.evict(pid, tier, EvictionReason.CORRUPT, only=page)
-            elif e.swap_memory(pid, tier, page, new):
-                moved += 1
-        return moved
+        return transfer.copy_out_lent(self._engine, pids, lo, hi, copy)
 
     def get(self, namespace: str, keys: Sequence[bytes]) -> list[GetResult | None]:
         """Each page on the host from whatever tier holds it, or None for a miss."""
-        found = self._read(namespace, keys, AccessKind.GET)
+        found = self._read(self.check_keys(namespace, keys), AccessKind.GET)
         out: list[GetResult | None] = []
         for item in found:
             if item is None:
@@ -196,7 +194,11 @@ class TierStore:
 
     def get_raw(self, namespace: str, keys: Sequence[bytes]) -> list[RawResult | None]:
         """Like :meth:`get` as raw bytes; host-memory hot pages are served without a copy."""
-        found = self._read(namespace, keys, AccessKind.GET, copy_tensors=False)
+        return self.get_raw_checked(self.check_keys(namespace, keys))
+
+    def get_raw_checked(self, pids: Sequence[PageId]) -> list[RawResult | None]:
+        """:meth:`get_raw` of ids from :meth:`check_keys`."""
+        found = self._read(pids, AccessKind.GET, copy_tensors=False)
         out: list[RawResult | None] = []
         for item in found:
             if item is None:
@@ -213,107 +215,66 @@ class TierStore:
         """Like :meth:`get` for a worker that copies pages device to device (CUDA IPC): a page
         in the device pool comes back as the tier holds it (no copy; never write it); any other
         page is None here, a miss of this path, to be read with :meth:`get`."""
-        found = self._read(namespace, keys, AccessKind.GET, device=True)
+        found = self._read(self.check_keys(namespace, keys), AccessKind.GET, device=True)
         names = self._engine.names
         return [None if f is None else GetResult(f[0], names[f[1]], f[2]) for f in found]
 
-    def _read(self, namespace: str, keys: Sequence[bytes], kind: AccessKind,
-              copy_tensors: bool = True,
+    def _read(self, pids: Sequence[PageId], kind: AccessKind, copy_tensors: bool = True,
               device: bool = False) -> list[tuple[Page, int, Precision] | None]:
-        s, e = self.settings, self._engine
-        pids = check_keys(namespace, keys, s.max_key_bytes, s.max_batch)
+        e = self._engine
         self._discover(pids)
-        out: list[tuple[Page, int, Precision] | None] = []
-        for pid in pids:
-            got = e.read(pid)
-            if got is None:
-                out.append(None)
-                continue
-            data, tier, precision = got
-            try:
-                page = self._device_page(data) if device else self._to_page(data, copy_tensors)
-            except CorruptPage:
-                e.drop_corrupt(pid, tier)
-                out.append(None)
-                continue
-            out.append(None if page is None else (page, tier, precision))
+        out = [transfer.read_device(e, pid) if device else
+               transfer.read_page(e, pid, copy_tensors) for pid in pids]
         now = time.time()
-        events = []
-        with e.cond:
-            self._gets += len(pids)
-            for i, (pid, item) in enumerate(zip(pids, out, strict=True)):
-                hit = None if item is None else item[1]
-                for t in range(len(e.specs) if hit is None else hit):
-                    e.counters[t].misses += 1
-                seq = None
-                if hit is not None:
-                    e.counters[hit].hits += 1
-                    self._get_hits += 1
-                    seq = e.index.touch(pid, now, count=True)
-                nbytes = 0 if item is None else item[0].nbytes
-                events.append(AccessEvent(pid, seq or e.index.next_seq(), now, kind,
-                                          None if hit is None else e.names[hit], nbytes, i))
-        self._events.extend(events)
+        hits = [None if item is None else item[1] for item in out]
+        seqs = e.count_gets(pids, hits, now)
+        self._events.extend(
+            AccessEvent(pid, seq, now, kind, None if hit is None else e.names[hit],
+                        0 if item is None else item[0].nbytes, i)
+            for i, (pid, seq, hit, item) in enumerate(zip(pids, seqs, hits, out, strict=True)))
         return out
-
-    def _to_page(self, data: Stored, copy_tensors: bool) -> Page:
-        if isinstance(data, Promoted):
-            data = data.page
-        if isinstance(data, Page) and not copy_tensors and data.k.device.type == "cpu" and \
-                not self._pooled(data):
-            return data
-        return self._engine.converter.to_host(data)
-
-    def _device_page(self, data: Stored) -> Page | None:
-        if isinstance(data, Promoted):
-            data = data.page
-        return data if isinstance(data, Page) and self._pooled(data) else None
 
     @property
     def device_pool(self) -> DevicePool | None:
         """The device tier's pool (None without one)."""
-        transfer = self._engine.transfer
-        return None if transfer is None else transfer.pool
+        dev = self._engine.device_transfer
+        return None if dev is None else dev.pool
 
     def make_device_room(self, nbytes: int) -> bool:
         """Push pages out of the device tier until its pool has a free extent of ``nbytes``;
         False when that cannot be done (no pool, or nothing left to push within the room
         timeout)."""
-        transfer = self._engine.transfer
-        return transfer is not None and transfer.room is not None and transfer.room(nbytes)
-
-    def _pooled(self, page: Page) -> bool:
-        """Whether ``page`` lives in the device pool: a view of it handed out would not keep
-        its block (a pool in host memory, as tests configure it, is the case that matters)."""
-        transfer = self._engine.transfer
-        return transfer is not None and transfer.pool.holds(page.k)
+        return transfer.make_pool_room(self._engine, nbytes)
 
     def device_transfer_stats(self) -> dict[str, int]:
         """Bytes and pages the device tier's transfers moved, and its pool's use ({} without
         a device pool)."""
-        transfer = self._engine.transfer
-        return {} if transfer is None else transfer.stats().as_dict()
+        dev = self._engine.device_transfer
+        return {} if dev is None else dev.stats().as_dict()
 
-    def _discover(self, pids: list[PageId]) -> None:
+    def _discover(self, pids: Sequence[PageId]) -> None:
+        """Adopt pages other daemons put in the shared Redis tier under keys this index does
+        not know yet."""
         e = self._engine
         if e.redis is None or not e.redis.up:
             return
-        with e.cond:
-            unknown = [p for p in pids if e.index.get(p) is None]
-        discover(e, unknown, time.time())
+        unknown = e.unknown(pids)
+        if unknown:
+            discover(e, unknown, time.time())
 
     def lookup(self, namespace: str, keys: Sequence[bytes]) -> LookupResult:
         """Which tier holds each key (None = absent or unreachable) and the present prefix."""
-        s, e = self.settings, self._engine
-        pids = check_keys(namespace, keys, s.max_key_bytes, s.max_batch)
+        return self.lookup_checked(self.check_keys(namespace, keys))
+
+    def lookup_checked(self, pids: Sequence[PageId]) -> LookupResult:
+        """:meth:`lookup` of ids from :meth:`check_keys`."""
+        e = self._engine
         self._discover(pids)
         now = time.time()
-        with e.cond:
-            idx = [e.index.visible_tier(p) for p in pids]
-            tiers = [None if t is None or not e.tier_up(t) else e.names[t] for t in idx]
-            events = [AccessEvent(p, e.index.next_seq(), now, AccessKind.LOOKUP, t, 0, i)
-                      for i, (p, t) in enumerate(zip(pids, tiers, strict=True))]
-        self._events.extend(events)
+        seen = e.lookup(pids)
+        tiers = [t for _, t in seen]
+        self._events.extend(AccessEvent(p, seq, now, AccessKind.LOOKUP, t, 0, i)
+                            for i, (p, (seq, t)) in enumerate(zip(pids, seen, strict=True)))
         prefix = 0
         while prefix < len(tiers) and tiers[prefix] is not None:
             prefix += 1
@@ -321,96 +282,85 @@ class TierStore:
 
     def promote(self, namespace: str, keys: Sequence[bytes], tier: str) -> list[bool]:
         """Move pages up to ``tier`` (decoding; precision stays). True if now at/above it."""
-        return self._relocate(namespace, keys, tier, upward=True)
+        target = self.tier_index(tier)
+        return self._relocate(self.check_keys(namespace, keys), target, upward=True)
+
+    def promote_checked(self, pids: Sequence[PageId], tier: str) -> list[bool]:
+        """:meth:`promote` of ids from :meth:`check_keys`."""
+        return self._relocate(pids, self.tier_index(tier), upward=True)
 
     def demote(self, namespace: str, keys: Sequence[bytes], tier: str) -> list[bool]:
         """Admin: move pages down to ``tier``. True if now there; False if absent or below."""
-        return self._relocate(namespace, keys, tier, upward=False)
+        target = self.tier_index(tier)
+        return self._relocate(self.check_keys(namespace, keys), target, upward=False)
 
-    def _relocate(self, namespace: str, keys: Sequence[bytes], tier: str,
-                  *, upward: bool) -> list[bool]:
-        s, e = self.settings, self._engine
-        target = self._tier_index(tier)
-        pids = check_keys(namespace, keys, s.max_key_bytes, s.max_batch)
+    def _relocate(self, pids: Sequence[PageId], target: int, *, upward: bool) -> list[bool]:
+        e = self._engine
         self._discover(pids)
         out = [relocate(e, pid, target, upward=upward) for pid in pids]
         if upward:
             now = time.time()
-            with e.cond:
-                events = []
-                for i, (pid, ok) in enumerate(zip(pids, out, strict=True)):
-                    seq = e.index.touch(pid, now, count=False) if ok else None
-                    if seq is not None:
-                        events.append(AccessEvent(pid, seq, now, AccessKind.PROMOTE,
-                                                  e.names[target], 0, i))
-            self._events.extend(events)
+            moved = [(i, pid) for i, (pid, ok) in enumerate(zip(pids, out, strict=True)) if ok]
+            seqs = e.touch([pid for _, pid in moved], now)
+            self._events.extend(
+                AccessEvent(pid, seq, now, AccessKind.PROMOTE, e.names[target], 0, i)
+                for (i, pid), seq in zip(moved, seqs, strict=True) if seq is not None)
         return out
 
     def delete(self, namespace: str, keys: Sequence[bytes]) -> int:
         """Remove pages from every tier; the number removed."""
-        s = self.settings
-        return self._engine.delete(check_keys(namespace, keys, s.max_key_bytes, s.max_batch))
+        return self.delete_checked(self.check_keys(namespace, keys))
+
+    def delete_checked(self, pids: Sequence[PageId]) -> int:
+        """:meth:`delete` of ids from :meth:`check_keys`."""
+        return transfer.delete(self._engine, pids)
 
     # -- admin --------------------------------------------------------------------------------
 
     def page_info(self, namespace: str, key: bytes) -> PageInfo | None:
         e = self._engine
         pid = PageId(check_namespace(namespace), check_key(key, self.settings.max_key_bytes))
-        with e.cond:
-            rec = e.index.get(pid)
-            meta = e.index.meta(pid, e.names)
-            if rec is None or meta is None:
-                return None
-            info = (rec.state.value, rec.precision, rec.nbytes, rec.stored_bytes)
+        view = e.page_view(pid)
+        if view is None:
+            return None
+        meta = view.meta
         try:
             score = float(e.policy.score([meta])[0])
         except Exception:
             score = float("nan")
-        return PageInfo(page=pid, tier=meta.tier, state=info[0], precision=info[1],
-                        nbytes=info[2], stored_bytes=info[3], last_access_time=meta.last_time,
+        return PageInfo(page=pid, tier=meta.tier, state=view.state.value,
+                        precision=view.precision, nbytes=view.nbytes,
+                        stored_bytes=view.stored_bytes, last_access_time=meta.last_time,
                         access_count=meta.access_count, chain_position=meta.chain_position,
                         score=score)
 
     def stats(self) -> StoreStats:
         e = self._engine
-        with e.cond:
-            tiers = tuple(e.tier_stats(t) for t in range(len(e.specs)))
-            totals = (self._gets, self._get_hits, self._puts, self._puts_stored)
+        tiers, totals = e.stats()
         try:
             policy_status = e.policy.status()
         except Exception:
             policy_status = LRUPolicy().status()
         return StoreStats(
             tiers=tiers, redis_up=self.redis_up, codec_seconds=e.clock.snapshot(),
-            policy=policy_status, gets=totals[0], get_hits=totals[1],
-            get_misses=totals[0] - totals[1], puts=totals[2], puts_stored=totals[3],
-            access_events_dropped=self._events.dropped)
+            policy=policy_status, gets=totals.gets, get_hits=totals.get_hits,
+            get_misses=totals.gets - totals.get_hits, puts=totals.puts,
+            puts_stored=totals.puts_stored, access_events_dropped=self._events.dropped)
 
     def set_tier_limits(self, name: str, capacity_bytes: int | None = None,
                         high_watermark: float | None = None,
                         low_watermark: float | None = None) -> TierStats:
         """Change a tier's capacity or watermarks; a shrink pushes pages down right away."""
         e = self._engine
-        t = self._tier_index(name)
-        with e.cond:
-            e.limits[t] = e.limits[t].replace(capacity_bytes, high_watermark, low_watermark)
-        e.make_room(t, 0)
+        t = self.tier_index(name)
+        e.set_limits(t, capacity_bytes, high_watermark, low_watermark)
+        transfer.make_room(e, t, 0)
         rebalance_tier(e, t)
-        with e.cond:
-            return e.tier_stats(t)
+        return e.tier_stats(t)
 
     def drain(self) -> int:
         """Write every memory-tier page to the Redis tier; the number written."""
-        e = self._engine
-        if e.redis_tier is None or not self.redis_up:
-            return 0
-        moved = 0
-        for t in range(e.redis_tier):
-            with e.cond:
-                pids = e.index.pages_in(t)
-            for pid in pids:
-                moved += e.move(pid, e.redis_tier) is MoveResult.MOVED
-        return moved
+        return transfer.drain(self._engine)
 
     def rebalance(self) -> None:
         """One mover pass: deliver access events, probe Redis, demote past high watermarks,
@@ -427,14 +377,6 @@ class TierStore:
         for t in range(len(e.specs)):
             rebalance_tier(e, t)
         prefetch_pass(e, PREFETCH_PER_PASS)
-
-    def _tier_index(self, name: str) -> int:
-        try:
-            return self._engine.names.index(name)
-        except ValueError:
-            raise UnknownTier(
-                f"unknown tier {name!r}; tiers are {', '.join(self._engine.names)}",
-                field="tier") from None
 
 
 def _bytes_view(t: torch.Tensor) -> memoryview:

@@ -30,6 +30,7 @@ from kvtier.pages import check_page_finite
 from kvtier.store.stats import CodecClock
 from kvtier.types import Codec, Medium, Page, PageId, Precision
 
+
 @dataclass(frozen=True, slots=True)
 class Promoted:
     """Tensors decoded from ``blob`` (a quantized page promoted into a tensor tier)."""
@@ -146,6 +147,9 @@ class MemoryBackend:
     def pop(self, page: PageId) -> Stored | None:
         return self._data.pop(page, None)
 
+    def copy(self) -> dict[PageId, Stored]:
+        return dict(self._data)
+
     def __len__(self) -> int:
         return len(self._data)
 
@@ -182,7 +186,7 @@ class Converter:
             page, prec = self.decode(data, spec.device)
             return (page if prec is Precision.FULL else Promoted(page, data)), prec
         if isinstance(data, Page):
-            if data.k.device.type == "cpu":  # a lent page (kvtier.transport.shm_lend) is its
+            if data.k.device.type == "cpu":  # a lent page (kvtier.transport.shm.lend) is its
                 _check_finite_again(data)  # client's memory; the codecs need finite values
             t0 = time.perf_counter()
             blob = encode(data, spec.codec, self.params)

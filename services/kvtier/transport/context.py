@@ -23,7 +23,7 @@ from kvtier.transport.stats import RpcStats
 
 if TYPE_CHECKING:
     from kvtier.store.store import TierStore
-    from kvtier.transport.shm_relocate import Relocator
+    from kvtier.transport.shm.relocate import Relocator
 
 
 class Readiness(str, enum.Enum):

@@ -43,7 +43,7 @@ def pool_handle(pool: DevicePool) -> tuple[pb.CudaIpcHandle, str]:
     uuid = str(torch.cuda.get_device_properties(pool.device).uuid)
     return pb.CudaIpcHandle(
         device=int(device), handle=bytes(handle), size_bytes=int(size),
-        offset_bytes=int(offset) + pool.buffer.storage_offset(),
+        offset_bytes=int(offset) + int(pool.buffer.storage_offset()),
         ref_counter_handle=bytes(ref_handle), ref_counter_offset=int(ref_offset),
         event_handle=bytes(event_handle or b""), event_sync_required=bool(event_sync)), uuid
 

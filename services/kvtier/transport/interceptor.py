@@ -1,13 +1,14 @@
 """The one gRPC server interceptor: applies the error table and records per-call statistics.
 
-Every handler runs inside :class:`ErrorInterceptor`. A :class:`kvtier.errors.KVTierError`
-ends the call with the status ``kvtier.errors.status_for`` names and its message (the message
-names the bad field); anything else is logged with its traceback and ends the call with
-INTERNAL and a generic message, and the daemon keeps serving. Each finished call becomes one
-:class:`kvtier.transport.stats.RpcSample` (method, status, latency, message bytes in/out).
+Every handler of both services (cache and policy) runs inside :class:`ErrorInterceptor`. A
+:class:`kvtier.errors.KVTierError` ends the call with the status ``kvtier.errors.status_for``
+names and its message (the message names the bad field); anything else, InternalError included,
+is logged with its traceback and ends the call with INTERNAL and a generic message, and the
+daemon keeps serving. Each finished call becomes one :class:`kvtier.transport.stats.RpcSample`
+(method, status, latency, message bytes in/out).
 
 Authentication is a separate seam: an auth interceptor goes before this one in the list given
-to :func:`kvtier.transport.server.make_grpc_server` and aborts with UNAUTHENTICATED /
+to :func:`kvtier.transport.cache.server.make_grpc_server` and aborts with UNAUTHENTICATED /
 PERMISSION_DENIED itself; this interceptor passes such aborts through untouched.
 """
 
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from kvtier.errors import KVTierError, status_for
+from kvtier.errors import is_internal, status_for
 from kvtier.transport.stats import RpcSample, RpcStats
 
 log = logging.getLogger(__name__)
@@ -68,13 +69,12 @@ class _Call:
         if already is not None:  # an abort by the handler or an inner interceptor
             self.finish(already)
             raise exc
-        if isinstance(exc, KVTierError):
-            code, _http, message = status_for(exc)
-            log.debug("%s -> %s: %s", self.method, code, message)
-        else:
-            code, _http, message = status_for(exc)
+        code, _http, message = status_for(exc)
+        if is_internal(exc):
             log.error("%s failed unexpectedly; answering INTERNAL", self.method, exc_info=exc)
             message = f"internal error in {self.method} ({type(exc).__name__}); see daemon log"
+        else:
+            log.debug("%s -> %s: %s", self.method, code, message)
         self.finish(code)
         context.abort(grpc.StatusCode[code], message)
 

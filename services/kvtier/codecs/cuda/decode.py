@@ -3,7 +3,7 @@
 One program per (page, layer, K or V), a grid of ``(pages * L, 2)``, each writing its layer
 of K (or V) straight into the page: sinks copied, codes turned into values on the grid
 ``(m + step q) s`` (an exact integer times the scale, one rounding, then one more to the page
-dtype: the CPU kernels' :func:`kvtier.codecs.rowops.dequant_store`), outlier channels copied.
+dtype: the CPU kernels' :func:`kvtier.codecs.cpu.rows.dequant_store`), outlier channels copied.
 K's codes are read per kept position through the map the layer's outlier indices give; int4a's
 are read at their bit offsets (the exclusive prefix sum of the layer's key bit map) and mapped
 back to the int8 codes they stand for, ``round(q 255 / (2^b - 1))``, so int4a decodes in one

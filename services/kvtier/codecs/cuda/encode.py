@@ -2,7 +2,7 @@
 
 One program per (page, layer, K or V), launched as a grid of ``(pages * L, 2)``: a layer of
 K (or V) is read from the page, its grid chosen and its codes written, with the steps the CPU
-kernels (:mod:`kvtier.codecs.kernels`) take in the same order:
+kernels (:mod:`kvtier.codecs.cpu.int8_int4`) take in the same order:
 
 K (groups run over tokens, per channel)::
 

@@ -22,10 +22,11 @@ from kvtier.codecs.cuda import decode as dk
 from kvtier.codecs.cuda import encode as ek
 from kvtier.codecs.cuda import transcode as tk
 from kvtier.codecs.grid import MANTISSAS
-from kvtier.codecs.layout import DTYPE_KINDS, Layout
-from kvtier.types import Codec
+from kvtier.codecs.layout import Layout
+from kvtier.pages import torch_dtype
+from kvtier.types import DTYPES, Codec
 
-# the squared step drops of int4a's key bit moves b -> b+1 (kvtier.codecs.alloc._DROP)
+# the squared step drops of int4a's key bit moves b -> b+1 (kvtier.codecs.int4a._DROP)
 _DROP = tuple((255.0 / ((1 << b) - 1)) ** 2 - (255.0 / ((1 << (b + 1)) - 1)) ** 2
               for b in range(2, 8))
 # launch options of every kernel: fp fusion off (see kvtier.codecs.cuda.numerics)
@@ -142,7 +143,7 @@ def encode(k: torch.Tensor, v: torch.Tensor, lay: Layout) -> torch.Tensor:
         _off(lay, "oidx"), _off(lay, "exps"), _off(lay, "sink"), _off(lay, "oraw"),
         _off(lay, "kb"), _off(lay, "vb"), _off(lay, "kq"), _off(lay, "vq"),
         L, T, S, H, D, n_out, lay.Gk, nk, lay.Gv, nv,
-        KIND=DTYPE_KINDS[lay.dtype], BITS=lay.codec.bits, DP=_lanes(D),
+        KIND=DTYPES[lay.dtype].code, BITS=lay.codec.bits, DP=_lanes(D),
         GB=max(64, min(_pow2(lay.Gv), BC)), VT=VT, BT=BT, BC=BC, **_OPTS)
     pairs = (max(nk_all, nv_all) + 1) // 2
     if Tq and pairs:
@@ -159,13 +160,11 @@ def decode(payload: torch.Tensor, lay: Layout, k_out: torch.Tensor | None = None
     else into new tensors. The payload must have passed the host checks
     (:func:`kvtier.codecs.layout.check_indices`, and for int4a the key bit map's).
     """
-    from kvtier.codecs.reference import TORCH_DTYPES
-
     single = payload.dim() == 1
     pb = _payloads(payload, lay)
     N = pb.shape[0]
     dev = pb.device
-    dt = TORCH_DTYPES[lay.dtype]
+    dt = torch_dtype(lay.dtype)
     shape = (N, lay.L, lay.T, lay.H, lay.D)
     k = torch.empty(shape, dtype=dt, device=dev) if k_out is None else k_out.view(shape)
     v = torch.empty(shape, dtype=dt, device=dev) if v_out is None else v_out.view(shape)
@@ -187,7 +186,7 @@ def decode(payload: torch.Tensor, lay: Layout, k_out: torch.Tensor | None = None
         _off(lay, "kq"), _off(lay, "vq"),
         L, T, S, H, D, n_out, lay.Gk if Tq else 1, lay.nk if Tq else 0, lay.Gv, lay.nv,
         lay.kq_row_bytes,
-        KIND=DTYPE_KINDS[lay.dtype], KBITS=kbits, VBITS=8 if lay.codec is Codec.INT8 else 4,
+        KIND=DTYPES[lay.dtype].code, KBITS=kbits, VBITS=8 if lay.codec is Codec.INT8 else 4,
         DP=_lanes(D), BT=BT, BC=BC, **_OPTS)
     return (k[0], v[0]) if single else (k, v)
 
@@ -209,7 +208,7 @@ def int4_from_int8(payload8: torch.Tensor, lay8: Layout, lay4: Layout) -> torch.
 
 def int4a_from_int8(payload8: torch.Tensor, lay8: Layout, lay: Layout) -> torch.Tensor:
     """int4a payloads (layout ``lay``, its key bit budget set) of the pages whose int8
-    payloads are given: the same bytes as :func:`kvtier.codecs.alloc.from_int8`. Two
+    payloads are given: the same bytes as :func:`kvtier.codecs.int4a.from_int8`. Two
     launches: the key bits of every head, then the payloads."""
     single = payload8.dim() == 1
     src = _payloads(payload8, lay8)
@@ -229,7 +228,7 @@ def int4a_from_int8(payload8: torch.Tensor, lay8: Layout, lay: Layout) -> torch.
         _off(lay8, "exps"), _off(lay8, "oidx"), _off(lay8, "oraw"), _off(lay8, "kb"),
         _off(lay8, "km"), L, lay.Tq, H, D, n_out, lay.nk if lay.Tq else 0,
         lay.Gk if lay.Tq else 1, lay.key_bits,
-        KIND=DTYPE_KINDS[lay.dtype], DP=lanes, BT=BT, **_OPTS)
+        KIND=DTYPES[lay.dtype].code, DP=lanes, BT=BT, **_OPTS)
     tk.int4a_from_int8[(N * L, 3)](
         src, lay8.payload_nbytes, out, lay.payload_nbytes, spans, spans.shape[0],
         bits, bits.shape[1], scr_i, scr_i.shape[1],

@@ -1,7 +1,7 @@
 """Triton helpers shared by the device codec kernels: page elements to and from float32, the
 grid of a group, code rounding.
 
-Every helper reproduces the CPU kernels' arithmetic (:mod:`kvtier.codecs.rowops`) operation
+Every helper reproduces the CPU kernels' arithmetic (:mod:`kvtier.codecs.cpu.rows`) operation
 for operation, so the device blobs are the CPU blobs byte for byte:
 
 * grid selection in float64 (``need``, the scale code from the exponent and mantissa bits of
@@ -94,7 +94,7 @@ def base_exponent(top_bits):  # type: ignore[no-untyped-def]
 @triton.jit
 def scale_code(need, e0, mant_ptr):  # type: ignore[no-untyped-def]
     """The smallest ``b`` with ``table[b] >= need`` (clamped to 0..255), int32, as
-    :func:`kvtier.codecs.rowops.choose` finds it: from ``need``'s exponent and the count of
+    :func:`kvtier.codecs.cpu.rows.choose` finds it: from ``need``'s exponent and the count of
     table mantissas below its mantissa."""
     bits = need.to(tl.int64, bitcast=True)
     e = (bits >> 52) - 1023

@@ -1,14 +1,14 @@
 """Triton kernels that rewrite int8 payloads as int4 or int4a payloads on the device.
 
 Both work on the integer codes only, as :func:`kvtier.codecs.transcode` and
-:func:`kvtier.codecs.alloc.from_int8` do on the host, and give the same bytes. One program per
+:func:`kvtier.codecs.int4a.from_int8` do on the host, and give the same bytes. One program per
 (page, layer, part), a grid of ``(pages * L, 3)``: part 0 rewrites the layer's K codes, part 1
 its V codes (``round(q8 / 17)``, two a byte), part 2 copies the layer's share of the sections
 both payloads hold (grid, sinks, outliers: ``spans`` rows of source offset, destination
 offset, bytes).
 
 int4a takes two launches. :func:`int4a_bits` allocates the key bits of each (page, layer,
-head), one program each, as :func:`kvtier.codecs.alloc.allocate` does: the channel weights from
+head), one program each, as :func:`kvtier.codecs.int4a.allocate` does: the channel weights from
 the grid alone (float64, the same operations in the same order), then the ``budget - 2 D'``
 moves of largest gain, ties to the earlier move. Where the host sorts, the kernel finds the
 k-th largest gain by bisection on its bits (gains are >= 0, so their int64 bits order as they

@@ -1,0 +1,409 @@
+"""numba kernels for int4a on the CPU: the key bit allocation and the code maps (the torch code
+in :mod:`kvtier.codecs.int4a` is the reference and the device path; the tests and
+:func:`kvtier.codecs.int4a.self_test` hold both to the same bytes).
+
+Arrays are flat uint8. ``bits`` is ``[L, C']``; K codes are ``[L, T', C']`` int8 codes on one
+side and rows of ``rb`` bytes on the other (channel ``c``'s code at bit ``sum(bits[:c])`` of its
+token's row, little-endian).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from kvtier.codecs.cpu.int8_int4 import int8_to_int4_rows
+from kvtier.codecs.cpu.intrinsics import bits_to_f32, f16_to_f32
+from kvtier.codecs.cpu.rows import INLINE, JIT
+
+
+def _tables() -> tuple[np.ndarray, np.ndarray]:
+    """``TO_B[b, q8]``: the ``b``-bit code of an int8 code; ``TO_8[b, q]``: the int8 code of a
+    ``b``-bit code (the integer maps of :mod:`kvtier.codecs.int4a`, as lookup tables)."""
+    to_b = np.zeros((9, 256), np.uint8)
+    to_8 = np.zeros((9, 256), np.uint8)
+    q = np.arange(256, dtype=np.int64)
+    for b in range(1, 9):
+        lv = (1 << b) - 1
+        to_b[b] = (2 * q * lv + 255) // 510
+        to_8[b, :lv + 1] = (510 * q[:lv + 1] + lv) // (2 * lv)
+    return to_b, to_8
+
+
+TO_B, TO_8 = _tables()
+
+
+_U8 = np.uint64(0xFF)
+
+
+@njit(**INLINE)
+def _put(out, pos, acc, n):  # type: ignore[no-untyped-def]
+    """Store the low ``n`` bytes of ``acc`` at ``out[pos:]``, little-endian."""
+    for i in range(n):
+        out[pos + i] = np.uint8((acc >> np.uint64(8 * i)) & _U8)
+
+
+@njit(**INLINE)
+def _rows4(L, T, layer, t0, step):  # type: ignore[no-untyped-def]
+    """The starts (in units of ``step``) of four token rows of ``layer`` from ``t0``; past the
+    last token they repeat it (the kernels then write its bytes twice, the same)."""
+    r0 = (layer * T + t0) * step
+    r1 = (layer * T + min(t0 + 1, T - 1)) * step
+    r2 = (layer * T + min(t0 + 2, T - 1)) * step
+    r3 = (layer * T + min(t0 + 3, T - 1)) * step
+    return r0, r1, r2, r3
+
+
+@njit(**JIT)
+def pack_keys(q8, L, T, C, bits, rb, out, to_b):  # type: ignore[no-untyped-def]
+    """int8 K codes -> rows of ``bits``-wide codes ``round(q8 (2^b - 1) / 255)`` (every byte
+    of ``out`` written). Four token rows at a time (they share the bit widths), each row's bits
+    gathered in a 64-bit word and stored 4 bytes at a time."""
+    width = np.empty(C, np.int64)
+    for layer in range(L):
+        for c in range(C):
+            width[c] = np.int64(bits[layer * C + c])
+        for t0 in range(0, T, 4):
+            s0, s1, s2, s3 = _rows4(L, T, layer, t0, C)
+            p0, p1, p2, p3 = _rows4(L, T, layer, t0, rb)
+            a0 = a1 = a2 = a3 = np.uint64(0)
+            nb = np.int64(0)
+            j = 0
+            for c in range(C):
+                w = width[c]
+                sh = np.uint64(nb)
+                a0 |= np.uint64(to_b[w, q8[s0 + c]]) << sh
+                a1 |= np.uint64(to_b[w, q8[s1 + c]]) << sh
+                a2 |= np.uint64(to_b[w, q8[s2 + c]]) << sh
+                a3 |= np.uint64(to_b[w, q8[s3 + c]]) << sh
+                nb += w
+                if nb >= 32:
+                    _put(out, p0 + j, a0, 4)
+                    _put(out, p1 + j, a1, 4)
+                    _put(out, p2 + j, a2, 4)
+                    _put(out, p3 + j, a3, 4)
+                    a0 >>= np.uint64(32)
+                    a1 >>= np.uint64(32)
+                    a2 >>= np.uint64(32)
+                    a3 >>= np.uint64(32)
+                    nb -= 32
+                    j += 4
+            n = rb - j  # < 8: what is left of the row, zero bits past the codes
+            _put(out, p0 + j, a0, n)
+            _put(out, p1 + j, a1, n)
+            _put(out, p2 + j, a2, n)
+            _put(out, p3 + j, a3, n)
+
+
+@njit(**JIT)
+def unpack_keys(rows, L, T, C, bits, rb, out, to_8):  # type: ignore[no-untyped-def]
+    """Rows of ``bits``-wide K codes -> the int8 codes they stand for,
+    ``round(q 255 / (2^b - 1))``. Four token rows at a time, each read 4 bytes at a time into
+    a 64-bit word."""
+    width = np.empty(C, np.int64)
+    for layer in range(L):
+        for c in range(C):
+            width[c] = np.int64(bits[layer * C + c])
+        for t0 in range(0, T, 4):
+            d0, d1, d2, d3 = _rows4(L, T, layer, t0, C)
+            p0, p1, p2, p3 = _rows4(L, T, layer, t0, rb)
+            a0 = a1 = a2 = a3 = np.uint64(0)
+            nb = np.int64(0)
+            j = 0
+            for c in range(C):
+                w = width[c]
+                if nb < w:  # w <= 8, so 4 more bytes (or the row's last ones) cover it
+                    for _ in range(4):
+                        if j < rb:
+                            sh = np.uint64(nb)
+                            a0 |= np.uint64(rows[p0 + j]) << sh
+                            a1 |= np.uint64(rows[p1 + j]) << sh
+                            a2 |= np.uint64(rows[p2 + j]) << sh
+                            a3 |= np.uint64(rows[p3 + j]) << sh
+                            j += 1
+                        nb += 8
+                mask = (np.uint64(1) << np.uint64(w)) - np.uint64(1)
+                out[d0 + c] = to_8[w, a0 & mask]
+                out[d1 + c] = to_8[w, a1 & mask]
+                out[d2 + c] = to_8[w, a2 & mask]
+                out[d3 + c] = to_8[w, a3 & mask]
+                sw = np.uint64(w)
+                a0 >>= sw
+                a1 >>= sw
+                a2 >>= sw
+                a3 >>= sw
+                nb -= w
+
+
+@njit(**JIT)
+def int4_rows_to_int8(src, rows, width, dst):  # type: ignore[no-untyped-def]
+    """Packed int4 rows -> int8 codes on the same grid, ``q8 = 17 q4``."""
+    rb = (width + 1) // 2
+    for r in range(rows):
+        for j in range(width):
+            byte = src[r * rb + (j >> 1)]
+            q = byte & 0x0F if j % 2 == 0 else byte >> 4
+            dst[r * width + j] = np.uint8(17 * q)
+
+
+@njit(**JIT)
+def _m12(src, i):  # type: ignore[no-untyped-def]
+    p = 3 * (i // 2)
+    if i % 2 == 0:
+        u = np.int64(src[p]) | ((np.int64(src[p + 2]) & 0x0F) << 8)
+    else:
+        u = np.int64(src[p + 1]) | ((np.int64(src[p + 2]) >> 4) << 8)
+    return u - 4096 if u >= 2048 else u
+
+
+@njit(**JIT)
+def _before(gains, a, b):  # type: ignore[no-untyped-def]
+    """Whether move ``a`` sorts before move ``b``: the larger gain, then the earlier move (the
+    order of a stable descending sort)."""
+    return gains[a] > gains[b] or (gains[a] == gains[b] and a < b)
+
+
+@njit(**JIT)
+def _select(gains, order, k):  # type: ignore[no-untyped-def]
+    """Reorder ``order`` so that its first ``k`` entries are the ``k`` moves a stable
+    descending sort of ``gains`` puts first (in some order): quickselect on a strict total
+    order, so the set is exactly the sort's."""
+    lo = 0
+    hi = order.size - 1
+    while lo < hi and 0 < k <= hi:
+        if hi == lo + 1:  # two left: put them in order
+            if _before(gains, order[hi], order[lo]):
+                order[lo], order[hi] = order[hi], order[lo]
+            return
+        mid = (lo + hi) // 2
+        # median of three as the pivot, moved to hi
+        a, b, c = order[lo], order[mid], order[hi]
+        if _before(gains, b, a):
+            a, b = b, a
+        if _before(gains, c, b):
+            b, c = c, b
+            if _before(gains, b, a):
+                a, b = b, a
+        order[lo], order[mid], order[hi] = a, c, b
+        pivot = b
+        store = lo
+        for i in range(lo, hi):
+            if _before(gains, order[i], pivot):
+                order[store], order[i] = order[i], order[store]
+                store += 1
+        order[store], order[hi] = order[hi], order[store]
+        if store == k or store == k - 1:
+            return
+        if store < k:
+            lo = store + 1
+        else:
+            hi = store - 1
+
+
+@njit(**JIT)
+def _candidates(gains, n, k, order):  # type: ignore[no-untyped-def]
+    """Put in ``order`` the moves that can be among the first ``k`` (of ``n`` channels' moves,
+    listed bit by bit), and return how many: those up to the last move of the first
+    ``ceil(k / n)`` bits. Every channel's moves come in bit order (its gains fall), so that last
+    move has ``ceil(k / n) n >= k`` moves up to it. On pages whose channel weights are close,
+    that leaves few more than ``k``."""
+    total = gains.size
+    if k <= 0 or k >= total:
+        for i in range(total):
+            order[i] = i
+        return total
+    base = (k + n - 1) // n * n - n
+    y = base
+    for i in range(base + 1, base + n):
+        if _before(gains, y, i):
+            y = i
+    m = 0
+    gy = gains[y]
+    for i in range(total):  # branch-free: i is written anyway, m moves past it or not
+        gi = gains[i]
+        order[m] = i
+        m += (gi > gy) | ((gi == gy) & (i <= y))
+    return m
+
+
+@njit(**JIT)
+def allocate_keys(  # type: ignore[no-untyped-def]
+        kb, km, e0, mant, L, nk, Gk, Tq, H, D, n_out, oidx, opeak, drop, budget, out):
+    """Bits of every quantized K channel (``out`` ``[L, C']``), the same numbers as
+    :func:`kvtier.codecs.int4a.key_weights` then :func:`~kvtier.codecs.int4a.allocate` (same
+    float64 operations in the same order, the same stable sort)."""
+    Dk = D - n_out
+    C = H * Dk
+    nm = drop.size
+    for layer in range(L):
+        peak = np.zeros(H * D)
+        kidx = np.empty(C, np.int64)
+        j = 0
+        for h in range(H):
+            for d in range(D):
+                kept = True
+                for o in range(n_out):
+                    if oidx[(layer * H + h) * n_out + o] == d:
+                        kept = False
+                if kept:
+                    kidx[j] = h * D + d
+                    j += 1
+            for o in range(n_out):
+                peak[h * D + oidx[(layer * H + h) * n_out + o]] = opeak[(layer * H + h) * n_out + o]
+        tab = np.empty(256)  # the layer's scales by code: as many ldexp as codes, not groups
+        for b in range(256):
+            tab[b] = math.ldexp(mant[b & 15], int(e0[layer] + (b >> 4)))
+        step2 = np.zeros(C)
+        for c in range(C):
+            acc = 0.0
+            reach = 0.0
+            for g in range(nk):
+                i = (layer * nk + g) * C + c
+                s = tab[kb[i]]
+                m = np.float64(_m12(km, i))
+                n = np.float64(Tq - g * Gk if g == nk - 1 else Gk)
+                acc = acc + (s * s) * n
+                r = max(abs(m * s), abs((m + 255.0) * s))
+                if r > reach:
+                    reach = r
+            step2[c] = acc
+            peak[kidx[c]] = reach
+        if D % 2 == 0:
+            half = D // 2
+            for h in range(H):
+                for d in range(half):
+                    p = max(peak[h * D + d], peak[h * D + d + half])
+                    peak[h * D + d] = p
+                    peak[h * D + d + half] = p
+        gains = np.empty(nm * Dk)
+        count = np.zeros(Dk, np.int64)
+        w = np.empty(Dk)
+        order = np.empty(nm * Dk, np.int64)
+        chan = np.empty(nm * Dk, np.int64)  # a move's channel, without a division a move
+        for k in range(nm):
+            for c in range(Dk):
+                chan[k * Dk + c] = c
+        for h in range(H):
+            for c in range(Dk):
+                pk = peak[kidx[h * Dk + c]]
+                w[c] = step2[h * Dk + c] * (pk * pk)
+            for k in range(nm):
+                for c in range(Dk):
+                    gains[k * Dk + c] = w[c] * drop[k]
+            take = budget - 2 * Dk
+            m = _candidates(gains, Dk, take, order)
+            _select(gains, order[:m], take)
+            count[:] = 0
+            for t in range(take):
+                count[chan[order[t]]] += 1
+            for c in range(Dk):
+                out[layer * C + h * Dk + c] = np.uint8(2 + count[c])
+
+
+# --- whole payloads: one dispatch per page (numba's argument checks cost microseconds each) ---
+
+@njit(**INLINE)
+def _i16(src, pos):  # type: ignore[no-untyped-def]
+    """The little-endian int16 at ``src[pos:pos + 2]``."""
+    u = np.int64(src[pos]) | (np.int64(src[pos + 1]) << 8)
+    return u - 65536 if u >= 32768 else u
+
+
+@njit(**INLINE)
+def _raw(src, pos, kind):  # type: ignore[no-untyped-def]
+    """The float64 value of the page-dtype element at byte ``pos`` (kind: ``DType.code``)."""
+    if kind == 0:
+        return np.float64(f16_to_f32(np.uint16(src[pos]) | (np.uint16(src[pos + 1]) << 8)))
+    if kind == 1:
+        return np.float64(bits_to_f32((np.uint32(src[pos]) | (np.uint32(src[pos + 1]) << 8))
+                                      << np.uint32(16)))
+    u = np.uint32(0)
+    for i in range(4):
+        u |= np.uint32(src[pos + i]) << np.uint32(8 * i)
+    return np.float64(bits_to_f32(u))
+
+
+@njit(**JIT)
+def int4a_from_int8(src, dst, spans, sec, geo, mant, drop, to_b):  # type: ignore[no-untyped-def]
+    """An int8 blob ``src`` -> the int4a blob ``dst`` (zeroed, header left to the caller): the
+    grid sections copied (``spans`` rows: source offset, destination offset, bytes), the key bits
+    allocated (:func:`allocate_keys`), the map and the codes written. ``sec``: blob offsets of
+    exps, oidx, oraw, kb, km, kq and vq in ``src``, then kbits, kq and vq in ``dst``; ``geo``:
+    L, T', H, D, outliers, K groups, K group size, dtype kind, head budget, K row bytes."""
+    for i in range(spans.shape[0]):
+        a, b, n = spans[i, 0], spans[i, 1], spans[i, 2]
+        dst[b:b + n] = src[a:a + n]
+    L, Tq, H, D, n_out, nk, Gk, kind, budget, rb = geo[0], geo[1], geo[2], geo[3], geo[4], \
+        geo[5], geo[6], geo[7], geo[8], geo[9]
+    if Tq == 0:
+        return
+    C = H * (D - n_out)
+    e0 = np.empty(L, np.int64)
+    for layer in range(L):
+        e0[layer] = _i16(src, sec[0] + 4 * layer)
+    no = L * H * n_out
+    oidx = np.empty(no, np.int64)
+    opeak = np.zeros(no)
+    esize = 2 if kind < 2 else 4
+    for i in range(no):
+        oidx[i] = _i16(src, sec[1] + 2 * i)
+    for layer in range(L):  # |raw outlier values|, max over tokens (NaN wins, as torch's amax)
+        for t in range(Tq):
+            for j in range(H * n_out):
+                i = layer * H * n_out + j
+                x = abs(_raw(src, sec[2] + esize * ((layer * Tq + t) * H * n_out + j), kind))
+                if x > opeak[i] or x != x:
+                    if opeak[i] == opeak[i]:
+                        opeak[i] = x
+    bits = np.empty(L * C, np.uint8)
+    allocate_keys(src[sec[3]:sec[3] + L * nk * C], src[sec[4]:], e0, mant, L, nk, Gk, Tq, H, D,
+                  n_out, oidx, opeak, drop, budget, bits)
+    cb = (C + 1) // 2
+    for layer in range(L):
+        for j in range(cb):
+            lo = bits[layer * C + 2 * j]
+            hi = bits[layer * C + 2 * j + 1] if 2 * j + 1 < C else np.uint8(0)
+            dst[sec[7] + layer * cb + j] = lo | (hi << np.uint8(4))
+    pack_keys(src[sec[5]:sec[5] + L * Tq * C], L, Tq, C, bits, rb,
+              dst[sec[8]:sec[8] + L * Tq * rb], to_b)
+    HD = H * D
+    int8_to_int4_rows(src[sec[6]:sec[6] + L * Tq * HD], L * Tq, HD,
+                      dst[sec[9]:sec[9] + L * Tq * ((HD + 1) // 2)])
+
+
+@njit(**JIT)
+def int4a_to_int8(src, dst, spans, sec, geo, to_8):  # type: ignore[no-untyped-def]
+    """An int4a blob ``src`` -> the int8 blob ``dst`` that decodes to the same page (zeroed,
+    header left to the caller). ``sec``: blob offsets of kbits, kq and vq in ``src``, then kq
+    and vq in ``dst``; ``geo``: L, T', H, D, outliers, key bits a head, K row bytes. Returns 1
+    (and writes no codes) when the bit map holds a width outside 2..8 or a layer's widths do
+    not sum to ``H`` times the key bits, else 0."""
+    for i in range(spans.shape[0]):
+        a, b, n = spans[i, 0], spans[i, 1], spans[i, 2]
+        dst[b:b + n] = src[a:a + n]
+    L, Tq, H, D, n_out, kb, rb = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6]
+    if Tq == 0:
+        return 0
+    C = H * (D - n_out)
+    cb = (C + 1) // 2
+    bits = np.empty(L * C, np.uint8)
+    bad = False
+    for layer in range(L):
+        total = np.int64(0)
+        for c in range(C):
+            byte = src[sec[0] + layer * cb + c // 2]
+            b = byte & np.uint8(0x0F) if c % 2 == 0 else byte >> np.uint8(4)
+            bad |= b < 2 or b > 8
+            bits[layer * C + c] = b
+            total += np.int64(b)
+        bad |= total != H * kb
+    if bad:
+        return 1
+    unpack_keys(src[sec[1]:sec[1] + L * Tq * rb], L, Tq, C, bits, rb,
+                dst[sec[3]:sec[3] + L * Tq * C], to_8)
+    HD = H * D
+    int4_rows_to_int8(src[sec[2]:sec[2] + L * Tq * ((HD + 1) // 2)], L * Tq, HD,
+                      dst[sec[4]:sec[4] + L * Tq * HD])
+    return 0

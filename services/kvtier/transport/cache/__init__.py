@@ -1,0 +1,1 @@
+"""The ``kvtier.v1.CacheService``: servicer, wire conversions and the daemon's gRPC server."""
