@@ -48,16 +48,22 @@ def main() -> None:
     blocks = {"BT": launch.BT, "BC": launch.BC}
     lanes = launch._lanes(1)  # noqa: SLF001  (every head of up to 128 channels)
     for kind, page in PAGE.items():
+        vec = 16 // (4 if kind == 2 else 2)
+        build(ek.encode_bounds, {"k_ptr": page, "v_ptr": page, "out_ptr": "*u8",
+                                 "scr_f": "*fp32", "top_ptr": "*i64"},
+              {"KIND": kind, "DP": lanes, "GB": 64, "VEC": vec, "BT": launch.BT,
+               "VR": launch.VR})
         for bits in (8, 4):
-            build(ek.encode_page, {"k_ptr": page, "v_ptr": page, "out_ptr": "*u8",
-                                   "scr_f": "*fp32", "scr_i": "*i32", "m_ptr": "*i32",
-                                   "mant_ptr": "*fp64"},
-                  {"KIND": kind, "BITS": bits, "DP": lanes, "GB": 64, "VT": launch.VT,
-                   **blocks})
+            build(ek.encode_codes, {"k_ptr": page, "v_ptr": page, "out_ptr": "*u8",
+                                    "scr_f": "*fp32", "top_ptr": "*i64", "m_ptr": "*i32",
+                                    "mant_ptr": "*fp64"},
+                  {"KIND": kind, "BITS": bits, "GB": 64, "VEC": vec, "VR": launch.VR,
+                   "CP": launch.CP, **blocks})
         for kbits, vbits in ((8, 8), (4, 4), (0, 4)):
             build(dk.decode_page, {"src_ptr": "*u8", "k_ptr": page, "v_ptr": page,
-                                   "scr_i": "*i32", "mant_ptr": "*fp64"},
-                  {"KIND": kind, "KBITS": kbits, "VBITS": vbits, "DP": lanes, **blocks})
+                                   "mant_ptr": "*fp64"},
+                  {"KIND": kind, "KBITS": kbits, "VBITS": vbits, "VEC": vec, "VR": launch.VR,
+                   "GB": 64, "KC": launch.BC // (2 if kbits == 0 else 1), **blocks})
         build(tk.int4a_bits, {"src_ptr": "*u8", "bits_ptr": "*i32", "scr_d": "*fp64",
                               "mant_ptr": "*fp64", "drop_ptr": "*fp64"},
               {"KIND": kind, "DP": lanes, "BT": launch.BT})

@@ -151,6 +151,20 @@ def test_check_payload_refuses_a_forged_bit_map() -> None:
         accel.check_payload(blob, lay)
 
 
+def test_int4_with_odd_v_groups_is_left_to_the_reference() -> None:
+    """A byte of V's int4 codes would hold two groups' codes, which two programs would write:
+    the launcher refuses such layouts and the device path encodes them with the reference."""
+    launch = _launch()
+    odd = layout_for_encode(Codec.INT4, "float16", (1, 8, 2, 16), 0, CodecConfig(group_size=5))
+    assert not launch.supports(odd)
+    assert launch.supports(layout_for_encode(Codec.INT8, "float16", (1, 8, 2, 16), 0,
+                                             CodecConfig(group_size=5)))
+    assert launch.supports(layout_for_encode(Codec.INT4, "float16", (1, 8, 2, 16), 0, P))
+    page = make_kv((1, 8, 2, 16), torch.float16, start=0, seed=3)
+    with pytest.raises(ValueError, match="even V groups"):
+        launch.encode(page.k, page.v, odd)
+
+
 def test_cpu_pages_never_take_the_kernels() -> None:
     assert not accel.available(torch.device("cpu"))
 
@@ -167,7 +181,7 @@ def test_kernels_compile_for_the_device_without_fma() -> None:
     run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.stdout.count("\n") == 3 * 6 + 3, run.stdout
+    assert run.stdout.count("\n") == 3 * 7 + 3, run.stdout
 
 
 @pytest.mark.parametrize("fill", ["zeros", "equal"])
@@ -196,7 +210,7 @@ def test_no_kernel_specializes_on_an_integer_argument() -> None:
     code = (
         "import os; os.environ.pop('TRITON_INTERPRET', None)\n"
         "from kvtier.codecs.cuda import encode as e, decode as d, transcode as t\n"
-        "for fn in (e.encode_page, e.pack_m12, d.decode_page, t.int4_from_int8,\n"
+        "for fn in (e.encode_bounds, e.encode_codes, e.pack_m12, d.decode_page, t.int4_from_int8,\n"
         "           t.int4a_bits, t.int4a_from_int8):\n"
         "    loose = [p.name for p in fn.params if not p.is_constexpr and not p.do_not_specialize\n"
         "             and not p.name.endswith('ptr') and p.name not in\n"

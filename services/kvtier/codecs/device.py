@@ -79,7 +79,7 @@ def encode_payload(page: Page, lay: Layout) -> torch.Tensor:
     """The payload (uint8, on the page's device) of an int8, int4 or ``none`` page."""
     k, v = page.k, page.v
     launch = _launch() if lay.codec is not Codec.NONE and available(k.device) else None
-    if launch is not None:
+    if launch is not None and launch.supports(lay):  # else (int4, odd V groups) the reference
         try:
             out: torch.Tensor = launch.encode(k.contiguous(), v.contiguous(), lay)
             return out

@@ -32,9 +32,26 @@ _DROP = tuple((255.0 / ((1 << b) - 1)) ** 2 - (255.0 / ((1 << (b + 1)) - 1)) ** 
 # launch options of every kernel: fp fusion off (see kvtier.codecs.cuda.numerics)
 _OPTS = {"num_warps": 4, "enable_fp_fusion": False}
 BT = 8  # token rows per tile
-VT = 32  # token rows per tile of V's group bounds (groups of 64 channels: 2048 values a tile)
 BC = 256  # channels (or bytes) per tile
+VR = 16  # token rows of V an encode or decode program takes (a chunk of the layer)
+CP = 16  # lanes that reduce the partial maxima of a layer's need
 COPY_BLOCK = 1024
+
+
+def vec_of(lay: Layout) -> int:
+    """Elements of a page row the kernels may move in one instruction: the largest power of
+    two, at most 16 bytes, dividing the head width ``D`` (so the row width ``H D``) and V's
+    group length ``Gv`` (the kernels are told so through ``tl.multiple_of``; 8 for float16
+    pages of a real model)."""
+    vec = 16 // DTYPES[lay.dtype].itemsize
+    while vec > 1 and (lay.D % vec or lay.Gv % vec):
+        vec //= 2
+    return vec
+
+
+def _group_lanes(Gv: int) -> int:
+    """Lanes of a V tile along a group's channels (a group is one or more such tiles)."""
+    return min(max(16, _pow2(Gv)), BC)
 
 
 def _pow2(n: int) -> int:
@@ -118,9 +135,11 @@ def _gap_index(lay: Layout, written_exps: bool, device: torch.device) -> torch.T
 
 def encode(k: torch.Tensor, v: torch.Tensor, lay: Layout) -> torch.Tensor:
     """Payloads (uint8 ``[P]`` or ``[N, P]``) of int8 or int4 pages ``k``/``v``
-    (contiguous, on one device, dtype as ``lay``)."""
-    if lay.codec not in (Codec.INT8, Codec.INT4):
-        raise ValueError(f"device encode takes int8 and int4 layouts, not {lay.codec.value}")
+    (contiguous, on one device, dtype as ``lay``; int4 with V groups of an even length, or
+    one a row: :func:`supports`)."""
+    if not supports(lay):
+        raise ValueError(f"device encode takes int8 and int4 layouts with even V groups, not "
+                         f"{lay.codec.value} with groups of {lay.Gv}")
     single = k.dim() == 4
     kb, vb = _batched(k, lay), _batched(v, lay)
     N = kb.shape[0]
@@ -130,27 +149,45 @@ def encode(k: torch.Tensor, v: torch.Tensor, lay: Layout) -> torch.Tensor:
     Tq, HD, Ck = lay.Tq, lay.HD, lay.Ck
     nk = lay.nk if Tq else 0
     nv = lay.nv
-    stride = max(2 * nk * HD + HD + 2 * nk * Ck, 2 * Tq * nv, Ck + H * n_out, 1)
-    scr_f = torch.empty(N * L * 2, stride, dtype=torch.float32, device=dev)
-    scr_i = torch.empty(N * L * 2, stride, dtype=torch.int32, device=dev)
+    rows = -(-Tq // VR)
+    scr_stride = max(2 * nk * HD + 2 * Tq * nv, 1)
+    scr_f = torch.empty(N * L, scr_stride, dtype=torch.float32, device=dev)
+    top_stride = max(H, rows, 1)
+    tops = torch.empty(N * L * 2, top_stride, dtype=torch.int64, device=dev)
     nk_all, nv_all = L * nk * Ck, L * Tq * nv
     m = torch.empty(N, max(1, nk_all + nv_all), dtype=torch.int32, device=dev)
     mant, _ = _table(dev)
     page_stride = L * T * HD
-    ek.encode_page[(N * L, 2)](
-        _elements(kb), _elements(vb), page_stride, out, lay.payload_nbytes, scr_f, scr_i,
-        stride, m, m.shape[1], mant,
-        _off(lay, "oidx"), _off(lay, "exps"), _off(lay, "sink"), _off(lay, "oraw"),
-        _off(lay, "kb"), _off(lay, "vb"), _off(lay, "kq"), _off(lay, "vq"),
+    kind = DTYPES[lay.dtype].code
+    vec = vec_of(lay)
+    gb = _group_lanes(lay.Gv)
+    ek.encode_bounds[(N * L, 2, max(H, rows, 1))](
+        _elements(kb), _elements(vb), page_stride, out, lay.payload_nbytes, scr_f, scr_stride,
+        tops, top_stride, _off(lay, "oidx"), _off(lay, "sink"),
         L, T, S, H, D, n_out, lay.Gk, nk, lay.Gv, nv,
-        KIND=DTYPES[lay.dtype].code, BITS=lay.codec.bits, DP=_lanes(D),
-        GB=max(64, min(_pow2(lay.Gv), BC)), VT=VT, BT=BT, BC=BC, **_OPTS)
+        KIND=kind, DP=_lanes(D), GB=gb, VEC=vec, BT=BT, VR=VR, **_OPTS)
+    if Tq:
+        ek.encode_codes[(N * L, 2, max(nk * -(-Ck // BC), rows, 1))](
+            _elements(kb), _elements(vb), page_stride, out, lay.payload_nbytes, scr_f,
+            scr_stride, tops, top_stride, m, m.shape[1], mant,
+            _off(lay, "oidx"), _off(lay, "exps"), _off(lay, "oraw"), _off(lay, "kb"),
+            _off(lay, "vb"), _off(lay, "kq"), _off(lay, "vq"),
+            L, T, S, H, D, n_out, lay.Gk, nk, lay.Gv, nv,
+            KIND=kind, BITS=lay.codec.bits, GB=gb, VEC=vec, BT=BT, BC=BC, VR=VR, CP=CP,
+            **_OPTS)
     pairs = (max(nk_all, nv_all) + 1) // 2
     if Tq and pairs:
         ek.pack_m12[(N, -(-pairs // COPY_BLOCK), 2)](
             m, m.shape[1], out, lay.payload_nbytes, _off(lay, "km"), _off(lay, "vm"),
             nk_all, nv_all, BLOCK=COPY_BLOCK, **_OPTS)
     return out[0] if single else out
+
+
+def supports(lay: Layout) -> bool:
+    """Whether :func:`encode` takes pages of ``lay``: int8, or int4 where no byte of V's codes
+    holds codes of two groups (an even group length, or one group a row)."""
+    return lay.codec is Codec.INT8 or (lay.codec is Codec.INT4 and (lay.Gv % 2 == 0
+                                                                    or lay.nv == 1))
 
 
 def decode(payload: torch.Tensor, lay: Layout, k_out: torch.Tensor | None = None,
@@ -172,22 +209,23 @@ def decode(payload: torch.Tensor, lay: Layout, k_out: torch.Tensor | None = None
         k.view(N, -1).view(torch.uint8).copy_(pb[:, :pb.shape[1] // 2])
         v.view(N, -1).view(torch.uint8).copy_(pb[:, pb.shape[1] // 2:])
         return (k[0], v[0]) if single else (k, v)
-    L, T, S, H, D, n_out = lay.L, lay.T, lay.S, lay.H, lay.D, lay.n_out
-    Tq, Ck = lay.Tq, lay.Ck
+    Tq = lay.Tq
     kbits = 0 if lay.codec is Codec.INT4A else lay.codec.bits
-    stride = max(3 * Ck + H * n_out, 1)
-    scr_i = torch.empty(N * L, stride, dtype=torch.int32, device=dev)
     mant, _ = _table(dev)
     o_kbits = _off(lay, "kbits") if lay.codec is Codec.INT4A else 0
-    dk.decode_page[(N * L, 2)](
-        pb, lay.payload_nbytes, _elements(k), _elements(v), L * T * lay.HD, scr_i, stride, mant,
+    # int4a's K codes are read at per-channel bit offsets: half the channels a program keeps
+    # its registers (and so the programs an SM holds) near the other codecs'
+    kc = BC // 2 if lay.codec is Codec.INT4A else BC
+    chunks = max(-(-lay.Ck // kc), -(-Tq // VR), 1) if Tq else 1
+    dk.decode_page[(N * lay.L, 2, chunks)](
+        pb, lay.payload_nbytes, _elements(k), _elements(v), lay.L * lay.T * lay.HD, mant,
         _off(lay, "oidx"), _off(lay, "exps"), _off(lay, "sink"), _off(lay, "oraw"),
         _off(lay, "kb"), _off(lay, "km"), _off(lay, "vb"), _off(lay, "vm"), o_kbits,
         _off(lay, "kq"), _off(lay, "vq"),
-        L, T, S, H, D, n_out, lay.Gk if Tq else 1, lay.nk if Tq else 0, lay.Gv, lay.nv,
-        lay.kq_row_bytes,
+        lay.L, lay.T, lay.S, lay.H, lay.D, lay.n_out, lay.Gk if Tq else 1,
+        lay.nk if Tq else 0, lay.Gv, lay.nv, lay.kq_row_bytes,
         KIND=DTYPES[lay.dtype].code, KBITS=kbits, VBITS=8 if lay.codec is Codec.INT8 else 4,
-        DP=_lanes(D), BT=BT, BC=BC, **_OPTS)
+        VEC=vec_of(lay), BT=BT, BC=BC, KC=kc, VR=VR, GB=_group_lanes(lay.Gv), **_OPTS)
     return (k[0], v[0]) if single else (k, v)
 
 

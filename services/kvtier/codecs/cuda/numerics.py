@@ -32,6 +32,14 @@ R17 = tl.constexpr(0.05882352963089943)  # float32(1) / float32(17), exactly (a 
 
 
 @triton.jit
+def aligned(x, A: tl.constexpr):  # type: ignore[no-untyped-def]
+    """``x``, which the launcher promises is a multiple of ``A``, written so that the compiler
+    knows it too (``tl.multiple_of`` on an argument does not reach the divisibility analysis):
+    offsets built from it let loads and stores move ``A`` elements an instruction."""
+    return (x // A) * A
+
+
+@triton.jit
 def rint(y):  # type: ignore[no-untyped-def]
     """float32 ``y`` rounded half to even (for ``|y| < 2**22``; beyond, a value as large)."""
     return (y + RINT_MAGIC) - RINT_MAGIC
@@ -169,34 +177,36 @@ def copy_bytes(src, dst, n, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def
 
 
 @triton.jit
-def kept_map(oidx, kch, och, H, D, n_out, DP: tl.constexpr):  # type: ignore[no-untyped-def]
-    """From a layer's outlier indices (int16 ``[H, n_out]``, ascending per head) write the
-    kept channels in order (``kch[p]``: the flat channel ``h * D + d`` of kept position
-    ``p``) and the outlier channels (``och``, flat, in ``oidx`` order)."""
-    d = tl.arange(0, DP)
-    dm = d < D
-    for h in range(0, H):
-        taken = tl.zeros([DP], tl.int32)
-        for j in range(0, n_out):
-            o = tl.load(oidx + h * n_out + j).to(tl.int32)
-            taken = tl.where(d == o, 1, taken)
-        before = tl.cumsum(taken, axis=0)
-        tl.store(och + h * n_out + before - 1, h * D + d, mask=taken == 1)
-        tl.store(kch + h * (D - n_out) + d - before, h * D + d, mask=dm & (taken == 0))
+def kept_channel(oidx, p, pm, D, n_out):  # type: ignore[no-untyped-def]
+    """The flat channel ``h D + d`` (int32) that kept position ``p`` (``[n]`` lanes, of a
+    layer's ``H (D - n_out)``) stands for, from the layer's outlier indices (int16
+    ``[H, n_out]``, ascending per head): position ``i`` of head ``h`` is channel
+    ``i + #{j : oidx[h, j] - j <= i}``, since outlier ``j`` has ``oidx[h, j] - j`` kept
+    channels below it."""
+    Dk = tl.maximum(D - n_out, 1)
+    h = p // Dk
+    i = p - h * Dk
+    d = i
+    for j in range(0, n_out):
+        o = tl.load(oidx + h * n_out + j, mask=pm, other=0).to(tl.int32)
+        d += tl.where(o - j <= i, 1, 0)
+    return h * D + d
 
 
 @triton.jit
-def move_outliers(x0, oraw, och, Tq, HD, HO, TO_RAW: tl.constexpr,  # type: ignore[no-untyped-def]
-                  BT: tl.constexpr, BC: tl.constexpr):
-    """Copy the outlier channels ``och`` (``HO`` flat channels) of ``Tq`` token rows of
-    ``HD`` elements at ``x0`` to the rows of ``HO`` at ``oraw`` (``TO_RAW``), or back."""
-    for t0 in range(0, Tq, BT):
-        rows = t0 + tl.arange(0, BT)
-        rm = rows < Tq
-        for o0 in range(0, HO, BC):
-            o = o0 + tl.arange(0, BC)
-            m2 = rm[:, None] & (o < HO)[None, :]
-            c = tl.load(och + o, mask=o < HO, other=0)
+def move_outliers(x0, oraw, oidx, Tq, HD, D, n_out,  # type: ignore[no-untyped-def]
+                  TO_RAW: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """Copy the outlier channels of ``Tq`` token rows of ``HD`` elements at ``x0`` (the
+    layer's ``oidx``, int16 ``[H, n_out]``) to the rows of ``H n_out`` at ``oraw``
+    (``TO_RAW``), or back."""
+    HO = (HD // tl.maximum(D, 1)) * n_out
+    for o0 in range(0, HO, BC):
+        o = o0 + tl.arange(0, BC)
+        om = o < HO
+        c = (o // tl.maximum(n_out, 1)) * D + tl.load(oidx + o, mask=om, other=0).to(tl.int32)
+        for t0 in range(0, Tq, BT):
+            rows = t0 + tl.arange(0, BT)
+            m2 = (rows < Tq)[:, None] & om[None, :]
             at_page = x0 + rows[:, None] * HD + c[None, :]
             at_raw = oraw + rows[:, None] * HO + o[None, :]
             if TO_RAW:
