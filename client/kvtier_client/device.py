@@ -8,12 +8,15 @@
         stored = dev.put(keys, [(k, v, start_position), ...])   # k, v CUDA tensors
 
 The session maps the daemon's device pool once (a CUDA IPC handle, see ``device.proto``);
-each ``get`` then leases the pages, copies them out of the pool on the current CUDA stream,
-waits for the copies and releases the leases; each ``put`` leases fresh blocks, copies the
+each ``get`` then leases the pages and copies them out of the pool on the current CUDA stream
+in one round trip: the leases go back with the session's next call (or ``release()``), once
+the copies are done; each ``put`` leases fresh blocks, copies the
 pages in, waits, and commits them (the daemon keeps the blocks as the pages: no copy on its
 side). A page that is not in the daemon's device tier is None here: get it with
 :class:`~kvtier_client.KVTierClient`, which serves every tier. Copies finish before a lease is
-let go, so the daemon never reuses a block under a copy.
+let go (the session waits for a CUDA event recorded after them), so the daemon never reuses a
+block under a copy; a session holding leases of a get it never follows up with releases
+them when it closes, or the daemon when they expire.
 
 torch is imported when a session is made, not when ``kvtier_client`` is imported.
 """
@@ -105,6 +108,8 @@ class DeviceSession:
         self.device = _local_device(reply.device_uuid)
         self._pool = open_pool(reply.pool, self.device)
         self._torch = torch
+        self._held: list[int] = []  # the last get's read leases, released with the next call
+        self._copied: Any = None  # a CUDA event: that get's copies are done
 
     def __enter__(self) -> DeviceSession:
         return self
@@ -130,27 +135,80 @@ class DeviceSession:
 
     def get(self, keys: Sequence[bytes]) -> list[DevicePage | None]:
         """The pages of ``keys`` in the daemon's device tier, copied into new tensors on this
-        GPU (None for a miss or a page in another tier)."""
+        GPU (None for a miss or a page in another tier).
+
+        One round trip: the copies are queued on the current CUDA stream and not waited for
+        (use the tensors on that stream, or synchronize, as after any torch operation); their
+        leases go back with the next call of this session (or :meth:`release`), once the copies
+        are done. The pages of one get share one allocation."""
         torch = self._torch
         reply: pb.GetDeviceReply = self._rpc("GetDevice", pb.GetDeviceRequest(
-            namespace=self.namespace, session=self.session, keys=list(keys)))
-        out: list[DevicePage | None] = []
+            namespace=self.namespace, session=self.session, keys=list(keys),
+            release=self._releasable()))
         leases = [r.lease.lease for r in reply.pages if r.found]
         try:
-            for r in reply.pages:
-                if not r.found:
-                    out.append(None)
-                    continue
-                dtype = getattr(torch, r.lease.dtype)
-                k = self._view(r.lease.k_offset, dtype, r.lease.shape).clone()
-                v = self._view(r.lease.v_offset, dtype, r.lease.shape).clone()
-                out.append(DevicePage(k, v, r.lease.start_position, r.tier, r.precision))
-            torch.cuda.current_stream(self.device).synchronize()  # copied before let go
-        finally:
-            if leases:
-                self._rpc("ReleaseDevice", pb.ReleaseDeviceRequest(
-                    namespace=self.namespace, session=self.session, leases=leases))
+            out = self._copy_out(reply.pages)
+        except BaseException:
+            self._rpc("ReleaseDevice", pb.ReleaseDeviceRequest(
+                namespace=self.namespace, session=self.session, leases=leases))
+            raise
+        if leases:
+            copied = torch.cuda.Event()
+            copied.record(torch.cuda.current_stream(self.device))
+            self._held, self._copied = leases, copied
         return out
+
+    def _copy_out(self, results: Sequence[pb.DevicePageResult]) -> list[DevicePage | None]:
+        """New tensors holding the leased pages, in one allocation, filled by one batched
+        copy (``torch._foreach_copy_``: a launch or two, not two per page)."""
+        th = self._torch
+        spans: list[tuple[int, int, torch.dtype, tuple[int, ...]]] = []
+        total = 0
+        for r in results:
+            if not r.found:
+                continue
+            dtype = getattr(th, r.lease.dtype)
+            n = torch_elem(dtype) * math.prod(r.lease.shape)
+            spans.append((total, n, dtype, tuple(r.lease.shape)))
+            total += 2 * _aligned(n)
+        buf = th.empty(total, dtype=torch.uint8, device=self.device)
+        dsts: list[torch.Tensor] = []
+        srcs: list[torch.Tensor] = []
+        out: list[DevicePage | None] = []
+        it = iter(spans)
+        for r in results:
+            if not r.found:
+                out.append(None)
+                continue
+            at, n, dtype, shape = next(it)
+            k, v = buf[at:at + n], buf[at + _aligned(n):at + _aligned(n) + n]
+            dsts += (k, v)
+            srcs += (self._pool[r.lease.k_offset:r.lease.k_offset + n],
+                     self._pool[r.lease.v_offset:r.lease.v_offset + n])
+            out.append(DevicePage(k.view(dtype).view(shape), v.view(dtype).view(shape),
+                                  r.lease.start_position, r.tier, r.precision))
+        if dsts:
+            th._foreach_copy_(dsts, srcs)  # noqa: SLF001
+        return out
+
+    def _releasable(self) -> list[int]:
+        """The last get's leases, handed over for release once its copies are done (waited
+        for here: by the next call they normally are)."""
+        held, copied = self._held, self._copied
+        self._held, self._copied = [], None
+        if held and copied is not None:
+            copied.synchronize()
+        return held
+
+    def release(self) -> int:
+        """Release the last get's leases now instead of with the next call; how many the
+        daemon still held."""
+        held = self._releasable()
+        if not held:
+            return 0
+        reply: pb.ReleaseDeviceReply = self._rpc("ReleaseDevice", pb.ReleaseDeviceRequest(
+            namespace=self.namespace, session=self.session, leases=held))
+        return int(reply.released)
 
     def put(self, keys: Sequence[bytes], pages: Sequence[tuple[Any, Any, int]],
             chain_positions: Sequence[int] | None = None) -> list[bool]:
@@ -169,7 +227,8 @@ class DeviceSession:
             specs.append(pb.DevicePageSpec(dtype=name, shape=list(k.shape),
                                            start_position=int(start)))
         reserved: pb.ReserveDeviceReply = self._rpc("ReserveDevice", pb.ReserveDeviceRequest(
-            namespace=self.namespace, session=self.session, pages=specs))
+            namespace=self.namespace, session=self.session, pages=specs,
+            release=self._releasable()))
         leases = [lease.lease for lease in reserved.leases]
         committed = False
         try:
@@ -186,6 +245,11 @@ class DeviceSession:
                 self._rpc("ReleaseDevice", pb.ReleaseDeviceRequest(
                     namespace=self.namespace, session=self.session, leases=leases))
         return list(reply.stored)
+
+
+def _aligned(n: int) -> int:
+    """``n`` bytes rounded up to 256 (where each tensor of a get's allocation starts)."""
+    return (n + 255) & ~255
 
 
 def torch_elem(dtype: torch.dtype) -> int:

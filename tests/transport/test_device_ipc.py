@@ -97,6 +97,31 @@ def test_get_lends_hot_pages_and_release_ends_the_lease(daemon: Daemon) -> None:
         w.close()
 
 
+def test_a_get_releases_the_leases_of_the_one_before(daemon: Daemon) -> None:
+    """The release of a get rides on the session's next call: one round trip a get."""
+    k, v = _kv(2)
+    with KVTierClient(daemon.grpc_address, NS, shared_memory=False) as c:
+        c.put([b"a"], [Page(k, v, 0)])
+    w = Worker(daemon)
+    try:
+        first = w.stub.GetDevice(w.req(pb.GetDeviceRequest, keys=[b"a"])).pages[0].lease.lease
+        second = w.stub.GetDevice(w.req(pb.GetDeviceRequest, keys=[b"a"], release=[first]))
+        lid = second.pages[0].lease.lease
+        assert lid != first
+        # the first lease is gone (released once: a second release finds nothing), the second
+        # is open until a reserve carries it
+        assert w.stub.ReleaseDevice(w.req(pb.ReleaseDeviceRequest, leases=[first])).released == 0
+        spec = pb.DevicePageSpec(dtype="float16", shape=list(SHAPE), start_position=0)
+        reserved = w.stub.ReserveDevice(w.req(pb.ReserveDeviceRequest, pages=[spec],
+                                              release=[lid]))
+        assert len(reserved.leases) == 1
+        assert w.stub.ReleaseDevice(w.req(pb.ReleaseDeviceRequest, leases=[lid])).released == 0
+        assert w.stub.ReleaseDevice(w.req(
+            pb.ReleaseDeviceRequest, leases=[reserved.leases[0].lease])).released == 1
+    finally:
+        w.close()
+
+
 def test_put_through_reserved_blocks_is_stored_without_a_copy(daemon: Daemon) -> None:
     w = Worker(daemon)
     store = daemon.context.store

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ckvtier_proto/v1/device.proto\x12\tkvtier.v1\"\xc4\x01\n\rCudaIpcHandle\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\x05\x12\x0e\n\x06handle\x18\x02 \x01(\x0c\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x14\n\x0coffset_bytes\x18\x04 \x01(\x03\x12\x1a\n\x12ref_counter_handle\x18\x05 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x06 \x01(\x03\x12\x14\n\x0c\x65vent_handle\x18\x07 \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x08 \x01(\x08\"(\n\x13\x41ttachDeviceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"\x8f\x01\n\x11\x41ttachDeviceReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12&\n\x04pool\x18\x02 \x01(\x0b\x32\x18.kvtier.v1.CudaIpcHandle\x12\x13\n\x0b\x64\x65vice_uuid\x18\x03 \x01(\t\x12\x13\n\x0blease_ttl_s\x18\x04 \x01(\x01\x12\x17\n\x0fmax_lease_bytes\x18\x05 \x01(\x03\"v\n\x0b\x44\x65viceLease\x12\r\n\x05lease\x18\x01 \x01(\x04\x12\x10\n\x08k_offset\x18\x02 \x01(\x03\x12\x10\n\x08v_offset\x18\x03 \x01(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x16\n\x0estart_position\x18\x06 \x01(\x03\"D\n\x10GetDeviceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x03(\x0c\"i\n\x10\x44\x65vicePageResult\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12%\n\x05lease\x18\x02 \x01(\x0b\x32\x16.kvtier.v1.DeviceLease\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x11\n\tprecision\x18\x04 \x01(\x05\"<\n\x0eGetDeviceReply\x12*\n\x05pages\x18\x01 \x03(\x0b\x32\x1b.kvtier.v1.DevicePageResult\"F\n\x0e\x44\x65vicePageSpec\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x16\n\x0estart_position\x18\x03 \x01(\x03\"d\n\x14ReserveDeviceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12(\n\x05pages\x18\x03 \x03(\x0b\x32\x19.kvtier.v1.DevicePageSpec\"<\n\x12ReserveDeviceReply\x12&\n\x06leases\x18\x01 \x03(\x0b\x32\x16.kvtier.v1.DeviceLease\"p\n\x13\x43ommitDeviceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x03(\x0c\x12\x0e\n\x06leases\x18\x04 \x03(\x04\x12\x17\n\x0f\x63hain_positions\x18\x05 \x03(\x03\"#\n\x11\x43ommitDeviceReply\x12\x0e\n\x06stored\x18\x01 \x03(\x08\"J\n\x14ReleaseDeviceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0e\n\x06leases\x18\x03 \x03(\x04\"&\n\x12ReleaseDeviceReply\x12\x10\n\x08released\x18\x01 \x01(\x05\x32\x94\x03\n\rDeviceService\x12N\n\x0c\x41ttachDevice\x12\x1e.kvtier.v1.AttachDeviceRequest\x1a\x1c.kvtier.v1.AttachDeviceReply0\x01\x12\x43\n\tGetDevice\x12\x1b.kvtier.v1.GetDeviceRequest\x1a\x19.kvtier.v1.GetDeviceReply\x12O\n\rReserveDevice\x12\x1f.kvtier.v1.ReserveDeviceRequest\x1a\x1d.kvtier.v1.ReserveDeviceReply\x12L\n\x0c\x43ommitDevice\x12\x1e.kvtier.v1.CommitDeviceRequest\x1a\x1c.kvtier.v1.CommitDeviceReply\x12O\n\rReleaseDevice\x12\x1f.kvtier.v1.ReleaseDeviceRequest\x1a\x1d.kvtier.v1.ReleaseDeviceReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ckvtier_proto/v1/device.proto\x12\tkvtier.v1\"\xc4\x01\n\rCudaIpcHandle\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\x05\x12\x0e\n\x06handle\x18\x02 \x01(\x0c\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x14\n\x0coffset_bytes\x18\x04 \x01(\x03\x12\x1a\n\x12ref_counter_handle\x18\x05 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x06 \x01(\x03\x12\x14\n\x0c\x65vent_handle\x18\x07 \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x08 \x01(\x08\"(\n\x13\x41ttachDeviceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"\x8f\x01\n\x11\x41ttachDeviceReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12&\n\x04pool\x18\x02 \x01(\x0b\x32\x18.kvtier.v1.CudaIpcHandle\x12\x13\n\x0b\x64\x65vice_uuid\x18\x03 \x01(\t\x12\x13\n\x0blease_ttl_s\x18\x04 \x01(\x01\x12\x17\n\x0fmax_lease_bytes\x18\x05 \x01(\x03\"v\n\x0b\x44\x65viceLease\x12\r\n\x05lease\x18\x01 \x01(\x04\x12\x10\n\x08k_offset\x18\x02 \x01(\x03\x12\x10\n\x08v_offset\x18\x03 \x01(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x16\n\x0estart_position\x18\x06 \x01(\x03\"U\n\x10GetDeviceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x03(\x0c\x12\x0f\n\x07release\x18\x04 \x03(\x04\"i\n\x10\x44\x65vicePageResult\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12%\n\x05lease\x18\x02 \x01(\x0b\x32\x16.kvtier.v1.DeviceLease\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x11\n\tprecision\x18\x04 \x01(\x05\"<\n\x0eGetDeviceReply\x12*\n\x05pages\x18\x01 \x03(\x0b\x32\x1b.kvtier.v1.DevicePageResult\"F\n\x0e\x44\x65vicePageSpec\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x16\n\x0estart_position\x18\x03 \x01(\x03\"u\n\x14ReserveDeviceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12(\n\x05pages\x18\x03 \x03(\x0b\x32\x19.kvtier.v1.DevicePageSpec\x12\x0f\n\x07release\x18\x04 \x03(\x04\"<\n\x12ReserveDeviceReply\x12&\n\x06leases\x18\x01 \x03(\x0b\x32\x16.kvtier.v1.DeviceLease\"p\n\x13\x43ommitDeviceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0c\n\x04keys\x18\x03 \x03(\x0c\x12\x0e\n\x06leases\x18\x04 \x03(\x04\x12\x17\n\x0f\x63hain_positions\x18\x05 \x03(\x03\"#\n\x11\x43ommitDeviceReply\x12\x0e\n\x06stored\x18\x01 \x03(\x08\"J\n\x14ReleaseDeviceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0e\n\x06leases\x18\x03 \x03(\x04\"&\n\x12ReleaseDeviceReply\x12\x10\n\x08released\x18\x01 \x01(\x05\x32\x94\x03\n\rDeviceService\x12N\n\x0c\x41ttachDevice\x12\x1e.kvtier.v1.AttachDeviceRequest\x1a\x1c.kvtier.v1.AttachDeviceReply0\x01\x12\x43\n\tGetDevice\x12\x1b.kvtier.v1.GetDeviceRequest\x1a\x19.kvtier.v1.GetDeviceReply\x12O\n\rReserveDevice\x12\x1f.kvtier.v1.ReserveDeviceRequest\x1a\x1d.kvtier.v1.ReserveDeviceReply\x12L\n\x0c\x43ommitDevice\x12\x1e.kvtier.v1.CommitDeviceRequest\x1a\x1c.kvtier.v1.CommitDeviceReply\x12O\n\rReleaseDevice\x12\x1f.kvtier.v1.ReleaseDeviceRequest\x1a\x1d.kvtier.v1.ReleaseDeviceReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,25 +40,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEVICELEASE']._serialized_start=430
   _globals['_DEVICELEASE']._serialized_end=548
   _globals['_GETDEVICEREQUEST']._serialized_start=550
-  _globals['_GETDEVICEREQUEST']._serialized_end=618
-  _globals['_DEVICEPAGERESULT']._serialized_start=620
-  _globals['_DEVICEPAGERESULT']._serialized_end=725
-  _globals['_GETDEVICEREPLY']._serialized_start=727
-  _globals['_GETDEVICEREPLY']._serialized_end=787
-  _globals['_DEVICEPAGESPEC']._serialized_start=789
-  _globals['_DEVICEPAGESPEC']._serialized_end=859
-  _globals['_RESERVEDEVICEREQUEST']._serialized_start=861
-  _globals['_RESERVEDEVICEREQUEST']._serialized_end=961
-  _globals['_RESERVEDEVICEREPLY']._serialized_start=963
-  _globals['_RESERVEDEVICEREPLY']._serialized_end=1023
-  _globals['_COMMITDEVICEREQUEST']._serialized_start=1025
-  _globals['_COMMITDEVICEREQUEST']._serialized_end=1137
-  _globals['_COMMITDEVICEREPLY']._serialized_start=1139
-  _globals['_COMMITDEVICEREPLY']._serialized_end=1174
-  _globals['_RELEASEDEVICEREQUEST']._serialized_start=1176
-  _globals['_RELEASEDEVICEREQUEST']._serialized_end=1250
-  _globals['_RELEASEDEVICEREPLY']._serialized_start=1252
-  _globals['_RELEASEDEVICEREPLY']._serialized_end=1290
-  _globals['_DEVICESERVICE']._serialized_start=1293
-  _globals['_DEVICESERVICE']._serialized_end=1697
+  _globals['_GETDEVICEREQUEST']._serialized_end=635
+  _globals['_DEVICEPAGERESULT']._serialized_start=637
+  _globals['_DEVICEPAGERESULT']._serialized_end=742
+  _globals['_GETDEVICEREPLY']._serialized_start=744
+  _globals['_GETDEVICEREPLY']._serialized_end=804
+  _globals['_DEVICEPAGESPEC']._serialized_start=806
+  _globals['_DEVICEPAGESPEC']._serialized_end=876
+  _globals['_RESERVEDEVICEREQUEST']._serialized_start=878
+  _globals['_RESERVEDEVICEREQUEST']._serialized_end=995
+  _globals['_RESERVEDEVICEREPLY']._serialized_start=997
+  _globals['_RESERVEDEVICEREPLY']._serialized_end=1057
+  _globals['_COMMITDEVICEREQUEST']._serialized_start=1059
+  _globals['_COMMITDEVICEREQUEST']._serialized_end=1171
+  _globals['_COMMITDEVICEREPLY']._serialized_start=1173
+  _globals['_COMMITDEVICEREPLY']._serialized_end=1208
+  _globals['_RELEASEDEVICEREQUEST']._serialized_start=1210
+  _globals['_RELEASEDEVICEREQUEST']._serialized_end=1284
+  _globals['_RELEASEDEVICEREPLY']._serialized_start=1286
+  _globals['_RELEASEDEVICEREPLY']._serialized_end=1324
+  _globals['_DEVICESERVICE']._serialized_start=1327
+  _globals['_DEVICESERVICE']._serialized_end=1731
 # @@protoc_insertion_point(module_scope)

@@ -63,14 +63,16 @@ class DeviceLease(_message.Message):
     def __init__(self, lease: _Optional[int] = ..., k_offset: _Optional[int] = ..., v_offset: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ...) -> None: ...
 
 class GetDeviceRequest(_message.Message):
-    __slots__ = ("namespace", "session", "keys")
+    __slots__ = ("namespace", "session", "keys", "release")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     session: str
     keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, namespace: _Optional[str] = ..., session: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    release: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, namespace: _Optional[str] = ..., session: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ..., release: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DevicePageResult(_message.Message):
     __slots__ = ("found", "lease", "tier", "precision")
@@ -101,14 +103,16 @@ class DevicePageSpec(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ...) -> None: ...
 
 class ReserveDeviceRequest(_message.Message):
-    __slots__ = ("namespace", "session", "pages")
+    __slots__ = ("namespace", "session", "pages", "release")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     PAGES_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     session: str
     pages: _containers.RepeatedCompositeFieldContainer[DevicePageSpec]
-    def __init__(self, namespace: _Optional[str] = ..., session: _Optional[str] = ..., pages: _Optional[_Iterable[_Union[DevicePageSpec, _Mapping]]] = ...) -> None: ...
+    release: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, namespace: _Optional[str] = ..., session: _Optional[str] = ..., pages: _Optional[_Iterable[_Union[DevicePageSpec, _Mapping]]] = ..., release: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReserveDeviceReply(_message.Message):
     __slots__ = ("leases",)

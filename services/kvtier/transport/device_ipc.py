@@ -99,6 +99,8 @@ class DeviceServicer(pb_grpc.DeviceServiceServicer):  # type: ignore[misc]
     def GetDevice(self, request: pb.GetDeviceRequest,
                   context: grpc.ServicerContext) -> pb.GetDeviceReply:
         table = self._session(request.namespace, request.session)
+        if request.release:  # an earlier get's leases, its copies done
+            table.release(request.session, list(request.release))
         found = self._store.get_device(request.namespace, list(request.keys))
         out = []
         granted: list[int] = []
@@ -119,6 +121,8 @@ class DeviceServicer(pb_grpc.DeviceServiceServicer):  # type: ignore[misc]
     def ReserveDevice(self, request: pb.ReserveDeviceRequest,
                       context: grpc.ServicerContext) -> pb.ReserveDeviceReply:
         table = self._session(request.namespace, request.session)
+        if request.release:
+            table.release(request.session, list(request.release))
         if len(request.pages) > self._settings.max_batch:
             raise InvalidArgument(f"at most {self._settings.max_batch} pages a call",
                                   field="pages")
