@@ -13,9 +13,9 @@ import time
 import pytest
 import torch
 
-from kvtier.lab.bench import ipc_worker
 from kvtier.config import Settings, TierConfig
 from kvtier.daemon import Daemon
+from kvtier.lab.bench import ipc_worker
 from kvtier.types import Codec, Medium, Page
 
 pytestmark = [pytest.mark.gpu,
