@@ -171,7 +171,7 @@ class DeviceSession:
             n = torch_elem(dtype) * math.prod(r.lease.shape)
             spans.append((total, n, dtype, tuple(r.lease.shape)))
             total += 2 * _aligned(n)
-        buf = th.empty(total, dtype=torch.uint8, device=self.device)
+        buf = th.empty(total, dtype=th.uint8, device=self.device)
         dsts: list[torch.Tensor] = []
         srcs: list[torch.Tensor] = []
         out: list[DevicePage | None] = []
@@ -187,8 +187,12 @@ class DeviceSession:
                      self._pool[r.lease.v_offset:r.lease.v_offset + n])
             out.append(DevicePage(k.view(dtype).view(shape), v.view(dtype).view(shape),
                                   r.lease.start_position, r.tier, r.precision))
-        if dsts:
-            th._foreach_copy_(dsts, srcs)  # noqa: SLF001
+        batched = getattr(th, "_foreach_copy_", None)
+        if dsts and batched is not None:
+            batched(dsts, srcs)
+        else:  # a torch without it: a copy a tensor
+            for d, s in zip(dsts, srcs, strict=True):
+                d.copy_(s)
         return out
 
     def _releasable(self) -> list[int]:

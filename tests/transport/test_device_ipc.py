@@ -214,3 +214,28 @@ def test_without_a_pool_the_service_says_so() -> None:
         channel.close()
     finally:
         d.stop(grace_s=0.5)
+
+
+def test_a_session_copies_a_get_out_in_one_allocation() -> None:
+    """DeviceSession's copy of a get (what runs on the GPU, here on a pool in host memory):
+    every found page's K and V, bit for bit, in one buffer; misses stay None."""
+    from kvtier_client.device import DeviceSession
+
+    pool = torch.zeros(4 * NBYTES, dtype=torch.uint8)
+    k, v = (torch.from_numpy(a) for a in _kv(5))
+    pool[ALIGN:ALIGN + NBYTES] = k.view(torch.uint8).reshape(-1)
+    pool[2 * NBYTES:3 * NBYTES] = v.view(torch.uint8).reshape(-1)
+    session = DeviceSession.__new__(DeviceSession)
+    session._torch, session.device, session._pool = torch, torch.device("cpu"), pool
+    lease = pb.DeviceLease(lease=7, k_offset=ALIGN, v_offset=2 * NBYTES, dtype="float16",
+                           shape=list(SHAPE), start_position=32)
+    got = session._copy_out([pb.DevicePageResult(found=False),
+                             pb.DevicePageResult(found=True, lease=lease, tier="hot",
+                                                 precision=16)])
+    assert got[0] is None
+    page = got[1]
+    assert page is not None and page.start_position == 32 and page.tier == "hot"
+    assert torch.equal(page.k, k) and torch.equal(page.v, v)
+    assert page.k.untyped_storage().data_ptr() == page.v.untyped_storage().data_ptr()
+    pool.zero_()  # the copies are the session's own
+    assert torch.equal(page.k, k)

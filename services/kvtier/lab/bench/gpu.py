@@ -380,8 +380,10 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def run(sizes: list[str], working_set_mib: int, batch_mib: int,
-        params: CodecConfig) -> dict[str, Any]:
+def run(sizes: list[str], working_set_mib: int, batch_mib: int, params: CodecConfig,
+        partial_path: str | None = None) -> dict[str, Any]:
+    """Every figure, most wanted first; with ``partial_path``, the figures so far are written
+    there as JSON after each part (a run cut short by a timeout keeps what it measured)."""
     device = torch.device("cuda", torch.cuda.current_device())
     res: dict[str, Any] = {
         "cuda": True, "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
@@ -415,6 +417,9 @@ def run(sizes: list[str], working_set_mib: int, batch_mib: int,
             res[part][name] = fig
         else:
             res[part] = fig
+        if partial_path is not None:
+            with open(partial_path, "w") as f:
+                json.dump({**res, "targets": targets(res), "partial": True}, f)
     res["targets"] = targets(res)
     return res
 
@@ -461,7 +466,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     sizes = [s for s in SHAPES if s in args.sizes]
     res = run(sizes, args.working_set_mib, args.batch_mib,
-              CodecConfig(group_size=args.group_size))
+              CodecConfig(group_size=args.group_size), args.partial)
     if args.json:
         print(json.dumps(res))
     else:
@@ -477,4 +482,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch-mib", type=int, default=64, help="bytes of pages per batched call")
     p.add_argument("--sizes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--group-size", type=int, default=CodecConfig().group_size)
+    p.add_argument("--partial", metavar="PATH",
+                   help="write the figures so far to PATH (JSON) after each part")
     p.set_defaults(func=main)
