@@ -53,10 +53,10 @@ def main() -> None:
                                  "scr_f": "*fp32", "top_ptr": "*i64"},
               {"KIND": kind, "DP": lanes, "GB": 64, "VEC": vec, "BT": launch.BT,
                "VR": launch.VR})
-        for bits in (8, 4):
+        for bits in (8, 4, 0):  # 0: int4a's first step (K's int8 codes to scratch)
             build(ek.encode_codes, {"k_ptr": page, "v_ptr": page, "out_ptr": "*u8",
                                     "scr_f": "*fp32", "top_ptr": "*i64", "m_ptr": "*i32",
-                                    "mant_ptr": "*fp64"},
+                                    "mant_ptr": "*fp64", "q8_ptr": "*u8"},
                   {"KIND": kind, "BITS": bits, "GB": 64, "VEC": vec, "VR": launch.VR,
                    "CP": launch.CP, **blocks})
         for kbits, vbits in ((8, 8), (4, 4), (0, 4)):

@@ -9,6 +9,7 @@ multiply-adds, float64 division, the barriers between phases) is left to ``tests
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -65,6 +66,10 @@ def test_kernels_give_the_cpu_bytes(dtype: str, shape: tuple[int, int, int, int]
         lay = layout_for_encode(codec, dtype, shape, start, P)
         want = encode(page, codec, P)
         assert launch.encode(page.k, page.v, lay).numpy().tobytes() == want[HEADER_SIZE:]
+    want = encode(page, Codec.INT4A, P)
+    lay8 = layout_for_encode(Codec.INT8, dtype, shape, start, P)
+    got = launch.encode_int4a(page.k, page.v, lay8, layout_of(read_header(want)))
+    assert got.numpy().tobytes() == want[HEADER_SIZE:]
     b8 = encode(page, Codec.INT8, P)
     lay8 = layout_of(read_header(b8))
     for target, fn in ((Codec.INT4, accel.int4_from_int8),
@@ -106,6 +111,9 @@ def test_every_byte_is_written(monkeypatch: pytest.MonkeyPatch) -> None:
             assert got.numpy().tobytes() == encode(page, codec, P)[HEADER_SIZE:], (shape, codec)
         b8 = encode(page, Codec.INT8, P)
         lay8 = layout_of(read_header(b8))
+        b4a = encode(page, Codec.INT4A, P)
+        got = launch.encode_int4a(page.k, page.v, lay8, layout_of(read_header(b4a)))
+        assert got.numpy().tobytes() == b4a[HEADER_SIZE:], shape
         got, _ = accel.int4a_from_int8(_payload(b8), lay8, P.key_bits)
         assert got.numpy().tobytes() == transcode(b8, Codec.INT4A, P)[HEADER_SIZE:], shape
         got, _ = accel.int4_from_int8(_payload(b8), lay8)
@@ -157,6 +165,7 @@ def test_int4_with_odd_v_groups_is_left_to_the_reference() -> None:
     launch = _launch()
     odd = layout_for_encode(Codec.INT4, "float16", (1, 8, 2, 16), 0, CodecConfig(group_size=5))
     assert not launch.supports(odd)
+    assert not launch.supports(dataclasses.replace(odd, codec=Codec.INT4A))
     assert launch.supports(layout_for_encode(Codec.INT8, "float16", (1, 8, 2, 16), 0,
                                              CodecConfig(group_size=5)))
     assert launch.supports(layout_for_encode(Codec.INT4, "float16", (1, 8, 2, 16), 0, P))
@@ -181,7 +190,7 @@ def test_kernels_compile_for_the_device_without_fma() -> None:
     run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.stdout.count("\n") == 3 * 7 + 3, run.stdout
+    assert run.stdout.count("\n") == 3 * 8 + 3, run.stdout
 
 
 @pytest.mark.parametrize("fill", ["zeros", "equal"])

@@ -89,8 +89,19 @@ def encode_payload(page: Page, lay: Layout) -> torch.Tensor:
 
 
 def int4a_payload(page: Page, lay8: Layout, key_bits: float) -> tuple[torch.Tensor, Layout]:
-    """The int4a payload and layout of ``page`` (on its device), built from its int8 payload
-    under ``lay8`` as on the host (:func:`kvtier.codecs.int4a.from_int8`)."""
+    """The int4a payload and layout of ``page`` (on its device): the bytes of its int8
+    payload under ``lay8`` turned into int4a as on the host
+    (:func:`kvtier.codecs.int4a.from_int8`); the kernels write them without the int8 payload
+    (:func:`kvtier.codecs.cuda.launch.encode_int4a`) where V's groups are of an even length."""
+    launch = _launch() if available(page.k.device) else None
+    lay = int4a.int4a_layout(lay8, key_bits)
+    if launch is not None and launch.supports(lay):
+        try:
+            out: torch.Tensor = launch.encode_int4a(page.k.contiguous(), page.v.contiguous(),
+                                                    lay8, lay)
+            return out, lay
+        except Exception as e:
+            turn_off("int4a encode raised", e)
     payload8 = encode_payload(page, lay8)
     return int4a_from_int8(payload8, lay8, key_bits)
 

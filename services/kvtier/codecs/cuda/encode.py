@@ -43,9 +43,9 @@ from kvtier.codecs.cuda.numerics import (
 
 # every integer argument: Triton would otherwise compile a variant per pattern of which are
 # 1 or divisible by 16 (seconds each, and layouts differ page shape to page shape)
-GEOMETRY = ["page_stride", "out_stride", "scr_stride", "top_stride", "m_stride", "o_oidx",
-            "o_exps", "o_sink", "o_oraw", "o_kb", "o_vb", "o_kq", "o_vq", "L", "T", "S", "H",
-            "D", "n_out", "Gk", "nk", "Gv", "nv"]
+GEOMETRY = ["page_stride", "out_stride", "scr_stride", "top_stride", "m_stride", "q8_stride",
+            "o_oidx", "o_exps", "o_sink", "o_oraw", "o_kb", "o_vb", "o_kq", "o_vq", "L", "T", "S",
+            "H", "D", "n_out", "Gk", "nk", "Gv", "nv"]
 
 
 @triton.jit
@@ -188,14 +188,17 @@ def _layer_e0(tops, count, CP: tl.constexpr):  # type: ignore[no-untyped-def]
 
 @triton.jit(do_not_specialize=GEOMETRY)
 def encode_codes(k_ptr, v_ptr, page_stride, out_ptr, out_stride,  # type: ignore[no-untyped-def]
-                 scr_f, scr_stride, top_ptr, top_stride, m_ptr, m_stride, mant_ptr,
-                 o_oidx, o_exps, o_oraw, o_kb, o_vb, o_kq, o_vq,
+                 scr_f, scr_stride, top_ptr, top_stride, m_ptr, m_stride, mant_ptr, q8_ptr,
+                 q8_stride, o_oidx, o_exps, o_oraw, o_kb, o_vb, o_kq, o_vq,
                  L, T, S, H, D, n_out, Gk, nk, Gv, nv,
                  KIND: tl.constexpr, BITS: tl.constexpr, GB: tl.constexpr, VEC: tl.constexpr,
                  BT: tl.constexpr, BC: tl.constexpr, VR: tl.constexpr, CP: tl.constexpr):
     """The second pass (see the module docstring), with :func:`encode_bounds`'s scratch;
     ``m_ptr``: the int32 minima of every group, K's ``[L, nk, C']`` then V's ``[L, T', nv]``
-    per page (``m_stride`` a page)."""
+    per page (``m_stride`` a page). ``BITS``: 8, 4, or 0 for int4a's first step: K's int8
+    codes into ``q8_ptr`` (``[L, T', C']`` a page, ``q8_stride`` apart) for the key bit
+    allocation to repack, V's int8 codes requantized to int4 (``(q8 + 8) // 17``, as the
+    int8 -> int4a transcode does) straight into the int4a payload."""
     kv, part, n, layer, D, out, sf, tops = _program(L, D, out_ptr, out_stride, scr_f,
                                                     scr_stride, top_ptr, top_stride, VEC)
     HD = H * D
@@ -212,9 +215,13 @@ def encode_codes(k_ptr, v_ptr, page_stride, out_ptr, out_stride,  # type: ignore
             oidx = (out + o_oidx).to(tl.pointer_type(tl.int16)) + layer * H * n_out
             g = part // chunks
             m_out = m_ptr + n * m_stride + (layer * nk + g) * Ck
-            _k_codes(x0, out, sf + g * HD, sf + (nk + g) * HD, m_out, mant_ptr, e0, oidx,
-                     o_kb + (layer * nk + g) * Ck, o_kq, layer, g, part % chunks, Tq, HD, D,
-                     n_out, Ck, Gk, KIND, BITS, BT, BC)
+            if BITS == 0:
+                kq = q8_ptr + n * q8_stride
+            else:
+                kq = out + o_kq
+            _k_codes(x0, out, kq, sf + g * HD, sf + (nk + g) * HD, m_out, mant_ptr, e0, oidx,
+                     o_kb + (layer * nk + g) * Ck, layer, g, part % chunks, Tq, HD, D, n_out,
+                     Ck, Gk, KIND, BITS, BT, BC)
             if part == 0:
                 oraw = (out + o_oraw).to(k_ptr.dtype) + layer * Tq * H * n_out
                 move_outliers(x0, oraw, oidx, Tq, HD, D, n_out, True, BT, BC)
@@ -240,14 +247,15 @@ def _grid(mn, mx, e0, mant_ptr):  # type: ignore[no-untyped-def]
 
 
 @triton.jit
-def _k_codes(x0, out, kmn, kmx, m_out, mant_ptr, e0, oidx,  # type: ignore[no-untyped-def]
-             o_kb, o_kq, layer, g, chunk, Tq, HD, D, n_out, Ck, Gk,
+def _k_codes(x0, out, kq, kmn, kmx, m_out, mant_ptr, e0, oidx,  # type: ignore[no-untyped-def]
+             o_kb, layer, g, chunk, Tq, HD, D, n_out, Ck, Gk,
              KIND: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """Token group ``g`` of a layer of K, kept positions ``[chunk BC, chunk BC + BC)``:
-    their grid, then their codes (``kmn``/``kmx``: the group's bounds per channel)."""
+    their grid, then their codes into the ``[L, T', row]`` codes at ``kq`` (int8 for
+    ``BITS`` 8 and 0) (``kmn``/``kmx``: the group's bounds per channel)."""
     t_lo = g * Gk
     t_hi = tl.minimum(t_lo + Gk, Tq)
-    if BITS == 8:
+    if BITS != 4:
         p = chunk * BC + tl.arange(0, BC)
         pm = p < Ck
         c = kept_channel(oidx, p, pm, D, n_out)
@@ -255,7 +263,7 @@ def _k_codes(x0, out, kmn, kmx, m_out, mant_ptr, e0, oidx,  # type: ignore[no-un
                               tl.load(kmx + c, mask=pm, other=0.0), e0, mant_ptr)
         tl.store(out + o_kb + p, b.to(tl.uint8), mask=pm)
         tl.store(m_out + p, m, mask=pm)
-        kq = out + o_kq + layer * Tq * Ck
+        kq = kq + layer * Tq * Ck
         for t0 in range(t_lo, t_hi, BT):
             rows = t0 + tl.arange(0, BT)
             m2 = (rows < t_hi)[:, None] & pm[None, :]
@@ -281,7 +289,7 @@ def _k_codes(x0, out, kmn, kmx, m_out, mant_ptr, e0, oidx,  # type: ignore[no-un
         tl.store(out + o_kb + p_hi, b_hi.to(tl.uint8), mask=pm_hi)
         tl.store(m_out + p_lo, m_lo, mask=pm_lo)
         tl.store(m_out + p_hi, m_hi, mask=pm_hi)
-        kq = out + o_kq + layer * Tq * rb
+        kq = kq + layer * Tq * rb
         for t0 in range(t_lo, t_hi, BT):
             rows = t0 + tl.arange(0, BT)
             rm = rows < t_hi
@@ -329,8 +337,13 @@ def _v_codes(x0, out, vlo, vhi, m_out, mant_ptr, e0, o_vb, o_vq,  # type: ignore
                 a_hi = rm[:, None] & (2 * j + 1 < c_hi)[None, :]
                 x_lo = load_f32(x0 + rows[:, None] * HD + 2 * j[None, :], a_lo, KIND)
                 x_hi = load_f32(x0 + rows[:, None] * HD + 2 * j[None, :] + 1, a_hi, KIND)
-                q_lo = code_of(x_lo, inv[:, None], mf[:, None], 4)
-                q_hi = tl.where(a_hi, code_of(x_hi, inv[:, None], mf[:, None], 4), 0)
+                if BITS == 4:
+                    q_lo = code_of(x_lo, inv[:, None], mf[:, None], 4)
+                    q_hi = code_of(x_hi, inv[:, None], mf[:, None], 4)
+                else:  # int4a: the int8 codes, requantized as the transcode does
+                    q_lo = (code_of(x_lo, inv[:, None], mf[:, None], 8) + 8) // 17
+                    q_hi = (code_of(x_hi, inv[:, None], mf[:, None], 8) + 8) // 17
+                q_hi = tl.where(a_hi, q_hi, 0)
                 tl.store(vq + rows[:, None] * rb + j[None, :], (q_lo | (q_hi << 4)).to(tl.uint8),
                          mask=a_lo)
 

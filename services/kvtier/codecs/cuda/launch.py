@@ -137,14 +137,41 @@ def encode(k: torch.Tensor, v: torch.Tensor, lay: Layout) -> torch.Tensor:
     """Payloads (uint8 ``[P]`` or ``[N, P]``) of int8 or int4 pages ``k``/``v``
     (contiguous, on one device, dtype as ``lay``; int4 with V groups of an even length, or
     one a row: :func:`supports`)."""
-    if not supports(lay):
+    if lay.codec is Codec.INT4A or not supports(lay):
         raise ValueError(f"device encode takes int8 and int4 layouts with even V groups, not "
                          f"{lay.codec.value} with groups of {lay.Gv}")
-    single = k.dim() == 4
     kb, vb = _batched(k, lay), _batched(v, lay)
+    out = new_payloads(kb.shape[0], lay, kb.device, written_exps=lay.Tq > 0)
+    _encode(kb, vb, lay, out, lay.codec.bits, None)
+    return out[0] if k.dim() == 4 else out
+
+
+def encode_int4a(k: torch.Tensor, v: torch.Tensor, lay8: Layout, lay: Layout) -> torch.Tensor:
+    """int4a payloads (layout ``lay``, built on ``lay8``'s grid) of pages ``k``/``v``, the
+    bytes of :func:`int4a_from_int8` of their int8 payloads, without those payloads: the
+    encode writes the sections both share and V's int4 codes straight into the int4a payload
+    and K's int8 codes into scratch, which the key bits (:func:`int4a_bits` as in the
+    transcode) then repack. Layouts :func:`supports` takes as int4 (even V groups)."""
+    if lay.codec is not Codec.INT4A or not supports(lay):
+        raise ValueError(f"int4a encode takes int4a layouts with even V groups, not "
+                         f"{lay.codec.value} with groups of {lay.Gv}")
+    kb, vb = _batched(k, lay8), _batched(v, lay8)
+    N, dev = kb.shape[0], kb.device
+    out = new_payloads(N, lay, dev, written_exps=lay.Tq > 0)
+    q8 = torch.empty(N, max(1, lay.L * lay.Tq * lay.Ck), dtype=torch.uint8, device=dev)
+    _encode(kb, vb, lay, out, 0, q8)
+    if lay.Tq:
+        bits = _key_bits(out, lay, lay, N, dev)
+        _pack_keys(q8, q8.shape[1], 0, out, lay, bits, N, parts=1)
+    return out[0] if k.dim() == 4 else out
+
+
+def _encode(kb: torch.Tensor, vb: torch.Tensor, lay: Layout, out: torch.Tensor, bits: int,
+            q8: torch.Tensor | None) -> None:
+    """The launches of an encode into ``out`` (``BITS`` ``bits``; see
+    :func:`kvtier.codecs.cuda.encode.encode_codes`)."""
     N = kb.shape[0]
     dev = kb.device
-    out = new_payloads(N, lay, dev, written_exps=lay.Tq > 0)
     L, T, S, H, D, n_out = lay.L, lay.T, lay.S, lay.H, lay.D, lay.n_out
     Tq, HD, Ck = lay.Tq, lay.HD, lay.Ck
     nk = lay.nk if Tq else 0
@@ -166,28 +193,30 @@ def encode(k: torch.Tensor, v: torch.Tensor, lay: Layout) -> torch.Tensor:
         tops, top_stride, _off(lay, "oidx"), _off(lay, "sink"),
         L, T, S, H, D, n_out, lay.Gk, nk, lay.Gv, nv,
         KIND=kind, DP=_lanes(D), GB=gb, VEC=vec, BT=BT, VR=VR, **_OPTS)
-    if Tq:
-        ek.encode_codes[(N * L, 2, max(nk * -(-Ck // BC), rows, 1))](
-            _elements(kb), _elements(vb), page_stride, out, lay.payload_nbytes, scr_f,
-            scr_stride, tops, top_stride, m, m.shape[1], mant,
-            _off(lay, "oidx"), _off(lay, "exps"), _off(lay, "oraw"), _off(lay, "kb"),
-            _off(lay, "vb"), _off(lay, "kq"), _off(lay, "vq"),
-            L, T, S, H, D, n_out, lay.Gk, nk, lay.Gv, nv,
-            KIND=kind, BITS=lay.codec.bits, GB=gb, VEC=vec, BT=BT, BC=BC, VR=VR, CP=CP,
-            **_OPTS)
+    if not Tq:
+        return
+    q8_arg = m if q8 is None else q8  # unused unless bits == 0
+    ek.encode_codes[(N * L, 2, max(nk * -(-Ck // BC), rows, 1))](
+        _elements(kb), _elements(vb), page_stride, out, lay.payload_nbytes, scr_f,
+        scr_stride, tops, top_stride, m, m.shape[1], mant, q8_arg,
+        0 if q8 is None else q8.shape[1],
+        _off(lay, "oidx"), _off(lay, "exps"), _off(lay, "oraw"), _off(lay, "kb"),
+        _off(lay, "vb"), _off(lay, "kq"), _off(lay, "vq"),
+        L, T, S, H, D, n_out, lay.Gk, nk, lay.Gv, nv,
+        KIND=kind, BITS=bits, GB=gb, VEC=vec, BT=BT, BC=BC, VR=VR, CP=CP, **_OPTS)
     pairs = (max(nk_all, nv_all) + 1) // 2
-    if Tq and pairs:
+    if pairs:
         ek.pack_m12[(N, -(-pairs // COPY_BLOCK), 2)](
             m, m.shape[1], out, lay.payload_nbytes, _off(lay, "km"), _off(lay, "vm"),
             nk_all, nv_all, BLOCK=COPY_BLOCK, **_OPTS)
-    return out[0] if single else out
 
 
 def supports(lay: Layout) -> bool:
-    """Whether :func:`encode` takes pages of ``lay``: int8, or int4 where no byte of V's codes
+    """Whether the kernels encode pages of ``lay`` (:func:`encode` int8 and int4,
+    :func:`encode_int4a` int4a): int8 always; int4 and int4a where no byte of V's int4 codes
     holds codes of two groups (an even group length, or one group a row)."""
-    return lay.codec is Codec.INT8 or (lay.codec is Codec.INT4 and (lay.Gv % 2 == 0
-                                                                    or lay.nv == 1))
+    return lay.codec is Codec.INT8 or (lay.codec in (Codec.INT4, Codec.INT4A)
+                                       and (lay.Gv % 2 == 0 or lay.nv == 1))
 
 
 def decode(payload: torch.Tensor, lay: Layout, k_out: torch.Tensor | None = None,
@@ -251,29 +280,50 @@ def int4a_from_int8(payload8: torch.Tensor, lay8: Layout, lay: Layout) -> torch.
     single = payload8.dim() == 1
     src = _payloads(payload8, lay8)
     N = src.shape[0]
-    dev = src.device
-    out = new_payloads(N, lay, dev)
-    spans = _spans_tensor(lay8, lay, dev)
+    out = new_payloads(N, lay, src.device)
+    bits = _key_bits(src, lay8, lay, N, src.device)
+    _pack_keys(src, lay8.payload_nbytes, _off(lay8, "kq"), out, lay, bits, N, parts=3,
+               src8=(lay8, _off(lay8, "vq")))
+    return out[0] if single else out
+
+
+def _key_bits(src: torch.Tensor, lay8: Layout, lay: Layout, N: int,
+              dev: torch.device) -> torch.Tensor:
+    """The key bits of every (page, layer, kept channel), int32 ``[N L, C']``, from the grid
+    of payloads ``src`` (int8 payloads, or int4a ones whose grid sections are written: the
+    two layouts place them alike)."""
     L, H, D, n_out, Ck = lay.L, lay.H, lay.D, lay.n_out, lay.Ck
-    rb = lay.kq_row_bytes
     lanes = _lanes(D)
     bits = torch.empty(N * L, max(Ck, 1), dtype=torch.int32, device=dev)
     scr_d = torch.empty(N * L * H, lanes, dtype=torch.float64, device=dev)
-    scr_i = torch.empty(N * L, Ck + rb + 8, dtype=torch.int32, device=dev)
     mant, drop = _table(dev)
     tk.int4a_bits[(N * L, H)](
-        src, lay8.payload_nbytes, bits, bits.shape[1], scr_d, mant, drop,
+        src, src.shape[1], bits, bits.shape[1], scr_d, mant, drop,
         _off(lay8, "exps"), _off(lay8, "oidx"), _off(lay8, "oraw"), _off(lay8, "kb"),
         _off(lay8, "km"), L, lay.Tq, H, D, n_out, lay.nk if lay.Tq else 0,
         lay.Gk if lay.Tq else 1, lay.key_bits,
         KIND=DTYPES[lay.dtype].code, DP=lanes, BT=BT, **_OPTS)
-    tk.int4a_from_int8[(N * L, 3)](
-        src, lay8.payload_nbytes, out, lay.payload_nbytes, spans, spans.shape[0],
+    return bits
+
+
+def _pack_keys(src: torch.Tensor, src_stride: int, o_kq8: int, out: torch.Tensor, lay: Layout,
+               bits: torch.Tensor, N: int, parts: int,
+               src8: tuple[Layout, int] | None = None) -> None:
+    """:func:`kvtier.codecs.cuda.transcode.int4a_from_int8`: part 0 (K's codes, ``[L, T', C']``
+    int8 at ``src`` + ``o_kq8``, repacked with ``bits``), and with ``parts`` 3 (``src`` int8
+    payloads of ``src8``'s layout) parts 1 and 2 (V's codes requantized, the shared sections
+    copied)."""
+    L, H, D, n_out = lay.L, lay.H, lay.D, lay.n_out
+    rb = lay.kq_row_bytes
+    scr_i = torch.empty(N * L, lay.Ck + rb + 8, dtype=torch.int32, device=src.device)
+    lay8, o_vq8 = src8 if src8 is not None else (lay, 0)
+    spans = _spans_tensor(lay8, lay, src.device)
+    tk.int4a_from_int8[(N * L, parts)](
+        src, src_stride, out, lay.payload_nbytes, spans, spans.shape[0],
         bits, bits.shape[1], scr_i, scr_i.shape[1],
-        _off(lay8, "kq"), _off(lay8, "vq"), _off(lay, "kbits"), _off(lay, "kq"),
+        o_kq8, o_vq8, _off(lay, "kbits"), _off(lay, "kq"),
         _off(lay, "vq"), L, lay.Tq, H, D, n_out, rb,
         BT=BT, BC=BC, BLOCK=COPY_BLOCK, **_OPTS)
-    return out[0] if single else out
 
 
 @functools.lru_cache(maxsize=256)
@@ -293,6 +343,7 @@ def _spans_list(src: Layout, dst: Layout) -> tuple[tuple[int, int, int], ...]:
     return tuple((a, b, n) for a, b, n in rows)
 
 
+@functools.lru_cache(maxsize=256)
 def _spans_tensor(src: Layout, dst: Layout, device: torch.device) -> torch.Tensor:
     rows = _spans_list(src, dst) or ((0, 0, 0),)
     return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 3)
