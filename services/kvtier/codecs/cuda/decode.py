@@ -103,6 +103,11 @@ def _decode_k(blob, x0, mant_ptr, e0, oidx, o_kb, o_km,  # type: ignore[no-untyp
         at = (off >> 3)[None, :]
         sh = (off & 7)[None, :]
         lv = ((1 << w) - 1)[None, :]
+        # q8 = (510 qb + lv) // (2 lv) without a division a code: a multiply by each
+        # position's ceil(2^32 / (2 lv)) and a shift, exact for every numerator below 2^17
+        # (the largest is 510 * 255 + 255)
+        d2 = 2 * lv.to(tl.int64)
+        inv2lv = (4294967296 + d2 - 1) // d2
     kb = blob + o_kb + layer * nk * Ck
     for g in range(0, nk):
         # the group's scale and minimum of each position, for all its token rows
@@ -124,7 +129,7 @@ def _decode_k(blob, x0, mant_ptr, e0, oidx, o_kb, o_km,  # type: ignore[no-untyp
                 lo = tl.load(row + at, mask=m2, other=0).to(tl.int32)
                 hi = tl.load(row + at + 1, mask=m2 & (sh + w[None, :] > 8), other=0).to(tl.int32)
                 qb = ((lo | (hi << 8)) >> sh) & lv
-                q = (510 * qb + lv) // (2 * lv)
+                q = (((510 * qb + lv).to(tl.int64) * inv2lv) >> 32).to(tl.int32)
             store_f32(x0 + rows[:, None] * HD + c[None, :],
                       (m[None, :] + q).to(tl.float32) * s[None, :], m2, KIND)
 
