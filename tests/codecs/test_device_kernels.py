@@ -36,6 +36,7 @@ SHAPES = [
     ((3, 5, 1, 8), 64),    # tokens < group: K groups clipped to 5 tokens
     ((2, 20, 2, 15), 1),   # odd head_dim: no rotary pairs, odd row widths
     ((1, 3, 2, 8), 0),     # every token a sink
+    ((2, 20, 2, 1), 0),    # head_dim 1: every channel an outlier, no kept channel
 ]
 
 
@@ -103,7 +104,8 @@ def test_every_byte_is_written(monkeypatch: pytest.MonkeyPatch) -> None:
     launch = _launch()
     monkeypatch.setattr(launch, "torch", _GarbageTorch())
     launch._gap_index.cache_clear()  # noqa: SLF001
-    for shape, start in ((2, 37, 2, 32), 0), ((1, 3, 2, 8), 0), ((2, 20, 2, 15), 1):
+    for shape, start in (((2, 37, 2, 32), 0), ((1, 3, 2, 8), 0), ((2, 20, 2, 15), 1),
+                         ((2, 20, 2, 1), 0)):
         page = _wide(make_kv(shape, torch.bfloat16, start=start, seed=5))
         for codec in (Codec.INT8, Codec.INT4):
             lay = layout_for_encode(codec, "bfloat16", shape, start, P)

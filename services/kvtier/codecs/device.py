@@ -136,12 +136,14 @@ def int4_from_int8(payload8: torch.Tensor, lay8: Layout) -> tuple[torch.Tensor, 
     out = torch.zeros(lay4.payload_nbytes, dtype=torch.uint8, device=payload8.device)
     for name, off, n in lay4.sections:
         src_off = lay8.section(name)[0] - HEADER_SIZE
+        if not n:
+            continue  # an empty section (no kept K channel, or no quantized token)
         if name in ("kq", "vq"):
             width = lay8.Ck if name == "kq" else lay8.HD
             q8 = payload8[src_off:src_off + lay8.section(name)[1]].reshape(-1, width)
             out[off - HEADER_SIZE:off - HEADER_SIZE + n] = \
                 pack_int4(torch_reference.int8_to_int4(q8)).reshape(-1)
-        elif n:
+        else:
             out[off - HEADER_SIZE:off - HEADER_SIZE + n] = payload8[src_off:src_off + n]
     return out, lay4
 

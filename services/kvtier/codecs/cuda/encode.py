@@ -205,7 +205,7 @@ def encode_codes(k_ptr, v_ptr, page_stride, out_ptr, out_stride,  # type: ignore
     Tq = T - S
     Ck = H * (D - n_out)
     exps = (out + o_exps).to(tl.pointer_type(tl.int16))
-    chunks = tl.cdiv(Ck, BC)
+    chunks = tl.maximum(tl.cdiv(Ck, BC), 1)  # one even without kept channels: e0 is written
     if kv == 0:
         if part < nk * chunks:
             x0 = k_ptr + n * aligned(page_stride, VEC) + (layer * T + S) * HD

@@ -196,7 +196,7 @@ def _encode(kb: torch.Tensor, vb: torch.Tensor, lay: Layout, out: torch.Tensor, 
     if not Tq:
         return
     q8_arg = m if q8 is None else q8  # unused unless bits == 0
-    ek.encode_codes[(N * L, 2, max(nk * -(-Ck // BC), rows, 1))](
+    ek.encode_codes[(N * L, 2, max(nk * max(-(-Ck // BC), 1), rows, 1))](
         _elements(kb), _elements(vb), page_stride, out, lay.payload_nbytes, scr_f,
         scr_stride, tops, top_stride, m, m.shape[1], mant, q8_arg,
         0 if q8 is None else q8.shape[1],
