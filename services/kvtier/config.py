@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     admin_token: str | None = None
     admin_mutations: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # the device tier's memory, taken once at start (kvtier.store.device_pool); None: the
+    # device tier's capacity on CUDA and no pool on a CPU device; 0: no pool
+    device_pool_bytes: int | None = Field(default=None, ge=0)
 
     @field_validator("tiers")
     @classmethod

@@ -17,6 +17,7 @@ from typing import Any, cast
 
 BENCH_MODULES: tuple[str, ...] = (
     "kvtier.lab.bench.codecs",
+    "kvtier.lab.bench.gpu",
     "kvtier.lab.bench.transfer",
     "kvtier.lab.bench.ttft",
     "kvtier.lab.bench.chat",

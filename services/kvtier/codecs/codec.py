@@ -1,9 +1,10 @@
 """encode / decode / transcode: the codec API the store, transport and eval layers call.
 
 Pure functions of their arguments, safe to call from many threads at once. CPU pages go
-through the numba kernels of :mod:`kvtier.codecs.cpu`; pages on an accelerator go through the
+through the numba kernels of :mod:`kvtier.codecs.cpu`; pages on an accelerator go through
+:mod:`kvtier.codecs.device`: the Triton kernels on a CUDA device where Triton runs, else the
 pure-torch code of :mod:`kvtier.codecs.torch_reference` on the device, which is also the oracle
-the kernels are tested against. Both produce the same bytes. int4a is built from the int8
+the kernels are tested against. All produce the same bytes. int4a is built from the int8
 payload of the page and decoded through an int8 payload (:mod:`kvtier.codecs.int4a`), so it
 uses the same two paths.
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from kvtier.codecs import blob as blobfmt
+from kvtier.codecs import device as accel
 from kvtier.codecs import int4a, torch_reference
 from kvtier.codecs.blob import HEADER_SIZE, BlobHeader, verify
 from kvtier.codecs.cpu import backend as cpu
@@ -98,6 +100,10 @@ def encode(page: Page, codec: Codec, params: CodecConfig, *,
             buf8 = bytearray(HEADER_SIZE + lay8.payload_nbytes)
             cpu.encode_into(page, lay8, buf8)
             return _int4a_seal(int4a.from_int8_blob(buf8, lay8, params.key_bits), h8)
+        if accel.available(device):
+            payload, lay4a = accel.int4a_payload(page, lay8, params.key_bits)
+            return _int4a_seal((bytearray(HEADER_SIZE) + payload.cpu().numpy().tobytes(), lay4a),
+                               h8)
         return _int4a_blob(h8, torch_reference.encode_payload(page, lay8), lay8, params)
     lay = layout_for_encode(codec, dtype, shape, start, params)
     if kernels:  # header packed in place: no BlobHeader per page
@@ -107,14 +113,14 @@ def encode(page: Page, codec: Codec, params: CodecConfig, *,
         cpu.encode_into(page, lay, buf)
     else:
         buf = blobfmt.pack_header(_header(codec, page, lay, params, prec))
-        buf.extend(torch_reference.encode_payload(page, lay).cpu().numpy().tobytes())
+        buf.extend(accel.encode_payload(page, lay).cpu().numpy().tobytes())
     return blobfmt.seal(buf)
 
 
 def _kernels_run_on(device: torch.device) -> bool:
     """Whether the numba kernels do the work for tensors on ``device``: on the CPU they do;
-    on an accelerator the torch reference runs on the device itself. Blobs are host bytes, so
-    ``transcode`` always runs the kernels."""
+    on an accelerator :mod:`kvtier.codecs.device` runs on the device itself. Blobs are host
+    bytes, so ``transcode`` always runs the numba kernels."""
     return device.type == "cpu"
 
 
@@ -172,7 +178,7 @@ def decode(blob: Blob, device: torch.device | None = None) -> Decoded:
         else:
             check_indices(blob, lay)
             payload = torch.frombuffer(bytearray(mv[HEADER_SIZE:]), dtype=torch.uint8)
-            k, v = torch_reference.decode_payload(payload.to(dev), lay)
+            k, v = accel.decode_payload(payload.to(dev), lay)
     except (RuntimeError, ValueError, IndexError) as e:  # a verified blob that does not parse
         raise CorruptPage(f"blob does not decode: {e}", field="blob") from e
     return Decoded(Page(k=k, v=v, start_position=h.start_position), h.codec, h.precision)
@@ -186,6 +192,9 @@ def _decode_int4a(blob: Blob, lay: Layout, dev: torch.device) -> tuple[torch.Ten
         buf8, lay8 = int4a.to_int8_blob(blob, lay)
         return cpu.decode(memoryview(buf8), lay8)
     payload = torch.frombuffer(bytearray(memoryview(blob)[HEADER_SIZE:]), dtype=torch.uint8)
+    if accel.available(dev):
+        accel.check_payload(blob, lay)
+        return accel.decode_payload(payload.to(dev), lay)
     payload8, lay8 = int4a.to_int8(payload.to(dev), lay)
     return torch_reference.decode_payload(payload8, lay8)
 
@@ -283,3 +292,32 @@ def _self_test() -> bool:
         decode(transcode(encode(page, Codec.INT8, params), Codec.INT4, params))
     int4a.self_test()
     return True
+
+
+@functools.cache
+def device_self_test(device: torch.device) -> bool:
+    """Encode and decode small float16 and bfloat16 pages with every codec through the
+    device kernels on ``device`` and check the bytes and tensors against the CPU kernels;
+    turns the kernels off on a mismatch (:func:`kvtier.codecs.device.turn_off`). Compiles the
+    kernels it runs (seconds, once per machine: Triton caches them). True when the kernels
+    serve ``device``. Memoized: once per process and device."""
+    if not accel.available(device):
+        return False
+    params = CodecConfig()
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16):
+        k = torch.randn(2, 40, 2, 32, generator=g)
+        k[..., 5] *= 30
+        page = Page(k=k.to(dtype), v=torch.randn(2, 40, 2, 32, generator=g).to(dtype),
+                    start_position=1)
+        on_dev = Page(k=page.k.to(device), v=page.v.to(device), start_position=1)
+        for codec in (Codec.INT8, Codec.INT4, Codec.INT4A):
+            want = encode(page, codec, params)
+            back = decode(want, device).page
+            host = decode(want).page
+            if encode(on_dev, codec, params) != want or not (
+                    torch.equal(back.k.cpu(), host.k) and torch.equal(back.v.cpu(), host.v)):
+                accel.turn_off(f"{codec.value} {dtype} disagrees with the CPU kernels")
+                return False
+    return accel.available(device)
+

@@ -14,9 +14,11 @@ through five modules, top to bottom; metadata is kept apart from bytes::
 Beside them: ``index.py`` (PageIndex: pure-Python metadata and byte accounting, explicit page
 states), ``redis_tier.py`` (the Redis backend), ``remote_index.py`` (keeping the index of the
 shared Redis tier in step), ``policy.py`` (the Policy interface and LRU/LFU), ``buffers.py``
-(the pool of host buffers that put copies write into), and value objects (``stats.py``,
-``results.py``, ``access_log.py``).
+(the pool of host buffers that put copies write into), the device tier's memory
+(``device_pool.py``: one preallocated buffer; ``device_transfer.py``: the compressed moves into
+and out of it; ``device_leases.py``: CUDA IPC leases on its blocks), and value objects
+(``stats.py``, ``results.py``, ``access_log.py``).
 
-Only ``tiers.py`` calls the codecs (and ``TierStore.start`` their warmup); only
-``redis_tier.py`` talks to Redis; only ``engine.py`` takes the store's lock.
+Only ``tiers.py`` and ``device_transfer.py`` call the codecs (and ``TierStore.start`` their
+warmup); only ``redis_tier.py`` talks to Redis; only ``engine.py`` takes the store's lock.
 """

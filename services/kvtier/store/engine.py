@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from kvtier.config import Settings
+from kvtier.store.device_transfer import DeviceTransfer
 from kvtier.store.index import MoveTicket, PageIndex, PageState
 from kvtier.store.policy import LRUPolicy, PageMeta, Policy
 from kvtier.store.redis_tier import RedisTier, RemoteMeta
@@ -142,6 +143,13 @@ class TierEngine:
             self.redis_tier = len(self.specs) - 1
         self.clock = CodecClock()
         self.converter = Converter(settings.codec, self.clock)
+        # the device tier's pool and the moves into and out of it (None without a pool);
+        # TierStore hands it the way to make room in the pool (kvtier.store.transfer)
+        self.device_transfer: DeviceTransfer | None = DeviceTransfer.for_tiers(
+            self.specs, [c.capacity_bytes for c in tiers], settings.device_pool_bytes,
+            settings.codec, self.clock)
+        if self.device_transfer is not None:
+            self.converter.device_moves = self.device_transfer.to_tier
         self.policy: Policy = policy
         self.room_timeout_s = room_timeout_s
         self._fallback = LRUPolicy()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 
 import torch
 
@@ -38,6 +39,7 @@ from kvtier.errors import InvalidArgument, UnknownTier
 from kvtier.pages import check_key, check_keys, check_namespace, dtype_name, make_page
 from kvtier.store import transfer
 from kvtier.store.access_log import AccessLog
+from kvtier.store.device_pool import DevicePool
 from kvtier.store.engine import TierEngine
 from kvtier.store.mover import Mover, prefetch_pass, rebalance_tier, relocate
 from kvtier.store.policy import AccessEvent, AccessKind, LRUPolicy, Policy
@@ -58,6 +60,8 @@ class TierStore:
     def __init__(self, settings: Settings, policy: Policy | None = None) -> None:
         self.settings = settings
         self._engine = TierEngine(settings, policy or LRUPolicy())
+        if self._engine.device_transfer is not None:
+            self._engine.device_transfer.room = partial(transfer.make_pool_room, self._engine)
         self._events = AccessLog(settings.policy.queue_size)
         self._mover: Mover | None = None
         self._sharer = Sharer() if (settings.redis.share_puts
@@ -71,6 +75,8 @@ class TierStore:
         compilation never lands inside a put or a demotion."""
         warmup()
         finite.warmup()
+        if self._engine.device_transfer is not None:
+            self._engine.device_transfer.warmup()  # the device kernels, compiled, self-tested
         redis = self._engine.redis
         if redis is not None and redis.probe(force=True):
             added = resync_remote(self._engine)
@@ -220,11 +226,22 @@ class TierStore:
                 v=_bytes_view(page.v), tier=self._engine.names[tier], precision=precision))
         return out
 
-    def _read(self, pids: Sequence[PageId], kind: AccessKind,
-              copy_tensors: bool = True) -> list[tuple[Page, int, Precision] | None]:
+    def get_device(self, namespace: str, keys: Sequence[bytes]) -> list[GetResult | None]:
+        """Like :meth:`get` for a worker that copies pages device to device (CUDA IPC): a page
+        in the device pool comes back as the tier holds it (no copy; never write it); any other
+        page is None here, a miss of this path, to be read with :meth:`get`."""
+        found = self._read(self.check_keys(namespace, keys), AccessKind.GET, device=True)
+        names = self._engine.names
+        return [None if f is None else GetResult(f[0], names[f[1]], f[2]) for f in found]
+
+    def _read(self, pids: Sequence[PageId], kind: AccessKind, copy_tensors: bool = True,
+              device: bool = False) -> list[tuple[Page, int, Precision] | None]:
         e = self._engine
-        shared = fetch(e, pids, time.time())  # every key not in memory: one round trip
-        out = [transfer.read_page(e, pid, copy_tensors, shared.get(pid)) for pid in pids]
+        if device:  # only the device pool serves this path: no Redis round trip
+            out = [transfer.read_device(e, pid) for pid in pids]
+        else:
+            shared = fetch(e, pids, time.time())  # every key not in memory: one round trip
+            out = [transfer.read_page(e, pid, copy_tensors, shared.get(pid)) for pid in pids]
         now = time.time()
         hits = [None if item is None else item[1] for item in out]
         seqs = e.count_gets(pids, hits, now)
@@ -233,6 +250,24 @@ class TierStore:
                         0 if item is None else item[0].nbytes, i)
             for i, (pid, seq, hit, item) in enumerate(zip(pids, seqs, hits, out, strict=True)))
         return out
+
+    @property
+    def device_pool(self) -> DevicePool | None:
+        """The device tier's pool (None without one)."""
+        dev = self._engine.device_transfer
+        return None if dev is None else dev.pool
+
+    def make_device_room(self, nbytes: int) -> bool:
+        """Push pages out of the device tier until its pool has a free extent of ``nbytes``;
+        False when that cannot be done (no pool, or nothing left to push within the room
+        timeout)."""
+        return transfer.make_pool_room(self._engine, nbytes)
+
+    def device_transfer_stats(self) -> dict[str, int]:
+        """Bytes and pages the device tier's transfers moved, and its pool's use ({} without
+        a device pool)."""
+        dev = self._engine.device_transfer
+        return {} if dev is None else dev.stats().as_dict()
 
     def _discover(self, pids: Sequence[PageId]) -> None:
         """Adopt pages other daemons put in the shared Redis tier under keys this index does

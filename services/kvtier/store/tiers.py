@@ -18,6 +18,7 @@ more precise: pages with :func:`~kvtier.codecs.encode`, int8 blobs with
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -168,9 +169,14 @@ class Converter:
     def __init__(self, params: CodecConfig, clock: CodecClock) -> None:
         self.params = params
         self.clock = clock
+        # moves that touch the device pool (kvtier.store.device_transfer): None to pass
+        self.device_moves: Callable[[Stored, TierSpec], tuple[Stored, Precision] | None] | \
+            None = None
 
     def to_tier(self, data: Stored, spec: TierSpec) -> tuple[Stored, Precision]:
         """``data`` in ``spec``'s stored form, and the precision that form has."""
+        if self.device_moves is not None and (moved := self.device_moves(data, spec)):
+            return moved
         if spec.device is not None:
             if isinstance(data, Page):
                 return to_device(data, spec.device), Precision.FULL

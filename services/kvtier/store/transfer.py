@@ -16,6 +16,9 @@ each between two transactions of the engine (:mod:`kvtier.store.engine`), never 
   :func:`evict` a corrupt copy there, after their transaction (the shared tier is a cache of
   its own: see :mod:`kvtier.store.remote_index`); :func:`copy_out_lent` gives pages lent from
   a client's segment memory of their own; :func:`drain` writes the memory tiers to Redis.
+- The device tier's pool (:mod:`kvtier.store.device_transfer`): a put into it is copied into a
+  block of the pool; :func:`read_device` hands a pool page out as it lies (CUDA IPC);
+  :func:`make_pool_room` pushes pages down until a block of a given size is free.
 
 When to move (watermarks, prefetch) is :mod:`kvtier.store.mover`'s decision, not this module's.
 """
@@ -91,7 +94,10 @@ def place(e: TierEngine, pid: PageId, page: Page, tier: int, chain_position: int
     reserved = False
     try:
         data: Stored
-        if spec.device is not None:
+        dev = e.device_transfer
+        if dev is not None and dev.tier == tier:
+            data, prec = dev.admit(page), Precision.FULL  # into the device pool
+        elif spec.device is not None:
             data = page if owned and adoptable(page, spec.device) else own_copy(page, spec.device)
             prec = Precision.FULL
         else:
@@ -304,11 +310,66 @@ def read_page(e: TierEngine, pid: PageId, copy_tensors: bool = True,
 
 
 def to_page(e: TierEngine, data: Stored, copy_tensors: bool) -> Page:
+    """``data`` as a page on the host: the stored tensors themselves when ``copy_tensors`` is
+    False and they are host tensors outside the device pool (a view of a pool page handed out
+    would not keep its block: a pool in host memory, as tests configure it, is the case),
+    else a copy or a decode."""
     if isinstance(data, Promoted):
         data = data.page
-    if isinstance(data, Page) and not copy_tensors and data.k.device.type == "cpu":
+    if isinstance(data, Page) and not copy_tensors and data.k.device.type == "cpu" and \
+            not pooled(e, data):
         return data
     return e.converter.to_host(data)
+
+
+# -- the device pool ----------------------------------------------------------------------------
+
+def pooled(e: TierEngine, page: Page) -> bool:
+    """Whether ``page`` lives in the device tier's pool."""
+    dev = e.device_transfer
+    return dev is not None and dev.pool.holds(page.k)
+
+
+def read_device(e: TierEngine, pid: PageId) -> tuple[Page, int, Precision] | None:
+    """A page of the device pool as the tier holds it (no copy: never write it), its tier and
+    precision; None for a miss or a page that is not in the pool (a miss of the device path,
+    to be read with :func:`read_page`)."""
+    ref = e.read_ref(pid)
+    if ref is None or ref.data is None:
+        return None
+    data = ref.data.page if isinstance(ref.data, Promoted) else ref.data
+    if not isinstance(data, Page) or not pooled(e, data):
+        return None
+    return data, ref.tier, ref.precision
+
+
+def make_pool_room(e: TierEngine, nbytes: int) -> bool:
+    """Push the device tier's lowest-scored pages down until its pool has a free extent of
+    ``nbytes``; False when there is no pool, the tier runs out of pages to push, or the room
+    timeout passes. Room by the tier's byte count is not enough: the pool can be fragmented,
+    or a reader may still hold a block."""
+    dev = e.device_transfer
+    if dev is None:
+        return False
+
+    def fits() -> bool:
+        return dev.pool.stats().largest_free_bytes >= nbytes
+
+    deadline = time.monotonic() + e.room_timeout_s
+    while time.monotonic() < deadline:
+        if fits():
+            return True
+        candidates = e.candidates(dev.tier)
+        if not candidates:
+            return False
+        progressed = False
+        for pid in e.victims(candidates):
+            progressed |= push_down(e, pid, dev.tier)
+            if fits():
+                return True
+        if not progressed:
+            e.wait_for_change()  # every candidate busy in other moves: let them settle
+    return fits()
 
 
 # -- lent pages, draining -----------------------------------------------------------------------

@@ -21,10 +21,11 @@ from grpc_reflection.v1alpha import reflection
 from kvtier.transport.cache.servicer import CacheServicer
 from kvtier.transport.bind import bind_port
 from kvtier.transport.context import DaemonContext, Readiness
+from kvtier.transport.device_ipc import DeviceServicer
 from kvtier.transport.interceptor import ErrorInterceptor
 from kvtier.transport.shm.relocate import Relocator
 from kvtier.transport.shm.session import ShmRegistry
-from kvtier_proto.v1 import cache_pb2, cache_pb2_grpc
+from kvtier_proto.v1 import cache_pb2, cache_pb2_grpc, device_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ def make_grpc_server(
         CacheServicer(ctx, shm if shm is not None else ShmRegistry(),
                       ctx.relocator or Relocator(ctx.store, ctx.buffers)), server
     )
+    device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(ctx), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
 
