@@ -29,6 +29,7 @@ BENCH_HELP: dict[str, str] = {
     "ttft": "time to first token of SmolLM2 with its prompt prefix served by kvtier",
     "chat": "multi-turn chat replay through SmolLM2 with and without kvtier",
     "shared": "shared Redis tier through a daemon: Redis Cluster vs one Redis",
+    "gpu": "device codecs and device<->host moves vs device memcpy",
 }
 
 

@@ -480,8 +480,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--working-set-mib", type=int, default=256,
                    help="bytes of distinct pages per size (well past the L2 cache)")
     p.add_argument("--batch-mib", type=int, default=64, help="bytes of pages per batched call")
-    p.add_argument("--sizes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--group-size", type=int, default=CodecConfig().group_size)
+    p.add_argument("--sizes", nargs="+", default=list(SHAPES), choices=list(SHAPES),
+                   help="page sizes to measure (default: all)")
+    p.add_argument("--group-size", type=int, default=CodecConfig().group_size,
+                   help="quantization group size of the codecs measured")
     p.add_argument("--partial", metavar="PATH",
                    help="write the figures so far to PATH (JSON) after each part")
     p.set_defaults(func=main)
