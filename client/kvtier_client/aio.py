@@ -66,18 +66,15 @@ class AsyncKVTierClient:
         session, segment = self._shm.current(namespace)
         if segment is None:
             return session
-        # The call lives as long as the session (no deadline); only its first answer is timed.
-        call = self._stub.AttachShm(core.attach_request(namespace, segment), timeout=None)
+        # A lease: no call stays open; a task renews it while the client is idle.
         try:
-            reply = await asyncio.wait_for(call.read(), self.timeout_s)
-        except (grpc.RpcError, asyncio.TimeoutError) as e:
-            self._shm.failed(segment, call, e.details() if isinstance(e, grpc.RpcError)
-                             else "no answer within the client's timeout")
+            reply = await self._stub.OpenShm(core.attach_request(namespace, segment),
+                                             timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            self._shm.failed(segment, None, e.details())
             return None
-        if reply is grpc.aio.EOF:  # type: ignore[attr-defined]  # missing from grpc-stubs
-            self._shm.failed(segment, call, "AttachShm ended without a session")
-            return None
-        return self._shm.attached(segment, call, reply.session, namespace)
+        lease = AsyncLease(self._stub, namespace, reply.session, reply.lease_s)
+        return self._shm.attached(segment, lease, reply.session, namespace)
 
     async def put(self, keys: Sequence[bytes], pages: Sequence[Page | tuple[Any, ...]], *,
                   namespace: str | None = None, timeout_s: float | None = None) -> list[str]:
@@ -213,8 +210,8 @@ class AsyncKVTierClient:
         async with self._shm_lock:
             session = self._shm.session
             self._shm.drop()
-            if session is not None:  # the cancelled AttachShm call ends before the channel
-                await session.call.code()
+            if session is not None:  # the session ends on the daemon before the channel
+                await session.call.closed()
         await self._channel.close(None)
 
     async def __aenter__(self) -> AsyncKVTierClient:
@@ -222,3 +219,47 @@ class AsyncKVTierClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class AsyncLease:
+    """The asyncio client's :class:`kvtier_client.shm.Lease`: a task renews the session's lease
+    every third of it; :meth:`cancel` stops it and ends the session (``CloseShm``), which
+    :meth:`closed` awaits."""
+
+    def __init__(self, stub: Any, namespace: str, session_id: str, lease_s: float) -> None:
+        self._stub = stub
+        self._request = pb.ShmLeaseRequest(namespace=namespace, session=session_id)
+        self._period = max(0.05, lease_s / 3)
+        self.lost = False
+        self._task: asyncio.Task[None] | None = asyncio.ensure_future(self._renew())
+        self._closing: asyncio.Future[Any] | None = None
+
+    async def _renew(self) -> None:
+        while True:
+            await asyncio.sleep(self._period)
+            try:
+                await self._stub.RenewShm(self._request, timeout=self._period)
+            except grpc.RpcError as e:
+                if shm_mod.session_lost(e):
+                    self.lost = True
+                    return
+            except (ValueError, RuntimeError):  # the channel was closed
+                return
+
+    def cancel(self) -> None:
+        if self._task is None:
+            return
+        self._task.cancel()
+        self._task = None
+        if not self.lost:
+            self._closing = asyncio.ensure_future(self._close())
+
+    async def _close(self) -> None:
+        try:
+            await self._stub.CloseShm(self._request, timeout=1.0)
+        except (grpc.RpcError, ValueError, RuntimeError):  # the lease runs out on the daemon
+            pass
+
+    async def closed(self) -> None:
+        if self._closing is not None:
+            await self._closing

@@ -94,19 +94,15 @@ class KVTierClient:
         session, segment = self._shm.current(namespace)
         if segment is None:
             return session
-        # The call lives as long as the session (no deadline); only its first answer is timed.
-        call = self._stub.AttachShm(core.attach_request(namespace, segment), timeout=None)
-        timer = threading.Timer(self.timeout_s, call.cancel)
-        timer.start()
+        # A lease: no call stays open; the lease is renewed in the background.
         try:
-            reply = next(call)
-        except (grpc.RpcError, StopIteration) as e:
-            detail = e.details() if isinstance(e, grpc.RpcError) else repr(e)
-            self._shm.failed(segment, call, detail)
+            reply = self._stub.OpenShm(core.attach_request(namespace, segment),
+                                       timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            self._shm.failed(segment, None, e.details())
             return None
-        finally:
-            timer.cancel()
-        return self._shm.attached(segment, call, reply.session, namespace)
+        lease = shm_mod.Lease(self._stub, namespace, reply.session, reply.lease_s)
+        return self._shm.attached(segment, lease, reply.session, namespace)
 
     # -- data path -------------------------------------------------------------------------
 

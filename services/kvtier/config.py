@@ -93,6 +93,38 @@ class PolicyConfig(BaseModel):
     queue_size: int = Field(default=65536, ge=16)
 
 
+class LimitsConfig(BaseModel):
+    """What one client may hold of the daemon (``KVTIER_LIMITS__*``): no client, stalled or
+    hostile, can take the handler threads or sessions that other clients need.
+
+    Streaming calls (``PutStream``, ``GetStream``, the legacy ``AttachShm``) hold a handler
+    thread while open, so they are counted server-wide, per connection (gRPC peer) and per
+    tenant, and one that waits on its client for ``stream_idle_s`` is cancelled. Calls past
+    ``max_concurrent_rpcs`` are refused with RESOURCE_EXHAUSTED instead of queueing.
+    Shared-memory sessions are leases (``shm_lease_s``) that hold no thread."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    handler_threads: int = Field(default=64, ge=2, le=4096)
+    max_concurrent_rpcs: int = Field(default=256, ge=1)
+    max_streams: int = Field(default=32, ge=1)
+    max_streams_per_peer: int = Field(default=8, ge=1)
+    max_streams_per_tenant: int = Field(default=16, ge=1)
+    stream_idle_s: float = Field(default=10.0, gt=0)
+    shm_lease_s: float = Field(default=30.0, gt=0)
+    max_shm_sessions: int = Field(default=32, ge=1)
+    max_shm_sessions_per_tenant: int = Field(default=8, ge=1)
+
+    @model_validator(mode="after")
+    def _leave_threads(self) -> LimitsConfig:
+        if self.max_streams >= self.handler_threads:
+            raise ValueError(
+                f"max_streams ({self.max_streams}) must be below handler_threads "
+                f"({self.handler_threads}): open streams hold a thread each, and unary calls "
+                f"need the rest")
+        return self
+
+
 class Settings(BaseSettings):
     """All daemon settings. See the README's config table."""
 
@@ -125,6 +157,7 @@ class Settings(BaseSettings):
     # the device tier's memory, taken once at start (kvtier.store.device_pool); None: the
     # device tier's capacity on CUDA and no pool on a CPU device; 0: no pool
     device_pool_bytes: int | None = Field(default=None, ge=0)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
     @field_validator("tiers")
     @classmethod

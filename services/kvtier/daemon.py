@@ -37,6 +37,7 @@ from kvtier.store.policy import Policy
 from kvtier.store.store import TierStore
 from kvtier.transport.cache.server import make_grpc_server
 from kvtier.transport.context import DaemonContext, HttpServer, Readiness, StartHttp
+from kvtier.transport.limits import StreamLimits
 from kvtier.transport.policy.client import make_policy
 from kvtier.transport.shm.relocate import Relocator
 from kvtier.transport.shm.session import ShmRegistry
@@ -108,7 +109,8 @@ class Daemon:
         self._stopped = threading.Event()
         self._context: DaemonContext | None = None
         self._server: grpc.Server | None = None
-        self._shm = ShmRegistry()
+        self._shm = ShmRegistry(settings.limits.max_shm_sessions,
+                                settings.limits.max_shm_sessions_per_tenant)
         self._http: HttpServer | None = None
         self.grpc_port: int | None = None
 
@@ -138,7 +140,8 @@ class Daemon:
         try:
             buffers = BufferPool(s.host_buffer_pool_bytes, s.buffer_reserve_bytes)
             ctx = DaemonContext(settings=s, store=store, buffers=buffers,
-                                relocator=Relocator(store, buffers))
+                                relocator=Relocator(store, buffers),
+                                limits=StreamLimits(s.limits))
             server, port = make_grpc_server(ctx, s.grpc_host, s.grpc_port, shm=self._shm,
                                             interceptors=self._interceptors)
             server.start()
@@ -177,6 +180,8 @@ class Daemon:
             self._shm.close_all()  # ends AttachShm calls so they do not hold the grace period
             if done is not None:
                 done.wait(grace_s + 1.0)
+            if ctx.limits is not None:
+                ctx.limits.close()
             if ctx.relocator is not None:  # no copy-outs beside the drain and the close
                 ctx.relocator.close()
             if self._http is not None:

@@ -23,6 +23,7 @@ from kvtier.transport.stats import RpcStats
 
 if TYPE_CHECKING:
     from kvtier.store.store import TierStore
+    from kvtier.transport.limits import StreamLimits
     from kvtier.transport.shm.relocate import Relocator
 
 
@@ -79,6 +80,7 @@ class DaemonContext:
     buffers: BufferPool = field(default_factory=BufferPool)
     relocator: Relocator | None = None  # copies lent pages out of clients' segments
     started_at: float = field(default_factory=time.time)  # wall clock, for uptime
+    limits: StreamLimits | None = None  # open streaming calls (kvtier.transport.limits)
 
 
 class HttpServer(Protocol):

@@ -23,6 +23,7 @@ from kvtier.transport.bind import bind_port
 from kvtier.transport.context import DaemonContext, Readiness
 from kvtier.transport.device_ipc import DeviceServicer
 from kvtier.transport.interceptor import ErrorInterceptor
+from kvtier.transport.limits import LimitInterceptor, StreamLimits
 from kvtier.transport.shm.relocate import Relocator
 from kvtier.transport.shm.session import ShmRegistry
 from kvtier_proto.v1 import cache_pb2, cache_pb2_grpc, device_pb2_grpc
@@ -45,16 +46,23 @@ def make_grpc_server(
     *,
     shm: ShmRegistry | None = None,
     interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
-    max_workers: int = 64,
+    max_workers: int | None = None,
 ) -> tuple[grpc.Server, int]:
     """Build and bind (not start) the daemon's gRPC server; returns it and its bound port.
 
-    ``interceptors`` run before the error interceptor: the seam for authentication.
+    ``interceptors`` run before the error interceptor: the seam for authentication. The
+    stream limits (``ctx.limits``, else new ones from ``settings.limits``) run inside it.
+    ``max_workers`` (default ``settings.limits.handler_threads``) is the handler pool; calls
+    past ``limits.max_concurrent_rpcs`` are answered RESOURCE_EXHAUSTED by gRPC.
     """
+    cfg = ctx.settings.limits
     limit = message_limit(ctx.settings.max_page_bytes)
+    streams = ctx.limits if ctx.limits is not None else StreamLimits(cfg)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kvtier-grpc"),
-        interceptors=[*interceptors, ErrorInterceptor(ctx.rpc_stats)],
+        futures.ThreadPoolExecutor(max_workers=max_workers or cfg.handler_threads,
+                                   thread_name_prefix="kvtier-grpc"),
+        interceptors=[*interceptors, ErrorInterceptor(ctx.rpc_stats), LimitInterceptor(streams)],
+        maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
