@@ -25,6 +25,7 @@ from kvtier_client import shm as shm_mod
 from kvtier_client.core import DEFAULT_CHUNK_BYTES, CacheStats, LookupResult
 from kvtier_client.staging import new_page, release_page
 from kvtier_client.tensors import FetchedPage, Page
+from kvtier_client.tls import channel_credentials
 from kvtier_proto.v1 import cache_pb2 as pb
 from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
 
@@ -37,7 +38,9 @@ class AsyncKVTierClient:
     def __init__(self, target: str, namespace: str = "default", *, timeout_s: float = 30.0,
                  shared_memory: bool | str = "auto", shm_bytes: int = 256 << 20,
                  staging_bytes: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 overlap_copy: bool = True, lend_bytes: int | None = None) -> None:
+                 overlap_copy: bool = True, lend_bytes: int | None = None,
+                 tls_ca_file: str | None = None, tls_cert_file: str | None = None,
+                 tls_key_file: str | None = None) -> None:
         self.target = target
         self.namespace = namespace
         self.timeout_s = timeout_s
@@ -45,7 +48,10 @@ class AsyncKVTierClient:
         self.overlap_copy = overlap_copy
         self._shm = shm_mod.SessionSlot(core.wants_shared_memory(shared_memory, target),
                                         shm_bytes, target, staging_bytes, lend_bytes)
-        self._channel = grpc.aio.insecure_channel(target, options=core.CHANNEL_OPTIONS)
+        creds = channel_credentials(tls_ca_file, tls_cert_file, tls_key_file)
+        self._channel = (
+            grpc.aio.insecure_channel(target, options=core.CHANNEL_OPTIONS) if creds is None
+            else grpc.aio.secure_channel(target, creds, options=core.CHANNEL_OPTIONS))
         self._stub = pb_grpc.CacheServiceStub(self._channel)
         self._shm_lock = asyncio.Lock()
 

@@ -31,6 +31,7 @@ from kvtier_client.errors import KVTierClientError
 from kvtier_client.shm import Segment
 from kvtier_client.staging import new_page, release_page
 from kvtier_client.tensors import FetchedPage, Page
+from kvtier_client.tls import channel_credentials
 from kvtier_proto.v1 import cache_pb2 as pb
 from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
 
@@ -55,13 +56,19 @@ class KVTierClient:
     copy the lent pages out in the background, after which puts lend again. The area and its
     return ring (512 KiB) come out of the request area, which bounds how many bytes one get
     can bring back through the segment. The asyncio client takes it too.
+
+    ``tls_ca_file`` (the CA of the daemon's certificate; for a self-signed daemon, its
+    certificate), ``tls_cert_file`` and ``tls_key_file`` (the client's pair, where the daemon
+    requires client certificates): TLS, as :mod:`kvtier_client.tls` says. The asyncio client
+    takes them too.
     """
 
     def __init__(self, target: str, namespace: str = "default", *, timeout_s: float = 30.0,
                  shared_memory: bool | str = "auto", shm_bytes: int = 256 << 20,
                  staging_bytes: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  overlap_copy: bool = True, lend_bytes: int | None = None,
-                 channel: grpc.Channel | None = None) -> None:
+                 channel: grpc.Channel | None = None, tls_ca_file: str | None = None,
+                 tls_cert_file: str | None = None, tls_key_file: str | None = None) -> None:
         self.target = target
         self.namespace = namespace
         self.timeout_s = timeout_s
@@ -69,7 +76,10 @@ class KVTierClient:
         self.overlap_copy = overlap_copy
         self._shm = shm_mod.SessionSlot(core.wants_shared_memory(shared_memory, target),
                                         shm_bytes, target, staging_bytes, lend_bytes)
-        self._channel = channel or grpc.insecure_channel(target, options=core.CHANNEL_OPTIONS)
+        creds = channel_credentials(tls_ca_file, tls_cert_file, tls_key_file)
+        self._channel = channel or (
+            grpc.insecure_channel(target, options=core.CHANNEL_OPTIONS) if creds is None
+            else grpc.secure_channel(target, creds, options=core.CHANNEL_OPTIONS))
         self._stub = pb_grpc.CacheServiceStub(self._channel)
         self._shm_lock = threading.Lock()
         self._filler = Filler()

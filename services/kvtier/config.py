@@ -82,6 +82,22 @@ class RedisConfig(BaseModel):
     # write each new page to the shared tier too, in the background, so other daemons find it
     # before it is demoted there (see kvtier.store.sharing)
     share_puts: bool = False
+    # TLS to Redis (a ``rediss://`` url): the CA that signed the server's certificate (None: the
+    # system's roots), and a client certificate and key where Redis requires one (tls-auth-clients)
+    ssl_ca_file: str | None = None
+    ssl_cert_file: str | None = None
+    ssl_key_file: str | None = None
+
+    @model_validator(mode="after")
+    def _ssl(self) -> RedisConfig:
+        if (self.ssl_cert_file is None) != (self.ssl_key_file is None):
+            raise ValueError("redis.ssl_cert_file and redis.ssl_key_file go together")
+        tls_files = (self.ssl_ca_file, self.ssl_cert_file)
+        if any(f is not None for f in tls_files) and self.url is not None \
+                and not self.url.startswith("rediss://"):
+            raise ValueError("redis.ssl_* files need a rediss:// url (TLS); got "
+                             f"{self.url.split('://', 1)[0]}://")
+        return self
 
 
 class PolicyConfig(BaseModel):
@@ -125,6 +141,33 @@ class LimitsConfig(BaseModel):
         return self
 
 
+class TlsConfig(BaseModel):
+    """TLS on the daemon's gRPC and HTTP ports and the policy service's (``KVTIER_TLS__*``).
+
+    ``cert_file`` and ``key_file`` (PEM) turn it on; ``client_ca_file`` then also requires
+    client certificates signed by that CA (mTLS). ``ca_file``: the CA the daemon trusts when it
+    calls a policy service over TLS (default: ``cert_file``, right for one self-signed pair)."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_ca_file: str | None = None
+    ca_file: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("tls.client_ca_file (mTLS) needs tls.cert_file and tls.key_file")
+        return self
+
+
 class Settings(BaseSettings):
     """All daemon settings. See the README's config table."""
 
@@ -158,6 +201,7 @@ class Settings(BaseSettings):
     # device tier's capacity on CUDA and no pool on a CPU device; 0: no pool
     device_pool_bytes: int | None = Field(default=None, ge=0)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
 
     @field_validator("tiers")
     @classmethod

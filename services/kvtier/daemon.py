@@ -134,7 +134,7 @@ class Daemon:
 
     def start(self) -> Daemon:
         s = self.settings
-        policy = self._policy if self._policy is not None else make_policy(s.policy)
+        policy = self._policy if self._policy is not None else make_policy(s.policy, s.tls)
         store = TierStore(s, policy)
         store.start()
         try:
@@ -154,10 +154,13 @@ class Daemon:
             store.close()
             raise
         ctx.health.set(Readiness.SERVING)
-        log.info("kvtier daemon serving gRPC on %s:%d (kvtier.v1.CacheService, "
-                 "grpc.health.v1, reflection)", s.grpc_host, port)
+        log.info("kvtier daemon serving gRPC%s on %s:%d (kvtier.v1.CacheService, "
+                 "grpc.health.v1, reflection)",
+                 (" with TLS (client certificates required)" if s.tls.client_ca_file else
+                  " with TLS") if s.tls.enabled else "", s.grpc_host, port)
         if self._http is not None:
-            log.info("kvtier daemon serving HTTP on http://%s:%d", s.http_host, self._http.port)
+            log.info("kvtier daemon serving HTTP on %s://%s:%d",
+                     "https" if s.tls.enabled else "http", s.http_host, self._http.port)
         for t in s.tiers:
             log.info("tier %-8s %-6s codec=%-4s capacity=%d B watermarks=%.2f/%.2f",
                      t.name, t.medium.value, t.codec.value, t.capacity_bytes,

@@ -41,13 +41,15 @@ def run(args: argparse.Namespace) -> int:
     host = args.host or settings.grpc_host
     gport = settings.policy_grpc_port if args.grpc_port is None else args.grpc_port
     hport = settings.policy_http_port if args.http_port is None else args.http_port
-    server, port, servicer = make_policy_server(policy, host, gport)
-    httpd, http_port = make_metrics_server(servicer, settings.http_host, hport)
+    server, port, servicer = make_policy_server(policy, host, gport, tls=settings.tls)
+    httpd, http_port = make_metrics_server(servicer, settings.http_host, hport, settings.tls)
     server.start()
     web = threading.Thread(target=httpd.serve_forever, name="kvtier-policy-metrics", daemon=True)
     web.start()
-    print(f"kvtier policy ({name}) serving gRPC on {host}:{port}, "
-          f"metrics on http://{settings.http_host}:{http_port}/metrics", flush=True)
+    scheme = "https" if settings.tls.enabled else "http"
+    print(f"kvtier policy ({name}) serving gRPC{' (TLS)' if settings.tls.enabled else ''} on "
+          f"{host}:{port}, metrics on {scheme}://{settings.http_host}:{http_port}/metrics",
+          flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

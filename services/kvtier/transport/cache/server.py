@@ -25,6 +25,7 @@ from kvtier.transport.device_ipc import DeviceServicer
 from kvtier.transport.interceptor import ErrorInterceptor
 from kvtier.transport.limits import LimitInterceptor, StreamLimits
 from kvtier.transport.shm.relocate import Relocator
+from kvtier.transport.tls import server_credentials
 from kvtier.transport.shm.session import ShmRegistry
 from kvtier_proto.v1 import cache_pb2, cache_pb2_grpc, device_pb2_grpc
 
@@ -87,6 +88,6 @@ def make_grpc_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    bound = bind_port(server, host, port, "grpc_port")
+    bound = bind_port(server, host, port, "grpc_port", server_credentials(ctx.settings.tls))
     return server, bound
 
