@@ -22,6 +22,7 @@ import grpc.aio
 
 from kvtier_client import core
 from kvtier_client import shm as shm_mod
+from kvtier_client.credentials import with_token
 from kvtier_client.core import DEFAULT_CHUNK_BYTES, CacheStats, LookupResult
 from kvtier_client.staging import new_page, release_page
 from kvtier_client.tensors import FetchedPage, Page
@@ -37,7 +38,8 @@ class AsyncKVTierClient:
     def __init__(self, target: str, namespace: str = "default", *, timeout_s: float = 30.0,
                  shared_memory: bool | str = "auto", shm_bytes: int = 256 << 20,
                  staging_bytes: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 overlap_copy: bool = True, lend_bytes: int | None = None) -> None:
+                 overlap_copy: bool = True, lend_bytes: int | None = None,
+                 token: str | None = None) -> None:
         self.target = target
         self.namespace = namespace
         self.timeout_s = timeout_s
@@ -46,7 +48,7 @@ class AsyncKVTierClient:
         self._shm = shm_mod.SessionSlot(core.wants_shared_memory(shared_memory, target),
                                         shm_bytes, target, staging_bytes, lend_bytes)
         self._channel = grpc.aio.insecure_channel(target, options=core.CHANNEL_OPTIONS)
-        self._stub = pb_grpc.CacheServiceStub(self._channel)
+        self._stub = with_token(pb_grpc.CacheServiceStub(self._channel), token)
         self._shm_lock = asyncio.Lock()
 
     async def _call(self, method: str, fn: Callable[[float], Awaitable[T]],
