@@ -234,7 +234,9 @@ class TokenRegistry:
             stamp = self._stat()
             self._grants = self._load()
         except OSError as e:
-            raise ConfigError(f"cannot read tokens file {self.path}: {e.strerror}",
+            hint = (" (create it with 'kvtier token create --tokens-file FILE --namespace NS')"
+                    if isinstance(e, FileNotFoundError) else "")
+            raise ConfigError(f"cannot read tokens file {self.path}: {e.strerror}{hint}",
                               field="auth.tokens_file") from None
         self._stamp = stamp
         self._next_check = time.monotonic() + check_interval_s
