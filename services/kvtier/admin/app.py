@@ -45,6 +45,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
@@ -158,6 +159,28 @@ async def _handle_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(
         _error_body(grpc_code, status, message, field), status_code=status, headers=headers
     )
+
+
+def truthful_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """FastAPI's schema, corrected to what the API answers: no route sends FastAPI's
+    ``{"detail": [...]}`` (the one error handler sends :class:`ErrorBody` for 422 too), routes
+    without a body never answer 422, and a 401 carries ``WWW-Authenticate``."""
+    error_ref = {"$ref": "#/components/schemas/ErrorBody"}
+    for ops in schema.get("paths", {}).values():
+        for op in ops.values():
+            responses = op.get("responses", {})
+            invalid = responses.get("422")
+            if invalid is not None and "requestBody" not in op:
+                del responses["422"]
+            elif invalid is not None:
+                invalid["content"] = {"application/json": {"schema": error_ref}}
+            if "401" in responses:
+                responses["401"]["headers"] = {"WWW-Authenticate": {
+                    "description": "Bearer, with the realm", "schema": {"type": "string"}}}
+    components = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    return schema
 
 
 def _allowed_methods(request: Request) -> list[str]:
@@ -275,6 +298,15 @@ def create_app(context: DaemonContext, metrics: DaemonMetrics | None = None) -> 
         lifespan=lifespan,
     )
     app.state.metrics = daemon_metrics
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = truthful_schema(get_openapi(
+                title=app.title, version=app.version, description=app.description,
+                routes=app.routes))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     for exc_type in (KVTierError, RequestValidationError, StarletteHTTPException):
         app.add_exception_handler(exc_type, _handle_error)
     def admin(request: Request, _: Any = _BEARER) -> None:
