@@ -35,7 +35,7 @@ class TierConfig(BaseModel):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
     medium: Medium
     codec: Codec
-    capacity_bytes: int = Field(gt=0)
+    capacity_bytes: int = Field(gt=0, le=2**63 - 1)  # the wire (int64) holds no more
     high_watermark: float = Field(default=0.90, gt=0.0, le=1.0)
     low_watermark: float = Field(default=0.75, ge=0.0, lt=1.0)
 

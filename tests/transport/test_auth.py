@@ -409,3 +409,53 @@ def test_a_second_later_the_file_is_looked_at_again(tmp_path: Path) -> None:
     f.revoke(entry.id)
     time.sleep(0.1)
     assert reg.grant(tok) is None
+
+
+def test_policy_service_takes_its_token(caplog: pytest.LogCaptureFixture) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from kvtier.store.policy import LRUPolicy
+    from kvtier.transport.auth.exposure import check_policy_exposure
+    from kvtier.transport.policy.client import RemotePolicy
+    from kvtier.transport.policy.service import make_policy_server
+    from kvtier_proto.v1 import policy_pb2, policy_pb2_grpc
+
+    server, port, _ = make_policy_server(LRUPolicy(), "127.0.0.1", 0, token="p-secret")
+    server.start()
+    address = f"127.0.0.1:{port}"
+    try:
+        with grpc.insecure_channel(address) as ch:
+            stub = policy_pb2_grpc.PolicyServiceStub(ch)
+            for metadata in ((), md("wrong"), md("p-secretx")):
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Status(policy_pb2.PolicyStatusRequest(), metadata=metadata, timeout=5)
+                assert info.value.code() == UNAUTH
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ReportAccesses(iter([policy_pb2.AccessBatch()]), timeout=5)
+            assert info.value.code() == UNAUTH
+            stub.Status(policy_pb2.PolicyStatusRequest(), metadata=md("p-secret"), timeout=5)
+            health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
+                                                          timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        good = RemotePolicy(address, timeout_s=2.0, token="p-secret")
+        bad = RemotePolicy(address, timeout_s=2.0, token="nope")
+        try:
+            from kvtier.store.policy import PageMeta
+            from kvtier.types import Namespace, PageId, PageKey
+
+            page = PageMeta(PageId(Namespace("ns"), PageKey(b"p1")), "hot", 0, 100, 0, 1, 1.0,
+                            1, 0)
+            good.score([page])
+            bad.score([page])
+            assert not good.status().fallback_active
+            assert bad.status().fallback_active  # refused: the daemon serves with its fallback
+        finally:
+            good.close()
+            bad.close()
+    finally:
+        server.stop(0)
+    with pytest.raises(ConfigError) as err:
+        check_policy_exposure(Settings(), "0.0.0.0")
+    assert err.value.field == "policy.token"
+    check_policy_exposure(Settings(policy={"token": "t"}), "0.0.0.0")
+    check_policy_exposure(Settings(), "127.0.0.1")

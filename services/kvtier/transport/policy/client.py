@@ -25,6 +25,7 @@ from kvtier.policy.registry import make_local_policy, policy_names
 from kvtier.store.policy import AccessEvent, LRUPolicy, PageMeta, Policy, PolicyStatus
 from kvtier.transport.policy.convert import access_to_msg, meta_to_msg
 from kvtier.types import PageId
+from kvtier_client.credentials import with_token
 from kvtier_proto.v1 import policy_pb2, policy_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -44,14 +45,15 @@ class RemotePolicy(Policy):
 
     def __init__(self, address: str, *, configured: str = "learned", timeout_s: float = 0.05,
                  queue_size: int = 65536, batch: int = 1024, retry_s: float = 0.5,
-                 admit_cache: int = 65536) -> None:
+                 admit_cache: int = 65536, token: str | None = None) -> None:
         self.address = address
         self.configured = configured
         self.timeout_s = timeout_s
         self.retry_s = retry_s
         self.batch = batch
         self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
-        self._stub = policy_pb2_grpc.PolicyServiceStub(self._channel)
+        # the service's shared secret, sent on every call (kvtier.transport.auth.guard)
+        self._stub = with_token(policy_pb2_grpc.PolicyServiceStub(self._channel), token)
         self._queue: queue.Queue[AccessEvent] = queue.Queue(maxsize=queue_size)
         self._fallback = LRUPolicy()
         self._lock = threading.Lock()
@@ -202,5 +204,6 @@ def make_policy(config: PolicyConfig) -> Policy:
         make_local_policy(config)  # raises with the list of names
     if config.address:
         return RemotePolicy(config.address, configured=config.name,
-                            timeout_s=config.timeout_s, queue_size=config.queue_size)
+                            timeout_s=config.timeout_s, queue_size=config.queue_size,
+                            token=config.token)
     return make_local_policy(config)
