@@ -160,16 +160,11 @@ class KVTierClient:
     def _data_put(self, namespace: str, wire: Sequence[core.WirePage],
                   left: float) -> pb.PutReply | None:
         """The put over the data channel, or None where it cannot go there."""
-        headers, parts, nbytes = put_parts(wire)
         conn = self._data_conn(namespace, left)
         if conn is None:
             return None
-        try:
-            if not conn.writable or nbytes > conn.max_frame_bytes:
-                return None
-            return conn.put(headers, parts, left)
-        finally:
-            self._data.give(conn)
+        headers, parts, _ = put_parts(wire)
+        return self._data.put_on(conn, headers, parts, left)
 
     def _send(self, plan: core.PutPlan, left: float) -> pb.PutReply:
         reply: pb.PutReply
@@ -229,10 +224,7 @@ class KVTierClient:
             if self._data.usable:
                 conn = self._data_conn(ns, left)
                 if conn is not None:
-                    try:
-                        return conn.get(keys, left, as_torch)
-                    finally:
-                        self._data.give(conn)
+                    return self._data.get_on(conn, keys, left, as_torch)
             req = core.get_request(ns, keys, self.chunk_bytes)
             return self._collect(req, left, as_torch, None)
 

@@ -260,6 +260,26 @@ class DataChannel:
                 return
         conn.close()
 
+    def put_on(self, conn: DataConn, headers: Sequence[pb.PageHeader],
+               parts: Sequence[memoryview], left: float) -> pb.PutReply | None:
+        """``conn.put``, with ``conn`` given back afterwards whatever happens (also where a
+        driver runs this on a thread and stops waiting); None where the put cannot go over
+        this connection (read-only ticket, a batch above the daemon's frame limit)."""
+        try:
+            if not conn.writable or sum(p.nbytes for p in parts) > conn.max_frame_bytes:
+                return None
+            return conn.put(headers, parts, left)
+        finally:
+            self.give(conn)
+
+    def get_on(self, conn: DataConn, keys: Sequence[bytes], left: float,
+               as_torch: bool | str) -> list[FetchedPage | None]:
+        """``conn.get``, with ``conn`` given back afterwards (as :meth:`put_on`)."""
+        try:
+            return conn.get(keys, left, as_torch)
+        finally:
+            self.give(conn)
+
     def close(self) -> None:
         self.off()
 

@@ -362,3 +362,21 @@ def test_concurrent_clients_share_the_channel(daemon: Daemon) -> None:
         t.join()
     assert not errors
     assert calls(daemon, "DataPut", want=20) == 20
+
+
+async def test_the_asyncio_client_takes_the_channel_too(daemon: Daemon) -> None:
+    import asyncio
+
+    from kvtier_client import AsyncKVTierClient
+
+    c = AsyncKVTierClient(daemon.grpc_address, "tenant-a", shared_memory=False)
+    pages = [make_page(i) for i in range(4)]
+    assert await c.put([b"a", b"b"], pages[:2]) == ["stored"] * 2
+    outs = await asyncio.gather(*(c.put([b"c%d" % i], [pages[i]]) for i in range(4)))
+    assert outs == [["stored"]] * 4
+    got = await c.get([b"a", b"x", b"c3"])
+    assert c.uses_data_channel
+    await c.close()
+    assert got[1] is None and got[0] is not None and got[2] is not None
+    assert np.array_equal(got[0].k, pages[0].k) and np.array_equal(got[2].v, pages[3].v)
+    assert calls(daemon, "DataPut", want=5) == 5 and calls(daemon, "PutStream") == 0
