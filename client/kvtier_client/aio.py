@@ -25,6 +25,7 @@ import grpc.aio
 
 from kvtier_client import core
 from kvtier_client import shm as shm_mod
+from kvtier_client.credentials import with_token
 from kvtier_client.core import DEFAULT_CHUNK_BYTES, CacheStats, LookupResult
 from kvtier_client.data import DataChannel, DataConn, put_parts
 from kvtier_client.errors import KVTierClientError
@@ -43,7 +44,8 @@ class AsyncKVTierClient:
                  shared_memory: bool | str = "auto", shm_bytes: int = 256 << 20,
                  staging_bytes: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  overlap_copy: bool = True, lend_bytes: int | None = None,
-                 data_channel: bool = True, data_ssl: ssl.SSLContext | None = None) -> None:
+                 token: str | None = None, data_channel: bool = True,
+                 data_ssl: ssl.SSLContext | None = None) -> None:
         self.target = target
         self.namespace = namespace
         self.timeout_s = timeout_s
@@ -52,7 +54,7 @@ class AsyncKVTierClient:
         self._shm = shm_mod.SessionSlot(core.wants_shared_memory(shared_memory, target),
                                         shm_bytes, target, staging_bytes, lend_bytes)
         self._channel = grpc.aio.insecure_channel(target, options=core.CHANNEL_OPTIONS)
-        self._stub = pb_grpc.CacheServiceStub(self._channel)
+        self._stub = with_token(pb_grpc.CacheServiceStub(self._channel), token)
         self._shm_lock = asyncio.Lock()
         self._data = DataChannel(data_channel, target, data_ssl)
 

@@ -29,6 +29,7 @@ import grpc
 
 from kvtier_client import core
 from kvtier_client import shm as shm_mod
+from kvtier_client.credentials import with_token
 from kvtier_client.core import DEFAULT_CHUNK_BYTES, CacheStats, LookupResult, TierStats
 from kvtier_client.data import DataChannel, DataConn, put_parts
 from kvtier_client.errors import KVTierClientError
@@ -59,14 +60,18 @@ class KVTierClient:
     copy the lent pages out in the background, after which puts lend again. The area and its
     return ring (512 KiB) come out of the request area, which bounds how many bytes one get
     can bring back through the segment. The asyncio client takes it too.
+
+    ``token``: the tenant token a daemon with tenant auth wants on every call (sent as
+    ``authorization: Bearer <token>``; see ``kvtier token create``). The asyncio client and
+    :class:`~kvtier_client.device.DeviceSession` take it too.
     """
 
     def __init__(self, target: str, namespace: str = "default", *, timeout_s: float = 30.0,
                  shared_memory: bool | str = "auto", shm_bytes: int = 256 << 20,
                  staging_bytes: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  overlap_copy: bool = True, lend_bytes: int | None = None,
-                 channel: grpc.Channel | None = None, data_channel: bool = True,
-                 data_ssl: ssl.SSLContext | None = None) -> None:
+                 channel: grpc.Channel | None = None, token: str | None = None,
+                 data_channel: bool = True, data_ssl: ssl.SSLContext | None = None) -> None:
         self.target = target
         self.namespace = namespace
         self.timeout_s = timeout_s
@@ -75,7 +80,7 @@ class KVTierClient:
         self._shm = shm_mod.SessionSlot(core.wants_shared_memory(shared_memory, target),
                                         shm_bytes, target, staging_bytes, lend_bytes)
         self._channel = channel or grpc.insecure_channel(target, options=core.CHANNEL_OPTIONS)
-        self._stub = pb_grpc.CacheServiceStub(self._channel)
+        self._stub = with_token(pb_grpc.CacheServiceStub(self._channel), token)
         self._shm_lock = threading.Lock()
         self._filler = Filler()
         self._data = DataChannel(data_channel, target, data_ssl)

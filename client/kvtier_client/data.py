@@ -239,7 +239,7 @@ class DataChannel:
         if reply.tls:
             assert self.ssl_context is not None
             sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host)
-        conn = DataConn(sock, namespace, True, reply.max_frame_bytes)
+        conn = DataConn(sock, namespace, reply.writable, reply.max_frame_bytes)
         try:
             with conn._io("OpenData"):
                 conn.hello(reply.ticket)

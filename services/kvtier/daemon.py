@@ -36,6 +36,8 @@ from kvtier.config import Settings
 from kvtier.store.buffers import BufferPool
 from kvtier.store.policy import Policy
 from kvtier.store.store import TierStore
+from kvtier.transport.auth.exposure import check_grpc_exposure
+from kvtier.transport.auth.tokens import TokenRegistry
 from kvtier.transport.cache.server import make_grpc_server
 from kvtier.transport.context import DaemonContext, HttpServer, Readiness, StartHttp
 from kvtier.transport.data.server import DataServer
@@ -143,15 +145,24 @@ class Daemon:
     def grpc_address(self) -> str:
         return f"{self.settings.grpc_host}:{self.grpc_port}"
 
+    def reload_tokens(self) -> bool:
+        """Re-read the tokens file now (``kvtier serve`` calls it on SIGHUP); False if there
+        is none or it is unusable (then every token is denied until it is fixed)."""
+        tokens = self._context.tokens if self._context is not None else None
+        return tokens.reload() if tokens is not None else False
+
     def start(self) -> Daemon:
         s = self.settings
+        check_grpc_exposure(s)
+        tokens = (TokenRegistry(s.auth.tokens_file, s.auth.reload_interval_s)
+                  if s.auth.tokens_file else None)
         policy = self._policy if self._policy is not None else make_policy(s.policy)
         store = TierStore(s, policy)
         store.start()
         try:
             buffers = BufferPool(s.host_buffer_pool_bytes, s.buffer_reserve_bytes)
             ctx = DaemonContext(settings=s, store=store, buffers=buffers,
-                                relocator=Relocator(store, buffers))
+                                relocator=Relocator(store, buffers), tokens=tokens)
             if s.data.enabled:
                 self._data = DataServer(ctx, s.data.host or s.grpc_host, s.data.port,
                                         ssl_context=self._data_ssl())
@@ -185,6 +196,11 @@ class Daemon:
                      t.high_watermark, t.low_watermark)
         log.info("redis tier backend: %s; policy: %s; max page %d B",
                  s.redis.url or "none", policy.name, s.max_page_bytes)
+        if tokens is not None:
+            log.info("tenant tokens from %s (%d tokens; reloaded on change and on SIGHUP)",
+                     s.auth.tokens_file, len(tokens))
+        else:
+            log.info("no tenant tokens: every gRPC caller may use every namespace")
         return self
 
     def stop(self, grace_s: float = 5.0, drain: bool = False) -> None:

@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -18,10 +19,13 @@ import pytest
 
 from kvtier.daemon import Daemon
 from kvtier.procs.redis import free_port
+from kvtier.transport.auth.tokens import TokenFile
 from kvtier_client import (
     DeadlineExceededError,
     KVTierClient,
     Page,
+    PermissionDeniedError,
+    UnauthenticatedError,
 )
 from kvtier_client import data_frame as f
 from kvtier_client.data import DataConn, target_host
@@ -380,3 +384,55 @@ async def test_the_asyncio_client_takes_the_channel_too(daemon: Daemon) -> None:
     assert got[1] is None and got[0] is not None and got[2] is not None
     assert np.array_equal(got[0].k, pages[0].k) and np.array_equal(got[2].v, pages[3].v)
     assert calls(daemon, "DataPut", want=5) == 5 and calls(daemon, "PutStream") == 0
+
+
+# -- tokens ------------------------------------------------------------------------------------
+
+def test_tickets_carry_the_tokens_grants(make_daemon: DaemonFactory, tmp_path: Path) -> None:
+    """A ticket gets the rights of the token that opened it, and loses them with the token."""
+    tokens = TokenFile(tmp_path / "tokens.json")
+    rw, rw_entry = tokens.create(["tenant-a"])
+    ro, _ = tokens.create(["tenant-a"], read_only=True)
+    d = make_daemon(auth={"tokens_file": str(tmp_path / "tokens.json"),
+                          "reload_interval_s": 0.05})
+    with KVTierClient(d.grpc_address, "tenant-a", token=rw, shared_memory=False) as a, \
+            KVTierClient(d.grpc_address, "tenant-a", token=ro, shared_memory=False) as r:
+        assert a.put([b"k"], [make_page(1)]) == ["stored"]
+        assert r.get([b"k"])[0] is not None and r.uses_data_channel
+        with pytest.raises(PermissionDeniedError):
+            r.put([b"k2"], [make_page(2)])
+        assert calls(d, "DataPut", want=1) == 1 and calls(d, "DataGet", want=1) == 1
+        assert calls(d, "Put", "PERMISSION_DENIED") == 1  # the read-only ticket sent it to gRPC
+        with pytest.raises(UnauthenticatedError):  # OpenData is guarded like any call
+            with KVTierClient(d.grpc_address, "tenant-a", token="kvt_bogus",
+                              shared_memory=False) as bogus:
+                bogus.get([b"k"])
+        tokens.revoke(rw_entry.id)
+        time.sleep(0.1)  # past the reload interval: the open connection is refused too
+        with pytest.raises(UnauthenticatedError):
+            a.get([b"k"])
+    assert not present(d, b"k2")
+
+
+def test_a_read_only_ticket_refuses_puts_even_when_asked_writable(
+        make_daemon: DaemonFactory, tmp_path: Path) -> None:
+    tokens = TokenFile(tmp_path / "tokens.json")
+    ro, _ = tokens.create(["tenant-a"], read_only=True)
+    d = make_daemon(auth={"tokens_file": str(tmp_path / "tokens.json")})
+    with grpc.insecure_channel(d.grpc_address) as ch:
+        reply = pb_grpc.CacheServiceStub(ch).OpenData(
+            pb.OpenDataRequest(namespace="tenant-a", writable=True),
+            metadata=(("authorization", f"Bearer {ro}"),), timeout=5)
+    assert not reply.writable
+    s = socket.create_connection(("127.0.0.1", reply.port), timeout=5)
+    f.send_frame(s, f.HELLO, reply.ticket)
+    assert f.recv_header(s).kind == f.OK
+    k, v = make_kv(1)
+    h = pb.PageHeader(key=b"w", dtype="float16", shape=list(PAGE_SHAPE), k_len=k.nbytes,
+                      v_len=v.nbytes)
+    f.send_frame(s, f.PUT, pb.PutRequest(pages=[h]).SerializeToString(),
+                 [memoryview(k).cast("B"), memoryview(v).cast("B")])
+    hdr = f.recv_header(s)
+    assert f.decode_error(f.recv_bytes(s, hdr.meta_len))[0] == "PERMISSION_DENIED"
+    s.close()
+    assert not present(d, b"w")

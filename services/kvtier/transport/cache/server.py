@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvtier.transport.auth.guard import TokenGuard
 from kvtier.transport.cache.servicer import CacheServicer
 from kvtier.transport.bind import bind_port
 from kvtier.transport.context import DaemonContext, Readiness
@@ -51,13 +52,15 @@ def make_grpc_server(
 ) -> tuple[grpc.Server, int]:
     """Build and bind (not start) the daemon's gRPC server; returns it and its bound port.
 
-    ``interceptors`` run before the error interceptor: the seam for authentication.
+    ``interceptors`` run before the error interceptor. With ``ctx.tokens`` every call of the
+    cache and device services is checked against them (:mod:`kvtier.transport.auth.guard`).
     ``data``: the data channel whose tickets ``OpenData`` hands out (None: it answers port 0).
     """
     limit = message_limit(ctx.settings.max_page_bytes)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kvtier-grpc"),
-        interceptors=[*interceptors, ErrorInterceptor(ctx.rpc_stats)],
+        interceptors=[*interceptors, ErrorInterceptor(
+            ctx.rpc_stats, TokenGuard(ctx.tokens) if ctx.tokens is not None else None)],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),

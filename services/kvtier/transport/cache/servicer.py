@@ -16,10 +16,11 @@ from typing import cast
 
 import grpc
 
-from kvtier.errors import Aborted, InvalidArgument, KVTierError
+from kvtier.errors import Aborted, InvalidArgument, KVTierError, Unauthenticated
 from kvtier.pages import PageHeader, check_namespace
 from kvtier.store.results import PutOutcome
 from kvtier.transport.cache.convert import PutAssembler, byte_view, check_header, chunks
+from kvtier.transport.auth.guard import bearer_token
 from kvtier.transport.context import DaemonContext
 from kvtier.transport.data.server import DataServer
 from kvtier.transport.shm.copy import FILL_TIMEOUT_S, copy_pages, lent_pages
@@ -294,10 +295,20 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
         data = self._data
         if data is None:
             return pb.OpenDataReply(port=0)
-        return pb.OpenDataReply(ticket=data.open(namespace, request.writable), port=data.port,
+        writable, token = request.writable, None
+        tokens = self._ctx.tokens
+        if tokens is not None:  # the guard checked the token and the namespace already
+            token = bearer_token(context.invocation_metadata())
+            grant = tokens.grant(token) if token is not None else None
+            if grant is None or not grant.allows(namespace, write=False):
+                raise Unauthenticated("the token is not valid (unknown or revoked)",
+                                      field="authorization")
+            writable = writable and not grant.read_only
+        return pb.OpenDataReply(ticket=data.open(namespace, writable, token), port=data.port,
                                 tls=data.tls,
                                 max_frame_bytes=self._settings.data.max_frame_bytes,
-                                ticket_ttl_s=self._settings.data.ticket_ttl_s)
+                                ticket_ttl_s=self._settings.data.ticket_ttl_s,
+                                writable=writable)
 
     # -- shared memory ---------------------------------------------------------------------
 

@@ -152,10 +152,7 @@ class DataConnection:
     def _put(self, hdr: f.FrameHeader, meta: bytes, deadline: float | None) -> None:
         try:
             req = _parse(pb.PutRequest, meta)
-            grant = self._check_namespace(req.namespace)
-            if not grant.writable:
-                raise PermissionDenied("this data connection's ticket is read-only",
-                                       field="ticket")
+            grant = self._check_namespace(req.namespace, write=True)
             if req.shm_session or req.data:
                 raise InvalidArgument("a data-channel put carries its bytes in the payload",
                                       field="data")
@@ -234,9 +231,27 @@ class DataConnection:
             headers.append(check_header(h, self._settings))
         return headers
 
-    def _check_namespace(self, namespace: str) -> Grant:
+    def _check_namespace(self, namespace: str, write: bool = False) -> Grant:
+        """The connection's grant for a frame naming ``namespace`` (empty: its own): another
+        namespace is PERMISSION_DENIED, and so is a write on a read-only ticket; with tokens,
+        the ticket's token is checked again (revoked: UNAUTHENTICATED, and the connection
+        ends)."""
         grant = self._grant
         assert grant is not None
+        tokens = self._ctx.tokens
+        if tokens is not None:
+            now = tokens.grant(grant.token) if grant.token is not None else None
+            if now is None:
+                raise _Close(Unauthenticated(
+                    "the data connection's token is no longer valid (revoked)",
+                    field="authorization"))
+            if not now.allows(grant.namespace, write):
+                raise PermissionDenied(
+                    f"the token no longer allows {'writing' if write else 'reading'} "
+                    f"namespace {grant.namespace!r}", field="authorization")
+        if write and not grant.writable:
+            raise PermissionDenied("this data connection's ticket is read-only",
+                                   field="ticket")
         if namespace and namespace != grant.namespace:
             raise PermissionDenied(
                 f"this data connection belongs to namespace {grant.namespace!r}, not "

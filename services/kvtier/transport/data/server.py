@@ -51,9 +51,10 @@ class DataServer:
     def tls(self) -> bool:
         return self._ssl is not None
 
-    def open(self, namespace: Namespace, writable: bool) -> bytes:
-        """A ticket for one connection of ``namespace`` (the ``OpenData`` call's work)."""
-        return self.tickets.issue(namespace, writable)
+    def open(self, namespace: Namespace, writable: bool, token: str | None = None) -> bytes:
+        """A ticket for one connection of ``namespace`` (the ``OpenData`` call's work),
+        checked again against ``token`` on every frame when the daemon takes tokens."""
+        return self.tickets.issue(namespace, writable, token)
 
     def start(self) -> DataServer:
         self._thread = threading.Thread(target=self._accept, name="kvtier-data-accept",

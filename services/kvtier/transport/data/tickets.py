@@ -26,6 +26,9 @@ class Grant:
 
     namespace: Namespace
     writable: bool
+    # the bearer token the ticket was opened with (None: the daemon takes no tokens); each
+    # frame checks it again, so a revoked token or grant stops its connections too
+    token: str | None = None
 
 
 class TicketBook:
@@ -36,14 +39,14 @@ class TicketBook:
         self._lock = threading.Lock()
         self._open: dict[bytes, tuple[float, Grant]] = {}  # digest -> (expiry, grant)
 
-    def issue(self, namespace: Namespace, writable: bool) -> bytes:
+    def issue(self, namespace: Namespace, writable: bool, token: str | None = None) -> bytes:
         ticket = secrets.token_bytes(TICKET_BYTES)
         now = time.monotonic()
         with self._lock:
             self._prune(now)
             while len(self._open) >= MAX_OPEN_TICKETS:
                 del self._open[next(iter(self._open))]
-            self._open[_digest(ticket)] = (now + self.ttl_s, Grant(namespace, writable))
+            self._open[_digest(ticket)] = (now + self.ttl_s, Grant(namespace, writable, token))
         return ticket
 
     def redeem(self, ticket: bytes) -> Grant | None:
