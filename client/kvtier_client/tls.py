@@ -1,13 +1,15 @@
 """TLS for the clients: what ``tls_ca_file``, ``tls_cert_file`` and ``tls_key_file`` mean.
 
-Any of them turns TLS on. ``tls_ca_file`` is the CA (PEM) that signed the daemon's certificate
-(for a self-signed daemon, its certificate file itself); without it the system's roots are
-trusted. ``tls_cert_file`` and ``tls_key_file`` are the client's own pair, for a daemon that
-requires client certificates (``KVTIER_TLS__CLIENT_CA_FILE``).
+Any of them turns TLS on, for the gRPC channel and the data channel alike. ``tls_ca_file`` is
+the CA (PEM) that signed the daemon's certificate (for a self-signed daemon, its certificate
+file itself); without it the system's roots are trusted. ``tls_cert_file`` and
+``tls_key_file`` are the client's own pair, for a daemon that requires client certificates
+(``KVTIER_TLS__CLIENT_CA_FILE``).
 """
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import grpc
@@ -36,3 +38,16 @@ def channel_credentials(ca_file: str | None, cert_file: str | None,
         _read(key_file, "tls_key_file") if key_file else None,
         _read(cert_file, "tls_cert_file") if cert_file else None,
     )
+
+
+def data_ssl_context(ca_file: str | None, cert_file: str | None,
+                     key_file: str | None) -> ssl.SSLContext | None:
+    """The same trust and client pair for the data channel's TCP connection (None: plain)."""
+    if ca_file is None and cert_file is None and key_file is None:
+        return None
+    if cert_file is not None:
+        _read(cert_file, "tls_cert_file")
+    context = ssl.create_default_context(cafile=ca_file)
+    if cert_file is not None and key_file is not None:
+        context.load_cert_chain(cert_file, key_file)
+    return context

@@ -18,9 +18,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvtier.transport.auth.guard import TokenGuard
 from kvtier.transport.cache.servicer import CacheServicer
 from kvtier.transport.bind import bind_port
 from kvtier.transport.context import DaemonContext, Readiness
+from kvtier.transport.data.server import DataServer
 from kvtier.transport.device_ipc import DeviceServicer
 from kvtier.transport.interceptor import ErrorInterceptor
 from kvtier.transport.limits import LimitInterceptor, StreamLimits
@@ -48,13 +50,16 @@ def make_grpc_server(
     shm: ShmRegistry | None = None,
     interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
     max_workers: int | None = None,
+    data: DataServer | None = None,
 ) -> tuple[grpc.Server, int]:
     """Build and bind (not start) the daemon's gRPC server; returns it and its bound port.
 
-    ``interceptors`` run before the error interceptor: the seam for authentication. The
-    stream limits (``ctx.limits``, else new ones from ``settings.limits``) run inside it.
-    ``max_workers`` (default ``settings.limits.handler_threads``) is the handler pool; calls
-    past ``limits.max_concurrent_rpcs`` are answered RESOURCE_EXHAUSTED by gRPC.
+    ``interceptors`` run before the error interceptor. With ``ctx.tokens`` every call of the
+    cache and device services is checked against them (:mod:`kvtier.transport.auth.guard`).
+    ``data``: the data channel whose tickets ``OpenData`` hands out (None: it answers port 0).
+    The stream limits (``ctx.limits``, else new ones from ``settings.limits``) run inside the
+    error interceptor. ``max_workers`` (default ``settings.limits.handler_threads``) is the
+    handler pool; calls past ``limits.max_concurrent_rpcs`` are answered RESOURCE_EXHAUSTED.
     """
     cfg = ctx.settings.limits
     limit = message_limit(ctx.settings.max_page_bytes)
@@ -62,7 +67,9 @@ def make_grpc_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers or cfg.handler_threads,
                                    thread_name_prefix="kvtier-grpc"),
-        interceptors=[*interceptors, ErrorInterceptor(ctx.rpc_stats), LimitInterceptor(streams)],
+        interceptors=[*interceptors, ErrorInterceptor(
+            ctx.rpc_stats, TokenGuard(ctx.tokens) if ctx.tokens is not None else None),
+            LimitInterceptor(streams)],
         maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", limit),
@@ -72,7 +79,7 @@ def make_grpc_server(
     )
     cache_pb2_grpc.add_CacheServiceServicer_to_server(
         CacheServicer(ctx, shm if shm is not None else ShmRegistry(),
-                      ctx.relocator or Relocator(ctx.store, ctx.buffers)), server
+                      ctx.relocator or Relocator(ctx.store, ctx.buffers), data), server
     )
     device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(ctx), server)
     health_servicer = health.HealthServicer()

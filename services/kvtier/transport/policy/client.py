@@ -26,6 +26,7 @@ from kvtier.store.policy import AccessEvent, LRUPolicy, PageMeta, Policy, Policy
 from kvtier.transport.policy.convert import access_to_msg, meta_to_msg
 from kvtier.transport.tls import policy_channel_credentials
 from kvtier.types import PageId
+from kvtier_client.credentials import with_token
 from kvtier_proto.v1 import policy_pb2, policy_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class RemotePolicy(Policy):
 
     def __init__(self, address: str, *, configured: str = "learned", timeout_s: float = 0.05,
                  queue_size: int = 65536, batch: int = 1024, retry_s: float = 0.5,
-                 admit_cache: int = 65536,
+                 admit_cache: int = 65536, token: str | None = None,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
         self.address = address
         self.configured = configured
@@ -55,7 +56,8 @@ class RemotePolicy(Policy):
         self._channel = (grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
                          if credentials is None else
                          grpc.secure_channel(address, credentials, options=_CHANNEL_OPTIONS))
-        self._stub = policy_pb2_grpc.PolicyServiceStub(self._channel)
+        # the service's shared secret, sent on every call (kvtier.transport.auth.guard)
+        self._stub = with_token(policy_pb2_grpc.PolicyServiceStub(self._channel), token)
         self._queue: queue.Queue[AccessEvent] = queue.Queue(maxsize=queue_size)
         self._fallback = LRUPolicy()
         self._lock = threading.Lock()
@@ -208,5 +210,6 @@ def make_policy(config: PolicyConfig, tls: TlsConfig | None = None) -> Policy:
     if config.address:
         return RemotePolicy(config.address, configured=config.name,
                             timeout_s=config.timeout_s, queue_size=config.queue_size,
+                            token=config.token,
                             credentials=policy_channel_credentials(tls) if tls else None)
     return make_local_policy(config)
