@@ -54,6 +54,22 @@ def test_roundtrip_over_tls(make_daemon: DaemonFactory, pki: dict[str, CertPair]
         assert got is not None and np.array_equal(got.k, make_page(1).k)
         assert c.lookup([b"a"]).prefix_length == 1
         assert c.uses_shared_memory is shm
+        assert c.uses_data_channel  # its connection speaks TLS too (inline pages ride it)
+
+
+def test_data_channel_over_mtls(make_daemon: DaemonFactory, pki: dict[str, CertPair]) -> None:
+    daemon = make_daemon(tls=_tls(pki, mtls=True))
+    assert daemon._data is not None and daemon._data.tls
+    with KVTierClient(daemon.grpc_address, "t", shared_memory=False,
+                      tls_ca_file=pki["server"].cert_file,
+                      tls_cert_file=pki["client"].cert_file,
+                      tls_key_file=pki["client"].key_file) as c:
+        pages = [make_page(i) for i in range(3)]
+        assert c.put([b"a", b"b", b"c"], pages) == ["stored"] * 3
+        got = c.get([b"a", b"b", b"c"])
+        assert c.uses_data_channel
+        for g, p in zip(got, pages):
+            assert g is not None and np.array_equal(g.k, p.k) and np.array_equal(g.v, p.v)
 
 
 def test_asyncio_client_over_mtls(make_daemon: DaemonFactory, pki: dict[str, CertPair]) -> None:
