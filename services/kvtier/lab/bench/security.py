@@ -112,7 +112,7 @@ def measure(modes: list[Mode], page_kib: int = 64, calls: int = 300,
     times: dict[tuple[str, str], list[float]] = {(m.name, op): [] for m in modes for op in OPS}
     with ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvtier-bench-")))
-        clients: dict[str, dict[str, Any]] = {}
+        clients: dict[str, dict[str, KVTierClient]] = {}
         for mode in modes:
             (scratch / mode.name).mkdir()
             setup = mode.setup(scratch / mode.name)
@@ -132,7 +132,8 @@ def measure(modes: list[Mode], page_kib: int = 64, calls: int = 300,
 
         def one(mode: str, op: str) -> float:
             c = clients[mode][op]
-            call = (lambda: c.lookup(keys)) if op == "lookup" else (lambda: c.get(keys[:1]))
+            call: Callable[[], object] = ((lambda: c.lookup(keys)) if op == "lookup"
+                                          else (lambda: c.get(keys[:1])))
             t0 = time.perf_counter()
             for _ in range(calls):
                 call()

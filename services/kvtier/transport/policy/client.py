@@ -18,6 +18,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import functools
+
 import grpc
 
 from kvtier.config import PolicyConfig
@@ -25,7 +27,6 @@ from kvtier.policy.registry import make_local_policy, policy_names
 from kvtier.store.policy import AccessEvent, LRUPolicy, PageMeta, Policy, PolicyStatus
 from kvtier.transport.policy.convert import access_to_msg, meta_to_msg
 from kvtier.types import PageId
-from kvtier_client.credentials import with_token
 from kvtier_proto.v1 import policy_pb2, policy_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,18 @@ _CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
+
+
+def _with_token(stub: policy_pb2_grpc.PolicyServiceStub,
+                token: str | None) -> policy_pb2_grpc.PolicyServiceStub:
+    """``stub`` whose every method sends ``authorization: Bearer <token>`` (as is when None)."""
+    if token is None:
+        return stub
+    metadata = (("authorization", f"Bearer {token}"),)
+    for name, method in list(vars(stub).items()):
+        if not name.startswith("_") and callable(method):
+            setattr(stub, name, functools.partial(method, metadata=metadata))
+    return stub
 
 
 class RemotePolicy(Policy):
@@ -53,7 +66,7 @@ class RemotePolicy(Policy):
         self.batch = batch
         self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
         # the service's shared secret, sent on every call (kvtier.transport.auth.guard)
-        self._stub = with_token(policy_pb2_grpc.PolicyServiceStub(self._channel), token)
+        self._stub = _with_token(policy_pb2_grpc.PolicyServiceStub(self._channel), token)
         self._queue: queue.Queue[AccessEvent] = queue.Queue(maxsize=queue_size)
         self._fallback = LRUPolicy()
         self._lock = threading.Lock()
