@@ -115,6 +115,21 @@ class AuthConfig(BaseModel):
     insecure_allow_unauthenticated: bool = False
 
 
+class DataConfig(BaseModel):
+    """The data channel (``kvtier.transport.data``): page bytes of remote workers' puts and
+    gets over plain TCP frames beside gRPC, which stays the control plane (``OpenData``)."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    enabled: bool = True
+    host: str | None = None  # None: grpc_host
+    port: int = Field(default=0, ge=0, le=65535)  # 0: any free port (announced by OpenData)
+    max_frame_bytes: int = Field(default=1 << 30, ge=1 << 20)  # payload of one frame
+    idle_timeout_s: float = Field(default=300.0, gt=0)  # between frames of a connection
+    max_connections: int = Field(default=256, ge=1)
+    ticket_ttl_s: float = Field(default=30.0, gt=0)  # an OpenData ticket is void after this
+
+
 class Settings(BaseSettings):
     """All daemon settings. See the README's config table."""
 
@@ -148,6 +163,7 @@ class Settings(BaseSettings):
     # device tier's capacity on CUDA and no pool on a CPU device; 0: no pool
     device_pool_bytes: int | None = Field(default=None, ge=0)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
 
     @field_validator("tiers")
     @classmethod

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +40,7 @@ from kvtier.transport.auth.exposure import check_grpc_exposure
 from kvtier.transport.auth.tokens import TokenRegistry
 from kvtier.transport.cache.server import make_grpc_server
 from kvtier.transport.context import DaemonContext, HttpServer, Readiness, StartHttp
+from kvtier.transport.data.server import DataServer
 from kvtier.transport.policy.client import make_policy
 from kvtier.transport.shm.relocate import Relocator
 from kvtier.transport.shm.session import ShmRegistry
@@ -113,6 +115,7 @@ class Daemon:
         self._shm = ShmRegistry()
         self._http: HttpServer | None = None
         self.grpc_port: int | None = None
+        self._data: DataServer | None = None
 
     @property
     def context(self) -> DaemonContext:
@@ -127,6 +130,16 @@ class Daemon:
     @property
     def http_port(self) -> int | None:
         return self._http.port if self._http is not None else None
+
+    @property
+    def data_port(self) -> int | None:
+        """The data channel's port (None: off)."""
+        return self._data.port if self._data is not None else None
+
+    def _data_ssl(self) -> ssl.SSLContext | None:
+        """The data channel's TLS: the daemon's TLS settings once it has them (None: plain
+        TCP, as the gRPC port)."""
+        return None
 
     @property
     def grpc_address(self) -> str:
@@ -150,20 +163,31 @@ class Daemon:
             buffers = BufferPool(s.host_buffer_pool_bytes, s.buffer_reserve_bytes)
             ctx = DaemonContext(settings=s, store=store, buffers=buffers,
                                 relocator=Relocator(store, buffers), tokens=tokens)
+            if s.data.enabled:
+                self._data = DataServer(ctx, s.data.host or s.grpc_host, s.data.port,
+                                        ssl_context=self._data_ssl())
             server, port = make_grpc_server(ctx, s.grpc_host, s.grpc_port, shm=self._shm,
-                                            interceptors=self._interceptors)
+                                            interceptors=self._interceptors, data=self._data)
             server.start()
+            if self._data is not None:
+                self._data.start()
             self._context, self._server, self.grpc_port = ctx, server, port
             if self._start_http is not None:
                 self._http = self._start_http(ctx)
         except BaseException:
             if self._server is not None:
                 self._server.stop(0).wait(5.0)  # the port is closed when start() raises
+            if self._data is not None:
+                self._data.stop()
             store.close()
             raise
         ctx.health.set(Readiness.SERVING)
         log.info("kvtier daemon serving gRPC on %s:%d (kvtier.v1.CacheService, "
                  "grpc.health.v1, reflection)", s.grpc_host, port)
+        if self._data is not None:
+            log.info("kvtier daemon serving the data channel on %s:%d%s",
+                     s.data.host or s.grpc_host, self._data.port,
+                     " (TLS)" if self._data.tls else "")
         if self._http is not None:
             log.info("kvtier daemon serving HTTP on http://%s:%d", s.http_host, self._http.port)
         for t in s.tiers:
@@ -191,6 +215,8 @@ class Daemon:
                      ", draining memory tiers to redis" if drain else "")
             done = self._server.stop(grace_s) if self._server is not None else None
             self._shm.close_all()  # ends AttachShm calls so they do not hold the grace period
+            if self._data is not None:  # its frames in flight fail; clients go to gRPC
+                self._data.stop()
             if done is not None:
                 done.wait(grace_s + 1.0)
             if ctx.relocator is not None:  # no copy-outs beside the drain and the close

@@ -89,6 +89,14 @@ class Aborted(KVTierError):
     http_status = 409
 
 
+class DeadlineExceeded(KVTierError):
+    """The caller's deadline passed before its call was served (the data channel reports it
+    itself; gRPC calls get it from gRPC)."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
+    http_status = 504
+
+
 class CorruptPage(KVTierError):
     """A stored blob whose checksum or header does not verify. Never served as data."""
 

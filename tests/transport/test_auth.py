@@ -110,6 +110,8 @@ def _call(ch: grpc.Channel, method: str, ns: str, token: str | None) -> Any:
             return reply
         finally:
             seg.close()
+    if method == "OpenData":
+        return cache.OpenData(pb.OpenDataRequest(namespace=ns, writable=True), **kw)
     if method == "AttachDevice":
         call = device.AttachDevice(dpb.AttachDeviceRequest(namespace=ns), **kw)
         reply = next(call)

@@ -48,7 +48,8 @@ def register(sub: Any) -> None:
 
     r = tsub.add_parser("revoke", help="revoke a token by its id (from list) or by the token")
     file_option(r)
-    r.add_argument("which", metavar="ID_OR_TOKEN")
+    r.add_argument("which", metavar="ID_OR_TOKEN",
+                   help="the token's id (from `kvtier token list`) or the token itself")
     r.set_defaults(func=revoke)
 
 

@@ -44,6 +44,8 @@ METHODS: dict[str, bool] = {
     "Promote": True, "Delete": True, "Stats": False, "AttachShm": False,
     "AttachDevice": False, "GetDevice": False, "ReserveDevice": True, "CommitDevice": True,
     "ReleaseDevice": False,
+    # a data-channel ticket: read-only tokens get read-only tickets (the servicer downgrades)
+    "OpenData": False,
 }
 # methods whose namespace may be empty (daemon-wide answers)
 OPTIONAL_NAMESPACE = frozenset({"Stats"})
