@@ -132,10 +132,13 @@ def measure(modes: list[Mode], page_kib: int = 64, calls: int = 300,
 
         def one(mode: str, op: str) -> float:
             c = clients[mode][op]
-            call = (lambda: c.lookup(keys)) if op == "lookup" else (lambda: c.get(keys[:1]))
             t0 = time.perf_counter()
-            for _ in range(calls):
-                call()
+            if op == "lookup":
+                for _ in range(calls):
+                    c.lookup(keys)
+            else:
+                for _ in range(calls):
+                    c.get(keys[:1])
             return (time.perf_counter() - t0) / calls
 
         steps = [(m.name, op) for op in OPS for m in modes]

@@ -11,6 +11,7 @@ the client retries after ``retry_s``; when the service answers again it is used 
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -25,7 +26,6 @@ from kvtier.policy.registry import make_local_policy, policy_names
 from kvtier.store.policy import AccessEvent, LRUPolicy, PageMeta, Policy, PolicyStatus
 from kvtier.transport.policy.convert import access_to_msg, meta_to_msg
 from kvtier.types import PageId
-from kvtier_client.credentials import with_token
 from kvtier_proto.v1 import policy_pb2, policy_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,12 @@ class RemotePolicy(Policy):
         self.retry_s = retry_s
         self.batch = batch
         self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
-        # the service's shared secret, sent on every call (kvtier.transport.auth.guard)
-        self._stub = with_token(policy_pb2_grpc.PolicyServiceStub(self._channel), token)
+        self._stub = policy_pb2_grpc.PolicyServiceStub(self._channel)
+        if token:  # the service's shared secret, sent on every call (kvtier.transport.auth)
+            metadata = (("authorization", f"Bearer {token}"),)
+            for name in ("ReportAccesses", "Score", "Status"):
+                setattr(self._stub, name,
+                        functools.partial(getattr(self._stub, name), metadata=metadata))
         self._queue: queue.Queue[AccessEvent] = queue.Queue(maxsize=queue_size)
         self._fallback = LRUPolicy()
         self._lock = threading.Lock()
