@@ -507,3 +507,14 @@ def test_kvtier_serve_refuses_exposure_and_reloads_tokens_on_sighup(tenants: Ten
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_tokens_file_others_may_write_is_warned_about(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "t.json"
+    TokenFile(path).create(["ns"])
+    TokenRegistry(path)
+    assert "writable by others" not in caplog.text
+    path.chmod(0o666)
+    TokenRegistry(path)
+    assert "writable by others" in caplog.text
