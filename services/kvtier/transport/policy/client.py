@@ -11,14 +11,13 @@ the client retries after ``retry_s``; when the service answers again it is used 
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-
-import functools
 
 import grpc
 
@@ -39,18 +38,6 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-def _with_token(stub: policy_pb2_grpc.PolicyServiceStub,
-                token: str | None) -> policy_pb2_grpc.PolicyServiceStub:
-    """``stub`` whose every method sends ``authorization: Bearer <token>`` (as is when None)."""
-    if token is None:
-        return stub
-    metadata = (("authorization", f"Bearer {token}"),)
-    for name, method in list(vars(stub).items()):
-        if not name.startswith("_") and callable(method):
-            setattr(stub, name, functools.partial(method, metadata=metadata))
-    return stub
-
-
 class RemotePolicy(Policy):
     """Client of a ``kvtier policy`` service at ``address`` (host:port)."""
 
@@ -65,8 +52,12 @@ class RemotePolicy(Policy):
         self.retry_s = retry_s
         self.batch = batch
         self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
-        # the service's shared secret, sent on every call (kvtier.transport.auth.guard)
-        self._stub = _with_token(policy_pb2_grpc.PolicyServiceStub(self._channel), token)
+        self._stub = policy_pb2_grpc.PolicyServiceStub(self._channel)
+        if token:  # the service's shared secret, sent on every call (kvtier.transport.auth)
+            metadata = (("authorization", f"Bearer {token}"),)
+            for name in ("ReportAccesses", "Score", "Status"):
+                setattr(self._stub, name,
+                        functools.partial(getattr(self._stub, name), metadata=metadata))
         self._queue: queue.Queue[AccessEvent] = queue.Queue(maxsize=queue_size)
         self._fallback = LRUPolicy()
         self._lock = threading.Lock()
