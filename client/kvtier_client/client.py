@@ -36,6 +36,7 @@ from kvtier_client.errors import KVTierClientError
 from kvtier_client.shm import Segment
 from kvtier_client.staging import new_page, release_page
 from kvtier_client.tensors import FetchedPage, Page
+from kvtier_client.tls import channel_credentials, data_ssl_context
 from kvtier_proto.v1 import cache_pb2 as pb
 from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
 
@@ -64,6 +65,11 @@ class KVTierClient:
     ``token``: the tenant token a daemon with tenant auth wants on every call (sent as
     ``authorization: Bearer <token>``; see ``kvtier token create``). The asyncio client and
     :class:`~kvtier_client.device.DeviceSession` take it too.
+
+    ``tls_ca_file`` (the CA of the daemon's certificate; for a self-signed daemon, its
+    certificate), ``tls_cert_file`` and ``tls_key_file`` (the client's pair, where the daemon
+    requires client certificates): TLS, as :mod:`kvtier_client.tls` says. The asyncio client
+    takes them too.
     """
 
     def __init__(self, target: str, namespace: str = "default", *, timeout_s: float = 30.0,
@@ -71,7 +77,9 @@ class KVTierClient:
                  staging_bytes: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  overlap_copy: bool = True, lend_bytes: int | None = None,
                  channel: grpc.Channel | None = None, token: str | None = None,
-                 data_channel: bool = True, data_ssl: ssl.SSLContext | None = None) -> None:
+                 data_channel: bool = True, data_ssl: ssl.SSLContext | None = None,
+                 tls_ca_file: str | None = None, tls_cert_file: str | None = None,
+                 tls_key_file: str | None = None) -> None:
         self.target = target
         self.namespace = namespace
         self.timeout_s = timeout_s
@@ -79,8 +87,13 @@ class KVTierClient:
         self.overlap_copy = overlap_copy
         self._shm = shm_mod.SessionSlot(core.wants_shared_memory(shared_memory, target),
                                         shm_bytes, target, staging_bytes, lend_bytes)
-        self._channel = channel or grpc.insecure_channel(target, options=core.CHANNEL_OPTIONS)
+        creds = channel_credentials(tls_ca_file, tls_cert_file, tls_key_file)
+        self._channel = channel or (
+            grpc.insecure_channel(target, options=core.CHANNEL_OPTIONS) if creds is None
+            else grpc.secure_channel(target, creds, options=core.CHANNEL_OPTIONS))
         self._stub = with_token(pb_grpc.CacheServiceStub(self._channel), token)
+        if data_ssl is None:  # the data channel speaks TLS with the same files
+            data_ssl = data_ssl_context(tls_ca_file, tls_cert_file, tls_key_file)
         self._shm_lock = threading.Lock()
         self._filler = Filler()
         self._data = DataChannel(data_channel, target, data_ssl)
@@ -105,19 +118,15 @@ class KVTierClient:
         session, segment = self._shm.current(namespace)
         if segment is None:
             return session
-        # The call lives as long as the session (no deadline); only its first answer is timed.
-        call = self._stub.AttachShm(core.attach_request(namespace, segment), timeout=None)
-        timer = threading.Timer(self.timeout_s, call.cancel)
-        timer.start()
+        # A lease: no call stays open; the lease is renewed in the background.
         try:
-            reply = next(call)
-        except (grpc.RpcError, StopIteration) as e:
-            detail = e.details() if isinstance(e, grpc.RpcError) else repr(e)
-            self._shm.failed(segment, call, detail)
+            reply = self._stub.OpenShm(core.attach_request(namespace, segment),
+                                       timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            self._shm.failed(segment, None, e.details())
             return None
-        finally:
-            timer.cancel()
-        return self._shm.attached(segment, call, reply.session, namespace)
+        lease = shm_mod.Lease(self._stub, namespace, reply.session, reply.lease_s)
+        return self._shm.attached(segment, lease, reply.session, namespace)
 
     # -- data path -------------------------------------------------------------------------
 

@@ -239,6 +239,22 @@ class AttachShmReply(_message.Message):
     session: str
     def __init__(self, session: _Optional[str] = ...) -> None: ...
 
+class ShmLeaseRequest(_message.Message):
+    __slots__ = ("namespace", "session")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    session: str
+    def __init__(self, namespace: _Optional[str] = ..., session: _Optional[str] = ...) -> None: ...
+
+class ShmLeaseReply(_message.Message):
+    __slots__ = ("session", "lease_s")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    lease_s: float
+    def __init__(self, session: _Optional[str] = ..., lease_s: _Optional[float] = ...) -> None: ...
+
 class OpenDataRequest(_message.Message):
     __slots__ = ("namespace", "writable")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]

@@ -79,6 +79,21 @@ class CacheServiceStub:
                 request_serializer=kvtier__proto_dot_v1_dot_cache__pb2.AttachShmRequest.SerializeToString,
                 response_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.AttachShmReply.FromString,
                 _registered_method=True)
+        self.OpenShm = channel.unary_unary(
+                '/kvtier.v1.CacheService/OpenShm',
+                request_serializer=kvtier__proto_dot_v1_dot_cache__pb2.AttachShmRequest.SerializeToString,
+                response_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseReply.FromString,
+                _registered_method=True)
+        self.RenewShm = channel.unary_unary(
+                '/kvtier.v1.CacheService/RenewShm',
+                request_serializer=kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseRequest.SerializeToString,
+                response_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseReply.FromString,
+                _registered_method=True)
+        self.CloseShm = channel.unary_unary(
+                '/kvtier.v1.CacheService/CloseShm',
+                request_serializer=kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseRequest.SerializeToString,
+                response_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseReply.FromString,
+                _registered_method=True)
         self.OpenData = channel.unary_unary(
                 '/kvtier.v1.CacheService/OpenData',
                 request_serializer=kvtier__proto_dot_v1_dot_cache__pb2.OpenDataRequest.SerializeToString,
@@ -156,6 +171,29 @@ class CacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenShm(self, request, context):
+        """Attach a segment as AttachShm does, as a lease that holds no call open: the session lasts
+        `lease_s` seconds from each OpenShm or RenewShm; the daemon ends a session whose lease ran
+        out (later calls naming it answer FAILED_PRECONDITION: open a new one). What clients use.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewShm(self, request, context):
+        """Extend a session's lease (FAILED_PRECONDITION: the session is gone; open a new one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseShm(self, request, context):
+        """End a session now (the daemon unmaps the segment once no call uses it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def OpenData(self, request, context):
         """Open the data channel: a one-time ticket for one TCP connection to the daemon's data port,
         bound to this namespace (and read-only unless `writable`). Page bytes of Put and Get then
@@ -214,6 +252,21 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.AttachShm,
                     request_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.AttachShmRequest.FromString,
                     response_serializer=kvtier__proto_dot_v1_dot_cache__pb2.AttachShmReply.SerializeToString,
+            ),
+            'OpenShm': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenShm,
+                    request_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.AttachShmRequest.FromString,
+                    response_serializer=kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseReply.SerializeToString,
+            ),
+            'RenewShm': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewShm,
+                    request_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseRequest.FromString,
+                    response_serializer=kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseReply.SerializeToString,
+            ),
+            'CloseShm': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseShm,
+                    request_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseRequest.FromString,
+                    response_serializer=kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseReply.SerializeToString,
             ),
             'OpenData': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenData,
@@ -464,6 +517,87 @@ class CacheService:
             '/kvtier.v1.CacheService/AttachShm',
             kvtier__proto_dot_v1_dot_cache__pb2.AttachShmRequest.SerializeToString,
             kvtier__proto_dot_v1_dot_cache__pb2.AttachShmReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenShm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.v1.CacheService/OpenShm',
+            kvtier__proto_dot_v1_dot_cache__pb2.AttachShmRequest.SerializeToString,
+            kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewShm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.v1.CacheService/RenewShm',
+            kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseRequest.SerializeToString,
+            kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseShm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.v1.CacheService/CloseShm',
+            kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseRequest.SerializeToString,
+            kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,11 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
         self._settings = ctx.settings
         self._shm = shm
         self._relocator = relocator
+        shm.on_end(self._session_ended)
+
+    def _session_ended(self, session: ShmSession) -> None:
+        if session.lends:  # pages it lent may outlive it: copy them out
+            self._relocator.submit(session)
 
     # -- data path -------------------------------------------------------------------------
 
@@ -328,3 +333,27 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
             self._shm.detach(session.session_id)
             if session.lends:  # pages it lent may outlive it: copy them out
                 self._relocator.submit(session)
+
+    def OpenShm(self, request: pb.AttachShmRequest,
+                context: grpc.ServicerContext) -> pb.ShmLeaseReply:
+        namespace = check_namespace(request.namespace)
+        if len(request.token) != TOKEN_BYTES:
+            raise InvalidArgument(f"token must be {TOKEN_BYTES} bytes", field="token")
+        lease_s = self._settings.limits.shm_lease_s
+        session = self._shm.attach(namespace, request.path, request.size, request.token,
+                                   lease_s=lease_s)
+        return pb.ShmLeaseReply(session=session.session_id, lease_s=lease_s)
+
+    def RenewShm(self, request: pb.ShmLeaseRequest,
+                 context: grpc.ServicerContext) -> pb.ShmLeaseReply:
+        session = self._shm.renew(request.session, check_namespace(request.namespace))
+        return pb.ShmLeaseReply(session=session.session_id, lease_s=session.lease_s or 0.0)
+
+    def CloseShm(self, request: pb.ShmLeaseRequest,
+                 context: grpc.ServicerContext) -> pb.ShmLeaseReply:
+        namespace = check_namespace(request.namespace)
+        session = self._shm.get(request.session)
+        session.check_owner(namespace)
+        if self._shm.detach(session.session_id) is not None:
+            self._session_ended(session)
+        return pb.ShmLeaseReply(session=session.session_id)
