@@ -12,7 +12,8 @@ from kvtier.lab.replay.runner import learned_factory, run_policy
 from kvtier.lab.replay.sim import simulate
 from kvtier.lab.replay.synth import synthetic_trace
 from kvtier.lab.replay.trace import Trace, TraceRequest
-from kvtier.policy.chain import PrefixCore, chain_order
+from kvtier.policy.chain import PrefixCore
+from kvtier.store.chains import chain_order
 from kvtier.policy.core import ReplacementCore
 from kvtier.policy.learned.density import ReuseDensity
 from kvtier.policy.learned.model import LearnedCore

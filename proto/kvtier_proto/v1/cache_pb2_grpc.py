@@ -79,6 +79,11 @@ class CacheServiceStub:
                 request_serializer=kvtier__proto_dot_v1_dot_cache__pb2.AttachShmRequest.SerializeToString,
                 response_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.AttachShmReply.FromString,
                 _registered_method=True)
+        self.Hint = channel.unary_unary(
+                '/kvtier.v1.CacheService/Hint',
+                request_serializer=kvtier__proto_dot_v1_dot_cache__pb2.HintRequest.SerializeToString,
+                response_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.HintReply.FromString,
+                _registered_method=True)
 
 
 class CacheServiceServicer:
@@ -151,6 +156,15 @@ class CacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Hint(self, request, context):
+        """What the worker knows ahead of the cache: the prefix keys of requests waiting to be
+        scheduled (their present prefixes are promoted and kept ahead of use) and sessions that
+        ended (their pages leave first). Every hint is optional and advisory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -198,6 +212,11 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.AttachShm,
                     request_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.AttachShmRequest.FromString,
                     response_serializer=kvtier__proto_dot_v1_dot_cache__pb2.AttachShmReply.SerializeToString,
+            ),
+            'Hint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Hint,
+                    request_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.HintRequest.FromString,
+                    response_serializer=kvtier__proto_dot_v1_dot_cache__pb2.HintReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -443,6 +462,33 @@ class CacheService:
             '/kvtier.v1.CacheService/AttachShm',
             kvtier__proto_dot_v1_dot_cache__pb2.AttachShmRequest.SerializeToString,
             kvtier__proto_dot_v1_dot_cache__pb2.AttachShmReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Hint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.v1.CacheService/Hint',
+            kvtier__proto_dot_v1_dot_cache__pb2.HintRequest.SerializeToString,
+            kvtier__proto_dot_v1_dot_cache__pb2.HintReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,16 +20,18 @@ a chain's blocks share one stamp (the request's), and among equal stamps the dee
 first. It is exact (a heap of leaves); the learned core (:mod:`kvtier.policy.learned.model`)
 samples leaves and ranks them by reuse density.
 
-:func:`chain_order` is the same rule for a ranking of given keys (the store's victims).
+:func:`~kvtier.store.chains.chain_order` is the same rule for a ranking of given keys (the
+store's victims).
 """
 
 from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 
 from kvtier.policy.core import Key, ReplacementCore
+from kvtier.store.chains import chain_order
 
 LEAF_SAMPLE = 64
 """Leaves sampled per eviction by sampling subclasses (LHD's associativity)."""
@@ -296,34 +298,3 @@ class PrefixCore(ReplacementCore):
     def evict_order(self, keys: Iterable[Key]) -> list[Key]:
         """``keys`` in eviction order, prefix-closed (see :func:`chain_order`)."""
         return chain_order(list(keys), self.parent, self.evict_key)
-
-
-def chain_order(keys: Sequence[Key], parent: Callable[[Key], Key | None],
-                rank: Callable[[Key], tuple[float, ...]]) -> list[Key]:
-    """Order ``keys`` for eviction so that none comes before a successor of it among them.
-
-    ``parent(k)`` names k's predecessor (None for a root or unknown), ``rank(k)`` is k's own
-    sort key (lower goes first). A chain is ranked together: a key's effective rank is the
-    highest own rank in its subtree among ``keys`` (keeping it is needed for any of them to
-    hit), and among equal effective ranks deeper keys go first. Cycles in ``parent`` (bad
-    client input) are cut, never followed forever.
-    """
-    present = set(keys)
-    depth: dict[Key, int] = {}
-    for k in keys:
-        path: list[Key] = []
-        cur: Key | None = k
-        on_path: set[Key] = set()
-        while cur is not None and cur in present and cur not in depth and cur not in on_path:
-            path.append(cur)
-            on_path.add(cur)
-            cur = parent(cur)
-        base = depth[cur] + 1 if cur is not None and cur in depth else 0
-        for i, p in enumerate(reversed(path)):
-            depth[p] = base + i
-    eff = {k: rank(k) for k in keys}
-    for k in sorted(keys, key=lambda x: -depth[x]):  # deepest first: children before parents
-        p = parent(k)
-        if p is not None and p in present and depth[p] < depth[k] and eff[k] > eff[p]:
-            eff[p] = eff[k]
-    return sorted(keys, key=lambda k: (eff[k], -depth[k]))
