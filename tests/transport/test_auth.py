@@ -518,3 +518,14 @@ def test_a_tokens_file_others_may_write_is_warned_about(
     path.chmod(0o666)
     TokenRegistry(path)
     assert "writable by others" in caplog.text
+
+
+def test_every_guarded_rpc_has_an_entry_in_the_auth_table() -> None:
+    """A new RPC must say whether it reads or writes: unlisted ones would default to write."""
+    from kvtier.transport.auth.guard import GUARDED_SERVICES, METHODS
+    from kvtier_proto.v1 import cache_pb2, device_pb2
+
+    files = (cache_pb2.DESCRIPTOR, device_pb2.DESCRIPTOR)
+    rpcs = {m.name for f in files for s in f.services_by_name.values()
+            if s.full_name in GUARDED_SERVICES for m in s.methods}
+    assert rpcs and rpcs == set(METHODS), sorted(rpcs ^ set(METHODS))
