@@ -111,6 +111,17 @@ def _call(ch: grpc.Channel, method: str, ns: str, token: str | None) -> Any:
             return reply
         finally:
             seg.close()
+    if method == "OpenShm":
+        seg = Segment(1 << 20)
+        try:
+            return cache.OpenShm(pb.AttachShmRequest(namespace=ns, path=seg.path,
+                                                     size=seg.size, token=seg.token), **kw)
+        finally:
+            seg.close()
+    if method in ("RenewShm", "CloseShm"):
+        return getattr(cache, method)(pb.ShmLeaseRequest(namespace=ns, session="s"), **kw)
+    if method == "Hint":
+        return cache.Hint(pb.HintRequest(namespace=ns, queued=[pb.KeyChain(keys=[b"k"])]), **kw)
     if method == "OpenData":
         return cache.OpenData(pb.OpenDataRequest(namespace=ns, writable=True), **kw)
     if method == "AttachDevice":
@@ -165,8 +176,9 @@ def test_scheme_is_case_insensitive_and_valid_tokens_work(channel: grpc.Channel,
     stub.Lookup(req, metadata=(("authorization", f"bearer {tenants.a}"),), timeout=5)
     assert _code(channel, "Put", "tenant-a", tenants.a) == grpc.StatusCode.OK
     assert _code(channel, "Stats", "", tenants.a_ro) == grpc.StatusCode.OK
-    for method in ("Get", "GetStream", "Lookup", "AttachShm"):
+    for method in ("Get", "GetStream", "Lookup", "AttachShm", "OpenShm"):
         assert _code(channel, method, "tenant-a", tenants.a_ro) == grpc.StatusCode.OK
+    assert _code(channel, "Hint", "tenant-a", tenants.a) == grpc.StatusCode.OK
     # without a device pool the device calls get past auth and fail for that reason
     assert _code(channel, "ReserveDevice", "tenant-a", tenants.a) == \
         grpc.StatusCode.FAILED_PRECONDITION
