@@ -88,5 +88,9 @@ def run_daemon(settings: Settings, grace_s: float, drain: bool,
 def run(args: argparse.Namespace) -> int:
     from kvtier.config import load_settings
 
+    from kvtier.transport.auth.exposure import check_grpc_exposure
+
     settings = load_settings(args.config)
+    if not settings.auth.insecure_allow_unauthenticated:  # the daemon warns about that one
+        check_grpc_exposure(settings)  # before the daemon's heavy imports: refused at once
     return run_daemon(settings, args.grace, args.drain)

@@ -89,6 +89,8 @@ class StoreStats:
     puts: int
     puts_stored: int
     access_events_dropped: int
+    prefetched: int = 0  # pages promoted ahead of use (lookup prefetch, queue hints)
+    prefetch_hits: int = 0  # gets served from the top tier by a page promoted ahead
     # the largest namespaces by memory-tier bytes (quotas.top_namespaces), then "(other)"
     namespaces: tuple[NamespaceUsage, ...] = ()
     quota_refusals: int = 0  # puts refused as RESOURCE_EXHAUSTED by a namespace quota

@@ -11,6 +11,7 @@ the client retries after ``retry_s``; when the service answers again it is used 
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -26,7 +27,6 @@ from kvtier.store.policy import AccessEvent, LRUPolicy, PageMeta, Policy, Policy
 from kvtier.transport.policy.convert import access_to_msg, meta_to_msg
 from kvtier.transport.tls import policy_channel_credentials
 from kvtier.types import PageId
-from kvtier_client.credentials import with_token
 from kvtier_proto.v1 import policy_pb2, policy_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,12 @@ class RemotePolicy(Policy):
         self._channel = (grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
                          if credentials is None else
                          grpc.secure_channel(address, credentials, options=_CHANNEL_OPTIONS))
-        # the service's shared secret, sent on every call (kvtier.transport.auth.guard)
-        self._stub = with_token(policy_pb2_grpc.PolicyServiceStub(self._channel), token)
+        self._stub = policy_pb2_grpc.PolicyServiceStub(self._channel)
+        if token:  # the service's shared secret, sent on every call (kvtier.transport.auth)
+            metadata = (("authorization", f"Bearer {token}"),)
+            for name in ("ReportAccesses", "Score", "Status"):
+                setattr(self._stub, name,
+                        functools.partial(getattr(self._stub, name), metadata=metadata))
         self._queue: queue.Queue[AccessEvent] = queue.Queue(maxsize=queue_size)
         self._fallback = LRUPolicy()
         self._lock = threading.Lock()
