@@ -261,3 +261,30 @@ def test_candidate_moves_hold_the_stable_sorts_first_moves() -> None:
                 assert m >= k and set(want[:k].tolist()) <= set(order[:m].tolist())
                 kernels._select(gains, order[:m], k)
                 assert set(order[:k].tolist()) == set(want[:k].tolist()), (n, k)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape,start,params", [
+    ((2, 70, 2, 128), 0, CodecConfig()),
+    ((1, 130, 1, 25), 2, CodecConfig(outlier_fraction=0.0, min_outlier_channels=0)),  # odd C'
+    ((2, 33, 3, 40), 1, CodecConfig(group_size=7, outlier_fraction=0.05, key_bits=4.3)),
+    ((3, 9, 2, 8), 0, CodecConfig(key_bits=7.9)),  # wide codes, rows of few bytes
+    ((1, 4, 1, 16), 0, CodecConfig()),  # only sinks: no codes
+])
+def test_the_fused_decoder_equals_decoding_the_int8_blob(
+        dtype: str, shape: tuple[int, int, int, int], start: int,
+        params: CodecConfig) -> None:
+    """The CPU decode of an int4a blob in one kernel gives the tensors of expanding it to
+    int8 (``to_int8_blob``) and decoding that, bit for bit."""
+    from kvtier.codecs.cpu import backend
+
+    page = _wide_channels(shape, seed=sum(shape) + 1, start=start)
+    page = Page(k=page.k.to(DTYPES[dtype]), v=page.v.to(DTYPES[dtype]), start_position=start)
+    blob = encode(page, Codec.INT4A, params)
+    lay = layout_of(read_header(blob))
+    fused = decode(blob).page
+    buf8, lay8 = int4a.to_int8_blob(blob, lay)
+    k8, v8 = backend.decode(memoryview(buf8), lay8)
+    assert fused.k.dtype == k8.dtype
+    assert torch.equal(fused.k.view(torch.uint8), k8.view(torch.uint8))
+    assert torch.equal(fused.v.view(torch.uint8), v8.view(torch.uint8))

@@ -188,9 +188,8 @@ def _decode_int4a(blob: Blob, lay: Layout, dev: torch.device) -> tuple[torch.Ten
                                                                           torch.Tensor]:
     """K and V of a verified int4a blob, through the int8 payload it expands to."""
     check_indices(blob, lay)
-    if _kernels_run_on(dev):
-        buf8, lay8 = int4a.to_int8_blob(blob, lay)
-        return cpu.decode(memoryview(buf8), lay8)
+    if _kernels_run_on(dev):  # one kernel, no int8 blob in between
+        return cpu.decode_int4a(memoryview(blob), lay, int4a.page_plan(lay))
     payload = torch.frombuffer(bytearray(memoryview(blob)[HEADER_SIZE:]), dtype=torch.uint8)
     if accel.available(dev):
         accel.check_payload(blob, lay)

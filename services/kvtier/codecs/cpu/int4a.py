@@ -14,9 +14,11 @@ import math
 import numpy as np
 from numba import njit
 
-from kvtier.codecs.cpu.int8_int4 import int8_to_int4_rows
+from kvtier.codecs.cpu.int8_int4 import _copy_sinks, _runs, decode_v, int8_to_int4_rows
 from kvtier.codecs.cpu.intrinsics import bits_to_f32, f16_to_f32
-from kvtier.codecs.cpu.rows import INLINE, JIT
+from kvtier.codecs.cpu.rows import (
+    INLINE, JIT, copy, dequant_store, get_m12, prefetch_share, share_size, table,
+)
 
 
 def _tables() -> tuple[np.ndarray, np.ndarray]:
@@ -33,6 +35,8 @@ def _tables() -> tuple[np.ndarray, np.ndarray]:
 
 
 TO_B, TO_8 = _tables()
+TO_8_FLAT = TO_8.reshape(-1).copy()  # [w * 256 + q]: one index a code
+TO_8_FLAT.flags.writeable = False
 
 
 _U8 = np.uint64(0xFF)
@@ -334,7 +338,7 @@ def int4a_from_int8(src, dst, spans, sec, geo, mant, drop, to_b):  # type: ignor
     L, T', H, D, outliers, K groups, K group size, dtype kind, head budget, K row bytes."""
     for i in range(spans.shape[0]):
         a, b, n = spans[i, 0], spans[i, 1], spans[i, 2]
-        dst[b:b + n] = src[a:a + n]
+        copy(dst[b:b + n], src[a:a + n])
     L, Tq, H, D, n_out, nk, Gk, kind, budget, rb = geo[0], geo[1], geo[2], geo[3], geo[4], \
         geo[5], geo[6], geo[7], geo[8], geo[9]
     if Tq == 0:
@@ -382,7 +386,7 @@ def int4a_to_int8(src, dst, spans, sec, geo, to_8):  # type: ignore[no-untyped-d
     not sum to ``H`` times the key bits, else 0."""
     for i in range(spans.shape[0]):
         a, b, n = spans[i, 0], spans[i, 1], spans[i, 2]
-        dst[b:b + n] = src[a:a + n]
+        copy(dst[b:b + n], src[a:a + n])
     L, Tq, H, D, n_out, kb, rb = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6]
     if Tq == 0:
         return 0
@@ -406,4 +410,145 @@ def int4a_to_int8(src, dst, spans, sec, geo, to_8):  # type: ignore[no-untyped-d
     HD = H * D
     int4_rows_to_int8(src[sec[2]:sec[2] + L * Tq * ((HD + 1) // 2)], L * Tq, HD,
                       dst[sec[4]:sec[4] + L * Tq * HD])
+    return 0
+
+
+# --- whole pages, fused: an int4a blob decoded straight into the page ---
+
+@njit(**JIT)
+def read_bit_map(src, L, C, kb):  # type: ignore[no-untyped-def]
+    """The K bit map ``[L, C']`` of an int4a blob's ``kbits`` section ``src``, or an empty
+    array when a width is outside 2..8 or a layer's widths do not sum to ``kb``."""
+    cb = (C + 1) // 2
+    bits = np.empty(L * C, np.uint8)
+    bad = False
+    for layer in range(L):
+        total = np.int64(0)
+        for c in range(C):
+            byte = src[layer * cb + c // 2]
+            b = byte & np.uint8(0x0F) if c % 2 == 0 else byte >> np.uint8(4)
+            bad |= b < 2 or b > 8
+            bits[layer * C + c] = b
+            total += np.int64(b)
+        bad |= total != kb
+    if bad:
+        return bits[:0]
+    return bits
+
+
+@njit(**INLINE)
+def _row_plan(bits, first, C, byte, shift, base, mask):  # type: ignore[no-untyped-def]
+    """Each K channel's byte and bit shift in a token row, its lookup base (``w * 256``) in
+    the flat ``TO_8`` table and its code mask, for the widths ``bits[first:first + C]``.
+    Unsigned: numba then skips its negative-index handling in the loops that use them."""
+    off = np.uint64(0)
+    for c in range(C):
+        wc = np.uint64(bits[first + c])
+        byte[c] = off >> np.uint64(3)
+        shift[c] = off & np.uint64(7)
+        base[c] = wc * np.uint64(256)
+        mask[c] = (np.uint64(1) << wc) - np.uint64(1)
+        off += wc
+
+
+@njit(**JIT)
+def decode_keys(kb, km, kq, oidx_in, oraw, exps, bits, kind, L, T, S, H, D,  # type: ignore[no-untyped-def]
+                n_out, Gk, rb, mant, to_8, out, nxt):
+    """K of an int4a blob into ``out``: each token row's codes mapped to the int8 codes they
+    stand for (``TO_8``) and dequantized as the int8 decoder does, in one pass (the same
+    arithmetic, so the same values as decoding the expanded int8 blob). Every channel's code
+    is read from its own byte pair, so the row's channels do not wait on each other."""
+    HD = H * D
+    Tq = T - S
+    Ck = H * (D - n_out)
+    nk = (Tq + Gk - 1) // Gk
+    w = 2 if kind == 2 else 1
+    ng = nk * Ck
+    step = np.float32(1)
+    m_l = np.empty(ng, np.int32)
+    s_k = np.empty(ng, np.float32)
+    m_k = np.empty(ng, np.float32)
+    qk = np.empty(Ck, np.uint8)
+    byte = np.empty(Ck, np.uint64)
+    shift = np.empty(Ck, np.uint64)
+    base = np.empty(Ck, np.uint64)
+    mask = np.empty(Ck, np.uint64)
+    row = np.zeros(rb + 8, np.uint8)  # a row with zero bytes past its end
+    one = np.uint64(1)
+    eight = np.uint64(8)
+    per = share_size(nxt.size, L * Tq, 1)
+    for layer in range(L):
+        tab = table(np.int64(exps[2 * layer]), mant)
+        get_m12(km, layer * ng, m_l)
+        for i in range(ng):
+            s_k[i] = np.float32(tab[kb[layer * ng + i]])
+            m_k[i] = np.float32(m_l[i])
+        _row_plan(bits, layer * Ck, Ck, byte, shift, base, mask)
+        taken = np.zeros(HD, np.bool_)
+        for h in range(H):
+            for j in range(n_out):
+                taken[h * D + oidx_in[(layer * H + h) * n_out + j]] = True
+        rf, rk, rl = _runs(taken, H, D)
+        for t in range(Tq):
+            prefetch_share(nxt, 0, nxt.size, layer * Tq + t, per)
+            o = (layer * Tq + t) * rb
+            copy(row, kq[o:o + rb])
+            for c in range(Ck):
+                b = byte[c]
+                word = np.uint64(row[b]) | (np.uint64(row[b + one]) << eight)
+                qk[c] = to_8[base[c] + ((word >> shift[c]) & mask[c])]
+            g0 = (t // Gk) * Ck
+            do = (layer * T + S + t) * HD
+            for r in range(rf.size):
+                a, n = rk[r], rl[r]
+                dequant_store(qk[a:a + n], m_k[g0 + a:g0 + a + n], s_k[g0 + a:g0 + a + n],
+                              step, kind, out[(do + rf[r]) * w:(do + rf[r] + n) * w])
+            for h in range(H):
+                for j in range(n_out):
+                    c = h * D + oidx_in[(layer * H + h) * n_out + j]
+                    so = ((layer * Tq + t) * H * n_out + h * n_out + j) * w
+                    for i in range(w):
+                        out[(do + c) * w + i] = oraw[so + i]
+
+
+@njit(**JIT)
+def decode_page(blob, sec, geo, mant, to_8, out):  # type: ignore[no-untyped-def]
+    """Decode an int4a blob into ``out`` (the words of K then V) without the int8 blob in
+    between. ``sec``: section bounds in ``layout.QUANTIZED_SECTIONS`` order, then kbits';
+    ``geo``: (kind, L, T, S, H, D, n_out, Gk, Gv, key bits a head, K row bytes). V's codes
+    are int4 on the int8 grid, so the int4 decoder's V (``17 q4``) is the int8 one's.
+
+    Returns 0, or before touching ``out``: 1 for outlier indices out of range or not
+    ascending, 2 for scale exponents out of range, 3 for a bad key bit map."""
+    kind, L, T, S, H, D, n_out, Gk, Gv, kbh, rb = (geo[0], geo[1], geo[2], geo[3], geo[4],
+                                                    geo[5], geo[6], geo[7], geo[8], geo[9],
+                                                    geo[10])
+    oidx = blob[sec[0]:sec[1]].view(np.int16)
+    exps = blob[sec[2]:sec[3]].view(np.int16)
+    C = H * (D - n_out)
+    bits = np.empty(0, np.uint8)
+    if T > S:
+        for i in range(oidx.size):
+            if oidx[i] < 0 or oidx[i] >= D or (i % n_out > 0 and oidx[i] <= oidx[i - 1]):
+                return 1
+        for i in range(exps.size):
+            if exps[i] < -126 or exps[i] > 111:  # grid.E0_MIN, grid.E0_MAX
+                return 2
+        bits = read_bit_map(blob[sec[20]:sec[21]], L, C, H * kbh)
+        if bits.size != L * C:
+            return 3
+    row = H * D * (2 if kind == 2 else 1)
+    ok = out[:out.size // 2]
+    ov = out[out.size // 2:]
+    sink = blob[sec[4]:sec[5]].view(np.uint16)
+    half = sink.size // 2
+    _copy_sinks(sink[:half], ok, L, T, S, row, False)
+    _copy_sinks(sink[half:], ov, L, T, S, row, False)
+    if T == S:
+        return 0
+    decode_keys(blob[sec[8]:sec[9]], blob[sec[10]:sec[11]], blob[sec[16]:sec[17]], oidx,
+                blob[sec[6]:sec[7]].view(np.uint16), exps, bits, kind, L, T, S, H, D, n_out,
+                Gk, rb, mant, to_8, ok, blob[sec[12]:sec[19]])
+    decode_v(blob[sec[12]:sec[13]], blob[sec[14]:sec[15]], blob[sec[18]:sec[19]], exps, kind,
+             L, T, S, H * D, Gv, 4, mant, ov)
     return 0
