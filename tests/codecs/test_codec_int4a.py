@@ -288,3 +288,102 @@ def test_the_fused_decoder_equals_decoding_the_int8_blob(
     assert fused.k.dtype == k8.dtype
     assert torch.equal(fused.k.view(torch.uint8), k8.view(torch.uint8))
     assert torch.equal(fused.v.view(torch.uint8), v8.view(torch.uint8))
+
+
+def _random_bit_map(rng: object, L: int, C: int, per_row: int) -> object:
+    import numpy as np
+
+    assert isinstance(rng, np.random.Generator)
+    bits = np.full((L, C), 2, np.uint8)
+    for layer in range(L):
+        left = per_row - 2 * C
+        while left:
+            c = int(rng.integers(0, C))
+            if bits[layer, c] < 8:
+                bits[layer, c] += 1
+                left -= 1
+    return bits.reshape(-1)
+
+
+@pytest.mark.parametrize("C", [1, 7, 13, 127, 1016])
+def test_the_bmi2_code_maps_give_the_portable_kernels_bytes(C: int) -> None:
+    """``pext`` packing and ``pdep`` unpacking (with the float code maps) against the byte
+    at a time kernels, over every (width, code) pair; on a CPU without BMI2 the intrinsics
+    fall back to plain code, which this checks just the same."""
+    import numpy as np
+
+    from kvtier.codecs.cpu import int4a as k
+
+    rng = np.random.default_rng(C)
+    L, T = 3, 257
+    bits = _random_bit_map(rng, L, C, per_row=min(8 * C, 4 * C + C // 3 + 1))
+    rb = (int(bits[:C].sum()) + 7) // 8
+    assert all(int(bits[i * C:(i + 1) * C].sum()) == int(bits[:C].sum()) for i in range(L))
+    q8 = rng.integers(0, 256, L * T * C).astype(np.uint8)
+    q8[:256] = np.arange(256)  # every code in the first row(s) of the first layer
+    slow = np.empty(L * T * rb, np.uint8)
+    fast = np.empty(L * T * rb, np.uint8)
+    k.pack_keys(q8, L, T, C, bits, rb, slow, k.TO_B)
+    k.pack_keys_bmi2(q8, L, T, C, bits, rb, fast, k.TO_B)
+    assert np.array_equal(slow, fast)
+    back = np.empty(L * T * C, np.uint8)
+    k.unpack_keys(slow, L, T, C, bits, rb, back, k.TO_8)
+    assert np.array_equal(back, k.TO_8[bits.reshape(L, 1, C).repeat(T, 1).reshape(-1),
+                                       k.TO_B[bits.reshape(L, 1, C).repeat(T, 1).reshape(-1),
+                                              q8]])
+
+
+def test_the_float_code_maps_are_the_integer_ones() -> None:
+    """``floor((2 q8 lv + 255) * fl(1/510))`` and ``floor((510 q + lv) * fl(1 / (2 lv)))`` in
+    float32, as the BMI2 kernels compute them, for every width and code."""
+    import numpy as np
+
+    from kvtier.codecs.cpu import int4a as k
+
+    q = np.arange(256, dtype=np.float32)
+    for b in range(2, 9):
+        lv = (1 << b) - 1
+        to_b = ((q * np.float32(2 * lv) + np.float32(255.0)) * k._R510).astype(np.int32)
+        assert np.array_equal(to_b, k.TO_B[b].astype(np.int32)), b
+        qb = q[:lv + 1]
+        to_8 = ((qb * np.float32(510.0) + np.float32(lv)) * np.float32(1.0 / (2 * lv))
+                ).astype(np.int32)
+        assert np.array_equal(to_8, k.TO_8[b, :lv + 1].astype(np.int32)), b
+
+
+def test_pdep_and_pext_match_their_plain_code() -> None:
+    import numpy as np
+    from numba import njit
+
+    from kvtier.codecs.cpu import intrinsics as ii
+
+    @njit
+    def both(x: int, m: int) -> tuple[int, int]:
+        return ii.pdep(x, m), ii.pext(x, m)  # type: ignore[no-any-return]
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        x, m = (np.uint64(v) for v in rng.integers(0, 2**63, 2))
+        assert both(x, m) == (ii._soft_pdep(x, m), ii._soft_pext(x, m))
+    assert ii._soft_pdep(np.uint64(0b1011), np.uint64(0xF0F0)) == 0xB0
+    assert ii._soft_pext(np.uint64(0xB0), np.uint64(0xF0F0)) == 0b1011
+
+
+def test_the_fused_decoder_reads_the_same_codes_both_ways() -> None:
+    """The BMI2 row reader and the byte-pair reader of ``decode_page`` give one page."""
+    import numpy as np
+
+    from kvtier.codecs.cpu import backend
+    from kvtier.codecs.cpu import int4a as k
+
+    page = _wide_channels((2, 70, 3, 40), seed=5, start=1)
+    blob = encode(page, Codec.INT4A, CodecConfig(key_bits=5.3))
+    lay = layout_of(read_header(blob))
+    sec, geo = int4a.page_plan(lay)
+    arr = np.frombuffer(blob, np.uint8)
+    outs = []
+    for fast in (False, True):
+        out, _, _ = backend._new_kv(lay)
+        assert k.decode_page(arr, sec, geo, backend._MANT, k.TO_8_FLAT, out, fast) == 0
+        outs.append(out)
+    assert np.array_equal(outs[0], outs[1])

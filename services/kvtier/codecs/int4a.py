@@ -51,6 +51,7 @@ import torch
 from kvtier.codecs import grid
 from kvtier.codecs.blob import HEADER_SIZE
 from kvtier.codecs.cpu import int4a as kernels
+from kvtier.codecs.cpu.intrinsics import FAST_BMI2
 from kvtier.codecs.layout import QUANTIZED_SECTIONS, Layout, make_layout
 from kvtier.codecs.pack import pack_int4, unpack_int4, unpack_m12
 from kvtier.errors import CorruptPage
@@ -348,7 +349,7 @@ def from_int8_blob(blob8: Blob, lay8: Layout, key_bits: float) -> tuple[bytearra
     buf = bytearray(HEADER_SIZE + plan.lay.payload_nbytes)
     kernels.int4a_from_int8(_readonly(blob8), np.frombuffer(buf, dtype=np.uint8),
                                   plan.spans, plan.sec, plan.geo, _MANT, _DROP,
-                                  kernels.TO_B)
+                                  kernels.TO_B, FAST_BMI2)
     return buf, plan.lay
 
 

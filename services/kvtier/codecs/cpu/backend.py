@@ -26,6 +26,7 @@ from numpy.typing import NDArray
 
 from kvtier.codecs.cpu import int4a as int4a_kernels
 from kvtier.codecs.cpu import int8_int4 as kernels
+from kvtier.codecs.cpu.intrinsics import FAST_BMI2
 from kvtier.codecs.grid import MANTISSAS
 from kvtier.codecs.layout import Layout
 from kvtier.errors import CorruptPage
@@ -109,7 +110,8 @@ def decode_int4a(blob: memoryview, lay: Layout, plan: tuple[NDArray[np.int64],
     arr.flags.writeable = False
     out, k, v = _new_kv(lay)
     sec, geo = plan
-    status = int4a_kernels.decode_page(arr, sec, geo, _MANT, int4a_kernels.TO_8_FLAT, out)
+    status = int4a_kernels.decode_page(arr, sec, geo, _MANT, int4a_kernels.TO_8_FLAT, out,
+                                       FAST_BMI2)
     if status:
         raise CorruptPage(_INT4A_STATUS[status],
                           field="blob.kbits" if status == 3 else "blob")

@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit
 
 from kvtier.codecs.cpu.int8_int4 import _copy_sinks, _runs, decode_v, int8_to_int4_rows
-from kvtier.codecs.cpu.intrinsics import bits_to_f32, f16_to_f32
+from kvtier.codecs.cpu.intrinsics import bits_to_f32, f16_to_f32, load_u64, pdep, pext, store_u64
 from kvtier.codecs.cpu.rows import (
     INLINE, JIT, copy, dequant_store, get_m12, prefetch_share, share_size, table,
 )
@@ -37,6 +37,15 @@ def _tables() -> tuple[np.ndarray, np.ndarray]:
 TO_B, TO_8 = _tables()
 TO_8_FLAT = TO_8.reshape(-1).copy()  # [w * 256 + q]: one index a code
 TO_8_FLAT.flags.writeable = False
+TO_B_FLAT = TO_B.reshape(-1).copy()
+TO_B_FLAT.flags.writeable = False
+# The code maps in float32, for loops that vectorize: ``floor((2 q8 lv + 255) / 510)`` and
+# ``floor((510 q + lv) / (2 lv))`` (lv = 2^b - 1). Both numerators are odd integers below
+# 2^24 (exact in float32) over even denominators, so the quotient is never within 1/510 of an
+# integer, while multiplying by the rounded reciprocal errs by less than 2^-22 of it (< 1e-4
+# for quotients below 256): the truncation is the integer floor. The tests check every
+# (width, code) against the tables.
+_R510 = np.float32(1.0 / 510.0)
 
 
 _U8 = np.uint64(0xFF)
@@ -58,6 +67,58 @@ def _rows4(L, T, layer, t0, step):  # type: ignore[no-untyped-def]
     r2 = (layer * T + min(t0 + 2, T - 1)) * step
     r3 = (layer * T + min(t0 + 3, T - 1)) * step
     return r0, r1, r2, r3
+
+
+@njit(**INLINE)
+def _groups(bits, first, C, gmask, gwidth):  # type: ignore[no-untyped-def]
+    """The K channels ``bits[first:first + C]`` in groups of seven (at most 56 bits): each
+    group's ``pdep``/``pext`` mask (the group's channel ``i`` in byte ``i``, as many low bits
+    as its width) and its width in bits."""
+    for g in range((C + 6) // 7):
+        m = np.uint64(0)
+        total = np.uint64(0)
+        for i in range(min(7, C - 7 * g)):
+            w = np.uint64(bits[first + 7 * g + i])
+            m |= ((np.uint64(1) << w) - np.uint64(1)) << np.uint64(8 * i)
+            total += w
+        gmask[g] = m
+        gwidth[g] = total
+
+
+@njit(**JIT)
+def pack_keys_bmi2(q8, L, T, C, bits, rb, out, to_b):  # type: ignore[no-untyped-def]
+    """:func:`pack_keys` with ``pext``: a row's int8 codes mapped to their widths' codes,
+    then seven channels at a time gathered into their bits and appended to the row (a
+    branch-free bit writer: an 8-byte store, then the whole bytes written are dropped)."""
+    ng = (C + 6) // 7
+    gmask = np.empty(ng, np.uint64)
+    gwidth = np.empty(ng, np.uint64)
+    lv2 = np.empty(C, np.float32)
+    qb = np.zeros(7 * ng + 8, np.uint8)  # the row's codes, with slack for 8-byte loads
+    row = np.zeros(rb + 16, np.uint8)
+    seven = np.uint64(7)
+    three = np.uint64(3)
+    for layer in range(L):
+        _groups(bits, layer * C, C, gmask, gwidth)
+        for c in range(C):
+            lv2[c] = np.float32(2 * ((1 << np.int64(bits[layer * C + c])) - 1))
+        for t in range(T):
+            src = q8[(layer * T + t) * C:(layer * T + t + 1) * C]
+            for c in range(C):  # round(q8 lv / 255) = floor((2 q8 lv + 255) / 510), see _B_OF
+                qb[c] = np.uint8(np.int32((np.float32(src[c]) * lv2[c] + np.float32(255.0))
+                                          * _R510))
+            acc = np.uint64(0)
+            nb = np.uint64(0)
+            j = np.int64(0)
+            for g in range(ng):
+                acc |= pext(load_u64(qb, 7 * g), gmask[g]) << nb
+                nb += gwidth[g]
+                store_u64(row, j, acc)
+                adv = nb >> three
+                j += np.int64(adv)
+                acc >>= adv << three
+                nb &= seven
+            copy(out[(layer * T + t) * rb:(layer * T + t + 1) * rb], row[:rb])
 
 
 @njit(**JIT)
@@ -330,12 +391,13 @@ def _raw(src, pos, kind):  # type: ignore[no-untyped-def]
 
 
 @njit(**JIT)
-def int4a_from_int8(src, dst, spans, sec, geo, mant, drop, to_b):  # type: ignore[no-untyped-def]
+def int4a_from_int8(src, dst, spans, sec, geo, mant, drop, to_b, fast=False):  # type: ignore[no-untyped-def]  # noqa: E501
     """An int8 blob ``src`` -> the int4a blob ``dst`` (zeroed, header left to the caller): the
     grid sections copied (``spans`` rows: source offset, destination offset, bytes), the key bits
     allocated (:func:`allocate_keys`), the map and the codes written. ``sec``: blob offsets of
     exps, oidx, oraw, kb, km, kq and vq in ``src``, then kbits, kq and vq in ``dst``; ``geo``:
-    L, T', H, D, outliers, K groups, K group size, dtype kind, head budget, K row bytes."""
+    L, T', H, D, outliers, K groups, K group size, dtype kind, head budget, K row bytes;
+    ``fast``: pack with :func:`pack_keys_bmi2` (the same bytes)."""
     for i in range(spans.shape[0]):
         a, b, n = spans[i, 0], spans[i, 1], spans[i, 2]
         copy(dst[b:b + n], src[a:a + n])
@@ -370,8 +432,12 @@ def int4a_from_int8(src, dst, spans, sec, geo, mant, drop, to_b):  # type: ignor
             lo = bits[layer * C + 2 * j]
             hi = bits[layer * C + 2 * j + 1] if 2 * j + 1 < C else np.uint8(0)
             dst[sec[7] + layer * cb + j] = lo | (hi << np.uint8(4))
-    pack_keys(src[sec[5]:sec[5] + L * Tq * C], L, Tq, C, bits, rb,
-              dst[sec[8]:sec[8] + L * Tq * rb], to_b)
+    if fast:
+        pack_keys_bmi2(src[sec[5]:sec[5] + L * Tq * C], L, Tq, C, bits, rb,
+                       dst[sec[8]:sec[8] + L * Tq * rb], to_b)
+    else:
+        pack_keys(src[sec[5]:sec[5] + L * Tq * C], L, Tq, C, bits, rb,
+                  dst[sec[8]:sec[8] + L * Tq * rb], to_b)
     HD = H * D
     int8_to_int4_rows(src[sec[6]:sec[6] + L * Tq * HD], L * Tq, HD,
                       dst[sec[9]:sec[9] + L * Tq * ((HD + 1) // 2)])
@@ -453,11 +519,13 @@ def _row_plan(bits, first, C, byte, shift, base, mask):  # type: ignore[no-untyp
 
 @njit(**JIT)
 def decode_keys(kb, km, kq, oidx_in, oraw, exps, bits, kind, L, T, S, H, D,  # type: ignore[no-untyped-def]
-                n_out, Gk, rb, mant, to_8, out, nxt):
+                n_out, Gk, rb, mant, to_8, out, nxt, fast):
     """K of an int4a blob into ``out``: each token row's codes mapped to the int8 codes they
     stand for (``TO_8``) and dequantized as the int8 decoder does, in one pass (the same
-    arithmetic, so the same values as decoding the expanded int8 blob). Every channel's code
-    is read from its own byte pair, so the row's channels do not wait on each other."""
+    arithmetic, so the same values as decoding the expanded int8 blob). ``fast`` (a host with
+    quick BMI2): seven codes at a time spread into bytes with ``pdep`` (a branch-free bit
+    reader), then mapped in a loop that vectorizes; else every channel's code is read from its
+    own byte pair, so the row's channels do not wait on each other."""
     HD = H * D
     Tq = T - S
     Ck = H * (D - n_out)
@@ -473,9 +541,15 @@ def decode_keys(kb, km, kq, oidx_in, oraw, exps, bits, kind, L, T, S, H, D,  # t
     shift = np.empty(Ck, np.uint64)
     base = np.empty(Ck, np.uint64)
     mask = np.empty(Ck, np.uint64)
-    row = np.zeros(rb + 8, np.uint8)  # a row with zero bytes past its end
+    row = np.zeros(rb + 16, np.uint8)  # a row with zero bytes past its end
     one = np.uint64(1)
     eight = np.uint64(8)
+    n7 = (Ck + 6) // 7  # groups of seven channels
+    gmask = np.empty(n7, np.uint64)
+    gwidth = np.empty(n7, np.uint64)
+    codes = np.zeros(7 * n7 + 8, np.uint8)
+    lvf = np.empty(Ck, np.float32)
+    rinv = np.empty(Ck, np.float32)
     per = share_size(nxt.size, L * Tq, 1)
     for layer in range(L):
         tab = table(np.int64(exps[2 * layer]), mant)
@@ -484,6 +558,12 @@ def decode_keys(kb, km, kq, oidx_in, oraw, exps, bits, kind, L, T, S, H, D,  # t
             s_k[i] = np.float32(tab[kb[layer * ng + i]])
             m_k[i] = np.float32(m_l[i])
         _row_plan(bits, layer * Ck, Ck, byte, shift, base, mask)
+        if fast:
+            _groups(bits, layer * Ck, Ck, gmask, gwidth)
+            for c in range(Ck):
+                lv = (1 << np.int64(bits[layer * Ck + c])) - 1
+                lvf[c] = np.float32(lv)
+                rinv[c] = np.float32(1.0 / (2 * lv))
         taken = np.zeros(HD, np.bool_)
         for h in range(H):
             for j in range(n_out):
@@ -493,10 +573,20 @@ def decode_keys(kb, km, kq, oidx_in, oraw, exps, bits, kind, L, T, S, H, D,  # t
             prefetch_share(nxt, 0, nxt.size, layer * Tq + t, per)
             o = (layer * Tq + t) * rb
             copy(row, kq[o:o + rb])
-            for c in range(Ck):
-                b = byte[c]
-                word = np.uint64(row[b]) | (np.uint64(row[b + one]) << eight)
-                qk[c] = to_8[base[c] + ((word >> shift[c]) & mask[c])]
+            if fast:
+                pos = np.uint64(0)
+                for g in range(n7):
+                    x = load_u64(row, np.int64(pos >> np.uint64(3))) >> (pos & np.uint64(7))
+                    store_u64(codes, 7 * g, pdep(x, gmask[g]))
+                    pos += gwidth[g]
+                for c in range(Ck):  # round(q 255 / lv) = floor((510 q + lv) / (2 lv))
+                    qk[c] = np.uint8(np.int32((np.float32(codes[c]) * np.float32(510.0)
+                                               + lvf[c]) * rinv[c]))
+            else:
+                for c in range(Ck):
+                    b = byte[c]
+                    word = np.uint64(row[b]) | (np.uint64(row[b + one]) << eight)
+                    qk[c] = to_8[base[c] + ((word >> shift[c]) & mask[c])]
             g0 = (t // Gk) * Ck
             do = (layer * T + S + t) * HD
             for r in range(rf.size):
@@ -512,14 +602,15 @@ def decode_keys(kb, km, kq, oidx_in, oraw, exps, bits, kind, L, T, S, H, D,  # t
 
 
 @njit(**JIT)
-def decode_page(blob, sec, geo, mant, to_8, out):  # type: ignore[no-untyped-def]
+def decode_page(blob, sec, geo, mant, to_8, out, fast):  # type: ignore[no-untyped-def]
     """Decode an int4a blob into ``out`` (the words of K then V) without the int8 blob in
     between. ``sec``: section bounds in ``layout.QUANTIZED_SECTIONS`` order, then kbits';
     ``geo``: (kind, L, T, S, H, D, n_out, Gk, Gv, key bits a head, K row bytes). V's codes
     are int4 on the int8 grid, so the int4 decoder's V (``17 q4``) is the int8 one's.
 
     Returns 0, or before touching ``out``: 1 for outlier indices out of range or not
-    ascending, 2 for scale exponents out of range, 3 for a bad key bit map."""
+    ascending, 2 for scale exponents out of range, 3 for a bad key bit map. ``fast``: see
+    :func:`decode_keys` (the same values either way)."""
     kind, L, T, S, H, D, n_out, Gk, Gv, kbh, rb = (geo[0], geo[1], geo[2], geo[3], geo[4],
                                                     geo[5], geo[6], geo[7], geo[8], geo[9],
                                                     geo[10])
@@ -548,7 +639,7 @@ def decode_page(blob, sec, geo, mant, to_8, out):  # type: ignore[no-untyped-def
         return 0
     decode_keys(blob[sec[8]:sec[9]], blob[sec[10]:sec[11]], blob[sec[16]:sec[17]], oidx,
                 blob[sec[6]:sec[7]].view(np.uint16), exps, bits, kind, L, T, S, H, D, n_out,
-                Gk, rb, mant, to_8, ok, blob[sec[12]:sec[19]])
+                Gk, rb, mant, to_8, ok, blob[sec[12]:sec[19]], fast)
     decode_v(blob[sec[12]:sec[13]], blob[sec[14]:sec[15]], blob[sec[18]:sec[19]], exps, kind,
              L, T, S, H * D, Gv, 4, mant, ov)
     return 0
