@@ -215,6 +215,31 @@ def test_selection_kernel_takes_the_stable_sorts_first_moves_among_ties() -> Non
             assert set(order[:k].tolist()) == set(want_sorted[:k].tolist()), (n, levels, k)
 
 
+def test_radix_selection_takes_the_stable_sorts_first_moves_among_ties() -> None:
+    """The allocation's selection (radix select on the gains' bits, ties to the earlier
+    move) picks the set a stable descending sort does, also with most gains tied and with
+    gains that differ only in their low bits."""
+    import numpy as np
+
+    from kvtier.codecs.cpu import int4a as kernels
+
+    rng = np.random.default_rng(4)
+    hist = np.empty(256, np.int64)
+    for n, levels in ((1, 1), (2, 1), (3, 2), (7, 3), (64, 4), (762, 5), (762, 1000), (762, 0)):
+        if levels:
+            gains = rng.integers(0, levels, n).astype(np.float64)
+        else:  # neighbours in the last bits
+            gains = np.nextafter(1.0, 2.0, dtype=np.float64) * (1 + rng.integers(0, 9, n) * 2e-16)
+        want_sorted = np.argsort(-gains, kind="stable")
+        for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+            order = np.arange(n)
+            keys = np.empty(n, np.uint64)
+            taken = np.empty(n, np.int64)
+            kernels.take_first(gains, order, n, k, keys, hist, taken)
+            assert set(np.nonzero(taken)[0].tolist()) == set(want_sorted[:k].tolist()), \
+                (n, levels, k)
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("shape,start,params", [
     ((2, 70, 2, 128), 0, CodecConfig()),

@@ -15,7 +15,9 @@ import numpy as np
 from numba import njit
 
 from kvtier.codecs.cpu.int8_int4 import _copy_sinks, _runs, decode_v, int8_to_int4_rows
-from kvtier.codecs.cpu.intrinsics import bits_to_f32, f16_to_f32, load_u64, pdep, pext, store_u64
+from kvtier.codecs.cpu.intrinsics import (
+    bits_to_f32, f16_to_f32, f64_to_bits, load_u64, pdep, pext, store_u64,
+)
 from kvtier.codecs.cpu.rows import (
     INLINE, JIT, copy, dequant_store, get_m12, prefetch_share, share_size, table,
 )
@@ -268,6 +270,69 @@ def _select(gains, order, k):  # type: ignore[no-untyped-def]
 
 
 @njit(**JIT)
+def kth_largest(keys, n, k, hist):  # type: ignore[no-untyped-def]
+    """The ``k``-th largest (1-based, ``1 <= k <= n``) of ``keys[:n]`` (uint64), which it
+    reorders: a radix select a byte at a time, from the highest byte in which the keys differ
+    (each pass keeps the keys that share the answer's bytes so far at the front)."""
+    lo = keys[0]
+    hi = keys[0]
+    for i in range(n):
+        lo = min(lo, keys[i])
+        hi = max(hi, keys[i])
+    diff = lo ^ hi
+    top = 0
+    while top < 8 and (diff >> np.uint64(8 * top)) != np.uint64(0):
+        top += 1
+    m = n
+    for d in range(top - 1, -1, -1):
+        sh = np.uint64(8 * d)
+        hist[:] = 0
+        for i in range(m):
+            hist[(keys[i] >> sh) & np.uint64(255)] += 1
+        b = 255
+        while k > hist[b]:
+            k -= hist[b]
+            b -= 1
+        j = 0
+        for i in range(m):
+            x = keys[i]
+            if (x >> sh) & np.uint64(255) == np.uint64(b):
+                keys[j] = x
+                j += 1
+        m = j
+        if m == 1:
+            break
+    return keys[0]
+
+
+@njit(**JIT)
+def take_first(gains, order, m, k, keys, hist, taken):  # type: ignore[no-untyped-def]
+    """Set ``taken[i]`` (0/1, for ``i < m``) for the moves ``order[:m]`` (ascending) that a
+    stable descending sort of ``gains`` puts among its first ``k`` (all of which are in
+    ``order[:m]``): the ``k``-th largest gain by :func:`kth_largest` on the gains' bits
+    (non-negative doubles order as their bits do), then every larger move and, of the moves
+    equal to it, the earliest ones (the stable sort's tie order)."""
+    for i in range(m):
+        taken[i] = 0
+    if k <= 0:
+        return
+    for i in range(m):
+        keys[i] = f64_to_bits(gains[order[i]])
+    g = kth_largest(keys, m, k, hist)
+    above = 0
+    for i in range(m):
+        above += f64_to_bits(gains[order[i]]) > g
+    need = k - above
+    for i in range(m):
+        x = f64_to_bits(gains[order[i]])
+        if x > g:
+            taken[i] = 1
+        elif x == g and need > 0:
+            taken[i] = 1
+            need -= 1
+
+
+@njit(**JIT)
 def _candidates(gains, n, k, order):  # type: ignore[no-untyped-def]
     """Put in ``order`` the moves that can be among the first ``k`` (of ``n`` channels' moves,
     listed bit by bit), and return how many: those up to the last move of the first
@@ -346,6 +411,9 @@ def allocate_keys(  # type: ignore[no-untyped-def]
         count = np.zeros(Dk, np.int64)
         w = np.empty(Dk)
         order = np.empty(nm * Dk, np.int64)
+        keys = np.empty(nm * Dk, np.uint64)
+        taken = np.empty(nm * Dk, np.int64)
+        hist = np.empty(256, np.int64)
         chan = np.empty(nm * Dk, np.int64)  # a move's channel, without a division a move
         for k in range(nm):
             for c in range(Dk):
@@ -359,10 +427,10 @@ def allocate_keys(  # type: ignore[no-untyped-def]
                     gains[k * Dk + c] = w[c] * drop[k]
             take = budget - 2 * Dk
             m = _candidates(gains, Dk, take, order)
-            _select(gains, order[:m], take)
+            take_first(gains, order, m, take, keys, hist, taken)
             count[:] = 0
-            for t in range(take):
-                count[chan[order[t]]] += 1
+            for i in range(m):
+                count[chan[order[i]]] += taken[i]
             for c in range(Dk):
                 out[layer * C + h * Dk + c] = np.uint8(2 + count[c])
 

@@ -41,6 +41,12 @@ def _bits_to_f64_typer(typingctx, x):  # type: ignore[no-untyped-def]
     return types.float64(types.uint64), codegen
 
 
+def _f64_to_bits_typer(typingctx, x):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], ir.IntType(64))
+    return types.uint64(types.float64), codegen
+
+
 def _f32_to_bits_typer(typingctx, x):  # type: ignore[no-untyped-def]
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         return builder.bitcast(args[0], ir.IntType(32))
@@ -258,6 +264,7 @@ f16_to_f32: Any = intrinsic(_f16_to_f32_typer)
 bits_to_f32: Any = intrinsic(_bits_to_f32_typer)
 f32_to_bits: Any = intrinsic(_f32_to_bits_typer)
 bits_to_f64: Any = intrinsic(_bits_to_f64_typer)
+f64_to_bits: Any = intrinsic(_f64_to_bits_typer)
 minmax8: Any = intrinsic(_minmax8_typer)
 prefetch: Any = intrinsic(_prefetch_typer)
 lrint: Any = intrinsic(_lrint_typer)
