@@ -9,7 +9,6 @@ token's row, little-endian).
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from numba import njit
@@ -382,9 +381,8 @@ def allocate_keys(  # type: ignore[no-untyped-def]
                     j += 1
             for o in range(n_out):
                 peak[h * D + oidx[(layer * H + h) * n_out + o]] = opeak[(layer * H + h) * n_out + o]
-        tab = np.empty(256)  # the layer's scales by code: as many ldexp as codes, not groups
-        for b in range(256):
-            tab[b] = math.ldexp(mant[b & 15], int(e0[layer] + (b >> 4)))
+        # the layer's scales by code (ldexp(mant[b & 15], e0 + (b >> 4)), exactly: doubling)
+        tab = table(np.int64(e0[layer]), mant)
         step2 = np.zeros(C)
         for c in range(C):
             acc = 0.0
