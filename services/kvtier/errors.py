@@ -40,6 +40,12 @@ class PageTooLarge(InvalidArgument):
     """A page above the configured maximum page size."""
 
 
+class BodyTooLarge(InvalidArgument):
+    """An admin request body above the admin API's limit (refused before it is read)."""
+
+    http_status = 413
+
+
 class UnknownTier(InvalidArgument):
     """A tier name that is not in the configured stack."""
 

@@ -1,5 +1,7 @@
 """Who may make which gRPC call: bearer tokens checked against a per-method table.
 
+(:class:`SharedSecretGuard` is the simpler guard of the policy service: one shared token.)
+
 With a tokens file (``auth.tokens_file``) every call of ``kvtier.v1.CacheService`` and
 ``kvtier.v1.DeviceService`` carries the metadata ``authorization: Bearer <token>``:
 
@@ -25,6 +27,7 @@ token granted its namespace, and stops being usable when that token is revoked.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,6 +46,10 @@ METHODS: dict[str, bool] = {
     "ReleaseDevice": False,
     # a data-channel ticket: read-only tokens get read-only tickets (the servicer downgrades)
     "OpenData": False,
+    # shared-memory sessions as leases (the session is bound to the token that opened it)
+    "OpenShm": False, "RenewShm": False, "CloseShm": False,
+    # the worker's queue and session hints steer what the daemon keeps and promotes
+    "Hint": True,
 }
 # methods whose namespace may be empty (daemon-wide answers)
 OPTIONAL_NAMESPACE = frozenset({"Stats"})
@@ -131,3 +138,35 @@ class TokenGuard:
         if service not in GUARDED_SERVICES:
             return None
         return MethodCheck(self.tokens, method)
+
+
+class SecretCheck:
+    """Every call of a service needs the one shared token (UNAUTHENTICATED otherwise)."""
+
+    __slots__ = ("secret", "method")
+
+    def __init__(self, secret: bytes, method: str) -> None:
+        self.secret = secret
+        self.method = method
+
+    def unary(self, request: Any, context: grpc.ServicerContext) -> None:
+        token = bearer_token(context.invocation_metadata())
+        if token is None or not hmac.compare_digest(token.encode(), self.secret):
+            raise Unauthenticated(f"{self.method} needs 'authorization: Bearer <policy token>' "
+                                  "with the service's token", field="authorization")
+
+    def stream(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        self.unary(None, context)
+        return requests
+
+
+class SharedSecretGuard:
+    """The guard of a service with one shared token (the policy service)."""
+
+    def __init__(self, token: str, services: tuple[str, ...]) -> None:
+        self.secret = token.encode()
+        self.services = services
+
+    def check_for(self, path: str) -> SecretCheck | None:
+        service, _, method = path.lstrip("/").rpartition("/")
+        return SecretCheck(self.secret, method) if service in self.services else None

@@ -213,13 +213,15 @@ class TokenFile:
 
 
 _Stamp = tuple[int, int, int]  # mtime_ns, size, inode
+_SEEN_MAX = 4096  # valid tokens remembered unhashed between reloads
 
 
 class TokenRegistry:
     """The daemon's tokens, reloaded from the file when it changes. Thread-safe.
 
-    The per-call cost is one SHA-256 of the token and one dict lookup; the file is looked at
-    (one ``stat``) by at most one caller every ``check_interval_s``.
+    The per-call cost is one dict lookup (a token seen before) or one SHA-256 of the token and
+    a lookup; the file is looked at (one ``stat``) by at most one caller every
+    ``check_interval_s``. Only valid tokens are remembered, so bogus tokens cannot fill it.
     """
 
     def __init__(self, path: str | Path, check_interval_s: float = 1.0) -> None:
@@ -227,6 +229,7 @@ class TokenRegistry:
         self.check_interval_s = check_interval_s
         self._lock = threading.Lock()
         self._grants: dict[str, Grant] = {}
+        self._seen: dict[str, Grant] = {}
         self._stamp: _Stamp | None = None
         self._next_check = 0.0
         self._broken = False
@@ -234,7 +237,9 @@ class TokenRegistry:
             stamp = self._stat()
             self._grants = self._load()
         except OSError as e:
-            raise ConfigError(f"cannot read tokens file {self.path}: {e.strerror}",
+            hint = (" (create it with 'kvtier token create --tokens-file FILE --namespace NS')"
+                    if isinstance(e, FileNotFoundError) else "")
+            raise ConfigError(f"cannot read tokens file {self.path}: {e.strerror}{hint}",
                               field="auth.tokens_file") from None
         self._stamp = stamp
         self._next_check = time.monotonic() + check_interval_s
@@ -246,7 +251,13 @@ class TokenRegistry:
         """The grant of ``token``, or None for an unknown (or revoked) token."""
         if time.monotonic() >= self._next_check:
             self._maybe_reload()
-        return self._grants.get(hash_token(token))
+        seen = self._seen  # tokens already hashed and found; replaced whole on every reload
+        grant = seen.get(token)
+        if grant is None:
+            grant = self._grants.get(hash_token(token))
+            if grant is not None and len(seen) < _SEEN_MAX:
+                seen[token] = grant
+        return grant
 
     def reload(self) -> bool:
         """Re-read the file now (SIGHUP); False (and every token denied) if it is unusable."""
@@ -274,15 +285,21 @@ class TokenRegistry:
             log.error("tokens file %s is unusable (%s): denying every token until it is fixed",
                       self.path, reason)
             self._grants, self._stamp, self._broken = {}, None, True
+            self._seen = {}
             return False
         if self._broken or grants.keys() != self._grants.keys():
             log.info("tokens file %s loaded: %d tokens", self.path, len(grants))
         self._grants, self._stamp, self._broken = grants, stamp, False
+        self._seen = {}
         return True
 
     def _stat(self) -> _Stamp:
         st = os.stat(self.path)
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if st.st_mode & 0o022 and stamp != self._stamp:
+            log.warning("tokens file %s is writable by others (mode %o): whoever can write it "
+                        "can grant themselves any namespace", self.path, st.st_mode & 0o777)
+        return stamp
 
     def _load(self) -> dict[str, Grant]:
         entries = parse_tokens(self.path.read_text(), str(self.path))
