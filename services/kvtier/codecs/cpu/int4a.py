@@ -5,6 +5,12 @@ in :mod:`kvtier.codecs.int4a` is the reference and the device path; the tests an
 Arrays are flat uint8. ``bits`` is ``[L, C']``; K codes are ``[L, T', C']`` int8 codes on one
 side and rows of ``rb`` bytes on the other (channel ``c``'s code at bit ``sum(bits[:c])`` of its
 token's row, little-endian).
+
+Encoding runs the int8 encoder, then :func:`int4a_from_int8` (allocation, K rows, V nibbles);
+decoding is one kernel, :func:`decode_page`, straight from the int4a blob into the page. On a
+CPU with fast BMI2 the K rows are packed with ``pext`` and read with ``pdep``, seven codes at a
+time, and the code maps run as float32 loops that vectorize (exact, see ``_R510``); elsewhere
+byte-at-a-time loops that give the same bytes (both are tested against each other).
 """
 
 from __future__ import annotations
