@@ -44,6 +44,9 @@ METHODS: dict[str, bool] = {
     "Promote": True, "Delete": True, "Stats": False, "AttachShm": False,
     "AttachDevice": False, "GetDevice": False, "ReserveDevice": True, "CommitDevice": True,
     "ReleaseDevice": False,
+    # shared-memory sessions as leases: a session only reads and writes what calls that name
+    # it (and are checked themselves) ask for, so opening one needs only read access
+    "OpenShm": False, "RenewShm": False, "CloseShm": False,
     # a data-channel ticket: read-only tokens get read-only tickets (the servicer downgrades)
     "OpenData": False,
 }
