@@ -94,10 +94,13 @@ class AsyncKVTierClient:
         return self._shm.attached(segment, lease, reply.session, namespace)
 
     async def put(self, keys: Sequence[bytes], pages: Sequence[Page | tuple[Any, ...]], *,
-                  namespace: str | None = None, timeout_s: float | None = None) -> list[str]:
-        """Store pages; per key ``"stored"`` or ``"exists"`` (puts are idempotent per key)."""
+                  namespace: str | None = None, timeout_s: float | None = None,
+                  session: str = "") -> list[str]:
+        """Store pages; per key ``"stored"`` or ``"exists"`` (puts are idempotent per key).
+        ``session``: the conversation/session they belong to (a hint for the policy)."""
         ns = namespace or self.namespace
         wire = core.wire_pages(keys, pages)
+        hint_session = session
 
         async def send(left: float) -> pb.PutReply:
             async with self._shm_lock:
@@ -108,11 +111,12 @@ class AsyncKVTierClient:
                         with session.put_guard():
                             plan = core.plan_put(ns, wire, session, self.chunk_bytes,
                                                  self.overlap_copy)
-                            return await self._send(plan, left)
+                            return await self._send(core.with_session(plan, hint_session),
+                                                    left)
                     except BaseException as e:  # a cancel too
                         if not core.put_failed(self._shm, plan, e):
                             raise
-            if self._data.usable:
+            if self._data.usable and not hint_session:  # data frames carry no session hint
                 conn = await self._data_conn(ns, left)
                 if conn is not None:
                     headers, parts, _ = put_parts(wire)
@@ -120,7 +124,8 @@ class AsyncKVTierClient:
                                                     left)
                     if reply is not None:
                         return reply
-            return await self._send(core.plan_put(ns, wire, None, self.chunk_bytes, False), left)
+            return await self._send(core.with_session(
+                core.plan_put(ns, wire, None, self.chunk_bytes, False), hint_session), left)
 
         return core.put_outcomes(await self._call("Put", send, timeout_s, True))
 
@@ -208,14 +213,33 @@ class AsyncKVTierClient:
         return pages.result()
 
     async def lookup(self, keys: Sequence[bytes], *, namespace: str | None = None,
-                     timeout_s: float | None = None) -> LookupResult:
-        req = core.lookup_request(namespace or self.namespace, keys)
+                     timeout_s: float | None = None, session: str = "",
+                     prefetch: bool = False) -> LookupResult:
+        """How long a prefix of the key chain ``keys`` is present, and where. ``session``
+        names the request's conversation (a hint); ``prefetch`` has the daemon start moving
+        the present prefix up from lower tiers now, ahead of the get."""
+        req = core.lookup_request(namespace or self.namespace, keys, session, prefetch)
 
         async def call(left: float) -> pb.LookupReply:
             reply: pb.LookupReply = await self._stub.Lookup(req, timeout=left)
             return reply
 
         return core.lookup_result(await self._call("Lookup", call, timeout_s, True))
+
+    async def hint(self, queued: Sequence[Sequence[bytes]] = (), *,
+                   ended_sessions: Sequence[str] = (), namespace: str | None = None,
+                   timeout_s: float | None = None) -> int:
+        """Tell the daemon what this worker knows ahead: ``queued``, the key chains of the
+        requests waiting to be scheduled (next first; replaces the queue hinted before), and
+        sessions that ended. The queued chains' present prefixes are promoted ahead of use;
+        returns how many pages that scheduled. Advisory: safe to repeat."""
+        req = core.hint_request(namespace or self.namespace, queued, ended_sessions)
+
+        async def call(left: float) -> pb.HintReply:
+            reply: pb.HintReply = await self._stub.Hint(req, timeout=left)
+            return reply
+
+        return int((await self._call("Hint", call, timeout_s, True)).prefetching)
 
     async def promote(self, keys: Sequence[bytes], tier: str, *, namespace: str | None = None,
                       timeout_s: float | None = None) -> list[bool]:

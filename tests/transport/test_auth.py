@@ -111,6 +111,8 @@ def _call(ch: grpc.Channel, method: str, ns: str, token: str | None) -> Any:
             return reply
         finally:
             seg.close()
+    if method == "Hint":
+        return cache.Hint(pb.HintRequest(namespace=ns, queued=[pb.KeyChain(keys=[b"k"])]), **kw)
     if method == "OpenData":
         return cache.OpenData(pb.OpenDataRequest(namespace=ns, writable=True), **kw)
     if method == "OpenShm":
@@ -181,6 +183,7 @@ def test_scheme_is_case_insensitive_and_valid_tokens_work(channel: grpc.Channel,
         assert _code(channel, method, "tenant-a", tenants.a_ro) == grpc.StatusCode.OK
     # past auth, an unknown session is the servicer's answer, not a refusal
     assert _code(channel, "RenewShm", "tenant-a", tenants.a_ro) not in (UNAUTH, DENIED)
+    assert _code(channel, "Hint", "tenant-a", tenants.a) == grpc.StatusCode.OK
     # without a device pool the device calls get past auth and fail for that reason
     assert _code(channel, "ReserveDevice", "tenant-a", tenants.a) == \
         grpc.StatusCode.FAILED_PRECONDITION
@@ -533,3 +536,14 @@ def test_a_tokens_file_others_may_write_is_warned_about(
     path.chmod(0o666)
     TokenRegistry(path)
     assert "writable by others" in caplog.text
+
+
+def test_every_guarded_rpc_has_an_entry_in_the_auth_table() -> None:
+    """A new RPC must say whether it reads or writes: unlisted ones would default to write."""
+    from kvtier.transport.auth.guard import GUARDED_SERVICES, METHODS
+    from kvtier_proto.v1 import cache_pb2, device_pb2
+
+    files = (cache_pb2.DESCRIPTOR, device_pb2.DESCRIPTOR)
+    rpcs = {m.name for f in files for s in f.services_by_name.values()
+            if s.full_name in GUARDED_SERVICES for m in s.methods}
+    assert rpcs and rpcs == set(METHODS), sorted(rpcs ^ set(METHODS))

@@ -99,6 +99,11 @@ class CacheServiceStub:
                 request_serializer=kvtier__proto_dot_v1_dot_cache__pb2.OpenDataRequest.SerializeToString,
                 response_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.OpenDataReply.FromString,
                 _registered_method=True)
+        self.Hint = channel.unary_unary(
+                '/kvtier.v1.CacheService/Hint',
+                request_serializer=kvtier__proto_dot_v1_dot_cache__pb2.HintRequest.SerializeToString,
+                response_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.HintReply.FromString,
+                _registered_method=True)
 
 
 class CacheServiceServicer:
@@ -205,6 +210,15 @@ class CacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Hint(self, request, context):
+        """What the worker knows ahead of the cache: the prefix keys of requests waiting to be
+        scheduled (their present prefixes are promoted and kept ahead of use) and sessions that
+        ended (their pages leave first). Every hint is optional and advisory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -272,6 +286,11 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.OpenData,
                     request_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.OpenDataRequest.FromString,
                     response_serializer=kvtier__proto_dot_v1_dot_cache__pb2.OpenDataReply.SerializeToString,
+            ),
+            'Hint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Hint,
+                    request_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.HintRequest.FromString,
+                    response_serializer=kvtier__proto_dot_v1_dot_cache__pb2.HintReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -625,6 +644,33 @@ class CacheService:
             '/kvtier.v1.CacheService/OpenData',
             kvtier__proto_dot_v1_dot_cache__pb2.OpenDataRequest.SerializeToString,
             kvtier__proto_dot_v1_dot_cache__pb2.OpenDataReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Hint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.v1.CacheService/Hint',
+            kvtier__proto_dot_v1_dot_cache__pb2.HintRequest.SerializeToString,
+            kvtier__proto_dot_v1_dot_cache__pb2.HintReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,11 +44,13 @@ METHODS: dict[str, bool] = {
     "Promote": True, "Delete": True, "Stats": False, "AttachShm": False,
     "AttachDevice": False, "GetDevice": False, "ReserveDevice": True, "CommitDevice": True,
     "ReleaseDevice": False,
-    # shared-memory sessions as leases: a session only reads and writes what calls that name
-    # it (and are checked themselves) ask for, so opening one needs only read access
-    "OpenShm": False, "RenewShm": False, "CloseShm": False,
     # a data-channel ticket: read-only tokens get read-only tickets (the servicer downgrades)
     "OpenData": False,
+    # shared-memory sessions as leases: bound to their namespace, and every call that uses one
+    # names it and is checked, so opening one needs only read access
+    "OpenShm": False, "RenewShm": False, "CloseShm": False,
+    # the worker's queue and session hints steer what the daemon keeps and promotes
+    "Hint": True,
 }
 # methods whose namespace may be empty (daemon-wide answers)
 OPTIONAL_NAMESPACE = frozenset({"Stats"})
