@@ -17,6 +17,9 @@ Codec names:
 * ``mixed`` (= ``mixed:0.15:0.35``): past pages placed as the default tier stack would, the
   most recent 15% as put, the next 35% int8, the rest int4a. ``mixed:A:B`` sets the fractions;
   ``mixed4:A:B`` uses ``int4`` as the coldest tier.
+* ``int3``: the deep tier's codec (:mod:`kvtier.codecs.int3`), about 3 bits an element.
+  ``mixed3:A:B:C`` (= ``mixed3:0.10:0.30:0.30``) places past pages over ``hot -> int8 -> int4a
+  -> int3``: the most recent A as put, the next B int8, the next C int4a, the rest int3.
 """
 
 from __future__ import annotations
@@ -68,12 +71,12 @@ class Catalog:
         real = self.use_codecs and codecs_available()
         if name == "none":
             return CodecTransform(Codec.NONE, self.params, "none") if real else Identity()
-        if name in ("int8", "int4", "int4a"):
+        if name in ("int8", "int4", "int4a", "int3"):
             codec = Codec(name)
             if real:
                 return CodecTransform(codec, self.params, name)
-            if codec is Codec.INT4A:
-                raise InvalidArgument("int4a is a tier codec only (kvtier.codecs)",
+            if codec in (Codec.INT4A, Codec.INT3):
+                raise InvalidArgument(f"{name} is a tier codec only (kvtier.codecs)",
                                       field="codecs")
             n_out = max(self.params.min_outlier_channels, 0)
             return QuantTransform(
@@ -90,12 +93,24 @@ class Catalog:
         if name == "fp8":
             return Fp8Transform(name=name)
         raise InvalidArgument(
-            f"unknown codec {name!r}; use none, int8, int4, int4a, int4q, int4r, fp8, "
-            f"mixed[:A:B] or mixed4[:A:B]", field="codecs")
+            f"unknown codec {name!r}; use none, int8, int4, int4a, int3, int4q, int4r, fp8, "
+            f"mixed[:A:B], mixed4[:A:B] or mixed3[:A:B:C]", field="codecs")
 
     def variant(self, name: str) -> Variant:
         """A variant by ``--codecs`` name (see the module docstring)."""
         head, _, rest = name.partition(":")
+        if head == "mixed3":
+            fractions3 = (0.10, 0.30, 0.30)
+            if rest:
+                try:
+                    a, b, c = (float(x) for x in rest.split(":"))
+                except ValueError:
+                    raise InvalidArgument(
+                        f"{name!r}: write mixed3:A:B:C with three fractions, e.g. "
+                        f"mixed3:0.10:0.30:0.30", field="codecs") from None
+                fractions3 = (a, b, c)
+            tiers = tuple(self.transform(t) for t in ("none", "int8", "int4a", "int3"))
+            return Variant(name=name, tiers=tiers, fractions=fractions3)
         if head in ("mixed", "mixed4"):
             fractions = (0.15, 0.35)
             if rest:
