@@ -20,6 +20,10 @@ Codec names:
 * ``int3``: the deep tier's codec (:mod:`kvtier.codecs.int3`), about 3 bits an element.
   ``mixed3:A:B:C`` (= ``mixed3:0.10:0.30:0.30``) places past pages over ``hot -> int8 -> int4a
   -> int3``: the most recent A as put, the next B int8, the next C int4a, the rest int3.
+* ``imp-SIGNAL[:A:B]``: ``mixed[:A:B]``'s tiers and counts, but a simulated mover demotes the
+  least important page of a full tier by ``SIGNAL`` (``keynorm`` or ``attn``, see
+  :mod:`kvtier.lab.eval.placement`); ``hyb-SIGNAL[:A:B]`` keeps the fp16 tier by age and uses
+  the signal below it. Same average bits as ``mixed[:A:B]``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from kvtier.config import CodecConfig
 from kvtier.errors import InvalidArgument
 from kvtier.lab.eval.allocate import AllocTransform
+from kvtier.lab.eval.placement import SIGNALS
 from kvtier.lab.eval.quant import QuantSpec
 from kvtier.lab.eval.research import (
     Fp8Transform,
@@ -94,7 +99,8 @@ class Catalog:
             return Fp8Transform(name=name)
         raise InvalidArgument(
             f"unknown codec {name!r}; use none, int8, int4, int4a, int3, int4q, int4r, fp8, "
-            f"mixed[:A:B], mixed4[:A:B] or mixed3[:A:B:C]", field="codecs")
+            f"mixed[:A:B], mixed4[:A:B], mixed3[:A:B:C], imp-SIGNAL[:A:B] or hyb-SIGNAL[:A:B] "
+            f"(SIGNAL: {' or '.join(SIGNALS)})", field="codecs")
 
     def variant(self, name: str) -> Variant:
         """A variant by ``--codecs`` name (see the module docstring)."""
@@ -111,6 +117,9 @@ class Catalog:
                 fractions3 = (a, b, c)
             tiers = tuple(self.transform(t) for t in ("none", "int8", "int4a", "int3"))
             return Variant(name=name, tiers=tiers, fractions=fractions3)
+        if head.startswith(("imp-", "hyb-")) and head[4:] in SIGNALS:
+            base = self.variant("mixed" + (":" + rest if rest else ""))
+            return replace(base, name=name, placement=head[4:], hot_by_age=head[:3] == "hyb")
         if head in ("mixed", "mixed4"):
             fractions = (0.15, 0.35)
             if rest:
