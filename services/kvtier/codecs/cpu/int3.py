@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit
 
 from kvtier.codecs.cpu.int4a import TO_8, TO_B
-from kvtier.codecs.cpu.rows import JIT
+from kvtier.codecs.cpu.rows import INLINE, JIT
 from kvtier.codecs.layout import Layout
 
 _OWN = ("kq", "vq", "kbits", "vbits")
@@ -78,6 +78,13 @@ def _copy_spans(src, dst, spans):  # type: ignore[no-untyped-def]
     for i in range(spans.shape[0]):
         a, b, n = spans[i, 0], spans[i, 1], spans[i, 2]
         dst[b:b + n] = src[a:a + n]
+
+
+@njit(**INLINE)
+def _put4(out, pos, acc):  # type: ignore[no-untyped-def]
+    """Store the low four bytes of ``acc`` at ``out[pos:]``, little-endian."""
+    for i in range(4):
+        out[pos + i] = np.uint8((acc >> np.uint64(8 * i)) & np.uint64(0xFF))
 
 
 @njit(**JIT)
@@ -163,23 +170,27 @@ def int3_from_int4a(src, dst, spans, sec, geo, vdrop, kmap, vmap):  # type: igno
             k = 0
             for c in range(C):
                 w = b4[c]
-                while nb < w:
-                    if j < rb4:
-                        acc |= np.uint64(src[ip + j]) << np.uint64(nb)
-                    j += 1
-                    nb += 8
+                if nb < w:  # w <= 8: four more bytes (or the row's last ones) cover it
+                    for _ in range(4):
+                        if j < rb4:
+                            acc |= np.uint64(src[ip + j]) << np.uint64(nb)
+                        j += 1
+                        nb += 8
                 q = acc & np.uint64((1 << w) - 1)
                 acc >>= np.uint64(w)
                 nb -= w
                 oacc |= np.uint64(kmap[w, q]) << np.uint64(onb)
                 onb += w - 1
-                while onb >= 8:
-                    dst[op + k] = np.uint8(oacc & np.uint64(0xFF))
-                    oacc >>= np.uint64(8)
-                    onb -= 8
-                    k += 1
-            if onb > 0:
+                if onb >= 32:
+                    _put4(dst, op + k, oacc)
+                    oacc >>= np.uint64(32)
+                    onb -= 32
+                    k += 4
+            while onb > 0:
                 dst[op + k] = np.uint8(oacc & np.uint64(0xFF))
+                oacc >>= np.uint64(8)
+                onb -= 8
+                k += 1
         # V: each group's weight (its channel count), its width by water-filling, the codes
         for i in range(n):
             w = glen[i % nv]
@@ -200,18 +211,17 @@ def int3_from_int4a(src, dst, spans, sec, geo, vdrop, kmap, vmap):  # type: igno
         rv = (HD + 1) // 2
         for t in range(Tq):
             ip = sec[4] + (layer * Tq + t) * rv
-            for ch in range(HD):
-                byte = np.int64(src[ip + (ch >> 1)])
-                q4 = (byte & 0x0F) if ch % 2 == 0 else (byte >> 4)
-                w = vw[t * nv + ch // Gv]
-                oacc |= np.uint64(vmap[w, q4]) << np.uint64(onb)
-                onb += w
-                if onb >= 32:
-                    for _ in range(4):
-                        dst[op + k] = np.uint8(oacc & np.uint64(0xFF))
-                        oacc >>= np.uint64(8)
-                        k += 1
-                    onb -= 32
+            for g in range(nv):  # a group's channels share a width
+                w = vw[t * nv + g]
+                for ch in range(g * Gv, min(g * Gv + Gv, HD)):
+                    q4 = (np.int64(src[ip + (ch >> 1)]) >> ((ch & 1) << 2)) & 15
+                    oacc |= np.uint64(vmap[w, q4]) << np.uint64(onb)
+                    onb += w
+                    if onb >= 32:
+                        _put4(dst, op + k, oacc)
+                        oacc >>= np.uint64(32)
+                        k += 4
+                        onb -= 32
         while onb > 0:
             dst[op + k] = np.uint8(oacc & np.uint64(0xFF))
             oacc >>= np.uint64(8)
@@ -272,15 +282,18 @@ def int3_to_int8(src, dst, spans, sec, geo, to_8):  # type: ignore[no-untyped-de
         j = 0
         for t in range(Tq):
             op = sec[5] + (layer * Tq + t) * HD
-            for ch in range(HD):
-                w = vw[t * nv + ch // Gv]
-                if nb < w:
-                    for _ in range(4):
-                        if j < vlb:
-                            acc |= np.uint64(src[ip + j]) << np.uint64(nb)
-                        j += 1
-                        nb += 8
-                dst[op + ch] = to_8[w, acc & np.uint64((1 << w) - 1)]
-                acc >>= np.uint64(w)
-                nb -= w
+            for g in range(nv):  # a group's channels share a width
+                w = vw[t * nv + g]
+                sw = np.uint64(w)
+                mask = np.uint64((1 << w) - 1)
+                for ch in range(g * Gv, min(g * Gv + Gv, HD)):
+                    if nb < w:
+                        for _ in range(4):
+                            if j < vlb:
+                                acc |= np.uint64(src[ip + j]) << np.uint64(nb)
+                            j += 1
+                            nb += 8
+                    dst[op + ch] = to_8[w, acc & mask]
+                    acc >>= sw
+                    nb -= w
     return 0

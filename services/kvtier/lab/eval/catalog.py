@@ -20,6 +20,9 @@ Codec names:
 * ``int3``: the deep tier's codec (:mod:`kvtier.codecs.int3`), about 3 bits an element.
   ``mixed3:A:B:C`` (= ``mixed3:0.10:0.30:0.30``) places past pages over ``hot -> int8 -> int4a
   -> int3``: the most recent A as put, the next B int8, the next C int4a, the rest int3.
+* ``group-pos:BITS`` / ``group-sem:BITS``: the prototype quantizer at BITS (groups of
+  ``group_size``, the configured sinks, one outlier channel) with key groups formed by
+  position / by similarity (:class:`~kvtier.lab.eval.research.SemanticTransform`).
 * ``imp-SIGNAL[:A:B]``: ``mixed[:A:B]``'s tiers and counts, but a simulated mover demotes the
   least important page of a full tier by ``SIGNAL`` (``keynorm`` or ``attn``, see
   :mod:`kvtier.lab.eval.placement`); ``hyb-SIGNAL[:A:B]`` keeps the fp16 tier by age and uses
@@ -42,6 +45,7 @@ from kvtier.lab.eval.research import (
     GearTransform,
     HaarTransform,
     PcaVTransform,
+    SemanticTransform,
 )
 from kvtier.lab.eval.transforms import (
     CodecTransform,
@@ -97,8 +101,17 @@ class Catalog:
             return AllocTransform(INT4Q, self.q_energy, name=name)
         if name == "fp8":
             return Fp8Transform(name=name)
+        head, _, arg = name.partition(":")
+        if head in ("group-pos", "group-sem") and arg in ("2", "3", "4", "5", "6", "8"):
+            spec = QuantSpec(bits=int(arg), sink_tokens=self.params.sink_tokens,
+                             outlier_channels=1, k_group=self.params.group_size,
+                             v_group=self.params.group_size)
+            if head == "group-pos":
+                return QuantTransform(spec, name)
+            return SemanticTransform(spec, name)
         raise InvalidArgument(
             f"unknown codec {name!r}; use none, int8, int4, int4a, int3, int4q, int4r, fp8, "
+            f"group-pos:BITS, group-sem:BITS, "
             f"mixed[:A:B], mixed4[:A:B], mixed3[:A:B:C], imp-SIGNAL[:A:B] or hyb-SIGNAL[:A:B] "
             f"(SIGNAL: {' or '.join(SIGNALS)})", field="codecs")
 
