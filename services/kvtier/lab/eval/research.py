@@ -220,4 +220,5 @@ def _similarity_order(x: torch.Tensor) -> torch.Tensor:
     xc = x - x.mean(dim=-2, keepdim=True)
     _, _, vh = torch.linalg.svd(xc, full_matrices=False)
     proj = (xc @ vh[..., 0, :, None])[..., 0]
-    return proj.argsort(dim=-1, stable=True)
+    order: torch.Tensor = proj.argsort(dim=-1, stable=True)
+    return order
