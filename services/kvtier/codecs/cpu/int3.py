@@ -29,6 +29,18 @@ for _b in range(2, 9):
 V_MAP = np.zeros((5, 16), np.uint8)
 for _w in range(1, 5):
     V_MAP[_w] = TO_B[_w][17 * np.arange(16)]
+# two channels at once: a byte of int4 V codes -> their two w-bit codes as one 2w-bit field,
+# and back, a 2w-bit field -> the two int8 codes (low byte first)
+V_PAIR = np.zeros((5, 256), np.uint16)
+V_UNPAIR = np.zeros((5, 256), np.uint16)
+for _w in range(1, 5):
+    _b = np.arange(256)
+    V_PAIR[_w] = V_MAP[_w][_b & 15].astype(np.uint16) | (V_MAP[_w][_b >> 4].astype(np.uint16)
+                                                          << _w)
+    _f = np.arange(1 << (2 * _w))
+    _lo, _hi = _f & ((1 << _w) - 1), _f >> _w
+    V_UNPAIR[_w, :_f.size] = TO_8[_w][_lo].astype(np.uint16) | (TO_8[_w][_hi].astype(np.uint16)
+                                                                << 8)
 
 
 def as_array(buf: bytearray) -> np.ndarray:
@@ -67,10 +79,10 @@ def plan(src: Layout, dst: Layout) -> tuple[Any, ...]:
     if dst.value_bits:  # int4a -> int3
         sec = _frozen([o[n][0] for n in ("exps", "vb", "kbits", "kq", "vq")] +
                       [d[n][0] for n in ("kbits", "vbits", "kq", "vq")])
-        return spans(src, dst), sec, geo, V_DROP, K_MAP, V_MAP
+        return spans(src, dst), sec, geo, V_DROP, K_MAP, V_MAP, V_PAIR
     sec = _frozen([o[n][0] for n in ("kbits", "vbits", "kq", "vq")] +
                   [d[n][0] for n in ("kq", "vq")])
-    return spans(src, dst), sec, geo, TO_8
+    return spans(src, dst), sec, geo, TO_8, V_UNPAIR
 
 
 @njit(**JIT)
@@ -127,7 +139,7 @@ def _allocate_values(gains, n, budget, out):  # type: ignore[no-untyped-def]
 
 
 @njit(**JIT)
-def int3_from_int4a(src, dst, spans, sec, geo, vdrop, kmap, vmap):  # type: ignore[no-untyped-def]
+def int3_from_int4a(src, dst, spans, sec, geo, vdrop, kmap, vmap, vpair):  # type: ignore[no-untyped-def]
     """An int4a blob ``src`` -> the int3 blob ``dst`` (zeroed, header left to the caller).
     Returns True when the int4a key map is bad (widths outside 2..8 or a layer's sum off).
     ``sec``: blob offsets of exps, vb, kbits, kq, vq in ``src``, then kbits, vbits, kq, vq in
@@ -209,11 +221,24 @@ def int3_from_int4a(src, dst, spans, sec, geo, vdrop, kmap, vmap):  # type: igno
         onb = np.int64(0)
         k = 0
         rv = (HD + 1) // 2
+        paired = Gv % 2 == 0 and HD % 2 == 0
         for t in range(Tq):
             ip = sec[4] + (layer * Tq + t) * rv
             for g in range(nv):  # a group's channels share a width
                 w = vw[t * nv + g]
-                for ch in range(g * Gv, min(g * Gv + Gv, HD)):
+                c0, c1 = g * Gv, min(g * Gv + Gv, HD)
+                if paired:  # the group's channels come in whole bytes: two at a time
+                    w2 = 2 * w
+                    for b in range(ip + (c0 >> 1), ip + (c1 >> 1)):
+                        oacc |= np.uint64(vpair[w, src[b]]) << np.uint64(onb)
+                        onb += w2
+                        if onb >= 32:
+                            _put4(dst, op + k, oacc)
+                            oacc >>= np.uint64(32)
+                            k += 4
+                            onb -= 32
+                    continue
+                for ch in range(c0, c1):
                     q4 = (np.int64(src[ip + (ch >> 1)]) >> ((ch & 1) << 2)) & 15
                     oacc |= np.uint64(vmap[w, q4]) << np.uint64(onb)
                     onb += w
@@ -231,7 +256,7 @@ def int3_from_int4a(src, dst, spans, sec, geo, vdrop, kmap, vmap):  # type: igno
 
 
 @njit(**JIT)
-def int3_to_int8(src, dst, spans, sec, geo, to_8):  # type: ignore[no-untyped-def]
+def int3_to_int8(src, dst, spans, sec, geo, to_8, unpair):  # type: ignore[no-untyped-def]
     """An int3 blob ``src`` -> the int8 blob ``dst`` (zeroed, header left to the caller) that
     decodes to the same page. Returns 0, or 1 on a bad key map, 2 on a bad value map. ``sec``:
     offsets of kbits, vbits, kq, vq in ``src``, then kq, vq in ``dst``; ``geo`` as in
@@ -277,6 +302,7 @@ def int3_to_int8(src, dst, spans, sec, geo, to_8):  # type: ignore[no-untyped-de
                 acc >>= np.uint64(w)
                 nb -= w
         ip = sec[3] + layer * vlb
+        paired = Gv % 2 == 0 and HD % 2 == 0
         acc = np.uint64(0)
         nb = np.int64(0)
         j = 0
@@ -284,9 +310,26 @@ def int3_to_int8(src, dst, spans, sec, geo, to_8):  # type: ignore[no-untyped-de
             op = sec[5] + (layer * Tq + t) * HD
             for g in range(nv):  # a group's channels share a width
                 w = vw[t * nv + g]
+                c0, c1 = g * Gv, min(g * Gv + Gv, HD)
+                if paired:  # two channels at once
+                    sw2 = np.uint64(2 * w)
+                    mask2 = np.uint64((1 << (2 * w)) - 1)
+                    for ch in range(c0, c1, 2):
+                        if nb < 2 * w:
+                            for _ in range(4):
+                                if j < vlb:
+                                    acc |= np.uint64(src[ip + j]) << np.uint64(nb)
+                                j += 1
+                                nb += 8
+                        two = unpair[w, acc & mask2]
+                        dst[op + ch] = np.uint8(two & 0xFF)
+                        dst[op + ch + 1] = np.uint8(two >> 8)
+                        acc >>= sw2
+                        nb -= 2 * w
+                    continue
                 sw = np.uint64(w)
                 mask = np.uint64((1 << w) - 1)
-                for ch in range(g * Gv, min(g * Gv + Gv, HD)):
+                for ch in range(c0, c1):
                     if nb < w:
                         for _ in range(4):
                             if j < vlb:
