@@ -137,16 +137,18 @@ def test_imports_go_one_way() -> None:
 
 
 SHARED_WITH_THE_CLIENT = "kvtier_client.shm_layout"  # the segment layout both sides read
+DATA_FRAMES = "kvtier_client.data_frame"  # the data channel's frames, the same for both sides
 
 
 def test_the_server_imports_the_client_package_only_in_the_lab() -> None:
     """The daemon must not depend on what inference workers import; the lab drives daemons
     the way workers do, so it may. One exception: the transport reads the shared-memory
-    segment's layout from the one module that defines it for both sides."""
+    segment's layout and the data channel's frames from the modules that define them for both
+    sides."""
     bad = [f"{name} imports {imp.module}" for name, path in _own_modules()
            for imp in _imports(path)
            if imp.module.split(".")[0] == "kvtier_client" and not name.startswith("kvtier.lab.")
-           and not (imp.module == SHARED_WITH_THE_CLIENT
+           and not (imp.module in (SHARED_WITH_THE_CLIENT, DATA_FRAMES)
                     and name.startswith("kvtier.transport."))]
     assert not bad, "\n".join(bad)
 
@@ -158,6 +160,17 @@ def test_the_shared_segment_layout_imports_nothing() -> None:
     imports = [ast.unparse(n) for n in ast.walk(tree)
                if isinstance(n, (ast.Import, ast.ImportFrom))]
     assert imports == ["from __future__ import annotations"], imports
+
+
+def test_the_data_frames_import_only_the_standard_library() -> None:
+    """Both sides import them, so they may depend on neither."""
+    path = ROOT / "client" / Path(*DATA_FRAMES.split(".")).with_suffix(".py")
+    tree = ast.parse(path.read_text())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+             for a in n.names}
+    names |= {str(n.module).split(".")[0] for n in ast.walk(tree)
+              if isinstance(n, ast.ImportFrom)}
+    assert names <= {"__future__", "socket", "struct", "collections", "dataclasses"}, names
 
 
 def test_only_the_transports_import_the_generated_protocol_code() -> None:

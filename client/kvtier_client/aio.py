@@ -2,8 +2,10 @@
 
 Page bytes travel as in the sync client: through a shared-memory segment when the daemon is on
 this host (``shared_memory="auto"``, the default, tries it for loopback addresses and falls back
-to inline gRPC if the daemon cannot attach it or ends the session), else inline in chunked gRPC
-streams. Retries and deadlines follow the same rules (:class:`kvtier_client.core.Attempts`).
+if the daemon cannot attach it or ends the session), else over the data channel
+(:mod:`kvtier_client.data`; its blocking socket work runs on a worker thread), else inline in
+chunked gRPC streams. Retries and deadlines follow the same rules
+(:class:`kvtier_client.core.Attempts`).
 Transfers through the segment are serialized per client by an :class:`asyncio.Lock`; the
 copies into and out of the segment run on the event loop (a memcpy, ~0.1 ms per MiB).
 
@@ -14,6 +16,7 @@ the core plans each call, this class awaits it.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -22,7 +25,10 @@ import grpc.aio
 
 from kvtier_client import core
 from kvtier_client import shm as shm_mod
+from kvtier_client.credentials import with_token
 from kvtier_client.core import DEFAULT_CHUNK_BYTES, CacheStats, LookupResult
+from kvtier_client.data import DataChannel, DataConn, put_parts
+from kvtier_client.errors import KVTierClientError
 from kvtier_client.staging import new_page, release_page
 from kvtier_client.tensors import FetchedPage, Page
 from kvtier_proto.v1 import cache_pb2 as pb
@@ -37,7 +43,9 @@ class AsyncKVTierClient:
     def __init__(self, target: str, namespace: str = "default", *, timeout_s: float = 30.0,
                  shared_memory: bool | str = "auto", shm_bytes: int = 256 << 20,
                  staging_bytes: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 overlap_copy: bool = True, lend_bytes: int | None = None) -> None:
+                 overlap_copy: bool = True, lend_bytes: int | None = None,
+                 token: str | None = None, data_channel: bool = True,
+                 data_ssl: ssl.SSLContext | None = None) -> None:
         self.target = target
         self.namespace = namespace
         self.timeout_s = timeout_s
@@ -46,8 +54,9 @@ class AsyncKVTierClient:
         self._shm = shm_mod.SessionSlot(core.wants_shared_memory(shared_memory, target),
                                         shm_bytes, target, staging_bytes, lend_bytes)
         self._channel = grpc.aio.insecure_channel(target, options=core.CHANNEL_OPTIONS)
-        self._stub = pb_grpc.CacheServiceStub(self._channel)
+        self._stub = with_token(pb_grpc.CacheServiceStub(self._channel), token)
         self._shm_lock = asyncio.Lock()
+        self._data = DataChannel(data_channel, target, data_ssl)
 
     async def _call(self, method: str, fn: Callable[[float], Awaitable[T]],
                     timeout_s: float | None, idempotent: bool) -> T:
@@ -58,7 +67,7 @@ class AsyncKVTierClient:
             left = attempts.start()
             try:
                 return await fn(left)
-            except grpc.RpcError as e:
+            except (grpc.RpcError, KVTierClientError) as e:
                 await asyncio.sleep(attempts.failed(e))
 
     async def _session(self, namespace: str) -> shm_mod.Session | None:
@@ -98,9 +107,32 @@ class AsyncKVTierClient:
                     except BaseException as e:  # a cancel too
                         if not core.put_failed(self._shm, plan, e):
                             raise
+            if self._data.usable:
+                conn = await self._data_conn(ns, left)
+                if conn is not None:
+                    headers, parts, _ = put_parts(wire)
+                    reply = await asyncio.to_thread(self._data.put_on, conn, headers, parts,
+                                                    left)
+                    if reply is not None:
+                        return reply
             return await self._send(core.plan_put(ns, wire, None, self.chunk_bytes, False), left)
 
         return core.put_outcomes(await self._call("Put", send, timeout_s, True))
+
+    async def _data_conn(self, namespace: str, left: float) -> DataConn | None:
+        """As :meth:`KVTierClient._data_conn`; the blocking connect runs on a thread. Page
+        bytes move on a thread too (``DataChannel.put_on`` / ``get_on``), which gives the
+        connection back itself, so a cancelled call never hands back a connection in use."""
+        conn = self._data.take(namespace)
+        if conn is not None:
+            return conn
+        try:
+            reply = await self._stub.OpenData(self._data.open_request(namespace), timeout=left)
+        except grpc.RpcError as e:
+            if self._data.open_failed(e.code().name):
+                return None
+            raise
+        return await asyncio.to_thread(self._data.connect, namespace, reply, left)
 
     async def _send(self, plan: core.PutPlan, left: float) -> pb.PutReply:
         reply: pb.PutReply
@@ -151,6 +183,11 @@ class AsyncKVTierClient:
                     except grpc.RpcError as e:
                         if not core.call_failed(self._shm, e):
                             raise
+            if self._data.usable:
+                conn = await self._data_conn(ns, left)
+                if conn is not None:
+                    return await asyncio.to_thread(self._data.get_on, conn, keys, left,
+                                                   as_torch)
             req = core.get_request(ns, keys, self.chunk_bytes)
             return await self._collect(req, left, as_torch, None)
 
@@ -209,7 +246,13 @@ class AsyncKVTierClient:
     def uses_shared_memory(self) -> bool:
         return self._shm.session is not None
 
+    @property
+    def uses_data_channel(self) -> bool:
+        """As :attr:`KVTierClient.uses_data_channel`."""
+        return self._data.usable
+
     async def close(self) -> None:
+        self._data.close()
         async with self._shm_lock:
             session = self._shm.session
             self._shm.drop()

@@ -5,9 +5,11 @@ deadline (``timeout_s``, the client's default unless given). Only idempotent cal
 key -, get, lookup, promote, stats) are retried, and only on UNAVAILABLE, within the deadline.
 Errors are :mod:`kvtier_client.errors` classes carrying the status code and the daemon's message.
 
-Page bytes travel inline over gRPC (chunked streams) or, when the daemon is on this host,
-through a shared-memory segment (``shared_memory="auto"``, the default, tries it for loopback
-addresses and falls back to inline if the daemon cannot attach it).
+Page bytes travel through a shared-memory segment when the daemon is on this host
+(``shared_memory="auto"``, the default, tries it for loopback addresses), else over the data
+channel (:mod:`kvtier_client.data`: TCP frames beside gRPC, ``data_channel=True``, the
+default), else inline over gRPC (chunked streams), each falling back to the next where the
+daemon does not offer it.
 
 A thin driver: what each call sends, through which path, when it is retried and what its
 replies mean is planned by :mod:`kvtier_client.core`; this class makes the blocking calls.
@@ -16,6 +18,7 @@ replies mean is planned by :mod:`kvtier_client.core`; this class makes the block
 from __future__ import annotations
 
 import queue
+import ssl
 import threading
 import time
 import weakref
@@ -26,7 +29,9 @@ import grpc
 
 from kvtier_client import core
 from kvtier_client import shm as shm_mod
+from kvtier_client.credentials import with_token
 from kvtier_client.core import DEFAULT_CHUNK_BYTES, CacheStats, LookupResult, TierStats
+from kvtier_client.data import DataChannel, DataConn, put_parts
 from kvtier_client.errors import KVTierClientError
 from kvtier_client.shm import Segment
 from kvtier_client.staging import new_page, release_page
@@ -55,13 +60,18 @@ class KVTierClient:
     copy the lent pages out in the background, after which puts lend again. The area and its
     return ring (512 KiB) come out of the request area, which bounds how many bytes one get
     can bring back through the segment. The asyncio client takes it too.
+
+    ``token``: the tenant token a daemon with tenant auth wants on every call (sent as
+    ``authorization: Bearer <token>``; see ``kvtier token create``). The asyncio client and
+    :class:`~kvtier_client.device.DeviceSession` take it too.
     """
 
     def __init__(self, target: str, namespace: str = "default", *, timeout_s: float = 30.0,
                  shared_memory: bool | str = "auto", shm_bytes: int = 256 << 20,
                  staging_bytes: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  overlap_copy: bool = True, lend_bytes: int | None = None,
-                 channel: grpc.Channel | None = None) -> None:
+                 channel: grpc.Channel | None = None, token: str | None = None,
+                 data_channel: bool = True, data_ssl: ssl.SSLContext | None = None) -> None:
         self.target = target
         self.namespace = namespace
         self.timeout_s = timeout_s
@@ -70,9 +80,10 @@ class KVTierClient:
         self._shm = shm_mod.SessionSlot(core.wants_shared_memory(shared_memory, target),
                                         shm_bytes, target, staging_bytes, lend_bytes)
         self._channel = channel or grpc.insecure_channel(target, options=core.CHANNEL_OPTIONS)
-        self._stub = pb_grpc.CacheServiceStub(self._channel)
+        self._stub = with_token(pb_grpc.CacheServiceStub(self._channel), token)
         self._shm_lock = threading.Lock()
         self._filler = Filler()
+        self._data = DataChannel(data_channel, target, data_ssl)
         weakref.finalize(self, self._filler.close)  # its thread ends with the client
 
     # -- plumbing --------------------------------------------------------------------------
@@ -86,7 +97,7 @@ class KVTierClient:
             left = attempts.start()
             try:
                 return fn(left)
-            except grpc.RpcError as e:
+            except (grpc.RpcError, KVTierClientError) as e:
                 time.sleep(attempts.failed(e))
 
     def _session(self, namespace: str) -> shm_mod.Session | None:
@@ -129,9 +140,36 @@ class KVTierClient:
                     except BaseException as e:
                         if not core.put_failed(self._shm, plan, e):
                             raise
+            if self._data.usable:
+                reply = self._data_put(ns, wire, left)
+                if reply is not None:
+                    return reply
             return self._send(core.plan_put(ns, wire, None, self.chunk_bytes, False), left)
 
         return core.put_outcomes(self._call("Put", send, timeout_s, idempotent=True))
+
+    def _data_conn(self, namespace: str, left: float) -> DataConn | None:
+        """A data connection of ``namespace`` (idle, or opened with a fresh ticket), or None
+        where the daemon offers no data channel (the call goes down gRPC)."""
+        conn = self._data.take(namespace)
+        if conn is not None:
+            return conn
+        try:
+            reply = self._stub.OpenData(self._data.open_request(namespace), timeout=left)
+        except grpc.RpcError as e:
+            if self._data.open_failed(e.code().name):
+                return None
+            raise
+        return self._data.connect(namespace, reply, left)
+
+    def _data_put(self, namespace: str, wire: Sequence[core.WirePage],
+                  left: float) -> pb.PutReply | None:
+        """The put over the data channel, or None where it cannot go there."""
+        conn = self._data_conn(namespace, left)
+        if conn is None:
+            return None
+        headers, parts, _ = put_parts(wire)
+        return self._data.put_on(conn, headers, parts, left)
 
     def _send(self, plan: core.PutPlan, left: float) -> pb.PutReply:
         reply: pb.PutReply
@@ -188,6 +226,10 @@ class KVTierClient:
                     except grpc.RpcError as e:
                         if not core.call_failed(self._shm, e):
                             raise
+            if self._data.usable:
+                conn = self._data_conn(ns, left)
+                if conn is not None:
+                    return self._data.get_on(conn, keys, left, as_torch)
             req = core.get_request(ns, keys, self.chunk_bytes)
             return self._collect(req, left, as_torch, None)
 
@@ -234,7 +276,14 @@ class KVTierClient:
     def uses_shared_memory(self) -> bool:
         return self._shm.session is not None
 
+    @property
+    def uses_data_channel(self) -> bool:
+        """Whether calls that do not go through shared memory take the data channel (until a
+        call finds the daemon without one)."""
+        return self._data.usable
+
     def close(self) -> None:
+        self._data.close()
         with self._shm_lock:
             self._shm.drop()
             self._filler.close()

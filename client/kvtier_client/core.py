@@ -31,7 +31,7 @@ import grpc
 import numpy as np
 
 from kvtier_client import shm as shm_mod
-from kvtier_client.errors import DeadlineExceededError, from_rpc_error
+from kvtier_client.errors import DeadlineExceededError, KVTierClientError, from_rpc_error
 from kvtier_client.shm import abandoned, ranges_back, session_lost
 from kvtier_client.shm_layout import ALIGN, DATA_OFFSET, align_up
 from kvtier_client.tensors import FetchedPage, Page, WireTensor, from_wire, nbytes_of, to_wire
@@ -98,10 +98,11 @@ class Attempts:
                                         method=self.method)
         return left
 
-    def failed(self, e: grpc.RpcError) -> float:
-        """The attempt failed with ``e``: the seconds to wait before the next one, or the typed
-        error raised when the rule allows no other."""
-        err = from_rpc_error(e, self.method)
+    def failed(self, e: grpc.RpcError | KVTierClientError) -> float:
+        """The attempt failed with ``e`` (a gRPC error, or a typed one from the data channel):
+        the seconds to wait before the next one, or the typed error raised when the rule
+        allows no other."""
+        err = e if isinstance(e, KVTierClientError) else from_rpc_error(e, self.method)
         wait = BACKOFF_S * self.attempt
         if (self.idempotent and err.code == "UNAVAILABLE" and self.attempt < RETRIES
                 and self.deadline - time.monotonic() > wait):

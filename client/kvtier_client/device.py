@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from kvtier_client.credentials import with_token
 from kvtier_client.errors import FailedPreconditionError, from_rpc_error
 from kvtier_proto.v1 import device_pb2 as pb
 from kvtier_proto.v1 import device_pb2_grpc as pb_grpc
@@ -85,7 +86,8 @@ class DeviceSession:
     """One CUDA IPC session with a daemon on this GPU host (see the module docstring)."""
 
     def __init__(self, target: str | None, namespace: str = "default", *,
-                 channel: grpc.Channel | None = None, timeout_s: float = 30.0) -> None:
+                 channel: grpc.Channel | None = None, timeout_s: float = 30.0,
+                 token: str | None = None) -> None:
         import torch
 
         if channel is None and target is None:
@@ -94,7 +96,7 @@ class DeviceSession:
         self.timeout_s = timeout_s
         self._owns_channel = channel is None
         self._channel = channel or grpc.insecure_channel(str(target))
-        self._stub = pb_grpc.DeviceServiceStub(self._channel)
+        self._stub = with_token(pb_grpc.DeviceServiceStub(self._channel), token)
         self._attach = self._stub.AttachDevice(pb.AttachDeviceRequest(namespace=namespace),
                                                timeout=None)
         try:

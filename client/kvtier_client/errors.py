@@ -77,3 +77,9 @@ def from_rpc_error(err: Any, method: str) -> KVTierClientError:
     message = err.details() or code
     cls = _BY_CODE.get(code, KVTierClientError)
     return cls(message, code=code, method=method)
+
+
+def from_code(code: str, message: str, method: str) -> KVTierClientError:
+    """The typed error for a status code name and message (the data channel's ERROR frames)."""
+    cls = _BY_CODE.get(code, KVTierClientError)
+    return cls(message or code, code=code, method=method)

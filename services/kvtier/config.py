@@ -9,6 +9,9 @@ Nested fields use ``__`` in environment variables, e.g. ``KVTIER_REDIS__URL`` or
 from __future__ import annotations
 
 import json
+import logging
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from kvtier.errors import ConfigError
 from kvtier.types import Codec, Medium
+
+log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -30,7 +35,7 @@ class TierConfig(BaseModel):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
     medium: Medium
     codec: Codec
-    capacity_bytes: int = Field(gt=0)
+    capacity_bytes: int = Field(gt=0, le=2**63 - 1)  # the wire (int64) holds no more
     high_watermark: float = Field(default=0.90, gt=0.0, le=1.0)
     low_watermark: float = Field(default=0.75, ge=0.0, lt=1.0)
 
@@ -94,6 +99,38 @@ class PolicyConfig(BaseModel):
     address: str | None = None  # host:port of a policy service; None = embedded
     timeout_s: float = Field(default=0.05, gt=0)
     queue_size: int = Field(default=65536, ge=16)
+    # shared secret of the policy service's gRPC port: the service requires it and daemons
+    # send it ("authorization: Bearer <token>"); None: no token
+    token: str | None = None
+
+
+class AuthConfig(BaseModel):
+    """Tenant tokens on the data plane (see kvtier.transport.auth)."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    # JSON file of token hashes written by ``kvtier token create``; None: no tenant auth
+    # (then gRPC may only listen on loopback unless insecure_allow_unauthenticated)
+    tokens_file: str | None = None
+    # how often the daemon looks for changes of the file (revocation takes at most this)
+    reload_interval_s: float = Field(default=1.0, gt=0, le=3600)
+    # serve gRPC beyond loopback with no tokens: anyone who reaches the port has every namespace
+    insecure_allow_unauthenticated: bool = False
+
+
+class DataConfig(BaseModel):
+    """The data channel (``kvtier.transport.data``): page bytes of remote workers' puts and
+    gets over plain TCP frames beside gRPC, which stays the control plane (``OpenData``)."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    enabled: bool = True
+    host: str | None = None  # None: grpc_host
+    port: int = Field(default=0, ge=0, le=65535)  # 0: any free port (announced by OpenData)
+    max_frame_bytes: int = Field(default=1 << 30, ge=1 << 20)  # payload of one frame
+    idle_timeout_s: float = Field(default=300.0, gt=0)  # between frames of a connection
+    max_connections: int = Field(default=256, ge=1)
+    ticket_ttl_s: float = Field(default=30.0, gt=0)  # an OpenData ticket is void after this
 
 
 class Settings(BaseSettings):
@@ -128,6 +165,8 @@ class Settings(BaseSettings):
     # the device tier's memory, taken once at start (kvtier.store.device_pool); None: the
     # device tier's capacity on CUDA and no pool on a CPU device; 0: no pool
     device_pool_bytes: int | None = Field(default=None, ge=0)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
 
     @field_validator("tiers")
     @classmethod
@@ -203,6 +242,9 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a JSON object")
     data.update(overrides)
+    for name in unknown_env_vars(os.environ):
+        log.warning("unknown environment variable %s ignored: no kvtier setting has that name "
+                    "(nested settings use '__', e.g. KVTIER_REDIS__URL)", name)
     try:
         return Settings(**data)
     except ValidationError as e:
@@ -212,3 +254,31 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         )
         raise ConfigError(f"invalid configuration: {problems}") from None
 
+
+
+# KVTIER_ variables that are not settings: read by docker compose files and test scripts
+NON_SETTING_ENV = frozenset({"KVTIER_IMAGE_TAG", "KVTIER_MODEL_DIR",
+                             "KVTIER_REDIS_NODE_MAXMEMORY"})
+
+
+def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
+    """``KVTIER_*`` names in ``environ`` that match no setting (a typo is otherwise silent).
+
+    Names are matched as pydantic-settings does: case-insensitively, nested fields after
+    ``__`` (``KVTIER_REDIS__URL``).
+    """
+    unknown = []
+    for name in environ:
+        upper = name.upper()
+        if not upper.startswith("KVTIER_") or upper in NON_SETTING_ENV:
+            continue
+        model: Any = Settings
+        for part in upper[len("KVTIER_"):].split("__"):
+            fields = getattr(model, "model_fields", None)
+            field = fields.get(part.lower()) if fields else None
+            if field is None:
+                unknown.append(name)
+                break
+            ann = field.annotation
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return sorted(unknown)

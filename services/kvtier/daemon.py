@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -35,8 +36,11 @@ from kvtier.config import Settings
 from kvtier.store.buffers import BufferPool
 from kvtier.store.policy import Policy
 from kvtier.store.store import TierStore
+from kvtier.transport.auth.exposure import check_grpc_exposure
+from kvtier.transport.auth.tokens import TokenRegistry
 from kvtier.transport.cache.server import make_grpc_server
 from kvtier.transport.context import DaemonContext, HttpServer, Readiness, StartHttp
+from kvtier.transport.data.server import DataServer
 from kvtier.transport.policy.client import make_policy
 from kvtier.transport.shm.relocate import Relocator
 from kvtier.transport.shm.session import ShmRegistry
@@ -111,6 +115,7 @@ class Daemon:
         self._shm = ShmRegistry()
         self._http: HttpServer | None = None
         self.grpc_port: int | None = None
+        self._data: DataServer | None = None
 
     @property
     def context(self) -> DaemonContext:
@@ -127,32 +132,62 @@ class Daemon:
         return self._http.port if self._http is not None else None
 
     @property
+    def data_port(self) -> int | None:
+        """The data channel's port (None: off)."""
+        return self._data.port if self._data is not None else None
+
+    def _data_ssl(self) -> ssl.SSLContext | None:
+        """The data channel's TLS: the daemon's TLS settings once it has them (None: plain
+        TCP, as the gRPC port)."""
+        return None
+
+    @property
     def grpc_address(self) -> str:
         return f"{self.settings.grpc_host}:{self.grpc_port}"
 
+    def reload_tokens(self) -> bool:
+        """Re-read the tokens file now (``kvtier serve`` calls it on SIGHUP); False if there
+        is none or it is unusable (then every token is denied until it is fixed)."""
+        tokens = self._context.tokens if self._context is not None else None
+        return tokens.reload() if tokens is not None else False
+
     def start(self) -> Daemon:
         s = self.settings
+        check_grpc_exposure(s)
+        tokens = (TokenRegistry(s.auth.tokens_file, s.auth.reload_interval_s)
+                  if s.auth.tokens_file else None)
         policy = self._policy if self._policy is not None else make_policy(s.policy)
         store = TierStore(s, policy)
         store.start()
         try:
             buffers = BufferPool(s.host_buffer_pool_bytes, s.buffer_reserve_bytes)
             ctx = DaemonContext(settings=s, store=store, buffers=buffers,
-                                relocator=Relocator(store, buffers))
+                                relocator=Relocator(store, buffers), tokens=tokens)
+            if s.data.enabled:
+                self._data = DataServer(ctx, s.data.host or s.grpc_host, s.data.port,
+                                        ssl_context=self._data_ssl())
             server, port = make_grpc_server(ctx, s.grpc_host, s.grpc_port, shm=self._shm,
-                                            interceptors=self._interceptors)
+                                            interceptors=self._interceptors, data=self._data)
             server.start()
+            if self._data is not None:
+                self._data.start()
             self._context, self._server, self.grpc_port = ctx, server, port
             if self._start_http is not None:
                 self._http = self._start_http(ctx)
         except BaseException:
             if self._server is not None:
                 self._server.stop(0).wait(5.0)  # the port is closed when start() raises
+            if self._data is not None:
+                self._data.stop()
             store.close()
             raise
         ctx.health.set(Readiness.SERVING)
         log.info("kvtier daemon serving gRPC on %s:%d (kvtier.v1.CacheService, "
                  "grpc.health.v1, reflection)", s.grpc_host, port)
+        if self._data is not None:
+            log.info("kvtier daemon serving the data channel on %s:%d%s",
+                     s.data.host or s.grpc_host, self._data.port,
+                     " (TLS)" if self._data.tls else "")
         if self._http is not None:
             log.info("kvtier daemon serving HTTP on http://%s:%d", s.http_host, self._http.port)
         for t in s.tiers:
@@ -161,6 +196,11 @@ class Daemon:
                      t.high_watermark, t.low_watermark)
         log.info("redis tier backend: %s; policy: %s; max page %d B",
                  s.redis.url or "none", policy.name, s.max_page_bytes)
+        if tokens is not None:
+            log.info("tenant tokens from %s (%d tokens; reloaded on change and on SIGHUP)",
+                     s.auth.tokens_file, len(tokens))
+        else:
+            log.info("no tenant tokens: every gRPC caller may use every namespace")
         return self
 
     def stop(self, grace_s: float = 5.0, drain: bool = False) -> None:
@@ -175,6 +215,8 @@ class Daemon:
                      ", draining memory tiers to redis" if drain else "")
             done = self._server.stop(grace_s) if self._server is not None else None
             self._shm.close_all()  # ends AttachShm calls so they do not hold the grace period
+            if self._data is not None:  # its frames in flight fail; clients go to gRPC
+                self._data.stop()
             if done is not None:
                 done.wait(grace_s + 1.0)
             if ctx.relocator is not None:  # no copy-outs beside the drain and the close

@@ -40,6 +40,12 @@ class PageTooLarge(InvalidArgument):
     """A page above the configured maximum page size."""
 
 
+class BodyTooLarge(InvalidArgument):
+    """An admin request body above the admin API's limit (refused before it is read)."""
+
+    http_status = 413
+
+
 class UnknownTier(InvalidArgument):
     """A tier name that is not in the configured stack."""
 
@@ -81,6 +87,14 @@ class Aborted(KVTierError):
 
     grpc_code = "ABORTED"
     http_status = 409
+
+
+class DeadlineExceeded(KVTierError):
+    """The caller's deadline passed before its call was served (the data channel reports it
+    itself; gRPC calls get it from gRPC)."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
+    http_status = 504
 
 
 class CorruptPage(KVTierError):

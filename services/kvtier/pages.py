@@ -18,10 +18,17 @@ import torch
 
 from kvtier.errors import InvalidArgument, PageTooLarge
 from kvtier.finite import check_finite
-from kvtier.types import DTYPES, SUPPORTED_DTYPES, Namespace, Page, PageId, PageKey
+from kvtier.types import (
+    DTYPES,
+    SUPPORTED_DTYPES,
+    Namespace,
+    Page,
+    PageId,
+    PageKey,
+    namespace_problem,
+)
 
 _TORCH: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPES}
-_NAMESPACE_MAX = 128
 
 
 def check_page_finite(page: Page) -> None:
@@ -59,16 +66,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def check_namespace(namespace: str) -> Namespace:
-    if not namespace or len(namespace) > _NAMESPACE_MAX:
-        raise InvalidArgument(
-            f"namespace must be 1..{_NAMESPACE_MAX} characters, got {len(namespace)}",
-            field="namespace",
-        )
-    if not all(c.isalnum() or c in "-_." for c in namespace):
-        raise InvalidArgument(
-            f"namespace {namespace!r} may only hold letters, digits, '-', '_' and '.'",
-            field="namespace",
-        )
+    """``namespace`` if valid (see :func:`kvtier.types.namespace_problem`), else InvalidArgument."""
+    problem = namespace_problem(namespace)
+    if problem is not None:
+        raise InvalidArgument(problem, field="namespace")
     return Namespace(namespace)
 
 

@@ -19,6 +19,28 @@ PageKey = NewType("PageKey", bytes)
 Namespace = NewType("Namespace", str)
 """A tenant. No namespace can see another's keys."""
 
+NAMESPACE_MAX = 128
+NAMESPACE_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+def namespace_problem(namespace: object) -> str | None:
+    """Why ``namespace`` is not a valid namespace, or None if it is.
+
+    A namespace is 1..128 characters of ASCII letters, digits, ``-``, ``_`` and ``.``, does not
+    start with ``.`` and holds no ``..``. Only ASCII: a full-width or accented letter would make
+    names that look equal and are not, and the same names appear in paths, metrics and tokens.
+    """
+    if not isinstance(namespace, str):
+        return f"namespace must be a string, got {type(namespace).__name__}"
+    if not namespace or len(namespace) > NAMESPACE_MAX:
+        return f"namespace must be 1..{NAMESPACE_MAX} characters, got {len(namespace)}"
+    if not NAMESPACE_ALPHABET.issuperset(namespace):
+        return (f"namespace {namespace[:NAMESPACE_MAX]!r} may only hold ASCII letters, digits, "
+                "'-', '_' and '.'")
+    if namespace.startswith(".") or ".." in namespace:
+        return f"namespace {namespace!r} must not start with '.' or hold '..'"
+    return None
+
 TierName = NewType("TierName", str)
 
 

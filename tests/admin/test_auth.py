@@ -61,11 +61,16 @@ def test_auth_is_checked_before_the_body(admin: Admin) -> None:
                            headers={"Authorization": "Bearer wrong"}), 403, "PERMISSION_DENIED")
 
 
-def test_reads_need_no_token(admin: Admin) -> None:
+def test_daemon_wide_reads_need_no_token_and_page_reads_do(admin: Admin) -> None:
     keys = put_pages(admin, 1)
     for path in ("/healthz", "/readyz", "/metrics", "/v1/stats", "/v1/tiers", "/v1/policy",
-                 f"/v1/pages/{NS}/{keys[0].hex()}", "/docs", "/openapi.json"):
+                 "/docs", "/openapi.json"):
         assert admin.http.get(path).status_code == 200, path
+    page = f"/v1/pages/{NS}/{keys[0].hex()}"
+    error(admin.http.get(page), 401, "UNAUTHENTICATED", "authorization")
+    error(admin.http.get(page, headers={"Authorization": "Bearer wrong"}), 403,
+          "PERMISSION_DENIED")
+    assert admin.http.get(page, headers=AUTH).status_code == 200
 
 
 def test_mutations_disabled_are_forbidden_even_with_the_token(

@@ -107,7 +107,8 @@ def _traffic(daemon: Daemon, stop: threading.Event) -> None:
     rng = np.random.default_rng(0)
     store = daemon.context.store
     ns = "prom"
-    with KVTierClient(daemon.grpc_address, namespace=ns, shared_memory=False) as client:
+    with KVTierClient(daemon.grpc_address, namespace=ns, shared_memory=False,
+                      data_channel=False) as client:
         i = 0
         while not stop.is_set():
             keys = [f"k{i}-{j}".encode() for j in range(3)]

@@ -119,7 +119,7 @@ def test_patch_tier_rejects_bad_input(admin: Admin) -> None:
 def test_page_info(admin: Admin) -> None:
     keys = put_pages(admin, 2)
     admin.store.get(NS, [keys[1]])
-    r = admin.http.get(f"/v1/pages/{NS}/{keys[1].hex()}")
+    r = admin.http.get(f"/v1/pages/{NS}/{keys[1].hex()}", headers=AUTH)
     assert r.status_code == 200, r.text
     info = r.json()
     assert info["namespace"] == NS and info["key"] == keys[1].hex()
@@ -128,16 +128,19 @@ def test_page_info(admin: Admin) -> None:
     assert info["access_count"] >= 2 and info["chain_position"] == 1
     assert info["last_access_time"] > 0 and isinstance(info["score"], float)
     # Namespaces are separate: the same key in another tenant does not exist.
-    error(admin.http.get(f"/v1/pages/tenant-b/{keys[1].hex()}"), 404, "NOT_FOUND", "key_hex")
+    error(admin.http.get(f"/v1/pages/tenant-b/{keys[1].hex()}", headers=AUTH), 404,
+          "NOT_FOUND", "key_hex")
 
 
 def test_page_routes_reject_bad_keys_and_namespaces(admin: Admin) -> None:
-    error(admin.http.get(f"/v1/pages/{NS}/abcd"), 404, "NOT_FOUND", "key_hex")
-    error(admin.http.get(f"/v1/pages/{NS}/xyz1"), 400, "INVALID_ARGUMENT", "key_hex")
-    error(admin.http.get(f"/v1/pages/{NS}/abc"), 400, "INVALID_ARGUMENT", "key_hex")
+    error(admin.http.get(f"/v1/pages/{NS}/abcd", headers=AUTH), 404, "NOT_FOUND", "key_hex")
+    error(admin.http.get(f"/v1/pages/{NS}/xyz1", headers=AUTH), 400, "INVALID_ARGUMENT", "key_hex")
+    error(admin.http.get(f"/v1/pages/{NS}/abc", headers=AUTH), 400, "INVALID_ARGUMENT", "key_hex")
     long_key = "ab" * 2000
-    error(admin.http.get(f"/v1/pages/{NS}/{long_key}"), 400, "INVALID_ARGUMENT", "key")
-    error(admin.http.get("/v1/pages/bad%20ns/abcd"), 400, "INVALID_ARGUMENT", "namespace")
+    error(admin.http.get(f"/v1/pages/{NS}/{long_key}", headers=AUTH), 400,
+          "INVALID_ARGUMENT", "key")
+    error(admin.http.get("/v1/pages/bad%20ns/abcd", headers=AUTH), 400,
+          "INVALID_ARGUMENT", "namespace")
     error(admin.http.delete(f"/v1/pages/{NS}/zz", headers=AUTH), 400, "INVALID_ARGUMENT",
           "key_hex")
 
@@ -148,18 +151,18 @@ def test_demote_then_promote(admin: Admin) -> None:
     r = admin.http.post(f"{path}/demote", json={"tier": "cold"}, headers=AUTH)
     assert r.status_code == 200, r.text
     assert r.json() == {"namespace": NS, "key": keys[0].hex(), "moved": True, "tier": "cold"}
-    info = admin.http.get(path).json()
+    info = admin.http.get(path, headers=AUTH).json()
     assert info["tier"] == "cold" and info["precision"] == "int4"
     r = admin.http.post(f"{path}/promote", json={"tier": "hot"}, headers=AUTH)
     assert r.status_code == 200 and r.json()["moved"] is True and r.json()["tier"] == "hot"
-    info = admin.http.get(path).json()
+    info = admin.http.get(path, headers=AUTH).json()
     assert info["tier"] == "hot" and info["precision"] == "int4"  # bits lost stay lost
     t = tiers(admin)
     assert t["hot"]["demotions"] >= 1 and t["hot"]["promotions"] >= 1
     # Demote all the way to Redis, then back.
     r = admin.http.post(f"{path}/demote", json={"tier": "remote"}, headers=AUTH)
     assert r.status_code == 200 and r.json()["tier"] == "remote"
-    assert admin.http.get(path).json()["tier"] == "remote"
+    assert admin.http.get(path, headers=AUTH).json()["tier"] == "remote"
 
 
 def test_move_errors(admin: Admin) -> None:
@@ -185,7 +188,7 @@ def test_delete_page(admin: Admin) -> None:
     keys = put_pages(admin, 2)
     r = admin.http.delete(f"/v1/pages/{NS}/{keys[0].hex()}", headers=AUTH)
     assert r.status_code == 200 and r.json()["deleted"] is True
-    error(admin.http.get(f"/v1/pages/{NS}/{keys[0].hex()}"), 404, "NOT_FOUND")
+    error(admin.http.get(f"/v1/pages/{NS}/{keys[0].hex()}", headers=AUTH), 404, "NOT_FOUND")
     error(admin.http.delete(f"/v1/pages/{NS}/{keys[0].hex()}", headers=AUTH), 404, "NOT_FOUND")
     assert admin.store.get(NS, [keys[0]]) == [None]
     assert admin.store.get(NS, [keys[1]])[0] is not None

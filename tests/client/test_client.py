@@ -58,7 +58,8 @@ def test_only_idempotent_calls_retry_on_unavailable() -> None:
     counter = Counter()
     target = f"127.0.0.1:{free_port()}"  # nothing listens there
     channel = grpc.intercept_channel(grpc.insecure_channel(target), counter)
-    c = KVTierClient(target, "r", channel=channel, shared_memory=False, timeout_s=5)
+    c = KVTierClient(target, "r", channel=channel, shared_memory=False, timeout_s=5,
+                     data_channel=False)
     k = np.zeros((1, 1, 1, 8), np.float16)
     for call in (lambda: c.get([b"a"]), lambda: c.lookup([b"a"]),
                  lambda: c.put([b"a"], [Page(k, k)]), lambda: c.delete([b"a"])):

@@ -28,7 +28,8 @@ COMPOSE = ROOT / "docker-compose.yml"
 GPU_OVERLAY = ROOT / "deploy" / "compose.gpu.yml"
 PROMETHEUS_YML = ROOT / "deploy" / "prometheus.yml"
 KVTIER_SERVICES = ("kvtier-daemon", "kvtier-policy")
-COMPOSE_ENV = {"KVTIER_ADMIN_TOKEN": "compose-test-token"}
+COMPOSE_ENV = {"KVTIER_ADMIN_TOKEN": "compose-test-token",
+               "KVTIER_POLICY__TOKEN": "compose-policy-token"}
 
 
 def _compose_config(*files: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -95,11 +96,13 @@ def test_compose_file_validates() -> None:
     ok = subprocess.run([exe, "config", "-q"], cwd=ROOT, env={**env, **COMPOSE_ENV},
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
-    # The admin token is mandatory: without it the file does not even resolve.
-    missing = subprocess.run([exe, "config", "-q"], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=60)
-    assert missing.returncode != 0
-    assert "KVTIER_ADMIN_TOKEN" in missing.stderr
+    # The admin and policy tokens are mandatory: without either the file does not resolve.
+    for name in COMPOSE_ENV:
+        partial = {k: v for k, v in COMPOSE_ENV.items() if k != name}
+        missing = subprocess.run([exe, "config", "-q"], cwd=ROOT, env={**env, **partial},
+                                 capture_output=True, text=True, timeout=60)
+        assert missing.returncode != 0
+        assert name in missing.stderr
 
 
 def test_stack_has_the_five_services(compose: dict[str, Any]) -> None:
@@ -159,6 +162,9 @@ def test_daemon_ports_match_settings(
     assert s.redis.url is not None and s.redis.url.startswith("redis://redis:")
     assert s.policy.address is not None and s.policy.address.startswith("kvtier-policy:")
     assert s.admin_token == COMPOSE_ENV["KVTIER_ADMIN_TOKEN"]
+    assert s.auth.tokens_file and s.policy.token == COMPOSE_ENV["KVTIER_POLICY__TOKEN"]
+    volumes = [_volume(v) for v in svc.get("volumes", [])]
+    assert any(s.auth.tokens_file.startswith(dst + "/") for _, dst in volumes)
     health = " ".join(svc["healthcheck"]["test"])
     assert f"127.0.0.1:{s.http_port}/readyz" in health
 

@@ -51,7 +51,7 @@ def test_panels_cover_what_operators_need(dashboard: dict[str, Any]) -> None:
         for needle in needles:
             assert any(needle in exprs for exprs in panels), f"{word} panel lacks {needle}"
     latency = next(e for t, e in by_title.items() if "latency" in t.lower())
-    assert 'method=~"Get|Put"' in latency
+    assert 'method=~"Get|Put|DataGet|DataPut"' in latency
 
 
 def test_panels_use_the_provisioned_datasource(dashboard: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ def services() -> dict[str, Any]:
         pytest.skip("docker-compose is not installed")
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
     env["KVTIER_ADMIN_TOKEN"] = "t"
+    env["KVTIER_POLICY__TOKEN"] = "p"
     out = subprocess.run([exe, "config"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=60, check=True)
     resolved: dict[str, Any] = yaml.safe_load(out.stdout)["services"]

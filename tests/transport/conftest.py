@@ -88,10 +88,12 @@ def daemon(make_daemon: DaemonFactory) -> Daemon:
     return make_daemon()
 
 
-@pytest.fixture(params=["inline", "shm"])
+@pytest.fixture(params=["inline", "shm", "data"])
 def client(request: pytest.FixtureRequest, daemon: Daemon) -> Iterator[KVTierClient]:
-    """A client of ``daemon`` over each transport path."""
+    """A client of ``daemon`` over each transport path: page bytes in gRPC streams, in
+    shared memory, on the data channel."""
     c = KVTierClient(daemon.grpc_address, "tenant-a", timeout_s=20,
-                     shared_memory=request.param == "shm", shm_bytes=8 * MiB)
+                     shared_memory=request.param == "shm", shm_bytes=8 * MiB,
+                     data_channel=request.param == "data")
     yield c
     c.close()

@@ -49,6 +49,6 @@ def test_the_example_config_loads_and_shows_every_setting() -> None:
 
     data = json.loads(path.read_text())
     assert set(data) == names(Settings)
-    for key in ("codec", "redis", "policy"):
+    for key in ("codec", "redis", "policy", "auth", "data"):
         field = Settings.model_fields[key].annotation
         assert isinstance(field, type) and set(data[key]) == names(field), key

@@ -151,7 +151,7 @@ def test_bad_input_in_a_chunked_put_stream(case: str, daemon: Daemon) -> None:
         page = Page(k, v[:, :256])
         field = "v.shape"
     with KVTierClient(daemon.grpc_address, "stream", shared_memory=False,
-                      chunk_bytes=1 << 20) as c:
+                      chunk_bytes=1 << 20, data_channel=False) as c:
         with pytest.raises(InvalidArgumentError) as info:
             c.put([b"s"], [page])
         assert info.value.message.startswith(f"{field}: ")

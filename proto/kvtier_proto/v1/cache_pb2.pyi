@@ -238,3 +238,27 @@ class AttachShmReply(_message.Message):
     SESSION_FIELD_NUMBER: _ClassVar[int]
     session: str
     def __init__(self, session: _Optional[str] = ...) -> None: ...
+
+class OpenDataRequest(_message.Message):
+    __slots__ = ("namespace", "writable")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    WRITABLE_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    writable: bool
+    def __init__(self, namespace: _Optional[str] = ..., writable: _Optional[bool] = ...) -> None: ...
+
+class OpenDataReply(_message.Message):
+    __slots__ = ("ticket", "port", "tls", "max_frame_bytes", "ticket_ttl_s", "writable")
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TLS_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRAME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TICKET_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    WRITABLE_FIELD_NUMBER: _ClassVar[int]
+    ticket: bytes
+    port: int
+    tls: bool
+    max_frame_bytes: int
+    ticket_ttl_s: float
+    writable: bool
+    def __init__(self, ticket: _Optional[bytes] = ..., port: _Optional[int] = ..., tls: _Optional[bool] = ..., max_frame_bytes: _Optional[int] = ..., ticket_ttl_s: _Optional[float] = ..., writable: _Optional[bool] = ...) -> None: ...

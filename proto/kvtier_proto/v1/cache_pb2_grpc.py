@@ -79,6 +79,11 @@ class CacheServiceStub:
                 request_serializer=kvtier__proto_dot_v1_dot_cache__pb2.AttachShmRequest.SerializeToString,
                 response_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.AttachShmReply.FromString,
                 _registered_method=True)
+        self.OpenData = channel.unary_unary(
+                '/kvtier.v1.CacheService/OpenData',
+                request_serializer=kvtier__proto_dot_v1_dot_cache__pb2.OpenDataRequest.SerializeToString,
+                response_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.OpenDataReply.FromString,
+                _registered_method=True)
 
 
 class CacheServiceServicer:
@@ -151,6 +156,17 @@ class CacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenData(self, request, context):
+        """Open the data channel: a one-time ticket for one TCP connection to the daemon's data port,
+        bound to this namespace (and read-only unless `writable`). Page bytes of Put and Get then
+        travel as length-prefixed frames on that connection (kvtier_client.data_frame describes
+        them) under the same deadlines, error table and tenant binding as these calls. A daemon
+        with the data channel off answers port 0.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -198,6 +214,11 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.AttachShm,
                     request_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.AttachShmRequest.FromString,
                     response_serializer=kvtier__proto_dot_v1_dot_cache__pb2.AttachShmReply.SerializeToString,
+            ),
+            'OpenData': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenData,
+                    request_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.OpenDataRequest.FromString,
+                    response_serializer=kvtier__proto_dot_v1_dot_cache__pb2.OpenDataReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -443,6 +464,33 @@ class CacheService:
             '/kvtier.v1.CacheService/AttachShm',
             kvtier__proto_dot_v1_dot_cache__pb2.AttachShmRequest.SerializeToString,
             kvtier__proto_dot_v1_dot_cache__pb2.AttachShmReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.v1.CacheService/OpenData',
+            kvtier__proto_dot_v1_dot_cache__pb2.OpenDataRequest.SerializeToString,
+            kvtier__proto_dot_v1_dot_cache__pb2.OpenDataReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,14 +1,22 @@
-"""Who may change the daemon through the admin API, and where the API may listen.
+"""Who may read and change the daemon through the admin API, and where the API may listen.
 
-Reading routes (stats, tiers, pages, policy, health, metrics) are open: they expose no page
-data, only metadata an operator's dashboards show anyway. Mutating routes (resize a tier,
-promote/demote/delete a page, switch the policy, drain) need ``Authorization: Bearer <token>``
-matching ``settings.admin_token``, compared in constant time:
+Daemon-wide reading routes (stats, tiers, policy, health, metrics) are open: they expose no
+tenant's data, only what an operator's dashboards show anyway. Page reads
+(``GET /v1/pages/{namespace}/{key}``) reveal which keys a tenant holds, so they take
+``Authorization: Bearer <token>`` with the admin token (any namespace) or a tenant token granted
+that namespace (:func:`authorize_page_read`); only a daemon with no token of any kind, serving
+HTTP on loopback, answers them without one (the same trust as its loopback gRPC port).
+
+Mutating routes (resize a tier, promote/demote/delete a page, switch the policy, drain) need
+the admin token, compared in constant time (a tenant token never mutates):
 
 - ``admin_mutations`` off: every mutation is refused (403), token or not;
 - no token configured: every mutation is refused (403) - there is nothing to check it against;
 - no or malformed ``Authorization`` header: 401 with ``WWW-Authenticate: Bearer``;
-- wrong token: 403.
+- wrong token (a tenant token included): 403.
+
+Mutations are authorized before their body is read (see ``kvtier.admin.app``), so an
+unauthenticated client cannot make the daemon read a large body.
 
 :func:`check_exposure` is the start-up rule: the daemon refuses to serve the admin API with
 mutations enabled on a non-loopback address and no token, because that configuration means the
@@ -18,22 +26,14 @@ operator expected mutations to work from elsewhere and would otherwise find them
 from __future__ import annotations
 
 import hmac
-import ipaddress
 
 from kvtier.config import Settings
 from kvtier.errors import ConfigError, PermissionDenied, Unauthenticated
+from kvtier.transport.auth.exposure import is_loopback
+from kvtier.transport.auth.tokens import TokenRegistry
 
-_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
-
-
-def is_loopback(host: str) -> bool:
-    """True for a loopback address or the name ``localhost``; hostnames are never resolved."""
-    if host.lower() in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+__all__ = ["authorize_mutation", "authorize_page_read", "check_exposure", "configured_token",
+           "is_loopback"]
 
 
 def configured_token(settings: Settings) -> str | None:
@@ -67,15 +67,42 @@ def authorize_mutation(settings: Settings, authorization: str | None) -> None:
             "no admin token is configured, so mutations are refused; set KVTIER_ADMIN_TOKEN",
             field="authorization",
         )
+    presented = _bearer(authorization, "admin token")
+    if not hmac.compare_digest(presented.encode(), token.encode()):
+        raise PermissionDenied("the admin token is not valid", field="authorization")
+
+
+def authorize_page_read(settings: Settings, tokens: TokenRegistry | None,
+                        authorization: str | None, namespace: str) -> None:
+    """Return if ``authorization`` may read pages of ``namespace``; raise 401/403 otherwise."""
+    admin = configured_token(settings)
+    if admin is None and tokens is None:
+        if is_loopback(settings.http_host):
+            return
+        raise PermissionDenied(
+            "page reads beyond loopback need a token; set KVTIER_ADMIN_TOKEN or "
+            "KVTIER_AUTH__TOKENS_FILE", field="authorization")
+    presented = _bearer(authorization, "admin or tenant token")
+    if admin is not None and hmac.compare_digest(presented.encode(), admin.encode()):
+        return
+    grant = tokens.grant(presented) if tokens is not None else None
+    if grant is None:
+        raise PermissionDenied("the token is not valid", field="authorization")
+    if namespace not in grant.namespaces:
+        raise PermissionDenied(f"the token is not granted namespace {namespace[:128]!r}",
+                               field="authorization")
+
+
+def _bearer(authorization: str | None, what: str) -> str:
+    """The token of an ``Authorization: Bearer <token>`` header, or Unauthenticated."""
     if not authorization:
         raise Unauthenticated(
-            "this route needs an 'Authorization: Bearer <admin token>' header",
+            f"this route needs an 'Authorization: Bearer <{what}>' header",
             field="authorization",
         )
     scheme, _, presented = authorization.strip().partition(" ")
     if scheme.lower() != "bearer" or not presented.strip():
         raise Unauthenticated(
-            "the Authorization header must be 'Bearer <admin token>'", field="authorization"
+            f"the Authorization header must be 'Bearer <{what}>'", field="authorization"
         )
-    if not hmac.compare_digest(presented.strip().encode(), token.encode()):
-        raise PermissionDenied("the admin token is not valid", field="authorization")
+    return presented.strip()

@@ -13,22 +13,30 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
 from kvtier.store.policy import PolicyStatus
 
+MAX_SIZE = 2**63 - 1  # the largest byte count the wire (int64) and the daemon's counters hold
+
 
 class TierLimits(BaseModel):
-    """``PATCH /v1/tiers/{name}``: any subset of the tier's limits."""
+    """``PATCH /v1/tiers/{name}``: any subset of the tier's limits.
+
+    Strict types: a size is a JSON integer and a ratio a JSON number; ``true``, ``1.0`` as a
+    size or ``"1"`` are refused (422), never coerced."""
 
     model_config = ConfigDict(extra="forbid")
 
-    capacity_bytes: int | None = Field(default=None, gt=0, description="New byte capacity.")
-    high_watermark: float | None = Field(
-        default=None, gt=0.0, le=1.0, description="Fill ratio above which the mover demotes."
+    capacity_bytes: StrictInt | None = Field(
+        default=None, gt=0, le=MAX_SIZE, description="New byte capacity (1 .. 2**63-1).")
+    high_watermark: StrictFloat | None = Field(
+        default=None, gt=0.0, le=1.0, allow_inf_nan=False,
+        description="Fill ratio above which the mover demotes."
     )
-    low_watermark: float | None = Field(
-        default=None, ge=0.0, lt=1.0, description="Fill ratio the mover demotes down to."
+    low_watermark: StrictFloat | None = Field(
+        default=None, ge=0.0, lt=1.0, allow_inf_nan=False,
+        description="Fill ratio the mover demotes down to."
     )
 
 
@@ -37,7 +45,7 @@ class MoveRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    tier: str = Field(min_length=1, max_length=64, description="Target tier name.")
+    tier: StrictStr = Field(min_length=1, max_length=64, description="Target tier name.")
 
 
 class PolicyChoice(BaseModel):
@@ -45,7 +53,22 @@ class PolicyChoice(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=64)
+    name: StrictStr = Field(min_length=1, max_length=64)
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong: the gRPC-style code, the HTTP status, a message, the field at fault."""
+
+    code: str = Field(description="Status name, e.g. INVALID_ARGUMENT, PERMISSION_DENIED.")
+    status: int = Field(description="The HTTP status of the response.")
+    message: str
+    field: str | None = Field(description="The input at fault, when one is.")
+
+
+class ErrorBody(BaseModel):
+    """Every error response of the admin API: ``{"error": {...}}``."""
+
+    error: ErrorDetail
 
 
 def jsonable(value: Any) -> Any:

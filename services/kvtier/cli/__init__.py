@@ -21,7 +21,7 @@ from kvtier.errors import KVTierError, is_internal
 # ``func`` on its parser to a callable taking the parsed namespace and returning an exit code.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "kvtier.cli.serve", "kvtier.cli.up", "kvtier.cli.bench", "kvtier.cli.eval",
-    "kvtier.cli.replay", "kvtier.cli.policy",
+    "kvtier.cli.replay", "kvtier.cli.policy", "kvtier.cli.token",
 )
 
 # The extra that installs a module the commands need (pip install 'kvtier[EXTRA]').

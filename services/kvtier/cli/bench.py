@@ -22,6 +22,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "kvtier.lab.bench.ttft",
     "kvtier.lab.bench.chat",
     "kvtier.lab.bench.shared",
+    "kvtier.lab.bench.security",
 )
 BENCH_HELP: dict[str, str] = {
     "codecs": "encode/decode throughput of int8/int4/int4a vs memcpy",
@@ -30,6 +31,7 @@ BENCH_HELP: dict[str, str] = {
     "chat": "multi-turn chat replay through SmolLM2 with and without kvtier",
     "shared": "shared Redis tier through a daemon: Redis Cluster vs one Redis",
     "gpu": "device codecs and device<->host moves vs device memcpy",
+    "security": "cost of tokens (and TLS) per call vs none",
 }
 
 

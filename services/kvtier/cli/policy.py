@@ -1,8 +1,10 @@
 """``kvtier policy``: run the policy service (gRPC PolicyService + HTTP /metrics).
 
 Daemons use it by setting ``KVTIER_POLICY__ADDRESS=host:port``; without that they embed the
-policy. Ports come from ``policy_grpc_port`` / ``policy_http_port`` (0 = any free port, printed
-at start). SIGINT/SIGTERM stop it with a grace period.
+policy. With ``KVTIER_POLICY__TOKEN`` every call needs that token (daemons send the same
+setting); beyond loopback the service refuses to start without one. Ports come from
+``policy_grpc_port`` / ``policy_http_port`` (0 = any free port, printed at start).
+SIGINT/SIGTERM stop it with a grace period.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from kvtier.config import PolicyConfig, load_settings
     from kvtier.policy.registry import make_local_policy
+    from kvtier.transport.auth.exposure import check_policy_exposure
     from kvtier.transport.policy.service import make_metrics_server, make_policy_server
 
     settings = load_settings(args.config)
@@ -41,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
     host = args.host or settings.grpc_host
     gport = settings.policy_grpc_port if args.grpc_port is None else args.grpc_port
     hport = settings.policy_http_port if args.http_port is None else args.http_port
-    server, port, servicer = make_policy_server(policy, host, gport)
+    check_policy_exposure(settings, host)
+    server, port, servicer = make_policy_server(policy, host, gport,
+                                                token=settings.policy.token or None)
     httpd, http_port = make_metrics_server(servicer, settings.http_host, hport)
     server.start()
     web = threading.Thread(target=httpd.serve_forever, name="kvtier-policy-metrics", daemon=True)

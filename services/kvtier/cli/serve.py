@@ -58,6 +58,9 @@ def run_daemon(settings: Settings, grace_s: float, drain: bool,
     previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         daemon = Daemon(settings, start_http=default_start_http()).start()
+        if hasattr(signal, "SIGHUP"):
+            previous[signal.SIGHUP] = signal.signal(
+                signal.SIGHUP, lambda *_: daemon.reload_tokens())
         try:
             print(f"kvtier: gRPC  {daemon.grpc_address}", flush=True)
             if daemon.http_port is not None:

@@ -7,9 +7,12 @@ is logged with its traceback and ends the call with INTERNAL and a generic messa
 daemon keeps serving. Each finished call becomes one :class:`kvtier.transport.stats.RpcSample`
 (method, status, latency, message bytes in/out).
 
-Authentication is a separate seam: an auth interceptor goes before this one in the list given
-to :func:`kvtier.transport.cache.server.make_grpc_server` and aborts with UNAUTHENTICATED /
-PERMISSION_DENIED itself; this interceptor passes such aborts through untouched.
+Authentication runs here too, when a ``guard`` is given (:class:`kvtier.transport.auth.guard.
+TokenGuard`): its check of the method runs inside the call's error mapping, before the handler
+(and on each message of a client stream), so a refused call ends with the status of its
+UNAUTHENTICATED / PERMISSION_DENIED error and is counted like any other. Interceptors given to
+:func:`kvtier.transport.cache.server.make_grpc_server` go before this one; aborts they make are
+passed through untouched.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
@@ -88,6 +91,19 @@ def _aborted_code(context: grpc.ServicerContext) -> str | None:
     return str(code)
 
 
+class MethodCheck(Protocol):
+    """What a guard runs for one method (see :mod:`kvtier.transport.auth.guard`)."""
+
+    def unary(self, request: Any, context: grpc.ServicerContext) -> None: ...
+
+    def stream(self, requests: Iterator[Any],
+               context: grpc.ServicerContext) -> Iterator[Any]: ...
+
+
+class Guard(Protocol):
+    def check_for(self, path: str) -> MethodCheck | None: ...
+
+
 if TYPE_CHECKING:
     _ServerInterceptor = grpc.ServerInterceptor[Any, Any]
 else:  # the stubs are generic, the runtime class is not
@@ -97,8 +113,9 @@ else:  # the stubs are generic, the runtime class is not
 class ErrorInterceptor(_ServerInterceptor):
     """Maps errors by the one table and records an :class:`RpcSample` for every call."""
 
-    def __init__(self, stats: RpcStats) -> None:
+    def __init__(self, stats: RpcStats, guard: Guard | None = None) -> None:
         self._stats = stats
+        self._guard = guard
         # (method path, id(handler)) -> (handler, wrapped): gRPC asks on every call, and the
         # services' handlers are fixed objects, so each is wrapped once (the handler is kept
         # so that its id cannot be reused by another object)
@@ -118,14 +135,18 @@ class ErrorInterceptor(_ServerInterceptor):
         if cached is not None and cached[0] is handler:
             wrapped: grpc.RpcMethodHandler[Any, Any] = cached[1]
             return wrapped
-        wrapped = self._wrap(handler, path.rsplit("/", 1)[-1])
+        check = self._guard.check_for(path) if self._guard is not None else None
+        wrapped = self._wrap(handler, path.rsplit("/", 1)[-1], check)
         if len(self._wrapped) < _MAX_WRAPPED:  # handlers made per call are wrapped per call
             self._wrapped[key] = (handler, wrapped)
         return wrapped
 
-    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any],
-              method: str) -> grpc.RpcMethodHandler[Any, Any]:
-        """``handler`` inside the error mapping and the per-call statistics."""
+    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any], method: str,
+              check: MethodCheck | None = None) -> grpc.RpcMethodHandler[Any, Any]:
+        """``handler`` inside the error mapping, the guard's ``check`` and the per-call
+        statistics."""
+        if check is not None:
+            handler = _checked(handler, check)
         stats = self._stats
         kw = {
             "request_deserializer": handler.request_deserializer,
@@ -167,6 +188,46 @@ class ErrorInterceptor(_ServerInterceptor):
             return _replies(call, context, lambda: inner_ss(call.count_in(requests), context))
 
         return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
+
+
+def _checked(handler: grpc.RpcMethodHandler[Any, Any],
+             check: MethodCheck) -> grpc.RpcMethodHandler[Any, Any]:
+    """``handler`` with ``check`` run first (on the request, or on each streamed request)."""
+    kw = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        uu = handler.unary_unary
+
+        def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
+            check.unary(request, context)
+            return uu(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **kw)
+    if handler.unary_stream is not None:
+        us = handler.unary_stream
+
+        def unary_stream(request: Any, context: grpc.ServicerContext) -> Any:
+            check.unary(request, context)
+            return us(request, context)
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **kw)
+    if handler.stream_unary is not None:
+        su = handler.stream_unary
+
+        def stream_unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            return su(check.stream(requests, context), context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
+    ss = handler.stream_stream
+    if ss is None:
+        return handler
+
+    def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        return ss(check.stream(requests, context), context)
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
 
 
 def _one_reply(call: _Call, context: grpc.ServicerContext, handle: Callable[[], Any]) -> Any:

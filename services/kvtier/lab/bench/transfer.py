@@ -17,7 +17,10 @@ In one run, for ``--page-mib`` (default 2) MiB float16 pages in the ``hot`` tier
   buffers in the segment (:meth:`KVTierClient.staged_page`; filled before the clock starts, as
   a worker fills them when it copies its KV cache out), so no client copy; against redis-py SET;
 - ``grpc_copy_get`` / ``grpc_copy_put``: a client with ``lend_bytes=0``, whose puts are copied
-  out of its segment by the daemon (what a put does while its client's lend area is full).
+  out of its segment by the daemon (what a put does while its client's lend area is full);
+- ``remote_get`` / ``remote_put`` and ``remote_batch_get`` / ``remote_batch_put`` (8 pages per
+  call): a client with shared memory off, as a worker on another host, whose page bytes take
+  the data channel (``kvtier_client.data``) over loopback TCP.
 
 Paths are measured in interleaved rounds (the order rotating each round) and each figure is the
 best round (as ``timeit`` does: slower rounds measure other processes, not the path); the
@@ -50,7 +53,8 @@ from kvtier.procs.redis import RedisProcess, free_port
 PATHS = ("grpc_get", "grpc_put", "grpc_inline_get", "grpc_inline_put", "redis_get",
          "redis_set", "socket", "grpc_batch_get", "grpc_batch_put", "redis_pipeline_get",
          "redis_pipeline_set", "grpc_aio_get", "grpc_aio_put", "grpc_staged_put",
-         "grpc_copy_get", "grpc_copy_put")
+         "grpc_copy_get", "grpc_copy_put", "remote_get", "remote_put", "remote_batch_get",
+         "remote_batch_put")
 BATCH = 8
 
 
@@ -175,8 +179,9 @@ def measure(target: str, redis_url: str, page_mib: float = 2.0, pages: int = 16,
     total = page_bytes * pages
     fast = KVTierClient(target, "bench", shared_memory="auto",
                         staging_bytes=pages * page_bytes + (1 << 20))
-    inline = KVTierClient(target, "bench-inline", shared_memory=False)
     copying = KVTierClient(target, "bench-copy", shared_memory="auto", lend_bytes=0)
+    remote = KVTierClient(target, "bench-remote", shared_memory=False)
+    inline = KVTierClient(target, "bench-inline", shared_memory=False, data_channel=False)
     r = redis.Redis.from_url(redis_url)
     samples: dict[str, list[float]] = {p: [] for p in PATHS}
     loop = asyncio.new_event_loop()
@@ -216,7 +221,7 @@ def measure(target: str, redis_url: str, page_mib: float = 2.0, pages: int = 16,
         samples[f"{name}_put"].append(_rate(total, put_all))
         samples[f"{name}_get"].append(_rate(total, get_all))
         client.delete(keys)
-        if name != "grpc":
+        if name not in ("grpc", "remote"):
             return
         bkeys = [b"batch-%d-%d" % (rnd, i) for i in range(pages)]
 
@@ -229,9 +234,11 @@ def measure(target: str, redis_url: str, page_mib: float = 2.0, pages: int = 16,
                 if any(g is None for g in client.get(bkeys[i:i + BATCH])):
                     raise RuntimeError("benchmark page missing from the daemon")
 
-        samples["grpc_batch_put"].append(_rate(total, put_batches))
-        samples["grpc_batch_get"].append(_rate(total, get_batches))
+        samples[f"{name}_batch_put"].append(_rate(total, put_batches))
+        samples[f"{name}_batch_get"].append(_rate(total, get_batches))
         client.delete(bkeys)
+        if name != "grpc":
+            return
         skeys = [b"staged-%d-%d" % (rnd, i) for i in range(pages)]
 
         def put_staged() -> None:
@@ -270,6 +277,7 @@ def measure(target: str, redis_url: str, page_mib: float = 2.0, pages: int = 16,
         redis_round,
         lambda rnd: client_round("grpc_inline", inline, rnd),
         lambda rnd: client_round("grpc_copy", copying, rnd),
+        lambda rnd: client_round("remote", remote, rnd),
         lambda rnd: samples["socket"].append(socket_gbps(page_bytes, pages)),
         lambda rnd: loop.run_until_complete(aio_round(rnd)),
     ]
@@ -280,6 +288,7 @@ def measure(target: str, redis_url: str, page_mib: float = 2.0, pages: int = 16,
                 steps[(i + rnd) % len(steps)](rnd)
                 bar.update()
         shm_used = fast.uses_shared_memory and aio.uses_shared_memory
+        data_used = remote.uses_data_channel and not remote.uses_shared_memory
         for page in staged:
             fast.release_page(page)
     finally:
@@ -289,18 +298,21 @@ def measure(target: str, redis_url: str, page_mib: float = 2.0, pages: int = 16,
         fast.close()
         inline.close()
         copying.close()
+        remote.close()
         r.close()
     out = {f"{p}_median_gbps": statistics.median(v) for p, v in samples.items()}
     out.update({f"{p}_gbps": max(v) for p, v in samples.items()})
     out["page_bytes"] = float(page_bytes)
     out["shm_used"] = float(shm_used)
-    for p in ("grpc_get", "grpc_inline_get", "grpc_aio_get", "grpc_copy_get"):
+    out["data_channel_used"] = float(data_used)
+    for p in ("grpc_get", "grpc_inline_get", "grpc_aio_get", "grpc_copy_get", "remote_get"):
         out[f"{p}_vs_redis"] = out[f"{p}_gbps"] / out["redis_get_gbps"]
     for p in ("grpc_put", "grpc_inline_put", "grpc_aio_put", "grpc_staged_put",
-              "grpc_copy_put"):
+              "grpc_copy_put", "remote_put"):
         out[f"{p}_vs_redis"] = out[f"{p}_gbps"] / out["redis_set_gbps"]
-    out["grpc_batch_get_vs_redis"] = out["grpc_batch_get_gbps"] / out["redis_pipeline_get_gbps"]
-    out["grpc_batch_put_vs_redis"] = out["grpc_batch_put_gbps"] / out["redis_pipeline_set_gbps"]
+    for p in ("grpc_batch", "remote_batch"):
+        out[f"{p}_get_vs_redis"] = out[f"{p}_get_gbps"] / out["redis_pipeline_get_gbps"]
+        out[f"{p}_put_vs_redis"] = out[f"{p}_put_gbps"] / out["redis_pipeline_set_gbps"]
     return out
 
 
@@ -314,7 +326,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"transfer of {res['page_bytes'] / (1 << 20):.1f} MiB float16 pages (hot tier), "
           f"best of {args.rounds} rounds (median in brackets); client default path "
-          f"{'shared memory' if res['shm_used'] else 'inline gRPC'}")
+          f"{'shared memory' if res['shm_used'] else 'inline gRPC'}; remote client "
+          f"{'data channel' if res['data_channel_used'] else 'gRPC (no data channel)'}")
     for p in PATHS:
         ratio = res.get(f"{p}_vs_redis")
         extra = f"   {ratio:.2f}x redis-py" if ratio is not None else ""

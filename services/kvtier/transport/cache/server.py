@@ -18,9 +18,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvtier.transport.auth.guard import TokenGuard
 from kvtier.transport.cache.servicer import CacheServicer
 from kvtier.transport.bind import bind_port
 from kvtier.transport.context import DaemonContext, Readiness
+from kvtier.transport.data.server import DataServer
 from kvtier.transport.device_ipc import DeviceServicer
 from kvtier.transport.interceptor import ErrorInterceptor
 from kvtier.transport.shm.relocate import Relocator
@@ -46,15 +48,19 @@ def make_grpc_server(
     shm: ShmRegistry | None = None,
     interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
     max_workers: int = 64,
+    data: DataServer | None = None,
 ) -> tuple[grpc.Server, int]:
     """Build and bind (not start) the daemon's gRPC server; returns it and its bound port.
 
-    ``interceptors`` run before the error interceptor: the seam for authentication.
+    ``interceptors`` run before the error interceptor. With ``ctx.tokens`` every call of the
+    cache and device services is checked against them (:mod:`kvtier.transport.auth.guard`).
+    ``data``: the data channel whose tickets ``OpenData`` hands out (None: it answers port 0).
     """
     limit = message_limit(ctx.settings.max_page_bytes)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kvtier-grpc"),
-        interceptors=[*interceptors, ErrorInterceptor(ctx.rpc_stats)],
+        interceptors=[*interceptors, ErrorInterceptor(
+            ctx.rpc_stats, TokenGuard(ctx.tokens) if ctx.tokens is not None else None)],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
@@ -63,7 +69,7 @@ def make_grpc_server(
     )
     cache_pb2_grpc.add_CacheServiceServicer_to_server(
         CacheServicer(ctx, shm if shm is not None else ShmRegistry(),
-                      ctx.relocator or Relocator(ctx.store, ctx.buffers)), server
+                      ctx.relocator or Relocator(ctx.store, ctx.buffers), data), server
     )
     device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(ctx), server)
     health_servicer = health.HealthServicer()

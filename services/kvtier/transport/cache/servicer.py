@@ -16,11 +16,13 @@ from typing import cast
 
 import grpc
 
-from kvtier.errors import Aborted, InvalidArgument, KVTierError
+from kvtier.errors import Aborted, InvalidArgument, KVTierError, Unauthenticated
 from kvtier.pages import PageHeader, check_namespace
 from kvtier.store.results import PutOutcome
 from kvtier.transport.cache.convert import PutAssembler, byte_view, check_header, chunks
+from kvtier.transport.auth.guard import bearer_token
 from kvtier.transport.context import DaemonContext
+from kvtier.transport.data.server import DataServer
 from kvtier.transport.shm.copy import FILL_TIMEOUT_S, copy_pages, lent_pages
 from kvtier.transport.shm.lend import ReturnRing
 from kvtier.transport.shm.relocate import Relocator
@@ -41,8 +43,10 @@ _PUT_OUTCOME = {PutOutcome.STORED: pb.PUT_OUTCOME_STORED, PutOutcome.EXISTS: pb.
 class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
     """Thin adapter from the wire to :class:`kvtier.store.store.TierStore`."""
 
-    def __init__(self, ctx: DaemonContext, shm: ShmRegistry, relocator: Relocator) -> None:
+    def __init__(self, ctx: DaemonContext, shm: ShmRegistry, relocator: Relocator,
+                 data: DataServer | None = None) -> None:
         self._ctx = ctx
+        self._data = data
         self._store = ctx.store
         self._settings = ctx.settings
         self._shm = shm
@@ -282,6 +286,29 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
         return pb.StatsReply(tiers=tiers, redis_up=bool(s.redis_up), gets=int(s.gets),
                              puts=int(s.puts), policy=str(policy),
                              uptime_s=time.time() - self._ctx.started_at)
+
+    # -- data channel ----------------------------------------------------------------------
+
+    def OpenData(self, request: pb.OpenDataRequest,
+                 context: grpc.ServicerContext) -> pb.OpenDataReply:
+        namespace = check_namespace(request.namespace)
+        data = self._data
+        if data is None:
+            return pb.OpenDataReply(port=0)
+        writable, token = request.writable, None
+        tokens = self._ctx.tokens
+        if tokens is not None:  # the guard checked the token and the namespace already
+            token = bearer_token(context.invocation_metadata())
+            grant = tokens.grant(token) if token is not None else None
+            if grant is None or not grant.allows(namespace, write=False):
+                raise Unauthenticated("the token is not valid (unknown or revoked)",
+                                      field="authorization")
+            writable = writable and not grant.read_only
+        return pb.OpenDataReply(ticket=data.open(namespace, writable, token), port=data.port,
+                                tls=data.tls,
+                                max_frame_bytes=self._settings.data.max_frame_bytes,
+                                ticket_ttl_s=self._settings.data.ticket_ttl_s,
+                                writable=writable)
 
     # -- shared memory ---------------------------------------------------------------------
 

@@ -18,6 +18,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import functools
+
 import grpc
 
 from kvtier.config import PolicyConfig
@@ -37,6 +39,18 @@ _CHANNEL_OPTIONS = [
 ]
 
 
+def _with_token(stub: policy_pb2_grpc.PolicyServiceStub,
+                token: str | None) -> policy_pb2_grpc.PolicyServiceStub:
+    """``stub`` whose every method sends ``authorization: Bearer <token>`` (as is when None)."""
+    if token is None:
+        return stub
+    metadata = (("authorization", f"Bearer {token}"),)
+    for name, method in list(vars(stub).items()):
+        if not name.startswith("_") and callable(method):
+            setattr(stub, name, functools.partial(method, metadata=metadata))
+    return stub
+
+
 class RemotePolicy(Policy):
     """Client of a ``kvtier policy`` service at ``address`` (host:port)."""
 
@@ -44,14 +58,15 @@ class RemotePolicy(Policy):
 
     def __init__(self, address: str, *, configured: str = "learned", timeout_s: float = 0.05,
                  queue_size: int = 65536, batch: int = 1024, retry_s: float = 0.5,
-                 admit_cache: int = 65536) -> None:
+                 admit_cache: int = 65536, token: str | None = None) -> None:
         self.address = address
         self.configured = configured
         self.timeout_s = timeout_s
         self.retry_s = retry_s
         self.batch = batch
         self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
-        self._stub = policy_pb2_grpc.PolicyServiceStub(self._channel)
+        # the service's shared secret, sent on every call (kvtier.transport.auth.guard)
+        self._stub = _with_token(policy_pb2_grpc.PolicyServiceStub(self._channel), token)
         self._queue: queue.Queue[AccessEvent] = queue.Queue(maxsize=queue_size)
         self._fallback = LRUPolicy()
         self._lock = threading.Lock()
@@ -202,5 +217,6 @@ def make_policy(config: PolicyConfig) -> Policy:
         make_local_policy(config)  # raises with the list of names
     if config.address:
         return RemotePolicy(config.address, configured=config.name,
-                            timeout_s=config.timeout_s, queue_size=config.queue_size)
+                            timeout_s=config.timeout_s, queue_size=config.queue_size,
+                            token=config.token)
     return make_local_policy(config)

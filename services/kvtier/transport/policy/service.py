@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 
 from kvtier.policy.learned.policy import LearnedPolicy
 from kvtier.store.policy import Policy
+from kvtier.transport.auth.guard import SharedSecretGuard
 from kvtier.transport.bind import bind_port
 from kvtier.transport.interceptor import ErrorInterceptor
 from kvtier.transport.policy.convert import access_from_msg, meta_from_msg
@@ -103,12 +104,16 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):  # type: ignore[mis
 
 
 def make_policy_server(policy: Policy, host: str = "127.0.0.1", port: int = 0,
-                       workers: int = 4) -> tuple[grpc.Server, int, PolicyServicer]:
+                       workers: int = 4, token: str | None = None,
+                       ) -> tuple[grpc.Server, int, PolicyServicer]:
     """A gRPC server (not yet started) hosting ``policy``, plus ``grpc.health.v1`` (SERVING
-    for "" and ``kvtier.v1.PolicyService``); port 0 picks a free port."""
+    for "" and ``kvtier.v1.PolicyService``); port 0 picks a free port. With ``token`` every
+    PolicyService call needs ``authorization: Bearer <token>`` (UNAUTHENTICATED otherwise);
+    health stays open."""
+    guard = SharedSecretGuard(token, (SERVICE_NAME,)) if token else None
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
                                                     thread_name_prefix="kvtier-policy"),
-                         interceptors=[ErrorInterceptor(RpcStats())])
+                         interceptors=[ErrorInterceptor(RpcStats(), guard)])
     servicer = PolicyServicer(policy)
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, server)
     checker = health.HealthServicer()
