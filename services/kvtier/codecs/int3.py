@@ -278,12 +278,11 @@ def _plan(src: Layout, dst: Layout) -> tuple[Any, ...]:
 
 @functools.cache
 def self_test() -> bool:
-    """Run the int3 kernels once on a small random page and check them against the torch code
-    (this compiles them, or loads numba's cache); raises RuntimeError on a mismatch.
-    Memoized: once per process."""
-    from kvtier.codecs import codec
-    from kvtier.codecs.blob import read_header
-    from kvtier.codecs.layout import layout_of
+    """Run the int3 kernels once on a small page and check them against the torch code (this
+    compiles them, or loads numba's cache); raises RuntimeError on a mismatch. Memoized: once
+    per process."""
+    from kvtier.codecs import torch_reference
+    from kvtier.codecs.layout import layout_for_encode
     from kvtier.config import CodecConfig
     from kvtier.types import Page
 
@@ -292,9 +291,9 @@ def self_test() -> bool:
     k[..., 3] *= 20
     page = Page(k=k.half(), v=torch.randn(2, 70, 2, 24, generator=g).half(), start_position=0)
     params = CodecConfig()
-    blob4a = codec.encode(page, Codec.INT4A, params)
-    lay4a = layout_of(read_header(blob4a))
-    p4a = torch.frombuffer(bytearray(blob4a[HEADER_SIZE:]), dtype=torch.uint8)
+    lay8 = layout_for_encode(Codec.INT8, "float16", page.shape, 0, params)
+    p4a, lay4a = int4a.from_int8(torch_reference.encode_payload(page, lay8), lay8,
+                                 params.key_bits, kernels=False)
     fast, lay = from_int4a(p4a, lay4a, params.int3_value_bits)
     slow, _ = from_int4a(p4a, lay4a, params.int3_value_bits, kernels=False)
     if not (torch.equal(fast, slow) and torch.equal(to_int8(fast, lay)[0],
