@@ -93,6 +93,22 @@ def _copy_spans(src, dst, spans):  # type: ignore[no-untyped-def]
 
 
 @njit(**INLINE)
+def _rows4(layer, T, t0):  # type: ignore[no-untyped-def]
+    """Four token rows of ``layer`` from ``t0`` (as row numbers); past the last token they
+    repeat it (the kernels then write its bytes again, the same)."""
+    base = layer * T
+    return (base + t0, base + min(t0 + 1, T - 1), base + min(t0 + 2, T - 1),
+            base + min(t0 + 3, T - 1))
+
+
+@njit(**INLINE)
+def _put(out, pos, acc, n):  # type: ignore[no-untyped-def]
+    """Store the low ``n`` bytes of ``acc`` at ``out[pos:]``, little-endian."""
+    for i in range(n):
+        out[pos + i] = np.uint8((acc >> np.uint64(8 * i)) & np.uint64(0xFF))
+
+
+@njit(**INLINE)
 def _put4(out, pos, acc):  # type: ignore[no-untyped-def]
     """Store the low four bytes of ``acc`` at ``out[pos:]``, little-endian."""
     for i in range(4):
@@ -158,6 +174,7 @@ def int3_from_int4a(src, dst, spans, sec, geo, vdrop, kmap, vmap, vpair):  # typ
     glen = np.empty(nv)
     for g in range(nv):
         glen[g] = np.float64(min(Gv, HD - g * Gv))
+    uniform = HD % Gv == 0  # every V group as long: equal weights
     for layer in range(L):
         _nibbles(src, sec[2], layer, C, b4)
         tot = 0
@@ -171,12 +188,15 @@ def int3_from_int4a(src, dst, spans, sec, geo, vdrop, kmap, vmap, vpair):  # typ
             lo = b4[2 * j] - 1
             hi = b4[2 * j + 1] - 1 if 2 * j + 1 < C else 0
             dst[sec[5] + layer * cb + j] = np.uint8(lo | (hi << 4))
-        for t in range(Tq):  # K: read b-bit codes, write (b - 1)-bit ones
-            ip = sec[3] + (layer * Tq + t) * rb4
-            op = sec[7] + (layer * Tq + t) * rb3
-            acc = np.uint64(0)
+        for t0 in range(0, Tq, 4):  # K: four token rows at a time (they share the widths)
+            r0, r1, r2, r3 = _rows4(layer, Tq, t0)
+            i0, i1, i2, i3 = sec[3] + r0 * rb4, sec[3] + r1 * rb4, sec[3] + r2 * rb4, \
+                sec[3] + r3 * rb4
+            o0, o1, o2, o3 = sec[7] + r0 * rb3, sec[7] + r1 * rb3, sec[7] + r2 * rb3, \
+                sec[7] + r3 * rb3
+            a0 = a1 = a2 = a3 = np.uint64(0)
+            x0 = x1 = x2 = x3 = np.uint64(0)
             nb = np.int64(0)
-            oacc = np.uint64(0)
             onb = np.int64(0)
             j = 0
             k = 0
@@ -185,30 +205,51 @@ def int3_from_int4a(src, dst, spans, sec, geo, vdrop, kmap, vmap, vpair):  # typ
                 if nb < w:  # w <= 8: four more bytes (or the row's last ones) cover it
                     for _ in range(4):
                         if j < rb4:
-                            acc |= np.uint64(src[ip + j]) << np.uint64(nb)
+                            sh = np.uint64(nb)
+                            a0 |= np.uint64(src[i0 + j]) << sh
+                            a1 |= np.uint64(src[i1 + j]) << sh
+                            a2 |= np.uint64(src[i2 + j]) << sh
+                            a3 |= np.uint64(src[i3 + j]) << sh
                         j += 1
                         nb += 8
-                q = acc & np.uint64((1 << w) - 1)
-                acc >>= np.uint64(w)
+                mask = np.uint64((1 << w) - 1)
+                sw = np.uint64(w)
+                so = np.uint64(onb)
+                x0 |= np.uint64(kmap[w, a0 & mask]) << so
+                x1 |= np.uint64(kmap[w, a1 & mask]) << so
+                x2 |= np.uint64(kmap[w, a2 & mask]) << so
+                x3 |= np.uint64(kmap[w, a3 & mask]) << so
+                a0 >>= sw
+                a1 >>= sw
+                a2 >>= sw
+                a3 >>= sw
                 nb -= w
-                oacc |= np.uint64(kmap[w, q]) << np.uint64(onb)
                 onb += w - 1
                 if onb >= 32:
-                    _put4(dst, op + k, oacc)
-                    oacc >>= np.uint64(32)
+                    _put(dst, o0 + k, x0, 4)
+                    _put(dst, o1 + k, x1, 4)
+                    _put(dst, o2 + k, x2, 4)
+                    _put(dst, o3 + k, x3, 4)
+                    x0 >>= np.uint64(32)
+                    x1 >>= np.uint64(32)
+                    x2 >>= np.uint64(32)
+                    x3 >>= np.uint64(32)
                     onb -= 32
                     k += 4
-            while onb > 0:
-                dst[op + k] = np.uint8(oacc & np.uint64(0xFF))
-                oacc >>= np.uint64(8)
-                onb -= 8
-                k += 1
+            rest = rb3 - k  # what is left of the rows
+            _put(dst, o0 + k, x0, rest)
+            _put(dst, o1 + k, x1, rest)
+            _put(dst, o2 + k, x2, rest)
+            _put(dst, o3 + k, x3, rest)
         # V: each group's weight (its channel count), its width by water-filling, the codes
         for i in range(n):
             w = glen[i % nv]
             for m in range(3):
                 gains[m * n + i] = w * vdrop[m]
-        _allocate_values(gains, n, vbud, vw)
+        if uniform and vbud % n == 0:  # equal weights, whole bits: the greedy's answer
+            vw[:] = vbud // n
+        else:
+            _allocate_values(gains, n, vbud, vw)
         nvb = (n + 3) // 4
         for j in range(nvb):
             four = 0
@@ -285,21 +326,36 @@ def int3_to_int8(src, dst, spans, sec, geo, to_8, unpair):  # type: ignore[no-un
             tot += vw[i]
         if tot != vbud:
             return 2
-        for t in range(Tq):
-            ip = sec[2] + (layer * Tq + t) * rb3
-            op = sec[4] + (layer * Tq + t) * C
-            acc = np.uint64(0)
+        for t0 in range(0, Tq, 4):  # K: four token rows at a time (they share the widths)
+            r0, r1, r2, r3 = _rows4(layer, Tq, t0)
+            i0, i1, i2, i3 = sec[2] + r0 * rb3, sec[2] + r1 * rb3, sec[2] + r2 * rb3, \
+                sec[2] + r3 * rb3
+            o0, o1, o2, o3 = sec[4] + r0 * C, sec[4] + r1 * C, sec[4] + r2 * C, sec[4] + r3 * C
+            a0 = a1 = a2 = a3 = np.uint64(0)
             nb = np.int64(0)
             j = 0
             for c in range(C):
                 w = kb[c]
-                while nb < w:
-                    if j < rb3:
-                        acc |= np.uint64(src[ip + j]) << np.uint64(nb)
-                    j += 1
-                    nb += 8
-                dst[op + c] = to_8[w, acc & np.uint64((1 << w) - 1)]
-                acc >>= np.uint64(w)
+                if nb < w:
+                    for _ in range(4):
+                        if j < rb3:
+                            sh = np.uint64(nb)
+                            a0 |= np.uint64(src[i0 + j]) << sh
+                            a1 |= np.uint64(src[i1 + j]) << sh
+                            a2 |= np.uint64(src[i2 + j]) << sh
+                            a3 |= np.uint64(src[i3 + j]) << sh
+                        j += 1
+                        nb += 8
+                mask = np.uint64((1 << w) - 1)
+                sw = np.uint64(w)
+                dst[o0 + c] = to_8[w, a0 & mask]
+                dst[o1 + c] = to_8[w, a1 & mask]
+                dst[o2 + c] = to_8[w, a2 & mask]
+                dst[o3 + c] = to_8[w, a3 & mask]
+                a0 >>= sw
+                a1 >>= sw
+                a2 >>= sw
+                a3 >>= sw
                 nb -= w
         ip = sec[3] + layer * vlb
         paired = Gv % 2 == 0 and HD % 2 == 0
