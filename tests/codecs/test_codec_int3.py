@@ -171,6 +171,29 @@ def test_precision_only_goes_down() -> None:
     assert read_header(transcode(again, Codec.INT3, P)).precision is Precision.INT3
 
 
+def test_redis_as_an_int3_tier_returns_the_direct_encode(redis_url: str) -> None:
+    gib = 1 << 30
+    tiers = [TierConfig(name="hot", medium=Medium.DEVICE, codec=Codec.NONE, capacity_bytes=gib),
+             TierConfig(name="cold", medium=Medium.HOST, codec=Codec.INT4A, capacity_bytes=gib),
+             TierConfig(name="remote", medium=Medium.REDIS, codec=Codec.INT3,
+                        capacity_bytes=gib)]
+    settings = Settings(redis=RedisConfig(url=redis_url, prefix="int3t"), device="cpu",
+                        mover_interval_s=0.01, tiers=tiers)
+    store = TierStore(settings)
+    store.start(mover=False)
+    try:
+        page = make_kv((2, 40, 2, 32), start=0, seed=5)
+        store.put("ns", [(b"r", page)])
+        assert store.demote("ns", [b"r"], "cold") == [True]
+        assert store.demote("ns", [b"r"], "remote") == [True]
+        got = store.get("ns", [b"r"])[0]
+        assert got is not None and got.tier == "remote" and got.precision is Precision.INT3
+        ref = decode(encode(page, Codec.INT3, settings.codec)).page
+        assert torch.equal(got.page.k, ref.k) and torch.equal(got.page.v, ref.v)
+    finally:
+        store.close()
+
+
 def test_a_stack_with_int3_below_int4a_demotes_on_the_codes() -> None:
     gib = 1 << 30
     tiers = [TierConfig(name="hot", medium=Medium.DEVICE, codec=Codec.NONE, capacity_bytes=gib),
