@@ -31,6 +31,7 @@ from kvtier_client.data import DataChannel, DataConn, put_parts
 from kvtier_client.errors import KVTierClientError
 from kvtier_client.staging import new_page, release_page
 from kvtier_client.tensors import FetchedPage, Page
+from kvtier_client.tls import channel_credentials, data_ssl_context
 from kvtier_proto.v1 import cache_pb2 as pb
 from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
 
@@ -45,7 +46,9 @@ class AsyncKVTierClient:
                  staging_bytes: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  overlap_copy: bool = True, lend_bytes: int | None = None,
                  token: str | None = None, data_channel: bool = True,
-                 data_ssl: ssl.SSLContext | None = None) -> None:
+                 data_ssl: ssl.SSLContext | None = None,
+                 tls_ca_file: str | None = None, tls_cert_file: str | None = None,
+                 tls_key_file: str | None = None) -> None:
         self.target = target
         self.namespace = namespace
         self.timeout_s = timeout_s
@@ -53,8 +56,13 @@ class AsyncKVTierClient:
         self.overlap_copy = overlap_copy
         self._shm = shm_mod.SessionSlot(core.wants_shared_memory(shared_memory, target),
                                         shm_bytes, target, staging_bytes, lend_bytes)
-        self._channel = grpc.aio.insecure_channel(target, options=core.CHANNEL_OPTIONS)
+        creds = channel_credentials(tls_ca_file, tls_cert_file, tls_key_file)
+        self._channel = (
+            grpc.aio.insecure_channel(target, options=core.CHANNEL_OPTIONS) if creds is None
+            else grpc.aio.secure_channel(target, creds, options=core.CHANNEL_OPTIONS))
         self._stub = with_token(pb_grpc.CacheServiceStub(self._channel), token)
+        if data_ssl is None:  # the data channel speaks TLS with the same files
+            data_ssl = data_ssl_context(tls_ca_file, tls_cert_file, tls_key_file)
         self._shm_lock = asyncio.Lock()
         self._data = DataChannel(data_channel, target, data_ssl)
 
@@ -75,24 +83,24 @@ class AsyncKVTierClient:
         session, segment = self._shm.current(namespace)
         if segment is None:
             return session
-        # The call lives as long as the session (no deadline); only its first answer is timed.
-        call = self._stub.AttachShm(core.attach_request(namespace, segment), timeout=None)
+        # A lease: no call stays open; a task renews it while the client is idle.
         try:
-            reply = await asyncio.wait_for(call.read(), self.timeout_s)
-        except (grpc.RpcError, asyncio.TimeoutError) as e:
-            self._shm.failed(segment, call, e.details() if isinstance(e, grpc.RpcError)
-                             else "no answer within the client's timeout")
+            reply = await self._stub.OpenShm(core.attach_request(namespace, segment),
+                                             timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            self._shm.failed(segment, None, e.details())
             return None
-        if reply is grpc.aio.EOF:  # type: ignore[attr-defined]  # missing from grpc-stubs
-            self._shm.failed(segment, call, "AttachShm ended without a session")
-            return None
-        return self._shm.attached(segment, call, reply.session, namespace)
+        lease = AsyncLease(self._stub, namespace, reply.session, reply.lease_s)
+        return self._shm.attached(segment, lease, reply.session, namespace)
 
     async def put(self, keys: Sequence[bytes], pages: Sequence[Page | tuple[Any, ...]], *,
-                  namespace: str | None = None, timeout_s: float | None = None) -> list[str]:
-        """Store pages; per key ``"stored"`` or ``"exists"`` (puts are idempotent per key)."""
+                  namespace: str | None = None, timeout_s: float | None = None,
+                  session: str = "") -> list[str]:
+        """Store pages; per key ``"stored"`` or ``"exists"`` (puts are idempotent per key).
+        ``session``: the conversation/session they belong to (a hint for the policy)."""
         ns = namespace or self.namespace
         wire = core.wire_pages(keys, pages)
+        hint_session = session
 
         async def send(left: float) -> pb.PutReply:
             async with self._shm_lock:
@@ -103,11 +111,12 @@ class AsyncKVTierClient:
                         with session.put_guard():
                             plan = core.plan_put(ns, wire, session, self.chunk_bytes,
                                                  self.overlap_copy)
-                            return await self._send(plan, left)
+                            return await self._send(core.with_session(plan, hint_session),
+                                                    left)
                     except BaseException as e:  # a cancel too
                         if not core.put_failed(self._shm, plan, e):
                             raise
-            if self._data.usable:
+            if self._data.usable and not hint_session:  # data frames carry no session hint
                 conn = await self._data_conn(ns, left)
                 if conn is not None:
                     headers, parts, _ = put_parts(wire)
@@ -115,7 +124,8 @@ class AsyncKVTierClient:
                                                     left)
                     if reply is not None:
                         return reply
-            return await self._send(core.plan_put(ns, wire, None, self.chunk_bytes, False), left)
+            return await self._send(core.with_session(
+                core.plan_put(ns, wire, None, self.chunk_bytes, False), hint_session), left)
 
         return core.put_outcomes(await self._call("Put", send, timeout_s, True))
 
@@ -203,14 +213,33 @@ class AsyncKVTierClient:
         return pages.result()
 
     async def lookup(self, keys: Sequence[bytes], *, namespace: str | None = None,
-                     timeout_s: float | None = None) -> LookupResult:
-        req = core.lookup_request(namespace or self.namespace, keys)
+                     timeout_s: float | None = None, session: str = "",
+                     prefetch: bool = False) -> LookupResult:
+        """How long a prefix of the key chain ``keys`` is present, and where. ``session``
+        names the request's conversation (a hint); ``prefetch`` has the daemon start moving
+        the present prefix up from lower tiers now, ahead of the get."""
+        req = core.lookup_request(namespace or self.namespace, keys, session, prefetch)
 
         async def call(left: float) -> pb.LookupReply:
             reply: pb.LookupReply = await self._stub.Lookup(req, timeout=left)
             return reply
 
         return core.lookup_result(await self._call("Lookup", call, timeout_s, True))
+
+    async def hint(self, queued: Sequence[Sequence[bytes]] = (), *,
+                   ended_sessions: Sequence[str] = (), namespace: str | None = None,
+                   timeout_s: float | None = None) -> int:
+        """Tell the daemon what this worker knows ahead: ``queued``, the key chains of the
+        requests waiting to be scheduled (next first; replaces the queue hinted before), and
+        sessions that ended. The queued chains' present prefixes are promoted ahead of use;
+        returns how many pages that scheduled. Advisory: safe to repeat."""
+        req = core.hint_request(namespace or self.namespace, queued, ended_sessions)
+
+        async def call(left: float) -> pb.HintReply:
+            reply: pb.HintReply = await self._stub.Hint(req, timeout=left)
+            return reply
+
+        return int((await self._call("Hint", call, timeout_s, True)).prefetching)
 
     async def promote(self, keys: Sequence[bytes], tier: str, *, namespace: str | None = None,
                       timeout_s: float | None = None) -> list[bool]:
@@ -256,8 +285,8 @@ class AsyncKVTierClient:
         async with self._shm_lock:
             session = self._shm.session
             self._shm.drop()
-            if session is not None:  # the cancelled AttachShm call ends before the channel
-                await session.call.code()
+            if session is not None:  # the session ends on the daemon before the channel
+                await session.call.closed()
         await self._channel.close(None)
 
     async def __aenter__(self) -> AsyncKVTierClient:
@@ -265,3 +294,47 @@ class AsyncKVTierClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class AsyncLease:
+    """The asyncio client's :class:`kvtier_client.shm.Lease`: a task renews the session's lease
+    every third of it; :meth:`cancel` stops it and ends the session (``CloseShm``), which
+    :meth:`closed` awaits."""
+
+    def __init__(self, stub: Any, namespace: str, session_id: str, lease_s: float) -> None:
+        self._stub = stub
+        self._request = pb.ShmLeaseRequest(namespace=namespace, session=session_id)
+        self._period = max(0.05, lease_s / 3)
+        self.lost = False
+        self._task: asyncio.Task[None] | None = asyncio.ensure_future(self._renew())
+        self._closing: asyncio.Future[Any] | None = None
+
+    async def _renew(self) -> None:
+        while True:
+            await asyncio.sleep(self._period)
+            try:
+                await self._stub.RenewShm(self._request, timeout=self._period)
+            except grpc.RpcError as e:
+                if shm_mod.session_lost(e):
+                    self.lost = True
+                    return
+            except (ValueError, RuntimeError):  # the channel was closed
+                return
+
+    def cancel(self) -> None:
+        if self._task is None:
+            return
+        self._task.cancel()
+        self._task = None
+        if not self.lost:
+            self._closing = asyncio.ensure_future(self._close())
+
+    async def _close(self) -> None:
+        try:
+            await self._stub.CloseShm(self._request, timeout=1.0)
+        except (grpc.RpcError, ValueError, RuntimeError):  # the lease runs out on the daemon
+            pass
+
+    async def closed(self) -> None:
+        if self._closing is not None:
+            await self._closing

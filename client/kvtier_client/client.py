@@ -36,6 +36,7 @@ from kvtier_client.errors import KVTierClientError
 from kvtier_client.shm import Segment
 from kvtier_client.staging import new_page, release_page
 from kvtier_client.tensors import FetchedPage, Page
+from kvtier_client.tls import channel_credentials, data_ssl_context
 from kvtier_proto.v1 import cache_pb2 as pb
 from kvtier_proto.v1 import cache_pb2_grpc as pb_grpc
 
@@ -64,6 +65,11 @@ class KVTierClient:
     ``token``: the tenant token a daemon with tenant auth wants on every call (sent as
     ``authorization: Bearer <token>``; see ``kvtier token create``). The asyncio client and
     :class:`~kvtier_client.device.DeviceSession` take it too.
+
+    ``tls_ca_file`` (the CA of the daemon's certificate; for a self-signed daemon, its
+    certificate), ``tls_cert_file`` and ``tls_key_file`` (the client's pair, where the daemon
+    requires client certificates): TLS, as :mod:`kvtier_client.tls` says. The asyncio client
+    takes them too.
     """
 
     def __init__(self, target: str, namespace: str = "default", *, timeout_s: float = 30.0,
@@ -71,7 +77,9 @@ class KVTierClient:
                  staging_bytes: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  overlap_copy: bool = True, lend_bytes: int | None = None,
                  channel: grpc.Channel | None = None, token: str | None = None,
-                 data_channel: bool = True, data_ssl: ssl.SSLContext | None = None) -> None:
+                 data_channel: bool = True, data_ssl: ssl.SSLContext | None = None,
+                 tls_ca_file: str | None = None, tls_cert_file: str | None = None,
+                 tls_key_file: str | None = None) -> None:
         self.target = target
         self.namespace = namespace
         self.timeout_s = timeout_s
@@ -79,8 +87,13 @@ class KVTierClient:
         self.overlap_copy = overlap_copy
         self._shm = shm_mod.SessionSlot(core.wants_shared_memory(shared_memory, target),
                                         shm_bytes, target, staging_bytes, lend_bytes)
-        self._channel = channel or grpc.insecure_channel(target, options=core.CHANNEL_OPTIONS)
+        creds = channel_credentials(tls_ca_file, tls_cert_file, tls_key_file)
+        self._channel = channel or (
+            grpc.insecure_channel(target, options=core.CHANNEL_OPTIONS) if creds is None
+            else grpc.secure_channel(target, creds, options=core.CHANNEL_OPTIONS))
         self._stub = with_token(pb_grpc.CacheServiceStub(self._channel), token)
+        if data_ssl is None:  # the data channel speaks TLS with the same files
+            data_ssl = data_ssl_context(tls_ca_file, tls_cert_file, tls_key_file)
         self._shm_lock = threading.Lock()
         self._filler = Filler()
         self._data = DataChannel(data_channel, target, data_ssl)
@@ -105,27 +118,26 @@ class KVTierClient:
         session, segment = self._shm.current(namespace)
         if segment is None:
             return session
-        # The call lives as long as the session (no deadline); only its first answer is timed.
-        call = self._stub.AttachShm(core.attach_request(namespace, segment), timeout=None)
-        timer = threading.Timer(self.timeout_s, call.cancel)
-        timer.start()
+        # A lease: no call stays open; the lease is renewed in the background.
         try:
-            reply = next(call)
-        except (grpc.RpcError, StopIteration) as e:
-            detail = e.details() if isinstance(e, grpc.RpcError) else repr(e)
-            self._shm.failed(segment, call, detail)
+            reply = self._stub.OpenShm(core.attach_request(namespace, segment),
+                                       timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            self._shm.failed(segment, None, e.details())
             return None
-        finally:
-            timer.cancel()
-        return self._shm.attached(segment, call, reply.session, namespace)
+        lease = shm_mod.Lease(self._stub, namespace, reply.session, reply.lease_s)
+        return self._shm.attached(segment, lease, reply.session, namespace)
 
     # -- data path -------------------------------------------------------------------------
 
     def put(self, keys: Sequence[bytes], pages: Sequence[Page | tuple[Any, ...]], *,
-            namespace: str | None = None, timeout_s: float | None = None) -> list[str]:
-        """Store pages; per key ``"stored"`` or ``"exists"`` (puts are idempotent per key)."""
+            namespace: str | None = None, timeout_s: float | None = None,
+            session: str = "") -> list[str]:
+        """Store pages; per key ``"stored"`` or ``"exists"`` (puts are idempotent per key).
+        ``session``: the conversation/session they belong to (a hint for the policy)."""
         ns = namespace or self.namespace
         wire = core.wire_pages(keys, pages)
+        hint_session = session
 
         def send(left: float) -> pb.PutReply:
             with self._shm_lock:
@@ -136,15 +148,16 @@ class KVTierClient:
                         with session.put_guard():
                             plan = core.plan_put(ns, wire, session, self.chunk_bytes,
                                                  self.overlap_copy)
-                            return self._send(plan, left)
+                            return self._send(core.with_session(plan, hint_session), left)
                     except BaseException as e:
                         if not core.put_failed(self._shm, plan, e):
                             raise
-            if self._data.usable:
+            if self._data.usable and not hint_session:  # data frames carry no session hint
                 reply = self._data_put(ns, wire, left)
                 if reply is not None:
                     return reply
-            return self._send(core.plan_put(ns, wire, None, self.chunk_bytes, False), left)
+            return self._send(core.with_session(
+                core.plan_put(ns, wire, None, self.chunk_bytes, False), hint_session), left)
 
         return core.put_outcomes(self._call("Put", send, timeout_s, idempotent=True))
 
@@ -245,10 +258,26 @@ class KVTierClient:
         return pages.result()
 
     def lookup(self, keys: Sequence[bytes], *, namespace: str | None = None,
-               timeout_s: float | None = None) -> LookupResult:
-        req = core.lookup_request(namespace or self.namespace, keys)
+               timeout_s: float | None = None, session: str = "",
+               prefetch: bool = False) -> LookupResult:
+        """How long a prefix of the key chain ``keys`` is present, and where. ``session``
+        names the request's conversation (a hint); ``prefetch`` has the daemon start moving
+        the present prefix up from lower tiers now, ahead of the get."""
+        req = core.lookup_request(namespace or self.namespace, keys, session, prefetch)
         return core.lookup_result(self._call(
             "Lookup", lambda left: self._stub.Lookup(req, timeout=left), timeout_s, True))
+
+    def hint(self, queued: Sequence[Sequence[bytes]] = (), *,
+             ended_sessions: Sequence[str] = (), namespace: str | None = None,
+             timeout_s: float | None = None) -> int:
+        """Tell the daemon what this worker knows ahead: ``queued``, the key chains of the
+        requests waiting to be scheduled (next first; replaces the queue hinted before), and
+        sessions that ended. The queued chains' present prefixes are promoted ahead of use;
+        returns how many pages that scheduled. Advisory: safe to repeat."""
+        req = core.hint_request(namespace or self.namespace, queued, ended_sessions)
+        reply = self._call("Hint", lambda left: self._stub.Hint(req, timeout=left), timeout_s,
+                           True)
+        return int(reply.prefetching)
 
     def promote(self, keys: Sequence[bytes], tier: str, *, namespace: str | None = None,
                 timeout_s: float | None = None) -> list[bool]:

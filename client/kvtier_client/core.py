@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import grpc
@@ -119,6 +119,7 @@ class WirePage:
     v: WireTensor
     start_position: int
     chain_position: int | None
+    expected_reuse_s: float | None = None
 
 
 def wire_pages(keys: Sequence[bytes], pages: Sequence[Page | tuple[Any, ...]]) -> list[WirePage]:
@@ -131,9 +132,12 @@ def wire_pages(keys: Sequence[bytes], pages: Sequence[Page | tuple[Any, ...]]) -
             p = Page(*p)
         if not isinstance(key, (bytes, bytearray)):
             raise ValueError(f"keys[{i}] must be bytes, got {type(key).__name__}")
+        reuse = p.expected_reuse_s
+        if reuse is not None and not (isinstance(reuse, (int, float)) and 0 <= reuse < 1e300):
+            raise ValueError(f"pages[{i}].expected_reuse_s must be seconds >= 0, got {reuse!r}")
         out.append(WirePage(bytes(key), to_wire(p.k, f"pages[{i}].k"),
                             to_wire(p.v, f"pages[{i}].v"), int(p.start_position),
-                            p.chain_position))
+                            p.chain_position, None if reuse is None else float(reuse)))
     return out
 
 
@@ -143,6 +147,8 @@ def header(p: WirePage, shm_offset: int | None = None) -> pb.PageHeader:
                       v_len=p.v.data.nbytes, v_dtype=p.v.dtype, v_shape=list(p.v.shape))
     if p.chain_position is not None:
         h.chain_position = p.chain_position
+    if p.expected_reuse_s is not None:
+        h.expected_reuse_s = p.expected_reuse_s
     if shm_offset is not None:
         h.shm_offset = shm_offset
     return h
@@ -171,13 +177,14 @@ def inline_bytes(pages: Sequence[WirePage], shm_offsets: Sequence[int | None] | 
 
 def put_requests(namespace: str, pages: Sequence[WirePage], chunk_bytes: int,
                  shm_session: str = "", shm_offsets: Sequence[int | None] | None = None,
-                 shm_fill: int = 0, shm_reclaim: bool = False) -> Iterator[pb.PutRequest]:
+                 shm_fill: int = 0, shm_reclaim: bool = False,
+                 hint_session: str = "") -> Iterator[pb.PutRequest]:
     """The messages of one Put stream: all headers first, then the inline bytes in chunks."""
     offsets = shm_offsets or [None] * len(pages)
     headers = [header(p, off) for p, off in zip(pages, offsets)]
     parts = [mv for p, off in zip(pages, offsets) if off is None for mv in (p.k.data, p.v.data)]
     first = pb.PutRequest(namespace=namespace, pages=headers, shm_session=shm_session,
-                          shm_fill=shm_fill, shm_reclaim=shm_reclaim)
+                          shm_fill=shm_fill, shm_reclaim=shm_reclaim, session=hint_session)
     pending = bytearray()
     sent_first = False
     for part in parts:
@@ -355,10 +362,20 @@ class PutPlan:
     segment: shm_mod.Segment | None = None
     overlap: Placement | None = None
     lending: bool = False
+    hint_session: str = ""  # the conversation/session the pages belong to (a hint)
 
     def stream(self) -> Iterator[pb.PutRequest]:
         return put_requests(self.namespace, self.pages, self.chunk_bytes, self.session_id,
-                            self.offsets, self.fill, self.reclaim)
+                            self.offsets, self.fill, self.reclaim, self.hint_session)
+
+
+def with_session(plan: PutPlan, session: str) -> PutPlan:
+    """``plan`` naming the pages' conversation/session (a hint; "" leaves it as it is)."""
+    if not session:
+        return plan
+    if plan.request is not None:
+        plan.request.session = session
+    return replace(plan, hint_session=session)
 
 
 def plan_put(namespace: str, pages: Sequence[WirePage], session: shm_mod.Session | None,
@@ -582,10 +599,31 @@ class CacheStats:
     puts: int
     policy: str
     uptime_s: float
+    prefetched: int = 0  # pages the daemon promoted ahead of use (lookup prefetch, hints)
+    prefetch_hits: int = 0  # gets it served from the top tier thanks to such a promotion
 
 
-def lookup_request(namespace: str, keys: Sequence[bytes]) -> pb.LookupRequest:
-    return pb.LookupRequest(namespace=namespace, keys=list(keys))
+def lookup_request(namespace: str, keys: Sequence[bytes], session: str = "",
+                   prefetch: bool = False) -> pb.LookupRequest:
+    return pb.LookupRequest(namespace=namespace, keys=list(keys), session=session,
+                            prefetch=prefetch)
+
+
+def hint_request(namespace: str, queued: Sequence[Sequence[bytes]] = (),
+                 ended_sessions: Sequence[str] = ()) -> pb.HintRequest:
+    """A worker's hints: the key chains of its queued requests (next first) and the sessions
+    that ended. ValueError for keys that are not bytes."""
+    chains = []
+    for i, chain in enumerate(queued):
+        if isinstance(chain, (bytes, bytearray)):
+            raise ValueError(f"queued[{i}] must be a sequence of keys, got one key")
+        keys = list(chain)
+        for j, k in enumerate(keys):
+            if not isinstance(k, (bytes, bytearray)):
+                raise ValueError(f"queued[{i}][{j}] must be bytes, got {type(k).__name__}")
+        chains.append(pb.KeyChain(keys=[bytes(k) for k in keys]))
+    return pb.HintRequest(namespace=namespace, queued=chains,
+                          ended_sessions=list(ended_sessions))
 
 
 def lookup_result(r: pb.LookupReply) -> LookupResult:
@@ -610,6 +648,7 @@ def cache_stats(r: pb.StatsReply) -> CacheStats:
                               t.low_watermark, t.pages, t.bytes, t.hits, t.misses, t.demotions,
                               t.promotions, dict(t.evictions)) for t in r.tiers),
         redis_up=r.redis_up, gets=r.gets, puts=r.puts, policy=r.policy, uptime_s=r.uptime_s,
+        prefetched=r.prefetched, prefetch_hits=r.prefetch_hits,
     )
 
 
@@ -617,8 +656,8 @@ __all__ = [
     "BACKOFF_S", "CHANNEL_OPTIONS", "DEFAULT_CHUNK_BYTES", "RETRIES", "Attempts", "CacheStats",
     "GetAssembler", "GetCollector", "LookupResult", "Placement", "PutPlan", "TierStats",
     "WirePage", "attach_request", "cache_stats", "call_failed", "copy_in", "deferred_request",
-    "delete_request", "fill_segment", "get_request", "lend_in_segment",
+    "delete_request", "fill_segment", "get_request", "hint_request", "lend_in_segment",
     "lookup_request", "lookup_result", "nbytes_of", "overlapped", "plan_in_segment",
     "plan_put", "promote_request", "put_failed", "put_outcomes", "put_request",
-    "put_requests", "stats_request", "wants_shared_memory", "wire_pages",
+    "put_requests", "stats_request", "wants_shared_memory", "wire_pages", "with_session",
 ]

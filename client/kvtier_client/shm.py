@@ -7,8 +7,8 @@ from then on only the two mappings exist, and the memory is freed when both unma
 happens to either process.
 
 :class:`Session` is an attached segment as both clients (sync and asyncio) keep it: the segment,
-the open ``AttachShm`` call that keeps the daemon's mapping alive, the session id and the one
-namespace it serves.
+the lease that keeps the daemon's mapping alive (``OpenShm``, renewed in the background; no
+call stays open), the session id and the one namespace it serves.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from kvtier_client.shm_layout import (
     ALIGN, DATA_OFFSET, FILL_OFFSET, RANGES_BACK, RING_HEAD_OFFSET, TOKEN_BYTES,
 )
 from kvtier_client.staging import StagingArea
+from kvtier_proto.v1 import cache_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -169,12 +170,58 @@ class Segment:
             pass
 
 
+class Lease:
+    """What keeps a sync client's session alive on the daemon (``OpenShm``): a thread renews
+    the lease every third of it while the client is idle (every call naming the session
+    renews it too). A session the daemon no longer knows is marked :attr:`lost`, and the
+    client attaches a new segment on its next call. :meth:`cancel` stops renewing and ends
+    the session on the daemon (``CloseShm``)."""
+
+    def __init__(self, stub: Any, namespace: str, session_id: str, lease_s: float) -> None:
+        self._stub = stub
+        self._request = pb.ShmLeaseRequest(namespace=namespace, session=session_id)
+        self._period = max(0.05, lease_s / 3)
+        self._stop = threading.Event()
+        self.lost = False
+        self._thread = threading.Thread(target=self._renew, name="kvtier-shm-lease",
+                                        daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self._period):
+            try:
+                self._stub.RenewShm(self._request, timeout=self._period)
+            except grpc.RpcError as e:
+                if session_lost(e):
+                    self.lost = True
+                    return
+                # unreachable for now: the next call finds out; renewals go on
+            except ValueError:  # the channel was closed
+                return
+
+    def cancel(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if not self.lost:
+            try:
+                self._stub.CloseShm(self._request, timeout=1.0)
+            except (grpc.RpcError, ValueError):  # gone already, or the channel is closed:
+                pass  # the lease runs out on the daemon
+
+
 class Session:
     """A segment attached to the daemon for one namespace; ``call`` keeps the session open.
 
-    ``call`` is the ``AttachShm`` call (sync or asyncio): cancelling it ends the session on the
+    ``call`` is what holds the session on the daemon: a :class:`Lease` (or the asyncio
+    client's), or a legacy ``AttachShm`` call. ``call.cancel()`` ends the session on the
     daemon, which unmaps its side.
     """
+
+    @property
+    def lost(self) -> bool:
+        """Whether the daemon no longer knows the session (its lease could not be renewed)."""
+        return bool(getattr(self.call, "lost", False))
 
     def __init__(self, segment: Segment, call: Any, session_id: str, namespace: str) -> None:
         self.segment, self.call, self.id, self.namespace = segment, call, session_id, namespace
@@ -244,6 +291,8 @@ class SessionSlot:
         """``(session, None)`` when attached for ``namespace``; ``(None, segment)``: attach this
         new segment; ``(None, None)``: transfer inline (shm off, failed before, or a namespace
         other than the session's)."""
+        if self.session is not None and self.session.lost:
+            self.drop()  # its lease ran out on the daemon: attach a new segment
         if self.session is not None:
             return (self.session if self.session.namespace == namespace else None), None
         if not self.wanted:
@@ -263,7 +312,8 @@ class SessionSlot:
 
     def failed(self, segment: Segment, call: Any, detail: object) -> None:
         """The daemon did not attach ``segment`` (another host, or shm refused): stay inline."""
-        call.cancel()
+        if call is not None:
+            call.cancel()
         segment.close()
         self.wanted = False
         log.info("shared memory with %s not available (%s); using inline transfers",

@@ -41,12 +41,14 @@ TensorLike = Union[np.ndarray, RawTensor, Any]
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """A page to put: ``k`` and ``v`` shaped [layers, tokens, kv_heads, head_dim]."""
+    """A page to put: ``k`` and ``v`` shaped [layers, tokens, kv_heads, head_dim].
+    ``expected_reuse_s``: when the worker expects to use it again, if it knows (a hint)."""
 
     k: TensorLike
     v: TensorLike
     start_position: int = 0
     chain_position: int | None = None
+    expected_reuse_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

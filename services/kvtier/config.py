@@ -90,6 +90,22 @@ class RedisConfig(BaseModel):
     # write each new page to the shared tier too, in the background, so other daemons find it
     # before it is demoted there (see kvtier.store.sharing)
     share_puts: bool = False
+    # TLS to Redis (a ``rediss://`` url): the CA that signed the server's certificate (None: the
+    # system's roots), and a client certificate and key where Redis requires one (tls-auth-clients)
+    ssl_ca_file: str | None = None
+    ssl_cert_file: str | None = None
+    ssl_key_file: str | None = None
+
+    @model_validator(mode="after")
+    def _ssl(self) -> RedisConfig:
+        if (self.ssl_cert_file is None) != (self.ssl_key_file is None):
+            raise ValueError("redis.ssl_cert_file and redis.ssl_key_file go together")
+        tls_files = (self.ssl_ca_file, self.ssl_cert_file)
+        if any(f is not None for f in tls_files) and self.url is not None \
+                and not self.url.startswith("rediss://"):
+            raise ValueError("redis.ssl_* files need a rediss:// url (TLS); got "
+                             f"{self.url.split('://', 1)[0]}://")
+        return self
 
 
 class PolicyConfig(BaseModel):
@@ -133,6 +149,65 @@ class DataConfig(BaseModel):
     ticket_ttl_s: float = Field(default=30.0, gt=0)  # an OpenData ticket is void after this
 
 
+class LimitsConfig(BaseModel):
+    """What one client may hold of the daemon (``KVTIER_LIMITS__*``): no client, stalled or
+    hostile, can take the handler threads or sessions that other clients need.
+
+    Streaming calls (``PutStream``, ``GetStream``, the legacy ``AttachShm``) hold a handler
+    thread while open, so they are counted server-wide, per connection (gRPC peer) and per
+    tenant, and one that waits on its client for ``stream_idle_s`` is cancelled. Calls past
+    ``max_concurrent_rpcs`` are refused with RESOURCE_EXHAUSTED instead of queueing.
+    Shared-memory sessions are leases (``shm_lease_s``) that hold no thread."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    handler_threads: int = Field(default=64, ge=2, le=4096)
+    max_concurrent_rpcs: int = Field(default=256, ge=1)
+    max_streams: int = Field(default=32, ge=1)
+    max_streams_per_peer: int = Field(default=8, ge=1)
+    max_streams_per_tenant: int = Field(default=16, ge=1)
+    stream_idle_s: float = Field(default=10.0, gt=0)
+    shm_lease_s: float = Field(default=30.0, gt=0)
+    max_shm_sessions: int = Field(default=32, ge=1)
+    max_shm_sessions_per_tenant: int = Field(default=8, ge=1)
+
+    @model_validator(mode="after")
+    def _leave_threads(self) -> LimitsConfig:
+        if self.max_streams >= self.handler_threads:
+            raise ValueError(
+                f"max_streams ({self.max_streams}) must be below handler_threads "
+                f"({self.handler_threads}): open streams hold a thread each, and unary calls "
+                f"need the rest")
+        return self
+
+
+class TlsConfig(BaseModel):
+    """TLS on the daemon's gRPC and HTTP ports and the policy service's (``KVTIER_TLS__*``).
+
+    ``cert_file`` and ``key_file`` (PEM) turn it on; ``client_ca_file`` then also requires
+    client certificates signed by that CA (mTLS). ``ca_file``: the CA the daemon trusts when it
+    calls a policy service over TLS (default: ``cert_file``, right for one self-signed pair)."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_ca_file: str | None = None
+    ca_file: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("tls.client_ca_file (mTLS) needs tls.cert_file and tls.key_file")
+        return self
+
+
 class Settings(BaseSettings):
     """All daemon settings. See the README's config table."""
 
@@ -167,6 +242,8 @@ class Settings(BaseSettings):
     device_pool_bytes: int | None = Field(default=None, ge=0)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
 
     @field_validator("tiers")
     @classmethod

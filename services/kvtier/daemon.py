@@ -40,6 +40,8 @@ from kvtier.transport.auth.exposure import check_grpc_exposure
 from kvtier.transport.auth.tokens import TokenRegistry
 from kvtier.transport.cache.server import make_grpc_server
 from kvtier.transport.context import DaemonContext, HttpServer, Readiness, StartHttp
+from kvtier.transport.limits import StreamLimits
+from kvtier.transport.tls import ssl_server_context
 from kvtier.transport.data.server import DataServer
 from kvtier.transport.policy.client import make_policy
 from kvtier.transport.shm.relocate import Relocator
@@ -112,7 +114,8 @@ class Daemon:
         self._stopped = threading.Event()
         self._context: DaemonContext | None = None
         self._server: grpc.Server | None = None
-        self._shm = ShmRegistry()
+        self._shm = ShmRegistry(settings.limits.max_shm_sessions,
+                                settings.limits.max_shm_sessions_per_tenant)
         self._http: HttpServer | None = None
         self.grpc_port: int | None = None
         self._data: DataServer | None = None
@@ -137,9 +140,9 @@ class Daemon:
         return self._data.port if self._data is not None else None
 
     def _data_ssl(self) -> ssl.SSLContext | None:
-        """The data channel's TLS: the daemon's TLS settings once it has them (None: plain
-        TCP, as the gRPC port)."""
-        return None
+        """The data channel's TLS: the daemon's TLS settings (None: plain TCP, as the gRPC
+        port); client certificates required as on the gRPC port (mTLS)."""
+        return ssl_server_context(self.settings.tls)
 
     @property
     def grpc_address(self) -> str:
@@ -156,13 +159,14 @@ class Daemon:
         check_grpc_exposure(s)
         tokens = (TokenRegistry(s.auth.tokens_file, s.auth.reload_interval_s)
                   if s.auth.tokens_file else None)
-        policy = self._policy if self._policy is not None else make_policy(s.policy)
+        policy = self._policy if self._policy is not None else make_policy(s.policy, s.tls)
         store = TierStore(s, policy)
         store.start()
         try:
             buffers = BufferPool(s.host_buffer_pool_bytes, s.buffer_reserve_bytes)
             ctx = DaemonContext(settings=s, store=store, buffers=buffers,
-                                relocator=Relocator(store, buffers), tokens=tokens)
+                                relocator=Relocator(store, buffers), tokens=tokens,
+                                limits=StreamLimits(s.limits))
             if s.data.enabled:
                 self._data = DataServer(ctx, s.data.host or s.grpc_host, s.data.port,
                                         ssl_context=self._data_ssl())
@@ -182,14 +186,17 @@ class Daemon:
             store.close()
             raise
         ctx.health.set(Readiness.SERVING)
-        log.info("kvtier daemon serving gRPC on %s:%d (kvtier.v1.CacheService, "
-                 "grpc.health.v1, reflection)", s.grpc_host, port)
+        log.info("kvtier daemon serving gRPC%s on %s:%d (kvtier.v1.CacheService, "
+                 "grpc.health.v1, reflection)",
+                 (" with TLS (client certificates required)" if s.tls.client_ca_file else
+                  " with TLS") if s.tls.enabled else "", s.grpc_host, port)
         if self._data is not None:
             log.info("kvtier daemon serving the data channel on %s:%d%s",
                      s.data.host or s.grpc_host, self._data.port,
                      " (TLS)" if self._data.tls else "")
         if self._http is not None:
-            log.info("kvtier daemon serving HTTP on http://%s:%d", s.http_host, self._http.port)
+            log.info("kvtier daemon serving HTTP on %s://%s:%d",
+                     "https" if s.tls.enabled else "http", s.http_host, self._http.port)
         for t in s.tiers:
             log.info("tier %-8s %-6s codec=%-4s capacity=%d B watermarks=%.2f/%.2f",
                      t.name, t.medium.value, t.codec.value, t.capacity_bytes,
@@ -219,6 +226,8 @@ class Daemon:
                 self._data.stop()
             if done is not None:
                 done.wait(grace_s + 1.0)
+            if ctx.limits is not None:
+                ctx.limits.close()
             if ctx.relocator is not None:  # no copy-outs beside the drain and the close
                 ctx.relocator.close()
             if self._http is not None:

@@ -11,6 +11,7 @@ that holds one would silently turn the whole group into garbage.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -215,3 +216,27 @@ def page_of_buffer(h: PageHeader, buf: torch.Tensor) -> Page:
     """The page of ``h`` viewing ``buf``: ``2 * h.nbytes`` uint8, k's bytes then v's."""
     k, v = buf.view(torch_dtype(h.dtype)).view(2, *h.shape).unbind(0)
     return Page(k, v, h.start_position)
+
+
+MAX_SESSION_CHARS = 256
+
+
+def check_session(name: str, field: str = "session") -> str:
+    """A session name of a hint ("" = none): a string of at most MAX_SESSION_CHARS."""
+    if not isinstance(name, str):
+        raise InvalidArgument(f"must be a string, got {type(name).__name__}", field=field)
+    if len(name) > MAX_SESSION_CHARS:
+        raise InvalidArgument(f"a session name has at most {MAX_SESSION_CHARS} characters, "
+                              f"got {len(name)}", field=field)
+    return name
+
+
+def check_expected_reuse(value: float | None) -> float | None:
+    """An expected reuse time in seconds: None/0 = unknown, else finite and positive."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value < 0:
+        raise InvalidArgument(f"must be a finite number of seconds >= 0, got {value!r}",
+                              field="expected_reuse_s")
+    return float(value) or None

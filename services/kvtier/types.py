@@ -168,3 +168,4 @@ class EvictionReason(str, enum.Enum):
     NOT_ADMITTED = "not_admitted"  # the policy declined to keep it anywhere
     CORRUPT = "corrupt"  # checksum failed on read; the page is dropped, never served
     DELETED = "deleted"  # explicit delete by a client or operator
+    ORPHAN = "orphan"  # its predecessor in the chain left the cache: no prefix can reach it

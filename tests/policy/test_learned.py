@@ -48,12 +48,12 @@ def test_learned_policy_learns_periodic_reuse_and_beats_lru() -> None:
     assert "learned" in learned.detail
 
 
-def test_untrained_model_behaves_exactly_like_lru() -> None:
+def test_untrained_model_behaves_exactly_like_prefix_closed_lru() -> None:
     trace = make_trace(*periodic_trace(10))
     model = ReuseDensity(4096, min_labels=10**9)  # never ready
     core = LearnedCore(48, model)
     r = simulate(trace, "learned", lambda c: core, 48)
-    assert r.hits == run_policy(trace, "lru", 48).hits
+    assert r.request_prefix_hits == run_policy(trace, "chain-lru", 48).request_prefix_hits
     assert r.detail.startswith("lru fallback (untrained)")
 
 

@@ -71,11 +71,13 @@ def test_compare_table_has_cis_and_gap_closed(trace_file: Path,
     assert isinstance(tables, list) and len(tables) == 2
     for table in tables:
         rows = {r["policy"]: r for r in table["rows"]}
-        assert set(rows) == {"lru", "lfu", "arc", "s3fifo", "learned", "belady"}
+        assert set(rows) == {"lru", "lfu", "arc", "s3fifo", "chain-lru", "learned",
+                             "learned+hints", "belady"}
         assert rows["lru"]["gap_closed"] == 0.0 and rows["belady"]["gap_closed"] == 1.0
         for r in rows.values():
             low, high = r["ci95"]
-            assert low <= r["hit_ratio"] <= high
+            assert low <= r["prefix_hit_ratio"] <= high
+            assert r["prefix_hit_ratio"] <= r["hit_ratio"]
             assert r["hit_ratio"] <= rows["belady"]["hit_ratio"]
     assert main(["replay", str(trace_file), "--compare", "--capacity", "40",
                  "--resamples", "50"]) == 0

@@ -149,8 +149,9 @@ def test_set_tier_limits_validates_and_shrinks_at_once(make_store: StoreFactory)
                                low_watermark=0.5)
     assert (st.capacity_bytes, st.high_watermark, st.low_watermark) == (4 * PAGE_BYTES, 0.8, 0.5)
     assert st.pages == 2 and st.bytes == 2 * PAGE_BYTES
+    # one put is one chain: prefix-closed, it is cut from the tail (LRU alone would take 0-3)
     assert store.lookup(NS, [key(i) for i in range(6)]).tiers == [
-        "warm", "warm", "warm", "warm", "hot", "hot"]
+        "hot", "hot", "warm", "warm", "warm", "warm"]
 
 
 def test_stats_count_hits_misses_and_codec_time(make_store: StoreFactory) -> None:
@@ -180,7 +181,7 @@ def test_mover_thread_demotes_past_the_high_watermark(make_store: StoreFactory) 
     store.put(NS, [(key(i), make_page(i)) for i in range(8)])
     wait_until(lambda: store.stats().tiers[0].pages == 3, what="mover to reach low watermark")
     tiers = store.lookup(NS, [key(i) for i in range(8)]).tiers
-    assert tiers == ["warm"] * 5 + ["hot"] * 3
+    assert tiers == ["hot"] * 3 + ["warm"] * 5  # one chain: demoted from its tail
     recorded = store.policy  # the policy got the access events via the mover
     assert recorded.name == "lru"
 
@@ -215,7 +216,8 @@ def test_policy_gets_events_and_a_failing_policy_falls_back(make_store: StoreFac
     assert [e.seq for e in rec.events] == sorted(e.seq for e in rec.events)
     store.set_policy(Broken())
     store.put(NS, [(key(2), make_page(2))])  # make-room asks the broken policy: LRU instead
-    assert store.lookup(NS, [key(0), key(1), key(2)]).tiers == ["warm", "hot", "hot"]
+    # LRU's victim is 0, but 1 follows it in a chain (positions 3, 4): the tail 1 goes first
+    assert store.lookup(NS, [key(0), key(1), key(2)]).tiers == ["hot", "warm", "hot"]
 
 
 def test_concurrent_puts_of_one_key_store_it_once(make_store: StoreFactory) -> None:

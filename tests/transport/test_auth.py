@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,6 +111,17 @@ def _call(ch: grpc.Channel, method: str, ns: str, token: str | None) -> Any:
             return reply
         finally:
             seg.close()
+    if method == "OpenShm":
+        seg = Segment(1 << 20)
+        try:
+            return cache.OpenShm(pb.AttachShmRequest(namespace=ns, path=seg.path,
+                                                     size=seg.size, token=seg.token), **kw)
+        finally:
+            seg.close()
+    if method in ("RenewShm", "CloseShm"):
+        return getattr(cache, method)(pb.ShmLeaseRequest(namespace=ns, session="s"), **kw)
+    if method == "Hint":
+        return cache.Hint(pb.HintRequest(namespace=ns, queued=[pb.KeyChain(keys=[b"k"])]), **kw)
     if method == "OpenData":
         return cache.OpenData(pb.OpenDataRequest(namespace=ns, writable=True), **kw)
     if method == "AttachDevice":
@@ -164,8 +176,9 @@ def test_scheme_is_case_insensitive_and_valid_tokens_work(channel: grpc.Channel,
     stub.Lookup(req, metadata=(("authorization", f"bearer {tenants.a}"),), timeout=5)
     assert _code(channel, "Put", "tenant-a", tenants.a) == grpc.StatusCode.OK
     assert _code(channel, "Stats", "", tenants.a_ro) == grpc.StatusCode.OK
-    for method in ("Get", "GetStream", "Lookup", "AttachShm"):
+    for method in ("Get", "GetStream", "Lookup", "AttachShm", "OpenShm"):
         assert _code(channel, method, "tenant-a", tenants.a_ro) == grpc.StatusCode.OK
+    assert _code(channel, "Hint", "tenant-a", tenants.a) == grpc.StatusCode.OK
     # without a device pool the device calls get past auth and fail for that reason
     assert _code(channel, "ReserveDevice", "tenant-a", tenants.a) == \
         grpc.StatusCode.FAILED_PRECONDITION
@@ -461,3 +474,70 @@ def test_policy_service_takes_its_token(caplog: pytest.LogCaptureFixture) -> Non
     assert err.value.field == "policy.token"
     check_policy_exposure(Settings(policy={"token": "t"}), "0.0.0.0")
     check_policy_exposure(Settings(), "127.0.0.1")
+
+
+def _serve(env: dict[str, str]) -> subprocess.Popen[str]:
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
+    base.update({"KVTIER_GRPC_PORT": "0", "KVTIER_HTTP_PORT": "0", "KVTIER_DEVICE": "cpu",
+                 **env})
+    return subprocess.Popen([sys.executable, "-m", "kvtier.cli", "--log-level", "WARNING",
+                             "serve", "--grace", "1"], env=base, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_kvtier_serve_refuses_exposure_and_reloads_tokens_on_sighup(tenants: Tenants) -> None:
+    refused = _serve({"KVTIER_GRPC_HOST": "0.0.0.0"})
+    out, _ = refused.communicate(timeout=120)
+    assert refused.returncode == 2 and "KVTIER_AUTH__TOKENS_FILE" in out, out
+    proc = _serve({"KVTIER_AUTH__TOKENS_FILE": str(tenants.path),
+                   "KVTIER_AUTH__RELOAD_INTERVAL_S": "3600"})
+    try:
+        assert proc.stdout is not None
+        address = None
+        for line in proc.stdout:
+            if line.startswith("kvtier: gRPC"):
+                address = line.split()[-1]
+            if line.startswith("kvtier: ready"):
+                break
+        assert address is not None, "the daemon did not start"
+        with KVTierClient(address, "tenant-a", token=tenants.a, shared_memory=False) as a:
+            a.put([b"k"], [make_page(1)])
+            tenants.file.revoke(tenants.a_entry.id)
+            assert a.lookup([b"k"]).prefix_length == 1  # not looked at for an hour
+            proc.send_signal(signal.SIGHUP)
+
+            def refused_now() -> bool:
+                try:
+                    a.lookup([b"k"])
+                except UnauthenticatedError:
+                    return True
+                return False
+
+            assert wait_for(refused_now, 10.0)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_a_tokens_file_others_may_write_is_warned_about(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "t.json"
+    TokenFile(path).create(["ns"])
+    TokenRegistry(path)
+    assert "writable by others" not in caplog.text
+    path.chmod(0o666)
+    TokenRegistry(path)
+    assert "writable by others" in caplog.text
+
+
+def test_every_guarded_rpc_has_an_entry_in_the_auth_table() -> None:
+    """A new RPC must say whether it reads or writes: unlisted ones would default to write."""
+    from kvtier.transport.auth.guard import GUARDED_SERVICES, METHODS
+    from kvtier_proto.v1 import cache_pb2, device_pb2
+
+    files = (cache_pb2.DESCRIPTOR, device_pb2.DESCRIPTOR)
+    rpcs = {m.name for f in files for s in f.services_by_name.values()
+            if s.full_name in GUARDED_SERVICES for m in s.methods}
+    assert rpcs and rpcs == set(METHODS), sorted(rpcs ^ set(METHODS))

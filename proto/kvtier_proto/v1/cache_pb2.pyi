@@ -17,7 +17,7 @@ PUT_OUTCOME_STORED: PutOutcome
 PUT_OUTCOME_EXISTS: PutOutcome
 
 class PageHeader(_message.Message):
-    __slots__ = ("key", "dtype", "shape", "start_position", "k_len", "v_len", "chain_position", "shm_offset", "v_dtype", "v_shape")
+    __slots__ = ("key", "dtype", "shape", "start_position", "k_len", "v_len", "chain_position", "shm_offset", "v_dtype", "v_shape", "expected_reuse_s")
     KEY_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class PageHeader(_message.Message):
     SHM_OFFSET_FIELD_NUMBER: _ClassVar[int]
     V_DTYPE_FIELD_NUMBER: _ClassVar[int]
     V_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_REUSE_S_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -38,10 +39,11 @@ class PageHeader(_message.Message):
     shm_offset: int
     v_dtype: str
     v_shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, key: _Optional[bytes] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ..., k_len: _Optional[int] = ..., v_len: _Optional[int] = ..., chain_position: _Optional[int] = ..., shm_offset: _Optional[int] = ..., v_dtype: _Optional[str] = ..., v_shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    expected_reuse_s: float
+    def __init__(self, key: _Optional[bytes] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ..., k_len: _Optional[int] = ..., v_len: _Optional[int] = ..., chain_position: _Optional[int] = ..., shm_offset: _Optional[int] = ..., v_dtype: _Optional[str] = ..., v_shape: _Optional[_Iterable[int]] = ..., expected_reuse_s: _Optional[float] = ...) -> None: ...
 
 class PutRequest(_message.Message):
-    __slots__ = ("namespace", "pages", "data", "shm_session", "shm_fill", "shm_ring_offset", "shm_ring_slots", "shm_reclaim")
+    __slots__ = ("namespace", "pages", "data", "shm_session", "shm_fill", "shm_ring_offset", "shm_ring_slots", "shm_reclaim", "session")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     PAGES_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +52,7 @@ class PutRequest(_message.Message):
     SHM_RING_OFFSET_FIELD_NUMBER: _ClassVar[int]
     SHM_RING_SLOTS_FIELD_NUMBER: _ClassVar[int]
     SHM_RECLAIM_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     pages: _containers.RepeatedCompositeFieldContainer[PageHeader]
     data: bytes
@@ -58,7 +61,8 @@ class PutRequest(_message.Message):
     shm_ring_offset: int
     shm_ring_slots: int
     shm_reclaim: bool
-    def __init__(self, namespace: _Optional[str] = ..., pages: _Optional[_Iterable[_Union[PageHeader, _Mapping]]] = ..., data: _Optional[bytes] = ..., shm_session: _Optional[str] = ..., shm_fill: _Optional[int] = ..., shm_ring_offset: _Optional[int] = ..., shm_ring_slots: _Optional[int] = ..., shm_reclaim: _Optional[bool] = ...) -> None: ...
+    session: str
+    def __init__(self, namespace: _Optional[str] = ..., pages: _Optional[_Iterable[_Union[PageHeader, _Mapping]]] = ..., data: _Optional[bytes] = ..., shm_session: _Optional[str] = ..., shm_fill: _Optional[int] = ..., shm_ring_offset: _Optional[int] = ..., shm_ring_slots: _Optional[int] = ..., shm_reclaim: _Optional[bool] = ..., session: _Optional[str] = ...) -> None: ...
 
 class PutReply(_message.Message):
     __slots__ = ("outcomes",)
@@ -117,12 +121,16 @@ class GetReply(_message.Message):
     def __init__(self, pages: _Optional[_Iterable[_Union[PageResult, _Mapping]]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("namespace", "keys")
+    __slots__ = ("namespace", "keys", "session", "prefetch")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, namespace: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    session: str
+    prefetch: bool
+    def __init__(self, namespace: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ..., session: _Optional[str] = ..., prefetch: _Optional[bool] = ...) -> None: ...
 
 class LookupReply(_message.Message):
     __slots__ = ("prefix_length", "tiers")
@@ -206,20 +214,24 @@ class TierStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., medium: _Optional[str] = ..., codec: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., high_watermark: _Optional[float] = ..., low_watermark: _Optional[float] = ..., pages: _Optional[int] = ..., bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., demotions: _Optional[int] = ..., promotions: _Optional[int] = ..., evictions: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("tiers", "redis_up", "gets", "puts", "policy", "uptime_s")
+    __slots__ = ("tiers", "redis_up", "gets", "puts", "policy", "uptime_s", "prefetched", "prefetch_hits")
     TIERS_FIELD_NUMBER: _ClassVar[int]
     REDIS_UP_FIELD_NUMBER: _ClassVar[int]
     GETS_FIELD_NUMBER: _ClassVar[int]
     PUTS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    PREFETCHED_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_HITS_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     redis_up: bool
     gets: int
     puts: int
     policy: str
     uptime_s: float
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., redis_up: _Optional[bool] = ..., gets: _Optional[int] = ..., puts: _Optional[int] = ..., policy: _Optional[str] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+    prefetched: int
+    prefetch_hits: int
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., redis_up: _Optional[bool] = ..., gets: _Optional[int] = ..., puts: _Optional[int] = ..., policy: _Optional[str] = ..., uptime_s: _Optional[float] = ..., prefetched: _Optional[int] = ..., prefetch_hits: _Optional[int] = ...) -> None: ...
 
 class AttachShmRequest(_message.Message):
     __slots__ = ("namespace", "path", "size", "token")
@@ -238,6 +250,22 @@ class AttachShmReply(_message.Message):
     SESSION_FIELD_NUMBER: _ClassVar[int]
     session: str
     def __init__(self, session: _Optional[str] = ...) -> None: ...
+
+class ShmLeaseRequest(_message.Message):
+    __slots__ = ("namespace", "session")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    session: str
+    def __init__(self, namespace: _Optional[str] = ..., session: _Optional[str] = ...) -> None: ...
+
+class ShmLeaseReply(_message.Message):
+    __slots__ = ("session", "lease_s")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    lease_s: float
+    def __init__(self, session: _Optional[str] = ..., lease_s: _Optional[float] = ...) -> None: ...
 
 class OpenDataRequest(_message.Message):
     __slots__ = ("namespace", "writable")
@@ -262,3 +290,25 @@ class OpenDataReply(_message.Message):
     ticket_ttl_s: float
     writable: bool
     def __init__(self, ticket: _Optional[bytes] = ..., port: _Optional[int] = ..., tls: _Optional[bool] = ..., max_frame_bytes: _Optional[int] = ..., ticket_ttl_s: _Optional[float] = ..., writable: _Optional[bool] = ...) -> None: ...
+
+class KeyChain(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class HintRequest(_message.Message):
+    __slots__ = ("namespace", "queued", "ended_sessions")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    ENDED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    queued: _containers.RepeatedCompositeFieldContainer[KeyChain]
+    ended_sessions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, namespace: _Optional[str] = ..., queued: _Optional[_Iterable[_Union[KeyChain, _Mapping]]] = ..., ended_sessions: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class HintReply(_message.Message):
+    __slots__ = ("prefetching",)
+    PREFETCHING_FIELD_NUMBER: _ClassVar[int]
+    prefetching: int
+    def __init__(self, prefetching: _Optional[int] = ...) -> None: ...

@@ -79,10 +79,30 @@ class CacheServiceStub:
                 request_serializer=kvtier__proto_dot_v1_dot_cache__pb2.AttachShmRequest.SerializeToString,
                 response_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.AttachShmReply.FromString,
                 _registered_method=True)
+        self.OpenShm = channel.unary_unary(
+                '/kvtier.v1.CacheService/OpenShm',
+                request_serializer=kvtier__proto_dot_v1_dot_cache__pb2.AttachShmRequest.SerializeToString,
+                response_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseReply.FromString,
+                _registered_method=True)
+        self.RenewShm = channel.unary_unary(
+                '/kvtier.v1.CacheService/RenewShm',
+                request_serializer=kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseRequest.SerializeToString,
+                response_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseReply.FromString,
+                _registered_method=True)
+        self.CloseShm = channel.unary_unary(
+                '/kvtier.v1.CacheService/CloseShm',
+                request_serializer=kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseRequest.SerializeToString,
+                response_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseReply.FromString,
+                _registered_method=True)
         self.OpenData = channel.unary_unary(
                 '/kvtier.v1.CacheService/OpenData',
                 request_serializer=kvtier__proto_dot_v1_dot_cache__pb2.OpenDataRequest.SerializeToString,
                 response_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.OpenDataReply.FromString,
+                _registered_method=True)
+        self.Hint = channel.unary_unary(
+                '/kvtier.v1.CacheService/Hint',
+                request_serializer=kvtier__proto_dot_v1_dot_cache__pb2.HintRequest.SerializeToString,
+                response_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.HintReply.FromString,
                 _registered_method=True)
 
 
@@ -156,12 +176,44 @@ class CacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenShm(self, request, context):
+        """Attach a segment as AttachShm does, as a lease that holds no call open: the session lasts
+        `lease_s` seconds from each OpenShm or RenewShm; the daemon ends a session whose lease ran
+        out (later calls naming it answer FAILED_PRECONDITION: open a new one). What clients use.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewShm(self, request, context):
+        """Extend a session's lease (FAILED_PRECONDITION: the session is gone; open a new one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseShm(self, request, context):
+        """End a session now (the daemon unmaps the segment once no call uses it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def OpenData(self, request, context):
         """Open the data channel: a one-time ticket for one TCP connection to the daemon's data port,
         bound to this namespace (and read-only unless `writable`). Page bytes of Put and Get then
         travel as length-prefixed frames on that connection (kvtier_client.data_frame describes
         them) under the same deadlines, error table and tenant binding as these calls. A daemon
         with the data channel off answers port 0.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Hint(self, request, context):
+        """What the worker knows ahead of the cache: the prefix keys of requests waiting to be
+        scheduled (their present prefixes are promoted and kept ahead of use) and sessions that
+        ended (their pages leave first). Every hint is optional and advisory.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -215,10 +267,30 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     request_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.AttachShmRequest.FromString,
                     response_serializer=kvtier__proto_dot_v1_dot_cache__pb2.AttachShmReply.SerializeToString,
             ),
+            'OpenShm': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenShm,
+                    request_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.AttachShmRequest.FromString,
+                    response_serializer=kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseReply.SerializeToString,
+            ),
+            'RenewShm': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewShm,
+                    request_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseRequest.FromString,
+                    response_serializer=kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseReply.SerializeToString,
+            ),
+            'CloseShm': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseShm,
+                    request_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseRequest.FromString,
+                    response_serializer=kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseReply.SerializeToString,
+            ),
             'OpenData': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenData,
                     request_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.OpenDataRequest.FromString,
                     response_serializer=kvtier__proto_dot_v1_dot_cache__pb2.OpenDataReply.SerializeToString,
+            ),
+            'Hint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Hint,
+                    request_deserializer=kvtier__proto_dot_v1_dot_cache__pb2.HintRequest.FromString,
+                    response_serializer=kvtier__proto_dot_v1_dot_cache__pb2.HintReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -475,6 +547,87 @@ class CacheService:
             _registered_method=True)
 
     @staticmethod
+    def OpenShm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.v1.CacheService/OpenShm',
+            kvtier__proto_dot_v1_dot_cache__pb2.AttachShmRequest.SerializeToString,
+            kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewShm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.v1.CacheService/RenewShm',
+            kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseRequest.SerializeToString,
+            kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseShm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.v1.CacheService/CloseShm',
+            kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseRequest.SerializeToString,
+            kvtier__proto_dot_v1_dot_cache__pb2.ShmLeaseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def OpenData(request,
             target,
             options=(),
@@ -491,6 +644,33 @@ class CacheService:
             '/kvtier.v1.CacheService/OpenData',
             kvtier__proto_dot_v1_dot_cache__pb2.OpenDataRequest.SerializeToString,
             kvtier__proto_dot_v1_dot_cache__pb2.OpenDataReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Hint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.v1.CacheService/Hint',
+            kvtier__proto_dot_v1_dot_cache__pb2.HintRequest.SerializeToString,
+            kvtier__proto_dot_v1_dot_cache__pb2.HintReply.FromString,
             options,
             channel_credentials,
             insecure,

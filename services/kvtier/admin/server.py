@@ -15,6 +15,7 @@ import logging
 import socket
 import threading
 import time
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -23,6 +24,7 @@ from kvtier.admin.app import create_app
 from kvtier.admin.auth import check_exposure
 from kvtier.errors import ConfigError
 from kvtier.transport.context import DaemonContext
+from kvtier.transport.tls import uvicorn_ssl
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +48,15 @@ def _bind(host: str, port: int) -> socket.socket:
 class AdminHttpServer:
     """A uvicorn server on its own thread and event loop. Start once, stop once."""
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0,
+                 ssl: dict[str, Any] | None = None) -> None:
         self.host = host
+        self.scheme = "https" if ssl else "http"
         self._sock = _bind(host, port)
         self._port = int(self._sock.getsockname()[1])
         config = uvicorn.Config(
             app, log_level="warning", access_log=False, lifespan="on",
-            timeout_graceful_shutdown=5,
+            timeout_graceful_shutdown=5, **(ssl or {}),
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
@@ -67,7 +71,7 @@ class AdminHttpServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self._port}"
+        return f"{self.scheme}://{host}:{self._port}"
 
     def _run(self) -> None:
         try:
@@ -109,7 +113,8 @@ def serve_http(context: DaemonContext, host: str | None = None,
     host = settings.http_host if host is None else host
     port = settings.http_port if port is None else port
     check_exposure(settings, host)
-    server = AdminHttpServer(create_app(context), host, port).start()
+    server = AdminHttpServer(create_app(context), host, port,
+                             ssl=uvicorn_ssl(settings.tls)).start()
     return server, server.port
 
 

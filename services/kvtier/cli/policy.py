@@ -46,13 +46,16 @@ def run(args: argparse.Namespace) -> int:
     hport = settings.policy_http_port if args.http_port is None else args.http_port
     check_policy_exposure(settings, host)
     server, port, servicer = make_policy_server(policy, host, gport,
-                                                token=settings.policy.token or None)
-    httpd, http_port = make_metrics_server(servicer, settings.http_host, hport)
+                                                token=settings.policy.token or None,
+                                                tls=settings.tls)
+    httpd, http_port = make_metrics_server(servicer, settings.http_host, hport, settings.tls)
     server.start()
     web = threading.Thread(target=httpd.serve_forever, name="kvtier-policy-metrics", daemon=True)
     web.start()
-    print(f"kvtier policy ({name}) serving gRPC on {host}:{port}, "
-          f"metrics on http://{settings.http_host}:{http_port}/metrics", flush=True)
+    scheme = "https" if settings.tls.enabled else "http"
+    print(f"kvtier policy ({name}) serving gRPC{' (TLS)' if settings.tls.enabled else ''} on "
+          f"{host}:{port}, metrics on {scheme}://{settings.http_host}:{http_port}/metrics",
+          flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

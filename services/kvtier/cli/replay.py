@@ -4,8 +4,10 @@ Simulation (default): a single cache of ``--capacity`` slots (a fraction of the 
 distinct blocks when below 1, else a block count), or with ``--tiers`` the configured tier
 stack with the same total split in proportion to the tiers' byte capacities. ``--compare`` runs
 every policy (and Belady's bound) at each capacity and prints hit ratios with 95% bootstrap
-intervals and the share of the LRU->Belady gap closed. ``--live`` drives a daemon (``--target``,
-or one started here with in-memory tiers sized from the capacity) the way a worker would.
+intervals and the share of the LRU->Belady gap closed, all on prefix hits (the leading run of
+each request, what a paged cache can use; plain hits follow). ``--live`` drives a daemon
+(``--target``, or one started here with in-memory tiers sized from the capacity) the way a
+worker would.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ if TYPE_CHECKING:
 def register(sub: Any) -> None:
     p = sub.add_parser("replay", help="replay a block-access trace (simulation or live)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("trace", help="JSONL trace in the Mooncake format")
+    p.add_argument("trace", help="JSONL trace in the Mooncake format (plain, .xz or .gz), or "
+                                 "'synthetic[:SEED]' for the generated agent/RAG/chat trace")
     p.add_argument("--capacity", default="0.05",
                    help="cache size: fraction of distinct blocks (<1) or block count; a "
                         "comma-separated list with --compare (default 0.05)")
@@ -48,6 +51,9 @@ def register(sub: Any) -> None:
     p.add_argument("--target", default=None,
                    help="daemon host:port (live; default: start one); several, comma-separated, "
                         "split the requests among daemons that share a Redis tier")
+    p.add_argument("--queue", type=int, default=32,
+                   help="learned+hints: look-ahead of the worker's queue, in requests "
+                        "(default 32); only requests that have arrived are in it")
     p.add_argument("--page-bytes", type=int, default=16384, help="live page payload size")
     p.add_argument("--namespace", default="replay",
                    help="namespace of the live replay's keys (default replay)")
@@ -75,6 +81,21 @@ def _capacities(text: str) -> list[float]:
     return values
 
 
+def _load(text: str) -> Trace:
+    from kvtier.lab.replay.trace import load_trace
+
+    name, _, seed = text.partition(":")
+    if name == "synthetic":
+        from kvtier.lab.replay.synth import synthetic_trace
+
+        try:
+            return synthetic_trace(seed=int(seed or 0))
+        except ValueError:
+            raise InvalidArgument(f"synthetic:SEED needs an integer seed, got {seed!r}",
+                                  field="trace") from None
+    return load_trace(text)
+
+
 def _tier_weights(args: argparse.Namespace) -> list[tuple[str, int]]:
     from kvtier.config import load_settings
 
@@ -86,11 +107,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from kvtier.lab.replay.sim import capacity_blocks
-    from kvtier.lab.replay.trace import Trace, load_trace
+    from kvtier.lab.replay.trace import Trace
 
     torch.set_num_threads(1)  # a tiny MLP: one thread is fastest and deterministic
     try:
-        trace = load_trace(args.trace)
+        trace = _load(args.trace)
         if args.limit is not None:
             if args.limit < 1:
                 raise InvalidArgument("must be at least 1", field="limit")
@@ -118,11 +139,12 @@ def _single(args: argparse.Namespace, trace: Trace, cap: int) -> dict[str, Any]:
 
     tiers = split_capacity(cap, _tier_weights(args)) if args.tiers else None
     r = run_policy(trace, args.policy, cap, tiers=tiers, seed=args.seed, device=args.device,
-                   progress=_progress(args.policy, len(trace.requests)))
+                   progress=_progress(args.policy, len(trace.requests)), queue=args.queue)
     out = {"trace": trace.name, "seed": args.seed, **r.to_json()}
     if not args.json:
-        print(f"{r.policy}: {r.hits}/{r.accesses} hits = {100 * r.hit_ratio:.2f}% at "
-              f"{r.capacity_blocks} blocks (prefix hits {r.prefix_hits}) in {r.seconds:.1f}s")
+        print(f"{r.policy}: {r.prefix_hits}/{r.accesses} prefix hits = "
+              f"{100 * r.prefix_hit_ratio:.2f}% at {r.capacity_blocks} blocks (all hits "
+              f"{100 * r.hit_ratio:.2f}%) in {r.seconds:.1f}s")
         for name, h in r.tiers.items():
             print(f"  {name:>8}: {h} hits ({r.tier_capacities[name]} slots)")
         if r.detail:
@@ -141,7 +163,8 @@ def _compare(args: argparse.Namespace, trace: Trace, caps: list[int]) -> dict[st
         tiers = split_capacity(cap, _tier_weights(args)) if args.tiers else None
         results = [run_policy(trace, name, cap, tiers=tiers if name != "belady" else None,
                               seed=args.seed, device=args.device,
-                              progress=_progress(f"{name}@{cap}", len(trace.requests)))
+                              progress=_progress(f"{name}@{cap}", len(trace.requests)),
+                              queue=args.queue)
                    for name in SIM_POLICIES]
         rows = rows_for(results, seed=args.seed, resamples=args.resamples)
         label = f"{cap} ({100 * cap / distinct:.1f}%)"

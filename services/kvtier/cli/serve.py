@@ -62,9 +62,11 @@ def run_daemon(settings: Settings, grace_s: float, drain: bool,
             previous[signal.SIGHUP] = signal.signal(
                 signal.SIGHUP, lambda *_: daemon.reload_tokens())
         try:
-            print(f"kvtier: gRPC  {daemon.grpc_address}", flush=True)
+            print(f"kvtier: gRPC  {daemon.grpc_address}"
+                  f"{' (TLS)' if settings.tls.enabled else ''}", flush=True)
             if daemon.http_port is not None:
-                print(f"kvtier: HTTP  http://{settings.http_host}:{daemon.http_port}",
+                scheme = "https" if settings.tls.enabled else "http"
+                print(f"kvtier: HTTP  {scheme}://{settings.http_host}:{daemon.http_port}",
                       flush=True)
             if on_started is not None:
                 on_started(daemon)
@@ -86,5 +88,9 @@ def run_daemon(settings: Settings, grace_s: float, drain: bool,
 def run(args: argparse.Namespace) -> int:
     from kvtier.config import load_settings
 
+    from kvtier.transport.auth.exposure import check_grpc_exposure
+
     settings = load_settings(args.config)
+    if not settings.auth.insecure_allow_unauthenticated:  # the daemon warns about that one
+        check_grpc_exposure(settings)  # before the daemon's heavy imports: refused at once
     return run_daemon(settings, args.grace, args.drain)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 from typing import TYPE_CHECKING, Any
 
 from kvtier.cli.serve import add_daemon_options, run_daemon
@@ -40,6 +41,10 @@ def register(sub: Any) -> None:
                    "second daemon on it (see docs/cluster.md)")
     p.add_argument("--redis-replicas", type=int, default=1, metavar="R",
                    help="replicas per primary with --redis-cluster (default 1)")
+    p.add_argument("--tls", action="store_true",
+                   help="serve gRPC and HTTP over TLS with a new self-signed certificate "
+                   "(made by openssl, kept for this run only; for trying TLS - give your own "
+                   "with KVTIER_TLS__CERT_FILE / KVTIER_TLS__KEY_FILE)")
     p.add_argument("--redis-maxmemory", default=None, metavar="BYTES",
                    help="maxmemory of each local Redis node (allkeys-lru eviction), e.g. 256mb")
     p.set_defaults(func=run)
@@ -57,6 +62,29 @@ def run(args: argparse.Namespace) -> int:
     from kvtier.config import load_settings
 
     settings = embedded_defaults(load_settings(args.config))
+    if getattr(args, "tls", False) and not settings.tls.enabled:
+        with tempfile.TemporaryDirectory(prefix="kvtier-tls-") as d:
+            return _run_with(with_self_signed_tls(settings, d), args)
+    return _run_with(settings, args)
+
+
+def with_self_signed_tls(settings: Settings, directory: str) -> Settings:
+    """``settings`` with TLS on, from a new self-signed pair in ``directory``; prints how
+    clients trust it."""
+    from kvtier.procs.certs import self_signed
+
+    hosts = tuple(h for h in (settings.grpc_host, settings.http_host)
+                  if h not in ("0.0.0.0", "::", ""))
+    pair = self_signed(directory, "kvtier", hosts)
+    tls = settings.tls.model_copy(update={"cert_file": pair.cert_file,
+                                          "key_file": pair.key_file})
+    print(f"kvtier: TLS with a self-signed certificate {pair.cert_file} (this run only); "
+          f"clients: KVTierClient(..., tls_ca_file={pair.cert_file!r}), "
+          f"curl --cacert {pair.cert_file}", flush=True)
+    return settings.model_copy(update={"tls": tls})
+
+
+def _run_with(settings: Settings, args: argparse.Namespace) -> int:
     if not getattr(args, "monitoring", False):
         return _run(settings, args, None)
     from kvtier.procs.prometheus import LocalMonitoring

@@ -51,6 +51,15 @@ class ReplacementCore(abc.ABC):
         request is visible: this is the present, not look-ahead.
         """
 
+    def hint_queue(self, chains: Sequence[Sequence[Key]]) -> None:  # noqa: B027
+        """The chains of the requests waiting to be scheduled now (a worker's queue hint),
+        replacing the previous hint. Default: ignored."""
+
+    def hint_session(self, session: Hashable | None,  # noqa: B027
+                     ended: Sequence[Hashable] = ()) -> None:
+        """The next :meth:`begin_request` belongs to ``session`` (None: unknown); ``ended``
+        sessions will send nothing more. Default: ignored."""
+
     @abc.abstractmethod
     def hit(self, key: Key) -> None:
         """A resident key was accessed."""

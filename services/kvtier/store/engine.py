@@ -33,7 +33,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from kvtier.config import Settings
+from kvtier.store.chains import ChainLinks, chain_order
 from kvtier.store.device_transfer import DeviceTransfer
+from kvtier.store.hints import HintBook
 from kvtier.store.index import MoveTicket, PageIndex, PageState
 from kvtier.store.policy import LRUPolicy, PageMeta, Policy
 from kvtier.store.redis_tier import RedisTier, RemoteMeta
@@ -151,6 +153,8 @@ class TierEngine:
         if self.device_transfer is not None:
             self.converter.device_moves = self.device_transfer.to_tier
         self.policy: Policy = policy
+        self.chains = ChainLinks()  # predecessor links: rankings stay prefix-closed
+        self.hints = HintBook()  # the workers' queue, session and expected-reuse hints
         self.room_timeout_s = room_timeout_s
         self._fallback = LRUPolicy()
         self._policy_failed = False
@@ -174,21 +178,54 @@ class TierEngine:
         return tier != self.redis_tier or (self.redis is not None and self.redis.up)
 
     def victims(self, candidates: Sequence[PageMeta]) -> list[PageId]:
-        """All candidates in the policy's demotion order; LRU if the policy fails."""
+        """All candidates in demotion order: the policy's (LRU if the policy fails), with the
+        workers' hints applied and kept prefix-closed (:meth:`prefix_closed`)."""
         try:
             order = self.policy.victims(candidates, len(candidates))
             self._policy_failed = False
-            return order
         except Exception:
             if not self._policy_failed:
                 log.exception("policy %s failed to rank victims; using LRU", self.policy.name)
             self._policy_failed = True
-            return self._fallback.victims(candidates, len(candidates))
+            order = self._fallback.victims(candidates, len(candidates))
+        return self.prefix_closed(order, {m.page: m.tier_index for m in candidates})
+
+    def prefix_closed(self, order: Sequence[PageId], tiers: Mapping[PageId, int]
+                      ) -> list[PageId]:
+        """``order`` (pages of the tiers in ``tiers``) re-ranked so that hints count and no page
+        leaves before its successors.
+
+        Per page, in this precedence: a page with a successor resident in a higher tier goes
+        last (moving it would cut the chain above it); then hint classes (an ended session's
+        pages first, then unhinted ones, then pages expected back soon, then queued ones);
+        then the given order. :func:`~kvtier.store.chains.chain_order` then ranks each chain
+        by its best page and cuts it from the tail.
+        """
+        if len(order) <= 1:
+            return list(order)
+        pos = {p: i for i, p in enumerate(order)}
+        hint = dict(zip(order, self.hints.classes(order), strict=True))
+        parents = self.chains.parents(order)
+        kids = self.chains.children(order)
+        above: set[PageId] = set()
+        if kids:
+            with self._state_lock:
+                for p, cs in kids.items():
+                    t = tiers.get(p)
+                    for c in cs:
+                        vt = self._index.visible_tier(c)
+                        if t is not None and vt is not None and vt < t:
+                            above.add(p)
+                            break
+        return chain_order(list(order), parents.get,
+                           lambda p: (float(p in above), float(hint[p]), float(pos[p])))
 
     def forget(self, pages: Sequence[PageId]) -> None:
-        """Tell the policy these pages left the cache."""
+        """Tell the policy (and the chain links and hints) these pages left the cache."""
         if not pages:
             return
+        self.chains.forget(pages)
+        self.hints.forget(pages)
         try:
             self.policy.forget(pages)
         except Exception:

@@ -7,6 +7,8 @@ its low watermark. Above a Redis tier that is down, pages wait (nothing moves) â
 is enforced by the synchronous make-room path, which evicts with reason ``remote_down``.
 :func:`prefetch_pass` then promotes what the policy expects to be used soon into spare room.
 :func:`relocate` is the same move asked for by a call (promote, admin demote), for one page.
+:class:`Prefetcher` promotes what workers announce (a lookup's prefetch flag, queued requests'
+prefixes) on its own thread, as soon as they announce it.
 
 It wakes every ``interval_s`` or when :meth:`Mover.wake` is called (a put pushed a tier past
 its high watermark). A pass that raises is logged and the thread carries on: nothing raises out
@@ -18,7 +20,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 
 from kvtier.store import transfer
 from kvtier.store.engine import TierEngine
@@ -134,3 +137,88 @@ def relocate(engine: TierEngine, pid: PageId, target: int, *, upward: bool) -> b
         if time.monotonic() >= deadline:
             return False
         engine.wait_for_change()
+
+
+class Prefetcher:
+    """Promotions asked for ahead of use (a lookup's ``prefetch``, queue hints), done off the
+    caller's path, and what they were worth.
+
+    :meth:`submit` queues pages (bounded: the oldest requests go first when it is full) and
+    wakes the prefetch thread; :meth:`run` promotes each still-lower-tier page into the top
+    tier (making room there the usual way: the policy's victims, with queued pages kept), and
+    remembers what it promoted, so that :meth:`note_reads` can count the gets that found a page
+    in the top tier because of it (``hits``).
+    """
+
+    def __init__(self, engine: TierEngine, max_pending: int = 1 << 14,
+                 max_tracked: int = 1 << 16) -> None:
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._pending: OrderedDict[PageId, None] = OrderedDict()
+        self._promoted: OrderedDict[PageId, None] = OrderedDict()
+        self._max_pending = max_pending
+        self._max_tracked = max_tracked
+        self._thread: Mover | None = None
+        self.promoted = 0
+        self.hits = 0
+        self.dropped = 0
+
+    def start(self, interval_s: float) -> None:
+        if self._thread is None:
+            self._thread = Mover(lambda: None if self.run() else None, interval_s,
+                                 name="kvtier-prefetch")
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._thread.stop()
+            self._thread = None
+
+    def submit(self, pids: Sequence[PageId]) -> int:
+        """Queue the pages of ``pids`` that lie below the top tier; how many were queued."""
+        todo = []
+        for pid in pids:
+            where = self._engine.residence(pid)
+            if where is not None and where[0] > 0:
+                todo.append(pid)
+        if not todo:
+            return 0
+        with self._lock:
+            for pid in todo:
+                self._pending[pid] = None
+                self._pending.move_to_end(pid)
+            while len(self._pending) > self._max_pending:
+                self._pending.popitem(last=False)
+                self.dropped += 1
+        if self._thread is not None:
+            self._thread.wake()
+        return len(todo)
+
+    def run(self) -> int:
+        """Promote every pending page (the prefetch thread's pass); the number promoted."""
+        done = 0
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return done
+                pid = self._pending.popitem(last=False)[0]
+            where = self._engine.residence(pid)
+            if where is None or where[0] == 0:
+                continue
+            if transfer.move(self._engine, pid, 0) is MoveResult.MOVED:
+                done += 1
+                with self._lock:
+                    self.promoted += 1
+                    self._promoted[pid] = None
+                    while len(self._promoted) > self._max_tracked:
+                        self._promoted.popitem(last=False)
+
+    def note_reads(self, pids: Sequence[PageId], tiers: Sequence[int | None]) -> None:
+        """Gets of ``pids`` served from ``tiers``: count top-tier hits on promoted pages."""
+        with self._lock:
+            if not self._promoted:
+                return
+            for pid, t in zip(pids, tiers, strict=True):
+                if pid in self._promoted:
+                    del self._promoted[pid]
+                    self.hits += t == 0

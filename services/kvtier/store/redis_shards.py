@@ -224,11 +224,19 @@ class Shards:
     # -- connecting and probing ---------------------------------------------------------------
 
     def _kwargs(self) -> dict[str, Any]:
-        return {
+        kw: dict[str, Any] = {
             "socket_timeout": self.config.socket_timeout_s,
             "socket_connect_timeout": self.config.connect_timeout_s,
             "retry": Retry(NoBackoff(), 0),
         }
+        if self.url.startswith("rediss://"):  # TLS: verify the server, maybe present a cert
+            kw["ssl_cert_reqs"] = "required"
+            if self.config.ssl_ca_file:
+                kw["ssl_ca_certs"] = self.config.ssl_ca_file
+            if self.config.ssl_cert_file:
+                kw["ssl_certfile"] = self.config.ssl_cert_file
+                kw["ssl_keyfile"] = self.config.ssl_key_file
+        return kw
 
     def _connect(self) -> None:
         """Build the client (detecting cluster mode when not configured); raises RedisError."""

@@ -73,6 +73,8 @@ class StoreStats:
     puts: int
     puts_stored: int
     access_events_dropped: int
+    prefetched: int = 0  # pages promoted ahead of use (lookup prefetch, queue hints)
+    prefetch_hits: int = 0  # gets served from the top tier by a page promoted ahead
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,12 +36,15 @@ from kvtier import finite
 from kvtier.codecs import warmup
 from kvtier.config import Settings
 from kvtier.errors import InvalidArgument, UnknownTier
-from kvtier.pages import check_key, check_keys, check_namespace, dtype_name, make_page
+from kvtier.pages import (
+    check_expected_reuse, check_key, check_keys, check_namespace, check_session, dtype_name,
+    make_page,
+)
 from kvtier.store import transfer
 from kvtier.store.access_log import AccessLog
 from kvtier.store.device_pool import DevicePool
 from kvtier.store.engine import TierEngine
-from kvtier.store.mover import Mover, prefetch_pass, rebalance_tier, relocate
+from kvtier.store.mover import Mover, Prefetcher, prefetch_pass, rebalance_tier, relocate
 from kvtier.store.policy import AccessEvent, AccessKind, LRUPolicy, Policy
 from kvtier.store.remote_index import discover, fetch, refresh, resync_remote
 from kvtier.store.results import GetResult, LookupResult, PageInfo, PutOutcome, RawResult
@@ -64,6 +67,7 @@ class TierStore:
             self._engine.device_transfer.room = partial(transfer.make_pool_room, self._engine)
         self._events = AccessLog(settings.policy.queue_size)
         self._mover: Mover | None = None
+        self._prefetch = Prefetcher(self._engine)
         self._sharer = Sharer() if (settings.redis.share_puts
                                     and self._engine.redis is not None) else None
 
@@ -84,12 +88,14 @@ class TierStore:
         if mover and self._mover is None:
             self._mover = Mover(self.rebalance, self.settings.mover_interval_s)
             self._mover.start()
+            self._prefetch.start(self.settings.mover_interval_s)
 
     def close(self, drain: bool = False) -> None:
         """Stop the mover; with ``drain`` first write memory-tier pages to the Redis tier."""
         if self._mover is not None:
             self._mover.stop()
             self._mover = None
+        self._prefetch.stop()
         if drain:
             self.drain()
         if self._engine.redis is not None:
@@ -138,8 +144,11 @@ class TierStore:
                 field="tier") from None
 
     def put(self, namespace: str, items: Sequence[tuple[bytes, Page]],
-            chain_positions: Sequence[int] | None = None) -> list[PutOutcome]:
-        """Store pages; per key STORED or EXISTS. ``chain_positions`` default to 0, 1, 2, ..."""
+            chain_positions: Sequence[int] | None = None, *, session: str = "",
+            expected_reuse_s: Sequence[float | None] | None = None) -> list[PutOutcome]:
+        """Store pages; per key STORED or EXISTS. ``chain_positions`` default to 0, 1, 2, ...
+        (consecutive positions are a chain: page i follows page i-1). ``session`` and
+        ``expected_reuse_s`` (per page, seconds) are hints (:mod:`kvtier.store.hints`)."""
         s = self.settings
         pids = self.check_keys(namespace, [k for k, _ in items])
         if chain_positions is not None and len(chain_positions) != len(items):
@@ -155,18 +164,27 @@ class TierStore:
                 raise InvalidArgument(f"expected a Page, got {type(page).__name__}", field="page")
             pages.append(make_page(page.k, page.v, page.start_position,
                                    max_page_bytes=s.max_page_bytes, allow_nonfinite=True))
-        return self.put_checked(pids, pages, chains)
+        reuse = _check_reuse(expected_reuse_s, len(items))
+        return self.put_checked(pids, pages, chains, session=check_session(session),
+                                expected_reuse_s=reuse)
 
     def put_checked(self, pids: Sequence[PageId], pages: Sequence[Page],
-                    chains: Sequence[int], *, owned: bool = False) -> list[PutOutcome]:
+                    chains: Sequence[int], *, owned: bool = False, session: str = "",
+                    expected_reuse_s: Sequence[float | None] | None = None
+                    ) -> list[PutOutcome]:
         """:meth:`put` for a caller that has checked everything :meth:`put` checks: ``pids``
         as :func:`~kvtier.pages.check_keys` returns them (one namespace, at most
         ``max_batch``), ``pages`` as :func:`~kvtier.pages.make_page` builds them (dtype, 4-D
         shapes alike, at most ``max_page_bytes``), ``chains`` >= 0, one per page. The gRPC
         servicer checks each header once and comes here, so a put is not validated twice.
         ``owned``: the pages' memory is the store's from now on (nobody else holds or writes
-        it), so a tier on the same device keeps it as it is instead of copying it."""
+        it), so a tier on the same device keeps it as it is instead of copying it.
+        ``session`` and ``expected_reuse_s`` as :meth:`put` checks them."""
         e = self._engine
+        e.chains.note_put(pids, chains)
+        e.hints.used(pids, session)
+        if expected_reuse_s is not None:
+            e.hints.expect_reuse(pids, expected_reuse_s)
         targets = [transfer.choose_tier(e, pid, page, chain)
                    for pid, page, chain in zip(pids, pages, chains, strict=True)]
         for page, t in zip(pages, targets, strict=True):  # fail the batch before storing any
@@ -244,6 +262,7 @@ class TierStore:
             out = [transfer.read_page(e, pid, copy_tensors, shared.get(pid)) for pid in pids]
         now = time.time()
         hits = [None if item is None else item[1] for item in out]
+        self._prefetch.note_reads(pids, hits)
         seqs = e.count_gets(pids, hits, now)
         self._events.extend(
             AccessEvent(pid, seq, now, kind, None if hit is None else e.names[hit],
@@ -279,11 +298,16 @@ class TierStore:
         if unknown:
             discover(e, unknown, time.time())
 
-    def lookup(self, namespace: str, keys: Sequence[bytes]) -> LookupResult:
-        """Which tier holds each key (None = absent or unreachable) and the present prefix."""
-        return self.lookup_checked(self.check_keys(namespace, keys))
+    def lookup(self, namespace: str, keys: Sequence[bytes], *, session: str = "",
+               prefetch: bool = False) -> LookupResult:
+        """Which tier holds each key (None = absent or unreachable) and the present prefix.
+        ``keys`` are one chain (block 0 first). ``session`` is a hint; with ``prefetch`` the
+        present prefix's pages below the top tier start moving up (in the background)."""
+        return self.lookup_checked(self.check_keys(namespace, keys),
+                                   session=check_session(session), prefetch=prefetch)
 
-    def lookup_checked(self, pids: Sequence[PageId]) -> LookupResult:
+    def lookup_checked(self, pids: Sequence[PageId], *, session: str = "",
+                       prefetch: bool = False) -> LookupResult:
         """:meth:`lookup` of ids from :meth:`check_keys`."""
         e = self._engine
         now = time.time()
@@ -297,7 +321,48 @@ class TierStore:
         prefix = 0
         while prefix < len(tiers) and tiers[prefix] is not None:
             prefix += 1
+        e.chains.note_lookup(pids, prefix)
+        e.hints.used(pids[:prefix], session)
+        if prefetch and prefix:
+            self._prefetch.submit(pids[:prefix])
         return LookupResult(prefix_length=prefix, tiers=tiers)
+
+    def hint(self, namespace: str, queued: Sequence[Sequence[bytes]] = (),
+             ended_sessions: Sequence[str] = ()) -> int:
+        """A worker's hints (:mod:`kvtier.store.hints`): ``queued``, the key chains of its
+        requests waiting to be scheduled (replacing the namespace's previous queue), and
+        sessions that ended. The queued chains' present prefixes are promoted ahead of use;
+        returns how many pages that scheduled. At most ``max_batch`` keys in all."""
+        s = self.settings
+        total = sum(len(c) for c in queued)
+        if total > s.max_batch:
+            raise InvalidArgument(f"{total} queued keys in one hint, more than the maximum "
+                                  f"batch of {s.max_batch}", field="queued")
+        if len(ended_sessions) > s.max_batch:
+            raise InvalidArgument(f"{len(ended_sessions)} ended sessions in one hint, more "
+                                  f"than the maximum batch of {s.max_batch}",
+                                  field="ended_sessions")
+        ns = check_namespace(namespace)
+        chains = [check_keys(ns, list(c), s.max_key_bytes, s.max_batch) if c else []
+                  for c in queued]
+        return self.hint_checked(ns, chains, [check_session(x, "ended_sessions")
+                                              for x in ended_sessions])
+
+    def hint_checked(self, namespace: str, chains: Sequence[Sequence[PageId]],
+                     ended_sessions: Sequence[str]) -> int:
+        """:meth:`hint` of chains from :meth:`check_keys` and checked session names."""
+        e = self._engine
+        e.hints.set_queue(namespace, chains)
+        e.hints.end_sessions(namespace, ended_sessions)
+        scheduled = 0
+        for chain in chains:
+            present = e.lookup(chain)
+            n = 0
+            while n < len(present) and present[n][1] is not None:
+                n += 1
+            e.chains.note_lookup(chain, n)
+            scheduled += self._prefetch.submit(chain[:n])
+        return scheduled
 
     def promote(self, namespace: str, keys: Sequence[bytes], tier: str) -> list[bool]:
         """Move pages up to ``tier`` (decoding; precision stays). True if now at/above it."""
@@ -364,7 +429,8 @@ class TierStore:
             tiers=tiers, redis_up=self.redis_up, codec_seconds=e.clock.snapshot(),
             policy=policy_status, gets=totals.gets, get_hits=totals.get_hits,
             get_misses=totals.gets - totals.get_hits, puts=totals.puts,
-            puts_stored=totals.puts_stored, access_events_dropped=self._events.dropped)
+            puts_stored=totals.puts_stored, access_events_dropped=self._events.dropped,
+            prefetched=self._prefetch.promoted, prefetch_hits=self._prefetch.hits)
 
     def set_tier_limits(self, name: str, capacity_bytes: int | None = None,
                         high_watermark: float | None = None,
@@ -400,7 +466,17 @@ class TierStore:
                 self._sharer.run(e)
         for t in range(len(e.specs)):
             rebalance_tier(e, t)
+        self._prefetch.run()
         prefetch_pass(e, PREFETCH_PER_PASS)
+
+
+def _check_reuse(values: Sequence[float | None] | None, n: int) -> list[float | None] | None:
+    if values is None:
+        return None
+    if len(values) != n:
+        raise InvalidArgument(f"{len(values)} expected reuse times for {n} pages",
+                              field="expected_reuse_s")
+    return [check_expected_reuse(v) for v in values]
 
 
 def _bytes_view(t: torch.Tensor) -> memoryview:

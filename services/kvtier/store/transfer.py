@@ -113,11 +113,13 @@ def place(e: TierEngine, pid: PageId, page: Page, tier: int, chain_position: int
                 f"could not make {size} bytes of room in tier {spec.name!r} within "
                 f"{e.room_timeout_s} s", field="page")
         reserved = True
-        e.commit_place(pid, version, tier, data, size, prec)
-        return True
+        committed = e.commit_place(pid, version, tier, data, size, prec)
     except BaseException:
         e.abort_place(pid, version, tier, size if reserved else 0)
         raise
+    if committed:
+        drop_if_orphan(e, pid, tier)
+    return True
 
 
 # -- making room --------------------------------------------------------------------------------
@@ -218,7 +220,22 @@ def move(e: TierEngine, pid: PageId, dst: int) -> MoveResult:
     # of its own, and other daemons read it (kvtier.store.remote_index)
     if not ok and token is not None:
         redis_delete_quietly(e, [(pid, token)])  # the page was deleted meanwhile
+    if ok:
+        drop_if_orphan(e, pid, dst)
     return MoveResult.MOVED if ok else MoveResult.GONE
+
+
+def drop_if_orphan(e: TierEngine, pid: PageId, tier: int) -> bool:
+    """Evict ``pid`` (reason ``orphan``) if its predecessor in the chain has left the cache
+    while it was being placed or moved (an eviction's sweep skips pages in flight). Only
+    without a shared Redis tier: there a page this daemon no longer holds may still be read
+    from Redis, so nothing is an orphan for sure."""
+    if e.redis is not None:
+        return False
+    parent = e.chains.parent(pid)
+    if parent is None or e.residence(parent) is not None:
+        return False
+    return evict(e, pid, tier, EvictionReason.ORPHAN)
 
 
 def _drop(e: TierEngine, m: PreparedMove, reason: EvictionReason | None) -> bool:
@@ -232,9 +249,11 @@ def _drop(e: TierEngine, m: PreparedMove, reason: EvictionReason | None) -> bool
 # -- removing pages -----------------------------------------------------------------------------
 
 def evict(e: TierEngine, pid: PageId, tier: int, reason: EvictionReason,
-          only: Stored | None = None) -> bool:
+          only: Stored | None = None, *, sweep: bool = True) -> bool:
     """Drop a resident page of ``tier`` from the cache, counted by ``reason``; with
-    ``only``, just if that is what the tier holds for ``pid``."""
+    ``only``, just if that is what the tier holds for ``pid``. With ``sweep``, a page that
+    leaves a memory tier takes its resident successors in the chain with it (reason
+    ``orphan``): no prefix can reach them now."""
     evicted, token = e.evict(pid, tier, reason, only)
     if not evicted:
         return False
@@ -242,7 +261,13 @@ def evict(e: TierEngine, pid: PageId, tier: int, reason: EvictionReason,
         # the shared tier is a cache of its own (kvtier.store.remote_index): leaving this
         # daemon's view, a page stays there for the others; only a corrupt copy goes
         redis_delete_quietly(e, [(pid, token)])
+    # Leaving the Redis tier's view, a page stays in Redis (see above), reachable: no orphans.
+    orphans = e.chains.descendants(pid) if sweep and tier != e.redis_tier else []
     e.forget([pid])
+    for child in orphans:  # prefix-closed: nothing is kept without its predecessor
+        where = e.residence(child)
+        if where is not None and where[1]:
+            evict(e, child, where[0], EvictionReason.ORPHAN, sweep=False)
     return True
 
 

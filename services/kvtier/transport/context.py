@@ -23,6 +23,7 @@ from kvtier.transport.stats import RpcStats
 
 if TYPE_CHECKING:
     from kvtier.store.store import TierStore
+    from kvtier.transport.limits import StreamLimits
     from kvtier.transport.auth.tokens import TokenRegistry
     from kvtier.transport.shm.relocate import Relocator
 
@@ -80,6 +81,7 @@ class DaemonContext:
     buffers: BufferPool = field(default_factory=BufferPool)
     relocator: Relocator | None = None  # copies lent pages out of clients' segments
     started_at: float = field(default_factory=time.time)  # wall clock, for uptime
+    limits: StreamLimits | None = None  # open streaming calls (kvtier.transport.limits)
     # tenant tokens (settings.auth.tokens_file); None: the data plane takes no tokens
     tokens: TokenRegistry | None = None
 

@@ -4,7 +4,10 @@ Every handler of both services (cache and policy) runs inside :class:`ErrorInter
 :class:`kvtier.errors.KVTierError` ends the call with the status ``kvtier.errors.status_for``
 names and its message (the message names the bad field); anything else, InternalError included,
 is logged with its traceback and ends the call with INTERNAL and a generic message, and the
-daemon keeps serving. Each finished call becomes one :class:`kvtier.transport.stats.RpcSample`
+daemon keeps serving. A call that ended outside its handler (the client cancelled it, its
+deadline passed, gRPC refused a message for its size) is counted with that status
+(CANCELLED, DEADLINE_EXCEEDED, ...) and logged in one line, not as INTERNAL. Each finished
+call becomes one :class:`kvtier.transport.stats.RpcSample`
 (method, status, latency, message bytes in/out).
 
 Authentication runs here too, when a ``guard`` is given (:class:`kvtier.transport.auth.guard.
@@ -42,10 +45,11 @@ def _size(msg: Any) -> int:
 class _Call:
     """Book-keeping of one call: bytes counted as messages pass, outcome set once."""
 
-    __slots__ = ("method", "stats", "t0", "bytes_in", "bytes_out", "done")
+    __slots__ = ("method", "stats", "t0", "bytes_in", "bytes_out", "done", "streamed")
 
-    def __init__(self, method: str, stats: RpcStats) -> None:
+    def __init__(self, method: str, stats: RpcStats, streamed: bool = False) -> None:
         self.method = method
+        self.streamed = streamed  # requests come as a stream
         self.stats = stats
         self.t0 = time.perf_counter()
         self.bytes_in = 0
@@ -72,6 +76,15 @@ class _Call:
         if already is not None:  # an abort by the handler or an inner interceptor
             self.finish(already)
             raise exc
+        if isinstance(exc, grpc.RpcError) or not _settled_active(context, self.streamed):
+            # the client cancelled, the deadline passed or gRPC refused a message (its size):
+            # the call ended outside the handler, which is no fault of the daemon's
+            code = _ended_code(context)
+            log.info("%s ended by the client or the transport: %s", self.method, code)
+            self.finish(code)
+            if isinstance(exc, grpc.RpcError):  # gRPC's own: it knows the call is over
+                raise exc
+            context.abort(grpc.StatusCode[code], "the call ended")  # no "Exception calling"
         code, _http, message = status_for(exc)
         if is_internal(exc):
             log.error("%s failed unexpectedly; answering INTERNAL", self.method, exc_info=exc)
@@ -80,6 +93,30 @@ class _Call:
             log.debug("%s -> %s: %s", self.method, code, message)
         self.finish(code)
         context.abort(grpc.StatusCode[code], message)
+
+
+def _settled_active(context: grpc.ServicerContext, streamed: bool) -> bool:
+    """Whether the call is still active. A request stream that the transport ended (deadline,
+    cancel, a message over the size limit) looks like a normal end to the handler for a
+    moment before the call is marked ended: a failing stream handler waits up to 20 ms for
+    that before its error is taken as the answer."""
+    if not streamed:
+        return bool(context.is_active())
+    for _ in range(4):
+        if not context.is_active():
+            return False
+        time.sleep(0.005)
+    return bool(context.is_active())
+
+
+def _ended_code(context: grpc.ServicerContext) -> str:
+    """The status of a call that ended outside its handler: DEADLINE_EXCEEDED once its
+    deadline passed, the code gRPC set (e.g. RESOURCE_EXHAUSTED for a message over the size
+    limit) if any, else CANCELLED."""
+    left = context.time_remaining()
+    if left is not None and left <= 0:
+        return "DEADLINE_EXCEEDED"
+    return _aborted_code(context) or "CANCELLED"
 
 
 def _aborted_code(context: grpc.ServicerContext) -> str | None:
@@ -165,7 +202,7 @@ class ErrorInterceptor(_ServerInterceptor):
             inner_su = handler.stream_unary
 
             def stream_unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-                call = _Call(method, stats)
+                call = _Call(method, stats, streamed=True)
                 return _one_reply(call, context,
                                   lambda: inner_su(call.count_in(requests), context))
 
@@ -184,7 +221,7 @@ class ErrorInterceptor(_ServerInterceptor):
             return handler
 
         def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-            call = _Call(method, stats)
+            call = _Call(method, stats, streamed=True)
             return _replies(call, context, lambda: inner_ss(call.count_in(requests), context))
 
         return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)

@@ -5,7 +5,9 @@ client configured to match; ``plain`` (no tokens) is the baseline the others are
 In one run, for every mode, it times per call:
 
 - ``shm_get``: :meth:`KVTierClient.get` of one page through the same-host shared-memory path;
-- ``inline_get``: the same with shared memory off (page bytes in the gRPC reply);
+- ``remote_get``: the same with shared memory off: what a worker on another host gets (page
+  bytes over the data channel, whose frames check the token too);
+- ``inline_get``: shared memory and the data channel off (page bytes in the gRPC reply);
 - ``lookup``: :meth:`KVTierClient.lookup` of an 8-page chain (no page bytes at all: the call's
   fixed cost, where a per-call check weighs most).
 
@@ -38,7 +40,7 @@ from kvtier.lab.bench import progress
 from kvtier.lab.bench.transfer import daemon_child
 
 NAMESPACE = "bench"
-OPS = ("shm_get", "inline_get", "lookup")
+OPS = ("shm_get", "remote_get", "inline_get", "lookup")
 CHAIN = 8
 
 
@@ -112,31 +114,36 @@ def measure(modes: list[Mode], page_kib: int = 64, calls: int = 300,
     times: dict[tuple[str, str], list[float]] = {(m.name, op): [] for m in modes for op in OPS}
     with ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvtier-bench-")))
-        clients: dict[str, dict[str, KVTierClient]] = {}
+        clients: dict[str, dict[str, Any]] = {}
         for mode in modes:
             (scratch / mode.name).mkdir()
             setup = mode.setup(scratch / mode.name)
             child = stack.enter_context(daemon_child(None, {
                 "KVTIER_POLICY__NAME": "lru", **setup.env}))
             shm = KVTierClient(child.grpc, NAMESPACE, shared_memory=True, **setup.client)
-            inline = KVTierClient(child.grpc, NAMESPACE, shared_memory=False, **setup.client)
-            stack.callback(shm.close)
-            stack.callback(inline.close)
+            remote = KVTierClient(child.grpc, NAMESPACE, shared_memory=False, **setup.client)
+            inline = KVTierClient(child.grpc, NAMESPACE, shared_memory=False,
+                                  data_channel=False, **setup.client)
+            for c in (shm, remote, inline):
+                stack.callback(c.close)
             shm.put(keys, [page] * CHAIN)
-            clients[mode.name] = {"shm_get": shm, "inline_get": inline, "lookup": inline}
-            for _ in range(20):  # warm both paths (the shm session attaches on first use)
-                shm.get(keys[:1])
-                inline.get(keys[:1])
+            clients[mode.name] = {"shm_get": shm, "remote_get": remote, "inline_get": inline,
+                                  "lookup": inline}
+            for _ in range(20):  # warm every path (sessions and connections open on first use)
+                for c in (shm, remote, inline):
+                    c.get(keys[:1])
             if not shm.uses_shared_memory:
                 raise RuntimeError(f"mode {mode.name}: the shared-memory path did not attach")
 
         def one(mode: str, op: str) -> float:
             c = clients[mode][op]
-            call: Callable[[], object] = ((lambda: c.lookup(keys)) if op == "lookup"
-                                          else (lambda: c.get(keys[:1])))
             t0 = time.perf_counter()
-            for _ in range(calls):
-                call()
+            if op == "lookup":
+                for _ in range(calls):
+                    c.lookup(keys)
+            else:
+                for _ in range(calls):
+                    c.get(keys[:1])
             return (time.perf_counter() - t0) / calls
 
         steps = [(m.name, op) for op in OPS for m in modes]

@@ -5,5 +5,8 @@
 Light to import (the command line lists the policies from here before loading any of them).
 """
 
-SIM_POLICIES: tuple[str, ...] = ("lru", "lfu", "arc", "s3fifo", "learned", "belady")
-"""The policies replay runs: the live ones, then Belady's offline bound (report-only)."""
+SIM_POLICIES: tuple[str, ...] = ("lru", "lfu", "arc", "s3fifo", "chain-lru", "learned",
+                                 "learned+hints", "belady")
+"""The policies replay runs: the live ones (``chain-lru``: prefix-closed LRU;
+``learned+hints``: the learned policy told the worker's queue and sessions), then Belady's
+offline bound (report-only)."""

@@ -1,9 +1,9 @@
 """Trace simulation: replay a trace against a cache model, single cache or a tier stack.
 
-One block is one slot and requests are replayed in file order, as in the issue's reference
-figures. A hit is any access that finds its block resident; ``prefix_hits`` counts only the
-leading run of hits of each request, the part a paged KV cache can actually reuse (a hit on
-block k needs 0..k-1). In tier mode the stack is exclusive (a block lives in one tier): misses
+One block is one slot and requests are replayed in file order. ``prefix_hits``, the measure
+that counts, is the leading run of hits of each request: the part a paged KV cache can actually
+reuse (a hit on block k needs 0..k-1). A hit (``hits``) is any access that finds its block
+resident, usable or not. In tier mode the stack is exclusive (a block lives in one tier): misses
 are admitted into the top tier, each tier's evictions are demoted into the next, the last
 tier's evictions leave, and a hit in a lower tier promotes the block back to the top.
 """
@@ -17,6 +17,7 @@ from typing import Any
 
 from kvtier.errors import InvalidArgument
 from kvtier.lab.replay.belady import belady_hits
+from kvtier.lab.replay.hints import TraceHints
 from kvtier.policy.core import Key, ReplacementCore
 from kvtier.lab.replay.trace import Trace, TraceRequest
 
@@ -40,10 +41,16 @@ class SimResult:
     request_accesses: tuple[int, ...] = field(repr=False)
     seconds: float
     detail: str = ""
+    request_prefix_hits: tuple[int, ...] = field(default=(), repr=False)
 
     @property
     def hit_ratio(self) -> float:
         return self.hits / self.accesses if self.accesses else 0.0
+
+    @property
+    def prefix_hit_ratio(self) -> float:
+        """The leading run of each request's blocks that hit: what a paged cache can use."""
+        return self.prefix_hits / self.accesses if self.accesses else 0.0
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -51,11 +58,10 @@ class SimResult:
             "capacity_blocks": self.capacity_blocks,
             "requests": self.requests,
             "accesses": self.accesses,
+            "prefix_hits": self.prefix_hits,
+            "prefix_hit_ratio": round(self.prefix_hit_ratio, 6),
             "hits": self.hits,
             "hit_ratio": round(self.hit_ratio, 6),
-            "prefix_hits": self.prefix_hits,
-            "prefix_hit_ratio": round(self.prefix_hits / self.accesses, 6)
-            if self.accesses else 0.0,
         }
         if self.tiers:
             out["tiers"] = dict(self.tiers)
@@ -94,20 +100,28 @@ def _iterate(trace: Trace, progress: Progress | None) -> Iterator[TraceRequest]:
 
 def simulate(trace: Trace, policy: str, factory: CoreFactory, capacity: int,
              tiers: Sequence[tuple[str, int]] | None = None,
-             progress: Progress | None = None) -> SimResult:
+             progress: Progress | None = None, hints: TraceHints | None = None) -> SimResult:
     """Replay ``trace`` through cores built by ``factory``: one of ``capacity`` slots, or one
-    per tier with the given slot counts (their sum is the capacity)."""
+    per tier with the given slot counts (their sum is the capacity). With ``hints`` the top
+    core hears the worker's queue and session hints before each request
+    (:mod:`kvtier.lab.replay.hints` says what they may know)."""
     stack = [(name, factory(slots)) for name, slots in (tiers or [("cache", capacity)])]
     tier_hits = [0] * len(stack)
     top = stack[0][1]
     req_hits: list[int] = []
     req_acc: list[int] = []
+    req_prefix: list[int] = []
     hits = prefix_hits = 0
     t0 = time.perf_counter()
-    for req in _iterate(trace, progress):
+    for i, req in enumerate(_iterate(trace, progress)):
         now_s = req.timestamp_ms / 1000.0
         blocks = req.blocks
+        if hints is not None:
+            h_i = hints.at(i)
+            top.hint_queue(h_i.queue)
+            top.hint_session(h_i.session, h_i.ended)
         top.begin_request(blocks, now_s)
+        p0 = prefix_hits
         h = 0
         leading = True
         for key in blocks:
@@ -129,6 +143,7 @@ def simulate(trace: Trace, policy: str, factory: CoreFactory, capacity: int,
         hits += h
         req_hits.append(h)
         req_acc.append(len(blocks))
+        req_prefix.append(prefix_hits - p0)
     seconds = time.perf_counter() - t0
     status = getattr(top, "detail", "")
     return SimResult(
@@ -138,6 +153,7 @@ def simulate(trace: Trace, policy: str, factory: CoreFactory, capacity: int,
         tier_capacities={name: c.capacity for name, c in stack} if tiers else {},
         request_hits=tuple(req_hits), request_accesses=tuple(req_acc),
         seconds=seconds, detail=status if isinstance(status, str) else "",
+        request_prefix_hits=tuple(req_prefix),
     )
 
 
@@ -167,21 +183,24 @@ def simulate_belady(trace: Trace, capacity: int, progress: Progress | None = Non
     flags = belady_hits(accesses, capacity)
     req_hits: list[int] = []
     req_acc: list[int] = []
-    prefix_hits = 0
+    req_prefix: list[int] = []
     i = 0
     for req in trace.requests:
         n = len(req.blocks)
         window = flags[i:i + n]
         req_hits.append(sum(window))
         req_acc.append(n)
+        lead = 0
         for f in window:
             if not f:
                 break
-            prefix_hits += 1
+            lead += 1
+        req_prefix.append(lead)
         i += n
+    prefix_hits = sum(req_prefix)
     return SimResult(
         policy="belady", capacity_blocks=capacity, requests=len(req_hits),
         accesses=len(accesses), hits=sum(req_hits), prefix_hits=prefix_hits, tiers={},
         tier_capacities={}, request_hits=tuple(req_hits), request_accesses=tuple(req_acc),
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, request_prefix_hits=tuple(req_prefix),
     )

@@ -27,13 +27,11 @@ Histograms decay slowly, so a trace whose behaviour drifts is followed.
 from __future__ import annotations
 
 import math
-import random
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Hashable, Sequence
 
 import numpy as np
 
-from kvtier.policy.core import Key, ReplacementCore
 
 BINS_PER_OCTAVE = 4
 """Age resolution: gaps are binned on a log scale, four bins per doubling."""
@@ -79,15 +77,19 @@ class ChainClasses:
         self.last: dict[Hashable, int] = {}
         self.seq = 0
 
-    def observe(self, keys: Sequence[Hashable], start: int = 0) -> list[int]:
-        """Classes of ``keys`` (state before this request), then record the request."""
+    def observe(self, keys: Sequence[Hashable], start: int = 0,
+                turn: int | None = None) -> list[int]:
+        """Classes of ``keys`` (state before this request), then record the request.
+        ``turn``: the request's turn in its session when a worker says so (a session hint);
+        otherwise it is inferred from the chain."""
         count = self.count
         n = len(keys) + start
         known = 0
         while known < len(keys) and keys[known] in count:
             known += 1
         deep = known + start
-        turn = 1 + self.turn.get(keys[known - 1], 0) if known and deep > 1 else 1
+        if turn is None:
+            turn = 1 + self.turn.get(keys[known - 1], 0) if known and deep > 1 else 1
         tb = _log_bucket(turn - 1, TURN_BUCKETS)
         out: list[int] = []
         seq = self.seq
@@ -148,10 +150,11 @@ class ReuseDensity:
     def now(self) -> int:
         return self.classes.seq
 
-    def observe(self, keys: Sequence[Hashable], start: int = 0) -> list[int]:
+    def observe(self, keys: Sequence[Hashable], start: int = 0,
+                turn: int | None = None) -> list[int]:
         """Label the earlier accesses these keys resolve, then classify and queue them."""
         seq0 = self.classes.seq
-        cls = self.classes.observe(keys, start)
+        cls = self.classes.observe(keys, start, turn)
         self._expire(seq0 + len(keys))
         pending = self._pending
         hist = self._hist
@@ -238,119 +241,3 @@ class ReuseDensity:
         """Expected hits per slot per access of a class-``cls`` block ``age`` accesses old."""
         b = age_bin(age) if age < self.horizon else self.nbins
         return self.table[cls][min(b, self.nbins)]
-
-
-EVICTION_SAMPLE = 64
-"""Resident blocks sampled at random per eviction (LHD's associativity)."""
-
-
-class DensityCache(ReplacementCore):
-    """Admit and evict by hit density while :attr:`use_model`; plain LRU otherwise.
-
-    Residency is an LRU-ordered dict (for the fallback) plus a slot list for O(1) random
-    sampling. Classes come from the shared :class:`ReuseDensity`, which the leading core feeds
-    in :meth:`begin_request`.
-    """
-
-    name = "learned"
-
-    def __init__(self, capacity: int, model: ReuseDensity, *, seed: int = 0) -> None:
-        super().__init__(capacity)
-        self.model = model
-        self.use_model = False
-        self.leader: DensityCache | None = None  # lower tiers follow the top tier's mode
-        self._res: OrderedDict[Key, tuple[int, int]] = OrderedDict()  # key -> (last, class)
-        self._slots: list[Key] = []
-        self._pos: dict[Key, int] = {}
-        self._rng = random.Random(seed)
-        self._cls: dict[Key, int] = {}  # classes of the request being served
-        self._staged: tuple[Key, Key] | None = None  # (admitted key, the victim admit() chose)
-        self.bypassed = 0
-
-    def __contains__(self, key: Key) -> bool:
-        return key in self._res
-
-    def __len__(self) -> int:
-        return len(self._res)
-
-    def _mode(self) -> bool:
-        return self.leader.use_model if self.leader is not None else self.use_model
-
-    def set_request(self, keys: Sequence[Key], classes: Sequence[int]) -> None:
-        self._cls = dict(zip(keys, classes, strict=True))
-
-    def _class(self, key: Key) -> int:
-        got = self._cls.get(key)
-        if got is None and self.leader is not None:
-            got = self.leader._cls.get(key)
-        return got if got is not None else 0
-
-    def hit(self, key: Key) -> None:
-        self._res[key] = (self.model.now, self._class(key))
-        self._res.move_to_end(key)
-
-    def _score(self, key: Key, now: int) -> tuple[float, int]:
-        last, cls = self._res[key]
-        return (self.model.density(cls, now - last), last)
-
-    def _sample_victim(self, now: int) -> tuple[float, Key]:
-        slots = self._slots
-        n = len(slots)
-        rnd = self._rng.random
-        best: tuple[float, int] | None = None
-        victim: Key = slots[0]
-        for _ in range(min(EVICTION_SAMPLE, n)):
-            k = slots[int(rnd() * n)]
-            s = self._score(k, now)
-            if best is None or s < best:
-                best, victim = s, k
-        assert best is not None
-        return best[0], victim
-
-    def admit(self, key: Key) -> bool:
-        if not self._mode() or len(self._res) < self.capacity:
-            return True
-        now = self.model.now
-        floor, victim = self._sample_victim(now)
-        if self.model.density(self._class(key), 0) >= floor:
-            self._staged = (key, victim)  # insert() evicts the block it was compared with
-            return True
-        self.bypassed += 1
-        return False
-
-    def _drop(self, key: Key) -> None:
-        del self._res[key]
-        i = self._pos.pop(key)
-        last = self._slots.pop()
-        if i < len(self._slots):
-            self._slots[i] = last
-            self._pos[last] = i
-
-    def insert(self, key: Key) -> list[Key]:
-        out: list[Key] = []
-        now = self.model.now
-        staged, self._staged = self._staged, None
-        while len(self._res) >= self.capacity:
-            if not self._mode():
-                victim = next(iter(self._res))
-            elif staged is not None and staged[0] == key and staged[1] in self._res:
-                victim = staged[1]
-            else:
-                victim = self._sample_victim(now)[1]
-            staged = None
-            self._drop(victim)
-            out.append(victim)
-        self._res[key] = (now, self._class(key))
-        self._pos[key] = len(self._slots)
-        self._slots.append(key)
-        return out
-
-    def remove(self, key: Key) -> None:
-        if key in self._res:
-            self._drop(key)
-
-    def evict_key(self, key: Key) -> tuple[float, ...]:
-        if key not in self._res:
-            return (float("-inf"), 0.0)
-        score, last = self._score(key, self.model.now)
-        return (score, float(last)) if self._mode() else (float(last),)

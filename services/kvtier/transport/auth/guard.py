@@ -46,6 +46,10 @@ METHODS: dict[str, bool] = {
     "ReleaseDevice": False,
     # a data-channel ticket: read-only tokens get read-only tickets (the servicer downgrades)
     "OpenData": False,
+    # shared-memory sessions as leases (the session is bound to the token that opened it)
+    "OpenShm": False, "RenewShm": False, "CloseShm": False,
+    # the worker's queue and session hints steer what the daemon keeps and promotes
+    "Hint": True,
 }
 # methods whose namespace may be empty (daemon-wide answers)
 OPTIONAL_NAMESPACE = frozenset({"Stats"})

@@ -295,7 +295,11 @@ class TokenRegistry:
 
     def _stat(self) -> _Stamp:
         st = os.stat(self.path)
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if st.st_mode & 0o022 and stamp != self._stamp:
+            log.warning("tokens file %s is writable by others (mode %o): whoever can write it "
+                        "can grant themselves any namespace", self.path, st.st_mode & 0o777)
+        return stamp
 
     def _load(self) -> dict[str, Grant]:
         entries = parse_tokens(self.path.read_text(), str(self.path))

@@ -25,7 +25,9 @@ from kvtier.transport.context import DaemonContext, Readiness
 from kvtier.transport.data.server import DataServer
 from kvtier.transport.device_ipc import DeviceServicer
 from kvtier.transport.interceptor import ErrorInterceptor
+from kvtier.transport.limits import LimitInterceptor, StreamLimits
 from kvtier.transport.shm.relocate import Relocator
+from kvtier.transport.tls import server_credentials
 from kvtier.transport.shm.session import ShmRegistry
 from kvtier_proto.v1 import cache_pb2, cache_pb2_grpc, device_pb2_grpc
 
@@ -47,7 +49,7 @@ def make_grpc_server(
     *,
     shm: ShmRegistry | None = None,
     interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
-    max_workers: int = 64,
+    max_workers: int | None = None,
     data: DataServer | None = None,
 ) -> tuple[grpc.Server, int]:
     """Build and bind (not start) the daemon's gRPC server; returns it and its bound port.
@@ -55,12 +57,20 @@ def make_grpc_server(
     ``interceptors`` run before the error interceptor. With ``ctx.tokens`` every call of the
     cache and device services is checked against them (:mod:`kvtier.transport.auth.guard`).
     ``data``: the data channel whose tickets ``OpenData`` hands out (None: it answers port 0).
+    The stream limits (``ctx.limits``, else new ones from ``settings.limits``) run inside the
+    error interceptor. ``max_workers`` (default ``settings.limits.handler_threads``) is the
+    handler pool; calls past ``limits.max_concurrent_rpcs`` are answered RESOURCE_EXHAUSTED.
     """
+    cfg = ctx.settings.limits
     limit = message_limit(ctx.settings.max_page_bytes)
+    streams = ctx.limits if ctx.limits is not None else StreamLimits(cfg)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kvtier-grpc"),
+        futures.ThreadPoolExecutor(max_workers=max_workers or cfg.handler_threads,
+                                   thread_name_prefix="kvtier-grpc"),
         interceptors=[*interceptors, ErrorInterceptor(
-            ctx.rpc_stats, TokenGuard(ctx.tokens) if ctx.tokens is not None else None)],
+            ctx.rpc_stats, TokenGuard(ctx.tokens) if ctx.tokens is not None else None),
+            LimitInterceptor(streams)],
+        maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
@@ -85,6 +95,6 @@ def make_grpc_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    bound = bind_port(server, host, port, "grpc_port")
+    bound = bind_port(server, host, port, "grpc_port", server_credentials(ctx.settings.tls))
     return server, bound
 

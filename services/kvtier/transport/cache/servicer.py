@@ -17,7 +17,7 @@ from typing import cast
 import grpc
 
 from kvtier.errors import Aborted, InvalidArgument, KVTierError, Unauthenticated
-from kvtier.pages import PageHeader, check_namespace
+from kvtier.pages import PageHeader, check_expected_reuse, check_namespace, check_session
 from kvtier.store.results import PutOutcome
 from kvtier.transport.cache.convert import PutAssembler, byte_view, check_header, chunks
 from kvtier.transport.auth.guard import bearer_token
@@ -51,6 +51,11 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
         self._settings = ctx.settings
         self._shm = shm
         self._relocator = relocator
+        shm.on_end(self._session_ended)
+
+    def _session_ended(self, session: ShmSession) -> None:
+        if session.lends:  # pages it lent may outlive it: copy them out
+            self._relocator.submit(session)
 
     # -- data path -------------------------------------------------------------------------
 
@@ -98,12 +103,14 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
         is set once the segment's ranges are lent (from then on they come back by themselves)."""
         namespace: Namespace | None = None
         session_id = ""
+        hint_session = ""
         fill = ring_offset = ring_slots = 0
         reclaim = False
         ring: ReturnRing | None = None
         session: ShmSession | None = None
         pids: list[PageId] = []
         chains: list[int | None] = []
+        reuse: list[float | None] = []
         pages: list[Page | None] = []
         inline_idx: list[int] = []
         shm_idx: list[int] = []
@@ -114,6 +121,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
                 namespace = check_namespace(req.namespace)
                 session_id, fill, reclaim = req.shm_session, req.shm_fill, req.shm_reclaim
                 ring_offset, ring_slots = req.shm_ring_offset, req.shm_ring_slots
+                hint_session = check_session(req.session)
             elif req.namespace and req.namespace != namespace:
                 raise InvalidArgument("namespace changed within one put stream",
                                       field="namespace")
@@ -126,6 +134,8 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
                 h = check_header(raw_header, self._settings)
                 pids.append(PageId(namespace, h.key))
                 chains.append(h.chain_position)
+                reuse.append(check_expected_reuse(raw_header.expected_reuse_s)
+                             if raw_header.HasField("expected_reuse_s") else None)
                 (inline_idx if h.shm_offset is None else shm_idx).append(len(pages))
                 pages.append(None)
                 if h.shm_offset is None:
@@ -171,8 +181,10 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
                 pages[i] = page
             if reclaim:  # the client's lend area is full
                 self._relocator.submit(session)
-        outcomes = self._store.put_checked(pids, cast(list[Page], pages),
-                                           cast(list[int], chains), owned=True)
+        outcomes = self._store.put_checked(
+            pids, cast(list[Page], pages), cast(list[int], chains), owned=True,
+            session=hint_session,
+            expected_reuse_s=reuse if any(r is not None for r in reuse) else None)
         if ring is not None and session is not None:
             for i, h in zip(shm_idx, shm_headers):
                 if outcomes[i] is PutOutcome.STORED:
@@ -253,9 +265,16 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
 
     def Lookup(self, request: pb.LookupRequest,
                context: grpc.ServicerContext) -> pb.LookupReply:
-        res = self._store.lookup_checked(self._store.check_keys(request.namespace, request.keys))
+        res = self._store.lookup_checked(self._store.check_keys(request.namespace, request.keys),
+                                         session=check_session(request.session),
+                                         prefetch=request.prefetch)
         return pb.LookupReply(prefix_length=res.prefix_length,
                               tiers=[t or "" for t in res.tiers])
+
+    def Hint(self, request: pb.HintRequest, context: grpc.ServicerContext) -> pb.HintReply:
+        queued = [list(c.keys) for c in request.queued]
+        return pb.HintReply(prefetching=self._store.hint(request.namespace, queued,
+                                                          list(request.ended_sessions)))
 
     def Promote(self, request: pb.PromoteRequest,
                 context: grpc.ServicerContext) -> pb.PromoteReply:
@@ -285,7 +304,8 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
         policy = getattr(s.policy, "name", None) or type(self._store.policy).__name__
         return pb.StatsReply(tiers=tiers, redis_up=bool(s.redis_up), gets=int(s.gets),
                              puts=int(s.puts), policy=str(policy),
-                             uptime_s=time.time() - self._ctx.started_at)
+                             uptime_s=time.time() - self._ctx.started_at,
+                             prefetched=int(s.prefetched), prefetch_hits=int(s.prefetch_hits))
 
     # -- data channel ----------------------------------------------------------------------
 
@@ -328,3 +348,27 @@ class CacheServicer(pb_grpc.CacheServiceServicer):  # type: ignore[misc]
             self._shm.detach(session.session_id)
             if session.lends:  # pages it lent may outlive it: copy them out
                 self._relocator.submit(session)
+
+    def OpenShm(self, request: pb.AttachShmRequest,
+                context: grpc.ServicerContext) -> pb.ShmLeaseReply:
+        namespace = check_namespace(request.namespace)
+        if len(request.token) != TOKEN_BYTES:
+            raise InvalidArgument(f"token must be {TOKEN_BYTES} bytes", field="token")
+        lease_s = self._settings.limits.shm_lease_s
+        session = self._shm.attach(namespace, request.path, request.size, request.token,
+                                   lease_s=lease_s)
+        return pb.ShmLeaseReply(session=session.session_id, lease_s=lease_s)
+
+    def RenewShm(self, request: pb.ShmLeaseRequest,
+                 context: grpc.ServicerContext) -> pb.ShmLeaseReply:
+        session = self._shm.renew(request.session, check_namespace(request.namespace))
+        return pb.ShmLeaseReply(session=session.session_id, lease_s=session.lease_s or 0.0)
+
+    def CloseShm(self, request: pb.ShmLeaseRequest,
+                 context: grpc.ServicerContext) -> pb.ShmLeaseReply:
+        namespace = check_namespace(request.namespace)
+        session = self._shm.get(request.session)
+        session.check_owner(namespace)
+        if self._shm.detach(session.session_id) is not None:
+            self._session_ended(session)
+        return pb.ShmLeaseReply(session=session.session_id)

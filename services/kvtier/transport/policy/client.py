@@ -11,6 +11,7 @@ the client retries after ``retry_s``; when the service answers again it is used 
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -18,14 +19,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
-import functools
-
 import grpc
 
-from kvtier.config import PolicyConfig
+from kvtier.config import PolicyConfig, TlsConfig
 from kvtier.policy.registry import make_local_policy, policy_names
 from kvtier.store.policy import AccessEvent, LRUPolicy, PageMeta, Policy, PolicyStatus
 from kvtier.transport.policy.convert import access_to_msg, meta_to_msg
+from kvtier.transport.tls import policy_channel_credentials
 from kvtier.types import PageId
 from kvtier_proto.v1 import policy_pb2, policy_pb2_grpc
 
@@ -39,18 +39,6 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-def _with_token(stub: policy_pb2_grpc.PolicyServiceStub,
-                token: str | None) -> policy_pb2_grpc.PolicyServiceStub:
-    """``stub`` whose every method sends ``authorization: Bearer <token>`` (as is when None)."""
-    if token is None:
-        return stub
-    metadata = (("authorization", f"Bearer {token}"),)
-    for name, method in list(vars(stub).items()):
-        if not name.startswith("_") and callable(method):
-            setattr(stub, name, functools.partial(method, metadata=metadata))
-    return stub
-
-
 class RemotePolicy(Policy):
     """Client of a ``kvtier policy`` service at ``address`` (host:port)."""
 
@@ -58,15 +46,22 @@ class RemotePolicy(Policy):
 
     def __init__(self, address: str, *, configured: str = "learned", timeout_s: float = 0.05,
                  queue_size: int = 65536, batch: int = 1024, retry_s: float = 0.5,
-                 admit_cache: int = 65536, token: str | None = None) -> None:
+                 admit_cache: int = 65536, token: str | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.address = address
         self.configured = configured
         self.timeout_s = timeout_s
         self.retry_s = retry_s
         self.batch = batch
-        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
-        # the service's shared secret, sent on every call (kvtier.transport.auth.guard)
-        self._stub = _with_token(policy_pb2_grpc.PolicyServiceStub(self._channel), token)
+        self._channel = (grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+                         if credentials is None else
+                         grpc.secure_channel(address, credentials, options=_CHANNEL_OPTIONS))
+        self._stub = policy_pb2_grpc.PolicyServiceStub(self._channel)
+        if token:  # the service's shared secret, sent on every call (kvtier.transport.auth)
+            metadata = (("authorization", f"Bearer {token}"),)
+            for name in ("ReportAccesses", "Score", "Status"):
+                setattr(self._stub, name,
+                        functools.partial(getattr(self._stub, name), metadata=metadata))
         self._queue: queue.Queue[AccessEvent] = queue.Queue(maxsize=queue_size)
         self._fallback = LRUPolicy()
         self._lock = threading.Lock()
@@ -207,16 +202,18 @@ class RemotePolicy(Policy):
         self._channel.close()
 
 
-def make_policy(config: PolicyConfig) -> Policy:
+def make_policy(config: PolicyConfig, tls: TlsConfig | None = None) -> Policy:
     """The live policy for ``config``: embedded (:func:`~kvtier.policy.registry.make_local_policy`),
     or a :class:`RemotePolicy` of the service at ``config.address``.
 
-    InvalidArgument naming the known policies for an unknown name.
+    InvalidArgument naming the known policies for an unknown name. With ``tls`` enabled the
+    service is called over TLS (:func:`kvtier.transport.tls.policy_channel_credentials`).
     """
     if config.name not in policy_names():
         make_local_policy(config)  # raises with the list of names
     if config.address:
         return RemotePolicy(config.address, configured=config.name,
                             timeout_s=config.timeout_s, queue_size=config.queue_size,
-                            token=config.token)
+                            token=config.token,
+                            credentials=policy_channel_credentials(tls) if tls else None)
     return make_local_policy(config)

@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from kvtier.config import TlsConfig
 from kvtier.policy.learned.policy import LearnedPolicy
 from kvtier.store.policy import Policy
 from kvtier.transport.auth.guard import SharedSecretGuard
@@ -32,6 +33,7 @@ from kvtier.transport.bind import bind_port
 from kvtier.transport.interceptor import ErrorInterceptor
 from kvtier.transport.policy.convert import access_from_msg, meta_from_msg
 from kvtier.transport.stats import RpcStats
+from kvtier.transport.tls import server_credentials, ssl_server_context
 from kvtier_proto.v1 import policy_pb2, policy_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -105,11 +107,13 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):  # type: ignore[mis
 
 def make_policy_server(policy: Policy, host: str = "127.0.0.1", port: int = 0,
                        workers: int = 4, token: str | None = None,
+                       tls: TlsConfig | None = None,
                        ) -> tuple[grpc.Server, int, PolicyServicer]:
     """A gRPC server (not yet started) hosting ``policy``, plus ``grpc.health.v1`` (SERVING
     for "" and ``kvtier.v1.PolicyService``); port 0 picks a free port. With ``token`` every
     PolicyService call needs ``authorization: Bearer <token>`` (UNAUTHENTICATED otherwise);
-    health stays open."""
+    health stays open. With ``tls`` enabled the port speaks TLS only (and requires client
+    certificates with ``client_ca_file``)."""
     guard = SharedSecretGuard(token, (SERVICE_NAME,)) if token else None
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
                                                     thread_name_prefix="kvtier-policy"),
@@ -120,7 +124,8 @@ def make_policy_server(policy: Policy, host: str = "127.0.0.1", port: int = 0,
     for name in ("", SERVICE_NAME):
         checker.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
-    return server, bind_port(server, host, port, "policy_grpc_port"), servicer
+    creds = server_credentials(tls) if tls is not None else None
+    return server, bind_port(server, host, port, "policy_grpc_port", creds), servicer
 
 
 class _Collector(Collector):
@@ -154,10 +159,14 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 def make_metrics_server(servicer: PolicyServicer, host: str = "127.0.0.1",
-                        port: int = 0) -> tuple[WSGIServer, int]:
-    """``/metrics`` over HTTP from a private registry; serve it with ``serve_forever``."""
+                        port: int = 0, tls: TlsConfig | None = None) -> tuple[WSGIServer, int]:
+    """``/metrics`` over HTTP (HTTPS with ``tls`` enabled) from a private registry; serve it
+    with ``serve_forever``."""
     registry = CollectorRegistry()
     registry.register(_Collector(servicer))
     app = make_wsgi_app(registry)
     httpd = make_server(host, port, app, handler_class=_QuietHandler)
+    context = ssl_server_context(tls) if tls is not None else None
+    if context is not None:
+        httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
     return httpd, int(httpd.server_port)

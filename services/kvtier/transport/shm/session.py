@@ -5,10 +5,16 @@ random 16-byte token at its start and calls ``AttachShm(namespace, path, size, t
 daemon opens the path (no symlinks, regular file, exact size), maps it, checks the token (proof
 that both sides map the same memory, i.e. share a host) and answers a session id; the client then
 unlinks the path, so no other process can open the segment afterwards and nothing is left in
-/dev/shm whatever happens to either process. The session lives as long as the ``AttachShm``
-call stays open: a client that disconnects or dies ends the call and the daemon unmaps, or,
-while pages the client lent (:mod:`kvtier.transport.shm.lend`) are still kept, unmaps when the
-last of them is gone.
+/dev/shm whatever happens to either process.
+
+A session is a lease: ``OpenShm`` attaches the segment and answers the session id and the
+lease (``limits.shm_lease_s``); every call that names the session, and ``RenewShm``, extends
+it; ``CloseShm`` ends it. A reaper thread ends sessions whose lease ran out, so a client that
+dies or stalls holds neither a handler thread nor, for long, a session. The legacy
+``AttachShm`` stream keeps a session (without a lease) as long as the call stays open. An
+ended session is unmapped at once or, while pages the client lent
+(:mod:`kvtier.transport.shm.lend`) are still kept, when the last of them is gone.
+Sessions are bounded per daemon and per namespace (``limits.max_shm_sessions*``).
 
 Security: a session is bound to one namespace. Gets through a session only ever copy pages of
 that namespace into that client's own segment, and a request naming the session from another
@@ -31,7 +37,9 @@ import re
 import secrets
 import stat
 import threading
-from collections.abc import Iterator
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -94,6 +102,13 @@ class ShmSession:
         self.ended = threading.Event()
         self._ring: ReturnRing | None = None
         self._ring_lock = threading.Lock()
+        self.lease_s: float | None = None  # None: held by an open AttachShm call instead
+        self.expires_at = float("inf")  # time.monotonic() when the lease runs out
+
+    def renew(self) -> None:
+        """Extend the lease (a no-op for a session held by its AttachShm call)."""
+        if self.lease_s is not None:
+            self.expires_at = time.monotonic() + self.lease_s
 
     @property
     def lends(self) -> bool:
@@ -179,16 +194,29 @@ class ShmSession:
 
 
 class ShmRegistry:
-    """Live sessions of one daemon, by id. Closing it ends every session."""
+    """Live sessions of one daemon, by id, and the reaper of expired leases. Closing it ends
+    every session."""
 
-    def __init__(self, max_sessions: int = 32) -> None:
+    def __init__(self, max_sessions: int = 32, max_per_namespace: int | None = None) -> None:
         self._lock = threading.Lock()
         self._sessions: dict[str, ShmSession] = {}
         self._retired: list[ShmSession] = []  # ended, but lent pages keep them mapped
         self._max = max_sessions
+        self._max_ns = max_per_namespace if max_per_namespace is not None else max_sessions
         self._closed = False
+        self._on_end: Callable[[ShmSession], None] | None = None
+        self._reaper: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.expired = 0  # leases that ran out
 
-    def attach(self, namespace: str, path: str, size: int, token: bytes) -> ShmSession:
+    def on_end(self, callback: Callable[[ShmSession], None]) -> None:
+        """Call ``callback(session)`` after the reaper ended a session (lent pages to copy)."""
+        self._on_end = callback
+
+    def attach(self, namespace: str, path: str, size: int, token: bytes,
+               lease_s: float | None = None) -> ShmSession:
+        """Map a client's segment for ``namespace``; with ``lease_s`` the session is a lease
+        that the reaper ends once it runs out."""
         with self._lock:
             if self._closed:
                 raise Conflict("daemon is shutting down", field="shm_session")
@@ -199,10 +227,46 @@ class ShmRegistry:
                     f"{len(self._retired)} ended ones still holding lent pages, of "
                     f"{self._max}; use inline transfer", field="shm_session",
                 )
+            mine = Counter(s.namespace for s in self._sessions.values())[namespace]
+            if mine >= self._max_ns:
+                raise CapacityExhausted(
+                    f"{mine} shared-memory sessions attached for namespace {namespace!r}, its "
+                    f"limit (limits.max_shm_sessions_per_tenant); use inline transfer",
+                    field="shm_session")
             sid = secrets.token_hex(16)
             session = ShmSession(sid, namespace, path, size, token)
+            session.lease_s = lease_s
+            session.renew()
             self._sessions[sid] = session
+            if lease_s is not None and self._reaper is None:
+                self._reaper = threading.Thread(target=self._reap, args=(lease_s,),
+                                                name="kvtier-shm-reaper", daemon=True)
+                self._reaper.start()
         log.debug("shm session %s attached for namespace %s (%d bytes)", sid, namespace, size)
+        return session
+
+    def _reap(self, lease_s: float) -> None:
+        while not self._stop.wait(min(1.0, lease_s / 4)):
+            now = time.monotonic()
+            with self._lock:
+                expired = [s.session_id for s in self._sessions.values() if s.expires_at < now]
+            for sid in expired:
+                session = self.detach(sid)
+                if session is None:
+                    continue
+                self.expired += 1
+                log.info("shm session %s of namespace %s: lease ran out; ended", sid,
+                         session.namespace)
+                if self._on_end is not None:
+                    try:
+                        self._on_end(session)
+                    except Exception:
+                        log.exception("ending shm session %s", sid)
+
+    def renew(self, session_id: str, namespace: str) -> ShmSession:
+        """Extend a lease; FAILED_PRECONDITION for a session that is gone."""
+        session = self.get(session_id)
+        session.check_owner(namespace)
         return session
 
     def get(self, session_id: str) -> ShmSession:
@@ -211,10 +275,12 @@ class ShmRegistry:
         if session is None:
             raise Conflict(f"unknown shm session {session_id!r}; attach again",
                            field="shm_session")
+        session.renew()  # any use of a session extends its lease
         session.flush_ring()  # every call naming the session lets held-back ranges out
         return session
 
-    def detach(self, session_id: str) -> None:
+    def detach(self, session_id: str) -> ShmSession | None:
+        """End a session; the session, or None if it was not live."""
         with self._lock:
             session = self._sessions.pop(session_id, None)
         if session is not None:
@@ -223,8 +289,10 @@ class ShmRegistry:
             if not session.unmap():  # counts against the limit until its pages are gone
                 with self._lock:
                     self._retired.append(session)
+        return session
 
     def close_all(self) -> None:
+        self._stop.set()
         with self._lock:
             self._closed = True
             sessions = list(self._sessions.values())
