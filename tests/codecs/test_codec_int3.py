@@ -217,3 +217,15 @@ def test_a_stack_with_int3_below_int4a_demotes_on_the_codes() -> None:
         store.close()
     with pytest.raises(ValueError):  # int3 above int4a gains precision going down
         Settings(tiers=[tiers[0], tiers[1], tiers[3], tiers[2]])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_device_path_gives_the_cpu_bytes_and_pages() -> None:
+    for dtype in (torch.float16, torch.bfloat16):
+        page = _page((2, 96, 2, 64), dtype, seed=7)
+        on_dev = Page(k=page.k.cuda(), v=page.v.cuda(), start_position=0)
+        blob = encode(page, Codec.INT3, P)
+        assert encode(on_dev, Codec.INT3, P) == blob
+        got, want = decode(blob, torch.device("cuda")).page, decode(blob).page
+        assert torch.equal(got.k.cpu(), want.k) and torch.equal(got.v.cpu(), want.v)
+
