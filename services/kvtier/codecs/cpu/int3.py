@@ -33,10 +33,10 @@ for _w in range(1, 5):
 # and back, a 2w-bit field -> the two int8 codes (low byte first)
 V_PAIR = np.zeros((5, 256), np.uint16)
 V_UNPAIR = np.zeros((5, 256), np.uint16)
+_byte = np.arange(256)
 for _w in range(1, 5):
-    _b = np.arange(256)
-    V_PAIR[_w] = V_MAP[_w][_b & 15].astype(np.uint16) | (V_MAP[_w][_b >> 4].astype(np.uint16)
-                                                          << _w)
+    V_PAIR[_w] = (V_MAP[_w][_byte & 15].astype(np.uint16)
+                  | (V_MAP[_w][_byte >> 4].astype(np.uint16) << _w))
     _f = np.arange(1 << (2 * _w))
     _lo, _hi = _f & ((1 << _w) - 1), _f >> _w
     V_UNPAIR[_w, :_f.size] = TO_8[_w][_lo].astype(np.uint16) | (TO_8[_w][_hi].astype(np.uint16)
