@@ -348,6 +348,13 @@ def _self_test() -> bool:
                     "kvtier/codecs/cpu/__pycache__/*.nbi and *.nbc)")
         decode(bytearray(blob))
         decode(transcode(encode(page, Codec.INT8, params), Codec.INT4, params))
+        blob = encode(page, Codec.INT4A, params)  # the one-kernel decode against the int8 one
+        got = decode(blob).page
+        buf8, lay8 = int4a.to_int8_blob(blob, _layout_checked(verify(blob)))
+        want = cpu.decode(memoryview(buf8), lay8)
+        if not (torch.equal(got.k, want[0]) and torch.equal(got.v, want[1])):
+            raise RuntimeError("the int4a decode kernel disagrees with the int8 decode of the "
+                               "same page (a stale numba cache?)")
     int4a.self_test()
     int3.self_test()
     return True
