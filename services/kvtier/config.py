@@ -72,6 +72,9 @@ class CodecConfig(BaseModel):
     outlier_fraction: float = Field(default=0.01, ge=0.0, le=0.5)
     min_outlier_channels: int = Field(default=1, ge=0)
     key_bits: float = Field(default=4.0, ge=2.0, le=8.0)  # int4a: K bits a channel on average
+    # int3: V bits an element on average (1..4 a group, allocated by the groups' scales); its
+    # K bits are int4a's less one a channel (kvtier.codecs.int3)
+    int3_value_bits: float = Field(default=3.0, ge=1.0, le=4.0)
 
 
 class RedisConfig(BaseModel):

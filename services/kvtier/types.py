@@ -66,11 +66,12 @@ class Codec(str, enum.Enum):
     INT8 = "int8"
     INT4 = "int4"
     INT4A = "int4a"  # 4 bits on average, key bits allocated per channel (kvtier.codecs.int4a)
+    INT3 = "int3"  # about 3 bits: key and value bits allocated per page (kvtier.codecs.int3)
 
     @property
     def bits(self) -> int:
         """Bits per quantized element (on average); 16 stands for 'as put' (full precision)."""
-        return {Codec.NONE: 16, Codec.INT8: 8, Codec.INT4: 4, Codec.INT4A: 4}[self]
+        return {Codec.NONE: 16, Codec.INT8: 8, Codec.INT4: 4, Codec.INT4A: 4, Codec.INT3: 3}[self]
 
 
 class Precision(enum.IntEnum):
@@ -80,6 +81,7 @@ class Precision(enum.IntEnum):
     still reports INT4, because promotion decodes but cannot restore lost bits.
     """
 
+    INT3 = 3
     INT4 = 4
     INT8 = 8
     FULL = 16
@@ -87,7 +89,7 @@ class Precision(enum.IntEnum):
     @classmethod
     def of_codec(cls, codec: Codec) -> Precision:
         return {Codec.NONE: cls.FULL, Codec.INT8: cls.INT8, Codec.INT4: cls.INT4,
-                Codec.INT4A: cls.INT4}[codec]
+                Codec.INT4A: cls.INT4, Codec.INT3: cls.INT3}[codec]
 
 
 class Medium(str, enum.Enum):

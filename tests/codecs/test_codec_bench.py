@@ -19,8 +19,8 @@ def test_bench_reports_issue_keys_and_ratio_targets() -> None:
         assert r["page_bytes"] == {"64KiB": 64 << 10, "2MiB": 2 << 20}[size]
         assert r["working_set_bytes"] >= 4 << 20
         assert r["int8"]["ratio"] >= 1.9 and r["int4"]["ratio"] >= 3.5  # all metadata counted
-        assert r["int4a"]["ratio"] >= 3.5
-        for codec in ("int8", "int4", "int4a"):
+        assert r["int4a"]["ratio"] >= 3.5 and r["int3"]["ratio"] >= 4.5
+        for codec in ("int8", "int4", "int4a", "int3"):
             x = r[codec]
             assert x["encode_gbps"] > 0 and x["decode_gbps"] > 0
             assert abs(x["decode_vs_memcpy"] - x["decode_gbps"] / r["memcpy_gbps"]) < 0.01

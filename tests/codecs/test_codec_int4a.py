@@ -215,6 +215,31 @@ def test_selection_kernel_takes_the_stable_sorts_first_moves_among_ties() -> Non
             assert set(order[:k].tolist()) == set(want_sorted[:k].tolist()), (n, levels, k)
 
 
+def test_radix_selection_takes_the_stable_sorts_first_moves_among_ties() -> None:
+    """The allocation's selection (radix select on the gains' bits, ties to the earlier
+    move) picks the set a stable descending sort does, also with most gains tied and with
+    gains that differ only in their low bits."""
+    import numpy as np
+
+    from kvtier.codecs.cpu import int4a as kernels
+
+    rng = np.random.default_rng(4)
+    hist = np.empty(256, np.int64)
+    for n, levels in ((1, 1), (2, 1), (3, 2), (7, 3), (64, 4), (762, 5), (762, 1000), (762, 0)):
+        if levels:
+            gains = rng.integers(0, levels, n).astype(np.float64)
+        else:  # neighbours in the last bits
+            gains = np.nextafter(1.0, 2.0, dtype=np.float64) * (1 + rng.integers(0, 9, n) * 2e-16)
+        want_sorted = np.argsort(-gains, kind="stable")
+        for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+            order = np.arange(n)
+            keys = np.empty(n, np.uint64)
+            taken = np.empty(n, np.int64)
+            kernels.take_first(gains, order, n, k, keys, hist, taken)
+            assert set(np.nonzero(taken)[0].tolist()) == set(want_sorted[:k].tolist()), \
+                (n, levels, k)
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("shape,start,params", [
     ((2, 70, 2, 128), 0, CodecConfig()),
@@ -261,3 +286,129 @@ def test_candidate_moves_hold_the_stable_sorts_first_moves() -> None:
                 assert m >= k and set(want[:k].tolist()) <= set(order[:m].tolist())
                 kernels._select(gains, order[:m], k)
                 assert set(order[:k].tolist()) == set(want[:k].tolist()), (n, k)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape,start,params", [
+    ((2, 70, 2, 128), 0, CodecConfig()),
+    ((1, 130, 1, 25), 2, CodecConfig(outlier_fraction=0.0, min_outlier_channels=0)),  # odd C'
+    ((2, 33, 3, 40), 1, CodecConfig(group_size=7, outlier_fraction=0.05, key_bits=4.3)),
+    ((3, 9, 2, 8), 0, CodecConfig(key_bits=7.9)),  # wide codes, rows of few bytes
+    ((1, 4, 1, 16), 0, CodecConfig()),  # only sinks: no codes
+])
+def test_the_fused_decoder_equals_decoding_the_int8_blob(
+        dtype: str, shape: tuple[int, int, int, int], start: int,
+        params: CodecConfig) -> None:
+    """The CPU decode of an int4a blob in one kernel gives the tensors of expanding it to
+    int8 (``to_int8_blob``) and decoding that, bit for bit."""
+    from kvtier.codecs.cpu import backend
+
+    page = _wide_channels(shape, seed=sum(shape) + 1, start=start)
+    page = Page(k=page.k.to(DTYPES[dtype]), v=page.v.to(DTYPES[dtype]), start_position=start)
+    blob = encode(page, Codec.INT4A, params)
+    lay = layout_of(read_header(blob))
+    fused = decode(blob).page
+    buf8, lay8 = int4a.to_int8_blob(blob, lay)
+    k8, v8 = backend.decode(memoryview(buf8), lay8)
+    assert fused.k.dtype == k8.dtype
+    assert torch.equal(fused.k.view(torch.uint8), k8.view(torch.uint8))
+    assert torch.equal(fused.v.view(torch.uint8), v8.view(torch.uint8))
+
+
+def _random_bit_map(rng: object, L: int, C: int, per_row: int) -> object:
+    import numpy as np
+
+    assert isinstance(rng, np.random.Generator)
+    bits = np.full((L, C), 2, np.uint8)
+    for layer in range(L):
+        left = per_row - 2 * C
+        while left:
+            c = int(rng.integers(0, C))
+            if bits[layer, c] < 8:
+                bits[layer, c] += 1
+                left -= 1
+    return bits.reshape(-1)
+
+
+@pytest.mark.parametrize("C", [1, 7, 13, 127, 1016])
+def test_the_bmi2_code_maps_give_the_portable_kernels_bytes(C: int) -> None:
+    """``pext`` packing and ``pdep`` unpacking (with the float code maps) against the byte
+    at a time kernels, over every (width, code) pair; on a CPU without BMI2 the intrinsics
+    fall back to plain code, which this checks just the same."""
+    import numpy as np
+
+    from kvtier.codecs.cpu import int4a as k
+
+    rng = np.random.default_rng(C)
+    L, T = 3, 257
+    bits = _random_bit_map(rng, L, C, per_row=min(8 * C, 4 * C + C // 3 + 1))
+    rb = (int(bits[:C].sum()) + 7) // 8
+    assert all(int(bits[i * C:(i + 1) * C].sum()) == int(bits[:C].sum()) for i in range(L))
+    q8 = rng.integers(0, 256, L * T * C).astype(np.uint8)
+    q8[:256] = np.arange(256)  # every code in the first row(s) of the first layer
+    slow = np.empty(L * T * rb, np.uint8)
+    fast = np.empty(L * T * rb, np.uint8)
+    k.pack_keys(q8, L, T, C, bits, rb, slow, k.TO_B)
+    k.pack_keys_bmi2(q8, L, T, C, bits, rb, fast, k.TO_B)
+    assert np.array_equal(slow, fast)
+    back = np.empty(L * T * C, np.uint8)
+    k.unpack_keys(slow, L, T, C, bits, rb, back, k.TO_8)
+    assert np.array_equal(back, k.TO_8[bits.reshape(L, 1, C).repeat(T, 1).reshape(-1),
+                                       k.TO_B[bits.reshape(L, 1, C).repeat(T, 1).reshape(-1),
+                                              q8]])
+
+
+def test_the_float_code_maps_are_the_integer_ones() -> None:
+    """``floor((2 q8 lv + 255) * fl(1/510))`` and ``floor((510 q + lv) * fl(1 / (2 lv)))`` in
+    float32, as the BMI2 kernels compute them, for every width and code."""
+    import numpy as np
+
+    from kvtier.codecs.cpu import int4a as k
+
+    q = np.arange(256, dtype=np.float32)
+    for b in range(2, 9):
+        lv = (1 << b) - 1
+        to_b = ((q * np.float32(2 * lv) + np.float32(255.0)) * k._R510).astype(np.int32)
+        assert np.array_equal(to_b, k.TO_B[b].astype(np.int32)), b
+        qb = q[:lv + 1]
+        to_8 = ((qb * np.float32(510.0) + np.float32(lv)) * np.float32(1.0 / (2 * lv))
+                ).astype(np.int32)
+        assert np.array_equal(to_8, k.TO_8[b, :lv + 1].astype(np.int32)), b
+
+
+def test_pdep_and_pext_match_their_plain_code() -> None:
+    import numpy as np
+    from numba import njit
+
+    from kvtier.codecs.cpu import intrinsics as ii
+
+    @njit
+    def both(x: int, m: int) -> tuple[int, int]:
+        return ii.pdep(x, m), ii.pext(x, m)  # type: ignore[no-any-return]
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        x, m = (np.uint64(v) for v in rng.integers(0, 2**63, 2))
+        assert both(x, m) == (ii._soft_pdep(x, m), ii._soft_pext(x, m))
+    assert ii._soft_pdep(np.uint64(0b1011), np.uint64(0xF0F0)) == 0xB0
+    assert ii._soft_pext(np.uint64(0xB0), np.uint64(0xF0F0)) == 0b1011
+
+
+def test_the_fused_decoder_reads_the_same_codes_both_ways() -> None:
+    """The BMI2 row reader and the byte-pair reader of ``decode_page`` give one page."""
+    import numpy as np
+
+    from kvtier.codecs.cpu import backend
+    from kvtier.codecs.cpu import int4a as k
+
+    page = _wide_channels((2, 70, 3, 40), seed=5, start=1)
+    blob = encode(page, Codec.INT4A, CodecConfig(key_bits=5.3))
+    lay = layout_of(read_header(blob))
+    sec, geo = int4a.page_plan(lay)
+    arr = np.frombuffer(blob, np.uint8)
+    outs = []
+    for fast in (False, True):
+        out, _, _ = backend._new_kv(lay)
+        assert k.decode_page(arr, sec, geo, backend._MANT, k.TO_8_FLAT, out, fast) == 0
+        outs.append(out)
+    assert np.array_equal(outs[0], outs[1])

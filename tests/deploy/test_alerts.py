@@ -138,6 +138,26 @@ TESTS: list[dict[str, Any]] = [
                 "warning", "more than 5% of gRPC calls fail on d:8080", instance="d:8080")]),
         ],
     },
+    {  # A client keeps calling with a revoked token: its own alert, not an outage.
+        "interval": "1m",
+        "input_series": [
+            {"series": f'kvtier_rpc_duration_seconds_count{{{D},method="Get",code="OK"}}',
+             "values": "0+6000x20"},
+            {"series": f'kvtier_rpc_duration_seconds_count{{{D},method="Get",'
+                       'code="UNAUTHENTICATED"}', "values": "0+600x20"},
+            {"series": f'kvtier_rpc_duration_seconds_count{{{D},method="Put",'
+                       'code="PERMISSION_DENIED"}', "values": "0+30x20"},
+        ],
+        "alert_rule_test": [
+            alert("KVTierRpcErrors", "16m", []),
+            alert("KVTierAuthFailures", "5m", []),  # pending for 10m first
+            alert("KVTierAuthFailures", "16m", [firing(
+                "warning", "gRPC calls refused for their token on d:8080",
+                "A client with a wrong, revoked or read-only token, or someone trying tokens; "
+                "kvtier_rpc_duration_seconds_count says which methods (by method and code).",
+                instance="d:8080")]),
+        ],
+    },
 ]
 
 

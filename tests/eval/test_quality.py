@@ -146,7 +146,7 @@ def test_bad_input_names_the_field(tiny_model: Any, tiny_ids: torch.Tensor) -> N
                     page_tokens=PAGE)
     assert e.value.field == "codecs"
     with pytest.raises(InvalidArgument) as e:
-        Catalog().variant("int3")
+        Catalog().variant("int2")
     assert e.value.field == "codecs"
     with pytest.raises(InvalidArgument) as e:
         Catalog().variant("mixed:0.5")

@@ -67,6 +67,6 @@ def test_cli_rejects_a_bad_codec_before_loading_the_model(
         capsys: pytest.CaptureFixture[str]) -> None:
     from kvtier.cli import main
 
-    assert main(["eval", "quality", "--codecs", "int4", "int3", "--no-progress"]) == 2
+    assert main(["eval", "quality", "--codecs", "int4", "int2", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "codecs" in err and "int3" in err
+    assert "codecs" in err and "int2" in err

@@ -111,19 +111,22 @@ def _call(ch: grpc.Channel, method: str, ns: str, token: str | None) -> Any:
             return reply
         finally:
             seg.close()
-    if method == "OpenShm":
-        seg = Segment(1 << 20)
-        try:
-            return cache.OpenShm(pb.AttachShmRequest(namespace=ns, path=seg.path,
-                                                     size=seg.size, token=seg.token), **kw)
-        finally:
-            seg.close()
-    if method in ("RenewShm", "CloseShm"):
-        return getattr(cache, method)(pb.ShmLeaseRequest(namespace=ns, session="s"), **kw)
     if method == "Hint":
         return cache.Hint(pb.HintRequest(namespace=ns, queued=[pb.KeyChain(keys=[b"k"])]), **kw)
     if method == "OpenData":
         return cache.OpenData(pb.OpenDataRequest(namespace=ns, writable=True), **kw)
+    if method == "OpenShm":
+        seg = Segment(1 << 20)
+        try:
+            reply = cache.OpenShm(pb.AttachShmRequest(namespace=ns, path=seg.path,
+                                                      size=seg.size, token=seg.token), **kw)
+            cache.CloseShm(pb.ShmLeaseRequest(namespace=ns, session=reply.session),
+                           metadata=md(token), timeout=10)
+            return reply
+        finally:
+            seg.close()
+    if method in ("RenewShm", "CloseShm"):  # a session this namespace does not have
+        return getattr(cache, method)(pb.ShmLeaseRequest(namespace=ns, session="s"), **kw)
     if method == "AttachDevice":
         call = device.AttachDevice(dpb.AttachDeviceRequest(namespace=ns), **kw)
         reply = next(call)
@@ -178,6 +181,8 @@ def test_scheme_is_case_insensitive_and_valid_tokens_work(channel: grpc.Channel,
     assert _code(channel, "Stats", "", tenants.a_ro) == grpc.StatusCode.OK
     for method in ("Get", "GetStream", "Lookup", "AttachShm", "OpenShm"):
         assert _code(channel, method, "tenant-a", tenants.a_ro) == grpc.StatusCode.OK
+    # past auth, an unknown session is the servicer's answer, not a refusal
+    assert _code(channel, "RenewShm", "tenant-a", tenants.a_ro) not in (UNAUTH, DENIED)
     assert _code(channel, "Hint", "tenant-a", tenants.a) == grpc.StatusCode.OK
     # without a device pool the device calls get past auth and fail for that reason
     assert _code(channel, "ReserveDevice", "tenant-a", tenants.a) == \
@@ -202,6 +207,7 @@ def test_no_data_reaches_another_tenant(secure: Daemon, tenants: Tenants) -> Non
     with KVTierClient(secure.grpc_address, "tenant-a", token=tenants.a_ro) as ro:
         got = ro.get([b"secret"])[0]
         assert got is not None and np.array_equal(got.k, page.k)  # untouched
+        assert ro.uses_shared_memory  # a read-only token opens a session for its gets
         for call in (lambda: ro.put([b"x"], [make_page(5)]), lambda: ro.delete([b"secret"]),
                      lambda: ro.promote([b"secret"], "hot")):
             with pytest.raises(PermissionDeniedError):

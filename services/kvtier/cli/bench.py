@@ -25,7 +25,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "kvtier.lab.bench.security",
 )
 BENCH_HELP: dict[str, str] = {
-    "codecs": "encode/decode throughput of int8/int4/int4a vs memcpy",
+    "codecs": "encode/decode throughput of int8/int4/int4a/int3 vs memcpy",
     "transfer": "client page throughput vs redis-py and a socket",
     "ttft": "time to first token of SmolLM2 with its prompt prefix served by kvtier",
     "chat": "multi-turn chat replay through SmolLM2 with and without kvtier",

@@ -37,6 +37,9 @@ def register(subparsers: Any) -> None:
                    help="passkey trials (0 skips it; default 20)")
     q.add_argument("--passkey-tokens", type=int, default=1024,
                    help="passkey context length in tokens (default 1024)")
+    q.add_argument("--passkey-codecs", nargs="+", default=["int4", "int4a"],
+                   help="codecs the passkey test stores its context through, besides none "
+                        "(default: int4 int4a)")
     q.add_argument("--kv-dtype", choices=SUPPORTED_DTYPES, default="float16",
                    help="dtype pages are stored in, as put by the worker (default float16)")
     q.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
@@ -79,6 +82,7 @@ def _run(args: argparse.Namespace) -> int:
         research=args.research,
         passkey_trials=args.passkey_trials,
         passkey_tokens=args.passkey_tokens,
+        passkey_codecs=tuple(args.passkey_codecs),
         batch=args.batch,
         progress=not args.no_progress,
     )
@@ -86,6 +90,8 @@ def _run(args: argparse.Namespace) -> int:
     probe = Catalog(params=settings.codec, q_energy=torch.ones(1, 1, 1))
     for name in names:
         probe.variant(name)  # a bad name fails before the model loads
+    for name in opts.passkey_codecs:
+        probe.transform(name)
     started = time.monotonic()
     model, tokenizer = load_model(device)
     text = read_text(args.text)

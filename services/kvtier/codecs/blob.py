@@ -5,16 +5,19 @@ Header (little-endian)::
     offset  size  field
          0     4  magic  b"KVTC"
          4     1  version (1)
-         5     1  codec            0 none, 1 int8, 2 int4, 3 int4a
+         5     1  codec            0 none, 1 int8, 2 int4, 3 int4a, 4 int3
          6     1  dtype            0 float16, 1 bfloat16, 2 float32 (``DType.code``)
-         7     1  precision        16/8/4: the lowest precision the page has passed through
+         7     1  precision        16/8/4/3: the lowest precision the page has passed through
          8    16  layers, tokens, kv_heads, head_dim   (u32 each)
         24     8  start_position   (u64)
         32     4  group_size       (u32, as configured; effective sizes are derived)
         36     4  sink_tokens      (u32: tokens 0..S-1 of the page kept in the page dtype)
         40     2  outliers         (u16: K channels per layer and head kept in the page dtype)
-        42     2  key_bits         (u16, int4a: K code bits a token spends per head; else 0)
-        44     4  reserved (zero)
+        42     2  key_bits         (u16, int4a and int3: K code bits a token spends per head;
+                                   else 0)
+        44     2  value_bits       (u16, int3: V code bits per element on average, in 16ths;
+                                   else 0)
+        46     2  reserved (zero)
         48     8  payload length   (u64)
         56     8  checksum         xxh3-64 over header bytes 0..55 and the payload
 
@@ -33,7 +36,8 @@ Payload of a quantized blob (``T' = tokens - S`` quantized tokens, ``C' = kv_hea
     vq     codes[L, T', H*D]            V codes, row per token
 
 An int4a blob adds the key bit map before ``kq`` and packs ``kq`` by it (see
-:mod:`kvtier.codecs.int4a`). A ``none`` blob's payload is K then V as put. See
+:mod:`kvtier.codecs.int4a`); an int3 blob adds a key and a value bit map and packs both code
+sections by them (see :mod:`kvtier.codecs.int3`). A ``none`` blob's payload is K then V as put. See
 :mod:`kvtier.codecs.grid` for what the scale codes and ``m12`` mean and
 :mod:`kvtier.codecs.pack` for the int4 and m12 byte layouts.
 The checksum covers the header too, so a flipped bit anywhere is caught.
@@ -51,18 +55,20 @@ from kvtier.types import DTYPES, Codec, Precision
 
 MAGIC = b"KVTC"
 VERSION = 1
-HEADER = struct.Struct("<4sBBBBIIIIQIIHH4xQQ")
+HEADER = struct.Struct("<4sBBBBIIIIQIIHHH2xQQ")
 HEADER_SIZE = HEADER.size
 _SUMMED = HEADER_SIZE - 8
 _CHECKSUM = struct.Struct("<Q")  # the last header field
 assert HEADER_SIZE == 64
 
-CODEC_IDS: dict[Codec, int] = {Codec.NONE: 0, Codec.INT8: 1, Codec.INT4: 2, Codec.INT4A: 3}
+CODEC_IDS: dict[Codec, int] = {Codec.NONE: 0, Codec.INT8: 1, Codec.INT4: 2, Codec.INT4A: 3,
+                               Codec.INT3: 4}
 _CODECS = {v: k for k, v in CODEC_IDS.items()}
 _DTYPE_CODES = {d.name: d.code for d in DTYPES.values()}
 _DTYPE_NAMES = {d.code: d.name for d in DTYPES.values()}
 _PRECISIONS = {int(p): p for p in Precision}
 _BITS = {c: c.bits for c in Codec}
+_KEY_WIDTHS = {Codec.INT4A: 2, Codec.INT3: 1}  # the narrowest K code of the codecs with a map
 _LIMIT = 1 << 31  # no dimension of a real page comes near this; beyond it a header is corrupt
 
 
@@ -85,6 +91,7 @@ class BlobHeader(NamedTuple):
     payload_nbytes: int
     checksum: int
     key_bits: int = 0  # int4a: K code bits per token and head (2..8 per quantized channel)
+    value_bits: int = 0  # int3: V code bits per element on average, in 16ths (16..64)
 
     @property
     def page_nbytes(self) -> int:
@@ -103,14 +110,15 @@ def pack_header(h: BlobHeader) -> bytearray:
     buf = bytearray(HEADER_SIZE)
     pack_header_into(buf, h.codec, h.dtype, h.shape, h.start_position, h.precision,
                      h.group_size, h.sink_tokens, h.outliers, h.payload_nbytes,
-                     key_bits=h.key_bits, checksum=h.checksum)
+                     key_bits=h.key_bits, value_bits=h.value_bits, checksum=h.checksum)
     return buf
 
 
 def pack_header_into(buf: bytearray, codec: Codec, dtype: str,
                      shape: tuple[int, int, int, int], start_position: int,
                      precision: Precision, group_size: int, sink_tokens: int, outliers: int,
-                     payload_nbytes: int, *, key_bits: int = 0, checksum: int = 0) -> None:
+                     payload_nbytes: int, *, key_bits: int = 0, value_bits: int = 0,
+                     checksum: int = 0) -> None:
     """:func:`pack_header` from the fields, into the first 64 bytes of ``buf``.
 
     The encoder's per-page path: no BlobHeader is built, the fields go straight into ``buf``.
@@ -118,7 +126,7 @@ def pack_header_into(buf: bytearray, codec: Codec, dtype: str,
     L, T, H, D = shape
     HEADER.pack_into(buf, 0, MAGIC, VERSION, CODEC_IDS[codec], _DTYPE_CODES[dtype],
                      int(precision), L, T, H, D, start_position, group_size, sink_tokens,
-                     outliers, key_bits, payload_nbytes, checksum)
+                     outliers, key_bits, value_bits, payload_nbytes, checksum)
 
 
 def seal(buf: bytearray) -> bytes:
@@ -135,7 +143,7 @@ def read_header(blob: bytes | bytearray | memoryview) -> BlobHeader:
         raise CorruptPage(f"blob is {n} bytes, shorter than the {HEADER_SIZE}-byte header",
                           field="blob")
     (magic, version, codec_id, dtype_id, prec, L, T, H, D, start, group, sinks, outliers,
-     key_bits, payload_len, csum) = HEADER.unpack_from(blob, 0)
+     key_bits, value_bits, payload_len, csum) = HEADER.unpack_from(blob, 0)
     if magic != MAGIC:
         raise CorruptPage(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}", field="blob.magic")
     if version != VERSION:
@@ -155,15 +163,20 @@ def read_header(blob: bytes | bytearray | memoryview) -> BlobHeader:
         raise CorruptPage(f"impossible geometry {[L, T, H, D]}, sinks {sinks}, outliers "
                           f"{outliers}", field="blob.shape")
     kept = D - outliers
-    if (key_bits != 0 or codec is Codec.INT4A) and not (
-            codec is Codec.INT4A and 2 * kept <= key_bits <= 8 * kept):
+    lo = _KEY_WIDTHS.get(codec)
+    if (key_bits != 0 or lo is not None) and not (
+            lo is not None and lo * kept <= key_bits <= 8 * kept):
         raise CorruptPage(f"key_bits {key_bits} impossible for codec {codec.value} with "
                           f"{kept} quantized K channels", field="blob.key_bits")
+    if (value_bits != 0 or codec is Codec.INT3) and not (
+            codec is Codec.INT3 and 16 <= value_bits <= 64):
+        raise CorruptPage(f"value_bits {value_bits} impossible for codec {codec.value}",
+                          field="blob.value_bits")
     if payload_len != n - HEADER_SIZE:
         raise CorruptPage(f"header says {payload_len} payload bytes, blob holds "
                           f"{n - HEADER_SIZE}", field="blob.length")
     return BlobHeader(codec, dtype, (L, T, H, D), start, precision, n, group, sinks, outliers,
-                      payload_len, csum, key_bits)
+                      payload_len, csum, key_bits, value_bits)
 
 
 def verify(blob: bytes | bytearray | memoryview) -> BlobHeader:

@@ -20,7 +20,7 @@ import torch
 
 from kvtier.codecs import blob as blobfmt
 from kvtier.codecs import device as accel
-from kvtier.codecs import int4a, torch_reference
+from kvtier.codecs import int3, int4a, torch_reference
 from kvtier.codecs.blob import HEADER_SIZE, BlobHeader, verify
 from kvtier.codecs.cpu import backend as cpu
 from kvtier.codecs.cpu import kernels_cached
@@ -93,6 +93,9 @@ def encode(page: Page, codec: Codec, params: CodecConfig, *,
     if precision is not None:
         prec = min(prec, Precision(precision))
     kernels = _kernels_run_on(device)
+    if codec is Codec.INT3:
+        return _int3_encode(page, layout_for_encode(Codec.INT8, dtype, shape, start, params),
+                            params, prec, kernels)
     if codec is Codec.INT4A:
         lay8 = layout_for_encode(Codec.INT8, dtype, shape, start, params)
         h8 = _header(Codec.INT8, page, lay8, params, prec)
@@ -152,6 +155,35 @@ def _int4a_seal(blob: tuple[bytearray, Layout], h8: BlobHeader) -> bytes:
     return blobfmt.seal(buf)
 
 
+def _int3_encode(page: Page, lay8: Layout, params: CodecConfig, prec: Precision,
+                 kernels: bool) -> bytes:
+    """The sealed int3 blob of ``page``: the int8 encoder, int4a's map, then int3's."""
+    h8 = _header(Codec.INT8, page, lay8, params, prec)
+    if kernels:
+        buf8 = bytearray(HEADER_SIZE + lay8.payload_nbytes)
+        cpu.encode_into(page, lay8, buf8)
+        buf4a, lay4a = int4a.from_int8_blob(buf8, lay8, params.key_bits)
+        return _int3_seal(int3.from_int4a_blob(buf4a, lay4a, params.int3_value_bits), h8)
+    if accel.available(page.k.device):
+        payload4a, lay4a = accel.int4a_payload(page, lay8, params.key_bits)
+    else:
+        payload4a, lay4a = int4a.from_int8(torch_reference.encode_payload(page, lay8), lay8,
+                                           params.key_bits, kernels=False)
+    payload, lay = int3.from_int4a(payload4a, lay4a, params.int3_value_bits, kernels=False)
+    return _int3_seal((bytearray(HEADER_SIZE) + payload.cpu().numpy().tobytes(), lay), h8)
+
+
+def _int3_seal(blob: tuple[bytearray, Layout], h: BlobHeader) -> bytes:
+    """Pack the int3 header (from the int8 or int4a one of the page) into ``blob``'s buffer,
+    seal it."""
+    buf, lay = blob
+    blobfmt.pack_header_into(buf, Codec.INT3, h.dtype, h.shape, h.start_position,
+                             min(h.precision, Precision.INT3), h.group_size, h.sink_tokens,
+                             h.outliers, lay.payload_nbytes, key_bits=lay.key_bits,
+                             value_bits=lay.value_bits)
+    return blobfmt.seal(buf)
+
+
 def _layout_checked(h: BlobHeader) -> Layout:
     lay = layout_of(h)
     if lay.payload_nbytes != h.payload_nbytes:
@@ -173,6 +205,8 @@ def decode(blob: Blob, device: torch.device | None = None) -> Decoded:
     try:
         if lay.codec is Codec.INT4A:
             k, v = _decode_int4a(blob, lay, dev)
+        elif lay.codec is Codec.INT3:
+            k, v = _decode_int3(blob, lay, dev)
         elif _kernels_run_on(dev):
             k, v = cpu.decode(mv, lay)  # checks the indices it uses itself
         else:
@@ -186,16 +220,30 @@ def decode(blob: Blob, device: torch.device | None = None) -> Decoded:
 
 def _decode_int4a(blob: Blob, lay: Layout, dev: torch.device) -> tuple[torch.Tensor,
                                                                           torch.Tensor]:
-    """K and V of a verified int4a blob, through the int8 payload it expands to."""
+    """K and V of a verified int4a blob: on the CPU in one kernel, which checks the indices it
+    uses itself; elsewhere through the int8 payload it expands to."""
+    if _kernels_run_on(dev):  # one kernel, no int8 blob in between
+        return cpu.decode_int4a(memoryview(blob), lay, int4a.page_plan(lay))
     check_indices(blob, lay)
-    if _kernels_run_on(dev):
-        buf8, lay8 = int4a.to_int8_blob(blob, lay)
-        return cpu.decode(memoryview(buf8), lay8)
     payload = torch.frombuffer(bytearray(memoryview(blob)[HEADER_SIZE:]), dtype=torch.uint8)
     if accel.available(dev):
         accel.check_payload(blob, lay)
         return accel.decode_payload(payload.to(dev), lay)
     payload8, lay8 = int4a.to_int8(payload.to(dev), lay)
+    return torch_reference.decode_payload(payload8, lay8)
+
+
+def _decode_int3(blob: Blob, lay: Layout, dev: torch.device) -> tuple[torch.Tensor,
+                                                                        torch.Tensor]:
+    """K and V of a verified int3 blob, through the int8 payload it expands to."""
+    check_indices(blob, lay)
+    if _kernels_run_on(dev):
+        buf8, lay8 = int3.to_int8_blob(blob, lay)
+        return cpu.decode(memoryview(buf8), lay8)
+    payload = torch.frombuffer(bytearray(memoryview(blob)[HEADER_SIZE:]), dtype=torch.uint8)
+    payload8, lay8 = int3.to_int8(payload.to(dev), lay, kernels=False)
+    if accel.available(dev):
+        return accel.decode_payload(payload8, lay8)
     return torch_reference.decode_payload(payload8, lay8)
 
 
@@ -206,7 +254,11 @@ def transcode(blob: Blob, target: Codec, params: CodecConfig) -> bytes:
     the blob's groups, sinks and outliers are kept, ``params`` is not consulted); int8 ->
     int4a likewise (``q_b = round(q8 (2^b - 1) / 255)``, the same bytes as encoding the page
     with int4a; ``params.key_bits`` sets its key bit budget).
-    From ``none`` the page is decoded and encoded with ``params``. The same codec returns the
+    int8 or int4a -> int3 likewise (:mod:`kvtier.codecs.int3`: the int4a codes with one bit
+    less a key channel and ``params.int3_value_bits`` a value; from int8 through int4a with
+    ``params.key_bits``), the same bytes as encoding the page with int3. From ``none``, and
+    from int4 to int3 (int4's key codes are not int4a's), the page is decoded and encoded
+    with ``params``. The same codec returns the
     blob unchanged. Asking for more precision than the blob holds, or for another codec of
     the same precision (int4 <-> int4a), raises InvalidArgument.
     """
@@ -224,6 +276,12 @@ def transcode(blob: Blob, target: Codec, params: CodecConfig) -> bytes:
         page = decode(blob).page
         return encode(page, target, params, precision=h.precision)
     src = _layout_checked(h)
+    if target is Codec.INT3:
+        if h.codec is Codec.INT4:  # its codes are not int4a's: through the page
+            return encode(decode(blob).page, target, params, precision=h.precision)
+        if h.codec is Codec.INT8:
+            blob, src = int4a.from_int8_blob(blob, src, params.key_bits)
+        return _int3_seal(int3.from_int4a_blob(blob, src, params.int3_value_bits), h)
     if target is Codec.INT4A:
         return _int4a_seal(int4a.from_int8_blob(blob, src, params.key_bits), h)
     dst = make_layout(Codec.INT4, h.dtype, h.shape, h.sink_tokens, h.outliers, h.group_size)
@@ -290,7 +348,15 @@ def _self_test() -> bool:
                     "kvtier/codecs/cpu/__pycache__/*.nbi and *.nbc)")
         decode(bytearray(blob))
         decode(transcode(encode(page, Codec.INT8, params), Codec.INT4, params))
+        blob = encode(page, Codec.INT4A, params)  # the one-kernel decode against the int8 one
+        got = decode(blob).page
+        buf8, lay8 = int4a.to_int8_blob(blob, _layout_checked(verify(blob)))
+        want = cpu.decode(memoryview(buf8), lay8)
+        if not (torch.equal(got.k, want[0]) and torch.equal(got.v, want[1])):
+            raise RuntimeError("the int4a decode kernel disagrees with the int8 decode of the "
+                               "same page (a stale numba cache?)")
     int4a.self_test()
+    int3.self_test()
     return True
 
 

@@ -51,7 +51,8 @@ import torch
 from kvtier.codecs import grid
 from kvtier.codecs.blob import HEADER_SIZE
 from kvtier.codecs.cpu import int4a as kernels
-from kvtier.codecs.layout import Layout, make_layout
+from kvtier.codecs.cpu.intrinsics import FAST_BMI2
+from kvtier.codecs.layout import QUANTIZED_SECTIONS, Layout, make_layout
 from kvtier.codecs.pack import pack_int4, unpack_int4, unpack_m12
 from kvtier.errors import CorruptPage
 from kvtier.pages import torch_dtype
@@ -322,6 +323,19 @@ def _plan_to8(lay: Layout) -> _Plan:
     return _Plan(lay8, _spans(lay, lay8), _frozen(sec, (-1,)), _frozen(geo, (-1,)))
 
 
+@functools.lru_cache(maxsize=256)
+def page_plan(lay: Layout) -> tuple[np.ndarray, np.ndarray]:
+    """What the fused CPU decoder (``kvtier.codecs.cpu.int4a.decode_page``) takes for an
+    int4a layout: section bounds in ``QUANTIZED_SECTIONS`` order then ``kbits``', and the
+    geometry (dtype kind, L, T, S, H, D, outliers, Gk, Gv, key bits a head, K row bytes)."""
+    o = lay.offsets
+    bounds = [x for name in (*QUANTIZED_SECTIONS, "kbits")
+              for x in (o[name][0], o[name][0] + o[name][1])]
+    geo = [DTYPES[lay.dtype].code, lay.L, lay.T, lay.S, lay.H, lay.D, lay.n_out, lay.Gk,
+           lay.Gv, lay.key_bits, lay.kq_row_bytes]
+    return _frozen(bounds, (-1,)), _frozen(geo, (-1,))
+
+
 def _readonly(blob: Blob) -> np.ndarray:
     a = np.frombuffer(blob, dtype=np.uint8)
     a.flags.writeable = False  # one compiled specialization whatever the caller passed
@@ -335,7 +349,7 @@ def from_int8_blob(blob8: Blob, lay8: Layout, key_bits: float) -> tuple[bytearra
     buf = bytearray(HEADER_SIZE + plan.lay.payload_nbytes)
     kernels.int4a_from_int8(_readonly(blob8), np.frombuffer(buf, dtype=np.uint8),
                                   plan.spans, plan.sec, plan.geo, _MANT, _DROP,
-                                  kernels.TO_B)
+                                  kernels.TO_B, FAST_BMI2)
     return buf, plan.lay
 
 

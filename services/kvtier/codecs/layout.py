@@ -63,10 +63,11 @@ class Layout:
     group_size: int
     sections: tuple[tuple[str, int, int], ...]  # (name, offset in blob, nbytes), in order
     payload_nbytes: int = 0
-    key_bits: int = 0  # int4a: K code bits per token and head
+    key_bits: int = 0  # int4a, int3: K code bits per token and head
     # what the CPU page kernels take: section bounds in QUANTIZED_SECTIONS order and the
     # geometry (kind, L, T, S, H, D, n_out, Gk, Gv, bits), as read-only int64 arrays
     plan: tuple[Any, Any] | None = field(default=None, compare=False, hash=False, repr=False)
+    value_bits: int = 0  # int3: V code bits per element on average, in 16ths
 
     @property
     def offsets(self) -> dict[str, tuple[int, int]]:
@@ -122,14 +123,25 @@ class Layout:
     @property
     def kq_row_bytes(self) -> int:
         """Bytes of one token's K codes (int4a: ``H * key_bits`` bits of 2..8-bit codes)."""
-        if self.codec is Codec.INT4A:
+        if self.codec in (Codec.INT4A, Codec.INT3):
             return (self.H * self.key_bits + 7) // 8
         return self.row_bytes(self.Ck)
+
+    @property
+    def v_budget(self) -> int:
+        """int3: the V code widths of a layer's ``T' nv`` groups add up to this (each 1..4)."""
+        n = self.Tq * self.nv
+        return min(4 * n, max(n, (self.value_bits * n + 8) // 16))
+
+    @property
+    def vq_layer_bytes(self) -> int:
+        """int3: bytes of one layer's V codes (a bit string; ``v_budget * Gv`` bits at most)."""
+        return (self.v_budget * self.Gv + 7) // 8
 
 
 @functools.lru_cache(maxsize=1024)
 def make_layout(codec: Codec, dtype: str, shape: tuple[int, int, int, int], S: int, n_out: int,
-                group_size: int, key_bits: int = 0) -> Layout:
+                group_size: int, key_bits: int = 0, value_bits: int = 0) -> Layout:
     """The layout of a blob (memoized: a pure function of a few numbers, called per page)."""
     L, T, H, D = shape
     es = DTYPES[dtype].itemsize
@@ -137,7 +149,8 @@ def make_layout(codec: Codec, dtype: str, shape: tuple[int, int, int, int], S: i
     if codec is Codec.NONE:
         sizes = [("kraw", L * T * H * D * es), ("vraw", L * T * H * D * es)]
     else:
-        probe = Layout(codec, dtype, L, T, H, D, S, n_out, group_size, (), key_bits=key_bits)
+        probe = Layout(codec, dtype, L, T, H, D, S, n_out, group_size, (), key_bits=key_bits,
+                       value_bits=value_bits)
         Tq, Ck, HD = probe.Tq, probe.Ck, probe.HD
         nk = probe.nk if Tq else 0
         kgroups, vgroups = L * nk * Ck, L * Tq * probe.nv
@@ -148,9 +161,12 @@ def make_layout(codec: Codec, dtype: str, shape: tuple[int, int, int, int], S: i
             ("oraw", L * Tq * H * n_out * es),
             ("kb", kgroups), ("km", m12_nbytes(kgroups)),
             ("vb", vgroups), ("vm", m12_nbytes(vgroups)),
-            *([("kbits", L * ((Ck + 1) // 2) if Tq else 0)] if codec is Codec.INT4A else []),
+            *([("kbits", L * ((Ck + 1) // 2) if Tq else 0)]
+              if codec in (Codec.INT4A, Codec.INT3) else []),
+            *([("vbits", L * ((Tq * probe.nv + 3) // 4))] if codec is Codec.INT3 else []),
             ("kq", L * Tq * probe.kq_row_bytes),
-            ("vq", L * Tq * probe.row_bytes(HD)),
+            ("vq", L * probe.vq_layer_bytes if codec is Codec.INT3
+             else L * Tq * probe.row_bytes(HD)),
         ]
     sections = []
     pos = HEADER_SIZE
@@ -158,9 +174,9 @@ def make_layout(codec: Codec, dtype: str, shape: tuple[int, int, int, int], S: i
         sections.append((name, pos, n))
         pos = _align(pos + n)
     lay = Layout(codec, dtype, L, T, H, D, S, n_out, group_size, tuple(sections),
-                 pos - HEADER_SIZE, key_bits)
+                 pos - HEADER_SIZE, key_bits, value_bits=value_bits)
     if codec not in (Codec.INT8, Codec.INT4):
-        return lay  # the page kernels handle int8 and int4; int4a goes through int8 (int4a.py)
+        return lay  # the page kernels handle int8 and int4; int4a and int3 go through int8
     offsets = lay.offsets
     bounds = np.array([x for name in QUANTIZED_SECTIONS
                        for x in (offsets[name][0], offsets[name][0] + offsets[name][1])],
@@ -194,7 +210,7 @@ def _encode_layout(codec: Codec, dtype: str, shape: tuple[int, int, int, int], S
 
 def layout_of(h: BlobHeader) -> Layout:
     return make_layout(h.codec, h.dtype, h.shape, h.sink_tokens, h.outliers, h.group_size,
-                       h.key_bits)
+                       h.key_bits, h.value_bits)
 
 
 def check_indices(blob: bytes | bytearray | memoryview, lay: Layout) -> None:

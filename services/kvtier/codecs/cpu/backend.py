@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from kvtier.codecs.cpu import int4a as int4a_kernels
 from kvtier.codecs.cpu import int8_int4 as kernels
+from kvtier.codecs.cpu.intrinsics import FAST_BMI2
 from kvtier.codecs.grid import MANTISSAS
 from kvtier.codecs.layout import Layout
 from kvtier.errors import CorruptPage
@@ -89,6 +91,30 @@ def decode(blob: memoryview, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
     if status:
         raise CorruptPage("outlier channel indices out of range or not ascending" if status == 1
                           else "scale exponents out of range", field="blob")
+    return k, v
+
+
+_INT4A_STATUS = {
+    1: "outlier channel indices out of range or not ascending",
+    2: "scale exponents out of range",
+    3: "key bit map holds widths outside 2..8 or does not spend the header's bits a head",
+}
+
+
+def decode_int4a(blob: memoryview, lay: Layout, plan: tuple[NDArray[np.int64],
+                                                               NDArray[np.int64]]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of a verified int4a blob in one kernel (``int4a.decode_page``), ``plan`` the
+    section bounds and geometry :func:`kvtier.codecs.int4a.page_plan` gives."""
+    arr = np.frombuffer(blob, dtype=np.uint8)
+    arr.flags.writeable = False
+    out, k, v = _new_kv(lay)
+    sec, geo = plan
+    status = int4a_kernels.decode_page(arr, sec, geo, _MANT, int4a_kernels.TO_8_FLAT, out,
+                                       FAST_BMI2)
+    if status:
+        raise CorruptPage(_INT4A_STATUS[status],
+                          field="blob.kbits" if status == 3 else "blob")
     return k, v
 
 

@@ -5,18 +5,27 @@ in :mod:`kvtier.codecs.int4a` is the reference and the device path; the tests an
 Arrays are flat uint8. ``bits`` is ``[L, C']``; K codes are ``[L, T', C']`` int8 codes on one
 side and rows of ``rb`` bytes on the other (channel ``c``'s code at bit ``sum(bits[:c])`` of its
 token's row, little-endian).
+
+Encoding runs the int8 encoder, then :func:`int4a_from_int8` (allocation, K rows, V nibbles);
+decoding is one kernel, :func:`decode_page`, straight from the int4a blob into the page. On a
+CPU with fast BMI2 the K rows are packed with ``pext`` and read with ``pdep``, seven codes at a
+time, and the code maps run as float32 loops that vectorize (exact, see ``_R510``); elsewhere
+byte-at-a-time loops that give the same bytes (both are tested against each other).
 """
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from numba import njit
 
-from kvtier.codecs.cpu.int8_int4 import int8_to_int4_rows
-from kvtier.codecs.cpu.intrinsics import bits_to_f32, f16_to_f32
-from kvtier.codecs.cpu.rows import INLINE, JIT
+from kvtier.codecs.cpu.int8_int4 import _copy_sinks, _runs, decode_v, int8_to_int4_rows
+from kvtier.codecs.cpu.intrinsics import (
+    bits_to_f32, f16_to_f32, f64_to_bits, load_u64, pdep, pext, store_u64,
+)
+from kvtier.codecs.cpu.rows import (
+    INLINE, JIT, copy, dequant_store, get_m12, prefetch_share, share_size, table,
+)
 
 
 def _tables() -> tuple[np.ndarray, np.ndarray]:
@@ -33,6 +42,17 @@ def _tables() -> tuple[np.ndarray, np.ndarray]:
 
 
 TO_B, TO_8 = _tables()
+TO_8_FLAT = TO_8.reshape(-1).copy()  # [w * 256 + q]: one index a code
+TO_8_FLAT.flags.writeable = False
+TO_B_FLAT = TO_B.reshape(-1).copy()
+TO_B_FLAT.flags.writeable = False
+# The code maps in float32, for loops that vectorize: ``floor((2 q8 lv + 255) / 510)`` and
+# ``floor((510 q + lv) / (2 lv))`` (lv = 2^b - 1). Both numerators are odd integers below
+# 2^24 (exact in float32) over even denominators, so the quotient is never within 1/510 of an
+# integer, while multiplying by the rounded reciprocal errs by less than 2^-22 of it (< 1e-4
+# for quotients below 256): the truncation is the integer floor. The tests check every
+# (width, code) against the tables.
+_R510 = np.float32(1.0 / 510.0)
 
 
 _U8 = np.uint64(0xFF)
@@ -54,6 +74,58 @@ def _rows4(L, T, layer, t0, step):  # type: ignore[no-untyped-def]
     r2 = (layer * T + min(t0 + 2, T - 1)) * step
     r3 = (layer * T + min(t0 + 3, T - 1)) * step
     return r0, r1, r2, r3
+
+
+@njit(**INLINE)
+def _groups(bits, first, C, gmask, gwidth):  # type: ignore[no-untyped-def]
+    """The K channels ``bits[first:first + C]`` in groups of seven (at most 56 bits): each
+    group's ``pdep``/``pext`` mask (the group's channel ``i`` in byte ``i``, as many low bits
+    as its width) and its width in bits."""
+    for g in range((C + 6) // 7):
+        m = np.uint64(0)
+        total = np.uint64(0)
+        for i in range(min(7, C - 7 * g)):
+            w = np.uint64(bits[first + 7 * g + i])
+            m |= ((np.uint64(1) << w) - np.uint64(1)) << np.uint64(8 * i)
+            total += w
+        gmask[g] = m
+        gwidth[g] = total
+
+
+@njit(**JIT)
+def pack_keys_bmi2(q8, L, T, C, bits, rb, out, to_b):  # type: ignore[no-untyped-def]
+    """:func:`pack_keys` with ``pext``: a row's int8 codes mapped to their widths' codes,
+    then seven channels at a time gathered into their bits and appended to the row (a
+    branch-free bit writer: an 8-byte store, then the whole bytes written are dropped)."""
+    ng = (C + 6) // 7
+    gmask = np.empty(ng, np.uint64)
+    gwidth = np.empty(ng, np.uint64)
+    lv2 = np.empty(C, np.float32)
+    qb = np.zeros(7 * ng + 8, np.uint8)  # the row's codes, with slack for 8-byte loads
+    row = np.zeros(rb + 16, np.uint8)
+    seven = np.uint64(7)
+    three = np.uint64(3)
+    for layer in range(L):
+        _groups(bits, layer * C, C, gmask, gwidth)
+        for c in range(C):
+            lv2[c] = np.float32(2 * ((1 << np.int64(bits[layer * C + c])) - 1))
+        for t in range(T):
+            src = q8[(layer * T + t) * C:(layer * T + t + 1) * C]
+            for c in range(C):  # round(q8 lv / 255) = floor((2 q8 lv + 255) / 510), see _B_OF
+                qb[c] = np.uint8(np.int32((np.float32(src[c]) * lv2[c] + np.float32(255.0))
+                                          * _R510))
+            acc = np.uint64(0)
+            nb = np.uint64(0)
+            j = np.int64(0)
+            for g in range(ng):
+                acc |= pext(load_u64(qb, 7 * g), gmask[g]) << nb
+                nb += gwidth[g]
+                store_u64(row, j, acc)
+                adv = nb >> three
+                j += np.int64(adv)
+                acc >>= adv << three
+                nb &= seven
+            copy(out[(layer * T + t) * rb:(layer * T + t + 1) * rb], row[:rb])
 
 
 @njit(**JIT)
@@ -203,6 +275,69 @@ def _select(gains, order, k):  # type: ignore[no-untyped-def]
 
 
 @njit(**JIT)
+def kth_largest(keys, n, k, hist):  # type: ignore[no-untyped-def]
+    """The ``k``-th largest (1-based, ``1 <= k <= n``) of ``keys[:n]`` (uint64), which it
+    reorders: a radix select a byte at a time, from the highest byte in which the keys differ
+    (each pass keeps the keys that share the answer's bytes so far at the front)."""
+    lo = keys[0]
+    hi = keys[0]
+    for i in range(n):
+        lo = min(lo, keys[i])
+        hi = max(hi, keys[i])
+    diff = lo ^ hi
+    top = 0
+    while top < 8 and (diff >> np.uint64(8 * top)) != np.uint64(0):
+        top += 1
+    m = n
+    for d in range(top - 1, -1, -1):
+        sh = np.uint64(8 * d)
+        hist[:] = 0
+        for i in range(m):
+            hist[(keys[i] >> sh) & np.uint64(255)] += 1
+        b = 255
+        while k > hist[b]:
+            k -= hist[b]
+            b -= 1
+        j = 0
+        for i in range(m):
+            x = keys[i]
+            if (x >> sh) & np.uint64(255) == np.uint64(b):
+                keys[j] = x
+                j += 1
+        m = j
+        if m == 1:
+            break
+    return keys[0]
+
+
+@njit(**JIT)
+def take_first(gains, order, m, k, keys, hist, taken):  # type: ignore[no-untyped-def]
+    """Set ``taken[i]`` (0/1, for ``i < m``) for the moves ``order[:m]`` (ascending) that a
+    stable descending sort of ``gains`` puts among its first ``k`` (all of which are in
+    ``order[:m]``): the ``k``-th largest gain by :func:`kth_largest` on the gains' bits
+    (non-negative doubles order as their bits do), then every larger move and, of the moves
+    equal to it, the earliest ones (the stable sort's tie order)."""
+    for i in range(m):
+        taken[i] = 0
+    if k <= 0:
+        return
+    for i in range(m):
+        keys[i] = f64_to_bits(gains[order[i]])
+    g = kth_largest(keys, m, k, hist)
+    above = 0
+    for i in range(m):
+        above += f64_to_bits(gains[order[i]]) > g
+    need = k - above
+    for i in range(m):
+        x = f64_to_bits(gains[order[i]])
+        if x > g:
+            taken[i] = 1
+        elif x == g and need > 0:
+            taken[i] = 1
+            need -= 1
+
+
+@njit(**JIT)
 def _candidates(gains, n, k, order):  # type: ignore[no-untyped-def]
     """Put in ``order`` the moves that can be among the first ``k`` (of ``n`` channels' moves,
     listed bit by bit), and return how many: those up to the last move of the first
@@ -252,9 +387,8 @@ def allocate_keys(  # type: ignore[no-untyped-def]
                     j += 1
             for o in range(n_out):
                 peak[h * D + oidx[(layer * H + h) * n_out + o]] = opeak[(layer * H + h) * n_out + o]
-        tab = np.empty(256)  # the layer's scales by code: as many ldexp as codes, not groups
-        for b in range(256):
-            tab[b] = math.ldexp(mant[b & 15], int(e0[layer] + (b >> 4)))
+        # the layer's scales by code (ldexp(mant[b & 15], e0 + (b >> 4)), exactly: doubling)
+        tab = table(np.int64(e0[layer]), mant)
         step2 = np.zeros(C)
         for c in range(C):
             acc = 0.0
@@ -281,6 +415,9 @@ def allocate_keys(  # type: ignore[no-untyped-def]
         count = np.zeros(Dk, np.int64)
         w = np.empty(Dk)
         order = np.empty(nm * Dk, np.int64)
+        keys = np.empty(nm * Dk, np.uint64)
+        taken = np.empty(nm * Dk, np.int64)
+        hist = np.empty(256, np.int64)
         chan = np.empty(nm * Dk, np.int64)  # a move's channel, without a division a move
         for k in range(nm):
             for c in range(Dk):
@@ -294,10 +431,10 @@ def allocate_keys(  # type: ignore[no-untyped-def]
                     gains[k * Dk + c] = w[c] * drop[k]
             take = budget - 2 * Dk
             m = _candidates(gains, Dk, take, order)
-            _select(gains, order[:m], take)
+            take_first(gains, order, m, take, keys, hist, taken)
             count[:] = 0
-            for t in range(take):
-                count[chan[order[t]]] += 1
+            for i in range(m):
+                count[chan[order[i]]] += taken[i]
             for c in range(Dk):
                 out[layer * C + h * Dk + c] = np.uint8(2 + count[c])
 
@@ -326,15 +463,16 @@ def _raw(src, pos, kind):  # type: ignore[no-untyped-def]
 
 
 @njit(**JIT)
-def int4a_from_int8(src, dst, spans, sec, geo, mant, drop, to_b):  # type: ignore[no-untyped-def]
+def int4a_from_int8(src, dst, spans, sec, geo, mant, drop, to_b, fast=False):  # type: ignore[no-untyped-def]  # noqa: E501
     """An int8 blob ``src`` -> the int4a blob ``dst`` (zeroed, header left to the caller): the
     grid sections copied (``spans`` rows: source offset, destination offset, bytes), the key bits
     allocated (:func:`allocate_keys`), the map and the codes written. ``sec``: blob offsets of
     exps, oidx, oraw, kb, km, kq and vq in ``src``, then kbits, kq and vq in ``dst``; ``geo``:
-    L, T', H, D, outliers, K groups, K group size, dtype kind, head budget, K row bytes."""
+    L, T', H, D, outliers, K groups, K group size, dtype kind, head budget, K row bytes;
+    ``fast``: pack with :func:`pack_keys_bmi2` (the same bytes)."""
     for i in range(spans.shape[0]):
         a, b, n = spans[i, 0], spans[i, 1], spans[i, 2]
-        dst[b:b + n] = src[a:a + n]
+        copy(dst[b:b + n], src[a:a + n])
     L, Tq, H, D, n_out, nk, Gk, kind, budget, rb = geo[0], geo[1], geo[2], geo[3], geo[4], \
         geo[5], geo[6], geo[7], geo[8], geo[9]
     if Tq == 0:
@@ -366,8 +504,12 @@ def int4a_from_int8(src, dst, spans, sec, geo, mant, drop, to_b):  # type: ignor
             lo = bits[layer * C + 2 * j]
             hi = bits[layer * C + 2 * j + 1] if 2 * j + 1 < C else np.uint8(0)
             dst[sec[7] + layer * cb + j] = lo | (hi << np.uint8(4))
-    pack_keys(src[sec[5]:sec[5] + L * Tq * C], L, Tq, C, bits, rb,
-              dst[sec[8]:sec[8] + L * Tq * rb], to_b)
+    if fast:
+        pack_keys_bmi2(src[sec[5]:sec[5] + L * Tq * C], L, Tq, C, bits, rb,
+                       dst[sec[8]:sec[8] + L * Tq * rb], to_b)
+    else:
+        pack_keys(src[sec[5]:sec[5] + L * Tq * C], L, Tq, C, bits, rb,
+                  dst[sec[8]:sec[8] + L * Tq * rb], to_b)
     HD = H * D
     int8_to_int4_rows(src[sec[6]:sec[6] + L * Tq * HD], L * Tq, HD,
                       dst[sec[9]:sec[9] + L * Tq * ((HD + 1) // 2)])
@@ -382,7 +524,7 @@ def int4a_to_int8(src, dst, spans, sec, geo, to_8):  # type: ignore[no-untyped-d
     not sum to ``H`` times the key bits, else 0."""
     for i in range(spans.shape[0]):
         a, b, n = spans[i, 0], spans[i, 1], spans[i, 2]
-        dst[b:b + n] = src[a:a + n]
+        copy(dst[b:b + n], src[a:a + n])
     L, Tq, H, D, n_out, kb, rb = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6]
     if Tq == 0:
         return 0
@@ -406,4 +548,170 @@ def int4a_to_int8(src, dst, spans, sec, geo, to_8):  # type: ignore[no-untyped-d
     HD = H * D
     int4_rows_to_int8(src[sec[2]:sec[2] + L * Tq * ((HD + 1) // 2)], L * Tq, HD,
                       dst[sec[4]:sec[4] + L * Tq * HD])
+    return 0
+
+
+# --- whole pages, fused: an int4a blob decoded straight into the page ---
+
+@njit(**JIT)
+def read_bit_map(src, L, C, kb):  # type: ignore[no-untyped-def]
+    """The K bit map ``[L, C']`` of an int4a blob's ``kbits`` section ``src``, or an empty
+    array when a width is outside 2..8 or a layer's widths do not sum to ``kb``."""
+    cb = (C + 1) // 2
+    bits = np.empty(L * C, np.uint8)
+    bad = False
+    for layer in range(L):
+        total = np.int64(0)
+        for c in range(C):
+            byte = src[layer * cb + c // 2]
+            b = byte & np.uint8(0x0F) if c % 2 == 0 else byte >> np.uint8(4)
+            bad |= b < 2 or b > 8
+            bits[layer * C + c] = b
+            total += np.int64(b)
+        bad |= total != kb
+    if bad:
+        return bits[:0]
+    return bits
+
+
+@njit(**INLINE)
+def _row_plan(bits, first, C, byte, shift, base, mask):  # type: ignore[no-untyped-def]
+    """Each K channel's byte and bit shift in a token row, its lookup base (``w * 256``) in
+    the flat ``TO_8`` table and its code mask, for the widths ``bits[first:first + C]``.
+    Unsigned: numba then skips its negative-index handling in the loops that use them."""
+    off = np.uint64(0)
+    for c in range(C):
+        wc = np.uint64(bits[first + c])
+        byte[c] = off >> np.uint64(3)
+        shift[c] = off & np.uint64(7)
+        base[c] = wc * np.uint64(256)
+        mask[c] = (np.uint64(1) << wc) - np.uint64(1)
+        off += wc
+
+
+@njit(**JIT)
+def decode_keys(kb, km, kq, oidx_in, oraw, exps, bits, kind, L, T, S, H, D,  # type: ignore[no-untyped-def]
+                n_out, Gk, rb, mant, to_8, out, nxt, fast):
+    """K of an int4a blob into ``out``: each token row's codes mapped to the int8 codes they
+    stand for (``TO_8``) and dequantized as the int8 decoder does, in one pass (the same
+    arithmetic, so the same values as decoding the expanded int8 blob). ``fast`` (a host with
+    quick BMI2): seven codes at a time spread into bytes with ``pdep`` (a branch-free bit
+    reader), then mapped in a loop that vectorizes; else every channel's code is read from its
+    own byte pair, so the row's channels do not wait on each other."""
+    HD = H * D
+    Tq = T - S
+    Ck = H * (D - n_out)
+    nk = (Tq + Gk - 1) // Gk
+    w = 2 if kind == 2 else 1
+    ng = nk * Ck
+    step = np.float32(1)
+    m_l = np.empty(ng, np.int32)
+    s_k = np.empty(ng, np.float32)
+    m_k = np.empty(ng, np.float32)
+    qk = np.empty(Ck, np.uint8)
+    byte = np.empty(Ck, np.uint64)
+    shift = np.empty(Ck, np.uint64)
+    base = np.empty(Ck, np.uint64)
+    mask = np.empty(Ck, np.uint64)
+    row = np.zeros(rb + 16, np.uint8)  # a row with zero bytes past its end
+    one = np.uint64(1)
+    eight = np.uint64(8)
+    n7 = (Ck + 6) // 7  # groups of seven channels
+    gmask = np.empty(n7, np.uint64)
+    gwidth = np.empty(n7, np.uint64)
+    codes = np.zeros(7 * n7 + 8, np.uint8)
+    lvf = np.empty(Ck, np.float32)
+    rinv = np.empty(Ck, np.float32)
+    per = share_size(nxt.size, L * Tq, 1)
+    for layer in range(L):
+        tab = table(np.int64(exps[2 * layer]), mant)
+        get_m12(km, layer * ng, m_l)
+        for i in range(ng):
+            s_k[i] = np.float32(tab[kb[layer * ng + i]])
+            m_k[i] = np.float32(m_l[i])
+        _row_plan(bits, layer * Ck, Ck, byte, shift, base, mask)
+        if fast:
+            _groups(bits, layer * Ck, Ck, gmask, gwidth)
+            for c in range(Ck):
+                lv = (1 << np.int64(bits[layer * Ck + c])) - 1
+                lvf[c] = np.float32(lv)
+                rinv[c] = np.float32(1.0 / (2 * lv))
+        taken = np.zeros(HD, np.bool_)
+        for h in range(H):
+            for j in range(n_out):
+                taken[h * D + oidx_in[(layer * H + h) * n_out + j]] = True
+        rf, rk, rl = _runs(taken, H, D)
+        for t in range(Tq):
+            prefetch_share(nxt, 0, nxt.size, layer * Tq + t, per)
+            o = (layer * Tq + t) * rb
+            copy(row, kq[o:o + rb])
+            if fast:
+                pos = np.uint64(0)
+                for g in range(n7):
+                    x = load_u64(row, np.int64(pos >> np.uint64(3))) >> (pos & np.uint64(7))
+                    store_u64(codes, 7 * g, pdep(x, gmask[g]))
+                    pos += gwidth[g]
+                for c in range(Ck):  # round(q 255 / lv) = floor((510 q + lv) / (2 lv))
+                    qk[c] = np.uint8(np.int32((np.float32(codes[c]) * np.float32(510.0)
+                                               + lvf[c]) * rinv[c]))
+            else:
+                for c in range(Ck):
+                    b = byte[c]
+                    word = np.uint64(row[b]) | (np.uint64(row[b + one]) << eight)
+                    qk[c] = to_8[base[c] + ((word >> shift[c]) & mask[c])]
+            g0 = (t // Gk) * Ck
+            do = (layer * T + S + t) * HD
+            for r in range(rf.size):
+                a, n = rk[r], rl[r]
+                dequant_store(qk[a:a + n], m_k[g0 + a:g0 + a + n], s_k[g0 + a:g0 + a + n],
+                              step, kind, out[(do + rf[r]) * w:(do + rf[r] + n) * w])
+            for h in range(H):
+                for j in range(n_out):
+                    c = h * D + oidx_in[(layer * H + h) * n_out + j]
+                    so = ((layer * Tq + t) * H * n_out + h * n_out + j) * w
+                    for i in range(w):
+                        out[(do + c) * w + i] = oraw[so + i]
+
+
+@njit(**JIT)
+def decode_page(blob, sec, geo, mant, to_8, out, fast):  # type: ignore[no-untyped-def]
+    """Decode an int4a blob into ``out`` (the words of K then V) without the int8 blob in
+    between. ``sec``: section bounds in ``layout.QUANTIZED_SECTIONS`` order, then kbits';
+    ``geo``: (kind, L, T, S, H, D, n_out, Gk, Gv, key bits a head, K row bytes). V's codes
+    are int4 on the int8 grid, so the int4 decoder's V (``17 q4``) is the int8 one's.
+
+    Returns 0, or before touching ``out``: 1 for outlier indices out of range or not
+    ascending, 2 for scale exponents out of range, 3 for a bad key bit map. ``fast``: see
+    :func:`decode_keys` (the same values either way)."""
+    kind, L, T, S, H, D, n_out, Gk, Gv, kbh, rb = (geo[0], geo[1], geo[2], geo[3], geo[4],
+                                                    geo[5], geo[6], geo[7], geo[8], geo[9],
+                                                    geo[10])
+    oidx = blob[sec[0]:sec[1]].view(np.int16)
+    exps = blob[sec[2]:sec[3]].view(np.int16)
+    C = H * (D - n_out)
+    bits = np.empty(0, np.uint8)
+    if T > S:
+        for i in range(oidx.size):
+            if oidx[i] < 0 or oidx[i] >= D or (i % n_out > 0 and oidx[i] <= oidx[i - 1]):
+                return 1
+        for i in range(exps.size):
+            if exps[i] < -126 or exps[i] > 111:  # grid.E0_MIN, grid.E0_MAX
+                return 2
+        bits = read_bit_map(blob[sec[20]:sec[21]], L, C, H * kbh)
+        if bits.size != L * C:
+            return 3
+    row = H * D * (2 if kind == 2 else 1)
+    ok = out[:out.size // 2]
+    ov = out[out.size // 2:]
+    sink = blob[sec[4]:sec[5]].view(np.uint16)
+    half = sink.size // 2
+    _copy_sinks(sink[:half], ok, L, T, S, row, False)
+    _copy_sinks(sink[half:], ov, L, T, S, row, False)
+    if T == S:
+        return 0
+    decode_keys(blob[sec[8]:sec[9]], blob[sec[10]:sec[11]], blob[sec[16]:sec[17]], oidx,
+                blob[sec[6]:sec[7]].view(np.uint16), exps, bits, kind, L, T, S, H, D, n_out,
+                Gk, rb, mant, to_8, ok, blob[sec[12]:sec[19]], fast)
+    decode_v(blob[sec[12]:sec[13]], blob[sec[14]:sec[15]], blob[sec[18]:sec[19]], exps, kind,
+             L, T, S, H * D, Gv, 4, mant, ov)
     return 0

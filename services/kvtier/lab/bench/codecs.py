@@ -9,8 +9,8 @@ data comes from memory rather than cache (as it does in a real tier), it measure
   torch's intra-op threads (all cores: on the 2-core box about twice the one-thread figure
   for 2 MiB pages, which is the likely source of the issue's "17.7 GB/s"),
 * encode and decode throughput of int8 and int4 (and int4a, the cold and remote tiers'
-  default) in GB/s of fp16 page data (checksums, headers and allocation of the results
-  included: what a tier pays per page),
+  default, and int3, the optional deep tier) in GB/s of fp16 page data (checksums, headers and
+  allocation of the results included: what a tier pays per page),
 * the compression ratio with every byte of the blob counted (header, scales, minima, sinks,
   outlier channels, padding).
 
@@ -55,7 +55,7 @@ from kvtier.types import Codec, Page
 MiB = 1 << 20
 # the issue's two codecs, then int4a: not one the issue's targets name, but the default codec
 # of the cold and remote tiers, so what those tiers pay per page
-CODECS = (Codec.INT8, Codec.INT4, Codec.INT4A)
+CODECS = (Codec.INT8, Codec.INT4, Codec.INT4A, Codec.INT3)  # int3: the optional deep tier
 # Page shapes [layers, tokens, kv_heads, head_dim] of 64 KiB and 2 MiB (K+V, fp16): a 64-token
 # chunk of one layer of a 2-KV-head model, and of eight layers of an 8-KV-head model.
 SHAPES: dict[str, tuple[int, int, int, int]] = {
@@ -223,6 +223,7 @@ def run(sizes: list[str], total_mib: int, repeat: int, params: CodecConfig,
         "int8": {k: head["int8"][k] for k in ("encode_gbps", "decode_gbps", "ratio")},
         "int4": {k: head["int4"][k] for k in ("encode_gbps", "decode_gbps", "ratio")},
         "int4a": {k: head["int4a"][k] for k in ("encode_gbps", "decode_gbps", "ratio")},
+        "int3": {k: head["int3"][k] for k in ("encode_gbps", "decode_gbps", "ratio")},
         "headline_size": sizes[-1],
         "sizes": per,
         "repeat": repeat,
@@ -271,7 +272,7 @@ def main(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("codecs",
-                              help="encode/decode throughput of int8/int4/int4a vs memcpy")
+                              help="encode/decode throughput of int8/int4/int4a/int3 vs memcpy")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--repeat", type=int, default=3, help="passes per figure (best is kept)")
     p.add_argument("--working-set-mib", type=int, default=256,

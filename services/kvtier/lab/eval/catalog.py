@@ -17,6 +17,16 @@ Codec names:
 * ``mixed`` (= ``mixed:0.15:0.35``): past pages placed as the default tier stack would, the
   most recent 15% as put, the next 35% int8, the rest int4a. ``mixed:A:B`` sets the fractions;
   ``mixed4:A:B`` uses ``int4`` as the coldest tier.
+* ``int3``: the deep tier's codec (:mod:`kvtier.codecs.int3`), about 3 bits an element.
+  ``mixed3:A:B:C`` (= ``mixed3:0.10:0.30:0.30``) places past pages over ``hot -> int8 -> int4a
+  -> int3``: the most recent A as put, the next B int8, the next C int4a, the rest int3.
+* ``group-pos:BITS`` / ``group-sem:BITS``: the prototype quantizer at BITS (groups of
+  ``group_size``, the configured sinks, one outlier channel) with key groups formed by
+  position / by similarity (:class:`~kvtier.lab.eval.research.SemanticTransform`).
+* ``imp-SIGNAL[:A:B]``: ``mixed[:A:B]``'s tiers and counts, but a simulated mover demotes the
+  least important page of a full tier by ``SIGNAL`` (``keynorm`` or ``attn``, see
+  :mod:`kvtier.lab.eval.placement`); ``hyb-SIGNAL[:A:B]`` keeps the fp16 tier by age and uses
+  the signal below it. Same average bits as ``mixed[:A:B]``.
 """
 
 from __future__ import annotations
@@ -28,12 +38,14 @@ import torch
 from kvtier.config import CodecConfig
 from kvtier.errors import InvalidArgument
 from kvtier.lab.eval.allocate import AllocTransform
+from kvtier.lab.eval.placement import SIGNALS
 from kvtier.lab.eval.quant import QuantSpec
 from kvtier.lab.eval.research import (
     Fp8Transform,
     GearTransform,
     HaarTransform,
     PcaVTransform,
+    SemanticTransform,
 )
 from kvtier.lab.eval.transforms import (
     CodecTransform,
@@ -68,12 +80,12 @@ class Catalog:
         real = self.use_codecs and codecs_available()
         if name == "none":
             return CodecTransform(Codec.NONE, self.params, "none") if real else Identity()
-        if name in ("int8", "int4", "int4a"):
+        if name in ("int8", "int4", "int4a", "int3"):
             codec = Codec(name)
             if real:
                 return CodecTransform(codec, self.params, name)
-            if codec is Codec.INT4A:
-                raise InvalidArgument("int4a is a tier codec only (kvtier.codecs)",
+            if codec in (Codec.INT4A, Codec.INT3):
+                raise InvalidArgument(f"{name} is a tier codec only (kvtier.codecs)",
                                       field="codecs")
             n_out = max(self.params.min_outlier_channels, 0)
             return QuantTransform(
@@ -89,13 +101,38 @@ class Catalog:
             return AllocTransform(INT4Q, self.q_energy, name=name)
         if name == "fp8":
             return Fp8Transform(name=name)
+        head, _, arg = name.partition(":")
+        if head in ("group-pos", "group-sem") and arg in ("2", "3", "4", "5", "6", "8"):
+            spec = QuantSpec(bits=int(arg), sink_tokens=self.params.sink_tokens,
+                             outlier_channels=1, k_group=self.params.group_size,
+                             v_group=self.params.group_size)
+            if head == "group-pos":
+                return QuantTransform(spec, name)
+            return SemanticTransform(spec, name)
         raise InvalidArgument(
-            f"unknown codec {name!r}; use none, int8, int4, int4a, int4q, int4r, fp8, "
-            f"mixed[:A:B] or mixed4[:A:B]", field="codecs")
+            f"unknown codec {name!r}; use none, int8, int4, int4a, int3, int4q, int4r, fp8, "
+            f"group-pos:BITS, group-sem:BITS, "
+            f"mixed[:A:B], mixed4[:A:B], mixed3[:A:B:C], imp-SIGNAL[:A:B] or hyb-SIGNAL[:A:B] "
+            f"(SIGNAL: {' or '.join(SIGNALS)})", field="codecs")
 
     def variant(self, name: str) -> Variant:
         """A variant by ``--codecs`` name (see the module docstring)."""
         head, _, rest = name.partition(":")
+        if head == "mixed3":
+            fractions3 = (0.10, 0.30, 0.30)
+            if rest:
+                try:
+                    a, b, c = (float(x) for x in rest.split(":"))
+                except ValueError:
+                    raise InvalidArgument(
+                        f"{name!r}: write mixed3:A:B:C with three fractions, e.g. "
+                        f"mixed3:0.10:0.30:0.30", field="codecs") from None
+                fractions3 = (a, b, c)
+            tiers = tuple(self.transform(t) for t in ("none", "int8", "int4a", "int3"))
+            return Variant(name=name, tiers=tiers, fractions=fractions3)
+        if head.startswith(("imp-", "hyb-")) and head[4:] in SIGNALS:
+            base = self.variant("mixed" + (":" + rest if rest else ""))
+            return replace(base, name=name, placement=head[4:], hot_by_age=head[:3] == "hyb")
         if head in ("mixed", "mixed4"):
             fractions = (0.15, 0.35)
             if rest:

@@ -26,11 +26,13 @@ from tqdm import tqdm
 
 from kvtier.errors import InvalidArgument
 from kvtier.lab.eval.metrics import Accumulator, Scores
+from kvtier.lab.eval.placement import AttentionProbe, Mover, keynorm_importance
 from kvtier.lab.eval.transforms import Identity, Roundtrip
 from kvtier.lab.eval.variant import Variant, uniform
 from kvtier.types import Page
 
 log = logging.getLogger(__name__)
+ATTN_DECAY = 0.5  # the attention signal: score = decay * score + the last pass's mass
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,13 +112,35 @@ class _Run:
     nbytes: dict[int, tuple[int, int]] = field(default_factory=dict)  # page -> (tier, bytes)
     acc: Accumulator = field(default_factory=Accumulator)
     numel: int = 0  # elements of one K (or V) page tensor
+    importance: dict[int, float] = field(default_factory=dict)  # page -> signal (placement)
+    mover: Mover | None = None
+
+    def tiers(self, n_past: int) -> dict[int, int]:
+        """The tier of each of pages ``0..n_past-1`` with ``n_past`` pages placed."""
+        var = self.variant
+        if var.placement == "age":
+            return {j: var.tier_of(n_past - 1 - j, n_past) for j in range(n_past)}
+        if self.mover is None:
+            self.mover = Mover(var)
+        return self.mover.step(n_past, self.importance)
+
+    def observe(self, i: int, probe: AttentionProbe | None, page_tokens: int) -> None:
+        """Update the importance signal after page ``i``'s forward pass."""
+        var = self.variant
+        if var.placement == "keynorm":
+            self.importance[i] = keynorm_importance(self.raw[i])
+        elif var.placement == "attn" and probe is not None:
+            mass = probe.mass(self.cache, page_tokens)
+            for j in range(int(mass.numel())):
+                self.importance[j] = ATTN_DECAY * self.importance.get(j, 0.0) + float(mass[j])
 
     def store(self, i: int, page_tokens: int, n_past: int) -> None:
         """Place every past page for scoring page ``n_past`` (pages ``0..n_past-1``)."""
         var = self.variant
         window_from = n_past * page_tokens - var.window
+        placed = self.tiers(n_past)
         for j in range(n_past):
-            tier = var.tier_of(n_past - 1 - j, n_past)
+            tier = placed[j]
             start = j * page_tokens
             raw_from = min(max(window_from - start, 0), page_tokens)
             if self.placed.get(j) == (tier, raw_from):
@@ -146,8 +170,9 @@ class _Run:
         """
         var = self.variant
         total_bits = 0.0
+        final = self.tiers(n_pages)
         for j in range(n_pages):
-            tier = var.tier_of(n_pages - 1 - j, n_pages)
+            tier = final[j]
             if self.nbytes.get(j, (-1, 0))[0] != tier:
                 if j not in self.raw:
                     raise AssertionError(f"page {j} was dropped before its final placement")
@@ -182,6 +207,7 @@ def run_quality(model: Any, ids: torch.Tensor, variants: Sequence[Variant], *,
     runs = [_Run(v) for v in variants]
     elem_bytes = torch.empty((), dtype=kv_dtype).element_size()
     tap = AttentionTap(model)
+    probe = AttentionProbe(model) if any(v.placement == "attn" for v in variants) else None
     bar = tqdm(total=(n_pages - 1) * (len(runs) + 1), disable=not progress,
                desc="eval quality", unit="fwd")
     try:
@@ -189,17 +215,20 @@ def run_quality(model: Any, ids: torch.Tensor, variants: Sequence[Variant], *,
             for i in range(n_pages):
                 chunk = ids[i * page_tokens:(i + 1) * page_tokens][None]
                 targets = ids[i * page_tokens + 1:(i + 1) * page_tokens + 1]
-                ref_logits, ref_attn = _step(model, tap, ref, chunk, i, page_tokens, kv_dtype)
+                ref_logits, ref_attn = _step(model, tap, ref, chunk, i, page_tokens, kv_dtype,
+                                             probe)
                 if i == 0:
                     first = ref.raw[0]
                     for run in runs:
                         run.cache = _clone_cache(ref.cache)
                         run.raw[0] = first
                         run.numel = first.k.numel()
+                        run.observe(0, probe, page_tokens)
                     continue
                 bar.update(1)
                 for run in runs:
-                    logits, attn = _step(model, tap, run, chunk, i, page_tokens, kv_dtype)
+                    logits, attn = _step(model, tap, run, chunk, i, page_tokens, kv_dtype,
+                                         probe)
                     run.acc.add(ref_logits[: targets.numel()], logits[: targets.numel()],
                                 targets, ref_attn, attn)
                     bar.update(1)
@@ -208,6 +237,8 @@ def run_quality(model: Any, ids: torch.Tensor, variants: Sequence[Variant], *,
     finally:
         bar.close()
         tap.close()
+        if probe is not None:
+            probe.close()
     ref_scores = ref.acc.scores()
     results = []
     for run in runs:
@@ -220,15 +251,19 @@ def run_quality(model: Any, ids: torch.Tensor, variants: Sequence[Variant], *,
 
 
 def _step(model: Any, tap: AttentionTap, run: _Run, chunk: torch.Tensor, i: int,
-          page_tokens: int, kv_dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+          page_tokens: int, kv_dtype: torch.dtype,
+          probe: AttentionProbe | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Store the past pages, score page ``i``, keep its raw KV; return logits and attention."""
     if i > 0:
         run.store(i, page_tokens, i)
     tap.take()
+    if probe is not None:
+        probe.clear()
     out = model(input_ids=chunk, past_key_values=run.cache, use_cache=True)
     run.cache = out.past_key_values
     run.raw[i] = page_from_cache(run.cache, i * page_tokens, (i + 1) * page_tokens, kv_dtype)
     run.numel = run.raw[i].k.numel()
+    run.observe(i, probe, page_tokens)
     return out.logits[0].float(), tap.take()
 
 

@@ -9,6 +9,9 @@
 * :class:`PcaVTransform`: values projected on the top-``rank`` principal directions of each
   (layer, head), calibrated once on other text; coefficients group-quantized. The basis is
   model-level data shared by every page and not charged per page.
+* :class:`SemanticTransform`: semantic-aware grouping: key groups formed by similarity instead
+  of position (the tokens of each (layer, head) sorted by their key's projection on the
+  page's top principal direction before the group quantizer; the permutation is charged).
 
 Every transform charges its bytes with all per-page metadata counted, plus the same fixed
 header as the prototype quantizer, so they compare at equal bits per element.
@@ -173,3 +176,49 @@ class PcaVTransform:
         vq = torch.einsum("lthr,lhdr->lthd", cq.float(), basis)
         nbytes = int(math.ceil(HEADER_BYTES + kb + cb))
         return Roundtrip(Page(kq, vq.to(page.v.dtype), page.start_position), nbytes)
+
+
+@dataclass(frozen=True, slots=True)
+class SemanticTransform:
+    """The prototype quantizer with key groups formed by similarity instead of position.
+
+    Keys are grouped per channel over ``k_group`` tokens; here the quantized tokens of each
+    (layer, head) are first sorted by the projection of their key on the top principal
+    direction of that head's (centred) keys in the page, so a group holds tokens whose keys
+    are alike rather than neighbours, and are put back in order after decoding. The sort
+    order is stored: ``ceil(log2 T')`` bits a token per (layer, head). Values (grouped over
+    the channels of one token) do not depend on the token order. Attention-sink tokens stay
+    in place.
+    """
+
+    spec: QuantSpec
+    name: str
+
+    def roundtrip(self, page: Page) -> Roundtrip:
+        layers, tokens, heads, _ = page.shape
+        sinks = max(0, min(tokens, self.spec.sink_tokens - page.start_position))
+        n = tokens - sinks
+        k = page.k.float()
+        x = k[:, sinks:].permute(0, 2, 1, 3)  # [L, H, T', D]
+        perm = _similarity_order(x)
+        idx = perm[..., None].expand_as(x)
+        ks = k.clone()
+        ks[:, sinks:] = x.gather(2, idx).permute(0, 2, 1, 3)
+        q = quantize_page(ks.to(page.k.dtype), page.v, page.start_position, self.spec)
+        kq = q.k.float()
+        body = kq[:, sinks:].permute(0, 2, 1, 3)
+        back = torch.empty_like(body).scatter_(2, idx, body)
+        kq[:, sinks:] = back.permute(0, 2, 1, 3)
+        order_bits = layers * heads * n * max(1, math.ceil(math.log2(max(n, 2))))
+        return Roundtrip(Page(kq.to(page.k.dtype), q.v, page.start_position),
+                         q.nbytes + math.ceil(order_bits / 8))
+
+
+def _similarity_order(x: torch.Tensor) -> torch.Tensor:
+    """``[..., T, D]`` -> ``[..., T]``: the tokens sorted by their projection on the top
+    principal direction of the centred rows."""
+    xc = x - x.mean(dim=-2, keepdim=True)
+    _, _, vh = torch.linalg.svd(xc, full_matrices=False)
+    proj = (xc @ vh[..., 0, :, None])[..., 0]
+    order: torch.Tensor = proj.argsort(dim=-1, stable=True)
+    return order

@@ -5,6 +5,11 @@ Past pages are ranked by age (0 = the page just before the chunk being scored). 
 and so on; the rest sit in the last tier. A uniform variant is one tier and no fractions.
 ``window`` tokens just before the scored chunk stay as put, whatever their page's tier: the
 "recent window in full precision" protection, a page property the tier stack can honour.
+
+``placement`` other than ``"age"`` simulates a mover that demotes by page importance instead
+(:mod:`kvtier.lab.eval.placement`): the same number of pages in each tier at every step as by
+age (so the same average bits), but which pages go down is chosen by a signal, and a page never
+comes back up (precision only goes down).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ class Variant:
     tiers: tuple[PageTransform, ...]
     fractions: tuple[float, ...] = ()
     window: int = 0
+    placement: str = "age"  # or an importance signal (kvtier.lab.eval.placement.SIGNALS)
+    hot_by_age: bool = False  # with a signal: the first tier still holds the newest pages
 
     def __post_init__(self) -> None:
         if not self.tiers:
@@ -37,6 +44,13 @@ class Variant:
                 f"at most 1", field="fractions")
         if self.window < 0:
             raise InvalidArgument(f"window must be >= 0, got {self.window}", field="window")
+
+    def counts(self, n_past: int) -> list[int]:
+        """Pages in each tier when ``n_past`` pages are placed by age (as :meth:`tier_of`)."""
+        out = [0] * len(self.tiers)
+        for age in range(n_past):
+            out[self.tier_of(age, n_past)] += 1
+        return out
 
     def tier_of(self, age: int, n_past: int) -> int:
         """Index into :attr:`tiers` of the page ``age`` pages before the scored chunk."""

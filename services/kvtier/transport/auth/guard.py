@@ -46,7 +46,8 @@ METHODS: dict[str, bool] = {
     "ReleaseDevice": False,
     # a data-channel ticket: read-only tokens get read-only tickets (the servicer downgrades)
     "OpenData": False,
-    # shared-memory sessions as leases (the session is bound to the token that opened it)
+    # shared-memory sessions as leases: bound to their namespace, and every call that uses one
+    # names it and is checked, so opening one needs only read access
     "OpenShm": False, "RenewShm": False, "CloseShm": False,
     # the worker's queue and session hints steer what the daemon keeps and promotes
     "Hint": True,
