@@ -15,7 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, Field, StrictInt, ValidationError, field_validator, model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from kvtier.errors import ConfigError
@@ -208,6 +210,47 @@ class TlsConfig(BaseModel):
         return self
 
 
+class QuotaConfig(BaseModel):
+    """One namespace's byte quota: ``bytes`` across the memory tiers (what they hold of it,
+    stored form), and optionally ``tiers``, a quota per memory tier by name. None: no limit."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    bytes: StrictInt | None = Field(default=None, gt=0, le=1 << 62)
+    tiers: dict[str, StrictInt] = Field(default_factory=dict)  # no booleans as sizes
+
+    @field_validator("tiers")
+    @classmethod
+    def _positive(cls, tiers: dict[str, int]) -> dict[str, int]:
+        for name, n in tiers.items():
+            if isinstance(n, bool) or not 0 < n <= 1 << 62:
+                raise ValueError(f"quota of tier {name!r} must be a byte count above 0, got {n}")
+        return tiers
+
+
+class QuotasConfig(BaseModel):
+    """Byte quotas per namespace (``KVTIER_QUOTAS``, JSON). Default: none.
+
+    ``namespaces`` maps a namespace to its :class:`QuotaConfig`; ``default`` applies to each
+    namespace not listed, separately. A namespace at its quota demotes or evicts its own pages
+    to make room, never another namespace's; a page that cannot fit its quota at all is
+    RESOURCE_EXHAUSTED. ``top_namespaces``: how many namespaces, the largest, stats and metrics
+    name one by one (the rest are summed as ``(other)``), which bounds label cardinality."""
+
+    model_config = {"frozen": True, "extra": "forbid"}
+
+    namespaces: dict[str, QuotaConfig] = Field(default_factory=dict)
+    default: QuotaConfig | None = None
+    top_namespaces: int = Field(default=10, ge=0, le=1000)
+
+    def of(self, namespace: str) -> QuotaConfig | None:
+        return self.namespaces.get(namespace, self.default)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.namespaces) or self.default is not None
+
+
 class Settings(BaseSettings):
     """All daemon settings. See the README's config table."""
 
@@ -244,6 +287,7 @@ class Settings(BaseSettings):
     data: DataConfig = Field(default_factory=DataConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     tls: TlsConfig = Field(default_factory=TlsConfig)
+    quotas: QuotasConfig = Field(default_factory=QuotasConfig)
 
     @field_validator("tiers")
     @classmethod
@@ -265,6 +309,19 @@ class Settings(BaseSettings):
         if tiers[0].medium is Medium.REDIS:
             raise ValueError("the first tier must be in memory")
         return tiers
+
+    @model_validator(mode="after")
+    def _quota_tiers(self) -> Settings:
+        memory = {t.name for t in self.tiers if t.medium is not Medium.REDIS}
+        quotas = [*self.quotas.namespaces.items()]
+        if self.quotas.default is not None:
+            quotas.append(("default", self.quotas.default))
+        for ns, q in quotas:
+            unknown = sorted(set(q.tiers) - memory)
+            if unknown:
+                raise ValueError(f"quota of {ns!r} names {unknown}, not memory tiers of the "
+                                 f"stack {sorted(memory)}")
+        return self
 
     @model_validator(mode="after")
     def _buffer_reserve(self) -> Settings:

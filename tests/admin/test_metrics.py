@@ -235,7 +235,12 @@ def test_every_label_is_bounded(quiet: Admin) -> None:
     quiet.context.rpc_stats.record(RpcSample("Get", "OK", 0.001, 1, 1))
     allowed = {"tier", "reason", "op", "codec", "method", "code", "outcome", "policy",
                "active", "result", "le", "state", "kind"}
+    named: set[str] = set()
     for name, labels in scrape(quiet):
-        if name.startswith("kvtier_"):
+        if name.startswith("kvtier_namespace_"):  # the top N namespaces and "(other)" only
+            assert {k for k, _ in labels} <= allowed | {"namespace"}, name
+            named |= {v for k, v in labels if k == "namespace"}
+        elif name.startswith("kvtier_"):
             assert {k for k, _ in labels} <= allowed, name
             assert NS not in {v for _, v in labels}, f"{name} has a namespace label value"
+    assert len(named) <= quiet.context.settings.quotas.top_namespaces + 1

@@ -54,7 +54,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kvtier.admin.auth import authorize_mutation, authorize_page_read
+from kvtier.admin.auth import authorize_mutation, authorize_page_read, visible_namespaces
 from kvtier.admin.metrics import CONTENT_TYPE, DaemonMetrics
 from kvtier.admin.schemas import (
     ErrorBody,
@@ -278,7 +278,8 @@ def create_app(context: DaemonContext, metrics: DaemonMetrics | None = None) -> 
     settings = context.settings
     store = context.store
     daemon_metrics = metrics or DaemonMetrics(store, context.rpc_stats, context.started_at,
-                                              context.buffers, context.relocator)
+                                              context.buffers, context.relocator,
+                                              context.limits)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -411,8 +412,14 @@ def create_app(context: DaemonContext, metrics: DaemonMetrics | None = None) -> 
         return Response(daemon_metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/stats", tags=["stats"], responses=_errors())
-    def get_stats() -> dict[str, Any]:
-        return stats_view(store.stats())
+    def get_stats(request: Request) -> dict[str, Any]:
+        """The store's figures; ``namespaces`` names only what the caller may see (every
+        namespace for the admin token, a tenant token's own)."""
+        view = stats_view(store.stats())
+        seen = visible_namespaces(settings, context.tokens, request.headers.get("authorization"))
+        if seen is not None:
+            view["namespaces"] = [r for r in view["namespaces"] if r["name"] in seen]
+        return view
 
     @app.get("/v1/tiers", tags=["tiers"], responses=_errors())
     def get_tiers() -> dict[str, Any]:

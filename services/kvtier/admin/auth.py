@@ -93,6 +93,24 @@ def authorize_page_read(settings: Settings, tokens: TokenRegistry | None,
                                field="authorization")
 
 
+def visible_namespaces(settings: Settings, tokens: TokenRegistry | None,
+                       authorization: str | None) -> frozenset[str] | None:
+    """Which namespaces' usage a stats read may see by name: None for all (the admin token,
+    or no token configured on a loopback-only daemon), a tenant token's own namespaces, else
+    none. Never raises: the rest of the stats stays readable."""
+    admin = configured_token(settings)
+    if admin is None and tokens is None:
+        return None if is_loopback(settings.http_host) else frozenset()
+    try:
+        presented = _bearer(authorization, "admin or tenant token")
+    except Unauthenticated:
+        return frozenset()
+    if admin is not None and hmac.compare_digest(presented.encode(), admin.encode()):
+        return None
+    grant = tokens.grant(presented) if tokens is not None else None
+    return frozenset(grant.namespaces) if grant is not None else frozenset()
+
+
 def _bearer(authorization: str | None, what: str) -> str:
     """The token of an ``Authorization: Bearer <token>`` header, or Unauthenticated."""
     if not authorization:

@@ -77,6 +77,7 @@ from kvtier.types import EvictionReason, Medium, Outcome
 if TYPE_CHECKING:
     from kvtier.store.buffers import BufferPool
     from kvtier.store.store import TierStore
+    from kvtier.transport.limits import StreamLimits
     from kvtier.transport.shm.relocate import Relocator
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,9 @@ class StoreCollector(Collector):
     """Reads ``store.stats()`` and the RPC totals at scrape time."""
 
     def __init__(self, store: TierStore, rpc_stats: RpcStats, started_at: float,
-                 buffers: BufferPool | None = None, relocator: Relocator | None = None) -> None:
+                 buffers: BufferPool | None = None, relocator: Relocator | None = None,
+                 limits: StreamLimits | None = None) -> None:
+        self._limits = limits
         self._store = store
         self._rpc_stats = rpc_stats
         self._started_at = started_at
@@ -125,6 +128,9 @@ class StoreCollector(Collector):
         yield from self._codecs(stats)
         yield from self._redis(stats)
         yield from self._policy(stats)
+        yield from self._namespaces(stats)
+        if self._limits is not None:
+            yield from self._streams(self._limits)
         yield from self._rpc()
         if self._buffers is not None:
             yield from self._pool(self._buffers)
@@ -188,6 +194,42 @@ class StoreCollector(Collector):
             for reason in EvictionReason:
                 ev.add_metric(name + [reason.value], by_reason.get(reason.value, 0))
         yield from (pages, nbytes, cap, high, low, hits, misses, dem, pro, ev)
+
+    @staticmethod
+    def _namespaces(stats: Any) -> Iterable[Metric]:
+        """Per namespace: the top ``quotas.top_namespaces`` by bytes and one ``(other)`` series
+        for the rest, so the label set stays bounded however many tenants there are."""
+        nbytes = GaugeMetricFamily(
+            "kvtier_namespace_bytes",
+            "Stored bytes per namespace and tier (the largest namespaces; the rest as '(other)').",
+            labels=["namespace", "tier"])
+        quota = GaugeMetricFamily(
+            "kvtier_namespace_quota_bytes",
+            "Quota across the memory tiers of each namespace named in kvtier_namespace_bytes.",
+            labels=["namespace"])
+        for row in stats.namespaces:
+            for tier, n in row.tiers.items():
+                nbytes.add_metric([row.name, tier], n)
+            if row.quota_bytes is not None:
+                quota.add_metric([row.name], row.quota_bytes)
+        refused = CounterMetricFamily(
+            "kvtier_quota_refusals", "Puts refused (RESOURCE_EXHAUSTED) by a namespace quota.")
+        refused.add_metric([], stats.quota_refusals)
+        yield from (nbytes, quota, refused)
+
+    @staticmethod
+    def _streams(limits: StreamLimits) -> Iterable[Metric]:
+        open_ = GaugeMetricFamily("kvtier_streams_open",
+                                  "Streaming gRPC calls open (each holds a handler thread).")
+        open_.add_metric([], limits.open_streams)
+        refused = CounterMetricFamily(
+            "kvtier_streams_refused", "Streaming calls refused by a stream limit (limits.*).")
+        refused.add_metric([], limits.refused)
+        idle = CounterMetricFamily(
+            "kvtier_streams_idle_cancelled",
+            "Streaming calls cancelled after waiting on their client (limits.stream_idle_s).")
+        idle.add_metric([], limits.idle_cancelled)
+        yield from (open_, refused, idle)
 
     @staticmethod
     def _totals(stats: Any) -> Iterable[Metric]:
@@ -356,7 +398,8 @@ class DaemonMetrics:
     """
 
     def __init__(self, store: TierStore, rpc_stats: RpcStats, started_at: float,
-                 buffers: BufferPool | None = None, relocator: Relocator | None = None) -> None:
+                 buffers: BufferPool | None = None, relocator: Relocator | None = None,
+                 limits: StreamLimits | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self._rpc_stats = rpc_stats
         self._latency = Histogram(
@@ -366,7 +409,8 @@ class DaemonMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(StoreCollector(store, rpc_stats, started_at, buffers, relocator))
+        self.registry.register(StoreCollector(store, rpc_stats, started_at, buffers, relocator,
+                                              limits))
         ProcessCollector(registry=self.registry)
         self._attached = False
 

@@ -56,6 +56,8 @@ class Room(enum.Enum):
     RESERVED = "reserved"
     FULL = "full"  # not now: other pages are in the way
     TOO_BIG = "too_big"  # larger than the whole tier: never
+    QUOTA = "quota"  # not now: the namespace's own pages fill its quota
+    OVER_QUOTA = "over_quota"  # larger than the namespace's quota: never
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +169,10 @@ class TierEngine:
         ]
         self._counters = [TierCounters() for _ in self.specs]
         self._gets = self._get_hits = self._puts = self._puts_stored = 0
+        self.quotas = settings.quotas
+        self._memory_tiers = tuple(i for i, s in enumerate(self.specs)
+                                   if s.medium is not Medium.REDIS)
+        self._quota_refused = 0
 
     # -- what does not change, and the policy (no lock) ---------------------------------------
 
@@ -244,13 +250,69 @@ class TierEngine:
             self._limits[tier] = self._limits[tier].replace(capacity_bytes, high_watermark,
                                                             low_watermark)
 
-    def reserve(self, tier: int, size: int) -> Room:
-        """Reserve ``size`` bytes of ``tier`` for a put or move in flight, if they fit now."""
+    def reserve(self, tier: int, size: int, page: PageId | None = None,
+                credit: int | None = 0) -> Room:
+        """Reserve ``size`` bytes of ``tier`` for a put or move in flight, if they fit now:
+        the tier's capacity, and the quota of ``page``'s namespace (``credit``: bytes of the
+        namespace's memory tiers that the move frees when it commits, its source's; None: a
+        demotion, which the quota across the memory tiers never stops - it is how a namespace
+        makes room - only a quota of the target tier)."""
         with self._state_lock:
             cap = self._limits[tier].capacity_bytes
             if size > cap:
                 return Room.TOO_BIG
-            return Room.RESERVED if self._index.reserve(tier, size, cap) else Room.FULL
+            ns = page.namespace if page is not None else None
+            if ns is not None:
+                quota = self._quota_room(ns, tier, size, credit)
+                if quota is not Room.RESERVED:
+                    return quota
+            return Room.RESERVED if self._index.reserve(tier, size, cap, ns) else Room.FULL
+
+    # -- quotas (kvtier.config.QuotasConfig) --------------------------------------------------
+
+    def _quota_room(self, ns: str, tier: int, size: int, credit: int | None) -> Room:
+        """Under the lock: whether ``size`` more bytes of ``ns`` in ``tier`` fit its quota."""
+        q = self.quotas.of(ns)
+        if q is None or tier not in self._memory_tiers:
+            return Room.RESERVED
+        tier_quota = q.tiers.get(self.names[tier])
+        if tier_quota is not None:
+            if size > tier_quota:
+                return Room.OVER_QUOTA
+            if self._index.ns_bytes(ns, tier) + size > tier_quota:
+                return Room.QUOTA
+        if q.bytes is not None and credit is not None:
+            if size > q.bytes:
+                return Room.OVER_QUOTA
+            held = sum(self._index.ns_bytes(ns, t) for t in self._memory_tiers)
+            if held - credit + size > q.bytes:
+                return Room.QUOTA
+        return Room.RESERVED
+
+    def quota_fits(self, ns: str, tier: int, size: int, credit: int | None = 0) -> bool:
+        with self._state_lock:
+            return self._quota_room(ns, tier, size, credit) is Room.RESERVED
+
+    def quota_victim_tiers(self, ns: str, tier: int, size: int) -> list[int]:
+        """Where ``ns``'s own pages should leave to make its quota room for ``size`` bytes
+        in ``tier``: that tier when its own quota is in the way, else (the quota across the
+        memory tiers) every memory tier from the bottom up, so that the namespace's coldest
+        pages leave memory first."""
+        with self._state_lock:
+            q = self.quotas.of(ns)
+            tier_quota = q.tiers.get(self.names[tier]) if q is not None else None
+            if tier_quota is not None and self._index.ns_bytes(ns, tier) + size > tier_quota:
+                return [tier]
+            return list(reversed(self._memory_tiers))
+
+    def count_quota_refusal(self) -> None:
+        with self._state_lock:
+            self._quota_refused += 1
+
+    def namespace_usage(self) -> tuple[dict[str, tuple[int, ...]], int]:
+        """Committed bytes per tier of every namespace, and the puts refused for a quota."""
+        with self._state_lock:
+            return self._index.ns_used(), self._quota_refused
 
     def fits(self, tier: int, size: int) -> bool:
         with self._state_lock:
@@ -267,10 +329,14 @@ class TierEngine:
         with self._state_lock:
             self._state_lock.wait(WAIT_SLICE_S)
 
-    def candidates(self, tier: int) -> list[PageMeta]:
-        """What the policy may see of the pages of ``tier`` that may be moved now."""
+    def candidates(self, tier: int, namespace: str | None = None) -> list[PageMeta]:
+        """What the policy may see of the pages of ``tier`` that may be moved now (only
+        ``namespace``'s, when given)."""
         with self._state_lock:
-            return self._index.resident_metas(tier, self.names)
+            metas = self._index.resident_metas(tier, self.names)
+        if namespace is None:
+            return metas
+        return [m for m in metas if m.page.namespace == namespace]
 
     def over_high(self, tier: int) -> list[PageMeta] | None:
         """:meth:`candidates` if ``tier`` (bytes held and in flight) is past its high
@@ -319,7 +385,7 @@ class TierEngine:
             if ok and backend is not None:
                 backend.put(pid, data)
             elif not ok:
-                self._index.release(tier, size)
+                self._index.release(tier, size, pid.namespace)
             self._state_lock.notify_all()
         return ok
 
@@ -327,7 +393,7 @@ class TierEngine:
         """Forget a placement that failed, with the ``reserved`` bytes it held in ``tier``."""
         with self._state_lock:
             if reserved:
-                self._index.release(tier, reserved)
+                self._index.release(tier, reserved, pid.namespace)
             self._index.abort_place(pid, version)
             self._state_lock.notify_all()
 
@@ -369,7 +435,7 @@ class TierEngine:
                     # freshest victim of the very make-room that follows
                     self._index.touch(t.page, time.time(), count=False)
             else:
-                self._index.release(t.dst, size)
+                self._index.release(t.dst, size, t.page.namespace)
             self._state_lock.notify_all()
         return ok
 
@@ -377,7 +443,7 @@ class TierEngine:
         """Cancel a move; the page stays resident where it was, ``reserved`` bytes go back."""
         with self._state_lock:
             if reserved:
-                self._index.release(move.ticket.dst, reserved)
+                self._index.release(move.ticket.dst, reserved, move.ticket.page.namespace)
             self._index.abort_move(move.ticket)
             self._state_lock.notify_all()
 

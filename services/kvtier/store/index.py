@@ -2,7 +2,9 @@
 
 The index knows, per :class:`~kvtier.types.PageId`, which tier holds the page, in which state,
 at which precision, how big it is, and its access history; per tier, how many bytes are
-committed and how many are reserved by moves and puts still in flight. It holds no tensors and
+committed and how many are reserved by moves and puts still in flight, and the same per
+namespace (what quotas are checked against; reservations made without a namespace count for
+the tier only). It holds no tensors and
 no blobs, so it is testable on its own; the store pairs it with tier backends that hold bytes.
 
 It is **not** thread-safe by itself: the store calls it under its one index lock, and never
@@ -81,6 +83,9 @@ class PageIndex:
         self._members: list[dict[PageId, None]] = [{} for _ in range(n_tiers)]
         self._used = [0] * n_tiers
         self._reserved = [0] * n_tiers
+        # per namespace: committed and reserved bytes per tier (rows dropped when all zero)
+        self._ns_used: dict[str, list[int]] = {}
+        self._ns_reserved: dict[str, list[int]] = {}
         self._seq = 0
         self._version = 0
 
@@ -120,6 +125,24 @@ class PageIndex:
 
     def reserved(self, tier: int) -> int:
         return self._reserved[tier]
+
+    def ns_bytes(self, namespace: str, tier: int) -> int:
+        """Bytes of ``namespace`` in ``tier``, committed and reserved."""
+        used, res = self._ns_used.get(namespace), self._ns_reserved.get(namespace)
+        return (used[tier] if used else 0) + (res[tier] if res else 0)
+
+    def ns_used(self) -> dict[str, tuple[int, ...]]:
+        """Committed bytes per tier of every namespace that has any (a copy)."""
+        return {ns: tuple(row) for ns, row in self._ns_used.items()}
+
+    def _ns_add(self, table: dict[str, list[int]], namespace: str, tier: int,
+                delta: int) -> None:
+        row = table.get(namespace)
+        if row is None:
+            row = table[namespace] = [0] * len(self._used)
+        row[tier] = max(0, row[tier] + delta)
+        if not any(row):
+            del table[namespace]
 
     def page_count(self, tier: int) -> int:
         return len(self._members[tier])
@@ -162,16 +185,20 @@ class PageIndex:
     def fits(self, tier: int, size: int, capacity: int) -> bool:
         return self._used[tier] + self._reserved[tier] + size <= capacity
 
-    def reserve(self, tier: int, size: int, capacity: int) -> bool:
-        """Reserve ``size`` bytes of ``tier`` for a put or move in flight, if they fit."""
+    def reserve(self, tier: int, size: int, capacity: int,
+                namespace: str | None = None) -> bool:
+        """Reserve ``size`` bytes of ``tier`` for a put or move in flight (of a page of
+        ``namespace``), if they fit."""
         if size < 0:
             raise InternalError(f"cannot reserve {size} bytes", field="size")
         if not self.fits(tier, size, capacity):
             return False
         self._reserved[tier] += size
+        if namespace is not None:
+            self._ns_add(self._ns_reserved, namespace, tier, size)
         return True
 
-    def release(self, tier: int, size: int) -> None:
+    def release(self, tier: int, size: int, namespace: str | None = None) -> None:
         """Give back a reservation whose put or move did not commit."""
         if size > self._reserved[tier]:
             raise InternalError(
@@ -179,6 +206,8 @@ class PageIndex:
                 field="size",
             )
         self._reserved[tier] -= size
+        if namespace is not None:
+            self._ns_add(self._ns_reserved, namespace, tier, -size)
 
     # -- transitions --------------------------------------------------------------------------
 
@@ -209,7 +238,7 @@ class PageIndex:
         rec = self._records.get(page)
         if rec is None or rec.version != version or rec.state is not PageState.PLACING:
             return False
-        self._take_reservation(rec.tier, stored_bytes)
+        self._take_reservation(rec.tier, stored_bytes, page.namespace)
         rec.state = PageState.RESIDENT
         rec.stored_bytes = stored_bytes
         rec.precision = min(rec.precision, precision)
@@ -238,6 +267,7 @@ class PageIndex:
         )
         self._members[tier][page] = None
         self._used[tier] += stored_bytes
+        self._ns_add(self._ns_used, page.namespace, tier, stored_bytes)
         return True
 
     def begin_move(self, page: PageId, dst: int) -> MoveTicket | None:
@@ -268,9 +298,10 @@ class PageIndex:
                 f"page {ticket.page} is {rec.state.value}, not moving to tier {ticket.dst}",
                 field="state",
             )
-        self._take_reservation(ticket.dst, stored_bytes)
+        self._take_reservation(ticket.dst, stored_bytes, ticket.page.namespace)
         del self._members[ticket.src][ticket.page]
         self._used[ticket.src] -= rec.stored_bytes
+        self._ns_add(self._ns_used, ticket.page.namespace, ticket.src, -rec.stored_bytes)
         self._members[ticket.dst][ticket.page] = None
         rec.tier = ticket.dst
         rec.stored_bytes = stored_bytes
@@ -297,6 +328,7 @@ class PageIndex:
         if rec.state is not PageState.PLACING:
             del self._members[rec.tier][page]
             self._used[rec.tier] -= rec.stored_bytes
+            self._ns_add(self._ns_used, page.namespace, rec.tier, -rec.stored_bytes)
         return rec
 
     def touch(self, page: PageId, now: float, *, count: bool) -> int | None:
@@ -310,7 +342,7 @@ class PageIndex:
             rec.access_count += 1
         return rec.last_seq
 
-    def _take_reservation(self, tier: int, size: int) -> None:
+    def _take_reservation(self, tier: int, size: int, namespace: str) -> None:
         if size > self._reserved[tier]:
             raise InternalError(
                 f"committing {size} bytes to tier {tier} without a reservation for them",
@@ -318,3 +350,5 @@ class PageIndex:
             )
         self._reserved[tier] -= size
         self._used[tier] += size
+        self._ns_add(self._ns_reserved, namespace, tier, -size)  # none made: stays at 0
+        self._ns_add(self._ns_used, namespace, tier, size)

@@ -62,6 +62,22 @@ class TierStats:
 
 
 @dataclass(frozen=True, slots=True)
+class NamespaceUsage:
+    """What one namespace holds (or, named ``(other)``, the namespaces past the top
+    ``quotas.top_namespaces`` together): stored bytes in the memory tiers, per tier (the Redis
+    tier's included), and its quota across the memory tiers (None: none, or several)."""
+
+    name: str
+    bytes: int
+    tiers: Mapping[str, int]
+    quota_bytes: int | None
+    namespaces: int = 1  # how many namespaces the row sums
+
+
+OTHER_NAMESPACES = "(other)"  # sums the namespaces past the top N; never a valid namespace
+
+
+@dataclass(frozen=True, slots=True)
 class StoreStats:
     tiers: tuple[TierStats, ...]
     redis_up: bool  # True when no Redis tier is configured
@@ -75,6 +91,9 @@ class StoreStats:
     access_events_dropped: int
     prefetched: int = 0  # pages promoted ahead of use (lookup prefetch, queue hints)
     prefetch_hits: int = 0  # gets served from the top tier by a page promoted ahead
+    # the largest namespaces by memory-tier bytes (quotas.top_namespaces), then "(other)"
+    namespaces: tuple[NamespaceUsage, ...] = ()
+    quota_refusals: int = 0  # puts refused as RESOURCE_EXHAUSTED by a namespace quota
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,8 +49,10 @@ from kvtier.store.policy import AccessEvent, AccessKind, LRUPolicy, Policy
 from kvtier.store.remote_index import discover, fetch, refresh, resync_remote
 from kvtier.store.results import GetResult, LookupResult, PageInfo, PutOutcome, RawResult
 from kvtier.store.sharing import Sharer
-from kvtier.store.stats import RedisStatus, StoreStats, TierStats
-from kvtier.types import Page, PageId, Precision
+from kvtier.store.stats import (
+    OTHER_NAMESPACES, NamespaceUsage, RedisStatus, StoreStats, TierStats,
+)
+from kvtier.types import Medium, Page, PageId, Precision
 
 log = logging.getLogger(__name__)
 
@@ -421,6 +423,7 @@ class TierStore:
     def stats(self) -> StoreStats:
         e = self._engine
         tiers, totals = e.stats()
+        namespaces, refusals = self._namespace_rows()
         try:
             policy_status = e.policy.status()
         except Exception:
@@ -430,7 +433,32 @@ class TierStore:
             policy=policy_status, gets=totals.gets, get_hits=totals.get_hits,
             get_misses=totals.gets - totals.get_hits, puts=totals.puts,
             puts_stored=totals.puts_stored, access_events_dropped=self._events.dropped,
-            prefetched=self._prefetch.promoted, prefetch_hits=self._prefetch.hits)
+            prefetched=self._prefetch.promoted, prefetch_hits=self._prefetch.hits,
+            namespaces=namespaces, quota_refusals=refusals)
+
+    def _namespace_rows(self) -> tuple[tuple[NamespaceUsage, ...], int]:
+        """The top ``quotas.top_namespaces`` namespaces by memory-tier bytes, the rest summed
+        as one ``(other)`` row (bounded however many tenants there are)."""
+        e = self._engine
+        usage, refusals = e.namespace_usage()
+        memory = [i for i, s in enumerate(e.specs) if s.medium is not Medium.REDIS]
+
+        def held(row: tuple[int, ...]) -> int:
+            return sum(row[i] for i in memory)
+
+        ranked = sorted(usage.items(), key=lambda kv: (-held(kv[1]), kv[0]))
+        top_n = e.quotas.top_namespaces
+        rows = []
+        for ns, row in ranked[:top_n]:
+            q = e.quotas.of(ns)
+            rows.append(NamespaceUsage(ns, held(row), dict(zip(e.names, row, strict=True)),
+                                       q.bytes if q is not None else None))
+        rest = ranked[top_n:]
+        if rest:
+            sums = [sum(r[i] for _, r in rest) for i in range(len(e.names))]
+            rows.append(NamespaceUsage(OTHER_NAMESPACES, held(tuple(sums)),
+                                       dict(zip(e.names, sums, strict=True)), None, len(rest)))
+        return tuple(rows), refusals
 
     def set_tier_limits(self, name: str, capacity_bytes: int | None = None,
                         high_watermark: float | None = None,

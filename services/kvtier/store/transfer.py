@@ -5,7 +5,9 @@ each between two transactions of the engine (:mod:`kvtier.store.engine`), never 
   the hot tier; never straight to Redis): copied or encoded outside the lock, made visible with
   one commit. If the tier is at its hard capacity, :func:`reserve` makes room synchronously by
   pushing the tier's own victims down (:func:`push_down`), so a put does not fail while lower
-  tiers have room. A page larger than the whole tier is CapacityExhausted.
+  tiers have room. A page larger than the whole tier is CapacityExhausted. A namespace with a
+  quota (``KVTIER_QUOTAS``) that would pass it makes that room among its own pages only
+  (:func:`make_quota_room`); a page larger than its quota is CapacityExhausted.
 - :func:`move` moves one page to another tier, up or down: begin, convert, reserve, (write to
   Redis), commit. It never fails half-way: it either commits (the page is in the target tier,
   the source's memory is released; a Redis copy stays, as the shared tier keeps what it has)
@@ -108,7 +110,19 @@ def place(e: TierEngine, pid: PageId, page: Page, tier: int, chain_position: int
             raise CapacityExhausted(
                 f"page is {size} bytes stored, larger than the whole {spec.name!r} tier "
                 f"({cap} bytes)", field="page")
-        if not reserve(e, tier, size):
+        room = reserve(e, tier, size, pid)
+        if room is Room.OVER_QUOTA:
+            e.count_quota_refusal()
+            raise CapacityExhausted(
+                f"page is {size} bytes stored in tier {spec.name!r}, more than the quota of "
+                f"namespace {pid.namespace!r} allows there", field="page")
+        if room is Room.QUOTA:
+            e.count_quota_refusal()
+            raise CapacityExhausted(
+                f"namespace {pid.namespace!r} is at its quota and could not make {size} bytes "
+                f"of room among its own pages in tier {spec.name!r} within "
+                f"{e.room_timeout_s} s", field="page")
+        if room is not Room.RESERVED:
             raise CapacityExhausted(
                 f"could not make {size} bytes of room in tier {spec.name!r} within "
                 f"{e.room_timeout_s} s", field="page")
@@ -124,22 +138,34 @@ def place(e: TierEngine, pid: PageId, page: Page, tier: int, chain_position: int
 
 # -- making room --------------------------------------------------------------------------------
 
-def reserve(e: TierEngine, tier: int, size: int) -> bool:
-    """Reserve ``size`` bytes in ``tier``, pushing its victims down until they fit.
+def reserve(e: TierEngine, tier: int, size: int, pid: PageId | None = None,
+            credit: int | None = 0) -> Room:
+    """Reserve ``size`` bytes in ``tier`` for ``pid``, pushing victims down until they fit:
+    the tier's (any namespace's) while the tier is full, ``pid``'s namespace's own while its
+    quota is in the way (``credit``: what the caller's move frees of that quota; None for a
+    demotion, see :meth:`TierEngine.reserve`).
 
-    False when the size exceeds the tier, or when ``room_timeout_s`` passes without this
-    caller managing to move anything (every candidate busy in other moves, none settling).
+    RESERVED, or why not: TOO_BIG / OVER_QUOTA (never fits), FULL / QUOTA when
+    ``room_timeout_s`` passed without this caller managing to move anything (every candidate
+    busy in other moves, none settling).
     """
     deadline = time.monotonic() + e.room_timeout_s
     while True:
-        room = e.reserve(tier, size)
-        if room is not Room.FULL:
-            return room is Room.RESERVED
-        if make_room(e, tier, size):
+        room = e.reserve(tier, size, pid, credit)
+        if room in (Room.RESERVED, Room.TOO_BIG, Room.OVER_QUOTA):
+            return room
+        if room is Room.QUOTA and pid is not None:
+            progressed = make_quota_room(e, pid.namespace, tier, size, credit)
+        else:
+            progressed = make_room(e, tier, size)
+        if progressed:
             deadline = time.monotonic() + e.room_timeout_s  # progress: keep going
         elif time.monotonic() >= deadline:
-            return False
-        e.wait_for_room(tier, size)
+            return room
+        if room is Room.FULL:
+            e.wait_for_room(tier, size)
+        else:
+            e.wait_for_change()
 
 
 def make_room(e: TierEngine, tier: int, size: int) -> bool:
@@ -149,6 +175,19 @@ def make_room(e: TierEngine, tier: int, size: int) -> bool:
         if e.fits(tier, size):
             return True
         progressed |= push_down(e, pid, tier)
+    return progressed
+
+
+def make_quota_room(e: TierEngine, ns: str, tier: int, size: int,
+                    credit: int | None = 0) -> bool:
+    """Push ``ns``'s own lowest-scored pages down (or out) until ``size`` more bytes of it fit
+    ``tier`` within its quota; another namespace's pages are never touched."""
+    progressed = False
+    for t in e.quota_victim_tiers(ns, tier, size):
+        for pid in e.victims(e.candidates(t, ns)):
+            if e.quota_fits(ns, tier, size, credit):
+                return True
+            progressed |= push_down(e, pid, t)
     return progressed
 
 
@@ -201,9 +240,14 @@ def move(e: TierEngine, pid: PageId, dst: int) -> MoveResult:
         if size > e.limits(dst).capacity_bytes:
             e.abort_move(m, 0)
             return MoveResult.TOO_BIG
-        if not reserve(e, dst, size):
+        # a promotion: the source's bytes leave the namespace's memory quota when it commits
+        credit = (stored_size(m.data) if m.data is not None else 0) if dst < m.ticket.src \
+            else None
+        room = reserve(e, dst, size, pid, credit)
+        if room is not Room.RESERVED:
             e.abort_move(m, 0)
-            return MoveResult.NO_ROOM
+            return (MoveResult.TOO_BIG if room in (Room.TOO_BIG, Room.OVER_QUOTA)
+                    else MoveResult.NO_ROOM)
         reserved = True
         if dst == e.redis_tier:
             token = redis_or_raise(e).write(

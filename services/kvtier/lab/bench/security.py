@@ -9,7 +9,9 @@ In one run, for every mode, it times per call:
   bytes over the data channel, whose frames check the token too);
 - ``inline_get``: shared memory and the data channel off (page bytes in the gRPC reply);
 - ``lookup``: :meth:`KVTierClient.lookup` of an 8-page chain (no page bytes at all: the call's
-  fixed cost, where a per-call check weighs most).
+  fixed cost, where a per-call check weighs most);
+- ``shm_put``, ``remote_put``, ``inline_put``: :meth:`KVTierClient.put` of one page on each
+  path (a key already stored: the bytes cross and the daemon answers ``exists``).
 
 Pages are ``--page-kib`` KiB (default 64: small pages make a per-call cost show). Modes and
 operations run in interleaved rounds, the order rotating each round; each figure is the best
@@ -17,8 +19,10 @@ round's mean time per call (the median round is reported too), and the ratio is 
 best over ``plain``'s best for the same operation.
 
 A mode is a name, the ``KVTIER_*`` settings of its daemon and the client keyword arguments;
-``setup`` may write files the mode needs (a tokens file) into a scratch directory. Other
-transport security settings (TLS) add their rows here as further modes.
+``setup`` may write files the mode needs (a tokens file, a self-signed certificate made by
+openssl) into a scratch directory. The TLS modes encrypt the gRPC channel and the data
+channel; the shared-memory path moves page bytes outside any socket, so TLS only costs its
+control calls.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from kvtier.lab.bench import progress
 from kvtier.lab.bench.transfer import daemon_child
 
 NAMESPACE = "bench"
-OPS = ("shm_get", "remote_get", "inline_get", "lookup")
+OPS = ("shm_get", "remote_get", "inline_get", "lookup", "shm_put", "remote_put", "inline_put")
 CHAIN = 8
 
 
@@ -74,9 +78,30 @@ def _tokens(scratch: Path) -> ModeSetup:
     return ModeSetup({"KVTIER_AUTH__TOKENS_FILE": str(path)}, {"token": token})
 
 
+def _tls(scratch: Path, mtls: bool = False) -> ModeSetup:
+    from kvtier.procs.certs import self_signed
+
+    server = self_signed(scratch, "server")
+    env = {"KVTIER_TLS__CERT_FILE": server.cert_file, "KVTIER_TLS__KEY_FILE": server.key_file}
+    client: dict[str, Any] = {"tls_ca_file": server.cert_file}
+    if mtls:
+        pair = self_signed(scratch, "client")
+        env["KVTIER_TLS__CLIENT_CA_FILE"] = pair.cert_file
+        client.update(tls_cert_file=pair.cert_file, tls_key_file=pair.key_file)
+    return ModeSetup(env, client)
+
+
+def _tokens_tls(scratch: Path) -> ModeSetup:
+    tokens, tls = _tokens(scratch), _tls(scratch)
+    return ModeSetup({**tokens.env, **tls.env}, {**tokens.client, **tls.client})
+
+
 MODES: list[Mode] = [
     Mode("plain", _plain, "no authentication (the baseline)"),
     Mode("tokens", _tokens, "tenant tokens: a tokens file of 100 tokens, every call checked"),
+    Mode("tls", _tls, "TLS (EC P-256, self-signed) on the gRPC port and the data channel"),
+    Mode("mtls", lambda d: _tls(d, mtls=True), "TLS with client certificates (mTLS)"),
+    Mode("tokens+tls", _tokens_tls, "tenant tokens over TLS"),
 ]
 
 
@@ -128,7 +153,8 @@ def measure(modes: list[Mode], page_kib: int = 64, calls: int = 300,
                 stack.callback(c.close)
             shm.put(keys, [page] * CHAIN)
             clients[mode.name] = {"shm_get": shm, "remote_get": remote, "inline_get": inline,
-                                  "lookup": inline}
+                                  "lookup": inline, "shm_put": shm, "remote_put": remote,
+                                  "inline_put": inline}
             for _ in range(20):  # warm every path (sessions and connections open on first use)
                 for c in (shm, remote, inline):
                     c.get(keys[:1])
@@ -141,6 +167,9 @@ def measure(modes: list[Mode], page_kib: int = 64, calls: int = 300,
             if op == "lookup":
                 for _ in range(calls):
                     c.lookup(keys)
+            elif op.endswith("_put"):
+                for _ in range(calls):
+                    c.put(keys[:1], [page])
             else:
                 for _ in range(calls):
                     c.get(keys[:1])
@@ -181,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res, indent=2, sort_keys=True))
         return 0
-    print(f"cost of authentication per call: {res['page_bytes'] >> 10} KiB float16 pages, "
+    print(f"cost of authentication and TLS per call: {res['page_bytes'] >> 10} KiB float16 "
+          f"pages, "
           f"{res['calls']} calls x {res['rounds']} rounds, best round (median round); "
           f"ratio against {res['baseline']!r} in the same run")
     for name, about in res["modes"].items():
