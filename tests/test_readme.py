@@ -9,7 +9,10 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from pydantic import BaseModel
 
@@ -148,3 +151,60 @@ def test_up_without_redis_server_says_so() -> None:
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
     assert "redis-server not found on PATH" in res.stderr
+
+
+def _sh_blocks(heading: str) -> list[str]:
+    section = README.read_text().split(heading, 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sh\n(.*?)```", section, re.S)
+
+
+def test_shared_network_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's tokens + TLS example, verbatim but for ports and the host name: the token
+    it prints opens its namespace over TLS, and nothing works without it."""
+    import numpy as np
+
+    from kvtier_client import KVTierClient, Page
+    from kvtier_client.errors import UnauthenticatedError
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=cache.internal", "-addext",
+                    "subjectAltName=DNS:cache.internal,DNS:localhost,IP:127.0.0.1",
+                    "-keyout", "server.key", "-out", "server.crt"],
+                   cwd=tmp_path, check=True, capture_output=True, timeout=60)
+    (tmp_path / "ca.crt").write_bytes((tmp_path / "server.crt").read_bytes())
+    (block,) = _sh_blocks("## On a shared network")
+    create, serve = block.split("\n", 1)
+    env = _env()
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env["KVTIER_DATA__PORT"] = "0"
+    token = subprocess.run(create, shell=True, cwd=tmp_path, env=env, text=True,
+                           capture_output=True, check=True, timeout=60).stdout.strip()
+    daemon = subprocess.Popen(serve, shell=True, cwd=tmp_path, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    port = int(env["KVTIER_GRPC_PORT"])
+    try:
+        for _ in range(600):  # up to 60 s on a loaded machine
+            assert daemon.poll() is None, daemon.stdout.read() if daemon.stdout else ""
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        code = _snippet("## On a shared network").replace(
+            "cache.internal:50051", f"localhost:{port}")
+        scope: dict[str, object] = {"KVTierClient": KVTierClient, "token": token}
+        monkeypatch.chdir(tmp_path)  # the example names its files relative to where it runs
+        exec(compile(code, "README.md", "exec"), scope)
+        client = scope["client"]
+        assert isinstance(client, KVTierClient)
+        with client:
+            k = np.ones((2, 16, 4, 64), np.float16)
+            client.put([b"readme"], [Page(k, k, 0)])
+            assert client.lookup([b"readme"]).prefix_length == 1
+        plain = KVTierClient(f"localhost:{port}", "tenant-a", tls_ca_file="ca.crt",
+                             shared_memory=False)
+        with plain, pytest.raises(UnauthenticatedError):
+            plain.lookup([b"readme"])
+    finally:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        daemon.wait(timeout=30)
