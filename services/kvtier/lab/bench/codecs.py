@@ -7,7 +7,7 @@ data comes from memory rather than cache (as it does in a real tier), it measure
   preallocated page-sized buffer, on one thread as the codecs run (the baseline of the
   ratios); and, for reference only, ``torch.Tensor.copy_`` into preallocated tensors with
   torch's intra-op threads (all cores: on the 2-core box about twice the one-thread figure
-  for 2 MiB pages, which is the likely source of the issue's "17.7 GB/s"),
+  for 2 MiB pages: the figure a multi-threaded memcpy reports),
 * encode and decode throughput of int8 and int4 (and int4a, the cold and remote tiers'
   default, and int3, the optional deep tier) in GB/s of fp16 page data (checksums, headers and
   allocation of the results included: what a tier pays per page),

@@ -359,7 +359,7 @@ def _get(res: dict[str, Any], path: tuple[str, ...]) -> float | None:
 
 
 def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets against this run's figures."""
+    """The GPU targets against this run's figures."""
     rows = []
     for what, path, least in TARGETS:
         val = _get(res, path)
