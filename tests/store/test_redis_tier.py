@@ -219,3 +219,21 @@ def test_a_redis_that_does_not_answer_is_logged_once(make_store: StoreFactory,
         store.rebalance()
     said = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
     assert len(said) == 1 and "redis://127.0.0.1:1/0" in said[0], said
+
+
+def test_a_single_server_down_at_start_is_down_until_it_answers(
+        make_store: StoreFactory, private_redis: RedisProcess) -> None:
+    """With cluster mode set off (no detection), a Redis that is down when the daemon starts
+    stays down through later probes, and the tier comes up once the server answers."""
+    settings = make_settings(stack(), private_redis.url)
+    settings = settings.model_copy(update={
+        "redis": settings.redis.model_copy(update={"cluster": False})})
+    private_redis.stop()
+    store = make_store(settings, start=True)
+    assert not store.redis_up
+    time.sleep(0.5)  # several retry intervals: the mover probes again and again
+    assert not store.redis_up and not store.stats().tiers[2].up
+    private_redis.start()
+    wait_until(lambda: store.redis_up, timeout_s=10, what="redis tier up once it answers")
+    store.put(NS, [(key(0), make_page(0))])
+    assert store.demote(NS, [key(0)], "remote") == [True]

@@ -253,9 +253,13 @@ class Shards:
             self._cluster = redis.RedisCluster.from_url(
                 self.url, require_full_coverage=False, **self._kwargs())
         else:
-            self._single = redis.Redis.from_url(self.url, health_check_interval=0,
-                                                **self._kwargs())
-            self._single.ping()
+            single = redis.Redis.from_url(self.url, health_check_interval=0, **self._kwargs())
+            try:
+                single.ping()
+            except RedisError:
+                single.close()
+                raise
+            self._single = single  # kept only once it answered: a later probe connects again
         self._check_servers()
 
     def _check_servers(self) -> None:

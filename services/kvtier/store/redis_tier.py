@@ -157,10 +157,6 @@ class RedisTier:
         if not self.shards.up:
             raise BackendUnavailable(f"redis at {self.url} is down", field="redis")
 
-    def wrote(self, token: str) -> bool:
-        """Whether this RedisTier wrote the copy carrying ``token``."""
-        return token.startswith(self.writer_id + "-")
-
     def delete_counters(self) -> DeleteCounters:
         with self._lock:
             return DeleteCounters(self._delete_failures, len(self._pending),
